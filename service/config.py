@@ -1,0 +1,87 @@
+"""Settings: the one typed object read from the environment (prefix OPPU_). Nothing else reads env vars."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPPU_", extra="ignore")
+
+    # --- storage ---
+    data_dir: Path = Path("./data")
+    database_url: str | None = None  # default: SQLite file in data_dir
+    adapters_dir: Path = Path("./adapters_store")
+    redis_url: str | None = None  # unset = embedded in-process job runner
+    model_cache_dir: Path | None = None  # default: data_dir / "models"
+
+    # --- model ---
+    model: str = DEFAULT_MODEL  # the default GGUF, a local HF folder, or an id already in the HF cache
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int | None = None
+
+    # --- auth / http ---
+    admin_key: SecretStr | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    docs_enabled: bool = True
+
+    # --- generation limits ---
+    max_new_tokens_cap: int = 512
+    default_max_new_tokens: int = 64
+    max_prompt_chars: int = 32_000
+    retrieval_item_chars: int = 600  # each retrieved item is clipped to this in the prompt
+    profile_max_chars: int = 4_000
+
+    # --- history limits ---
+    history_batch_max: int = 1000
+    history_field_max_chars: int = 20_000
+    bm25_cache_users: int = 64
+
+    # --- batching ---
+    batch_max_size: int = 16
+    batch_window_ms: float = 5.0
+    queue_max: int = 256
+    request_timeout_s: float = 120.0
+
+    # --- adapters ---
+    adapter_slots: int = 16
+    adapter_max_rank: int = 64
+    adapter_target_modules: tuple[str, ...] = ALL_TARGET_MODULES
+    adapter_host_budget_bytes: int = 512 * 1024 * 1024
+    adapter_max_file_bytes: int = 256 * 1024 * 1024
+    adapter_max_tensors: int = 4096
+    adapter_keep_versions: int = 5
+    adapter_version_check_s: float = 2.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Settings:
+        if self.max_new_tokens_cap < 1 or self.default_max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError("need 1 <= default_max_new_tokens <= max_new_tokens_cap")
+        if self.adapter_slots < 1 or self.batch_max_size < 1:
+            raise ValueError("adapter_slots and batch_max_size must be >= 1")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'oppu.sqlite3').resolve()}"
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir if self.model_cache_dir is not None else self.data_dir / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
