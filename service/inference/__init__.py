@@ -1,0 +1,1 @@
+"""The base model: loading, prompt encoding, the batched generation loop and its runtime."""

