@@ -1,0 +1,36 @@
+"""Admin routes: create and delete users."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import users
+from service.deps import AdminDep, SessionDep, StateDep, UserIdPath
+from service.tenancy import authorize_user
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class CreateUserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class CreateUserOut(BaseModel):
+    user_id: str
+    api_key: str
+
+
+@router.post("/users", status_code=201, response_model=CreateUserOut)
+def create_user(body: CreateUserIn, _: AdminDep, session: SessionDep) -> CreateUserOut:
+    user, key = users.create_user(session, body.user_id)
+    return CreateUserOut(user_id=user.user_id, api_key=key)
+
+
+@router.delete("/users/{user_id}", status_code=204)
+def delete_user(user_id: UserIdPath, caller: AdminDep, session: SessionDep, state: StateDep) -> Response:
+    user = authorize_user(session, caller, user_id)
+    users.delete_user_rows(session, user)
+    state.bm25.invalidate(user.storage_key)
+    return Response(status_code=204)

@@ -1,0 +1,38 @@
+"""History and profile routes for one user."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from service.deps import SessionDep, UserDep
+from service.history import service
+from service.history.schemas import HistoryAppendIn, HistoryAppendOut, HistoryPage, ProfileIn, ProfileOut
+
+router = APIRouter(prefix="/users/{user_id}", tags=["history"])
+
+
+@router.post("/history", status_code=201, response_model=HistoryAppendOut)
+def append_history(body: HistoryAppendIn, user: UserDep, session: SessionDep) -> HistoryAppendOut:
+    return service.append(session, user, body)
+
+
+@router.get("/history", response_model=HistoryPage)
+def list_history(
+    user: UserDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> HistoryPage:
+    return service.page(session, user, limit=limit, cursor=cursor)
+
+
+@router.put("/profile", response_model=ProfileOut)
+def put_profile(body: ProfileIn, user: UserDep, session: SessionDep) -> ProfileOut:
+    return service.set_profile(session, user, body.text)
+
+
+@router.get("/profile", response_model=ProfileOut)
+def get_profile(user: UserDep, session: SessionDep) -> ProfileOut:
+    return service.get_profile(session, user)

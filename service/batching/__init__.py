@@ -1,0 +1,1 @@
+"""Request batching: concurrent generate calls of any users become mixed batches."""

@@ -1,0 +1,201 @@
+"""Collects generate requests from the event loop and runs them as mixed batches in one worker thread.
+
+The thread owns every forward pass (the model is never touched concurrently). Each row keeps its own
+sampling params and adapter; rows whose adapters do not fit in the free slots wait for the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from service.inference.engine import BatchGenerator, GenOutput, GenRow, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AdapterProvider(Protocol):
+    """Maps adapter keys to device slots for one batch; pins them until release()."""
+
+    @property
+    def num_slots(self) -> int: ...
+    def acquire(self, keys: Sequence[Hashable | None]) -> list[int]: ...
+    def release(self, keys: Sequence[Hashable | None]) -> None: ...
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class GenerationJob:
+    input_ids: list[int]
+    params: SamplingParams
+    adapter: Hashable | None = None
+    on_token: Callable[[int], None] | None = None  # called in the worker thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: GenOutput | None = None
+    error: BaseException | None = None
+    batch_size: int = 0
+    _loop: asyncio.AbstractEventLoop | None = None
+    _future: asyncio.Future[None] | None = None
+
+    def finish(self) -> None:
+        """Called once from the worker thread: wakes the awaiting request on its own loop."""
+        loop, fut = self._loop, self._future
+        if loop is not None and fut is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(_resolve, fut)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        generator: BatchGenerator,
+        *,
+        max_batch: int,
+        window_ms: float,
+        queue_max: int,
+        adapters: AdapterProvider | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._generator = generator
+        self._max_batch = max_batch
+        self._window_s = window_ms / 1000.0
+        self._queue: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=queue_max)
+        self._adapters = adapters
+        self._on_batch = on_batch
+        self._carry: list[GenerationJob] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="oppu-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() + len(self._carry)
+
+    def submit_nowait(self, job: GenerationJob) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full as exc:
+            raise QueueFull("generation queue is full") from exc
+
+    async def run(self, job: GenerationJob) -> GenOutput:
+        """Queue the job and wait for it without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        job._loop, job._future = loop, loop.create_future()
+        self.submit_nowait(job)
+        try:
+            await asyncio.shield(job._future)
+        except asyncio.CancelledError:
+            job.cancelled.set()  # client went away or deadline hit: free the row at the next token
+            raise
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    # --- worker thread ---
+    def _collect(self) -> list[GenerationJob]:
+        pending = self._carry
+        self._carry = []
+        if not pending:
+            first = self._queue.get()
+            if first is None:
+                return []
+            pending.append(first)
+        deadline = time.monotonic() + self._window_s
+        while len(pending) < self._max_batch:
+            timeout = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._stopping.set()
+                break
+            pending.append(job)
+        batch: list[GenerationJob] = []
+        keys: set[Hashable] = set()
+        limit = self._adapters.num_slots if self._adapters is not None else 0
+        for job in pending:
+            if job.cancelled.is_set():
+                job.result = GenOutput(token_ids=[], finish_reason="cancelled", step_logits=None)
+                job.finish()
+                continue
+            new_key = job.adapter is not None and job.adapter not in keys
+            if len(batch) >= self._max_batch or (new_key and len(keys) >= limit):
+                self._carry.append(job)  # its adapter does not fit this batch: next one
+                continue
+            if job.adapter is not None:
+                keys.add(job.adapter)
+            batch.append(job)
+        return batch
+
+    def _run(self) -> None:
+        while not self._stopping.is_set() or self._carry:
+            batch = self._collect()
+            if batch:
+                self._run_batch(batch)
+            elif self._stopping.is_set():
+                break
+        for job in self._carry:
+            job.error = RuntimeError("server shutting down")
+            job.finish()
+
+    def _run_batch(self, batch: list[GenerationJob]) -> None:
+        keys = [job.adapter for job in batch]
+        try:
+            slots = self._adapters.acquire(keys) if self._adapters is not None else [0] * len(batch)
+        except Exception as exc:  # e.g. an adapter file vanished: fail those rows, not the thread
+            for job in batch:
+                job.error = exc
+                job.finish()
+            return
+        try:
+            rows = [GenRow(job.input_ids, job.params, slot) for job, slot in zip(batch, slots, strict=True)]
+
+            def on_token(row: int, token: int) -> bool:
+                job = batch[row]
+                if job.cancelled.is_set():
+                    return False
+                if job.on_token is not None:
+                    job.on_token(token)
+                return True
+
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            outputs = self._generator.generate(rows, on_token=on_token)
+            for job, out in zip(batch, outputs, strict=True):
+                job.result, job.batch_size = out, len(batch)
+        except Exception as exc:
+            log.exception("batch failed")
+            for job in batch:
+                job.error = exc
+        finally:
+            if self._adapters is not None:
+                self._adapters.release(keys)
+            for job in batch:
+                job.finish()

@@ -1,0 +1,76 @@
+"""`oppu` command line: serve | migrate | create-user (later: worker | train | eval)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sqlalchemy.engine import make_url
+
+from service.config import get_settings
+
+
+def _is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from service.db.migrate import upgrade
+
+    upgrade(get_settings().resolved_database_url)
+    print("database is at the latest migration")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.db.migrate import upgrade
+    from service.main import create_app
+
+    settings = get_settings()
+    if _is_sqlite(settings.resolved_database_url) or args.migrate:
+        upgrade(settings.resolved_database_url)  # embedded default: one command gives a working server
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_create_user(args: argparse.Namespace) -> int:
+    from service import users
+    from service.db.session import make_engine, make_session_factory, unit_of_work
+
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    with unit_of_work(make_session_factory(engine)) as session:
+        user, key = users.create_user(session, args.user_id)
+    print(f"user_id={user.user_id}\napi_key={key}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oppu", description="Personal LLM server (one PEFT per user)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--migrate", action="store_true", help="run migrations first (always on SQLite)")
+    serve.set_defaults(func=cmd_serve)
+    sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=cmd_migrate)
+    create = sub.add_parser("create-user", help="create a user and print its API key")
+    create.add_argument("user_id")
+    create.set_defaults(func=cmd_create_user)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SQL: declarative base, models, engine/session factory. Schema changes go through migrations/."""

@@ -1,0 +1,68 @@
+"""Annotated dependency aliases: state, session (commit at end), caller, authorised user."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from sqlalchemy.orm import Session
+
+from service.db.session import unit_of_work
+from service.errors import Unavailable
+from service.inference.runtime import ModelRuntime
+from service.state import AppState
+from service.tenancy import Caller, UserRef, authenticate, authorize_user, parse_bearer, require_admin
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.oppu
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    with unit_of_work(state.session_factory) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+# Auth uses its own short unit of work so that long requests (generate) hold no connection.
+def get_caller(request: Request, state: StateDep) -> Caller:
+    token = parse_bearer(request.headers.get("authorization"))
+    with unit_of_work(state.session_factory) as session:
+        return authenticate(session, token, state.admin_key)
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_admin(caller: CallerDep) -> Caller:
+    require_admin(caller)
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(get_admin)]
+
+UserIdPath = Annotated[str, Path(max_length=256, description="^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+def get_user(user_id: UserIdPath, caller: CallerDep, state: StateDep) -> UserRef:
+    with unit_of_work(state.session_factory) as session:
+        return authorize_user(session, caller, user_id)
+
+
+UserDep = Annotated[UserRef, Depends(get_user)]
+
+
+def get_runtime(state: StateDep) -> ModelRuntime:
+    if state.runtime is None:
+        raise Unavailable("model is not loaded yet")
+    return state.runtime
+
+
+RuntimeDep = Annotated[ModelRuntime, Depends(get_runtime)]

@@ -1,0 +1,41 @@
+"""Generate request/response schemas (the public contract of POST /users/{id}/generate)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_PROMPT_CHARS = 32_000
+
+
+class GenerateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=5.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    retrieval_k: Annotated[int, Field(ge=0, le=10)] = 3
+    use_profile: bool = True
+    use_adapter: bool = True
+    stream: bool = False
+
+
+class RetrievedOut(BaseModel):
+    id: str
+    score: float
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateOut(BaseModel):
+    text: str
+    retrieved: list[RetrievedOut]
+    adapter_version: int | None
+    usage: UsageOut
+    finish_reason: str

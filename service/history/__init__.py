@@ -1,0 +1,1 @@
+"""A user's behaviour history and profile: schemas, SQL repository, service."""

@@ -1,0 +1,100 @@
+"""ALL SQL for history items and profiles. Every function takes the user first; nothing commits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from service.db.models import HistoryItem, Profile
+
+
+def existing_client_ids(session: Session, user_pk: int, client_ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(client_ids), 500):  # bounded IN lists
+        chunk = client_ids[start : start + 500]
+        found.update(
+            session.scalars(
+                select(HistoryItem.client_id).where(
+                    HistoryItem.user_pk == user_pk, HistoryItem.client_id.in_(chunk)
+                )
+            )
+        )
+    return found
+
+
+def insert_items_ignore_duplicates(session: Session, user_pk: int, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert rows; a (user, client_id) that already exists is skipped by the database itself, so
+    concurrent appends of the same ids cannot both succeed. Returns how many rows were inserted."""
+    if not rows:
+        return 0
+    values = [{**row, "user_pk": user_pk} for row in rows]
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt: Any = pg_insert(HistoryItem).values(values).on_conflict_do_nothing(
+            index_elements=["user_pk", "client_id"]
+        )
+    elif dialect == "sqlite":
+        stmt = sqlite_insert(HistoryItem).values(values).on_conflict_do_nothing(
+            index_elements=["user_pk", "client_id"]
+        )
+    else:  # pragma: no cover - other databases: fall back to check-then-insert
+        known = existing_client_ids(session, user_pk, [r["client_id"] for r in rows])
+        fresh = [HistoryItem(**v) for v in values if v["client_id"] not in known]
+        session.add_all(fresh)
+        session.flush()
+        return len(fresh)
+    # RETURNING counts what was really inserted (rowcount is -1 on some drivers for multi-row inserts).
+    return len(session.execute(stmt.returning(HistoryItem.id)).all())
+
+
+def list_items(session: Session, user_pk: int, *, after_id: int, limit: int) -> list[HistoryItem]:
+    return list(
+        session.scalars(
+            select(HistoryItem)
+            .where(HistoryItem.user_pk == user_pk, HistoryItem.id > after_id)
+            .order_by(HistoryItem.id)
+            .limit(limit)
+        )
+    )
+
+
+def all_items(session: Session, user_pk: int, *, up_to_id: int | None = None) -> list[HistoryItem]:
+    """The user's items in append order (the order retrieval and training see)."""
+    stmt = select(HistoryItem).where(HistoryItem.user_pk == user_pk)
+    if up_to_id is not None:
+        stmt = stmt.where(HistoryItem.id <= up_to_id)
+    return list(session.scalars(stmt.order_by(HistoryItem.id)))
+
+
+def count_items(session: Session, user_pk: int) -> int:
+    return int(session.scalar(select(func.count()).where(HistoryItem.user_pk == user_pk)) or 0)
+
+
+def max_item_id(session: Session, user_pk: int) -> int | None:
+    return session.scalar(select(func.max(HistoryItem.id)).where(HistoryItem.user_pk == user_pk))
+
+
+def delete_items(session: Session, user_pk: int) -> None:
+    session.execute(delete(HistoryItem).where(HistoryItem.user_pk == user_pk))
+
+
+def get_profile(session: Session, user_pk: int) -> Profile | None:
+    return session.get(Profile, user_pk)
+
+
+def upsert_profile(session: Session, user_pk: int, text: str, source: str) -> Profile:
+    profile = session.get(Profile, user_pk)
+    now = datetime.now(UTC)
+    if profile is None:
+        profile = Profile(user_pk=user_pk, text=text, source=source, updated_at=now)
+        session.add(profile)
+    else:
+        profile.text, profile.source, profile.updated_at = text, source, now
+    session.flush()
+    return profile

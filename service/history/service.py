@@ -1,0 +1,162 @@
+"""History and profile use cases: append (idempotent per client id), page, retrieve (BM25), profile.
+
+Services never commit: the caller's unit of work does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.db.models import HistoryItem
+from service.errors import NotFound, Unprocessable
+from service.history import repository as repo
+from service.history.schemas import (
+    HistoryAppendIn,
+    HistoryAppendOut,
+    HistoryItemOut,
+    HistoryPage,
+    ProfileOut,
+)
+from service.retrieval.bm25 import BM25Cache, BM25Index
+from service.tenancy import UserRef
+
+
+@dataclass(frozen=True)
+class DocSnapshot:
+    """A history item as retrieval and prompts see it (detached from the session)."""
+
+    id: str
+    input: str | None
+    output: str
+    kind: str | None
+
+
+@dataclass(frozen=True)
+class UserCorpus:
+    docs: list[DocSnapshot]
+    index: BM25Index
+
+
+@dataclass(frozen=True)
+class RetrievedDoc:
+    doc: DocSnapshot
+    score: float
+
+
+def append(session: Session, user: UserRef, body: HistoryAppendIn) -> HistoryAppendOut:
+    ids: list[str] = []
+    rows: list[dict[str, object]] = []
+    seen: set[str] = set()
+    for item in body.items:
+        client_id = item.id or f"h_{uuid.uuid4().hex}"
+        ids.append(client_id)
+        if client_id in seen:  # the same id twice in one request counts once
+            continue
+        seen.add(client_id)
+        ts = item.timestamp
+        if ts is not None and ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+        rows.append(
+            {
+                "client_id": client_id,
+                "input": item.input,
+                "output": item.output,
+                "kind": item.kind,
+                "meta": item.metadata,
+                "timestamp": ts,
+                "created_at": datetime.now(UTC),
+            }
+        )
+    added = repo.insert_items_ignore_duplicates(session, user.pk, rows)
+    return HistoryAppendOut(added=added, duplicates=len(body.items) - added, ids=ids)
+
+
+def _encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"h:{last_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        tag, _, value = raw.partition(":")
+        if tag != "h" or not value.isdigit() or len(value) > 18:
+            raise ValueError(raw)
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise Unprocessable("invalid cursor") from exc
+
+
+def _item_out(item: HistoryItem) -> HistoryItemOut:
+    return HistoryItemOut(
+        id=item.client_id,
+        input=item.input,
+        output=item.output,
+        kind=item.kind,
+        metadata=item.meta,
+        timestamp=item.timestamp,
+        created_at=item.created_at,
+    )
+
+
+def page(session: Session, user: UserRef, *, limit: int, cursor: str | None) -> HistoryPage:
+    items = repo.list_items(session, user.pk, after_id=_decode_cursor(cursor), limit=limit + 1)
+    more = len(items) > limit
+    items = items[:limit]
+    next_cursor = _encode_cursor(items[-1].id) if more and items else None
+    return HistoryPage(items=[_item_out(i) for i in items], next_cursor=next_cursor)
+
+
+def _history_stamp(session: Session, user: UserRef) -> tuple[int, int]:
+    count, max_id = session.execute(
+        select(func.count(HistoryItem.id), func.max(HistoryItem.id)).where(HistoryItem.user_pk == user.pk)
+    ).one()
+    return int(count or 0), int(max_id or 0)
+
+
+def user_corpus(session: Session, user: UserRef, cache: BM25Cache[UserCorpus]) -> UserCorpus:
+    """The user's BM25 index, rebuilt only when their history changed (in any replica)."""
+    stamp = _history_stamp(session, user)
+    corpus = cache.get(user.storage_key, stamp)
+    if corpus is None:
+        docs = [
+            DocSnapshot(id=i.client_id, input=i.input, output=i.output, kind=i.kind)
+            for i in repo.all_items(session, user.pk)
+        ]
+        corpus = UserCorpus(docs=docs, index=BM25Index(docs))
+        cache.put(user.storage_key, stamp, corpus)
+    return corpus
+
+
+def retrieve(
+    session: Session, user: UserRef, query: str, k: int, cache: BM25Cache[UserCorpus]
+) -> list[RetrievedDoc]:
+    if k <= 0:
+        return []
+    corpus = user_corpus(session, user, cache)
+    return [RetrievedDoc(corpus.docs[h.index], h.score) for h in corpus.index.top_k(query, k)]
+
+
+def get_profile(session: Session, user: UserRef) -> ProfileOut:
+    profile = repo.get_profile(session, user.pk)
+    if profile is None:
+        raise NotFound("no profile for this user")
+    return ProfileOut(text=profile.text, source=profile.source, updated_at=profile.updated_at)
+
+
+def profile_text(session: Session, user: UserRef) -> str | None:
+    profile = repo.get_profile(session, user.pk)
+    return profile.text if profile is not None and profile.text.strip() else None
+
+
+def set_profile(session: Session, user: UserRef, text: str, source: str = "user") -> ProfileOut:
+    profile = repo.upsert_profile(session, user.pk, text, source)
+    return ProfileOut(text=profile.text, source=profile.source, updated_at=profile.updated_at)

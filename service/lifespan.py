@@ -1,0 +1,71 @@
+"""Builds the app state (DB engine, model runtime, caches) at start-up and disposes it at shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from sqlalchemy.engine import make_url
+
+from service.config import Settings
+from service.db.session import make_engine, make_session_factory
+from service.history.service import UserCorpus
+from service.inference.loader import load_model
+from service.inference.runtime import ModelRuntime
+from service.retrieval.bm25 import BM25Cache
+from service.state import AppState
+
+log = logging.getLogger(__name__)
+ADMIN_KEY_FILE = "admin_key"
+
+
+def resolve_admin_key(settings: Settings) -> str:
+    """OPPU_ADMIN_KEY, else (embedded default only) a key generated once and kept in the data dir."""
+    if settings.admin_key is not None and settings.admin_key.get_secret_value():
+        return settings.admin_key.get_secret_value()
+    if make_url(settings.resolved_database_url).get_backend_name() != "sqlite":
+        raise RuntimeError("OPPU_ADMIN_KEY must be set when OPPU_DATABASE_URL is not SQLite")
+    path = Path(settings.data_dir) / ADMIN_KEY_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "oppu_admin_" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    print(f"OPPU admin key (shown once, stored in {path}): {key}", flush=True)
+    return key
+
+
+def build_state(settings: Settings) -> AppState:
+    engine = make_engine(settings.resolved_database_url)
+    return AppState(
+        settings=settings,
+        engine=engine,
+        session_factory=make_session_factory(engine),
+        admin_key=resolve_admin_key(settings),
+        bm25=BM25Cache[UserCorpus](settings.bm25_cache_users),
+    )
+
+
+def start_runtime(state: AppState) -> None:
+    loaded = load_model(state.settings)
+    state.runtime = ModelRuntime(loaded, state.settings)
+    state.runtime.start()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: AppState = app.state.oppu
+    start_runtime(state)
+    try:
+        yield
+    finally:
+        if state.runtime is not None:
+            state.runtime.stop()
+        state.engine.dispose()

@@ -1,0 +1,29 @@
+"""create_app(settings=None): the FastAPI app with its lifespan, routers and error handlers."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from service.api import admin, generate, health, history
+from service.config import Settings, get_settings
+from service.errors import install_error_handlers
+from service.lifespan import build_state, lifespan
+from service.middleware import BodySizeLimit
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="OPPU personal LLM server",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+    )
+    app.state.oppu = build_state(settings)
+    install_error_handlers(app)
+    for router in (health.router, admin.router, history.router, generate.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,1 @@
+"""Retrieval of context from a user's own history (BM25)."""

@@ -1,0 +1,23 @@
+"""AppState: the long-lived objects of one API process, built by the lifespan and read by deps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.config import Settings
+from service.history.service import UserCorpus
+from service.inference.runtime import ModelRuntime
+from service.retrieval.bm25 import BM25Cache
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    admin_key: str
+    bm25: BM25Cache[UserCorpus]
+    runtime: ModelRuntime | None = None

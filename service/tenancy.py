@@ -1,0 +1,89 @@
+"""API keys -> caller. The only place keys are generated, hashed and checked."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.models import ApiKey, User
+from service.errors import Forbidden, NotFound, Unauthorized, Unprocessable
+
+USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KEY_PREFIX = "oppu_"
+
+
+@dataclass(frozen=True)
+class Caller:
+    is_admin: bool
+    user_pk: int | None = None  # set for user keys
+    user_id: str | None = None
+
+
+@dataclass(frozen=True)
+class UserRef:
+    """A resolved, authorised user: what services receive first."""
+
+    pk: int
+    user_id: str
+    storage_key: str
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def check_user_id(user_id: str) -> str:
+    if not USER_ID_RE.fullmatch(user_id):
+        raise Unprocessable("user_id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    return user_id
+
+
+def parse_bearer(header: str | None) -> str:
+    if not header:
+        raise Unauthorized("missing Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"})
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 256:
+        raise Unauthorized("malformed Authorization header", headers={"WWW-Authenticate": "Bearer"})
+    return token
+
+
+def authenticate(session: Session, token: str, admin_key: str) -> Caller:
+    if hmac.compare_digest(token.encode(), admin_key.encode()):
+        return Caller(is_admin=True)
+    # Lookup by hash of a high-entropy key; the stored value is a hash, compared in constant time.
+    digest = hash_key(token)
+    row = session.execute(
+        select(ApiKey.key_hash, User.id, User.user_id)
+        .join(User, User.id == ApiKey.user_pk)
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+    ).first()
+    if row is None or not hmac.compare_digest(row[0], digest):
+        raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    return Caller(is_admin=False, user_pk=row[1], user_id=row[2])
+
+
+def authorize_user(session: Session, caller: Caller, user_id: str) -> UserRef:
+    """The caller may act on user_id: admin, or the user themself. 404 only after authorisation."""
+    check_user_id(user_id)
+    if not caller.is_admin and caller.user_id != user_id:
+        raise Forbidden("this key may only access its own user")
+    user = session.execute(select(User).where(User.user_id == user_id)).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"user {user_id!r} not found")
+    return UserRef(pk=user.id, user_id=user.user_id, storage_key=user.storage_key)
+
+
+def require_admin(caller: Caller) -> None:
+    if not caller.is_admin:
+        raise Forbidden("admin key required")
