@@ -174,15 +174,13 @@ def normalize_date(date: str | None) -> str | None:
     if not date:
         return None
     text = date.strip()
-    parsed: datetime | None = None
-    for attempt in (lambda: datetime.fromisoformat(text), lambda: datetime.strptime(text, "%Y%m%d")):
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
         try:
-            parsed = attempt()
-            break
+            parsed = datetime.strptime(text, "%Y%m%d")
         except ValueError:
-            continue
-    if parsed is None:
-        return None
+            return None
     parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     return parsed.isoformat().replace("+00:00", "Z")
 
