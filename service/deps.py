@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
+from service.adapters.service import AdapterContext
 from service.db.session import unit_of_work
 from service.errors import Unavailable
 from service.inference.runtime import ModelRuntime
@@ -66,3 +67,12 @@ def get_runtime(state: StateDep) -> ModelRuntime:
 
 
 RuntimeDep = Annotated[ModelRuntime, Depends(get_runtime)]
+
+
+def get_adapters(state: StateDep) -> AdapterContext:
+    if state.adapters is None:
+        raise Unavailable("model is not loaded yet")
+    return state.adapters
+
+
+AdaptersDep = Annotated[AdapterContext, Depends(get_adapters)]

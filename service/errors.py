@@ -77,8 +77,10 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 def _clean_validation_errors(errors: Any) -> list[dict[str, Any]]:
     # Only location, message and type: the raw input may be huge or not JSON-serialisable.
-    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
-            for e in errors][:50]
+    return [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+        for e in errors
+    ][:50]
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -12,6 +12,11 @@ from pathlib import Path
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
+from service.adapters.cache import AdapterCache
+from service.adapters.service import AdapterContext
+from service.adapters.slots import LoraSlots
+from service.adapters.store import AdapterStore
+from service.adapters.validation import BaseModelSpec, ValidationLimits
 from service.config import Settings
 from service.db.session import make_engine, make_session_factory
 from service.history.service import UserCorpus
@@ -50,12 +55,31 @@ def build_state(settings: Settings) -> AppState:
         session_factory=make_session_factory(engine),
         admin_key=resolve_admin_key(settings),
         bm25=BM25Cache[UserCorpus](settings.bm25_cache_users),
+        store=AdapterStore(settings.adapters_dir),
     )
 
 
 def start_runtime(state: AppState) -> None:
-    loaded = load_model(state.settings)
-    state.runtime = ModelRuntime(loaded, state.settings)
+    settings = state.settings
+    loaded = load_model(settings)
+    spec = BaseModelSpec.from_model(loaded.model, loaded.name)  # before slots wrap the Linears
+    slots = LoraSlots(
+        loaded.model,
+        settings.adapter_slots,
+        settings.adapter_max_rank,
+        settings.adapter_target_modules,
+        device=loaded.device,
+        dtype=loaded.dtype,
+    )
+    state.cache = AdapterCache(slots, state.store, host_budget_bytes=settings.adapter_host_budget_bytes)
+    state.adapters = AdapterContext(
+        store=state.store,
+        spec=spec,
+        limits=ValidationLimits.from_settings(settings),
+        keep_versions=settings.adapter_keep_versions,
+        on_drop=state.cache.drop_owner,
+    )
+    state.runtime = ModelRuntime(loaded, settings, slots=slots, adapters=state.cache)
     state.runtime.start()
 
 

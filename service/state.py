@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.adapters.cache import AdapterCache
+from service.adapters.service import AdapterContext
+from service.adapters.store import AdapterStore
 from service.config import Settings
 from service.history.service import UserCorpus
 from service.inference.runtime import ModelRuntime
@@ -20,4 +23,7 @@ class AppState:
     session_factory: sessionmaker[Session]
     admin_key: str
     bm25: BM25Cache[UserCorpus]
+    store: AdapterStore
     runtime: ModelRuntime | None = None
+    adapters: AdapterContext | None = None  # set once the model is loaded (needs its shapes)
+    cache: AdapterCache | None = None

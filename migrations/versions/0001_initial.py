@@ -36,8 +36,9 @@ def upgrade() -> None:
         sa.Column("created_at", TS, nullable=False),
         sa.Column("revoked_at", TS, nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
-        sa.ForeignKeyConstraint(["user_pk"], ["users.id"], ondelete="CASCADE",
-                                name=op.f("fk_api_keys_user_pk_users")),
+        sa.ForeignKeyConstraint(
+            ["user_pk"], ["users.id"], ondelete="CASCADE", name=op.f("fk_api_keys_user_pk_users")
+        ),
         sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
     )
     op.create_index(op.f("ix_api_keys_user_pk"), "api_keys", ["user_pk"])
@@ -53,8 +54,9 @@ def upgrade() -> None:
         sa.Column("timestamp", TS, nullable=True),
         sa.Column("created_at", TS, nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_history_items")),
-        sa.ForeignKeyConstraint(["user_pk"], ["users.id"], ondelete="CASCADE",
-                                name=op.f("fk_history_items_user_pk_users")),
+        sa.ForeignKeyConstraint(
+            ["user_pk"], ["users.id"], ondelete="CASCADE", name=op.f("fk_history_items_user_pk_users")
+        ),
         sa.UniqueConstraint("user_pk", "client_id", name="uq_history_items_user_client"),
     )
     op.create_index("ix_history_items_user_seq", "history_items", ["user_pk", "id"])
@@ -65,8 +67,9 @@ def upgrade() -> None:
         sa.Column("source", sa.String(16), nullable=False),
         sa.Column("updated_at", TS, nullable=False),
         sa.PrimaryKeyConstraint("user_pk", name=op.f("pk_profiles")),
-        sa.ForeignKeyConstraint(["user_pk"], ["users.id"], ondelete="CASCADE",
-                                name=op.f("fk_profiles_user_pk_users")),
+        sa.ForeignKeyConstraint(
+            ["user_pk"], ["users.id"], ondelete="CASCADE", name=op.f("fk_profiles_user_pk_users")
+        ),
     )
 
 

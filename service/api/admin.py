@@ -6,7 +6,8 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import users
-from service.deps import AdminDep, SessionDep, StateDep, UserIdPath
+from service.adapters import service as adapter_service
+from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserIdPath
 from service.tenancy import authorize_user
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -29,8 +30,11 @@ def create_user(body: CreateUserIn, _: AdminDep, session: SessionDep) -> CreateU
 
 
 @router.delete("/users/{user_id}", status_code=204)
-def delete_user(user_id: UserIdPath, caller: AdminDep, session: SessionDep, state: StateDep) -> Response:
+def delete_user(
+    user_id: UserIdPath, caller: AdminDep, session: SessionDep, state: StateDep, adapters: AdaptersDep
+) -> Response:
     user = authorize_user(session, caller, user_id)
     users.delete_user_rows(session, user)
+    adapter_service.forget_after_commit(session, adapters, user.storage_key)  # files + cache, after commit
     state.bm25.invalidate(user.storage_key)
     return Response(status_code=204)

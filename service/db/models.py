@@ -66,3 +66,43 @@ class Profile(Base):
     text: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(16), default="user")  # user | generated
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+SHARED_OWNER = "_shared"  # owner key of the shared task adapter (users own theirs by storage_key)
+
+
+class AdapterHead(Base):
+    """The current version per owner; publish/rollback are compare-and-set updates of this row."""
+
+    __tablename__ = "adapter_heads"
+
+    owner_key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_pk: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
+    current_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_version: Mapped[int] = mapped_column(Integer, default=0)  # versions are never reused
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Adapter(Base):
+    """One immutable published version of an adapter (files under the store, PEFT format)."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("owner_key", "version", name="uq_adapters_owner_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_key: Mapped[str] = mapped_column(String(32), index=True)
+    user_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    rank: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column()
+    target_modules: Mapped[list[str]] = mapped_column(JSON)
+    base_model: Mapped[str] = mapped_column(String(256))
+    base_fingerprint: Mapped[str] = mapped_column(String(64))
+    nbytes: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))  # trained | imported
+    shared_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # trained on top of
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

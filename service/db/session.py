@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(url: str) -> Engine:
@@ -38,6 +41,14 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+AFTER_COMMIT = "oppu_after_commit"
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` only once the unit of work has committed (file deletes, cache drops, enqueues)."""
+    session.info.setdefault(AFTER_COMMIT, []).append(action)
+
+
 @contextmanager
 def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One commit per request or job: commit at the end, roll back on any error."""
@@ -48,3 +59,9 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+        actions: list[Callable[[], None]] = session.info.pop(AFTER_COMMIT, [])
+        for action in actions:
+            try:
+                action()
+            except Exception:  # the commit stands; a failed side effect is logged, not raised
+                log.exception("after-commit action failed")

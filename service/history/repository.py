@@ -36,12 +36,16 @@ def insert_items_ignore_duplicates(session: Session, user_pk: int, rows: Sequenc
     values = [{**row, "user_pk": user_pk} for row in rows]
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        stmt: Any = pg_insert(HistoryItem).values(values).on_conflict_do_nothing(
-            index_elements=["user_pk", "client_id"]
+        stmt: Any = (
+            pg_insert(HistoryItem)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
         )
     elif dialect == "sqlite":
-        stmt = sqlite_insert(HistoryItem).values(values).on_conflict_do_nothing(
-            index_elements=["user_pk", "client_id"]
+        stmt = (
+            sqlite_insert(HistoryItem)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
         )
     else:  # pragma: no cover - other databases: fall back to check-then-insert
         known = existing_client_ids(session, user_pk, [r["client_id"] for r in rows])

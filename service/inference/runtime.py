@@ -6,13 +6,14 @@ batching scheduler so that the event loop never blocks on a forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from service.batching.scheduler import AdapterProvider, BatchScheduler, GenerationJob
+from service.batching.scheduler import AdapterProvider, BatchScheduler, GenerationJob, QueueFull
 from service.config import Settings
-from service.errors import PromptTooLong
+from service.errors import PromptTooLong, Timeout, Unavailable
 from service.inference.engine import BatchGenerator, GenOutput, SamplingParams
 from service.inference.loader import LoadedModel
 from service.inference.tokens import encode_prompt, stop_token_ids
@@ -73,7 +74,9 @@ class ModelRuntime:
             )
         return ids
 
-    def params(self, *, max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> SamplingParams:
+    def params(
+        self, *, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+    ) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -94,9 +97,56 @@ class ModelRuntime:
     ) -> GenerationJob:
         return GenerationJob(input_ids=input_ids, params=params, adapter=adapter, on_token=on_token)
 
-    async def complete(self, input_ids: list[int], params: SamplingParams, adapter: Hashable | None = None) -> Completion:
-        out: GenOutput = await self.scheduler.run(self.job(input_ids, params, adapter))
+    async def complete(
+        self, input_ids: list[int], params: SamplingParams, adapter: Hashable | None = None
+    ) -> Completion:
+        out: GenOutput = await self._bounded(self.scheduler.run(self.job(input_ids, params, adapter)))
         return Completion(self.decode(out.token_ids), out.token_ids, len(input_ids), out.finish_reason)
+
+    async def _bounded(self, awaitable: Awaitable[GenOutput]) -> GenOutput:
+        try:
+            return await asyncio.wait_for(awaitable, self.settings.request_timeout_s)
+        except TimeoutError as exc:  # the job is cancelled by scheduler.run: its row is freed
+            raise Timeout(f"generation exceeded the {self.settings.request_timeout_s:g} s deadline") from exc
+        except QueueFull as exc:
+            raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
+
+    async def stream(
+        self, input_ids: list[int], params: SamplingParams, adapter: Hashable | None = None
+    ) -> AsyncIterator[str | Completion]:
+        """Yields text deltas as tokens are produced, then the Completion. Closing the iterator
+        (client gone) cancels the row and frees its slot pin."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+
+        def on_token(token: int) -> None:  # worker thread -> this request's loop
+            loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+        job = self.job(input_ids, params, adapter, on_token=on_token)
+        task = asyncio.ensure_future(self._bounded(self.scheduler.run(job)))
+        task.add_done_callback(lambda _: tokens.put_nowait(None))
+        emitted: list[int] = []
+        sent = ""
+        try:
+            while (token := await tokens.get()) is not None:
+                if token in self.stop_ids:
+                    continue
+                emitted.append(token)
+                text = self.decode(emitted)
+                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+                    continue
+                if len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+            out = task.result()
+            text = self.decode(out.token_ids)
+            if len(text) > len(sent):
+                yield text[len(sent) :]
+            yield Completion(text, out.token_ids, len(input_ids), out.finish_reason)
+        finally:
+            if not task.done():
+                job.cancelled.set()
+                task.cancel()
 
     def complete_blocking(self, input_ids: list[int], params: SamplingParams) -> Completion:
         """The runtime called directly, without the scheduler (benchmarks' baseline, CLI)."""

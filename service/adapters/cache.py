@@ -1,0 +1,182 @@
+"""Tiered adapter cache: device slots (LoraSlots) <- host RAM (LRU, byte budget) <- disk (AdapterStore).
+
+Keys carry (owner, version, sha256), so a new version can never be served from a stale entry. Slots
+are taken by the batch thread only (acquire/release around each batch); an adapter in use by the
+running batch is pinned and never evicted. Every eviction goes through `_evict`, the one hook.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from service.adapters.slots import LoraSlots
+from service.adapters.store import AdapterStore
+from service.adapters.weights import AdapterWeights, load_adapter_files
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    owner_key: str  # storage key of the user (or the shared owner): never a raw user id
+    version: int
+    sha256: str
+
+
+# (event, tier, seconds): event in {hit, miss, evict, load}; tier in {slot, host}
+CacheEvent = Callable[[str, str, float], None]
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        slots: LoraSlots,
+        store: AdapterStore,
+        *,
+        host_budget_bytes: int,
+        on_event: CacheEvent | None = None,
+    ) -> None:
+        self._slots = slots
+        self._store = store
+        self._budget = host_budget_bytes
+        self._on_event = on_event
+        self._lock = threading.RLock()
+        self._host: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
+        self._host_bytes = 0
+        self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
+        self._free = list(range(slots.num_slots, 0, -1))  # slot 0 is the base (all zeros)
+        self._pins: Counter[AdapterKey] = Counter()
+
+    # --- introspection ---
+    @property
+    def num_slots(self) -> int:
+        return self._slots.num_slots
+
+    def slot_keys(self) -> dict[AdapterKey, int]:
+        with self._lock:
+            return dict(self._slot_of)
+
+    def host_keys(self) -> list[AdapterKey]:
+        with self._lock:
+            return list(self._host)
+
+    def pinned(self) -> dict[AdapterKey, int]:
+        with self._lock:
+            return {k: n for k, n in self._pins.items() if n > 0}
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host_bytes
+
+    def _event(self, event: str, tier: str, seconds: float = 0.0) -> None:
+        if self._on_event is not None:
+            self._on_event(event, tier, seconds)
+
+    # --- host tier ---
+    def _load_disk(self, key: AdapterKey) -> AdapterWeights:
+        start = time.perf_counter()
+        weights = load_adapter_files(self._store.version_dir(key.owner_key, key.version))
+        self._event("load", "host", time.perf_counter() - start)
+        return weights
+
+    def host_weights(self, key: AdapterKey) -> AdapterWeights:
+        """The adapter from host RAM, reading it from disk on a miss (outside the lock)."""
+        with self._lock:
+            weights = self._host.get(key)
+            if weights is not None:
+                self._host.move_to_end(key)
+                self._event("hit", "host")
+                return weights
+        self._event("miss", "host")
+        weights = self._load_disk(key)
+        with self._lock:
+            if key not in self._host:
+                self._admit_host(key, weights)
+        return weights
+
+    def prefetch(self, key: AdapterKey) -> None:
+        """Warm the host tier from a request thread, so the batch thread only does a tensor copy."""
+        with self._lock:
+            if key in self._slot_of or key in self._host:
+                return
+        self.host_weights(key)
+
+    def _admit_host(self, key: AdapterKey, weights: AdapterWeights) -> None:
+        size = weights.nbytes()
+        if size > self._budget:
+            return  # larger than the whole budget: served from disk each time it is not in a slot
+        while self._host and self._host_bytes + size > self._budget:  # evict before load
+            self._evict(next(iter(self._host)), "host")
+        self._host[key] = weights
+        self._host_bytes += size
+
+    # --- slot tier (batch thread) ---
+    def acquire(self, keys: Sequence[Hashable | None]) -> list[int]:
+        """Slots for each row's adapter (0 for None), pinned until release(keys)."""
+        out: list[int] = []
+        with self._lock:
+            for key in keys:
+                if key is None:
+                    out.append(0)
+                    continue
+                assert isinstance(key, AdapterKey)
+                slot = self._slot_of.get(key)
+                if slot is None:
+                    slot = self._load_slot(key)
+                else:
+                    self._slot_of.move_to_end(key)
+                    self._event("hit", "slot")
+                self._pins[key] += 1
+                out.append(slot)
+        return out
+
+    def release(self, keys: Sequence[Hashable | None]) -> None:
+        with self._lock:
+            for key in keys:
+                if isinstance(key, AdapterKey) and self._pins[key] > 0:
+                    self._pins[key] -= 1
+                    if self._pins[key] == 0:
+                        del self._pins[key]
+
+    def _load_slot(self, key: AdapterKey) -> int:
+        self._event("miss", "slot")
+        if not self._free:
+            victim = next((k for k in self._slot_of if self._pins[k] == 0), None)
+            if victim is None:
+                raise RuntimeError("every adapter slot is pinned by in-flight requests")
+            self._evict(victim, "slot")
+        weights = self.host_weights(key)
+        slot = self._free.pop()
+        start = time.perf_counter()
+        try:
+            self._slots.load(slot, weights)
+        except BaseException:
+            self._free.append(slot)
+            raise
+        self._event("load", "slot", time.perf_counter() - start)
+        self._slot_of[key] = slot
+        return slot
+
+    # --- eviction: the one hook ---
+    def _evict(self, key: AdapterKey, tier: str) -> None:
+        if tier == "slot":
+            if self._pins[key] > 0:
+                raise RuntimeError("refusing to evict a pinned adapter")
+            slot = self._slot_of.pop(key)
+            self._free.append(slot)  # the slot is overwritten (all modules) by the next load
+        else:
+            weights = self._host.pop(key)
+            self._host_bytes -= weights.nbytes()
+        self._event("evict", tier)
+
+    def drop_owner(self, owner_key: str, *, keep: AdapterKey | None = None) -> None:
+        """Forget an owner's entries (deleted adapter/user, or versions older than `keep`).
+        Pinned slot entries stay until their batch ends; their key can no longer be requested."""
+        with self._lock:
+            for key in [k for k in self._host if k.owner_key == owner_key and k != keep]:
+                self._evict(key, "host")
+            for key in [k for k in self._slot_of if k.owner_key == owner_key and k != keep]:
+                if self._pins[key] == 0:
+                    self._evict(key, "slot")

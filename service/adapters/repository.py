@@ -1,0 +1,86 @@
+"""ALL SQL for adapter versions and heads. Owner first; nothing commits."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import Adapter, AdapterHead
+
+
+def head(session: Session, owner_key: str, *, for_update: bool = False) -> AdapterHead | None:
+    stmt = select(AdapterHead).where(AdapterHead.owner_key == owner_key)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def ensure_head(session: Session, owner_key: str, user_pk: int | None) -> AdapterHead:
+    row = head(session, owner_key, for_update=True)
+    if row is None:
+        row = AdapterHead(owner_key=owner_key, user_pk=user_pk, current_version=None, last_version=0)
+        session.add(row)
+        session.flush()
+    return row
+
+
+def allocate_version(session: Session, owner_key: str, user_pk: int | None) -> int:
+    """Next never-used version number (compare-and-set on last_version, safe across processes)."""
+    while True:
+        row = ensure_head(session, owner_key, user_pk)
+        seen = row.last_version
+        result = session.execute(
+            update(AdapterHead)
+            .where(AdapterHead.owner_key == owner_key, AdapterHead.last_version == seen)
+            .values(last_version=seen + 1)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 1) == 1:
+            session.refresh(row)
+            return seen + 1
+
+
+def set_current(session: Session, owner_key: str, version: int | None) -> None:
+    session.execute(
+        update(AdapterHead)
+        .where(AdapterHead.owner_key == owner_key)
+        .values(current_version=version)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def current(session: Session, owner_key: str) -> Adapter | None:
+    row = head(session, owner_key)
+    if row is None or row.current_version is None:
+        return None
+    return get_version(session, owner_key, row.current_version)
+
+
+def get_version(session: Session, owner_key: str, version: int) -> Adapter | None:
+    return session.execute(
+        select(Adapter).where(Adapter.owner_key == owner_key, Adapter.version == version)
+    ).scalar_one_or_none()
+
+
+def list_versions(session: Session, owner_key: str) -> list[Adapter]:
+    return list(
+        session.scalars(
+            select(Adapter).where(Adapter.owner_key == owner_key).order_by(Adapter.version.desc())
+        )
+    )
+
+
+def add(session: Session, adapter: Adapter) -> Adapter:
+    session.add(adapter)
+    session.flush()
+    return adapter
+
+
+def delete_versions(session: Session, owner_key: str, versions: list[int]) -> None:
+    if versions:
+        session.execute(delete(Adapter).where(Adapter.owner_key == owner_key, Adapter.version.in_(versions)))
+
+
+def delete_all(session: Session, owner_key: str) -> None:
+    session.execute(delete(Adapter).where(Adapter.owner_key == owner_key))
+    set_current(session, owner_key, None)

@@ -1,0 +1,197 @@
+"""Adapter use cases: publish (validated, atomic, versioned), current/versions, download, upload,
+delete, rollback, and the serving key of a user's current adapter. Services never commit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.adapters import repository as repo
+from service.adapters.archive import ArchiveError, pack_zip, unpack_upload_zip
+from service.adapters.cache import AdapterKey
+from service.adapters.schemas import AdapterOut, AdapterVersionsOut
+from service.adapters.store import PEFT_FILES, AdapterStore, VersionExistsError
+from service.adapters.validation import (
+    AdapterValidationError,
+    BaseModelSpec,
+    ValidationLimits,
+    validate_peft_files,
+)
+from service.db.models import Adapter
+from service.db.session import after_commit
+from service.errors import Conflict, NotFound, Unprocessable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    """What adapter use cases need besides the session: the store and what adapters must fit."""
+
+    store: AdapterStore
+    spec: BaseModelSpec
+    limits: ValidationLimits
+    keep_versions: int
+    on_drop: Any = None  # Callable[[str], None]: forget an owner's cache entries (after commit)
+
+
+def to_out(row: Adapter, current_version: int | None) -> AdapterOut:
+    return AdapterOut(
+        version=row.version,
+        current=row.version == current_version,
+        sha256=row.sha256,
+        rank=row.rank,
+        alpha=row.alpha,
+        target_modules=list(row.target_modules),
+        base_model=row.base_model,
+        source=row.source,
+        shared_version=row.shared_version,
+        nbytes=row.nbytes,
+        metadata=row.meta,
+        created_at=row.created_at,
+    )
+
+
+def serving_key(
+    session: Session, owner_key: str, spec: BaseModelSpec
+) -> tuple[AdapterKey | None, int | None]:
+    """The key of the owner's current adapter, read from SQL on every request: once a new version is
+    committed, no later request can be served the old one."""
+    row = repo.current(session, owner_key)
+    if row is None:
+        return None, None
+    if row.base_fingerprint != spec.fingerprint:
+        raise Conflict(f"adapter v{row.version} was made for another base model than the one served")
+    return AdapterKey(owner_key, row.version, row.sha256), row.version
+
+
+def publish(
+    session: Session,
+    ctx: AdapterContext,
+    owner_key: str,
+    user_pk: int | None,
+    files: Mapping[str, bytes],
+    *,
+    source: str,
+    shared_version: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Adapter:
+    """Validate, write the immutable version dir, then record it as current (the SQL commit is the
+    commit point: until then no reader sees the new version)."""
+    try:
+        checked = validate_peft_files(files, ctx.spec, ctx.limits)
+    except AdapterValidationError as exc:
+        raise Unprocessable("invalid adapter: " + "; ".join(exc.problems), details=exc.problems) from exc
+    version = repo.allocate_version(session, owner_key, user_pk)
+    try:
+        ctx.store.publish(owner_key, version, files)
+    except VersionExistsError:
+        # A crashed earlier attempt left files for a number that was never committed: replace them.
+        ctx.store.delete_version(owner_key, version)
+        ctx.store.publish(owner_key, version, files)
+    row = repo.add(
+        session,
+        Adapter(
+            owner_key=owner_key,
+            user_pk=user_pk,
+            version=version,
+            sha256=checked.sha256,
+            rank=checked.rank,
+            alpha=checked.alpha,
+            target_modules=list(checked.target_modules),
+            base_model=ctx.spec.base_model_name,
+            base_fingerprint=ctx.spec.fingerprint,
+            nbytes=checked.nbytes,
+            source=source,
+            shared_version=shared_version,
+            meta=meta,
+        ),
+    )
+    repo.set_current(session, owner_key, version)
+    _prune(session, ctx, owner_key, current=version)
+    return row
+
+
+def _prune(session: Session, ctx: AdapterContext, owner_key: str, *, current: int | None) -> None:
+    """Keep the newest N versions (and always the current one); files go after the commit."""
+    versions = [r.version for r in repo.list_versions(session, owner_key)]
+    drop = [v for v in versions[ctx.keep_versions :] if v != current]
+    if drop:
+        repo.delete_versions(session, owner_key, drop)
+
+        def delete_files() -> None:
+            for v in drop:
+                ctx.store.delete_version(owner_key, v)
+
+        after_commit(session, delete_files)
+
+
+def current(session: Session, owner_key: str) -> AdapterOut:
+    row = repo.current(session, owner_key)
+    if row is None:
+        raise NotFound("no adapter for this user")
+    return to_out(row, row.version)
+
+
+def versions(session: Session, owner_key: str) -> AdapterVersionsOut:
+    head = repo.head(session, owner_key)
+    cur = head.current_version if head is not None else None
+    return AdapterVersionsOut(
+        current_version=cur, versions=[to_out(r, cur) for r in repo.list_versions(session, owner_key)]
+    )
+
+
+def download(
+    session: Session, ctx: AdapterContext, owner_key: str, version: int | None = None
+) -> tuple[int, bytes]:
+    row = (
+        repo.current(session, owner_key) if version is None else repo.get_version(session, owner_key, version)
+    )
+    if row is None:
+        raise NotFound("no such adapter version")
+    return row.version, pack_zip(ctx.store.read_files(owner_key, row.version))
+
+
+def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, data: bytes) -> AdapterOut:
+    try:
+        members = unpack_upload_zip(data, max_total_bytes=ctx.limits.max_file_bytes + (1 << 20))
+    except ArchiveError as exc:
+        raise Unprocessable(f"invalid adapter archive: {exc}") from exc
+    # save_pretrained also writes a README.md: extra plain files are ignored, PEFT files are required.
+    files = {name: body for name, body in members.items() if name in PEFT_FILES}
+    missing = sorted(PEFT_FILES - set(files))
+    if missing:
+        raise Unprocessable(f"invalid adapter archive: missing {', '.join(missing)}")
+    row = publish(session, ctx, owner_key, user_pk, files, source="imported")
+    return to_out(row, row.version)
+
+
+def delete(session: Session, ctx: AdapterContext, owner_key: str) -> None:
+    if not repo.list_versions(session, owner_key):
+        raise NotFound("no adapter for this user")
+    repo.delete_all(session, owner_key)
+    after_commit(session, lambda: _forget(ctx, owner_key))
+
+
+def _forget(ctx: AdapterContext, owner_key: str) -> None:
+    ctx.store.delete_all(owner_key)
+    if ctx.on_drop is not None:
+        ctx.on_drop(owner_key)
+
+
+def forget_after_commit(session: Session, ctx: AdapterContext, owner_key: str) -> None:
+    """Used when a user is erased: rows go by cascade, files and cache entries after the commit."""
+    after_commit(session, lambda: _forget(ctx, owner_key))
+
+
+def rollback(session: Session, owner_key: str, version: int) -> AdapterOut:
+    row = repo.get_version(session, owner_key, version)
+    if row is None:
+        raise NotFound(f"adapter version {version} does not exist (kept versions only)")
+    repo.ensure_head(session, owner_key, row.user_pk)
+    repo.set_current(session, owner_key, version)
+    return to_out(row, version)

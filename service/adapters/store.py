@@ -1,0 +1,221 @@
+"""The adapter store on disk: the ONLY module that builds paths under the store root.
+
+Layout: ``root/users/<storage_key>/v<version:06d>/`` and ``root/shared/v<version:06d>/`` (the shared
+task LoRA), each holding exactly the PEFT pair. Versions are immutable and published atomically
+(temp dir in ``root/tmp`` -> fsync -> rename). It knows nothing of users, SQL or what the weights mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME})
+SHARED_KEY = "_shared"  # reserved key of the shared task LoRA; user keys are hex and never collide
+
+_KEY_RE = re.compile(r"[a-z0-9_]{1,64}")
+_VERSION_RE = re.compile(r"v(\d{6,})")
+
+
+class AdapterStoreError(Exception):
+    """Base class of store errors."""
+
+
+class VersionExistsError(AdapterStoreError):
+    """A version already exists with different content (versions are immutable)."""
+
+
+class VersionNotFoundError(AdapterStoreError, FileNotFoundError):
+    """The requested version is not in the store."""
+
+
+def validate_storage_key(storage_key: str) -> str:
+    if not isinstance(storage_key, str) or not _KEY_RE.fullmatch(storage_key):
+        raise ValueError(f"invalid storage key {storage_key!r}: need [a-z0-9_]{{1,64}}")
+    return storage_key
+
+
+def _check_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"invalid adapter version {version!r}: need a positive int")
+    return version
+
+
+def _check_files(files: Mapping[str, bytes]) -> None:
+    if set(files) != PEFT_FILES:
+        raise ValueError(f"an adapter is exactly {sorted(PEFT_FILES)}, got {sorted(files)}")
+    for name, data in files.items():
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ValueError(f"{name}: content must be bytes")
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_fsync(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterStore:
+    """Immutable, atomically published adapter versions under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self._tmp = self.root / "tmp"
+        for d in (self.root / "users", self.root / "shared", self._tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # --- paths (every one goes through _inside) ---
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if resolved != self.root and not resolved.is_relative_to(self.root):
+            raise ValueError(f"path {path} escapes the adapter store root")
+        return resolved
+
+    def key_dir(self, storage_key: str) -> Path:
+        validate_storage_key(storage_key)
+        if storage_key == SHARED_KEY:
+            return self._inside(self.root / "shared")
+        return self._inside(self.root / "users" / storage_key)
+
+    def version_dir(self, storage_key: str, version: int) -> Path:
+        return self._inside(self.key_dir(storage_key) / f"v{_check_version(version):06d}")
+
+    # --- reads ---
+    def exists(self, storage_key: str, version: int) -> bool:
+        d = self.version_dir(storage_key, version)
+        return all((d / name).is_file() for name in PEFT_FILES)
+
+    def list_versions(self, storage_key: str) -> list[int]:
+        d = self.key_dir(storage_key)
+        if not d.is_dir():
+            return []
+        versions = []
+        for entry in d.iterdir():
+            m = _VERSION_RE.fullmatch(entry.name)
+            if m and entry.name == f"v{int(m.group(1)):06d}" and int(m.group(1)) > 0 and entry.is_dir():
+                versions.append(int(m.group(1)))
+        return sorted(versions)
+
+    def list_storage_keys(self) -> list[str]:
+        """User storage keys that have a folder (for garbage collection); excludes the shared key."""
+        users = self.root / "users"
+        return sorted(p.name for p in users.iterdir() if p.is_dir() and _KEY_RE.fullmatch(p.name))
+
+    def read_files(self, storage_key: str, version: int) -> dict[str, bytes]:
+        d = self.version_dir(storage_key, version)
+        try:
+            return {name: self._inside(d / name).read_bytes() for name in sorted(PEFT_FILES)}
+        except FileNotFoundError as e:
+            raise VersionNotFoundError(f"adapter {storage_key} v{version} not found") from e
+
+    def sha256(self, storage_key: str, version: int) -> str:
+        path = self._inside(self.version_dir(storage_key, version) / WEIGHTS_NAME)
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except FileNotFoundError as e:
+            raise VersionNotFoundError(f"adapter {storage_key} v{version} not found") from e
+        return h.hexdigest()
+
+    # --- writes ---
+    def publish(self, storage_key: str, version: int, files: Mapping[str, bytes]) -> Path:
+        """Write a version atomically; idempotent for identical content, else VersionExistsError."""
+        target = self.version_dir(storage_key, version)
+        _check_files(files)
+        data = {name: bytes(files[name]) for name in PEFT_FILES}
+        if target.exists():
+            return self._same_or_raise(storage_key, version, data)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{storage_key}-v{version}-", dir=self._tmp))
+        try:
+            for name, content in data.items():
+                _write_fsync(tmp / name, content)
+            _fsync_dir(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, target)  # fails on Linux if target exists and is non-empty
+            except OSError:
+                if target.exists():  # a concurrent publisher won the race
+                    return self._same_or_raise(storage_key, version, data)
+                raise
+            _fsync_dir(target.parent)
+            _fsync_dir(target.parent.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _same_or_raise(self, storage_key: str, version: int, data: Mapping[str, bytes]) -> Path:
+        try:
+            existing = self.read_files(storage_key, version)
+        except VersionNotFoundError as e:
+            raise VersionExistsError(f"adapter {storage_key} v{version} exists but is incomplete") from e
+        same_weights = _sha256_bytes(existing[WEIGHTS_NAME]) == _sha256_bytes(data[WEIGHTS_NAME])
+        if not same_weights or existing[CONFIG_NAME] != data[CONFIG_NAME]:
+            raise VersionExistsError(f"adapter {storage_key} v{version} exists with different content")
+        return self.version_dir(storage_key, version)
+
+    def _remove(self, path: Path) -> bool:
+        """Rename out of sight first so readers never see a half-deleted version."""
+        path = self._inside(path)
+        if not path.exists():
+            return False
+        grave = Path(tempfile.mkdtemp(prefix="deleted-", dir=self._tmp))
+        os.rename(path, grave / "d")
+        shutil.rmtree(grave, ignore_errors=True)
+        return True
+
+    def delete_version(self, storage_key: str, version: int) -> bool:
+        return self._remove(self.version_dir(storage_key, version))
+
+    def delete_all(self, storage_key: str) -> bool:
+        """Remove every version of one key (a deleted user). Returns whether anything was there."""
+        removed = self._remove(self.key_dir(storage_key))
+        if storage_key == SHARED_KEY:
+            (self.root / "shared").mkdir(exist_ok=True)
+        return removed
+
+    def prune(self, storage_key: str, keep: Collection[int]) -> list[int]:
+        """Delete every version not in keep; returns the deleted versions."""
+        keep_set = {_check_version(v) for v in keep}
+        doomed = [v for v in self.list_versions(storage_key) if v not in keep_set]
+        for v in doomed:
+            self.delete_version(storage_key, v)
+        return doomed
+
+    def cleanup_tmp(self, older_than_s: float) -> int:
+        """Remove temp dirs left by crashed publishes/deletes older than older_than_s seconds."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in self._tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.lstat().st_mtime < cutoff:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink()
+                    removed += 1
+        return removed

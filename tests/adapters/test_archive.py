@@ -1,0 +1,149 @@
+"""Upload/download zips: round trip, and every refusal (paths, links, encryption, bombs, junk)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import stat
+import struct
+import zipfile
+
+import pytest
+
+from service.adapters.archive import ArchiveError, _read_capped, pack_zip, unpack_upload_zip
+
+FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": bytes(range(256)) * 40}
+CAP = 10 * 1024 * 1024
+
+
+def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _patch_central(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    """Overwrite one field of every central-directory record (what ZipFile.infolist() reads)."""
+    out = bytearray(data)
+    pos = out.find(b"PK\x01\x02")
+    while pos != -1:
+        struct.pack_into(fmt, out, pos + offset, value)
+        pos = out.find(b"PK\x01\x02", pos + 4)
+    return bytes(out)
+
+
+def test_round_trip_and_deterministic() -> None:
+    data = pack_zip(FILES)
+    assert data == pack_zip(dict(reversed(list(FILES.items()))))
+    assert unpack_upload_zip(data, CAP) == FILES
+
+
+def test_pack_refuses_path_names() -> None:
+    with pytest.raises(ArchiveError):
+        pack_zip({"a/b": b"x"})
+
+
+def test_single_top_level_folder_is_stripped() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("myadapter/", b"")
+        for name, data in FILES.items():
+            zf.writestr(f"myadapter/{name}", data)
+    assert unpack_upload_zip(buf.getvalue(), CAP) == FILES
+
+
+def test_mixed_folders_refused() -> None:
+    data = _zip({"a/adapter_config.json": b"{}", "b/adapter_model.safetensors": b"x"})
+    with pytest.raises(ArchiveError, match="directory component"):
+        unpack_upload_zip(data, CAP)
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "..\\x", "C:/x", "a//b", "./x"])
+def test_path_like_names_refused(name: str) -> None:
+    with pytest.raises(ArchiveError, match="name"):
+        unpack_upload_zip(_zip({name: b"x", "adapter_config.json": b"{}"}), CAP)
+
+
+def test_nested_directory_refused() -> None:
+    with pytest.raises(ArchiveError, match="directory"):
+        unpack_upload_zip(_zip({"a/b/c": b"x"}), CAP)
+
+
+def test_duplicate_names_refused() -> None:
+    with pytest.raises(ArchiveError, match="duplicate"):
+        unpack_upload_zip(_dup_zip(), CAP)
+
+
+def _dup_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("x", b"1")
+        zf.writestr("x", b"2")
+    return buf.getvalue()
+
+
+def test_symlink_refused() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo("adapter_model.safetensors")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, b"/etc/passwd")
+    with pytest.raises(ArchiveError, match="symbolic link"):
+        unpack_upload_zip(buf.getvalue(), CAP)
+
+
+def test_encrypted_refused() -> None:
+    data = _patch_central(_zip({"x": b"secret"}), 8, "<H", 0x1)  # general purpose flag bit 0
+    with pytest.raises(ArchiveError, match="encrypted"):
+        unpack_upload_zip(data, CAP)
+
+
+def test_zip_bomb_refused() -> None:
+    buf = io.BytesIO()  # 200 MB of zeros, streamed: ~200 KB compressed, low memory
+    zeros = bytes(1 << 20)
+    with (
+        zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf,
+        zf.open("adapter_model.safetensors", "w", force_zip64=True) as f,
+    ):
+        for _ in range(200):
+            f.write(zeros)
+    with pytest.raises(ArchiveError, match=r"ratio|size limit|more than"):
+        unpack_upload_zip(buf.getvalue(), CAP)
+
+
+def test_declared_size_over_cap_refused() -> None:
+    data = _zip({"x": bytes(range(256)) * 8192}, compression=zipfile.ZIP_STORED)  # 2 MB, ratio 1
+    with pytest.raises(ArchiveError, match="more than"):
+        unpack_upload_zip(data, 1024 * 1024)
+
+
+def test_header_lying_about_size_refused() -> None:
+    data = _zip({"x": bytes(20 * 1024 * 1024)})  # ~20 KB compressed
+    lying = _patch_central(data, 24, "<I", 1000)  # uncompressed size field claims 1000 bytes
+    with pytest.raises(ArchiveError):
+        unpack_upload_zip(lying, CAP)
+
+
+def test_actual_read_stops_at_budget() -> None:
+    data = _zip({"x": bytes(range(256)) * 4096}, compression=zipfile.ZIP_STORED)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf, pytest.raises(ArchiveError, match="size limit"):
+        _read_capped(zf, zf.infolist()[0], 100_000)
+
+
+@pytest.mark.parametrize("junk", [b"", b"hello world", pickle.dumps({"a": 1}), pack_zip(FILES)[:100]])
+def test_not_a_zip(junk: bytes) -> None:
+    with pytest.raises(ArchiveError, match="zip"):
+        unpack_upload_zip(junk, CAP)
+
+
+def test_too_many_members() -> None:
+    with pytest.raises(ArchiveError, match="members"):
+        unpack_upload_zip(_zip({f"f{i}": b"x" for i in range(17)}), CAP)
+    assert len(unpack_upload_zip(_zip({f"f{i}": b"x" for i in range(16)}), CAP)) == 16
+
+
+def test_empty_archive_refused() -> None:
+    with pytest.raises(ArchiveError, match="no files"):
+        unpack_upload_zip(_zip({}), CAP)

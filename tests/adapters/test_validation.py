@@ -1,0 +1,267 @@
+"""Adapter validation against a tiny random Llama: real PEFT adapters accepted, bad ones refused clearly."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from service.adapters.validation import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterValidationError,
+    BaseModelSpec,
+    ValidationLimits,
+    make_peft_config,
+    validate_peft_files,
+)
+from service.config import ALL_TARGET_MODULES, Settings
+
+BASE_NAME = "SmolLM2-135M-Instruct"
+LIMITS = ValidationLimits(
+    max_file_bytes=64 * 1024 * 1024, max_tensors=4096, max_rank=64, allowed_target_modules=ALL_TARGET_MODULES
+)
+Files = dict[str, bytes]
+
+
+def tiny_llama(hidden: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def peft_files(
+    tmp: Path, hidden: int = 64, r: int = 8, targets: Any = ALL_TARGET_MODULES, **kw: Any
+) -> Files:
+    """A real adapter: get_peft_model + save_pretrained, read back as bytes (README.md dropped)."""
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **kw)
+    get_peft_model(tiny_llama(hidden), cfg).save_pretrained(str(tmp))
+    return {name: (tmp / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+
+
+def edit_config(files: Files, **changes: Any) -> Files:
+    cfg = json.loads(files[CONFIG_NAME])
+    cfg.update(changes)
+    return {**files, CONFIG_NAME: json.dumps(cfg).encode()}
+
+
+def edit_tensors(files: Files, fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Files:
+    return {**files, WEIGHTS_NAME: st_save(fn(dict(st_load(files[WEIGHTS_NAME]))))}
+
+
+def problems_of(files: Files, spec: BaseModelSpec, limits: ValidationLimits = LIMITS) -> str:
+    with pytest.raises(AdapterValidationError) as exc:
+        validate_peft_files(files, spec, limits)
+    assert exc.value.problems and all(p in str(exc.value) for p in exc.value.problems)
+    return str(exc.value)
+
+
+@pytest.fixture(scope="module")
+def spec() -> BaseModelSpec:
+    return BaseModelSpec.from_model(tiny_llama(), BASE_NAME)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    return peft_files(tmp_path_factory.mktemp("good"))
+
+
+def test_spec_from_model(spec: BaseModelSpec) -> None:
+    assert spec.model_type == "llama" and spec.base_model_name == BASE_NAME
+    assert len(spec.linear_shapes) == 2 * 7
+    assert spec.linear_shapes["model.layers.0.self_attn.q_proj"] == (64, 64)
+    assert spec.linear_shapes["model.layers.1.self_attn.k_proj"] == (64, 32)
+    assert spec.linear_shapes["model.layers.1.mlp.down_proj"] == (128, 64)
+    assert "lm_head" not in spec.linear_shapes
+    assert spec.fingerprint == BaseModelSpec.from_model(tiny_llama(), "other").fingerprint
+    assert spec.fingerprint != BaseModelSpec.from_model(tiny_llama(32), BASE_NAME).fingerprint
+    hash(spec)
+
+
+def test_limits_from_settings() -> None:
+    limits = ValidationLimits.from_settings(Settings(adapter_max_rank=16))
+    assert limits.max_rank == 16 and limits.allowed_target_modules == ALL_TARGET_MODULES
+
+
+def test_valid_adapter_accepted(spec: BaseModelSpec, good: Files) -> None:
+    v = validate_peft_files(good, spec, LIMITS)
+    assert (v.rank, v.alpha, v.target_modules) == (8, 16.0, tuple(sorted(ALL_TARGET_MODULES)))
+    assert v.n_tensors == 2 * 7 * 2 and v.nbytes == len(good[WEIGHTS_NAME])
+    assert v.config["peft_type"] == "LORA" and len(v.sha256) == 64
+    assert set(v.module_ranks) == set(spec.linear_shapes)
+    assert set(v.module_scales.values()) == {2.0}
+
+
+def test_rank4_subset_accepted(spec: BaseModelSpec, tmp_path: Path) -> None:
+    v = validate_peft_files(peft_files(tmp_path, r=4, targets=["q_proj", "v_proj"]), spec, LIMITS)
+    assert v.rank == 4 and v.target_modules == ("q_proj", "v_proj") and v.n_tensors == 8
+
+
+def test_rank_and_alpha_pattern(spec: BaseModelSpec, tmp_path: Path) -> None:
+    files = peft_files(tmp_path, rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 32})
+    v = validate_peft_files(files, spec, LIMITS)
+    assert v.module_ranks["model.layers.0.self_attn.q_proj"] == 4
+    assert v.module_scales["model.layers.0.self_attn.q_proj"] == 16 / 4
+    assert v.module_scales["model.layers.1.self_attn.v_proj"] == 32 / 8
+    assert "rank_pattern['q_proj'] = 128 invalid" in problems_of(
+        edit_config(files, rank_pattern={"q_proj": 128}), spec
+    )
+    assert "plain module name" in problems_of(edit_config(files, rank_pattern={"(a+)+$": 4}), spec)
+
+
+@pytest.mark.parametrize(
+    "name", ["HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct", "/models/anything", None]
+)
+def test_base_model_name_is_lenient(spec: BaseModelSpec, good: Files, name: str | None) -> None:
+    validate_peft_files(edit_config(good, base_model_name_or_path=name), spec, LIMITS)
+
+
+def test_other_base_model_name_refused(spec: BaseModelSpec, good: Files) -> None:
+    msg = problems_of(edit_config(good, base_model_name_or_path="meta-llama/Llama-3.1-8B"), spec)
+    assert "trained for 'meta-llama/Llama-3.1-8B'" in msg
+
+
+def test_adapter_name_in_tensor_keys_accepted(spec: BaseModelSpec, good: Files) -> None:
+    def rename(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k.replace(".weight", ".default.weight"): v for k, v in t.items()}
+
+    assert validate_peft_files(edit_tensors(good, rename), spec, LIMITS).n_tensors == 28
+
+
+@pytest.mark.parametrize(
+    ("payload", "hint"),
+    [(pickle.dumps({"w": torch.zeros(2).tolist()}), "pickle"), (None, "torch.save")],
+)
+def test_pickle_renamed_refused(spec: BaseModelSpec, good: Files, payload: bytes | None, hint: str) -> None:
+    if payload is None:
+        buf = io.BytesIO()
+        torch.save({"w": torch.zeros(4)}, buf)
+        payload = buf.getvalue()
+    msg = problems_of({**good, WEIGHTS_NAME: payload}, spec)
+    assert "not a safetensors file" in msg and hint in msg
+
+
+def test_truncated_refused(spec: BaseModelSpec, good: Files) -> None:
+    data = good[WEIGHTS_NAME]
+    assert "outside the file" in problems_of({**good, WEIGHTS_NAME: data[: len(data) // 2]}, spec)
+    assert "truncated" in problems_of({**good, WEIGHTS_NAME: data[:5]}, spec)
+    assert "not a safetensors file" in problems_of({**good, WEIGHTS_NAME: data[:100]}, spec)
+
+
+def test_bad_dtype_and_too_many_tensors(spec: BaseModelSpec, good: Files) -> None:
+    ints = edit_tensors(good, lambda t: {k: v.to(torch.int64) for k, v in t.items()})
+    assert "dtype 'I64' not allowed" in problems_of(ints, spec)
+    small = ValidationLimits(64 * 1024 * 1024, 4, 64, ALL_TARGET_MODULES)
+    assert "28 tensors (max 4)" in problems_of(good, spec, small)
+    tiny = ValidationLimits(1000, 4096, 64, ALL_TARGET_MODULES)
+    assert "bytes (max 1000)" in problems_of(good, spec, tiny)
+
+
+def test_nan_weights_refused(spec: BaseModelSpec, good: Files) -> None:
+    def poison(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+        t[key] = t[key].clone()
+        t[key][0, 0] = float("nan")
+        return t
+
+    assert "'model.layers.1.mlp.up_proj': weights contain NaN or Inf" in problems_of(
+        edit_tensors(good, poison), spec
+    )
+
+
+def test_huge_rank_refused(spec: BaseModelSpec, tmp_path: Path) -> None:
+    msg = problems_of(peft_files(tmp_path, r=1024, targets=["q_proj"]), spec)
+    assert "rank r=1024 must be an integer in 1..64" in msg
+
+
+def test_rank_mismatch_between_config_and_tensors(spec: BaseModelSpec, good: Files) -> None:
+    assert "do not fit" in problems_of(edit_config(good, r=4), spec)
+
+
+def test_other_architecture_refused(spec: BaseModelSpec, tmp_path: Path) -> None:
+    msg = problems_of(peft_files(tmp_path, hidden=32), spec)
+    assert "do not fit the base model" in msg and "wrong architecture" in msg
+
+
+@pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])
+def test_unknown_target_module_refused(spec: BaseModelSpec, tmp_path: Path, module: str) -> None:
+    msg = problems_of(peft_files(tmp_path, targets=["q_proj", module]), spec)
+    assert f"target_modules ['{module}'] not allowed" in msg
+    assert ("not a Linear layer" in msg) if module == "lm_head" else ("unexpected tensor" in msg)
+
+
+def test_regex_target_modules_refused(spec: BaseModelSpec, good: Files) -> None:
+    assert "regex" in problems_of(edit_config(good, target_modules=r".*\.(q_proj|v_proj)"), spec)
+    validate_peft_files(
+        edit_tensors(
+            edit_config(good, target_modules="q_proj"),
+            lambda t: {k: v for k, v in t.items() if "q_proj" in k},
+        ),
+        spec,
+        LIMITS,
+    )
+
+
+def test_many_problems_listed_together(spec: BaseModelSpec, good: Files) -> None:
+    bad = edit_config(
+        good, peft_type="IA3", r=1024, lora_alpha=-1, use_dora=True, bias="all", modules_to_save=["lm_head"]
+    )
+    bad = edit_tensors(bad, lambda t: {**t, "base_model.model.model.norm.weight": torch.ones(64)})
+    with pytest.raises(AdapterValidationError) as exc:
+        validate_peft_files({**bad, "README.md": b"hi"}, spec, LIMITS)
+    msg = str(exc.value)
+    for needle in ("peft_type", "r=1024", "lora_alpha=-1", "use_dora", "modules_to_save", "bias='all'",
+                   "unexpected tensor", "README.md"):  # fmt: skip
+        assert needle in msg
+    assert len(exc.value.problems) >= 7 and isinstance(exc.value, ValueError)
+
+
+def test_missing_pair_and_bad_json(spec: BaseModelSpec, good: Files) -> None:
+    assert "missing ['adapter_config.json']" in problems_of({WEIGHTS_NAME: good[WEIGHTS_NAME]}, spec)
+    assert "not valid JSON" in problems_of({**good, CONFIG_NAME: b"{nope"}, spec)
+    assert "JSON object" in problems_of({**good, CONFIG_NAME: b"[1]"}, spec)
+    only_a = edit_tensors(good, lambda t: {k: v for k, v in t.items() if "lora_A" in k})
+    assert "lora_A and lora_B must both be present" in problems_of(only_a, spec)
+
+
+def test_overlapping_offsets_refused(spec: BaseModelSpec, good: Files) -> None:
+    data = good[WEIGHTS_NAME]
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    a0, a1 = (f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight" for i in (0, 1))
+    header[a1]["data_offsets"] = header[a0]["data_offsets"]  # same size: consistent, but overlapping
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    patched = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+    assert "overlaps or leaves gaps" in problems_of({**good, WEIGHTS_NAME: patched}, spec)
+
+
+def test_make_peft_config_round_trip(spec: BaseModelSpec, good: Files, tmp_path: Path) -> None:
+    cfg = make_peft_config(
+        8, 16, ["v_proj", "q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], BASE_NAME
+    )
+    files = {**good, CONFIG_NAME: json.dumps(cfg).encode()}
+    assert validate_peft_files(files, spec, LIMITS).rank == 8
+    (tmp_path / CONFIG_NAME).write_bytes(files[CONFIG_NAME])
+    loaded = LoraConfig.from_pretrained(str(tmp_path))
+    assert loaded.r == 8 and set(loaded.target_modules) == set(ALL_TARGET_MODULES)
+    with pytest.raises(ValueError):
+        make_peft_config(0, 16, ["q_proj"], BASE_NAME)
