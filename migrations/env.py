@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
 
 from service.db import models  # noqa: F401  (registers tables on the metadata)
 from service.db.base import Base
@@ -28,7 +27,6 @@ def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:
         engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
-        engine.pool = pool.NullPool(engine.pool._creator)
         with engine.connect() as connection:
             _run(connection)
         engine.dispose()

@@ -1,4 +1,4 @@
-"""`oppu` command line: serve | migrate | create-user (later: worker | train | eval)."""
+"""`oppu` command line: serve | migrate | create-user | worker | train."""
 
 from __future__ import annotations
 
@@ -49,6 +49,54 @@ def cmd_create_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service.jobs.worker import run_worker
+
+    run_worker(get_settings(), burst=args.burst)
+    return 0
+
+
+class _NoQueue:
+    """`oppu train` runs the job in the foreground: nothing is enqueued."""
+
+    def enqueue(self, job_id: str, attempt: int) -> None: ...
+    def depth(self) -> int:
+        return 0
+
+    def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
+    def close(self) -> None: ...
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from service.adapters.store import AdapterStore
+    from service.db.models import Job, User
+    from service.db.session import make_engine, make_session_factory, unit_of_work
+    from service.jobs import service as jobs
+    from service.jobs.tasks import JobContext, run_job
+
+    settings = get_settings()
+    factory = make_session_factory(make_engine(settings.resolved_database_url))
+    queue = _NoQueue()
+    with unit_of_work(factory) as session:
+        if args.shared:
+            out, _ = jobs.request_job(session, queue, "shared_retrain", jobs.SHARED_OWNER_KEY, None)
+        else:
+            user = session.execute(select(User).where(User.user_id == args.user)).scalar_one_or_none()
+            if user is None:
+                print(f"no such user: {args.user}", file=sys.stderr)
+                return 2
+            out, _ = jobs.request_job(session, queue, "user_retrain", user.storage_key, user.id)
+    print(f"job {out.job_id}: training in the foreground")
+    run_job(JobContext(settings, factory, AdapterStore(settings.adapters_dir), queue), out.job_id)
+    with unit_of_work(factory) as session:
+        job = session.get(Job, out.job_id)
+        assert job is not None
+        print(f"job {job.id}: {job.status} adapter_version={job.adapter_version} {job.error or ''}".strip())
+        return 0 if job.status == "succeeded" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oppu", description="Personal LLM server (one PEFT per user)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     create = sub.add_parser("create-user", help="create a user and print its API key")
     create.add_argument("user_id")
     create.set_defaults(func=cmd_create_user)
+    worker = sub.add_parser("worker", help="run an RQ training worker (needs OPPU_REDIS_URL)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(func=cmd_worker)
+    train = sub.add_parser("train", help="train an adapter in the foreground")
+    target = train.add_mutually_exclusive_group(required=True)
+    target.add_argument("--user", help="user id")
+    target.add_argument("--shared", action="store_true", help="the shared task LoRA")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

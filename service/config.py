@@ -62,6 +62,25 @@ class Settings(BaseSettings):
     adapter_keep_versions: int = 5
     adapter_version_check_s: float = 2.0
 
+    # --- training jobs ---
+    job_max_attempts: int = 3
+    job_stale_after_s: float = 60.0  # a running job without a heartbeat for this long is retried
+    job_timeout_s: int = 3600
+    train_user_epochs: int = 2
+    train_user_lr: float = 1e-4
+    train_user_rank: int = 8
+    train_user_alpha: float = 8.0
+    train_user_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    train_shared_epochs: int = 3
+    train_shared_lr: float = 1e-4
+    train_shared_max_per_user: int = 200
+    train_retrieval_k: int = 1
+    train_use_profile: bool = True
+    train_max_seq_len: int = 512
+    train_batch_size: int = 16
+    train_seed: int = 0
+    retrain_after_new_items: int | None = None  # auto-retrain once a user has N items past the cutoff
+
     @model_validator(mode="after")
     def _bounds(self) -> Settings:
         if self.max_new_tokens_cap < 1 or self.default_max_new_tokens > self.max_new_tokens_cap:

@@ -12,6 +12,7 @@ from service.adapters.service import AdapterContext
 from service.db.session import unit_of_work
 from service.errors import Unavailable
 from service.inference.runtime import ModelRuntime
+from service.jobs.queue import JobQueue
 from service.state import AppState
 from service.tenancy import Caller, UserRef, authenticate, authorize_user, parse_bearer, require_admin
 
@@ -76,3 +77,12 @@ def get_adapters(state: StateDep) -> AdapterContext:
 
 
 AdaptersDep = Annotated[AdapterContext, Depends(get_adapters)]
+
+
+def get_queue(state: StateDep) -> JobQueue:
+    if state.queue is None:
+        raise Unavailable("the job queue is not ready")
+    return state.queue
+
+
+QueueDep = Annotated[JobQueue, Depends(get_queue)]

@@ -5,23 +5,29 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
+from service.adapters import service as adapter_service
 from service.adapters.cache import AdapterCache
 from service.adapters.service import AdapterContext
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec, ValidationLimits
+from service.adapters.weights import load_adapter_files
 from service.config import Settings
-from service.db.session import make_engine, make_session_factory
+from service.db.models import SHARED_OWNER
+from service.db.session import make_engine, make_session_factory, unit_of_work
 from service.history.service import UserCorpus
 from service.inference.loader import load_model
 from service.inference.runtime import ModelRuntime
+from service.jobs.queue import ADAPTER_CHANNEL, InProcessJobQueue, RedisJobQueue, make_queue
+from service.jobs.tasks import JobContext, recover_in_process, run_job
 from service.retrieval.bm25 import BM25Cache
 from service.state import AppState
 
@@ -80,16 +86,66 @@ def start_runtime(state: AppState) -> None:
         on_drop=state.cache.drop_owner,
     )
     state.runtime = ModelRuntime(loaded, settings, slots=slots, adapters=state.cache)
+    with unit_of_work(state.session_factory) as session:
+        shared = adapter_service.current_version(session, SHARED_OWNER)
+    if shared is not None:
+        state.runtime.apply_shared_now(load_adapter_files(state.store.version_dir(SHARED_OWNER, shared)), shared)
     state.runtime.start()
+
+
+def start_jobs(state: AppState) -> threading.Event:
+    """The job queue (RQ, or the in-process runner) and the adapter-change listener."""
+    settings = state.settings
+    stop = threading.Event()
+    holder: list[JobContext] = []
+    queue = make_queue(settings, lambda job_id: run_job(holder[0], job_id))
+    holder.append(JobContext(settings, state.session_factory, state.store, queue))
+    state.queue = queue
+
+    def on_adapter_change(owner_key: str, _version: int | None) -> None:
+        # Correctness does not depend on this (every request reads the current version from SQL);
+        # it frees the old version's slot and host memory early.
+        if state.cache is not None:
+            state.cache.drop_owner(owner_key)
+
+    if isinstance(queue, InProcessJobQueue):
+        queue.listeners.append(on_adapter_change)
+        recover_in_process(holder[0])
+    elif isinstance(queue, RedisJobQueue):
+        threading.Thread(
+            target=listen_adapter_changes, args=(queue, on_adapter_change, stop), name="oppu-pubsub", daemon=True
+        ).start()
+    return stop
+
+
+def listen_adapter_changes(
+    queue: RedisJobQueue, callback: Callable[[str, int | None], None], stop: threading.Event
+) -> None:
+    while not stop.is_set():
+        try:
+            pubsub = queue.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub.subscribe(ADAPTER_CHANNEL)
+            while not stop.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message and isinstance(message.get("data"), bytes):
+                    owner, _, version = message["data"].decode().partition(" ")
+                    callback(owner, int(version) if version.isdigit() else None)
+        except Exception:
+            log.exception("adapter pub/sub listener failed; reconnecting")
+            stop.wait(1.0)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.oppu
     start_runtime(state)
+    stop_jobs = start_jobs(state)
     try:
         yield
     finally:
+        stop_jobs.set()
+        if state.queue is not None:
+            state.queue.close()
         if state.runtime is not None:
             state.runtime.stop()
         state.engine.dispose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api import adapters, admin, generate, health, history
+from service.api import adapters, admin, generate, health, history, jobs
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.lifespan import build_state, lifespan
@@ -23,7 +23,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.oppu = build_state(settings)
     install_error_handlers(app)
-    for router in (health.router, admin.router, history.router, generate.router, adapters.router):
+    for router in (health.router, admin.router, history.router, generate.router, adapters.router, jobs.router):
         app.include_router(router)
     app.add_middleware(
         BodySizeLimit,

@@ -13,6 +13,7 @@ from service.adapters.store import AdapterStore
 from service.config import Settings
 from service.history.service import UserCorpus
 from service.inference.runtime import ModelRuntime
+from service.jobs.queue import JobQueue
 from service.retrieval.bm25 import BM25Cache
 
 
@@ -27,3 +28,4 @@ class AppState:
     runtime: ModelRuntime | None = None
     adapters: AdapterContext | None = None  # set once the model is loaded (needs its shapes)
     cache: AdapterCache | None = None
+    queue: JobQueue | None = None

@@ -63,11 +63,7 @@ def get_version(session: Session, owner_key: str, version: int) -> Adapter | Non
 
 
 def list_versions(session: Session, owner_key: str) -> list[Adapter]:
-    return list(
-        session.scalars(
-            select(Adapter).where(Adapter.owner_key == owner_key).order_by(Adapter.version.desc())
-        )
-    )
+    return list(session.scalars(select(Adapter).where(Adapter.owner_key == owner_key).order_by(Adapter.version.desc())))
 
 
 def add(session: Session, adapter: Adapter) -> Adapter:
@@ -84,3 +80,7 @@ def delete_versions(session: Session, owner_key: str, versions: list[int]) -> No
 def delete_all(session: Session, owner_key: str) -> None:
     session.execute(delete(Adapter).where(Adapter.owner_key == owner_key))
     set_current(session, owner_key, None)
+
+
+def by_job(session: Session, job_id: str) -> Adapter | None:
+    return session.execute(select(Adapter).where(Adapter.job_id == job_id)).scalar_one_or_none()

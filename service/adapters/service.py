@@ -56,9 +56,7 @@ def to_out(row: Adapter, current_version: int | None) -> AdapterOut:
     )
 
 
-def serving_key(
-    session: Session, owner_key: str, spec: BaseModelSpec
-) -> tuple[AdapterKey | None, int | None]:
+def serving_key(session: Session, owner_key: str, spec: BaseModelSpec) -> tuple[AdapterKey | None, int | None]:
     """The key of the owner's current adapter, read from SQL on every request: once a new version is
     committed, no later request can be served the old one."""
     row = repo.current(session, owner_key)
@@ -67,6 +65,11 @@ def serving_key(
     if row.base_fingerprint != spec.fingerprint:
         raise Conflict(f"adapter v{row.version} was made for another base model than the one served")
     return AdapterKey(owner_key, row.version, row.sha256), row.version
+
+
+def current_version(session: Session, owner_key: str) -> int | None:
+    head = repo.head(session, owner_key)
+    return head.current_version if head is not None else None
 
 
 def publish(
@@ -79,6 +82,7 @@ def publish(
     source: str,
     shared_version: int | None = None,
     meta: dict[str, Any] | None = None,
+    job_id: str | None = None,
 ) -> Adapter:
     """Validate, write the immutable version dir, then record it as current (the SQL commit is the
     commit point: until then no reader sees the new version)."""
@@ -109,6 +113,7 @@ def publish(
             source=source,
             shared_version=shared_version,
             meta=meta,
+            job_id=job_id,
         ),
     )
     repo.set_current(session, owner_key, version)
@@ -145,12 +150,8 @@ def versions(session: Session, owner_key: str) -> AdapterVersionsOut:
     )
 
 
-def download(
-    session: Session, ctx: AdapterContext, owner_key: str, version: int | None = None
-) -> tuple[int, bytes]:
-    row = (
-        repo.current(session, owner_key) if version is None else repo.get_version(session, owner_key, version)
-    )
+def download(session: Session, ctx: AdapterContext, owner_key: str, version: int | None = None) -> tuple[int, bytes]:
+    row = repo.current(session, owner_key) if version is None else repo.get_version(session, owner_key, version)
     if row is None:
         raise NotFound("no such adapter version")
     return row.version, pack_zip(ctx.store.read_files(owner_key, row.version))

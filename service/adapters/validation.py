@@ -192,9 +192,7 @@ def _check_targets(raw: object, limits: ValidationLimits, problems: list[str]) -
     return tuple(sorted({t for t in raw if t in limits.allowed_target_modules}))
 
 
-def _check_patterns(
-    cfg: Mapping[str, Any], lora: _Lora, limits: ValidationLimits, problems: list[str]
-) -> None:
+def _check_patterns(cfg: Mapping[str, Any], lora: _Lora, limits: ValidationLimits, problems: list[str]) -> None:
     dests: tuple[tuple[str, Callable[[object], float | None], dict[str, Any]], ...] = (
         ("rank_pattern", lambda v: _rank(v, limits.max_rank), lora.rank_pattern),
         ("alpha_pattern", _positive, lora.alpha_pattern),
@@ -213,9 +211,7 @@ def _check_patterns(
                 dest[k] = value
 
 
-def _check_config(
-    cfg: Mapping[str, Any], spec: BaseModelSpec, limits: ValidationLimits, problems: list[str]
-) -> _Lora:
+def _check_config(cfg: Mapping[str, Any], spec: BaseModelSpec, limits: ValidationLimits, problems: list[str]) -> _Lora:
     lora = _Lora()
     if cfg.get("peft_type") != "LORA":
         problems.append(f"peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
@@ -302,9 +298,7 @@ def _check_entries(header: Mapping[str, Any], body: int, problems: list[str]) ->
     return ok
 
 
-def _load_tensors(
-    data: bytes | None, limits: ValidationLimits, problems: list[str]
-) -> dict[str, torch.Tensor] | None:
+def _load_tensors(data: bytes | None, limits: ValidationLimits, problems: list[str]) -> dict[str, torch.Tensor] | None:
     if data is None:
         return None
     if len(data) > limits.max_file_bytes:
@@ -322,9 +316,7 @@ def _load_tensors(
     return tensors
 
 
-def _group_tensors(
-    tensors: Mapping[str, torch.Tensor], problems: list[str]
-) -> dict[str, dict[str, torch.Tensor]]:
+def _group_tensors(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> dict[str, dict[str, torch.Tensor]]:
     modules: dict[str, dict[str, torch.Tensor]] = {}
     names: set[str | None] = set()
     for key, t in tensors.items():
@@ -377,9 +369,7 @@ def _check_tensors(
     return ranks
 
 
-def validate_peft_files(
-    files: Mapping[str, bytes], spec: BaseModelSpec, limits: ValidationLimits
-) -> ValidatedAdapter:
+def validate_peft_files(files: Mapping[str, bytes], spec: BaseModelSpec, limits: ValidationLimits) -> ValidatedAdapter:
     """Check every rule; raise AdapterValidationError listing ALL problems, else describe the adapter."""
     problems: list[str] = []
     extra, missing = set(files) - _PEFT_FILES, _PEFT_FILES - set(files)

@@ -54,9 +54,7 @@ def download_adapter(
         }
     },
 )
-async def upload_adapter(
-    request: Request, user: UserDep, adapters: AdaptersDep, session: SessionDep
-) -> AdapterOut:
+async def upload_adapter(request: Request, user: UserDep, adapters: AdaptersDep, session: SessionDep) -> AdapterOut:
     data = await request.body()  # size-capped by BodySizeLimit (adapter uploads get their own cap)
     return await run_in_threadpool(service.upload, session, adapters, user.storage_key, user.pk, data)
 
@@ -68,8 +66,6 @@ def delete_adapter(user: UserDep, session: SessionDep, adapters: AdaptersDep) ->
 
 
 @router.post("/admin/users/{user_id}/adapter/rollback", response_model=AdapterOut)
-def rollback_adapter(
-    user_id: UserIdPath, body: RollbackIn, caller: AdminDep, session: SessionDep
-) -> AdapterOut:
+def rollback_adapter(user_id: UserIdPath, body: RollbackIn, caller: AdminDep, session: SessionDep) -> AdapterOut:
     user = authorize_user(session, caller, user_id)
     return service.rollback(session, user.storage_key, body.version)

@@ -22,7 +22,5 @@ SSE_DOC: dict[int | str, dict[str, Any]] = {
 async def generate(body: GenerateIn, user: UserDep, state: StateDep, runtime: RuntimeDep) -> Any:
     if body.stream:
         events = await service.generate_stream(state, runtime, user, body)
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await service.generate(state, runtime, user, body)

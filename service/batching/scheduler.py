@@ -68,6 +68,7 @@ class BatchScheduler:
         queue_max: int,
         adapters: AdapterProvider | None = None,
         on_batch: Callable[[int], None] | None = None,
+        before_batch: Callable[[], None] | None = None,
     ) -> None:
         self._generator = generator
         self._max_batch = max_batch
@@ -75,6 +76,7 @@ class BatchScheduler:
         self._queue: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=queue_max)
         self._adapters = adapters
         self._on_batch = on_batch
+        self._before_batch = before_batch  # runs on this thread between batches (model updates)
         self._carry: list[GenerationJob] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -166,6 +168,8 @@ class BatchScheduler:
             job.finish()
 
     def _run_batch(self, batch: list[GenerationJob]) -> None:
+        if self._before_batch is not None:
+            self._before_batch()
         keys = [job.adapter for job in batch]
         try:
             slots = self._adapters.acquire(keys) if self._adapters is not None else [0] * len(batch)

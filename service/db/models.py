@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db.base import Base
@@ -91,9 +91,7 @@ class Adapter(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner_key: Mapped[str] = mapped_column(String(32), index=True)
-    user_pk: Mapped[int | None] = mapped_column(
-        ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True
-    )
+    user_pk: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True)
     version: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     rank: Mapped[int] = mapped_column(Integer)
@@ -105,4 +103,38 @@ class Adapter(Base):
     source: Mapped[str] = mapped_column(String(16))  # trained | imported
     shared_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # trained on top of
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(36), nullable=True, unique=True)  # idempotent publish
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+ACTIVE_JOB_STATES = ("queued", "running")
+
+
+class Job(Base):
+    """A training job. At most one active (queued/running) job per owner: a partial unique index."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index(
+            "uq_jobs_active_owner",
+            "owner_key",
+            unique=True,
+            sqlite_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # user_retrain | shared_retrain | profile_generate
+    owner_key: Mapped[str] = mapped_column(String(40))
+    user_pk: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
+    status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed
+    progress: Mapped[float] = mapped_column(default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cutoff_item_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # history snapshot
+    adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

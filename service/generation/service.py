@@ -12,6 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.adapters import service as adapters
 from service.adapters.cache import AdapterKey
+from service.adapters.weights import load_adapter_files
+from service.db.models import SHARED_OWNER
 from service.db.session import unit_of_work
 from service.errors import Unprocessable
 from service.generation.schemas import GenerateIn, GenerateOut, RetrievedOut, UsageOut
@@ -28,6 +30,7 @@ class PreparedRequest:
     retrieved: list[RetrievedOut]
     adapter: AdapterKey | None
     adapter_version: int | None
+    shared_version: int | None = None
 
 
 def prepare(session: Session, state: AppState, user: UserRef, body: GenerateIn) -> PreparedRequest:
@@ -44,9 +47,18 @@ def prepare(session: Session, state: AppState, user: UserRef, body: GenerateIn) 
     key, version = None, None
     if body.use_adapter and state.adapters is not None:
         key, version = adapters.serving_key(session, user.storage_key, state.adapters.spec)
-    return PreparedRequest(
-        text, [RetrievedOut(id=h.doc.id, score=round(h.score, 6)) for h in hits], key, version
-    )
+    shared = adapters.current_version(session, SHARED_OWNER)
+    retrieved = [RetrievedOut(id=h.doc.id, score=round(h.score, 6)) for h in hits]
+    return PreparedRequest(text, retrieved, key, version, shared)
+
+
+def sync_shared(state: AppState, version: int | None) -> None:
+    """Make the runtime merge the given shared LoRA version (None: none) into its base weights."""
+    runtime = state.runtime
+    if runtime is None:
+        return
+    weights = load_adapter_files(state.store.version_dir(SHARED_OWNER, version)) if version else None
+    runtime.request_shared(weights, version)
 
 
 def resolve_max_new_tokens(body: GenerateIn, cap: int, default: int) -> int:
@@ -62,6 +74,9 @@ async def _prepare(state: AppState, user: UserRef, body: GenerateIn) -> Prepared
             prepared = prepare(session, state, user, body)
         if prepared.adapter is not None and state.cache is not None:
             state.cache.prefetch(prepared.adapter)  # disk -> host here, not in the batch thread
+        runtime = state.runtime
+        if runtime is not None and prepared.shared_version != runtime.shared_version:
+            sync_shared(state, prepared.shared_version)  # applied before the next batch
         return prepared
 
     return await run_in_threadpool(run)
@@ -82,9 +97,7 @@ async def generate(state: AppState, runtime: ModelRuntime, user: UserRef, body: 
     max_new = resolve_max_new_tokens(body, s.max_new_tokens_cap, s.default_max_new_tokens)
     prepared = await _prepare(state, user, body)
     ids = runtime.encode(prepared.text, max_new)
-    params = runtime.params(
-        max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed
-    )
+    params = runtime.params(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     return _response(prepared, await runtime.complete(ids, params, prepared.adapter))
 
 
@@ -96,9 +109,7 @@ async def generate_stream(
     max_new = resolve_max_new_tokens(body, s.max_new_tokens_cap, s.default_max_new_tokens)
     prepared = await _prepare(state, user, body)
     ids = runtime.encode(prepared.text, max_new)
-    params = runtime.params(
-        max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed
-    )
+    params = runtime.params(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
 
     async def events() -> AsyncIterator[str]:
         try:

@@ -20,9 +20,7 @@ def existing_client_ids(session: Session, user_pk: int, client_ids: Sequence[str
         chunk = client_ids[start : start + 500]
         found.update(
             session.scalars(
-                select(HistoryItem.client_id).where(
-                    HistoryItem.user_pk == user_pk, HistoryItem.client_id.in_(chunk)
-                )
+                select(HistoryItem.client_id).where(HistoryItem.user_pk == user_pk, HistoryItem.client_id.in_(chunk))
             )
         )
     return found
@@ -37,16 +35,10 @@ def insert_items_ignore_duplicates(session: Session, user_pk: int, rows: Sequenc
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         stmt: Any = (
-            pg_insert(HistoryItem)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
+            pg_insert(HistoryItem).values(values).on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
         )
     elif dialect == "sqlite":
-        stmt = (
-            sqlite_insert(HistoryItem)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
-        )
+        stmt = sqlite_insert(HistoryItem).values(values).on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
     else:  # pragma: no cover - other databases: fall back to check-then-insert
         known = existing_client_ids(session, user_pk, [r["client_id"] for r in rows])
         fresh = [HistoryItem(**v) for v in values if v["client_id"] not in known]

@@ -122,23 +122,22 @@ def _history_stamp(session: Session, user: UserRef) -> tuple[int, int]:
     return int(count or 0), int(max_id or 0)
 
 
+def snapshot(item: HistoryItem) -> DocSnapshot:
+    return DocSnapshot(id=item.client_id, input=item.input, output=item.output, kind=item.kind)
+
+
 def user_corpus(session: Session, user: UserRef, cache: BM25Cache[UserCorpus]) -> UserCorpus:
     """The user's BM25 index, rebuilt only when their history changed (in any replica)."""
     stamp = _history_stamp(session, user)
     corpus = cache.get(user.storage_key, stamp)
     if corpus is None:
-        docs = [
-            DocSnapshot(id=i.client_id, input=i.input, output=i.output, kind=i.kind)
-            for i in repo.all_items(session, user.pk)
-        ]
+        docs = [snapshot(i) for i in repo.all_items(session, user.pk)]
         corpus = UserCorpus(docs=docs, index=BM25Index(docs))
         cache.put(user.storage_key, stamp, corpus)
     return corpus
 
 
-def retrieve(
-    session: Session, user: UserRef, query: str, k: int, cache: BM25Cache[UserCorpus]
-) -> list[RetrievedDoc]:
+def retrieve(session: Session, user: UserRef, query: str, k: int, cache: BM25Cache[UserCorpus]) -> list[RetrievedDoc]:
     if k <= 0:
         return []
     corpus = user_corpus(session, user, cache)

@@ -7,10 +7,14 @@ batching scheduler so that the event loop never blocks on a forward pass.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from service.adapters.weights import AdapterWeights
 from service.batching.scheduler import AdapterProvider, BatchScheduler, GenerationJob, QueueFull
 from service.config import Settings
 from service.errors import PromptTooLong, Timeout, Unavailable
@@ -52,7 +56,14 @@ class ModelRuntime:
             queue_max=settings.queue_max,
             adapters=adapters,
             on_batch=on_batch,
+            before_batch=self._apply_pending_shared,
         )
+        # The shared task LoRA is merged into the base weights (every row gets it, at zero cost per
+        # token); originals of the touched weights are kept so a new version replaces it exactly.
+        self.shared_version: int | None = None
+        self._shared_originals: dict[str, torch.Tensor] = {}
+        self._pending_shared: tuple[AdapterWeights | None, int | None] | None = None
+        self._shared_lock = threading.Lock()
 
     @property
     def model_name(self) -> str:
@@ -60,6 +71,40 @@ class ModelRuntime:
 
     def start(self) -> None:
         self.scheduler.start()
+
+    def request_shared(self, weights: AdapterWeights | None, version: int | None) -> None:
+        """Queue a shared-LoRA change; the batch thread applies it before its next batch."""
+        with self._shared_lock:
+            self._pending_shared = (weights, version)
+
+    def apply_shared_now(self, weights: AdapterWeights | None, version: int | None) -> None:
+        """Only while no batch can run (start-up)."""
+        self.request_shared(weights, version)
+        self._apply_pending_shared()
+
+    def _base_linear(self, path: str) -> torch.nn.Linear:
+        module = self.loaded.model.get_submodule(path)
+        base = getattr(module, "base", module)  # a slot-wrapped Linear keeps the original as .base
+        assert isinstance(base, torch.nn.Linear)
+        return base
+
+    @torch.no_grad()
+    def _apply_pending_shared(self) -> None:
+        with self._shared_lock:
+            pending, self._pending_shared = self._pending_shared, None
+        if pending is None:
+            return
+        weights, version = pending
+        for path, original in self._shared_originals.items():
+            self._base_linear(path).weight.copy_(original)
+        self._shared_originals = {}
+        if weights is not None:
+            for path, m in weights.modules.items():
+                weight = self._base_linear(path).weight
+                self._shared_originals[path] = weight.detach().clone()
+                delta = (m.b.float() @ m.a.float()) * m.scaling  # (d_out, d_in)
+                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+        self.shared_version = version
 
     def stop(self) -> None:
         self.scheduler.stop()
@@ -74,9 +119,7 @@ class ModelRuntime:
             )
         return ids
 
-    def params(
-        self, *, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
-    ) -> SamplingParams:
+    def params(self, *, max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -1,0 +1,42 @@
+"""Admin training routes: retrain a user's adapter or the shared one, read a job, generate a profile."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter
+from fastapi import Path as PathParam
+
+from service.deps import AdminDep, QueueDep, RuntimeDep, SessionDep, StateDep, UserIdPath
+from service.history.schemas import ProfileOut
+from service.jobs import service
+from service.jobs.profile import generate_profile
+from service.jobs.schemas import JobOut
+from service.tenancy import authorize_user
+
+router = APIRouter(prefix="/admin", tags=["training"])
+
+
+@router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut)
+def retrain_user(user_id: UserIdPath, caller: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
+    user = authorize_user(session, caller, user_id)
+    job, _created = service.request_job(session, queue, "user_retrain", user.storage_key, user.pk)
+    return job
+
+
+@router.post("/shared-adapter/retrain", status_code=202, response_model=JobOut)
+def retrain_shared(_: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
+    job, _created = service.request_job(session, queue, "shared_retrain", service.SHARED_OWNER_KEY, None)
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(job_id: Annotated[str, PathParam(max_length=64)], _: AdminDep, session: SessionDep) -> JobOut:
+    return service.get(session, job_id)
+
+
+@router.post("/users/{user_id}/profile/generate", response_model=ProfileOut)
+async def generate_user_profile(
+    user_id: UserIdPath, caller: AdminDep, state: StateDep, runtime: RuntimeDep
+) -> ProfileOut:
+    return await generate_profile(state.session_factory, runtime, caller, user_id)

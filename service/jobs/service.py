@@ -1,0 +1,140 @@
+"""Job use cases: request (deduplicated in SQL), read, and the state transitions job bodies use.
+Services never commit; enqueueing happens after the commit."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.models import ACTIVE_JOB_STATES, SHARED_OWNER, Job
+from service.db.session import after_commit
+from service.errors import NotFound
+from service.history import repository as history_repo
+from service.jobs.queue import JobQueue
+from service.jobs.schemas import JobOut
+
+SHARED_OWNER_KEY = SHARED_OWNER
+Kind = Literal["user_retrain", "shared_retrain"]
+
+
+def to_out(job: Job) -> JobOut:
+    return JobOut(
+        job_id=job.id,
+        kind=job.kind,
+        status=job.status,  # type: ignore[arg-type]
+        progress=round(job.progress, 4),
+        adapter_version=job.adapter_version,
+        error=job.error,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+    )
+
+
+def active_job(session: Session, owner_key: str) -> Job | None:
+    return session.execute(
+        select(Job).where(Job.owner_key == owner_key, Job.status.in_(ACTIVE_JOB_STATES))
+    ).scalar_one_or_none()
+
+
+def request_job(
+    session: Session, queue: JobQueue, kind: Kind, owner_key: str, user_pk: int | None
+) -> tuple[JobOut, bool]:
+    """The owner's active job if there is one, else a new queued job. Dedupe is a partial unique
+    index in SQL, so concurrent requests (any replica) produce exactly one job."""
+    existing = active_job(session, owner_key)
+    if existing is not None:
+        return to_out(existing), False
+    cutoff = history_repo.max_item_id(session, user_pk) if user_pk is not None else None
+    job = Job(
+        id=str(uuid.uuid4()),
+        kind=kind,
+        owner_key=owner_key,
+        user_pk=user_pk,
+        status="queued",
+        progress=0.0,
+        attempts=0,
+        cutoff_item_id=cutoff,
+        created_at=datetime.now(UTC),
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+    except IntegrityError:
+        existing = active_job(session, owner_key)
+        if existing is None:
+            raise
+        return to_out(existing), False
+    job_id = job.id
+    after_commit(session, lambda: queue.enqueue(job_id, 1))
+    return to_out(job), True
+
+
+def get(session: Session, job_id: str) -> JobOut:
+    job = session.get(Job, job_id) if len(job_id) <= 36 else None
+    if job is None:
+        raise NotFound("no such job")
+    return to_out(job)
+
+
+# --- transitions used by job bodies (each in its own short unit of work) ---
+
+
+def claim(session: Session, job_id: str, stale_after_s: float) -> Job | None:
+    """queued -> running (attempts + 1); also takes over a running job whose heartbeat is stale."""
+    now = datetime.now(UTC)
+    stale = now - timedelta(seconds=stale_after_s)
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            (Job.status == "queued") | ((Job.status == "running") & (Job.heartbeat_at < stale)),
+        )
+        .values(status="running", attempts=Job.attempts + 1, started_at=now, heartbeat_at=now, error=None)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def heartbeat(session: Session, job_id: str, progress: float) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running")
+        .values(progress=progress, heartbeat_at=datetime.now(UTC))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def finish(session: Session, job_id: str, *, adapter_version: int | None) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(status="succeeded", progress=1.0, adapter_version=adapter_version, finished_at=datetime.now(UTC))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def fail_or_retry(session: Session, job_id: str, error: str, max_attempts: int) -> bool:
+    """Returns True when the job goes back to the queue (the caller enqueues after commit)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        return False
+    retry = job.attempts < max_attempts
+    job.status = "queued" if retry else "failed"
+    job.error = error[:2000]
+    if not retry:
+        job.finished_at = datetime.now(UTC)
+    session.flush()
+    return retry
+
+
+def stale_running(session: Session, stale_after_s: float) -> list[Job]:
+    stale = datetime.now(UTC) - timedelta(seconds=stale_after_s)
+    return list(session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < stale)))

@@ -1,0 +1,74 @@
+"""Training jobs through HTTP on the embedded runner (tiny model): retrain, dedupe, adapter served."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, select
+
+from service.db.models import Job
+from tests.conftest import admin_headers, bearer, create_user
+
+
+def wait_job(client: TestClient, job_id: str, timeout: float = 120.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, object] = client.get(f"/admin/jobs/{job_id}", headers=admin_headers()).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def add_history(client: TestClient, user: str, key: str, n: int = 6) -> None:
+    items = [{"id": f"i{i}", "input": f"question {i}", "output": f"answer number {i} zebracorn"} for i in range(n)]
+    r = client.post(f"/users/{user}/history", json={"items": items}, headers=bearer(key))
+    assert r.status_code == 201, r.text
+
+
+def test_retrain_publishes_and_serves_new_version(client: TestClient) -> None:
+    key = create_user(client, "alice")
+    add_history(client, "alice", key)
+    r = client.post("/users/alice/generate", json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0},
+                    headers=bearer(key))
+    assert r.json()["adapter_version"] is None
+    r = client.post("/admin/users/alice/retrain", headers=admin_headers())
+    assert r.status_code == 202, r.text
+    assert set(r.json()) >= {"job_id", "status", "progress", "adapter_version", "error"}
+    job = wait_job(client, r.json()["job_id"])
+    assert job["status"] == "succeeded", job
+    assert job["adapter_version"] == 1
+    meta = client.get("/users/alice/adapter", headers=bearer(key)).json()
+    assert meta["version"] == 1 and meta["source"] == "trained"
+    r = client.post("/users/alice/generate", json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0},
+                    headers=bearer(key))
+    assert r.status_code == 200 and r.json()["adapter_version"] == 1
+    r = client.post("/users/alice/generate",
+                    json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0, "use_adapter": False},
+                    headers=bearer(key))
+    assert r.json()["adapter_version"] is None
+
+
+def test_concurrent_retrain_requests_make_one_job(client: TestClient, db_url: str) -> None:
+    key = create_user(client, "bob")
+    add_history(client, "bob", key, n=3)
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: client.post("/admin/users/bob/retrain", headers=admin_headers()),
+                                range(20)))
+    assert all(a.status_code == 202 for a in answers), [a.text for a in answers]
+    ids = {a.json()["job_id"] for a in answers}
+    assert len(ids) == 1
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(Job)).scalar_one() == 1
+    engine.dispose()
+    assert wait_job(client, ids.pop())["status"] == "succeeded"
+
+
+def test_user_key_cannot_retrain_or_read_jobs(client: TestClient) -> None:
+    key = create_user(client, "carol")
+    assert client.post("/admin/users/carol/retrain", headers=bearer(key)).status_code == 403
+    assert client.get("/admin/jobs/x", headers=bearer(key)).status_code == 403
+    assert client.get("/admin/jobs/nope", headers=admin_headers()).status_code == 404
