@@ -28,6 +28,7 @@ from service.inference.loader import load_model
 from service.inference.runtime import ModelRuntime
 from service.jobs.queue import ADAPTER_CHANNEL, InProcessJobQueue, RedisJobQueue, make_queue
 from service.jobs.tasks import JobContext, recover_in_process, run_job
+from service.metrics import SqlStateCollector
 from service.retrieval.bm25 import BM25Cache
 from service.state import AppState
 
@@ -55,7 +56,7 @@ def resolve_admin_key(settings: Settings) -> str:
 
 def build_state(settings: Settings) -> AppState:
     engine = make_engine(settings.resolved_database_url)
-    return AppState(
+    state = AppState(
         settings=settings,
         engine=engine,
         session_factory=make_session_factory(engine),
@@ -63,6 +64,8 @@ def build_state(settings: Settings) -> AppState:
         bm25=BM25Cache[UserCorpus](settings.bm25_cache_users),
         store=AdapterStore(settings.adapters_dir),
     )
+    state.metrics.registry.register(SqlStateCollector(state.session_factory))
+    return state
 
 
 def start_runtime(state: AppState) -> None:
@@ -77,7 +80,10 @@ def start_runtime(state: AppState) -> None:
         device=loaded.device,
         dtype=loaded.dtype,
     )
-    state.cache = AdapterCache(slots, state.store, host_budget_bytes=settings.adapter_host_budget_bytes)
+    metrics = state.metrics
+    state.cache = AdapterCache(
+        slots, state.store, host_budget_bytes=settings.adapter_host_budget_bytes, on_event=metrics.on_cache_event
+    )
     state.adapters = AdapterContext(
         store=state.store,
         spec=spec,
@@ -85,7 +91,12 @@ def start_runtime(state: AppState) -> None:
         keep_versions=settings.adapter_keep_versions,
         on_drop=state.cache.drop_owner,
     )
-    state.runtime = ModelRuntime(loaded, settings, slots=slots, adapters=state.cache)
+
+    def on_batch(rows: int, tokens: int) -> None:
+        metrics.batch_size.observe(rows)
+        metrics.tokens.inc(tokens)
+
+    state.runtime = ModelRuntime(loaded, settings, slots=slots, adapters=state.cache, on_batch=on_batch)
     with unit_of_work(state.session_factory) as session:
         shared = adapter_service.current_version(session, SHARED_OWNER)
     if shared is not None:

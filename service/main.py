@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api import adapters, admin, generate, health, history, jobs
+from service.api import adapters, admin, generate, health, history, jobs, metrics
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.lifespan import build_state, lifespan
+from service.metrics import HttpMetrics
 from service.middleware import BodySizeLimit
 
 
@@ -23,11 +24,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.oppu = build_state(settings)
     install_error_handlers(app)
-    for router in (health.router, admin.router, history.router, generate.router, adapters.router, jobs.router):
+    for router in (
+        health.router,
+        admin.router,
+        history.router,
+        generate.router,
+        adapters.router,
+        jobs.router,
+        metrics.router,
+    ):
         app.include_router(router)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.adapter_max_file_bytes + (1 << 20),
     )
+    app.add_middleware(HttpMetrics, metrics=app.state.oppu.metrics)  # outermost: counts 413s too
     return app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +14,7 @@ from service.config import Settings
 from service.history.service import UserCorpus
 from service.inference.runtime import ModelRuntime
 from service.jobs.queue import JobQueue
+from service.metrics import Metrics
 from service.retrieval.bm25 import BM25Cache
 
 
@@ -29,3 +30,4 @@ class AppState:
     adapters: AdapterContext | None = None  # set once the model is loaded (needs its shapes)
     cache: AdapterCache | None = None
     queue: JobQueue | None = None
+    metrics: Metrics = field(default_factory=Metrics)

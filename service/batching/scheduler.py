@@ -67,7 +67,7 @@ class BatchScheduler:
         window_ms: float,
         queue_max: int,
         adapters: AdapterProvider | None = None,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, int], None] | None = None,  # (rows, tokens generated), after each batch
         before_batch: Callable[[], None] | None = None,
     ) -> None:
         self._generator = generator
@@ -189,9 +189,9 @@ class BatchScheduler:
                     job.on_token(token)
                 return True
 
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
             outputs = self._generator.generate(rows, on_token=on_token)
+            if self._on_batch is not None:
+                self._on_batch(len(batch), sum(len(out.token_ids) for out in outputs))
             for job, out in zip(batch, outputs, strict=True):
                 job.result, job.batch_size = out, len(batch)
         except Exception as exc:

@@ -39,7 +39,7 @@ class ModelRuntime:
         *,
         slots: Any = None,
         adapters: AdapterProvider | None = None,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
         self.loaded = loaded
         self.settings = settings

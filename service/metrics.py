@@ -1,0 +1,123 @@
+"""Prometheus metrics: one registry per app (tests build many apps), the HTTP middleware that counts
+requests by route template, and a collector that reads job / adapter state from SQL at scrape time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.db.models import SHARED_OWNER, Adapter, AdapterHead, Job
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SWAP_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("oppu_http_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.latency = Histogram(
+            "oppu_http_request_seconds", "HTTP latency", ["route", "method"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "oppu_batch_size", "rows per generation batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.tokens = Counter("oppu_generated_tokens", "tokens generated", registry=r)
+        self.cache_events = Counter(
+            "oppu_adapter_cache_events", "adapter cache hits/misses/evictions/loads", ["event", "tier"], registry=r
+        )
+        self.swap_seconds = Histogram(
+            "oppu_adapter_swap_seconds", "adapter load latency into a tier", ["tier"], buckets=SWAP_BUCKETS, registry=r
+        )
+        self.slots_in_use = Gauge("oppu_adapter_slots_in_use", "device slots holding an adapter", registry=r)
+        self.pinned = Gauge("oppu_adapter_slots_pinned", "slots pinned by in-flight batches", registry=r)
+        self.queue_depth = Gauge("oppu_generate_queue_depth", "generate requests waiting", registry=r)
+        self.job_queue_depth = Gauge("oppu_job_queue_depth", "training jobs waiting in the queue", registry=r)
+        self.rejected = Counter("oppu_rejected_requests", "requests refused by backpressure", ["reason"], registry=r)
+
+    def on_cache_event(self, event: str, tier: str, seconds: float) -> None:
+        self.cache_events.labels(event, tier).inc()
+        if event == "load":
+            self.swap_seconds.labels(tier).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SqlStateCollector(Collector):
+    """Jobs by status, job durations by outcome, and user adapters trained on an old shared LoRA."""
+
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self._factory = factory
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("oppu_jobs", "training jobs by status", labels=["status"])
+        durations = GaugeMetricFamily(
+            "oppu_job_duration_seconds_avg", "mean job duration by outcome", labels=["outcome"]
+        )
+        stale = GaugeMetricFamily("oppu_stale_adapters", "current user adapters trained on an older shared LoRA")
+        with self._factory() as session:
+            for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+                jobs.add_metric([status], n)
+            rows = session.execute(
+                select(Job.status, Job.started_at, Job.finished_at).where(Job.finished_at.is_not(None))
+            ).all()
+            by_outcome: dict[str, list[float]] = {}
+            for status, started, finished in rows:
+                if started is not None and finished is not None:
+                    by_outcome.setdefault(status, []).append((finished - started).total_seconds())
+            for outcome, values in by_outcome.items():
+                durations.add_metric([outcome], sum(values) / len(values))
+            shared = session.scalar(select(AdapterHead.current_version).where(AdapterHead.owner_key == SHARED_OWNER))
+            current = (
+                select(func.count())
+                .select_from(Adapter)
+                .join(AdapterHead, (AdapterHead.owner_key == Adapter.owner_key))
+                .where(Adapter.version == AdapterHead.current_version, Adapter.owner_key != SHARED_OWNER)
+            )
+            if shared is None:
+                current = current.where(Adapter.shared_version.is_not(None))
+            else:
+                current = current.where((Adapter.shared_version.is_(None)) | (Adapter.shared_version != shared))
+            stale.add_metric([], session.scalar(current) or 0)
+        yield jobs
+        yield durations
+        yield stale
+
+
+class HttpMetrics:
+    """Counts every request by its route template (never the raw path: user ids stay out of labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = str(scope.get("method", ""))
+            self.metrics.requests.labels(template, method, str(status[0])).inc()
+            self.metrics.latency.labels(template, method).observe(time.perf_counter() - start)
