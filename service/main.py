@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api import adapters, admin, generate, health, history, jobs, metrics
+from service.api import adapters, admin, generate, health, history, jobs, metrics, openai
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.lifespan import build_state, lifespan
@@ -24,16 +24,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.oppu = build_state(settings)
     install_error_handlers(app)
-    for router in (
-        health.router,
-        admin.router,
-        history.router,
-        generate.router,
-        adapters.router,
-        jobs.router,
-        metrics.router,
-    ):
-        app.include_router(router)
+    for module in (health, admin, history, generate, adapters, jobs, metrics, openai):
+        app.include_router(module.router)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,

@@ -20,7 +20,7 @@ from service.config import Settings
 from service.errors import PromptTooLong, Timeout, Unavailable
 from service.inference.engine import BatchGenerator, GenOutput, SamplingParams
 from service.inference.loader import LoadedModel
-from service.inference.tokens import encode_prompt, stop_token_ids
+from service.inference.tokens import encode_messages, encode_prompt, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,16 @@ class ModelRuntime:
         self.scheduler.stop()
 
     def encode(self, prompt: str, max_new_tokens: int) -> list[int]:
-        ids = encode_prompt(self.tokenizer, prompt)
+        return self.check_length(encode_prompt(self.tokenizer, prompt), max_new_tokens)
+
+    def encode_chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> list[int]:
+        return self.check_length(encode_messages(self.tokenizer, messages), max_new_tokens)
+
+    def encode_raw(self, text: str, max_new_tokens: int) -> list[int]:
+        ids = [int(i) for i in self.tokenizer(text)["input_ids"]]
+        return self.check_length(ids, max_new_tokens)
+
+    def check_length(self, ids: list[int], max_new_tokens: int) -> list[int]:
         if len(ids) + max_new_tokens > self.context_length:
             raise PromptTooLong(
                 f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "

@@ -7,13 +7,17 @@ from typing import Any
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a single-turn user prompt, ending where the assistant's answer starts."""
+    return encode_messages(tokenizer, [{"role": "user", "content": text}])
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat (system/user/assistant turns), ending where the assistant's answer starts."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if not isinstance(ids, list):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
     return [int(i) for i in tokenizer(text)["input_ids"]]
 
 

@@ -1,0 +1,35 @@
+"""OpenAI-compatible routes: a user key serves that user's adapter (model "personal")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from service.deps import CallerDep, RuntimeDep, StateDep
+from service.openai_compat import service
+from service.openai_compat.schemas import ChatCompletionIn, CompletionIn, ModelList
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _respond(result: Any) -> Any:
+    if isinstance(result, dict):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/models", response_model=ModelList)
+def models(caller: CallerDep, runtime: RuntimeDep) -> ModelList:
+    return service.list_models(caller, runtime.model_name)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionIn, caller: CallerDep, state: StateDep, runtime: RuntimeDep) -> Any:
+    return _respond(await service.chat(state, runtime, caller, body))
+
+
+@router.post("/completions")
+async def completions(body: CompletionIn, caller: CallerDep, state: StateDep, runtime: RuntimeDep) -> Any:
+    return _respond(await service.complete(state, runtime, caller, body))
