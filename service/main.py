@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api import adapters, admin, generate, health, history, jobs, metrics, openai
+from service.api import adapters, admin, generate, health, history, jobs, metrics, openai, users
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.lifespan import build_state, lifespan
@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.oppu = build_state(settings)
     install_error_handlers(app)
-    for module in (health, admin, history, generate, adapters, jobs, metrics, openai):
+    for module in (health, admin, users, history, generate, adapters, jobs, metrics, openai):
         app.include_router(module.router)
     app.add_middleware(
         BodySizeLimit,

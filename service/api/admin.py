@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service import users
-from service.adapters import service as adapter_service
+from service import data_rights, users
 from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserIdPath
 from service.tenancy import authorize_user
 
@@ -34,7 +33,6 @@ def delete_user(
     user_id: UserIdPath, caller: AdminDep, session: SessionDep, state: StateDep, adapters: AdaptersDep
 ) -> Response:
     user = authorize_user(session, caller, user_id)
-    users.delete_user_rows(session, user)
-    adapter_service.forget_after_commit(session, adapters, user.storage_key)  # files + cache, after commit
+    data_rights.erase_user(session, adapters, user)
     state.bm25.invalidate(user.storage_key)
     return Response(status_code=204)

@@ -1,0 +1,53 @@
+"""A user's own account routes: export, erase, rotate key; admin revoke."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel
+
+from service import data_rights, users
+from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
+from service.tenancy import authorize_user
+
+router = APIRouter(tags=["users"])
+
+
+class KeyOut(BaseModel):
+    user_id: str
+    api_key: str
+
+
+class RevokedOut(BaseModel):
+    user_id: str
+    revoked: int
+
+
+@router.get(
+    "/users/{user_id}/export",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}, "description": "history, profile and adapters"}},
+)
+def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Response:
+    data = data_rights.export_archive(session, adapters, user)
+    name = f"oppu-export-{user.user_id}.zip"
+    return Response(
+        data, media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{name}"'}
+    )
+
+
+@router.delete("/users/{user_id}", status_code=204)
+def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, state: StateDep) -> Response:
+    data_rights.erase_user(session, adapters, user)
+    state.bm25.invalidate(user.storage_key)
+    return Response(status_code=204)
+
+
+@router.post("/users/{user_id}/keys/rotate", response_model=KeyOut)
+def rotate_key(user: UserDep, session: SessionDep) -> KeyOut:
+    return KeyOut(user_id=user.user_id, api_key=users.rotate_key(session, user))
+
+
+@router.post("/admin/users/{user_id}/keys/revoke", response_model=RevokedOut)
+def revoke_keys(user_id: UserIdPath, caller: AdminDep, session: SessionDep) -> RevokedOut:
+    user = authorize_user(session, caller, user_id)
+    return RevokedOut(user_id=user.user_id, revoked=users.revoke_keys(session, user))

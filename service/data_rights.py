@@ -1,0 +1,70 @@
+"""A user's data rights: export everything we hold about them as one archive, and erase it all
+(rows, adapter files, cache entries, queued jobs). Services never commit."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from datetime import UTC, datetime
+
+from sqlalchemy.orm import Session
+
+from service.adapters import repository as adapter_repo
+from service.adapters import service as adapter_service
+from service.adapters.service import AdapterContext
+from service.history import repository as history_repo
+from service.history.service import as_utc
+from service.tenancy import UserRef
+from service.users import delete_user_rows
+
+
+def _iso(value: datetime | None) -> str | None:
+    return as_utc(value).isoformat() if value is not None else None
+
+
+def export_archive(session: Session, ctx: AdapterContext, user: UserRef) -> bytes:
+    """zip: manifest.json, history.jsonl, profile.json, adapters/v<N>/{PEFT files} for kept versions."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        lines = []
+        for item in history_repo.all_items(session, user.pk):
+            record = {
+                "id": item.client_id,
+                "input": item.input,
+                "output": item.output,
+                "kind": item.kind,
+                "metadata": item.meta,
+                "timestamp": _iso(item.timestamp),
+                "created_at": _iso(item.created_at),
+            }
+            lines.append(json.dumps(record, ensure_ascii=False))
+        zf.writestr("history.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+        profile = history_repo.get_profile(session, user.pk)
+        if profile is not None:
+            zf.writestr(
+                "profile.json",
+                json.dumps({"text": profile.text, "source": profile.source, "updated_at": _iso(profile.updated_at)}),
+            )
+        versions = []
+        for row in adapter_repo.list_versions(session, user.storage_key):
+            files = ctx.store.read_files(user.storage_key, row.version)
+            for name, data in files.items():
+                zf.writestr(f"adapters/v{row.version}/{name}", data)
+            versions.append({"version": row.version, "sha256": row.sha256, "source": row.source})
+        manifest = {
+            "user_id": user.user_id,
+            "exported_at": datetime.now(UTC).isoformat(),
+            "history_items": len(lines),
+            "has_profile": profile is not None,
+            "adapter_versions": versions,
+        }
+        zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+    return buf.getvalue()
+
+
+def erase_user(session: Session, ctx: AdapterContext, user: UserRef) -> None:
+    """Rows go now (history, profile, keys, adapters, jobs: ON DELETE CASCADE); adapter files and cache
+    entries right after the commit. A queued RQ job finds no row and does nothing."""
+    delete_user_rows(session, user)
+    adapter_service.forget_after_commit(session, ctx, user.storage_key)

@@ -1,0 +1,66 @@
+"""Export, self-erase (nothing left in SQL, store or cache), key rotation and revocation."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, select
+
+from service.db.models import Adapter, AdapterHead, ApiKey, HistoryItem, Job, Profile, User
+from tests.conftest import admin_headers, bearer, create_user
+from tests.jobs.test_jobs_api import add_history, wait_job
+
+
+def test_export_then_erase_leaves_nothing(client: TestClient, db_url: str) -> None:
+    key = create_user(client, "dana")
+    add_history(client, "dana", key, n=4)
+    client.put("/users/dana/profile", json={"text": "likes zebras"}, headers=bearer(key))
+    job = client.post("/admin/users/dana/retrain", headers=admin_headers()).json()
+    assert wait_job(client, job["job_id"])["status"] == "succeeded"
+    client.post("/users/dana/generate", json={"prompt": "hi", "max_new_tokens": 2, "temperature": 0},
+                headers=bearer(key))
+    state = client.app.state.oppu  # type: ignore[attr-defined]
+    storage_key = next(k.owner_key for k in state.cache.host_keys() + list(state.cache.slot_keys()))
+
+    r = client.get("/users/dana/export", headers=bearer(key))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    zf = zipfile.ZipFile(io.BytesIO(r.content))
+    names = set(zf.namelist())
+    assert {"manifest.json", "history.jsonl", "profile.json", "adapters/v1/adapter_model.safetensors"} <= names
+    assert len(zf.read("history.jsonl").decode().splitlines()) == 4
+    assert json.loads(zf.read("profile.json"))["text"] == "likes zebras"
+
+    other = create_user(client, "eve")
+    assert client.delete("/users/dana", headers=bearer(other)).status_code == 403
+    assert client.delete("/users/dana", headers=bearer(key)).status_code == 204
+    assert client.get("/users/dana/history", headers=bearer(key)).status_code == 401
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(User).where(User.user_id == "dana")).scalar_one() == 0
+        for table in (HistoryItem, Profile, ApiKey, Adapter, Job):
+            n = conn.execute(select(func.count()).select_from(table)).scalar_one()
+            expected = 1 if table is ApiKey else 0  # eve's key remains
+            assert n == expected, table.__tablename__
+        assert conn.execute(
+            select(func.count()).select_from(AdapterHead).where(AdapterHead.owner_key == storage_key)
+        ).scalar_one() == 0
+    engine.dispose()
+    assert not state.store.key_dir(storage_key).exists()
+    assert all(k.owner_key != storage_key for k in state.cache.host_keys())
+    assert all(k.owner_key != storage_key for k in state.cache.slot_keys())
+
+
+def test_rotate_and_revoke(client: TestClient) -> None:
+    old = create_user(client, "finn")
+    r = client.post("/users/finn/keys/rotate", headers=bearer(old))
+    assert r.status_code == 200
+    new = r.json()["api_key"]
+    assert client.get("/users/finn/history", headers=bearer(old)).status_code == 401
+    assert client.get("/users/finn/history", headers=bearer(new)).status_code == 200
+    assert client.post("/admin/users/finn/keys/revoke", headers=bearer(new)).status_code == 403
+    r = client.post("/admin/users/finn/keys/revoke", headers=admin_headers())
+    assert r.status_code == 200 and r.json()["revoked"] == 1
+    assert client.get("/users/finn/history", headers=bearer(new)).status_code == 401
