@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     docs_enabled: bool = True
+    auth_max_failures: int = 20  # bad keys per client address per window before 429 (0 = off)
+    auth_failure_window_s: float = 60.0
 
     # --- generation limits ---
     max_new_tokens_cap: int = 512

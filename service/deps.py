@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from service.adapters.service import AdapterContext
 from service.db.session import unit_of_work
-from service.errors import Unavailable
+from service.errors import TooManyRequests, Unauthorized, Unavailable
 from service.inference.runtime import ModelRuntime
 from service.jobs.queue import JobQueue
 from service.state import AppState
@@ -35,9 +35,17 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 # Auth uses its own short unit of work so that long requests (generate) hold no connection.
 def get_caller(request: Request, state: StateDep) -> Caller:
-    token = parse_bearer(request.headers.get("authorization"))
-    with unit_of_work(state.session_factory) as session:
-        return authenticate(session, token, state.admin_key)
+    client = request.client.host if request.client is not None else "unknown"
+    wait = state.auth_limiter.retry_after(client)
+    if wait is not None:
+        raise TooManyRequests("too many failed authentications", headers={"Retry-After": str(wait)})
+    try:
+        token = parse_bearer(request.headers.get("authorization"))
+        with unit_of_work(state.session_factory) as session:
+            return authenticate(session, token, state.admin_key)
+    except Unauthorized:
+        state.auth_limiter.record_failure(client)
+        raise
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -29,6 +29,7 @@ from service.inference.runtime import ModelRuntime
 from service.jobs.queue import ADAPTER_CHANNEL, InProcessJobQueue, RedisJobQueue, make_queue
 from service.jobs.tasks import JobContext, recover_in_process, run_job
 from service.metrics import SqlStateCollector
+from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
 from service.state import AppState
 
@@ -63,6 +64,7 @@ def build_state(settings: Settings) -> AppState:
         admin_key=resolve_admin_key(settings),
         bm25=BM25Cache[UserCorpus](settings.bm25_cache_users),
         store=AdapterStore(settings.adapters_dir),
+        auth_limiter=FailedAuthLimiter(settings.auth_max_failures, settings.auth_failure_window_s),
     )
     state.metrics.registry.register(SqlStateCollector(state.session_factory))
     return state

@@ -15,6 +15,7 @@ from service.history.service import UserCorpus
 from service.inference.runtime import ModelRuntime
 from service.jobs.queue import JobQueue
 from service.metrics import Metrics
+from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
 
 
@@ -31,3 +32,4 @@ class AppState:
     cache: AdapterCache | None = None
     queue: JobQueue | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    auth_limiter: FailedAuthLimiter = field(default_factory=lambda: FailedAuthLimiter(20, 60.0))
