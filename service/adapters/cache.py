@@ -117,19 +117,24 @@ class AdapterCache:
         """Slots for each row's adapter (0 for None), pinned until release(keys)."""
         out: list[int] = []
         with self._lock:
-            for key in keys:
-                if key is None:
-                    out.append(0)
-                    continue
-                assert isinstance(key, AdapterKey)
-                slot = self._slot_of.get(key)
-                if slot is None:
-                    slot = self._load_slot(key)
-                else:
-                    self._slot_of.move_to_end(key)
-                    self._event("hit", "slot")
-                self._pins[key] += 1
-                out.append(slot)
+            try:
+                for key in keys:
+                    if key is None:
+                        out.append(0)
+                        continue
+                    assert isinstance(key, AdapterKey)
+                    slot = self._slot_of.get(key)
+                    if slot is None:
+                        slot = self._load_slot(key)
+                    else:
+                        self._slot_of.move_to_end(key)
+                        self._event("hit", "slot")
+                    self._pins[key] += 1
+                    out.append(slot)
+            except BaseException:
+                # All or nothing: the caller does not release a batch whose acquire failed.
+                self.release(keys[: len(out)])
+                raise
         return out
 
     def release(self, keys: Sequence[Hashable | None]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -52,7 +53,8 @@ def to_out(row: Adapter, current_version: int | None) -> AdapterOut:
         shared_version=row.shared_version,
         nbytes=row.nbytes,
         metadata=row.meta,
-        created_at=row.created_at,
+        # SQLite keeps no offset: stored values are UTC, so a naive one is UTC (same as on PostgreSQL).
+        created_at=row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC),
     )
 
 

@@ -1,0 +1,423 @@
+"""Adapter routes through HTTP on the tiny model: versions, download -> plain PEFT, rollback, keep-N,
+delete, tenancy, and malicious uploads refused while other users' traffic keeps succeeding.
+
+Also holds the helpers the other adapter HTTP tests share (PEFT adapters, uploads, PEFT references)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import pickle
+import threading
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from sqlalchemy import select
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from service.adapters.archive import pack_zip
+from service.adapters.store import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
+from service.db.migrate import upgrade
+from service.db.models import User
+from service.db.session import unit_of_work
+from service.inference.tokens import encode_prompt, stop_token_ids
+from service.main import create_app
+from service.state import AppState
+from tests.conftest import admin_headers, bearer, create_user, make_settings
+from tests.models import tiny_llama_config
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# --- helpers shared by the adapter HTTP tests ---
+def load_base(model_dir: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def make_lora(
+    base: Any, out: Path, *, seed: int, r: int, targets: Sequence[str], b_scale: float = 6.0, save_kw: Any = None
+) -> Path:
+    """A random PEFT LoRA on a copy of `base` (lora_B scaled up so greedy outputs visibly change)."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(b_scale)
+    model.save_pretrained(out, **(save_kw or {}))
+    return out
+
+
+def peft_files(adapter_dir: Path) -> dict[str, bytes]:
+    return {name: (adapter_dir / name).read_bytes() for name in sorted(PEFT_FILES)}
+
+
+def lora_zip(adapter_dir: Path) -> bytes:
+    return pack_zip(peft_files(adapter_dir))
+
+
+def upload(client: TestClient, user: str, key: str, data: bytes) -> httpx.Response:
+    headers = {**bearer(key), "Content-Type": "application/zip"}
+    return client.put(f"/users/{user}/adapter", content=data, headers=headers)
+
+
+def greedy(prompt: str, n: int, **extra: Any) -> dict[str, Any]:
+    """A generate body whose prompt is exactly `prompt` (no retrieval, no profile), greedy."""
+    return {"prompt": prompt, "max_new_tokens": n, "temperature": 0, "retrieval_k": 0, "use_profile": False, **extra}
+
+
+def peft_model(base: Any, adapter_dir: Path) -> Any:
+    return PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
+
+
+def reference_tokens(model: Any, tokenizer: Any, prompt: str, n: int) -> list[int]:
+    """What `model` generates alone (HF generate, greedy) for the chat-templated prompt, cut at a stop."""
+    ids = encode_prompt(tokenizer, prompt)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = [int(t) for t in out[0, len(ids) :]]
+    stops = stop_token_ids(tokenizer, model.config)
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return new[:cut]
+
+
+def reference_text(model: Any, tokenizer: Any, prompt: str, n: int) -> tuple[str, int]:
+    tokens = reference_tokens(model, tokenizer, prompt, n)
+    return str(tokenizer.decode(tokens, skip_special_tokens=True)), len(tokens)
+
+
+def app_state(client: TestClient) -> AppState:
+    return cast(AppState, cast(Any, client.app).state.oppu)
+
+
+def storage_key(client: TestClient, user_id: str) -> str:
+    state = app_state(client)
+    with unit_of_work(state.session_factory) as session:
+        key = session.scalar(select(User.storage_key).where(User.user_id == user_id))
+    assert key is not None
+    return key
+
+
+@contextmanager
+def app_client(tmp: Path, model: Path, db: str | None = None, **overrides: Any) -> Iterator[TestClient]:
+    """An app on the tiny model (SQLite in tmp unless `db` is given)."""
+    if db is None:
+        db = f"sqlite:///{tmp / 'db.sqlite3'}"
+        upgrade(db)
+    app = create_app(make_settings(tmp, db, str(model), **overrides))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+# --- fixtures of this module ---
+MAX_FILE_BYTES = 2 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_path: Path) -> Any:
+    return load_base(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path: Path) -> Any:
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def loras(base: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "a": make_lora(base, root / "a", seed=1, r=8, targets=ALL),
+        "b": make_lora(base, root / "b", seed=2, r=4, targets=("q_proj", "v_proj", "down_proj")),
+        "c": make_lora(base, root / "c", seed=3, r=2, targets=("k_proj", "o_proj", "up_proj")),
+    }
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
+    tmp = tmp_path_factory.mktemp("api")
+    with app_client(tmp, tiny_model_path, adapter_keep_versions=2, adapter_max_file_bytes=MAX_FILE_BYTES) as c:
+        yield c
+
+
+def _generate(client: TestClient, user: str, key: str, prompt: str, n: int = 8) -> dict[str, Any]:
+    r = client.post(f"/users/{user}/generate", json=greedy(prompt, n), headers=bearer(key))
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+# --- tests ---
+def test_versions_download_rollback_prune_delete(
+    client: TestClient, base: Any, tokenizer: Any, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    key = create_user(client, "ann")
+    auth = bearer(key)
+    store = app_state(client).store
+    skey = storage_key(client, "ann")
+    r = client.get("/users/ann/adapter", headers=auth)
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    assert client.get("/users/ann/adapter/download", headers=auth).status_code == 404
+    assert client.get("/users/ann/adapter/versions", headers=auth).json() == {"current_version": None, "versions": []}
+    base_text = _generate(client, "ann", key, "Tell me about zebras.")
+    assert base_text["adapter_version"] is None
+
+    r = upload(client, "ann", key, lora_zip(loras["a"]))
+    assert r.status_code == 201, r.text
+    meta = r.json()
+    assert meta["version"] == 1 and meta["current"] is True and meta["source"] == "imported"
+    assert meta["rank"] == 8 and meta["alpha"] == 16 and meta["target_modules"] == sorted(ALL)
+    assert meta["base_model"] == "tiny-llama-v1"
+    assert meta["nbytes"] == (loras["a"] / WEIGHTS_NAME).stat().st_size
+    assert meta["sha256"] == hashlib.sha256((loras["a"] / WEIGHTS_NAME).read_bytes()).hexdigest()
+    assert client.get("/users/ann/adapter", headers=auth).json() == meta
+    assert sorted(p.name for p in store.version_dir(skey, 1).iterdir()) == sorted(PEFT_FILES)
+
+    # Acceptance 4: the downloaded zip loads in plain PEFT and reproduces the service's greedy output.
+    served = _generate(client, "ann", key, "Tell me about zebras.", n=16)
+    assert served["adapter_version"] == 1
+    r = client.get("/users/ann/adapter/download", headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    out = tmp_path / "downloaded"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        assert sorted(zf.namelist()) == sorted(PEFT_FILES)
+        zf.extractall(out)
+    text, n_tokens = reference_text(peft_model(base, out), tokenizer, "Tell me about zebras.", 16)
+    assert served["text"] == text and served["usage"]["completion_tokens"] == n_tokens
+    assert served["text"] != base_text["text"]  # the adapter visibly changes the output
+
+    # A second upload becomes current; rollback (admin only) makes v1 serve again.
+    r = upload(client, "ann", key, lora_zip(loras["b"]))
+    assert r.status_code == 201 and r.json()["version"] == 2
+    v2 = _generate(client, "ann", key, "Tell me about zebras.", n=16)
+    assert v2["adapter_version"] == 2 and v2["text"] != served["text"]
+    listing = client.get("/users/ann/adapter/versions", headers=auth).json()
+    assert listing["current_version"] == 2
+    assert [(v["version"], v["current"]) for v in listing["versions"]] == [(2, True), (1, False)]
+    assert client.post("/admin/users/ann/adapter/rollback", json={"version": 1}, headers=auth).status_code == 403
+    r = client.post("/admin/users/ann/adapter/rollback", json={"version": 7}, headers=admin_headers())
+    assert r.status_code == 404
+    r = client.post("/admin/users/ann/adapter/rollback", json={"version": 1}, headers=admin_headers())
+    assert r.status_code == 200 and r.json()["version"] == 1 and r.json()["current"] is True
+    back = _generate(client, "ann", key, "Tell me about zebras.", n=16)
+    assert back["adapter_version"] == 1 and back["text"] == served["text"]
+    r = client.get("/users/ann/adapter/download", params={"version": 2}, headers=auth)
+    assert r.status_code == 200 and "v2" in r.headers["content-disposition"]
+
+    # keep-N (2): a third version prunes v1 from SQL and from disk.
+    r = upload(client, "ann", key, lora_zip(loras["c"]))
+    assert r.status_code == 201 and r.json()["version"] == 3
+    listing = client.get("/users/ann/adapter/versions", headers=auth).json()
+    assert [v["version"] for v in listing["versions"]] == [3, 2] and listing["current_version"] == 3
+    assert store.list_versions(skey) == [2, 3]
+    assert not store.version_dir(skey, 1).exists()
+    assert client.get("/users/ann/adapter/download", params={"version": 1}, headers=auth).status_code == 404
+    assert _generate(client, "ann", key, "hi")["adapter_version"] == 3
+
+    # DELETE removes every version (rows and files); generation falls back to the base.
+    assert client.delete("/users/ann/adapter", headers=auth).status_code == 204
+    assert client.get("/users/ann/adapter", headers=auth).status_code == 404
+    assert client.delete("/users/ann/adapter", headers=auth).status_code == 404
+    assert not store.key_dir(skey).exists()
+    after = _generate(client, "ann", key, "Tell me about zebras.")
+    assert after["adapter_version"] is None and after["text"] == base_text["text"]
+    assert not any(k.owner_key == skey for k in app_state(client).cache.slot_keys())  # type: ignore[union-attr]
+
+    # A new upload after the delete never reuses a version number.
+    r = upload(client, "ann", key, lora_zip(loras["a"]))
+    assert r.status_code == 201 and r.json()["version"] == 4
+
+
+def test_deleting_user_removes_adapter_files(client: TestClient, loras: dict[str, Path]) -> None:
+    key = create_user(client, "gone")
+    skey = storage_key(client, "gone")
+    assert upload(client, "gone", key, lora_zip(loras["b"])).status_code == 201
+    assert _generate(client, "gone", key, "hi", n=2)["adapter_version"] == 1
+    store, cache = app_state(client).store, app_state(client).cache
+    assert cache is not None
+    assert store.version_dir(skey, 1).is_dir()
+    assert client.delete("/admin/users/gone", headers=admin_headers()).status_code == 204
+    assert not store.key_dir(skey).exists()
+    assert not any(k.owner_key == skey for k in [*cache.slot_keys(), *cache.host_keys()])
+    assert client.get("/users/gone/adapter", headers=bearer(key)).status_code == 401
+
+
+def test_other_users_keys_are_forbidden(client: TestClient, loras: dict[str, Path]) -> None:
+    owner = create_user(client, "owner")
+    intruder = bearer(create_user(client, "intruder"))
+    assert upload(client, "owner", owner, lora_zip(loras["a"])).status_code == 201
+    answers = [
+        client.get("/users/owner/adapter", headers=intruder),
+        client.get("/users/owner/adapter/versions", headers=intruder),
+        client.get("/users/owner/adapter/download", headers=intruder),
+        client.put(
+            "/users/owner/adapter",
+            content=lora_zip(loras["b"]),
+            headers={**intruder, "Content-Type": "application/zip"},
+        ),
+        client.delete("/users/owner/adapter", headers=intruder),
+        client.post("/admin/users/owner/adapter/rollback", json={"version": 1}, headers=intruder),
+    ]
+    assert [a.status_code for a in answers] == [403] * len(answers), [a.text for a in answers]
+    assert all(a.json()["code"] == "forbidden" for a in answers)
+    assert client.get("/users/owner/adapter/versions", headers=bearer(owner)).json()["current_version"] == 1
+    assert client.get("/users/owner/adapter").status_code == 401
+
+
+# --- malicious / broken uploads ---
+def _with_weights(adapter_dir: Path, weights: bytes) -> bytes:
+    return pack_zip({CONFIG_NAME: (adapter_dir / CONFIG_NAME).read_bytes(), WEIGHTS_NAME: weights})
+
+
+def _with_config(adapter_dir: Path, **changes: Any) -> bytes:
+    config = json.loads((adapter_dir / CONFIG_NAME).read_text())
+    config.update(changes)
+    return pack_zip({CONFIG_NAME: json.dumps(config).encode(), WEIGHTS_NAME: (adapter_dir / WEIGHTS_NAME).read_bytes()})
+
+
+def _raw_zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+class _Unseekable(io.RawIOBase):
+    """A write-only stream without seek: zipfile streams members with data descriptors (as zip tools do)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.buf += bytes(b)
+        return len(b)
+
+
+def _zip_bomb(adapter_dir: Path, size: int, *, noise: int = 0) -> bytes:
+    """Stream-compressed: `size` bytes of zeros (with `noise` random bytes per KiB to lower the ratio)."""
+    out = _Unseekable()
+    gen = torch.Generator().manual_seed(0)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(CONFIG_NAME, (adapter_dir / CONFIG_NAME).read_bytes())
+        with zf.open(WEIGHTS_NAME, "w", force_zip64=True) as member:
+            for _ in range(size >> 20):
+                chunk = torch.zeros(1024, 1024, dtype=torch.uint8)
+                chunk[:, :noise] = torch.randint(0, 256, (1024, noise), dtype=torch.uint8, generator=gen)
+                member.write(chunk.numpy().tobytes())
+    return bytes(out.buf)
+
+
+def _bad_uploads(base: Any, good: Path, root: Path) -> dict[str, tuple[bytes, str]]:
+    """name -> (request body, a fragment the error message must contain)."""
+    weights = (good / WEIGHTS_NAME).read_bytes()
+    tensors = load_file(str(good / WEIGHTS_NAME))
+    nan = dict(tensors)
+    first = sorted(nan)[0]
+    nan[first] = nan[first].clone()
+    nan[first][0, 0] = float("nan")
+    nan_path = root / "nan.safetensors"
+    save_file(nan, str(nan_path))
+    legacy_pickle = io.BytesIO()
+    torch.save(tensors, legacy_pickle, _use_new_zipfile_serialization=False)
+    other_cfg: Any = tiny_llama_config()
+    other_cfg.hidden_size, other_cfg.intermediate_size = 32, 64
+    other = LlamaForCausalLM(other_cfg)
+    return {
+        "pickle renamed .safetensors": (_with_weights(good, pickle.dumps({"w": [1.0, 2.0]})), "pickle"),
+        "torch.save renamed .safetensors": (_with_weights(good, legacy_pickle.getvalue()), "safetensors"),
+        "truncated safetensors": (_with_weights(good, weights[: len(weights) // 2]), "outside the file"),
+        "NaN weights": (_with_weights(good, nan_path.read_bytes()), "NaN"),
+        "rank 1024": (lora_zip(make_lora(base, root / "r1024", seed=4, r=1024, targets=("q_proj",))), "1024"),
+        "other architecture": (
+            lora_zip(make_lora(other, root / "other", seed=5, r=4, targets=("q_proj", "v_proj"))),
+            "do not fit the base model",
+        ),
+        "other base model name": (
+            _with_config(good, base_model_name_or_path="meta-llama/Llama-2-7b-hf"),
+            "Llama-2-7b-hf",
+        ),
+        "unknown target module": (
+            lora_zip(
+                make_lora(
+                    base, root / "head", seed=6, r=4, targets=("lm_head",), save_kw={"save_embedding_layers": False}
+                )
+            ),
+            "lm_head",
+        ),
+        "parent path in zip": (_raw_zip({f"../{CONFIG_NAME}": b"{}", WEIGHTS_NAME: weights}), ".."),
+        "absolute path in zip": (_raw_zip({f"/tmp/{CONFIG_NAME}": b"{}", WEIGHTS_NAME: weights}), "absolute"),
+        "nested path in zip": (_raw_zip({f"a/b/{CONFIG_NAME}": b"{}", WEIGHTS_NAME: weights}), "directory"),
+        "zip bomb": (_zip_bomb(good, 64 << 20), "compression ratio"),
+        "zip bomb under the ratio cap": (_zip_bomb(good, 8 << 20, noise=16), "more than"),
+        "missing weights": (_raw_zip({CONFIG_NAME: (good / CONFIG_NAME).read_bytes()}), WEIGHTS_NAME),
+        "not a zip": (b"this is not a zip archive at all", "zip"),
+        "empty body": (b"", "zip"),
+    }
+
+
+def test_malicious_uploads_are_refused_while_traffic_succeeds(
+    client: TestClient, base: Any, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    good_key = create_user(client, "busy")
+    assert upload(client, "busy", good_key, lora_zip(loras["b"])).status_code == 201
+    key = create_user(client, "mallory")
+    skey = storage_key(client, "mallory")
+    bad = _bad_uploads(base, loras["a"], tmp_path)
+
+    stop, statuses = threading.Event(), []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            r = client.post("/users/busy/generate", json=greedy("keep going", 4), headers=bearer(good_key))
+            statuses.append((r.status_code, r.json().get("adapter_version")))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        for name, (body, fragment) in bad.items():
+            r = upload(client, "mallory", key, body)
+            assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+            err = r.json()
+            assert set(err) >= {"code", "message"}, (name, err)
+            assert fragment in err["message"], (name, err["message"])
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert len(statuses) >= 3
+    assert statuses == [(200, 1)] * len(statuses)
+    # Nothing of the refused uploads was kept: no version, no files, no temp leftovers.
+    assert client.get("/users/mallory/adapter", headers=bearer(key)).status_code == 404
+    store = app_state(client).store
+    assert store.list_versions(skey) == []
+    assert list((store.root / "tmp").iterdir()) == []
+    # The same user can still upload a good adapter, which gets version 1.
+    r = upload(client, "mallory", key, lora_zip(loras["c"]))
+    assert r.status_code == 201 and r.json()["version"] == 1
+
+
+def test_upload_over_the_body_cap_is_413(client: TestClient) -> None:
+    key = create_user(client, "big")
+    r = upload(client, "big", key, bytes(MAX_FILE_BYTES + (2 << 20)))
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
