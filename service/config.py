@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     # --- batching ---
     batch_max_size: int = 16
     batch_window_ms: float = 5.0
-    queue_max: int = 256
+    queue_max: int = 256  # queued generate requests in all (full -> 503)
+    queue_per_user_max: int = 32  # queued per user (full -> 429): one user cannot take the whole queue
     request_timeout_s: float = 120.0
 
     # --- adapters ---

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from service.deps import RuntimeDep, StateDep, UserDep
@@ -12,15 +14,32 @@ from service.generation import service
 from service.generation.schemas import GenerateIn, GenerateOut
 
 router = APIRouter(prefix="/users/{user_id}", tags=["generate"])
+T = TypeVar("T")
 
 SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE events when stream=true"}
 }
 
 
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client goes away (its batch row and adapter pin are freed)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 @router.post("/generate", response_model=GenerateOut, responses=SSE_DOC)
-async def generate(body: GenerateIn, user: UserDep, state: StateDep, runtime: RuntimeDep) -> Any:
+async def generate(request: Request, body: GenerateIn, user: UserDep, state: StateDep, runtime: RuntimeDep) -> Any:
     if body.stream:
         events = await service.generate_stream(state, runtime, user, body)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await service.generate(state, runtime, user, body)
+    return await until_disconnect(request, service.generate(state, runtime, user, body))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from service.batching.fair_queue import FairQueue
 from service.inference.engine import BatchGenerator, GenOutput, GenRow, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -29,15 +29,12 @@ class AdapterProvider(Protocol):
     def release(self, keys: Sequence[Hashable | None]) -> None: ...
 
 
-class QueueFull(Exception):
-    pass
-
-
 @dataclass
 class GenerationJob:
     input_ids: list[int]
     params: SamplingParams
     adapter: Hashable | None = None
+    tenant: Hashable | None = None  # whose fair share this counts against (a user's storage key)
     on_token: Callable[[int], None] | None = None  # called in the worker thread
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: GenOutput | None = None
@@ -66,6 +63,7 @@ class BatchScheduler:
         max_batch: int,
         window_ms: float,
         queue_max: int,
+        queue_per_tenant: int | None = None,
         adapters: AdapterProvider | None = None,
         on_batch: Callable[[int, int], None] | None = None,  # (rows, tokens generated), after each batch
         before_batch: Callable[[], None] | None = None,
@@ -73,11 +71,10 @@ class BatchScheduler:
         self._generator = generator
         self._max_batch = max_batch
         self._window_s = window_ms / 1000.0
-        self._queue: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=queue_max)
+        self._queue: FairQueue[GenerationJob] = FairQueue(queue_max, queue_per_tenant or queue_max)
         self._adapters = adapters
         self._on_batch = on_batch
         self._before_batch = before_batch  # runs on this thread between batches (model updates)
-        self._carry: list[GenerationJob] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -87,22 +84,17 @@ class BatchScheduler:
 
     def stop(self) -> None:
         self._stopping.set()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        self._queue.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() + len(self._carry)
+        return len(self._queue)
 
     def submit_nowait(self, job: GenerationJob) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full as exc:
-            raise QueueFull("generation queue is full") from exc
+        """Raises QueueFull (server saturated) or TenantQueueFull (this user's share is used up)."""
+        self._queue.put(job.tenant, job)
 
     async def run(self, job: GenerationJob) -> GenOutput:
         """Queue the job and wait for it without blocking the event loop."""
@@ -121,51 +113,45 @@ class BatchScheduler:
 
     # --- worker thread ---
     def _collect(self) -> list[GenerationJob]:
-        pending = self._carry
-        self._carry = []
-        if not pending:
-            first = self._queue.get()
-            if first is None:
-                return []
-            pending.append(first)
+        """One batch: wait for a first job, then fill up to max_batch within the window, round-robin
+        over users; jobs whose adapter would need one slot too many go back to the queue's front."""
+        first = self._queue.get(timeout=0.5)
+        if first is None:
+            return []
+        pending = [first]
         deadline = time.monotonic() + self._window_s
         while len(pending) < self._max_batch:
-            timeout = deadline - time.monotonic()
-            try:
-                job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-            except queue.Empty:
+            got = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            if got is None:
                 break
-            if job is None:
-                self._stopping.set()
-                break
-            pending.append(job)
+            pending.append(got)
         batch: list[GenerationJob] = []
+        back: list[tuple[Hashable, GenerationJob]] = []
         keys: set[Hashable] = set()
         limit = self._adapters.num_slots if self._adapters is not None else 0
-        for job in pending:
+        for tenant, job in pending:
             if job.cancelled.is_set():
                 job.result = GenOutput(token_ids=[], finish_reason="cancelled", step_logits=None)
                 job.finish()
                 continue
-            new_key = job.adapter is not None and job.adapter not in keys
-            if len(batch) >= self._max_batch or (new_key and len(keys) >= limit):
-                self._carry.append(job)  # its adapter does not fit this batch: next one
+            if job.adapter is not None and job.adapter not in keys and len(keys) >= limit:
+                back.append((tenant, job))
                 continue
             if job.adapter is not None:
                 keys.add(job.adapter)
             batch.append(job)
+        if back:
+            self._queue.put_back(back)
         return batch
 
     def _run(self) -> None:
-        while not self._stopping.is_set() or self._carry:
+        while not self._stopping.is_set():
             batch = self._collect()
             if batch:
                 self._run_batch(batch)
-            elif self._stopping.is_set():
-                break
-        for job in self._carry:
-            job.error = RuntimeError("server shutting down")
-            job.finish()
+        while (left := self._queue.get(timeout=0)) is not None:
+            left[1].error = RuntimeError("server shutting down")
+            left[1].finish()
 
     def _run_batch(self, batch: list[GenerationJob]) -> None:
         if self._before_batch is not None:

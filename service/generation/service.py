@@ -98,7 +98,7 @@ async def generate(state: AppState, runtime: ModelRuntime, user: UserRef, body: 
     prepared = await _prepare(state, user, body)
     ids = runtime.encode(prepared.text, max_new)
     params = runtime.params(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-    return _response(prepared, await runtime.complete(ids, params, prepared.adapter))
+    return _response(prepared, await runtime.complete(ids, params, prepared.adapter, tenant=user.storage_key))
 
 
 async def generate_stream(
@@ -113,7 +113,7 @@ async def generate_stream(
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for part in runtime.stream(ids, params, prepared.adapter):
+            async for part in runtime.stream(ids, params, prepared.adapter, tenant=user.storage_key):
                 if isinstance(part, Completion):
                     final = _response(prepared, part).model_dump()
                     yield f"event: done\ndata: {json.dumps(final)}\n\n"

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from service.adapters.weights import AdapterWeights
-from service.batching.scheduler import AdapterProvider, BatchScheduler, GenerationJob, QueueFull
+from service.batching.fair_queue import QueueFull, TenantQueueFull
+from service.batching.scheduler import AdapterProvider, BatchScheduler, GenerationJob
 from service.config import Settings
-from service.errors import PromptTooLong, Timeout, Unavailable
+from service.errors import PromptTooLong, Timeout, TooManyRequests, Unavailable
 from service.inference.engine import BatchGenerator, GenOutput, SamplingParams
 from service.inference.loader import LoadedModel
 from service.inference.tokens import encode_messages, encode_prompt, stop_token_ids
@@ -54,6 +55,7 @@ class ModelRuntime:
             max_batch=settings.batch_max_size,
             window_ms=settings.batch_window_ms,
             queue_max=settings.queue_max,
+            queue_per_tenant=settings.queue_per_user_max,
             adapters=adapters,
             on_batch=on_batch,
             before_batch=self._apply_pending_shared,
@@ -146,13 +148,19 @@ class ModelRuntime:
         params: SamplingParams,
         adapter: Hashable | None = None,
         on_token: Callable[[int], None] | None = None,
+        tenant: Hashable | None = None,
     ) -> GenerationJob:
-        return GenerationJob(input_ids=input_ids, params=params, adapter=adapter, on_token=on_token)
+        return GenerationJob(input_ids=input_ids, params=params, adapter=adapter, on_token=on_token, tenant=tenant)
 
     async def complete(
-        self, input_ids: list[int], params: SamplingParams, adapter: Hashable | None = None
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        adapter: Hashable | None = None,
+        tenant: Hashable | None = None,
     ) -> Completion:
-        out: GenOutput = await self._bounded(self.scheduler.run(self.job(input_ids, params, adapter)))
+        job = self.job(input_ids, params, adapter, tenant=tenant)
+        out: GenOutput = await self._bounded(self.scheduler.run(job))
         return Completion(self.decode(out.token_ids), out.token_ids, len(input_ids), out.finish_reason)
 
     async def _bounded(self, awaitable: Awaitable[GenOutput]) -> GenOutput:
@@ -160,11 +168,17 @@ class ModelRuntime:
             return await asyncio.wait_for(awaitable, self.settings.request_timeout_s)
         except TimeoutError as exc:  # the job is cancelled by scheduler.run: its row is freed
             raise Timeout(f"generation exceeded the {self.settings.request_timeout_s:g} s deadline") from exc
+        except TenantQueueFull as exc:  # this user's fair share is used up: others still get served
+            raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
         except QueueFull as exc:
             raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
 
     async def stream(
-        self, input_ids: list[int], params: SamplingParams, adapter: Hashable | None = None
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        adapter: Hashable | None = None,
+        tenant: Hashable | None = None,
     ) -> AsyncIterator[str | Completion]:
         """Yields text deltas as tokens are produced, then the Completion. Closing the iterator
         (client gone) cancels the row and frees its slot pin."""
@@ -174,7 +188,7 @@ class ModelRuntime:
         def on_token(token: int) -> None:  # worker thread -> this request's loop
             loop.call_soon_threadsafe(tokens.put_nowait, token)
 
-        job = self.job(input_ids, params, adapter, on_token=on_token)
+        job = self.job(input_ids, params, adapter, on_token=on_token, tenant=tenant)
         task = asyncio.ensure_future(self._bounded(self.scheduler.run(job)))
         task.add_done_callback(lambda _: tokens.put_nowait(None))
         emitted: list[int] = []

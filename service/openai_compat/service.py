@@ -104,7 +104,7 @@ async def chat(state: AppState, runtime: ModelRuntime, caller: Caller, body: Cha
     if last_user is not None:
         messages[last_user] = {"role": "user", "content": augmented}
     ids = runtime.encode_chat(messages, max_new)
-    return await _run(state, runtime, body, prepared, ids, max_new, chat=True)
+    return await _run(runtime, body, prepared, ids, max_new, chat=True, tenant=caller.user_id)
 
 
 async def complete(state: AppState, runtime: ModelRuntime, caller: Caller, body: CompletionIn) -> Any:
@@ -112,11 +112,10 @@ async def complete(state: AppState, runtime: ModelRuntime, caller: Caller, body:
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     prepared, _ = await _prepare(state, caller, body, text)  # raw completion: no retrieval in the text
     ids = runtime.encode_raw(text, max_new)
-    return await _run(state, runtime, body, prepared, ids, max_new, chat=False)
+    return await _run(runtime, body, prepared, ids, max_new, chat=False, tenant=caller.user_id)
 
 
 async def _run(
-    state: AppState,
     runtime: ModelRuntime,
     body: CommonParams,
     prepared: generation.PreparedRequest | None,
@@ -124,6 +123,7 @@ async def _run(
     max_new: int,
     *,
     chat: bool,
+    tenant: str | None,
 ) -> Any:
     params = runtime.params(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     adapter = prepared.adapter if prepared is not None else None
@@ -131,8 +131,19 @@ async def _run(
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream(runtime, ids, params, adapter, rid, created, body.model, chat=chat, include_usage=include_usage)
-    done = await runtime.complete(ids, params, adapter)
+        return _stream(
+            runtime,
+            ids,
+            params,
+            adapter,
+            rid,
+            created,
+            body.model,
+            chat=chat,
+            include_usage=include_usage,
+            tenant=tenant,
+        )
+    done = await runtime.complete(ids, params, adapter, tenant=tenant)
     choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(done.finish_reason), "logprobs": None}
     if chat:
         choice["message"] = {"role": "assistant", "content": done.text}
@@ -159,6 +170,7 @@ async def _stream(
     *,
     chat: bool,
     include_usage: bool,
+    tenant: str | None,
 ) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -172,7 +184,7 @@ async def _stream(
         return f"data: {json.dumps(payload)}\n\n"
 
     yield chunk("", None, first=True)
-    async for part in runtime.stream(ids, params, adapter):
+    async for part in runtime.stream(ids, params, adapter, tenant=tenant):
         if isinstance(part, Completion):
             yield chunk(None, _finish(part.finish_reason))
             if include_usage:

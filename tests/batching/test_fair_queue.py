@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
+
+
+def test_round_robin_and_caps() -> None:
+    q: FairQueue[str] = FairQueue(max_total=6, max_per_tenant=3)
+    for i in range(3):
+        q.put("a", f"a{i}")
+    with pytest.raises(TenantQueueFull):
+        q.put("a", "a3")
+    q.put("b", "b0")
+    q.put("c", "c0")
+    q.put("b", "b1")
+    with pytest.raises(QueueFull) as full:
+        q.put("d", "d0")
+    assert not isinstance(full.value, TenantQueueFull)
+    order = [q.get(timeout=0)[1] for _ in range(6)]  # type: ignore[index]
+    assert order == ["a0", "b0", "c0", "a1", "b1", "a2"]
+    assert q.get(timeout=0) is None
+
+
+def test_put_back_goes_first_and_get_blocks_until_put() -> None:
+    q: FairQueue[str] = FairQueue(max_total=2, max_per_tenant=2)
+    q.put("a", "a1")
+    q.put_back([("b", "b0"), ("a", "a0")])  # admitted earlier: ignores caps, goes to the front
+    assert [q.get(timeout=0)[1] for _ in range(3)] == ["b0", "a0", "a1"]  # type: ignore[index]
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(q.get(timeout=5)))
+    t.start()
+    q.put("z", "z0")
+    t.join(2)
+    assert got == [("z", "z0")]
+    q.close()
+    assert q.get(timeout=None) is None
