@@ -6,16 +6,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from service.deps import SessionDep, UserDep
+from service.deps import SessionDep, StateDep, UserDep
 from service.history import service
 from service.history.schemas import HistoryAppendIn, HistoryAppendOut, HistoryPage, ProfileIn, ProfileOut
+from service.jobs import service as jobs
 
 router = APIRouter(prefix="/users/{user_id}", tags=["history"])
 
 
 @router.post("/history", status_code=201, response_model=HistoryAppendOut)
-def append_history(body: HistoryAppendIn, user: UserDep, session: SessionDep) -> HistoryAppendOut:
-    return service.append(session, user, body)
+def append_history(body: HistoryAppendIn, user: UserDep, session: SessionDep, state: StateDep) -> HistoryAppendOut:
+    out = service.append(session, user, body)
+    threshold = state.settings.retrain_after_new_items
+    if threshold and out.added and state.queue is not None:  # behaviour shift -> retrain (after commit)
+        jobs.maybe_auto_retrain(session, state.queue, user.pk, user.storage_key, threshold)
+    return out
 
 
 @router.get("/history", response_model=HistoryPage)

@@ -94,3 +94,9 @@ def upsert_profile(session: Session, user_pk: int, text: str, source: str) -> Pr
         profile.text, profile.source, profile.updated_at = text, source, now
     session.flush()
     return profile
+
+
+def count_items_after(session: Session, user_pk: int, after_id: int) -> int:
+    return int(
+        session.scalar(select(func.count()).where(HistoryItem.user_pk == user_pk, HistoryItem.id > after_id)) or 0
+    )

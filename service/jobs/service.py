@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -103,10 +103,12 @@ def claim(session: Session, job_id: str, stale_after_s: float) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
 
-def heartbeat(session: Session, job_id: str, progress: float) -> None:
+def heartbeat(session: Session, job_id: str, progress: float, *, attempt: int | None = None) -> None:
+    """Only the attempt that owns the job (when given) refreshes it: a superseded one must not."""
+    owned = (Job.attempts == attempt) if attempt is not None else true()
     session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running")
+        .where(Job.id == job_id, Job.status == "running", owned)
         .values(progress=progress, heartbeat_at=datetime.now(UTC))
         .execution_options(synchronize_session=False)
     )
@@ -121,10 +123,14 @@ def finish(session: Session, job_id: str, *, adapter_version: int | None) -> Non
     )
 
 
-def fail_or_retry(session: Session, job_id: str, error: str, max_attempts: int) -> bool:
-    """Returns True when the job goes back to the queue (the caller enqueues after commit)."""
+def fail_or_retry(
+    session: Session, job_id: str, error: str, max_attempts: int, *, attempt: int | None = None
+) -> bool:
+    """Returns True when the job goes back to the queue (the caller enqueues after commit). Only a
+    running job changes, and with `attempt` only while that attempt still owns it: a superseded attempt
+    that fails must not turn a job another attempt finished (or took over) back into queued/failed."""
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None:
+    if job is None or job.status != "running" or (attempt is not None and job.attempts != attempt):
         return False
     retry = job.attempts < max_attempts
     job.status = "queued" if retry else "failed"
@@ -138,3 +144,16 @@ def fail_or_retry(session: Session, job_id: str, error: str, max_attempts: int) 
 def stale_running(session: Session, stale_after_s: float) -> list[Job]:
     stale = datetime.now(UTC) - timedelta(seconds=stale_after_s)
     return list(session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < stale)))
+
+
+def maybe_auto_retrain(session: Session, queue: JobQueue, user_pk: int, owner_key: str, threshold: int) -> bool:
+    """Behaviour shift: enqueue a retrain once the user has `threshold` items past their adapter's cutoff."""
+    from service.adapters import repository as adapter_repo
+
+    current = adapter_repo.current(session, owner_key)
+    cutoff = (current.meta or {}).get("cutoff_item_id") if current is not None else None
+    newer = history_repo.count_items_after(session, user_pk, int(cutoff) if cutoff is not None else 0)
+    if newer < threshold or active_job(session, owner_key) is not None:
+        return False
+    request_job(session, queue, "user_retrain", owner_key, user_pk)
+    return True

@@ -72,3 +72,28 @@ def test_user_key_cannot_retrain_or_read_jobs(client: TestClient) -> None:
     assert client.post("/admin/users/carol/retrain", headers=bearer(key)).status_code == 403
     assert client.get("/admin/jobs/x", headers=bearer(key)).status_code == 403
     assert client.get("/admin/jobs/nope", headers=admin_headers()).status_code == 404
+
+
+def test_auto_retrain_after_new_items(tmp_path: object, tiny_model_path: object) -> None:
+    from pathlib import Path
+
+    from service.db.migrate import upgrade
+    from service.main import create_app
+    from tests.conftest import make_settings
+
+    tmp = Path(str(tmp_path))
+    url = f"sqlite:///{tmp / 'db.sqlite3'}"
+    upgrade(url)
+    with TestClient(create_app(make_settings(tmp, url, str(tiny_model_path), retrain_after_new_items=5))) as client:
+        key = create_user(client, "auto")
+        add_history(client, "auto", key, n=4)
+        assert client.get("/users/auto/adapter", headers=bearer(key)).status_code == 404
+        state = client.app.state.oppu  # type: ignore[attr-defined]
+        assert state.queue.depth() == 0  # 4 < 5: nothing enqueued
+        items = [{"id": "extra", "output": "one more"}]
+        client.post("/users/auto/history", json={"items": items}, headers=bearer(key))
+        deadline = time.monotonic() + 60
+        while client.get("/users/auto/adapter", headers=bearer(key)).status_code != 200:
+            assert time.monotonic() < deadline, "auto-retrain did not publish"
+            time.sleep(0.2)
+        assert client.get("/users/auto/adapter", headers=bearer(key)).json()["metadata"]["cutoff_item_id"] == 5
