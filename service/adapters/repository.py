@@ -84,3 +84,15 @@ def delete_all(session: Session, owner_key: str) -> None:
 
 def by_job(session: Session, job_id: str) -> Adapter | None:
     return session.execute(select(Adapter).where(Adapter.job_id == job_id)).scalar_one_or_none()
+
+
+def current_rows(session: Session) -> list[Adapter]:
+    """Every owner's current version."""
+    return list(
+        session.scalars(
+            select(Adapter).join(
+                AdapterHead,
+                (AdapterHead.owner_key == Adapter.owner_key) & (AdapterHead.current_version == Adapter.version),
+            )
+        )
+    )

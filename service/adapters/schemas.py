@@ -21,6 +21,7 @@ class AdapterOut(BaseModel):
     nbytes: int
     metadata: dict[str, Any] | None
     created_at: datetime
+    stale: bool = False  # trained on an older shared task LoRA than the one served now
 
 
 class AdapterVersionsOut(BaseModel):

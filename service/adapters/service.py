@@ -22,7 +22,7 @@ from service.adapters.validation import (
     ValidationLimits,
     validate_peft_files,
 )
-from service.db.models import Adapter
+from service.db.models import SHARED_OWNER, Adapter
 from service.db.session import after_commit
 from service.errors import Conflict, NotFound, Unprocessable
 
@@ -141,7 +141,21 @@ def current(session: Session, owner_key: str) -> AdapterOut:
     row = repo.current(session, owner_key)
     if row is None:
         raise NotFound("no adapter for this user")
-    return to_out(row, row.version)
+    out = to_out(row, row.version)
+    shared = current_version(session, SHARED_OWNER)
+    # Trained on another shared task LoRA than the one served now: a retrain is due.
+    out.stale = row.source == "trained" and row.shared_version != shared
+    return out
+
+
+def stale_owners(session: Session) -> list[tuple[str, int]]:
+    """(owner key, user pk) of every user whose current trained adapter predates the current shared LoRA."""
+    shared = current_version(session, SHARED_OWNER)
+    return [
+        (row.owner_key, row.user_pk)
+        for row in repo.current_rows(session)
+        if row.user_pk is not None and row.source == "trained" and row.shared_version != shared
+    ]
 
 
 def versions(session: Session, owner_key: str) -> AdapterVersionsOut:

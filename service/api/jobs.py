@@ -6,28 +6,43 @@ from typing import Annotated
 
 from fastapi import APIRouter
 from fastapi import Path as PathParam
+from pydantic import BaseModel
 
+from service.adapters import service as adapter_service
 from service.deps import AdminDep, QueueDep, RuntimeDep, SessionDep, StateDep, UserIdPath
+from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.history.schemas import ProfileOut
 from service.jobs import service
 from service.jobs.profile import generate_profile
 from service.jobs.schemas import JobOut
 from service.tenancy import authorize_user
 
-router = APIRouter(prefix="/admin", tags=["training"])
+router = APIRouter(prefix="/admin", tags=["training"], responses=error_responses(*AUTH_ERRORS))
+NEEDS_QUEUE = error_responses(503)  # QueueDep: the job queue is not ready
 
 
-@router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut)
+@router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut, responses=NEEDS_QUEUE)
 def retrain_user(user_id: UserIdPath, caller: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
     user = authorize_user(session, caller, user_id)
     job, _created = service.request_job(session, queue, "user_retrain", user.storage_key, user.pk)
     return job
 
 
-@router.post("/shared-adapter/retrain", status_code=202, response_model=JobOut)
+@router.post("/shared-adapter/retrain", status_code=202, response_model=JobOut, responses=NEEDS_QUEUE)
 def retrain_shared(_: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
     job, _created = service.request_job(session, queue, "shared_retrain", service.SHARED_OWNER_KEY, None)
     return job
+
+
+class BulkRetrainOut(BaseModel):
+    jobs: list[JobOut]
+
+
+@router.post("/adapters/retrain-stale", status_code=202, response_model=BulkRetrainOut, responses=NEEDS_QUEUE)
+def retrain_stale(_: AdminDep, session: SessionDep, queue: QueueDep) -> BulkRetrainOut:
+    """After the shared LoRA changed: one retrain job per user whose adapter was trained on an older one."""
+    owners = adapter_service.stale_owners(session)
+    return BulkRetrainOut(jobs=[service.request_job(session, queue, "user_retrain", k, pk)[0] for k, pk in owners])
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
@@ -35,7 +50,7 @@ def get_job(job_id: Annotated[str, PathParam(max_length=64)], _: AdminDep, sessi
     return service.get(session, job_id)
 
 
-@router.post("/users/{user_id}/profile/generate", response_model=ProfileOut)
+@router.post("/users/{user_id}/profile/generate", response_model=ProfileOut, responses=error_responses(*SERVING_ERRORS))
 async def generate_user_profile(
     user_id: UserIdPath, caller: AdminDep, state: StateDep, runtime: RuntimeDep
 ) -> ProfileOut:
