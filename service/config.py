@@ -39,13 +39,10 @@ class Settings(BaseSettings):
     # --- generation limits ---
     max_new_tokens_cap: int = 512
     default_max_new_tokens: int = 64
-    max_prompt_chars: int = 32_000
     retrieval_item_chars: int = 600  # each retrieved item is clipped to this in the prompt
     profile_max_chars: int = 4_000
 
-    # --- history limits ---
-    history_batch_max: int = 1000
-    history_field_max_chars: int = 20_000
+    # --- history ---
     bm25_cache_users: int = 64
 
     # --- batching ---

@@ -30,7 +30,8 @@ def get_session(state: StateDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the commit happens before the response is sent, so a 201 means committed.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 # Auth uses its own short unit of work so that long requests (generate) hold no connection.

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,41 @@ class Timeout(ServiceError):
     status, code = 504, "timeout"
 
 
+class ErrorOut(BaseModel):
+    """The body of every error response (documented in the OpenAPI schema via error_responses)."""
+
+    code: str
+    message: str
+    details: Any = None  # present only where there is more to say (e.g. the validation errors)
+
+
+_ERROR_DOCS = {
+    400: "Bad request (e.g. a body that is not UTF-8)",
+    401: "Missing, malformed or invalid API key",
+    403: "The key may not act on this resource",
+    404: "No such user or resource",
+    409: "Conflict with the current state",
+    413: "Request body too large",
+    422: "Invalid request",
+    429: "Too many requests (per-user queue share or failed authentications); see Retry-After",
+    503: "Server saturated or not ready; see Retry-After when present",
+    504: "The request passed its deadline",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 0}}}
+AUTH_ERRORS = (400, 401, 403, 404, 413, 422, 429)  # what any authenticated route may answer
+SERVING_ERRORS = (409, 503, 504)  # routes that run the model (adapter conflict, saturation, deadline)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for these error statuses, all with the ErrorOut body."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorOut, "description": _ERROR_DOCS[status]}
+        if status in (429, 503):
+            out[status]["headers"] = _RETRY_AFTER
+    return out
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"code": code, "message": message}
     if details is not None:
@@ -77,10 +113,9 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 def _clean_validation_errors(errors: Any) -> list[dict[str, Any]]:
     # Only location, message and type: the raw input may be huge or not JSON-serialisable.
-    return [
-        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
-        for e in errors
-    ][:50]
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")} for e in errors][
+        :50
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -95,7 +130,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

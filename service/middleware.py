@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised by receive() once a body (chunked, or longer than declared) passes the cap. An HTTPException
+    so that FastAPI re-raises it from body parsing (other errors there become 400) and the JSON handler
+    answers 413."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body is too large")
 
 
 class BodySizeLimit:

@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db.base import Base
@@ -95,7 +95,7 @@ class Adapter(Base):
     version: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     rank: Mapped[int] = mapped_column(Integer)
-    alpha: Mapped[float] = mapped_column()
+    alpha: Mapped[float] = mapped_column(Float)
     target_modules: Mapped[list[str]] = mapped_column(JSON)
     base_model: Mapped[str] = mapped_column(String(256))
     base_fingerprint: Mapped[str] = mapped_column(String(64))
@@ -129,7 +129,7 @@ class Job(Base):
     owner_key: Mapped[str] = mapped_column(String(40))
     user_pk: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
     status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed
-    progress: Mapped[float] = mapped_column(default=0.0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cutoff_item_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # history snapshot
     adapter_version: Mapped[int | None] = mapped_column(Integer, nullable=True)

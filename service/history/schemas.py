@@ -2,33 +2,54 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_FIELD = 20_000
 MAX_META_BYTES = 16_384
 
-ClientId = Annotated[str, Field(min_length=1, max_length=128)]
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold U+0000 (SQLite can): reject it on both so that they answer alike.
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL (U+0000) characters")
+    return value
+
+
+SafeStr = Annotated[str, AfterValidator(_no_nul)]
+ClientId = Annotated[SafeStr, Field(min_length=1, max_length=128)]
 
 
 class HistoryItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: ClientId | None = None
-    input: Annotated[str, Field(max_length=MAX_FIELD)] | None = None
-    output: Annotated[str, Field(min_length=1, max_length=MAX_FIELD)]
-    kind: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    input: Annotated[SafeStr, Field(max_length=MAX_FIELD)] | None = None
+    output: Annotated[SafeStr, Field(min_length=1, max_length=MAX_FIELD)]
+    kind: Annotated[SafeStr, Field(min_length=1, max_length=64)] | None = None
     metadata: dict[str, Any] | None = None
     timestamp: datetime | None = None
+
+    @field_validator("timestamp")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # Stored in UTC (SQLite keeps no offset); naive means UTC. 0001-01-01T00:00+14:00 has no UTC value.
+        if value is None:
+            return None
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError as exc:
+            raise ValueError("timestamp is out of range in UTC") from exc
 
     @field_validator("metadata")
     @classmethod
     def _meta_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         import json
 
-        if value is not None and len(json.dumps(value, default=str)) > MAX_META_BYTES:
+        # allow_nan=False: NaN/Infinity are not JSON (PostgreSQL rejects them, SQLite turns them into null).
+        if value is not None and len(json.dumps(value, default=str, allow_nan=False)) > MAX_META_BYTES:
             raise ValueError(f"metadata is larger than {MAX_META_BYTES} bytes as JSON")
         return value
 
@@ -63,7 +84,7 @@ class HistoryPage(BaseModel):
 class ProfileIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: Annotated[str, Field(max_length=MAX_FIELD)]
+    text: Annotated[SafeStr, Field(max_length=MAX_FIELD)]
 
 
 class ProfileOut(BaseModel):

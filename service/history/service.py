@@ -60,9 +60,7 @@ def append(session: Session, user: UserRef, body: HistoryAppendIn) -> HistoryApp
         if client_id in seen:  # the same id twice in one request counts once
             continue
         seen.add(client_id)
-        ts = item.timestamp
-        if ts is not None and ts.tzinfo is None:
-            ts = ts.replace(tzinfo=UTC)
+        ts = as_utc(item.timestamp) if item.timestamp is not None else None
         rows.append(
             {
                 "client_id": client_id,
@@ -76,6 +74,12 @@ def append(session: Session, user: UserRef, body: HistoryAppendIn) -> HistoryApp
         )
     added = repo.insert_items_ignore_duplicates(session, user.pk, rows)
     return HistoryAppendOut(added=added, duplicates=len(body.items) - added, ids=ids)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Aware UTC. Naive input is taken as UTC; SQLite keeps no offset, so values are stored in UTC and
+    read back naive (PostgreSQL returns them aware): both come out the same."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _encode_cursor(last_id: int) -> str:
@@ -102,8 +106,8 @@ def _item_out(item: HistoryItem) -> HistoryItemOut:
         output=item.output,
         kind=item.kind,
         metadata=item.meta,
-        timestamp=item.timestamp,
-        created_at=item.created_at,
+        timestamp=as_utc(item.timestamp) if item.timestamp is not None else None,
+        created_at=as_utc(item.created_at),
     )
 
 
@@ -148,7 +152,7 @@ def get_profile(session: Session, user: UserRef) -> ProfileOut:
     profile = repo.get_profile(session, user.pk)
     if profile is None:
         raise NotFound("no profile for this user")
-    return ProfileOut(text=profile.text, source=profile.source, updated_at=profile.updated_at)
+    return ProfileOut(text=profile.text, source=profile.source, updated_at=as_utc(profile.updated_at))
 
 
 def profile_text(session: Session, user: UserRef) -> str | None:
@@ -158,4 +162,4 @@ def profile_text(session: Session, user: UserRef) -> str | None:
 
 def set_profile(session: Session, user: UserRef, text: str, source: str = "user") -> ProfileOut:
     profile = repo.upsert_profile(session, user.pk, text, source)
-    return ProfileOut(text=profile.text, source=profile.source, updated_at=profile.updated_at)
+    return ProfileOut(text=profile.text, source=profile.source, updated_at=as_utc(profile.updated_at))

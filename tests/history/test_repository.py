@@ -1,0 +1,205 @@
+"""The history repository and service on SQLite and PostgreSQL: per-user SQL, idempotent inserts,
+ordering, profile upsert, and the BM25 cache keyed by user and invalidated by the history stamp."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.session import make_engine, make_session_factory, unit_of_work
+from service.history import repository as repo
+from service.history import service
+from service.history.schemas import HistoryAppendIn, HistoryItemIn
+from service.history.service import UserCorpus
+from service.retrieval.bm25 import BM25Cache
+from service.tenancy import UserRef
+from service.users import create_user, delete_user_rows
+
+
+@pytest.fixture
+def factory(db_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(db_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def new_user(factory: sessionmaker[Session], user_id: str) -> UserRef:
+    with unit_of_work(factory) as session:
+        user, _ = create_user(session, user_id)
+    return user
+
+
+def rows(*ids: str, text: str = "output") -> list[dict[str, object]]:
+    now = datetime.now(UTC)
+    return [
+        {
+            "client_id": i,
+            "input": None,
+            "output": f"{text} {i}",
+            "kind": None,
+            "meta": None,
+            "timestamp": None,
+            "created_at": now,
+        }
+        for i in ids
+    ]
+
+
+def body(*outputs: str, ids: list[str | None] | None = None) -> HistoryAppendIn:
+    client_ids = ids or [None] * len(outputs)
+    return HistoryAppendIn(items=[HistoryItemIn(id=i, output=o) for i, o in zip(client_ids, outputs, strict=True)])
+
+
+def test_insert_ignores_duplicates_per_user(factory: sessionmaker[Session]) -> None:
+    alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
+    with unit_of_work(factory) as s:
+        assert repo.insert_items_ignore_duplicates(s, alice.pk, rows("a", "b", "c")) == 3
+        assert repo.insert_items_ignore_duplicates(s, alice.pk, rows("b", "c", "d")) == 1
+        assert repo.insert_items_ignore_duplicates(s, bob.pk, rows("a")) == 1  # other user: not a duplicate
+        assert repo.insert_items_ignore_duplicates(s, alice.pk, []) == 0
+    with unit_of_work(factory) as s:
+        assert repo.count_items(s, alice.pk) == 4 and repo.count_items(s, bob.pk) == 1
+        assert [i.client_id for i in repo.all_items(s, alice.pk)] == ["a", "b", "c", "d"]
+        assert [i.client_id for i in repo.all_items(s, bob.pk)] == ["a"]
+
+
+def test_insert_a_full_batch_with_repeats(factory: sessionmaker[Session]) -> None:
+    alice = new_user(factory, "alice")
+    ids = [f"id{i}" for i in range(1000)]
+    with unit_of_work(factory) as s:
+        assert repo.insert_items_ignore_duplicates(s, alice.pk, rows(*ids)) == 1000
+        # Repeats inside one call count once; the first row wins.
+        assert repo.insert_items_ignore_duplicates(s, alice.pk, rows("new", "new", "id5", text="again")) == 1
+    with unit_of_work(factory) as s:
+        assert repo.count_items(s, alice.pk) == 1001
+        items = {i.client_id: i.output for i in repo.all_items(s, alice.pk)}
+        assert items["new"] == "again new" and items["id5"] == "output id5"
+
+
+def test_existing_client_ids_in_chunks(factory: sessionmaker[Session]) -> None:
+    alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
+    ids = [f"id{i}" for i in range(1200)]
+    with unit_of_work(factory) as s:
+        repo.insert_items_ignore_duplicates(s, alice.pk, rows(*ids[::2]))
+        repo.insert_items_ignore_duplicates(s, bob.pk, rows(*ids[1::2]))
+    with unit_of_work(factory) as s:
+        assert repo.existing_client_ids(s, alice.pk, ids) == set(ids[::2])
+        assert repo.existing_client_ids(s, bob.pk, ids[:10]) == set(ids[1:10:2])
+        assert repo.existing_client_ids(s, alice.pk, []) == set()
+
+
+def test_list_items_pages_by_id(factory: sessionmaker[Session]) -> None:
+    alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
+    with unit_of_work(factory) as s:
+        repo.insert_items_ignore_duplicates(s, alice.pk, rows("a", "b"))
+        repo.insert_items_ignore_duplicates(s, bob.pk, rows("x"))  # interleaved ids of another user
+        repo.insert_items_ignore_duplicates(s, alice.pk, rows("c", "d", "e"))
+    with unit_of_work(factory) as s:
+        first = repo.list_items(s, alice.pk, after_id=0, limit=2)
+        assert [i.client_id for i in first] == ["a", "b"]
+        rest = repo.list_items(s, alice.pk, after_id=first[-1].id, limit=10)
+        assert [i.client_id for i in rest] == ["c", "d", "e"]
+        assert repo.list_items(s, alice.pk, after_id=rest[-1].id, limit=10) == []
+        upto = repo.all_items(s, alice.pk, up_to_id=rest[0].id)
+        assert [i.client_id for i in upto] == ["a", "b", "c"]
+        assert repo.max_item_id(s, alice.pk) == rest[-1].id
+        assert repo.max_item_id(s, new_user(factory, "nobody").pk) is None
+
+
+def test_delete_items_and_user_rows(factory: sessionmaker[Session]) -> None:
+    alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
+    with unit_of_work(factory) as s:
+        repo.insert_items_ignore_duplicates(s, alice.pk, rows("a", "b"))
+        repo.insert_items_ignore_duplicates(s, bob.pk, rows("a"))
+        repo.upsert_profile(s, alice.pk, "p", "user")
+    with unit_of_work(factory) as s:
+        repo.delete_items(s, alice.pk)
+    with unit_of_work(factory) as s:
+        assert repo.count_items(s, alice.pk) == 0 and repo.count_items(s, bob.pk) == 1
+        assert repo.get_profile(s, alice.pk) is not None
+        delete_user_rows(s, alice)
+    with unit_of_work(factory) as s:
+        assert repo.get_profile(s, alice.pk) is None  # cascaded
+        assert repo.count_items(s, bob.pk) == 1
+
+
+def test_profile_upsert(factory: sessionmaker[Session]) -> None:
+    alice = new_user(factory, "alice")
+    with unit_of_work(factory) as s:
+        assert repo.get_profile(s, alice.pk) is None
+        assert service.profile_text(s, alice) is None
+        repo.upsert_profile(s, alice.pk, "first", "user")
+    with unit_of_work(factory) as s:
+        repo.upsert_profile(s, alice.pk, "second", "generated")
+    with unit_of_work(factory) as s:
+        out = service.get_profile(s, alice)
+        assert (out.text, out.source) == ("second", "generated")
+        assert out.updated_at.tzinfo is not None
+        service.set_profile(s, alice, "   ")
+        assert service.profile_text(s, alice) is None  # blank profiles are not put in prompts
+
+
+def test_append_service_counts_and_ids(factory: sessionmaker[Session]) -> None:
+    alice = new_user(factory, "alice")
+    with unit_of_work(factory) as s:
+        out = service.append(s, alice, body("one", "two", "dup", "free", ids=["1", "2", "1", None]))
+    assert (out.added, out.duplicates) == (3, 1)
+    assert out.ids[:3] == ["1", "2", "1"] and out.ids[3].startswith("h_")
+
+
+def test_timestamps_come_back_in_utc(factory: sessionmaker[Session]) -> None:
+    alice = new_user(factory, "alice")
+    plus2 = timezone(timedelta(hours=2))
+    item = HistoryItemIn(id="t", output="o", timestamp=datetime(2024, 5, 1, 12, 0, tzinfo=plus2))
+    naive = HistoryItemIn(id="n", output="o", timestamp=datetime(2024, 5, 1, 12, 0))
+    with unit_of_work(factory) as s:
+        service.append(s, alice, HistoryAppendIn(items=[item, naive]))
+    with unit_of_work(factory) as s:
+        got = service.page(s, alice, limit=10, cursor=None).items
+    assert got[0].timestamp == datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
+    assert got[1].timestamp == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert all(i.created_at.tzinfo is not None for i in got)
+
+
+def test_retrieve_uses_only_the_users_items(factory: sessionmaker[Session]) -> None:
+    alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
+    cache = BM25Cache[UserCorpus](8)
+    with unit_of_work(factory) as s:
+        service.append(s, alice, body("i like green tea", "mountain bikes are fun", ids=["a1", "a2"]))
+        service.append(s, bob, body("green tea green tea green tea", ids=["b1"]))
+    with unit_of_work(factory) as s:
+        hits = service.retrieve(s, alice, "green tea", 5, cache)
+        assert [h.doc.id for h in hits] == ["a1"]
+        assert [h.doc.id for h in service.retrieve(s, bob, "green tea", 5, cache)] == ["b1"]
+        assert service.retrieve(s, alice, "green tea", 0, cache) == []
+        assert service.retrieve(s, new_user(factory, "empty"), "green tea", 5, cache) == []
+
+
+def test_bm25_cache_hit_and_invalidation_by_stamp(factory: sessionmaker[Session]) -> None:
+    alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
+    cache = BM25Cache[UserCorpus](8)
+    with unit_of_work(factory) as s:
+        service.append(s, alice, body("red apples", ids=["r"]))
+        service.append(s, bob, body("red apples", ids=["r"]))
+    with unit_of_work(factory) as s:
+        a1 = service.user_corpus(s, alice, cache)
+        assert service.user_corpus(s, alice, cache) is a1  # cached: same stamp
+        b1 = service.user_corpus(s, bob, cache)
+        assert b1 is not a1  # per-user entries
+    with unit_of_work(factory) as s:  # an append changes the stamp (count, max id): rebuilt
+        service.append(s, alice, body("green pears", ids=["g"]))
+    with unit_of_work(factory) as s:
+        a2 = service.user_corpus(s, alice, cache)
+        assert a2 is not a1 and [d.id for d in a2.docs] == ["r", "g"]
+        assert service.user_corpus(s, bob, cache) is b1  # Bob's entry untouched
+        assert [h.doc.id for h in service.retrieve(s, alice, "pears", 3, cache)] == ["g"]
+    # Deleting and re-adding the same number of items changes max id, so the stamp still moves.
+    with unit_of_work(factory) as s:
+        repo.delete_items(s, alice.pk)
+        service.append(s, alice, body("blue plums", "x", ids=["p", "q"]))
+    with unit_of_work(factory) as s:
+        a3 = service.user_corpus(s, alice, cache)
+        assert a3 is not a2 and [d.id for d in a3.docs] == ["p", "q"]
