@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite keeps no offset: stored values are UTC, so a naive one is UTC (an RFC 3339 date-time needs one).
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class JobOut(BaseModel):
@@ -18,5 +26,5 @@ class JobOut(BaseModel):
     adapter_version: int | None
     error: str | None
     attempts: int
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None

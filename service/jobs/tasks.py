@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,32 +84,53 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         if job is None:
             return  # done already, or running elsewhere with a live heartbeat
         kind, owner_key, user_pk, cutoff = job.kind, job.owner_key, job.user_pk, job.cutoff_item_id
+        attempt = job.attempts
     try:
-        with ctx._lock:
-            version = _train_and_publish(ctx, job_id, kind, owner_key, user_pk, cutoff)
+        with ctx._lock, _Heartbeat(ctx, job_id, attempt) as beat:
+            version = _train_and_publish(ctx, job_id, kind, owner_key, user_pk, cutoff, beat)
         with unit_of_work(ctx.session_factory) as session:
             jobs.finish(session, job_id, adapter_version=version)
         ctx.queue.publish_adapter(owner_key, version)
     except Exception as exc:
         log.exception("job %s failed", job_id)
         with unit_of_work(ctx.session_factory) as session:
-            if jobs.fail_or_retry(session, job_id, f"{type(exc).__name__}: {exc}", ctx.settings.job_max_attempts):
+            error = f"{type(exc).__name__}: {exc}"
+            if jobs.fail_or_retry(session, job_id, error, ctx.settings.job_max_attempts, attempt=attempt):
                 attempts = session.get(Job, job_id)
                 n = attempts.attempts + 1 if attempts is not None else 1
                 after_commit(session, lambda: ctx.queue.enqueue(job_id, n))
 
 
-def _progress_reporter(ctx: JobContext, job_id: str) -> Any:
-    last = [0.0]
+class _Heartbeat:
+    """Refreshes the job's heartbeat (and progress) from a side thread for as long as this attempt works
+    on it, model loading and example building included: the reaper must only retry jobs whose process
+    died, never one that is slow to reach its first training step."""
 
-    def report(fraction: float) -> None:
-        now = time.monotonic()
-        if now - last[0] >= HEARTBEAT_EVERY_S or fraction >= 1.0:
-            last[0] = now
-            with unit_of_work(ctx.session_factory) as session:
-                jobs.heartbeat(session, job_id, min(0.99, fraction))
+    def __init__(self, ctx: JobContext, job_id: str, attempt: int) -> None:
+        self._ctx, self._job_id, self._attempt = ctx, job_id, attempt
+        self.progress = 0.0
+        self._every = min(HEARTBEAT_EVERY_S, ctx.settings.job_stale_after_s / 3)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="oppu-job-heartbeat", daemon=True)
 
-    return report
+    def report(self, fraction: float) -> None:
+        self.progress = min(0.99, fraction)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                with unit_of_work(self._ctx.session_factory) as session:
+                    jobs.heartbeat(session, self._job_id, self.progress, attempt=self._attempt)
+            except Exception:
+                log.exception("heartbeat of job %s failed", self._job_id)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _current_shared(session: Session) -> int | None:
@@ -119,7 +139,13 @@ def _current_shared(session: Session) -> int | None:
 
 
 def _train_and_publish(
-    ctx: JobContext, job_id: str, kind: str, owner_key: str, user_pk: int | None, cutoff: int | None
+    ctx: JobContext,
+    job_id: str,
+    kind: str,
+    owner_key: str,
+    user_pk: int | None,
+    cutoff: int | None,
+    beat: _Heartbeat,
 ) -> int:
     s = ctx.settings
     with unit_of_work(ctx.session_factory) as session:
@@ -183,7 +209,7 @@ def _train_and_publish(
         examples,
         config,
         base_model_name=loaded.name,
-        progress=_progress_reporter(ctx, job_id),
+        progress=beat.report,
     )
     meta = {
         "job_id": job_id,

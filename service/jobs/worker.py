@@ -38,6 +38,10 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
             stop.wait(max(1.0, settings.job_stale_after_s / 4))
 
     threading.Thread(target=reaper, name="oppu-reaper", daemon=True).start()
+    # Import the training libraries once in the parent (CPU-only imports, no CUDA init): each forked
+    # work horse then starts training without paying seconds of imports.
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
     try:
         Worker([QUEUE_NAME], connection=queue.redis).work(burst=burst, with_scheduler=False)
     finally:

@@ -1,0 +1,336 @@
+"""Two real API processes and real RQ workers against the real PostgreSQL and Redis (tiny model).
+
+(a) once a retrain job has succeeded, BOTH API processes serve the new adapter version at once (every
+request reads the current version from SQL: the bound is 0 s after the publish commit);
+(b) SIGKILL of the worker mid-job: a new worker retries the job, which ends with exactly one new version,
+while generate calls against both APIs all succeed and never go back to the old version once the new
+one was seen.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import ADMIN_KEY, PG_SERVER_URL, REDIS_URL
+from tests.models import MODEL_CACHE_DIR, tiny_model_dir
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+BIN = Path(sys.executable).parent
+REDIS_DB = 7  # flushed before and after: the test owns this database number
+STALE_AFTER_S = 3
+EPOCHS = 40  # ~4 s of training on the tiny model (more under load): a kill lands mid-job
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+GEN = {"prompt": "hello there", "max_new_tokens": 1, "temperature": 0, "retrieval_k": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_url(db: int) -> str:
+    parts = urlsplit(REDIS_URL)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (RQ's work horse runs in its own process group, so killpg misses it)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def kill_tree(self) -> None:
+        """SIGKILL the process, its process group and everything it forked (work horses included)."""
+        victims = descendants(self.popen.pid)
+        for pgid in {self.popen.pid, *victims}:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        if self.popen.poll() is None or descendants(self.popen.pid):
+            self.kill_tree()
+
+    def tail(self, n: int = 40) -> str:
+        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
+        return f"--- {self.name} (rc={self.popen.poll()}) ---\n" + "\n".join(lines[-n:])
+
+
+class Cluster:
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp, self.env = tmp, env
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, *args: str) -> Proc:
+        log = self.tmp / f"{name}.log"
+        with open(log, "ab") as fh:
+            popen = subprocess.Popen(
+                [str(BIN / "oppu"), *args], env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(p.tail() for p in self.procs)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[str]:
+    schema = f"t_mp_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_SERVER_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_SERVER_URL else "?"
+    try:
+        yield f"{PG_SERVER_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, pg_schema_url: str) -> Iterator[Cluster]:
+    from redis import Redis
+
+    url = redis_url(REDIS_DB)
+    redis = Redis.from_url(url)
+    redis.flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPPU_")}
+    env.update(
+        OPPU_DATABASE_URL=pg_schema_url,
+        OPPU_REDIS_URL=url,
+        OPPU_ADAPTERS_DIR=str(tmp_path / "adapters"),
+        OPPU_DATA_DIR=str(tmp_path / "data"),
+        OPPU_ADMIN_KEY=ADMIN_KEY,
+        OPPU_MODEL=str(tiny_model_dir()),
+        OPPU_MODEL_CACHE_DIR=str(MODEL_CACHE_DIR),
+        OPPU_DEVICE="cpu",
+        OPPU_JOB_STALE_AFTER_S=str(STALE_AFTER_S),
+        OPPU_TRAIN_USER_EPOCHS=str(EPOCHS),
+        OPPU_TRAIN_RETRIEVAL_K="1",
+        OPPU_TORCH_THREADS="1",
+        OPPU_BATCH_WINDOW_MS="2",
+    )
+    subprocess.run([str(BIN / "oppu"), "migrate"], env=env, check=True, capture_output=True, timeout=120)
+    c = Cluster(tmp_path, env)
+    try:
+        yield c
+    finally:
+        c.stop_all()
+        redis.flushdb()
+        redis.close()
+
+
+def wait_ready(cluster: Cluster, bases: list[str], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(bases)
+    while pending:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"APIs not ready: {pending}\n{cluster.logs()}")
+        for proc in cluster.procs:
+            assert proc.popen.poll() is None, cluster.logs()
+        try:
+            if httpx.get(f"{pending[0]}/readyz", timeout=2).status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+def get_job(base: str, job_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{base}/admin/jobs/{job_id}", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    job: dict[str, Any] = r.json()
+    return job
+
+
+def wait_job(
+    cluster: Cluster, base: str, job_id: str, *, until: tuple[str, ...], timeout: float = 60.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = get_job(base, job_id)
+        if job["status"] in until:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} not in {until} after {timeout} s: {job}\n{cluster.logs()}")
+
+
+def generate_version(base: str, key: str) -> int | None:
+    r = httpx.post(f"{base}/users/u1/generate", json=GEN, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    version: int | None = r.json()["adapter_version"]
+    return version
+
+
+@dataclass
+class Call:
+    api: int
+    started: float
+    ended: float
+    status: int
+    version: int | None
+
+
+class Load:
+    """Generate calls against every API, back to back (one thread per API), recorded with their times."""
+
+    def __init__(self, bases: list[str], key: str) -> None:
+        self.bases, self.key = bases, key
+        self.calls: list[Call] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(bases))]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def _run(self, api: int) -> None:
+        with httpx.Client(base_url=self.bases[api], headers={"Authorization": f"Bearer {self.key}"}) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    r = client.post("/users/u1/generate", json=GEN, timeout=30)
+                    body = r.json() if r.status_code == 200 else {}
+                    self.calls.append(Call(api, started, time.monotonic(), r.status_code, body.get("adapter_version")))
+                    if r.status_code != 200:
+                        self.errors.append(f"api{api}: {r.status_code} {r.text[:200]}")
+                except Exception as exc:  # a refused connection or a timeout is a failed call too
+                    self.errors.append(f"api{api}: {type(exc).__name__}: {exc}")
+                self._stop.wait(0.1)
+
+
+def test_two_apis_and_a_killed_worker(cluster: Cluster) -> None:
+    t0 = time.monotonic()
+    ports = [free_port(), free_port()]
+    bases = [f"http://127.0.0.1:{p}" for p in ports]
+    for i, port in enumerate(ports):
+        cluster.start(f"api{i + 1}", "serve", "--port", str(port), "--log-level", "warning")
+    worker = cluster.start("worker1", "worker")
+    wait_ready(cluster, bases)
+
+    r = httpx.post(f"{bases[0]}/admin/users", json={"user_id": "u1"}, headers=ADMIN, timeout=10)
+    assert r.status_code == 201, r.text
+    key = r.json()["api_key"]
+    items = [{"id": f"i{n}", "input": f"question {n}", "output": f"answer {n} zebracorn"} for n in range(6)]
+    r = httpx.post(f"{bases[1]}/users/u1/history", json={"items": items},
+                   headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert r.status_code == 201, r.text
+    assert [generate_version(b, key) for b in bases] == [None, None]
+
+    # (a) retrain through API 2, watch through API 1; both serve v1 as soon as the job has succeeded.
+    r = httpx.post(f"{bases[1]}/admin/users/u1/retrain", headers=ADMIN, timeout=10)
+    assert r.status_code == 202, r.text
+    job = wait_job(cluster, bases[0], r.json()["job_id"], until=("succeeded", "failed"))
+    seen_at = time.monotonic()
+    assert (job["status"], job["adapter_version"], job["attempts"]) == ("succeeded", 1, 1), job
+    asked = []  # the first call on each API, sent right away (no retries), already gets v1
+    for base in bases:
+        asked.append(time.monotonic() - seen_at)
+        assert generate_version(base, key) == 1, cluster.logs()
+    assert max(asked) < 1.0, asked
+    t_a = time.monotonic() - t0
+
+    # (b) retrain again; SIGKILL the worker (and its work horse) mid-training; a new worker retries it.
+    with Load(bases, key) as load:
+        r = httpx.post(f"{bases[0]}/admin/users/u1/retrain", headers=ADMIN, timeout=10)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        deadline = time.monotonic() + 60
+        while not ((job := get_job(bases[1], job_id))["status"] == "running" and job["progress"] > 0):
+            assert job["status"] in ("queued", "running") and time.monotonic() < deadline, (job, cluster.logs())
+            time.sleep(0.05)
+        worker.kill_tree()
+        killed_at = time.monotonic()
+        assert get_job(bases[1], job_id)["status"] == "running"  # nobody marks it: the reaper will
+        cluster.start("worker2", "worker")
+        job = wait_job(cluster, bases[1], job_id, until=("succeeded", "failed"), timeout=60)
+        done_at = time.monotonic()
+        time.sleep(1.0)  # keep calling for a while after the new version appeared
+    assert job["status"] == "succeeded", (job, cluster.logs())
+    assert job["attempts"] >= 2 and job["adapter_version"] == 2, job
+
+    r = httpx.get(f"{bases[0]}/users/u1/adapter/versions", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["current_version"] == 2
+    assert sorted(v["version"] for v in r.json()["versions"]) == [1, 2]  # exactly one new version
+    assert [generate_version(b, key) for b in bases] == [2, 2]
+    on_disk = sorted(p.name for p in (cluster.tmp / "adapters" / "users").glob("*/*"))
+    assert on_disk == ["v000001", "v000002"], on_disk  # nothing partial left by the killed attempt
+
+    assert not load.errors, load.errors[:5]
+    calls = sorted(load.calls, key=lambda c: c.started)
+    assert all(c.status == 200 and c.version in (1, 2) for c in calls)
+    for api in range(len(bases)):
+        mine = [c for c in calls if c.api == api]
+        assert any(c.started > killed_at and c.ended < done_at and c.version == 1 for c in mine), "no calls mid-episode"
+        assert any(c.version == 2 for c in mine)
+    first_new = min(c.ended for c in calls if c.version == 2)
+    regressions = [c for c in calls if c.started > first_new and c.version == 1]
+    assert not regressions, f"{len(regressions)} call(s) served v1 after v2 was seen"
+    print(f"\n(a) at {t_a:.1f} s; kill->success {done_at - killed_at:.1f} s; {len(calls)} calls, all 200; "
+          f"total {time.monotonic() - t0:.1f} s")

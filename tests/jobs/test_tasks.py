@@ -1,0 +1,307 @@
+"""Job bodies (service.jobs.tasks) on SQLite and PostgreSQL with the tiny model: idempotency, takeover of
+a job that published but died before finishing, bounded retries, the stale-job reaper, and the data a
+user's training sees (own items only, up to the recorded cutoff)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.adapters.store import AdapterStore
+from service.db.models import Adapter, Job
+from service.db.session import make_engine, make_session_factory, unit_of_work
+from service.history import service as history
+from service.history.schemas import HistoryAppendIn
+from service.jobs import service as jobs
+from service.jobs import tasks
+from service.jobs.tasks import JobContext, reap_stale, run_job
+from service.tenancy import UserRef
+from service.training.examples import TrainExample
+from service.users import create_user
+from tests.conftest import make_settings
+
+CANARY = "CANARY-7f3e-other-user"
+LATE = "LATE-ITEM-after-cutoff"
+
+
+@dataclass
+class FakeQueue:
+    enqueued: list[tuple[str, int]] = field(default_factory=list)
+    published: list[tuple[str, int | None]] = field(default_factory=list)
+
+    def enqueue(self, job_id: str, attempt: int) -> None:
+        self.enqueued.append((job_id, attempt))
+
+    def depth(self) -> int:
+        return len(self.enqueued)
+
+    def publish_adapter(self, owner_key: str, version: int | None) -> None:
+        self.published.append((owner_key, version))
+
+    def close(self) -> None: ...
+
+
+@pytest.fixture
+def stale_after_s() -> float:
+    return 30.0
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, db_url: str, tiny_model_path: Path, stale_after_s: float) -> Iterator[JobContext]:
+    settings = make_settings(
+        tmp_path,
+        db_url,
+        str(tiny_model_path),
+        train_user_epochs=1,
+        train_batch_size=4,
+        train_retrieval_k=1,
+        job_max_attempts=3,
+        job_stale_after_s=stale_after_s,
+        torch_threads=1,
+    )
+    engine = make_engine(db_url)
+    yield JobContext(settings, make_session_factory(engine), AdapterStore(settings.adapters_dir), FakeQueue())
+    engine.dispose()
+
+
+def fake_queue(ctx: JobContext) -> FakeQueue:
+    assert isinstance(ctx.queue, FakeQueue)
+    return ctx.queue
+
+
+def add_user(factory: sessionmaker[Session], user_id: str, items: list[tuple[str | None, str]]) -> UserRef:
+    with unit_of_work(factory) as session:
+        user, _ = create_user(session, user_id)
+    append(factory, user, items, prefix="i")
+    return user
+
+
+def append(factory: sessionmaker[Session], user: UserRef, items: list[tuple[str | None, str]], prefix: str) -> None:
+    body = HistoryAppendIn.model_validate(
+        {"items": [{"id": f"{prefix}{n}", "input": i, "output": o} for n, (i, o) in enumerate(items)]}
+    )
+    with unit_of_work(factory) as session:
+        history.append(session, user, body)
+
+
+def request(ctx: JobContext, user: UserRef) -> str:
+    with unit_of_work(ctx.session_factory) as session:
+        out, created = jobs.request_job(session, ctx.queue, "user_retrain", user.storage_key, user.pk)
+    assert created
+    return out.job_id
+
+
+def job_row(ctx: JobContext, job_id: str) -> Job:
+    with unit_of_work(ctx.session_factory) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def version_count(ctx: JobContext, owner_key: str) -> int:
+    with unit_of_work(ctx.session_factory) as session:
+        return int(session.scalar(select(func.count()).select_from(Adapter).where(Adapter.owner_key == owner_key)) or 0)
+
+
+def set_running(ctx: JobContext, job_id: str, heartbeat_age_s: float, **values: Any) -> None:
+    beat = datetime.now(UTC) - timedelta(seconds=heartbeat_age_s)
+    with unit_of_work(ctx.session_factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", heartbeat_at=beat, **values))
+
+
+def qa(n: int, tag: str = "") -> list[tuple[str | None, str]]:
+    return [(f"question {i} about topic {i % 3}", f"answer {i} {tag}".strip()) for i in range(n)]
+
+
+def fail_training(*_: Any, **__: Any) -> Any:
+    raise RuntimeError("boom in training")
+
+
+# --- idempotency ---
+
+
+def test_run_job_twice_after_success_makes_no_second_version(ctx: JobContext) -> None:
+    user = add_user(ctx.session_factory, "alice", qa(5))
+    job_id = request(ctx, user)
+    assert fake_queue(ctx).enqueued == [(job_id, 1)]  # enqueued after the commit, ids only
+    run_job(ctx, job_id)
+    job = job_row(ctx, job_id)
+    assert (job.status, job.adapter_version, job.attempts, job.progress) == ("succeeded", 1, 1, 1.0)
+    run_job(ctx, job_id)  # e.g. a duplicated queue message
+    job = job_row(ctx, job_id)
+    assert (job.status, job.adapter_version, job.attempts) == ("succeeded", 1, 1)
+    assert version_count(ctx, user.storage_key) == 1
+    assert fake_queue(ctx).published == [(user.storage_key, 1)]
+
+
+def test_published_but_not_finished_job_finishes_without_second_version(
+    ctx: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = add_user(ctx.session_factory, "bob", qa(4))
+    job_id = request(ctx, user)
+    run_job(ctx, job_id)  # publishes v1 keyed by the job id
+    # The attempt died after the publish commit but before `finish`: running, stale heartbeat.
+    set_running(ctx, job_id, heartbeat_age_s=3600, adapter_version=None, progress=0.5, finished_at=None)
+    monkeypatch.setattr(tasks, "train_lora", fail_training)  # a takeover must not train again
+    run_job(ctx, job_id)
+    job = job_row(ctx, job_id)
+    assert (job.status, job.adapter_version, job.attempts) == ("succeeded", 1, 2)
+    assert version_count(ctx, user.storage_key) == 1
+
+
+def test_running_job_with_live_heartbeat_is_left_alone(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    user = add_user(ctx.session_factory, "carol", qa(3))
+    job_id = request(ctx, user)
+    set_running(ctx, job_id, heartbeat_age_s=0, attempts=1)
+    monkeypatch.setattr(tasks, "train_lora", fail_training)
+    run_job(ctx, job_id)  # another worker owns it
+    job = job_row(ctx, job_id)
+    assert (job.status, job.attempts, job.error) == ("running", 1, None)
+    assert version_count(ctx, user.storage_key) == 0
+
+
+# --- retries ---
+
+
+def test_failures_retry_until_max_attempts_then_fail(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "train_lora", fail_training)
+    user = add_user(ctx.session_factory, "dave", qa(3))
+    job_id = request(ctx, user)
+    queue = fake_queue(ctx)
+    for attempt in (1, 2):
+        run_job(ctx, job_id)
+        job = job_row(ctx, job_id)
+        assert (job.status, job.attempts) == ("queued", attempt)
+        assert job.error is not None and "boom in training" in job.error
+        assert queue.enqueued[-1] == (job_id, attempt + 1)
+    run_job(ctx, job_id)
+    job = job_row(ctx, job_id)
+    assert (job.status, job.attempts) == ("failed", 3)
+    assert job.finished_at is not None and job.error is not None and "boom" in job.error
+    assert queue.enqueued == [(job_id, 1), (job_id, 2), (job_id, 3)]  # no 4th attempt
+    run_job(ctx, job_id)  # a failed job is final
+    assert job_row(ctx, job_id).attempts == 3
+    assert version_count(ctx, user.storage_key) == 0 and queue.published == []
+    # The owner can ask again: a failed job does not block a new one.
+    assert request(ctx, user) != job_id
+
+
+def test_fail_or_retry_is_bounded_by_max_attempts(ctx: JobContext) -> None:
+    user = add_user(ctx.session_factory, "erin", qa(2))
+    job_id = request(ctx, user)
+    with unit_of_work(ctx.session_factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=1))
+        assert jobs.fail_or_retry(session, job_id, "x" * 5000, max_attempts=2) is True
+    job = job_row(ctx, job_id)
+    assert job.status == "queued" and job.error is not None and len(job.error) == 2000
+    with unit_of_work(ctx.session_factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", attempts=2))
+        assert jobs.fail_or_retry(session, job_id, "again", max_attempts=2) is False
+        assert jobs.fail_or_retry(session, "no-such-job", "x", max_attempts=2) is False
+    job = job_row(ctx, job_id)
+    assert (job.status, job.error) == ("failed", "again") and job.finished_at is not None
+
+
+def test_a_superseded_attempt_cannot_requeue_or_fail_the_job(ctx: JobContext) -> None:
+    user = add_user(ctx.session_factory, "ivan", qa(2))
+    job_id = request(ctx, user)
+    set_running(ctx, job_id, heartbeat_age_s=0, attempts=2)  # attempt 1 was taken over by attempt 2
+    with unit_of_work(ctx.session_factory) as session:
+        assert jobs.fail_or_retry(session, job_id, "late failure of attempt 1", 3, attempt=1) is False
+        jobs.heartbeat(session, job_id, 0.9, attempt=1)  # nor keep it alive
+    job = job_row(ctx, job_id)
+    assert (job.status, job.attempts, job.error, job.progress) == ("running", 2, None, 0.0)
+    with unit_of_work(ctx.session_factory) as session:
+        jobs.finish(session, job_id, adapter_version=1)
+    with unit_of_work(ctx.session_factory) as session:  # a finished job stays finished
+        assert jobs.fail_or_retry(session, job_id, "late", 3) is False
+    assert job_row(ctx, job_id).status == "succeeded"
+
+
+# --- reaper ---
+
+
+@pytest.mark.parametrize("stale_after_s", [0.6])
+def test_slow_start_keeps_a_live_heartbeat(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model loading happens before the first training step: the job must not look dead meanwhile."""
+    seen_stale: list[int] = []
+    real = ctx.training_model
+
+    def slow_training_model(shared_version: int | None) -> Any:
+        time.sleep(1.5)  # 2.5x the stale threshold
+        seen_stale.append(reap_stale(ctx))
+        return real(shared_version)
+
+    monkeypatch.setattr(ctx, "training_model", slow_training_model)
+    user = add_user(ctx.session_factory, "judy", qa(3))
+    job_id = request(ctx, user)
+    run_job(ctx, job_id)
+    assert seen_stale == [0]
+    job = job_row(ctx, job_id)
+    assert (job.status, job.attempts) == ("succeeded", 1)
+    assert fake_queue(ctx).enqueued == [(job_id, 1)]
+
+
+
+def test_reap_stale_requeues_stale_running_jobs_only(ctx: JobContext) -> None:
+    stale_user = add_user(ctx.session_factory, "frank", qa(2))
+    live_user = add_user(ctx.session_factory, "gina", qa(2))
+    spent_user = add_user(ctx.session_factory, "hank", qa(2))
+    stale, live, spent = request(ctx, stale_user), request(ctx, live_user), request(ctx, spent_user)
+    set_running(ctx, stale, heartbeat_age_s=120, attempts=1)
+    set_running(ctx, live, heartbeat_age_s=1, attempts=1)
+    set_running(ctx, spent, heartbeat_age_s=120, attempts=3)
+    queue = fake_queue(ctx)
+    queue.enqueued.clear()
+    assert reap_stale(ctx) == 2
+    assert queue.enqueued == [(stale, 2)]
+    assert job_row(ctx, spent).status == "failed"
+    assert job_row(ctx, live).status == "running"
+    # The re-enqueued attempt takes the job over and completes it.
+    run_job(ctx, stale)
+    job = job_row(ctx, stale)
+    assert (job.status, job.attempts, job.adapter_version) == ("succeeded", 2, 1)
+
+
+# --- what training sees ---
+
+
+def test_training_uses_only_own_items_up_to_the_cutoff(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    captured: list[TrainExample] = []
+    real_train = tasks.train_lora
+
+    def capture(model: Any, tokenizer: Any, examples: list[TrainExample], *args: Any, **kwargs: Any) -> Any:
+        captured.extend(examples)
+        return real_train(model, tokenizer, examples, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "train_lora", capture)
+    factory = ctx.session_factory
+    # The other user's items share A's vocabulary, so BM25 would pick them if it could see them.
+    other = add_user(factory, "mallory", [(f"question {i} about topic {i % 3}", f"{CANARY} {i}") for i in range(6)])
+    with unit_of_work(factory) as session:
+        history.set_profile(session, other, f"profile {CANARY}")
+    user = add_user(factory, "alice", qa(6, "alpha"))
+    job_id = request(ctx, user)
+    append(factory, user, [(f"question about topic 1 {LATE}", f"answer {LATE}")], prefix="late")  # after request
+    append(factory, other, [(f"question 9 about topic 0 {CANARY}", CANARY)], prefix="more")
+    run_job(ctx, job_id)
+    assert job_row(ctx, job_id).status == "succeeded"
+    assert [ex.item_id for ex in captured] == [f"i{n}" for n in range(6)]
+    for ex in captured:
+        assert CANARY not in ex.prompt and CANARY not in ex.target
+        assert LATE not in ex.prompt and LATE not in ex.target
+        assert "alpha" in ex.target
+    # k=1: from the second item on, the prompt carries one retrieved item, and it is one of A's own.
+    assert all("alpha" in ex.prompt for ex in captured[1:])
+    with unit_of_work(factory) as session:
+        meta = session.scalars(select(Adapter.meta).where(Adapter.job_id == job_id)).one()
+    assert meta is not None and meta["examples"] == 6 and meta["cutoff_item_id"] == job_row(ctx, job_id).cutoff_item_id
