@@ -97,6 +97,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0 if job.status == "succeeded" else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from service.evaluation.runner import preset_config, run_eval, write_report
+
+    options = {
+        "users": args.users,
+        "history_items": args.items,
+        "test_items": args.test_items,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "model": args.model,
+    }
+    config = preset_config(args.preset, progress=True, **{k: v for k, v in options.items() if v is not None})
+    report = run_eval(config, data_dir=args.data, settings=get_settings())
+    write_report(report, args.out)
+    print(report["table_markdown"])
+    print(f"wrote {args.out} in {report['timing']['total_s']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oppu", description="Personal LLM server (one PEFT per user)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--user", help="user id")
     target.add_argument("--shared", action="store_true", help="the shared task LoRA")
     train.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="personalization evaluation: every method on the same test items")
+    ev.add_argument("dataset", choices=["movielens"])
+    ev.add_argument("--preset", choices=["small", "full"], default="small")
+    ev.add_argument("--out", required=True, help="the JSON report")
+    ev.add_argument("--data", help="MovieLens latest-small folder (default: ../shared/data/movielens-latest-small)")
+    ev.add_argument("--users", type=int, help="test users")
+    ev.add_argument("--items", type=int, help="history items per user")
+    ev.add_argument("--test-items", type=int, help="test items per user (its last ratings)")
+    ev.add_argument("--epochs", type=int, help="epochs of both training stages")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--model", help="base model (default: OPPU_MODEL)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

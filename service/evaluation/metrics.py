@@ -33,9 +33,7 @@ class BootstrapCI:
     n: int
 
 
-def parse_rating(
-    text: str, *, min_rating: float = MIN_RATING, max_rating: float = MAX_RATING
-) -> float | None:
+def parse_rating(text: str, *, min_rating: float = MIN_RATING, max_rating: float = MAX_RATING) -> float | None:
     """The first number in `text` if it lies in [min_rating, max_rating], else None."""
     match = _NUMBER.search(text)
     if match is None:

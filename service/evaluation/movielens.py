@@ -114,8 +114,7 @@ def _read_ratings(path: Path) -> dict[int, list[Rating]]:
         if old is None or rating.timestamp >= old.timestamp:
             per_user[rating.movie_id] = rating
     return {
-        user: sorted(by_movie.values(), key=lambda r: (r.timestamp, r.movie_id))
-        for user, by_movie in latest.items()
+        user: sorted(by_movie.values(), key=lambda r: (r.timestamp, r.movie_id)) for user, by_movie in latest.items()
     }
 
 

@@ -1,0 +1,90 @@
+"""The evaluation runner end to end (small preset, tiny random model) and its leakage guards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+from service.evaluation import movielens as ml
+from service.evaluation.runner import (
+    PRESETS,
+    REFERENCE,
+    check_example_leakage,
+    check_history_leakage,
+    preset_config,
+)
+from service.history.service import DocSnapshot
+from service.training.examples import TrainExample
+from tests.models import tiny_model_dir
+
+ML_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
+METHODS = {"global_mean", "user_mean", "non_personalized", "rag_k1", "rag_k4", "pag", "oppu", "oppu_rag", "oppu_pag"}
+
+
+def _item(item_id: str, rating: float, ts: int) -> ml.RatingItem:
+    return ml.RatingItem(item_id, int(item_id[1:]), f"Movie {item_id}", ("Drama",), rating, ts)
+
+
+def _task() -> ml.RatingTask:
+    split = ml.UserSplit("ml_1", history=[_item("m1", 4.0, 1), _item("m2", 3.0, 2)], test=[_item("m3", 5.0, 3)])
+    return ml.RatingTask(users=[split])
+
+
+def test_small_preset_end_to_end(tmp_path: Path) -> None:
+    if not (ML_DIR / "ratings.csv").is_file():
+        pytest.skip("MovieLens latest-small is not available")
+    out = tmp_path / "eval.json"
+    argv = ["eval", "movielens", "--preset", "small", "--out", str(out), "--data", str(ML_DIR)]
+    assert main([*argv, "--model", str(tiny_model_dir())]) == 0
+    report = json.loads(out.read_text())
+    small = PRESETS["small"]
+    n = small.users * small.test_items
+    assert set(report["methods"]) == METHODS
+    for name, m in report["methods"].items():
+        assert 0.0 <= m["mae"] <= m["rmse"] + 1e-9 and m["rmse"] <= 4.5, name
+        assert 0.0 <= m["parse_failure_rate"] <= 1.0 and m["n"] == n, name
+    assert report["methods"]["user_mean"]["parse_failure_rate"] == 0.0
+    assert set(report["ci"]) == METHODS - {REFERENCE}
+    assert all(c["low"] <= c["mean_diff"] <= c["high"] and c["n"] == n for c in report["ci"].values())
+    config = report["config"]
+    assert config["preset"] == "small" and config["users"] == small.users and config["items"] == n
+    leak = config["leakage_check"]
+    assert leak["passed"] and leak["history_items"] == small.users * small.history_items
+    assert leak["user_examples"] == small.users * small.history_items and leak["shared_examples"] > 0
+    assert leak["retrieved_items"] > 0
+    assert "| oppu_rag |" in report["table_markdown"] and report["timing"]["total_s"] > 0
+    assert len(report["predictions"]) == n
+
+
+def test_training_example_of_a_test_item_is_refused() -> None:
+    task = _task()
+    ok = [TrainExample("m1", "p", "4.0"), TrainExample("m2", "p", "3.0")]
+    assert check_example_leakage(task, {"ml_1": ok}) == 2
+    with pytest.raises(AssertionError, match="test item m3"):
+        check_example_leakage(task, {"ml_1": [*ok, TrainExample("m3", "p", "5.0")]})
+    with pytest.raises(AssertionError, match="not in the history"):
+        check_example_leakage(task, {"ml_1": [TrainExample("m9", "p", "1.0")]})
+
+
+def test_history_holding_a_test_item_is_refused() -> None:
+    task = _task()
+    docs = [DocSnapshot(h.item_id, ml.item_input(h), "4.0", "rating") for h in task.users[0].history]
+    assert check_history_leakage(task, {"ml_1": docs}) == 2
+    leaked = [*docs, DocSnapshot("m3", "Movie m3 | genres: Drama", "5.0", "rating")]
+    with pytest.raises(AssertionError, match="test items stored in history"):
+        check_history_leakage(task, {"ml_1": leaked})
+
+
+def test_preset_overrides() -> None:
+    config = preset_config("full", epochs=3, users=50)
+    assert config.shared_epochs == config.user_epochs == 3 and config.users == 50
+    assert PRESETS["full"].users >= 50
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("huge")
+    with pytest.raises(ValueError, match="unknown option"):
+        preset_config("small", colour="red")
+    with pytest.raises(ValueError, match="request must be"):
+        preset_config("small", request="essay")
