@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-from service.adapters.weights import AdapterWeights, LoraModuleWeights
+from service.adapters.weights import AdapterWeights
 
 # A plan is what one layer does for the current batch: None (no LoRA term), or (A, B) with 2-D tensors
 # (one shared slot: plain matmuls), 3-D tensors (per-row weights, gathered once per batch), or
@@ -49,9 +50,10 @@ class SlotLoraLinear(nn.Module):
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
-        # A (slots, d_in, r_max), B (slots, r_max, d_out); not persistent: kept out of the state dict.
-        a = torch.zeros(num_slots + 1, base.in_features, max_rank, device=device, dtype=dtype)
-        b = torch.zeros(num_slots + 1, max_rank, base.out_features, device=device, dtype=dtype)
+        # A (slots, d_in, r_max), B (slots, r_max, d_out), stored transposed (PEFT's per-module layout) so that
+        # a swap copies PEFT's tensors straight in; not persistent: kept out of the model's state dict.
+        a = torch.zeros(num_slots + 1, max_rank, base.in_features, device=device, dtype=dtype).transpose(1, 2)
+        b = torch.zeros(num_slots + 1, base.out_features, max_rank, device=device, dtype=dtype).transpose(1, 2)
         self.A_slots: torch.Tensor
         self.B_slots: torch.Tensor
         self.register_buffer("A_slots", a, persistent=False)
@@ -60,16 +62,26 @@ class SlotLoraLinear(nn.Module):
         self._state = state
         self._plan: _Plan = None
         self._plan_version = -1
+        self._fill_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def write(self, slot: int, m: LoraModuleWeights) -> None:
-        r, old = m.rank, self.ranks[slot]
-        self.A_slots[slot, :, :r].copy_(m.a.t())
-        # Fold the scaling in on the source side so that a float32 source is scaled before any rounding.
-        self.B_slots[slot, :r].copy_(m.b.t().mul(m.scaling))
-        if old > r:  # a shorter rank than the previous occupant: zero the stale tail
-            self.A_slots[slot, :, r:old].zero_()
-            self.B_slots[slot, r:old].zero_()
-        self.ranks[slot] = r
+    def prepare(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of a slot in PEFT's layout, lora_A (rank, d_in) and lora_B (d_out, rank), to be filled."""
+        old = self.ranks[slot]
+        if old > rank:  # a shorter rank than the previous occupant: zero the stale tail
+            self.A_slots[slot, :, rank:old].zero_()
+            self.B_slots[slot, rank:old].zero_()
+        self.ranks[slot] = rank
+        views = self._fill_views.get((slot, rank))
+        if views is None:  # cached: building ~240 views per swap would cost a third of its time
+            views = self.A_slots[slot, :, :rank].t(), self.B_slots[slot, :rank].t()
+            self._fill_views[(slot, rank)] = views
+        return views
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # model.to()/half() replace the buffers: drop every view of the old ones.
+        self._fill_views.clear()
+        self._plan_version = -1
+        return super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
 
     def zero(self, slot: int) -> None:
         old = self.ranks[slot]
@@ -116,7 +128,10 @@ class SlotLoraLinear(nn.Module):
 
 
 class LoraSlots:
-    """Wraps the target Linears of a model's decoder layers and manages which adapter sits in which slot."""
+    """Wraps the target Linears of a model's decoder layers and manages which adapter sits in which slot.
+
+    Create it after the model is on its device. Not thread-safe: one loop runs load/clear and forwards.
+    """
 
     def __init__(
         self,
@@ -165,11 +180,20 @@ class LoraSlots:
                     f"module {path!r}: adapter is {m.a.shape[1]}->{m.b.shape[0]}, "
                     f"model is {layer.in_features}->{layer.out_features}"
                 )
+        dst_a, dst_b, src_a, src_b, scales = [], [], [], [], []
         for path, layer in self.layers.items():
-            if path in weights.modules:
-                layer.write(slot, weights.modules[path])
-            else:
+            if path not in weights.modules:
                 layer.zero(slot)
+                continue
+            m = weights.modules[path]
+            a, b = layer.prepare(slot, m.rank)
+            dst_a.append(a)
+            dst_b.append(b)
+            src_a.append(m.a)
+            src_b.append(m.b)
+            scales.append(m.scaling)
+        if dst_a:
+            _copy_scaled(dst_a, dst_b, src_a, src_b, scales)
         self._state.version += 1
 
     def clear(self, slot: int) -> None:
@@ -211,6 +235,22 @@ class LoraSlots:
             yield
         finally:
             self.set_batch(previous)
+
+
+def _copy_scaled(
+    dst_a: list[torch.Tensor],
+    dst_b: list[torch.Tensor],
+    src_a: list[torch.Tensor],
+    src_b: list[torch.Tensor],
+    scales: list[float],
+) -> None:
+    """dst_a <- src_a, dst_b <- scale * src_b; one fused call per list: swaps are on the request path."""
+    torch._foreach_copy_(dst_a, src_a)
+    if dst_b[0].dtype == torch.float32 and all(b.dtype == torch.float32 for b in src_b):
+        torch._foreach_copy_(dst_b, src_b)
+        torch._foreach_mul_(dst_b, scales)
+    else:  # scale in float32 first, so that the product is rounded to the slot dtype only once
+        torch._foreach_copy_(dst_b, torch._foreach_mul([b.float() for b in src_b], scales))
 
 
 def _decoder_linears(model: nn.Module, targets: set[str]) -> list[tuple[str, nn.Module, str, nn.Linear]]:

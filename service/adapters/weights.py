@@ -38,9 +38,7 @@ class LoraModuleWeights:
 @dataclass(frozen=True)
 class AdapterWeights:
     rank: int  # max rank over modules
-    modules: Mapping[
-        str, LoraModuleWeights
-    ]  # full module path in the base model, e.g. model.layers.3.mlp.up_proj
+    modules: Mapping[str, LoraModuleWeights]  # full module path in the base model, e.g. model.layers.3.mlp.up_proj
 
     def nbytes(self) -> int:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
@@ -73,9 +71,7 @@ def _check_supported(config: Mapping[str, Any]) -> None:
             raise ValueError(f"unsupported LoRA option {flag}=true")
 
 
-def adapter_weights_from_peft(
-    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-) -> AdapterWeights:
+def adapter_weights_from_peft(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> AdapterWeights:
     """Pairs lora_A/lora_B per module and computes each module's scaling the way PEFT does."""
     _check_supported(config)
     halves: dict[str, dict[str, torch.Tensor]] = {}

@@ -1,0 +1,103 @@
+"""One user's history -> training examples with OPPU retrieval over that user's EARLIER items only.
+
+Pure (no SQL, no torch): prompts come from `service.prompts.build_prompt`, the same builder serving uses.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.prompts import build_prompt, training_request
+from service.retrieval.bm25 import BM25Index
+
+
+class HistoryLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def input(self) -> str | None: ...
+    @property
+    def output(self) -> str: ...
+    @property
+    def kind(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    item_id: str
+    prompt: str  # the user turn, exactly as serving would build it
+    target: str  # the assistant answer the loss is taken on
+
+
+def retrieval_plan(items: Sequence[HistoryLike], *, k: int) -> list[list[int]]:
+    """For each item i, the indices (all < i) of the items retrieved into its prompt, best first."""
+    if k <= 0:
+        return [[] for _ in items]
+    # One index over the whole history; `limit=i` scores only items[:i], so nothing later can leak in
+    # (BM25 idf still sees the whole history, which carries no item text into the prompt).
+    index = BM25Index(items)
+    return [[hit.index for hit in index.top_k(training_request(it), k, limit=i)] for i, it in enumerate(items)]
+
+
+def _examples(
+    items: Sequence[HistoryLike],
+    positions: Sequence[int],
+    plan: Sequence[Sequence[int]],
+    profile: str | None,
+    item_chars: int,
+    profile_chars: int,
+) -> list[TrainExample]:
+    out: list[TrainExample] = []
+    for i in positions:
+        item = items[i]
+        retrieved = [items[j] for j in plan[i]]
+        prompt = build_prompt(
+            training_request(item), retrieved, profile, item_chars=item_chars, profile_chars=profile_chars
+        )
+        out.append(TrainExample(item_id=item.id, prompt=prompt, target=item.output))
+    return out
+
+
+def build_user_examples(
+    items: Sequence[HistoryLike],
+    *,
+    k: int,
+    profile: str | None = None,
+    item_chars: int = 600,
+    profile_chars: int = 4000,
+) -> list[TrainExample]:
+    """One example per item of ONE user's history (chronological order), in history order."""
+    plan = retrieval_plan(items, k=k)
+    return _examples(items, range(len(items)), plan, profile, item_chars, profile_chars)
+
+
+def build_shared_examples(
+    users_items: Mapping[str, Sequence[HistoryLike]],
+    *,
+    k: int,
+    max_per_user: int | None = None,
+    seed: int = 0,
+    profiles: Mapping[str, str | None] | None = None,
+    item_chars: int = 600,
+    profile_chars: int = 4000,
+) -> list[TrainExample]:
+    """Stage-1 (shared task LoRA) examples from many users, shuffled deterministically by `seed`.
+
+    Each user's retrieval runs over that user's own earlier items only; `max_per_user` samples that many
+    of a user's items (retrieval still sees all of that user's earlier items).
+    """
+    rng = random.Random(seed)
+    out: list[TrainExample] = []
+    for user in sorted(users_items):  # sorted: the result must not depend on the mapping's order
+        items = users_items[user]
+        positions = list(range(len(items)))
+        if max_per_user is not None and len(positions) > max_per_user:
+            positions = sorted(rng.sample(positions, max(0, max_per_user)))
+        plan = retrieval_plan(items, k=k)
+        profile = profiles.get(user) if profiles else None
+        out.extend(_examples(items, positions, plan, profile, item_chars, profile_chars))
+    rng.shuffle(out)
+    return out

@@ -1,0 +1,303 @@
+"""PEFT LoRA training on a loaded causal LM (OPPU stages 1 and 2) and merging a LoRA into base weights.
+
+Owns tokenising examples into label-masked batches and the optimisation loop; knows nothing of SQL,
+jobs or the adapter store: it takes examples in and hands the PEFT files back as bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
+from service.training.examples import TrainExample
+
+IGNORE = -100  # label of positions that carry no loss (prompt and padding)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Architectures whose logits are exactly lm_head(decoder hidden state), so the head can be applied to the
+# target positions only (no logit scaling/softcapping to reproduce). Others take the plain forward.
+_PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+class TrainingCancelled(RuntimeError):
+    """Raised between steps when `should_stop()` says so; nothing is returned or saved."""
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    lr: float = 1e-4
+    epochs: int = 2
+    batch_size: int = 16
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 0.3
+    max_seq_len: int = 512
+    seed: int = 0
+    weight_decay: float = 0.0
+    # Shuffle, then batch similar lengths together (HF `group_by_length`): far less padding per step.
+    group_by_length: bool = True
+    # bf16 autocast with fp32 weights, LoRA and AdamW state (OPPU trains with HF `bf16=True`). "auto" uses
+    # it where bf16 matmuls are native (CUDA with bf16, CPUs with AVX512-BF16/AMX): 3x fp32 on such CPUs.
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    # "auto": eager attention on CPU for rows up to 1024 tokens. SDPA's CPU flash kernel is slow for
+    # training (measured: a bf16 step 1.5x slower); eager's score matrices are small at these lengths.
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_seq_len < 2:
+            raise ValueError("rank, epochs, batch_size must be >= 1 and max_seq_len >= 2")
+        if not self.target_modules or not 0.0 <= self.warmup_ratio < 1.0 or self.lr <= 0:
+            raise ValueError("need target modules, 0 <= warmup_ratio < 1 and lr > 0")
+
+    @classmethod
+    def shared_default(cls) -> LoraTrainConfig:
+        """OPPU stage 1 (the task LoRA over all users): q/k/v, 3 epochs."""
+        return cls(target_modules=("q_proj", "k_proj", "v_proj"), epochs=3)
+
+    @classmethod
+    def user_default(cls) -> LoraTrainConfig:
+        """OPPU stage 2 (one LoRA per user). Paper values, tuned for 7B models: raise lr for small ones."""
+        return cls()
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    files: dict[str, bytes]  # the PEFT adapter files, ready for the adapter store
+    steps: int
+    examples: int
+    final_loss: float  # mean step loss of the last epoch
+    seconds: float
+    tokens: int = 0  # non-padding tokens processed (all epochs)
+    padded_tokens: int = 0  # tokens including padding: (rows x batch width) summed over steps
+    epoch_losses: tuple[float, ...] = ()
+    compute_dtype: str = "float32"  # "bfloat16" when trained under autocast
+
+
+def encode_example(
+    tokenizer: Any, example: TrainExample, stop_ids: frozenset[int], max_seq_len: int
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels): the served prompt then the target; the loss is on the target tokens only.
+
+    Too long: the prompt loses tokens from the LEFT (oldest context), the target is kept whole unless it
+    alone does not fit, then it keeps its start and one prompt token remains to predict it from.
+    """
+    prompt = encode_prompt(tokenizer, example.prompt)
+    target = encode_target(tokenizer, example.target, stop_ids)[: max_seq_len - 1]
+    prompt = prompt[max(0, len(prompt) + len(target) - max_seq_len) :]
+    return [*prompt, *target], [IGNORE] * len(prompt) + target
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads one batch to its own longest row (dynamic padding); padding is masked and unlabelled."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (row_ids, row_labels) in enumerate(rows):
+        ids[r, : len(row_ids)] = torch.tensor(row_ids)
+        labels[r, : len(row_labels)] = torch.tensor(row_labels)
+        mask[r, : len(row_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_batches(lengths: Sequence[int], config: LoraTrainConfig, gen: torch.Generator) -> list[list[int]]:
+    """One epoch's batches of example indices: seeded shuffle, optionally grouped by length."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    size = config.batch_size
+    if not config.group_by_length:
+        return [order[i : i + size] for i in range(0, len(order), size)]
+    mega = size * 50  # as HF: sort within shuffled mega-batches, then shuffle the batches themselves
+    batches: list[list[int]] = []
+    for m in range(0, len(order), mega):
+        chunk = sorted(order[m : m + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in perm]
+
+
+def autocast_dtype(config: LoraTrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype to autocast forward/backward to, or None for plain fp32."""
+    if config.mixed_precision == "no":
+        return None
+    if config.mixed_precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    native = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return torch.bfloat16 if device.type == "cpu" and native else None
+
+
+def _batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of the batch."""
+    base = model.get_base_model()
+    if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return model(**batch, use_cache=False).loss  # type: ignore[no-any-return]
+    # Same loss as the model's own, but the vocab projection (49k wide) runs on target positions only
+    # instead of every prompt token: the prompt is most of each row, the head a fifth of the FLOPs.
+    hidden = base.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[keep])
+
+
+def _wrap(model: Any, config: LoraTrainConfig, device: torch.device) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    # A private copy: the caller's model (maybe serving from another thread) never sees LoRA layers,
+    # train mode or dropout. 135M params in fp32 is ~0.5 GB, small next to a training run.
+    work = copy.deepcopy(model)
+    work.requires_grad_(False)
+    attn = config.attn_implementation
+    if attn == "auto" and device.type == "cpu" and config.max_seq_len <= 1024:
+        attn = "eager"
+    if attn != "auto" and hasattr(work, "set_attn_implementation"):
+        work.set_attn_implementation(attn)
+    lora = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
+        target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return get_peft_model(work, lora)
+
+
+def _save(peft_model: Any, base_model_name: str) -> dict[str, bytes]:
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+    with tempfile.TemporaryDirectory(prefix="oppu-lora-") as tmp:
+        # False: we never train embeddings, and "auto" would look the base model up on the Hub.
+        peft_model.save_pretrained(tmp, save_embedding_layers=False)
+        return {name: (Path(tmp) / name).read_bytes() for name in ADAPTER_FILES}
+
+
+def train_lora(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[TrainExample],
+    config: LoraTrainConfig,
+    *,
+    base_model_name: str,
+    progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainOutput:
+    """Trains a fresh LoRA on `examples` and returns its PEFT files; `model` itself is left untouched.
+
+    Deterministic for a seed on a given device: LoRA init, dropout and shuffling all draw from RNGs seeded
+    by `config.seed`, inside `fork_rng` so the caller's global RNG state is not disturbed either.
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    stop_ids = stop_token_ids(tokenizer, model.config)
+    rows = [encode_example(tokenizer, ex, stop_ids, config.max_seq_len) for ex in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    per_epoch = math.ceil(len(rows) / config.batch_size)
+    total = per_epoch * config.epochs
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(config.seed)
+        peft_model = _wrap(model, config, device)
+        try:
+            epoch_losses, tokens, padded = _optimise(
+                peft_model, rows, pad_id, config, device, total, progress, should_stop
+            )
+            files = _save(peft_model, base_model_name)
+        finally:
+            del peft_model  # the copy and its optimiser state go now, not at the next gc
+    return TrainOutput(
+        files=files,
+        steps=total,
+        examples=len(rows),
+        final_loss=epoch_losses[-1],
+        seconds=time.perf_counter() - started,
+        tokens=tokens,
+        padded_tokens=padded,
+        epoch_losses=tuple(epoch_losses),
+        compute_dtype=str(autocast_dtype(config, device) or torch.float32).removeprefix("torch."),
+    )
+
+
+def _optimise(
+    peft_model: Any,
+    rows: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
+    config: LoraTrainConfig,
+    device: torch.device,
+    total: int,
+    progress: Callable[[float], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[list[float], int, int]:
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = get_linear_schedule_with_warmup(optim, math.ceil(total * config.warmup_ratio), total)
+    gen = torch.Generator().manual_seed(config.seed)
+    lengths = [len(ids) for ids, _ in rows]
+    amp = autocast_dtype(config, device)
+    peft_model.train()
+    step, tokens, padded, epoch_losses = 0, 0, 0, []
+    for _ in range(config.epochs):
+        losses: list[float] = []
+        for idx in epoch_batches(lengths, config, gen):
+            if should_stop is not None and should_stop():
+                raise TrainingCancelled(f"stopped after {step} of {total} steps")
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+                loss = _batch_loss(peft_model, batch)
+            torch.autograd.backward(loss)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            tokens += sum(lengths[i] for i in idx)
+            padded += batch["input_ids"].numel()
+            step += 1
+            if progress is not None:
+                progress(step / total)
+        epoch_losses.append(sum(losses) / len(losses))
+    return epoch_losses, tokens, padded
+
+
+def merge_lora_into(model: Any, files: Mapping[str, bytes]) -> None:
+    """Adds a LoRA's delta into `model`'s base weights in place (OPPU: the shared task LoRA).
+
+    User LoRAs are trained ON TOP of the base with the shared LoRA merged, and served the same way, so
+    a worker merges the shared LoRA once and then trains every user on that model. Parameter objects
+    stay the same tensors (values change), so references held elsewhere keep pointing at live weights.
+    """
+    from peft import PeftModel
+
+    missing = [name for name in ADAPTER_FILES if name not in files]
+    if missing:
+        raise ValueError(f"adapter files missing: {missing}")
+    originals = dict(model.named_parameters())
+    with tempfile.TemporaryDirectory(prefix="oppu-merge-") as tmp:
+        for name in ADAPTER_FILES:
+            (Path(tmp) / name).write_bytes(files[name])
+        merged = PeftModel.from_pretrained(model, tmp, is_trainable=False).merge_and_unload()
+    if merged is not model:  # peft merges into the model it wrapped; anything else would lose the merge
+        raise RuntimeError("merge_and_unload returned a different model object")
+    with torch.no_grad():
+        for name, param in merged.named_parameters():
+            orig = originals[name]
+            if param is not orig:  # peft swapped a tensor: copy the merged values into the original
+                orig.copy_(param)
+                owner, _, leaf = name.rpartition(".")
+                setattr(merged.get_submodule(owner) if owner else merged, leaf, orig)

@@ -1,0 +1,211 @@
+"""LoraSlots and adapter weights against PEFT on a tiny random Llama (helpers reused by engine tests)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaForCausalLM
+
+from service.adapters.slots import LoraSlots
+from service.adapters.weights import load_adapter_bytes, load_adapter_files
+from tests.models import tiny_llama_config
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_model(dtype: torch.dtype = torch.float32) -> Any:
+    torch.manual_seed(0)
+    config: Any = tiny_llama_config(vocab_size=512)
+    config.initializer_range = 0.2  # larger than the default so greedy outputs are not one repeated token
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def make_adapter(
+    base: Any,
+    out: Path,
+    *,
+    seed: int,
+    r: int,
+    targets: Sequence[str],
+    rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
+    b_scale: float = 2.0,
+) -> Path:
+    """A random PEFT LoRA (B non-zero and scaled up so it visibly changes outputs), saved by PEFT."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=list(targets),
+        use_rslora=rslora,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        init_lora_weights=False,
+    )
+    model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(b_scale)
+    model.save_pretrained(out)
+    return out
+
+
+def peft_model(base: Any, adapter_dir: Path) -> Any:
+    return PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
+
+
+def logits(model: Any, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        out: torch.Tensor = model(input_ids=torch.tensor([ids])).logits[0].float()
+    return out
+
+
+PROMPT = [5, 17, 99, 300, 41, 7, 250]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base, root = tiny_model(), tmp_path_factory.mktemp("adapters")
+    return {
+        "x": make_adapter(base, root / "x", seed=1, r=16, targets=ALL),
+        "y": make_adapter(base, root / "y", seed=2, r=2, targets=("q_proj", "v_proj"), rslora=True),
+        "patterns": make_adapter(
+            base,
+            root / "patterns",
+            seed=3,
+            r=8,
+            targets=("q_proj", "v_proj", "up_proj"),
+            rank_pattern={"v_proj": 4, "model.layers.1.mlp.up_proj": 2},
+            alpha_pattern={"q_proj": 3},
+            rslora=True,
+        ),
+    }
+
+
+def test_scaling_and_patterns_match_peft(adapters: dict[str, Path]) -> None:
+    weights = load_adapter_files(adapters["patterns"])
+    reference = peft_model(tiny_model(), adapters["patterns"])
+    peft_layers = {
+        name.removeprefix("base_model.model."): m for name, m in reference.named_modules() if hasattr(m, "lora_A")
+    }
+    assert set(weights.modules) == set(peft_layers)
+    for path, m in weights.modules.items():
+        assert m.scaling == pytest.approx(peft_layers[path].scaling["default"])
+        assert m.rank == peft_layers[path].r["default"]
+    assert weights.rank == 8
+    assert weights.target_modules() == {"q_proj", "v_proj", "up_proj"}
+    assert weights.nbytes() == sum(m.a.nbytes + m.b.nbytes for m in weights.modules.values())
+    files = {p.name: p.read_bytes() for p in adapters["patterns"].iterdir()}
+    from_bytes = load_adapter_bytes(files)
+    for path, m in weights.modules.items():
+        assert torch.equal(from_bytes.modules[path].b, m.b)
+    assert weights.to("cpu", torch.bfloat16).modules[path].a.dtype == torch.bfloat16
+
+
+def test_slot_swap_follows_latest_adapter_and_clear_restores_base(adapters: dict[str, Path]) -> None:
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    slots = LoraSlots(model, 2, 16, ALL, device="cpu", dtype=torch.float32)
+    for name in ("x", "y", "patterns"):  # x (rank 16, all modules) then lower ranks and fewer modules
+        slots.load(1, load_adapter_files(adapters[name]))
+        with slots.batch([1]):
+            got = logits(model, PROMPT)
+        torch.testing.assert_close(got, logits(peft_model(base, adapters[name]), PROMPT), atol=1e-5, rtol=1e-5)
+    slots.clear(1)
+    assert slots.is_empty(1)
+    with slots.batch([1]):
+        assert torch.equal(logits(model, PROMPT), logits(base, PROMPT))
+
+
+def test_mixed_batch_paths_agree(adapters: dict[str, Path]) -> None:
+    """Gathered (cached or per forward), single-slot and base fast paths give the same rows."""
+    base = tiny_model()
+    x_ref = logits(peft_model(base, adapters["x"]), PROMPT)
+    y_ref = logits(peft_model(base, adapters["y"]), PROMPT)
+    for budget in (0, 1 << 30):
+        model = copy.deepcopy(base)
+        slots = LoraSlots(model, 3, 16, ALL, device="cpu", dtype=torch.float32, gather_cache_bytes=budget)
+        slots.load(1, load_adapter_files(adapters["x"]))
+        slots.load(3, load_adapter_files(adapters["y"]))
+        ids = torch.tensor([PROMPT] * 4)
+        with torch.inference_mode(), slots.batch([1, 0, 3, 1]):
+            out = model(input_ids=ids).logits.float()
+        for row, ref in zip(out, (x_ref, logits(base, PROMPT), y_ref, x_ref), strict=True):
+            torch.testing.assert_close(row, ref, atol=1e-5, rtol=1e-5)
+        with slots.batch([0, 0]):  # no row has weights: bit-identical to the base model
+            assert torch.equal(logits(model, PROMPT), logits(base, PROMPT))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_slots(adapters: dict[str, Path], dtype: torch.dtype) -> None:
+    reference = logits(peft_model(tiny_model(), adapters["x"]), PROMPT)
+    model = tiny_model(dtype)
+    slots = LoraSlots(model, 2, 16, ALL, device="cpu", dtype=dtype)
+    slots.load(2, load_adapter_files(adapters["x"]))
+    assert slots.layers["model.layers.0.self_attn.q_proj"].A_slots.dtype == dtype
+    with slots.batch([2, 0]), torch.inference_mode():
+        out = model(input_ids=torch.tensor([PROMPT, PROMPT])).logits.float()
+    # Rounding makes elementwise checks flaky; the relative error must be small next to the adapter's effect.
+    effect = (reference - logits(tiny_model(), PROMPT)).norm()
+    assert (out[0] - reference).norm() < 0.1 * effect
+
+
+def test_rejects_bad_loads_and_batches(adapters: dict[str, Path], tmp_path: Path) -> None:
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    slots = LoraSlots(model, 2, 8, ("q_proj", "v_proj"), device="cpu", dtype=torch.float32)
+    assert type(model.lm_head) is torch.nn.Linear  # only the decoder layers are wrapped
+    with pytest.raises(ValueError, match="exceeds max_rank"):
+        slots.load(1, load_adapter_files(adapters["x"]))  # rank 16 > 8
+    assert slots.is_empty(1)
+    wide = make_adapter(base, tmp_path / "wide", seed=4, r=4, targets=("q_proj", "up_proj"))
+    with pytest.raises(ValueError, match="unknown module"):
+        slots.load(1, load_adapter_files(wide))
+    assert slots.is_empty(1)  # all-or-nothing
+    with pytest.raises(ValueError, match="out of range"):
+        slots.load(0, load_adapter_files(adapters["y"]))
+    with pytest.raises(ValueError, match="out of range"):
+        slots.set_batch([0, 3])
+    slots.load(1, load_adapter_files(adapters["y"]))
+    with slots.batch([1]), pytest.raises(RuntimeError, match="in use"):
+        slots.load(1, load_adapter_files(adapters["y"]))
+    assert slots.current_batch is None
+    with pytest.raises(ValueError, match="already has LoRA slots"):
+        LoraSlots(model, 2, 8, ("q_proj",), device="cpu", dtype=torch.float32)
+
+
+def test_rejects_unsupported_adapter_configs(adapters: dict[str, Path]) -> None:
+    files = {p.name: p.read_bytes() for p in adapters["y"].iterdir()}
+    files["adapter_config.json"] = b'{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true}'
+    with pytest.raises(ValueError, match="use_dora"):
+        load_adapter_bytes(files)
+    files["adapter_config.json"] = b'{"peft_type": "LORA", "r": 3, "lora_alpha": 4}'
+    with pytest.raises(ValueError, match="rank"):
+        load_adapter_bytes(files)
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter_bytes({"adapter_config.json": b"{}"})
+
+
+def test_slots_follow_the_model_to_another_dtype(adapters: dict[str, Path]) -> None:
+    """model.to() replaces the slot buffers: cached views and plans must not keep writing to the old ones."""
+    base = tiny_model()
+    model = copy.deepcopy(base)
+    slots = LoraSlots(model, 1, 16, ALL, device="cpu", dtype=torch.float32)
+    slots.load(1, load_adapter_files(adapters["x"]))
+    slots.load(1, load_adapter_files(adapters["y"]))
+    with slots.batch([1]):
+        logits(model, PROMPT)
+    model.to(torch.float64)
+    slots.load(1, load_adapter_files(adapters["x"]))
+    with slots.batch([1]):
+        got = logits(model, PROMPT)
+    assert slots.layers["model.layers.0.mlp.up_proj"].A_slots.dtype == torch.float64
+    torch.testing.assert_close(got, logits(peft_model(base, adapters["x"]), PROMPT), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,86 @@
+from dataclasses import dataclass
+
+from service.prompts import CONTINUATION_PROMPT, build_prompt, training_request
+from service.training.examples import (
+    TrainExample,
+    build_shared_examples,
+    build_user_examples,
+    retrieval_plan,
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    input: str | None
+    output: str
+    kind: str | None = None
+
+
+def _history(user: str, n: int = 8) -> list[Item]:
+    # Every item shares vocabulary ("pizza review") so BM25 always finds earlier matches.
+    return [
+        Item(f"{user}-{i}", f"pizza review number {i} from {user}", f"pizza was fine, tag {user}{i}x", "review")
+        for i in range(n)
+    ]
+
+
+def test_first_item_has_no_context_and_later_items_only_earlier() -> None:
+    items = _history("u")
+    plan = retrieval_plan(items, k=3)
+    assert plan[0] == []
+    for i, ids in enumerate(plan):
+        assert all(j < i for j in ids)
+        assert len(ids) == min(i, 3)
+    examples = build_user_examples(items, k=3)
+    assert examples[0] == TrainExample("u-0", items[0].input or "", items[0].output)
+
+
+def test_prompt_is_the_serving_prompt_for_the_same_retrieved_items() -> None:
+    items = _history("u")
+    plan = retrieval_plan(items, k=2)
+    examples = build_user_examples(items, k=2, profile="Likes pizza.", item_chars=80, profile_chars=50)
+    for i, ex in enumerate(examples):
+        expected = build_prompt(
+            training_request(items[i]),
+            [items[j] for j in plan[i]],
+            "Likes pizza.",
+            item_chars=80,
+            profile_chars=50,
+        )
+        assert (ex.item_id, ex.prompt, ex.target) == (items[i].id, expected, items[i].output)
+
+
+def test_canary_in_a_later_item_never_leaks_into_earlier_prompts() -> None:
+    items = _history("u", 10)
+    items[6] = Item("u-6", "pizza review CANARYWORD pizza", "pizza CANARYWORD pizza")
+    examples = build_user_examples(items, k=10)
+    assert all("CANARYWORD" not in ex.prompt for ex in examples[:6])
+    assert examples[6].prompt.count("CANARYWORD") == 1  # its own request only, never as context
+    assert any("CANARYWORD" in ex.prompt for ex in examples[7:])  # and retrieval does find it later
+
+
+def test_k_zero_gives_bare_requests_and_output_only_items_use_continuation() -> None:
+    items = [Item("a", None, "first post"), Item("b", "question?", "answer")]
+    assert [ex.prompt for ex in build_user_examples(items, k=0)] == [CONTINUATION_PROMPT, "question?"]
+
+
+def test_shared_examples_never_mix_users_and_are_deterministic() -> None:
+    users = {"alice": _history("alice"), "bob": _history("bob")}
+    examples = build_shared_examples(users, k=3, max_per_user=None, seed=1)
+    assert len(examples) == 16
+    for ex in examples:
+        owner, other = ("alice", "bob") if ex.item_id.startswith("alice") else ("bob", "alice")
+        assert f"tag {other}" not in ex.prompt
+        assert ex.prompt == build_user_examples(users[owner], k=3)[int(ex.item_id.split("-")[1])].prompt
+    assert examples == build_shared_examples(dict(reversed(users.items())), k=3, max_per_user=None, seed=1)
+    assert examples != build_shared_examples(users, k=3, max_per_user=None, seed=2)
+
+
+def test_shared_max_per_user_samples_but_keeps_full_earlier_retrieval() -> None:
+    users = {"alice": _history("alice", 20), "bob": _history("bob", 3)}
+    examples = build_shared_examples(users, k=2, max_per_user=5, seed=0)
+    assert sum(ex.item_id.startswith("alice") for ex in examples) == 5
+    assert sum(ex.item_id.startswith("bob") for ex in examples) == 3
+    full = {ex.item_id: ex for ex in build_user_examples(users["alice"], k=2)}
+    assert all(ex == full[ex.item_id] for ex in examples if ex.item_id.startswith("alice"))

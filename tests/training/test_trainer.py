@@ -1,0 +1,183 @@
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.config import ALL_TARGET_MODULES, Settings
+from service.inference.loader import LoadedModel, load_model
+from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
+from service.training.examples import TrainExample
+from service.training.trainer import (
+    IGNORE,
+    LoraTrainConfig,
+    TrainingCancelled,
+    TrainOutput,
+    _batch_loss,
+    collate,
+    encode_example,
+    merge_lora_into,
+    train_lora,
+)
+from tests.models import tiny_model_dir
+
+WORD = TrainExample("1", "Say the word", "zebracorn")
+# A random tiny model needs every projection and a high lr to memorise one answer in 30 steps.
+MEMORISE = LoraTrainConfig(
+    target_modules=ALL_TARGET_MODULES, lr=5e-3, epochs=30, batch_size=1, warmup_ratio=0.0, dropout=0.0
+)
+QUICK = LoraTrainConfig(lr=1e-3, epochs=2, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model(Settings(model=str(tiny_model_dir()), data_dir=tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def memorised(lm: LoadedModel) -> TrainOutput:
+    return train_lora(lm.model, lm.tokenizer, [WORD], MEMORISE, base_model_name="tiny-base")
+
+
+@pytest.fixture
+def fresh(lm: LoadedModel) -> Iterator[Any]:
+    yield copy.deepcopy(lm.model)
+
+
+def _examples(n: int = 5) -> list[TrainExample]:
+    return [TrainExample(str(i), f"Review {i}: the soup was", f"warm and salty {'!' * i}") for i in range(n)]
+
+
+def _greedy(model: Any, tokenizer: Any, prompt: str, n: int = 4) -> str:
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return str(tokenizer.decode(out[0, ids.shape[1] :]))
+
+
+def test_loss_only_on_target_tokens(lm: LoadedModel) -> None:
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    prompt = encode_prompt(lm.tokenizer, WORD.prompt)
+    target = encode_target(lm.tokenizer, WORD.target, stop)
+    ids, labels = encode_example(lm.tokenizer, WORD, stop, 512)
+    assert ids == prompt + target
+    assert labels == [IGNORE] * len(prompt) + target
+    short = TrainExample("2", "x", "y")
+    batch = collate([(ids, labels), encode_example(lm.tokenizer, short, stop, 512)], pad_id=0)
+    n_short = len(encode_example(lm.tokenizer, short, stop, 512)[0])
+    assert batch["attention_mask"][1].tolist() == [1] * n_short + [0] * (len(ids) - n_short)
+    assert (batch["labels"][1, n_short:] == IGNORE).all()
+    assert (batch["labels"] != IGNORE).sum() == len(target) + len(encode_target(lm.tokenizer, "y", stop))
+
+
+def test_truncates_prompt_from_the_left_and_keeps_target(lm: LoadedModel) -> None:
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    long = TrainExample("3", "old context " * 100 + "newest words", "the answer")
+    target = encode_target(lm.tokenizer, long.target, stop)
+    ids, labels = encode_example(lm.tokenizer, long, stop, 32)
+    assert len(ids) == 32 and ids[-len(target) :] == target and labels[-len(target) :] == target
+    assert ids[: -len(target)] == encode_prompt(lm.tokenizer, long.prompt)[-(32 - len(target)) :]
+
+
+def test_memorises_target_and_files_load_with_peft(
+    lm: LoadedModel, memorised: TrainOutput, fresh: Any, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    assert memorised.steps == 30 and memorised.examples == 1
+    assert memorised.epoch_losses[-1] < memorised.epoch_losses[0] - 0.5
+    assert not _greedy(lm.model, lm.tokenizer, WORD.prompt).startswith("zebracorn")
+    config = json.loads(memorised.files["adapter_config.json"])
+    assert config["base_model_name_or_path"] == "tiny-base" and config["r"] == MEMORISE.rank
+    assert set(config["target_modules"]) == set(ALL_TARGET_MODULES)
+    for name, data in memorised.files.items():
+        (tmp_path / name).write_bytes(data)
+    with_lora = PeftModel.from_pretrained(fresh, str(tmp_path))
+    assert _greedy(with_lora, lm.tokenizer, WORD.prompt).startswith("zebracorn")
+
+
+def test_target_only_head_matches_the_models_own_loss(lm: LoadedModel) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(lm.model), LoraConfig(r=4, target_modules=["q_proj"]))
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    batch = collate([encode_example(lm.tokenizer, ex, stop, 512) for ex in _examples()], pad_id=2)
+    with torch.no_grad():
+        torch.testing.assert_close(_batch_loss(peft_model, batch), peft_model(**batch).loss)
+
+
+def test_callers_model_and_rng_unchanged(lm: LoadedModel) -> None:
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    modules = dict(lm.model.named_modules())
+    rng = torch.get_rng_state()
+    attn = lm.model.config._attn_implementation
+    train_lora(lm.model, lm.tokenizer, _examples(), QUICK, base_model_name="tiny")
+    assert torch.equal(rng, torch.get_rng_state()) and lm.model.config._attn_implementation == attn
+    assert dict(lm.model.named_modules()) == modules and not lm.model.training
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_same_seed_same_bytes(lm: LoadedModel) -> None:
+    a = train_lora(lm.model, lm.tokenizer, _examples(), QUICK, base_model_name="tiny")
+    b = train_lora(lm.model, lm.tokenizer, _examples(), QUICK, base_model_name="tiny")
+    c = train_lora(lm.model, lm.tokenizer, _examples(), LoraTrainConfig(lr=1e-3, seed=1), base_model_name="tiny")
+    assert a.files == b.files and a.final_loss == b.final_loss
+    assert a.files["adapter_model.safetensors"] != c.files["adapter_model.safetensors"]
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    lengths = [len(encode_example(lm.tokenizer, ex, stop, 512)[0]) for ex in _examples()]
+    assert a.steps == 6 and a.tokens == 2 * sum(lengths)
+
+
+def test_merge_changes_outputs_in_place(lm: LoadedModel, memorised: TrainOutput, fresh: Any) -> None:
+    params = dict(fresh.named_parameters())
+    modules = dict(fresh.named_modules())
+    merge_lora_into(fresh, memorised.files)
+    assert dict(fresh.named_parameters()) == params and dict(fresh.named_modules()) == modules
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(params[name], lm.model.get_parameter(name))
+    assert _greedy(fresh, lm.tokenizer, WORD.prompt).startswith("zebracorn")
+
+
+def test_merge_rejects_incomplete_files(fresh: Any) -> None:
+    with pytest.raises(ValueError, match="missing"):
+        merge_lora_into(fresh, {"adapter_config.json": b"{}"})
+
+
+def test_should_stop_cancels_between_steps_and_progress_reports(lm: LoadedModel) -> None:
+    seen: list[float] = []
+    calls = iter([False, False, True])
+    with pytest.raises(TrainingCancelled):
+        train_lora(
+            lm.model,
+            lm.tokenizer,
+            _examples(),
+            QUICK,
+            base_model_name="t",
+            progress=seen.append,
+            should_stop=lambda: next(calls),
+        )
+    assert seen == [1 / 6, 2 / 6]
+    out = train_lora(lm.model, lm.tokenizer, _examples(), QUICK, base_model_name="t", progress=seen.append)
+    assert seen[-1] == 1.0 and out.steps == 6
+
+
+def test_paper_defaults() -> None:
+    shared, user = LoraTrainConfig.shared_default(), LoraTrainConfig.user_default()
+    assert shared.target_modules == ("q_proj", "k_proj", "v_proj") and shared.epochs == 3
+    assert user.target_modules == ("q_proj", "v_proj") and user.epochs == 2
+    for c in (shared, user):
+        assert (c.rank, c.alpha, c.dropout, c.lr, c.batch_size, c.warmup_ratio, c.max_grad_norm) == (
+            8,
+            8.0,
+            0.05,
+            1e-4,
+            16,
+            0.1,
+            0.3,
+        )
+    with pytest.raises(ValueError):
+        LoraTrainConfig(epochs=0)
