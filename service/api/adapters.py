@@ -10,9 +10,11 @@ from starlette.concurrency import run_in_threadpool
 from service.adapters import service
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut, RollbackIn
 from service.deps import AdaptersDep, AdminDep, SessionDep, UserDep, UserIdPath
+from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
 
-router = APIRouter(tags=["adapters"])
+router = APIRouter(tags=["adapters"], responses=error_responses(*AUTH_ERRORS))
+NEEDS_MODEL = error_responses(503)  # AdaptersDep: the base model is not loaded yet
 
 
 @router.get("/users/{user_id}/adapter", response_model=AdapterOut)
@@ -28,7 +30,7 @@ def list_adapter_versions(user: UserDep, session: SessionDep) -> AdapterVersions
 @router.get(
     "/users/{user_id}/adapter/download",
     response_class=Response,
-    responses={200: {"content": {"application/zip": {}}, "description": "PEFT files as a zip"}},
+    responses={200: {"content": {"application/zip": {}}, "description": "PEFT files as a zip"}, **NEEDS_MODEL},
 )
 def download_adapter(
     user: UserDep,
@@ -47,6 +49,7 @@ def download_adapter(
     "/users/{user_id}/adapter",
     status_code=201,
     response_model=AdapterOut,
+    responses=NEEDS_MODEL,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -59,7 +62,7 @@ async def upload_adapter(request: Request, user: UserDep, adapters: AdaptersDep,
     return await run_in_threadpool(service.upload, session, adapters, user.storage_key, user.pk, data)
 
 
-@router.delete("/users/{user_id}/adapter", status_code=204)
+@router.delete("/users/{user_id}/adapter", status_code=204, responses=NEEDS_MODEL)
 def delete_adapter(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Response:
     service.delete(session, adapters, user.storage_key)
     return Response(status_code=204)

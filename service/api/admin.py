@@ -7,9 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import data_rights, users
 from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserIdPath
+from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(*AUTH_ERRORS))
 
 
 class CreateUserIn(BaseModel):
@@ -22,13 +23,13 @@ class CreateUserOut(BaseModel):
     api_key: str
 
 
-@router.post("/users", status_code=201, response_model=CreateUserOut)
+@router.post("/users", status_code=201, response_model=CreateUserOut, responses=error_responses(409))
 def create_user(body: CreateUserIn, _: AdminDep, session: SessionDep) -> CreateUserOut:
     user, key = users.create_user(session, body.user_id)
     return CreateUserOut(user_id=user.user_id, api_key=key)
 
 
-@router.delete("/users/{user_id}", status_code=204)
+@router.delete("/users/{user_id}", status_code=204, responses=error_responses(503))
 def delete_user(
     user_id: UserIdPath, caller: AdminDep, session: SessionDep, state: StateDep, adapters: AdaptersDep
 ) -> Response:

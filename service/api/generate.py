@@ -10,10 +10,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from service.deps import RuntimeDep, StateDep, UserDep
+from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.generation import service
 from service.generation.schemas import GenerateIn, GenerateOut
 
-router = APIRouter(prefix="/users/{user_id}", tags=["generate"])
+router = APIRouter(
+    prefix="/users/{user_id}", tags=["generate"], responses=error_responses(*AUTH_ERRORS, *SERVING_ERRORS)
+)
 T = TypeVar("T")
 
 SSE_DOC: dict[int | str, dict[str, Any]] = {

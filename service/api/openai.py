@@ -8,10 +8,15 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from service.deps import CallerDep, RuntimeDep, StateDep
+from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.openai_compat import service
 from service.openai_compat.schemas import ChatCompletionIn, CompletionIn, ModelList
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses(*AUTH_ERRORS))
+SERVING = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"},
+    **error_responses(*SERVING_ERRORS),
+}
 
 
 def _respond(result: Any) -> Any:
@@ -20,16 +25,16 @@ def _respond(result: Any) -> Any:
     return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=error_responses(503))
 def models(caller: CallerDep, runtime: RuntimeDep) -> ModelList:
     return service.list_models(caller, runtime.model_name)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=SERVING)
 async def chat_completions(body: ChatCompletionIn, caller: CallerDep, state: StateDep, runtime: RuntimeDep) -> Any:
     return _respond(await service.chat(state, runtime, caller, body))
 
 
-@router.post("/completions")
+@router.post("/completions", responses=SERVING)
 async def completions(body: CompletionIn, caller: CallerDep, state: StateDep, runtime: RuntimeDep) -> Any:
     return _respond(await service.complete(state, runtime, caller, body))

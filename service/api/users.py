@@ -7,9 +7,11 @@ from pydantic import BaseModel
 
 from service import data_rights, users
 from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
+from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
 
-router = APIRouter(tags=["users"])
+router = APIRouter(tags=["users"], responses=error_responses(*AUTH_ERRORS))
+NEEDS_MODEL = error_responses(503)  # AdaptersDep: the base model is not loaded yet
 
 
 class KeyOut(BaseModel):
@@ -25,7 +27,10 @@ class RevokedOut(BaseModel):
 @router.get(
     "/users/{user_id}/export",
     response_class=Response,
-    responses={200: {"content": {"application/zip": {}}, "description": "history, profile and adapters"}},
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "history, profile and adapters"},
+        **NEEDS_MODEL,
+    },
 )
 def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Response:
     data = data_rights.export_archive(session, adapters, user)
@@ -35,7 +40,7 @@ def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Re
     )
 
 
-@router.delete("/users/{user_id}", status_code=204)
+@router.delete("/users/{user_id}", status_code=204, responses=NEEDS_MODEL)
 def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, state: StateDep) -> Response:
     data_rights.erase_user(session, adapters, user)
     state.bm25.invalidate(user.storage_key)
