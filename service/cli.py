@@ -33,7 +33,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     if _is_sqlite(settings.resolved_database_url) or args.migrate:
         upgrade(settings.resolved_database_url)  # embedded default: one command gives a working server
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        limit_concurrency=settings.max_concurrency,
+    )
     return 0
 
 

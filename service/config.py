@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     queue_max: int = 256  # queued generate requests in all (full -> 503)
     queue_per_user_max: int = 32  # queued per user (full -> 429): one user cannot take the whole queue
     request_timeout_s: float = 120.0
+    # Concurrent HTTP requests per process (uvicorn answers 503 beyond). The worker-thread pool is sized
+    # above it, so a request holding a DB connection/lock can always get a thread to finish (no deadlock).
+    max_concurrency: int = 256
 
     # --- adapters ---
     adapter_slots: int = 16

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
@@ -151,6 +152,9 @@ def listen_adapter_changes(
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.oppu
+    # Each sync step of a request (deps, route, dependency exit) takes a worker thread; with fewer threads
+    # than concurrent requests, requests holding the SQLite write lock can starve waiting for one.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = state.settings.max_concurrency + 16
     start_runtime(state)
     stop_jobs = start_jobs(state)
     try:

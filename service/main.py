@@ -21,6 +21,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs" if settings.docs_enabled else None,
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
+        redirect_slashes=False,  # "/users/x%2F" must be a 404, never a redirect to "/users/x"
     )
     app.state.oppu = build_state(settings)
     install_error_handlers(app)

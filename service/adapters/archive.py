@@ -103,6 +103,8 @@ def unpack_upload_zip(data: bytes, max_total_bytes: int, max_members: int = 16) 
             if len(infos) > max_members:
                 raise ArchiveError(f"archive has {len(infos)} members (max {max_members})")
             for info in infos:
+                if "\x00" in info.orig_filename:  # zipfile cuts .filename at a NUL: check the raw name
+                    raise ArchiveError(f"member name contains a NUL byte: {info.orig_filename!r}")
                 _check_member(info)
             plan = _plan(infos)
             if not plan:

@@ -177,7 +177,9 @@ class BatchGenerator:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float()
+    # Subtract the max BEFORE dividing: a tiny temperature would otherwise make inf - inf = NaN.
+    probs = torch.softmax((scaled - scaled.max()) / temperature, dim=-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=gen)[0]
     sorted_p, order = probs.sort(descending=True, stable=True)

@@ -132,6 +132,4 @@ def load_model(settings: Settings) -> LoadedModel:
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(
-        model, tokenizer, device, dtype, name, Path(where) if isinstance(where, Path) else None
-    )
+    return LoadedModel(model, tokenizer, device, dtype, name, Path(where) if isinstance(where, Path) else None)

@@ -334,11 +334,6 @@ def test_hostile_archive_member_names_get_4xx_and_write_nothing(env: tuple[TestC
     print(json.dumps({"names": len(names), "uploads": len(uploads), "statuses": dict(statuses)}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/adapters/archive.py checks info.filename, which zipfile has already cut at the first NUL; "
-    "the raw name is info.orig_filename (fix: refuse a NUL there). Nothing is written outside the store.",
-)
 def test_nul_in_member_name_is_refused(env: tuple[TestClient, Tree]) -> None:
     client, tree = env
     key = create_user(client, "owner3")
