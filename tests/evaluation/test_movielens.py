@@ -18,15 +18,13 @@ from service.evaluation.movielens import (
     user_mean,
 )
 
-ML_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
-if not ML_DIR.exists():
-    ML_DIR = Path("/work/shared/data/movielens-latest-small")
+ML_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"  # ../shared
 
 
 @pytest.fixture(scope="module")
 def ml() -> MovieLens:
     if not (ML_DIR / "ratings.csv").exists():
-        pytest.skip("MovieLens latest-small is not available")
+        pytest.fail(f"MovieLens latest-small not found at {ML_DIR} (the project's ../shared folder)")
     return load_movielens(ML_DIR)
 
 

@@ -35,7 +35,7 @@ def _task() -> ml.RatingTask:
 
 def test_small_preset_end_to_end(tmp_path: Path) -> None:
     if not (ML_DIR / "ratings.csv").is_file():
-        pytest.skip("MovieLens latest-small is not available")
+        pytest.fail(f"MovieLens latest-small not found at {ML_DIR} (the project's ../shared folder)")
     out = tmp_path / "eval.json"
     argv = ["eval", "movielens", "--preset", "small", "--out", str(out), "--data", str(ML_DIR)]
     assert main([*argv, "--model", str(tiny_model_dir())]) == 0
