@@ -141,8 +141,8 @@ def autocast_dtype(config: LoraTrainConfig, device: torch.device) -> torch.dtype
     return torch.bfloat16 if device.type == "cpu" and native else None
 
 
-def _batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens of the batch."""
+def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of a batch, for a PEFT-wrapped causal LM."""
     base = model.get_base_model()
     if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_TYPES:
         return model(**batch, use_cache=False).loss  # type: ignore[no-any-return]
@@ -259,7 +259,7 @@ def _optimise(
                 raise TrainingCancelled(f"stopped after {step} of {total} steps")
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-                loss = _batch_loss(peft_model, batch)
+                loss = target_loss(peft_model, batch)
             torch.autograd.backward(loss)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optim.step()

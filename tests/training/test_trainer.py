@@ -16,10 +16,10 @@ from service.training.trainer import (
     LoraTrainConfig,
     TrainingCancelled,
     TrainOutput,
-    _batch_loss,
     collate,
     encode_example,
     merge_lora_into,
+    target_loss,
     train_lora,
 )
 from tests.models import tiny_model_dir
@@ -106,7 +106,7 @@ def test_target_only_head_matches_the_models_own_loss(lm: LoadedModel) -> None:
     stop = stop_token_ids(lm.tokenizer, lm.model.config)
     batch = collate([encode_example(lm.tokenizer, ex, stop, 512) for ex in _examples()], pad_id=2)
     with torch.no_grad():
-        torch.testing.assert_close(_batch_loss(peft_model, batch), peft_model(**batch).loss)
+        torch.testing.assert_close(target_loss(peft_model, batch), peft_model(**batch).loss)
 
 
 def test_callers_model_and_rng_unchanged(lm: LoadedModel) -> None:
