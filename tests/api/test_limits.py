@@ -17,7 +17,7 @@ def test_deadline_gives_504_and_frees_the_row(tmp_path: Path, tiny_model_path: P
     settings = make_settings(tmp_path, url, str(tiny_model_path), request_timeout_s=0.3, max_new_tokens_cap=4096)
     with TestClient(create_app(settings)) as client:
         key = create_user(client, "slow")
-        body = {"prompt": "go on forever", "max_new_tokens": 4000, "temperature": 0, "retrieval_k": 0}
+        body = {"prompt": "go on forever", "max_new_tokens": 1900, "temperature": 0, "retrieval_k": 0}
         r = client.post("/users/slow/generate", json=body, headers=bearer(key))
         assert r.status_code == 504 and r.json()["code"] == "timeout"
         quick = {"prompt": "hi", "max_new_tokens": 2, "temperature": 0}
