@@ -65,6 +65,10 @@ class _LuceneBM25(BM25Okapi):  # type: ignore[misc]
         return scores
 
 
+def doc_terms(docs: Sequence[Doc]) -> list[list[str]]:
+    return [terms(doc_text(d)) or ["\x00"] for d in docs]  # rank_bm25 dislikes empty docs
+
+
 def doc_text(doc: Doc) -> str:
     return f"{doc.input or ''} {doc.output}"
 
@@ -77,8 +81,17 @@ class Hit:
 
 class BM25Index:
     def __init__(self, docs: Sequence[Doc]) -> None:
-        self.size = len(docs)
-        corpus = [terms(doc_text(d)) or ["\x00"] for d in docs]  # rank_bm25 dislikes empty docs
+        self._init_terms(doc_terms(docs))
+
+    @classmethod
+    def from_terms(cls, corpus: list[list[str]]) -> BM25Index:
+        """An index over already tokenized docs (see doc_terms): prefixes of one history, cheaply."""
+        index = cls.__new__(cls)
+        index._init_terms(corpus)
+        return index
+
+    def _init_terms(self, corpus: list[list[str]]) -> None:
+        self.size = len(corpus)
         self._bm25 = _LuceneBM25(corpus) if corpus else None
 
     def top_k(self, query: str, k: int, *, limit: int | None = None) -> list[Hit]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.prompts import build_prompt, training_request
-from service.retrieval.bm25 import BM25Index
+from service.retrieval.bm25 import BM25Index, doc_terms
 
 
 class HistoryLike(Protocol):
@@ -36,10 +36,14 @@ def retrieval_plan(items: Sequence[HistoryLike], *, k: int) -> list[list[int]]:
     """For each item i, the indices (all < i) of the items retrieved into its prompt, best first."""
     if k <= 0:
         return [[] for _ in items]
-    # One index over the whole history; `limit=i` scores only items[:i], so nothing later can leak in
-    # (BM25 idf still sees the whole history, which carries no item text into the prompt).
-    index = BM25Index(items)
-    return [[hit.index for hit in index.top_k(training_request(it), k, limit=i)] for i, it in enumerate(items)]
+    # Item i is retrieved from an index over items[:i] ONLY: later items can influence neither the
+    # retrieved text nor the ranking (idf); tokenized once, so this stays cheap for long histories.
+    corpus = doc_terms(items)
+    plan: list[list[int]] = []
+    for i, item in enumerate(items):
+        index = BM25Index.from_terms(corpus[:i])
+        plan.append([hit.index for hit in index.top_k(training_request(item), k)])
+    return plan
 
 
 def _examples(

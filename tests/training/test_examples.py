@@ -84,3 +84,18 @@ def test_shared_max_per_user_samples_but_keeps_full_earlier_retrieval() -> None:
     assert sum(ex.item_id.startswith("bob") for ex in examples) == 3
     full = {ex.item_id: ex for ex in build_user_examples(users["alice"], k=2)}
     assert all(ex == full[ex.item_id] for ex in examples if ex.item_id.startswith("alice"))
+
+
+def test_later_items_do_not_change_earlier_rankings() -> None:
+    """Retrieval for item i uses an index over items[:i] only: appending later items (which shift
+    corpus statistics such as idf) leaves every earlier item's retrieved list unchanged."""
+    base = [
+        Item("a", "cats", "cats and dogs"),
+        Item("b", "dogs", "dogs dogs bark"),
+        Item("c", "fish", "cats like fish"),
+        Item("d", "cats dogs", "what about cats or dogs"),
+    ]
+    later = [Item(f"z{i}", "dogs", "dogs everywhere dogs") for i in range(20)]
+    short, long = retrieval_plan(base, k=2), retrieval_plan(base + later, k=2)
+    assert long[: len(base)] == short
+    assert all(all(j < i for j in hits) for i, hits in enumerate(long))
