@@ -10,19 +10,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.prompts import build_prompt, training_request
-from service.retrieval.bm25 import BM25Index, doc_terms
+from service.prompts import PromptItem, build_prompt, training_request
+from service.retrieval.bm25 import BM25Index, Doc, doc_terms
 
 
-class HistoryLike(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def input(self) -> str | None: ...
-    @property
-    def output(self) -> str: ...
-    @property
-    def kind(self) -> str | None: ...
+class HistoryLike(Doc, PromptItem, Protocol):
+    """A history item as retrieval (id, input, output) and the prompt builder (+ kind) see it."""
 
 
 @dataclass(frozen=True)
