@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from service.api.generate import until_disconnect
-from service.batching.scheduler import GenerationJob
-from service.inference.engine import SamplingParams
+from service.batching.scheduler import BatchScheduler, GenerationJob
+from service.inference.engine import GenOutput, SamplingParams
 
 
 class GoneRequest:
@@ -22,25 +23,35 @@ class StillThere:
         return False
 
 
-def test_disconnect_cancels_the_job() -> None:
-    job = GenerationJob(input_ids=[1], params=SamplingParams(max_new_tokens=4))
+class EndlessGenerator:
+    """Emits tokens until its row is cancelled (the real engine stops a row when on_token says False)."""
 
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        job._loop, job._future = loop, loop.create_future()
+    def generate(self, rows: Any, *, on_token: Any = None, return_logits: bool = False) -> list[GenOutput]:
+        out = GenOutput(token_ids=[], finish_reason="length", step_logits=None)
+        for _ in range(1000):
+            time.sleep(0.01)
+            if on_token(0, 7) is False:
+                out.finish_reason = "cancelled"
+                break
+            out.token_ids.append(7)
+        return [out]
 
-        async def wait_like_scheduler_run() -> Any:  # mirrors BatchScheduler.run's cancel handling
-            try:
-                await asyncio.shield(job._future)  # type: ignore[arg-type]
-            except asyncio.CancelledError:
-                job.cancelled.set()
-                raise
 
+def test_disconnect_cancels_the_row_in_the_real_scheduler() -> None:
+    scheduler = BatchScheduler(EndlessGenerator(), max_batch=4, window_ms=1, queue_max=8)  # type: ignore[arg-type]
+    scheduler.start()
+    job = GenerationJob(input_ids=[1], params=SamplingParams(max_new_tokens=1000))
+    try:
         with pytest.raises(asyncio.CancelledError):
-            await until_disconnect(GoneRequest(), wait_like_scheduler_run())  # type: ignore[arg-type]
-
-    asyncio.run(scenario())
-    assert job.cancelled.is_set()  # the batch thread drops the row at its next token and unpins
+            asyncio.run(until_disconnect(GoneRequest(), scheduler.run(job)))  # type: ignore[arg-type]
+        assert job.cancelled.is_set()
+        deadline = time.monotonic() + 5
+        while job.result is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.result is not None and job.result.finish_reason == "cancelled"
+        assert len(job.result.token_ids) < 1000 and scheduler.queued == 0
+    finally:
+        scheduler.stop()
 
 
 def test_connected_client_gets_the_result() -> None:
