@@ -95,7 +95,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 return 2
             out, _ = jobs.request_job(session, queue, "user_retrain", user.storage_key, user.id)
     print(f"job {out.job_id}: training in the foreground")
-    run_job(JobContext(settings, factory, AdapterStore(settings.adapters_dir), queue), out.job_id)
+    from tqdm import tqdm
+
+    with tqdm(total=100, unit="%", desc="training") as bar:
+
+        def advance(fraction: float) -> None:
+            bar.update(round(fraction * 100) - bar.n)
+
+        ctx = JobContext(settings, factory, AdapterStore(settings.adapters_dir), queue, on_progress=advance)
+        run_job(ctx, out.job_id)
     with unit_of_work(factory) as session:
         job = session.get(Job, out.job_id)
         assert job is not None

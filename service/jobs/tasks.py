@@ -47,6 +47,7 @@ class JobContext:
     _spec: BaseModelSpec | None = None
     _shared_merged: int | None = None  # shared version merged into the training model
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    on_progress: Callable[[float], None] | None = None  # e.g. a progress bar for `oppu train`
 
     def base(self) -> tuple[LoadedModel, BaseModelSpec]:
         if self._loaded is None:
@@ -115,6 +116,8 @@ class _Heartbeat:
 
     def report(self, fraction: float) -> None:
         self.progress = min(0.99, fraction)
+        if self._ctx.on_progress is not None:
+            self._ctx.on_progress(fraction)
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
