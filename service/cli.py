@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from service.adapters.store import AdapterStore
-    from service.db.models import Job, User
+    from service.db.models import SHARED_OWNER, Job, User
     from service.db.session import make_engine, make_session_factory, unit_of_work
     from service.jobs import service as jobs
     from service.jobs.tasks import JobContext, run_job
@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     queue = _NoQueue()
     with unit_of_work(factory) as session:
         if args.shared:
-            out, _ = jobs.request_job(session, queue, "shared_retrain", jobs.SHARED_OWNER_KEY, None)
+            out, _ = jobs.request_job(session, queue, "shared_retrain", SHARED_OWNER, None)
         else:
             user = session.execute(select(User).where(User.user_id == args.user)).scalar_one_or_none()
             if user is None:

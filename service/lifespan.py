@@ -20,7 +20,6 @@ from service.adapters.service import AdapterContext
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec, ValidationLimits
-from service.adapters.weights import load_adapter_files
 from service.config import Settings
 from service.db.models import SHARED_OWNER
 from service.db.session import make_engine, make_session_factory, unit_of_work
@@ -103,7 +102,7 @@ def start_runtime(state: AppState) -> None:
     with unit_of_work(state.session_factory) as session:
         shared = adapter_service.current_version(session, SHARED_OWNER)
     if shared is not None:
-        state.runtime.apply_shared_now(load_adapter_files(state.store.version_dir(SHARED_OWNER, shared)), shared)
+        state.runtime.apply_shared_now(adapter_service.shared_weights(state.store, shared), shared)
     state.runtime.start()
 
 

@@ -22,6 +22,7 @@ from service.adapters.validation import (
     ValidationLimits,
     validate_peft_files,
 )
+from service.adapters.weights import AdapterWeights, load_adapter_files
 from service.db.models import SHARED_OWNER, Adapter
 from service.db.session import after_commit
 from service.errors import Conflict, NotFound, Unprocessable
@@ -67,6 +68,11 @@ def serving_key(session: Session, owner_key: str, spec: BaseModelSpec) -> tuple[
     if row.base_fingerprint != spec.fingerprint:
         raise Conflict(f"adapter v{row.version} was made for another base model than the one served")
     return AdapterKey(owner_key, row.version, row.sha256), row.version
+
+
+def shared_weights(store: AdapterStore, version: int | None) -> AdapterWeights | None:
+    """The shared task LoRA's weights for `version` (None: no shared LoRA)."""
+    return load_adapter_files(store.version_dir(SHARED_OWNER, version)) if version is not None else None
 
 
 def current_version(session: Session, owner_key: str) -> int | None:

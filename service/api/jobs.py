@@ -9,6 +9,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel
 
 from service.adapters import service as adapter_service
+from service.db.models import SHARED_OWNER
 from service.deps import AdminDep, QueueDep, RuntimeDep, SessionDep, StateDep, UserIdPath
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.history.schemas import ProfileOut
@@ -30,7 +31,7 @@ def retrain_user(user_id: UserIdPath, caller: AdminDep, session: SessionDep, que
 
 @router.post("/shared-adapter/retrain", status_code=202, response_model=JobOut, responses=NEEDS_QUEUE)
 def retrain_shared(_: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
-    job, _created = service.request_job(session, queue, "shared_retrain", service.SHARED_OWNER_KEY, None)
+    job, _created = service.request_job(session, queue, "shared_retrain", SHARED_OWNER, None)
     return job
 
 

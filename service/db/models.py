@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from service.adapters.store import SHARED_KEY
 from service.db.base import Base
 
 
@@ -68,7 +69,8 @@ class Profile(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
-SHARED_OWNER = "_shared"  # owner key of the shared task adapter (users own theirs by storage_key)
+# Owner key of the shared task adapter (users own theirs by storage_key); the store reserves it.
+SHARED_OWNER = SHARED_KEY
 
 
 class AdapterHead(Base):

@@ -32,7 +32,6 @@ from service.adapters.service import AdapterContext
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec, ValidationLimits
-from service.adapters.weights import load_adapter_files
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.models import SHARED_OWNER
@@ -357,7 +356,7 @@ def _train_shared(bench: _Bench, examples: Sequence[TrainExample]) -> tuple[int,
         bench.train_model, lm.tokenizer, examples, _train_config(bench.config, shared=True), base_model_name=lm.name
     )
     version = _publish(bench, SHARED_OWNER, None, out, None)
-    bench.runtime.apply_shared_now(load_adapter_files(bench.store.version_dir(SHARED_OWNER, version)), version)
+    bench.runtime.apply_shared_now(adapter_service.shared_weights(bench.store, version), version)
     merge_lora_into(bench.train_model, out.files)
     return version, out
 

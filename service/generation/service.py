@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service.adapters import service as adapters
 from service.adapters.cache import AdapterKey
-from service.adapters.weights import load_adapter_files
 from service.db.models import SHARED_OWNER
 from service.db.session import unit_of_work
 from service.errors import Unprocessable
@@ -57,8 +56,7 @@ def sync_shared(state: AppState, version: int | None) -> None:
     runtime = state.runtime
     if runtime is None:
         return
-    weights = load_adapter_files(state.store.version_dir(SHARED_OWNER, version)) if version else None
-    runtime.request_shared(weights, version)
+    runtime.request_shared(adapters.shared_weights(state.store, version), version)
 
 
 def resolve_max_new_tokens(body: GenerateIn, cap: int, default: int) -> int:
@@ -75,7 +73,7 @@ async def _prepare(state: AppState, user: UserRef, body: GenerateIn) -> Prepared
         if prepared.adapter is not None and state.cache is not None:
             state.cache.prefetch(prepared.adapter)  # disk -> host here, not in the batch thread
         runtime = state.runtime
-        if runtime is not None and prepared.shared_version != runtime.shared_version:
+        if runtime is not None and prepared.shared_version != runtime.shared_target:
             sync_shared(state, prepared.shared_version)  # applied before the next batch
         return prepared
 

@@ -74,6 +74,12 @@ class ModelRuntime:
     def start(self) -> None:
         self.scheduler.start()
 
+    @property
+    def shared_target(self) -> int | None:
+        """The shared version the base will have once pending changes are applied."""
+        with self._shared_lock:
+            return self._pending_shared[1] if self._pending_shared is not None else self.shared_version
+
     def request_shared(self, weights: AdapterWeights | None, version: int | None) -> None:
         """Queue a shared-LoRA change; the batch thread applies it before its next batch."""
         with self._shared_lock:

@@ -11,14 +11,13 @@ from sqlalchemy import select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.db.models import ACTIVE_JOB_STATES, SHARED_OWNER, Job
+from service.db.models import ACTIVE_JOB_STATES, Job
 from service.db.session import after_commit
 from service.errors import NotFound
 from service.history import repository as history_repo
 from service.jobs.queue import JobQueue
 from service.jobs.schemas import JobOut
 
-SHARED_OWNER_KEY = SHARED_OWNER
 Kind = Literal["user_retrain", "shared_retrain"]
 
 
@@ -123,9 +122,7 @@ def finish(session: Session, job_id: str, *, adapter_version: int | None) -> Non
     )
 
 
-def fail_or_retry(
-    session: Session, job_id: str, error: str, max_attempts: int, *, attempt: int | None = None
-) -> bool:
+def fail_or_retry(session: Session, job_id: str, error: str, max_attempts: int, *, attempt: int | None = None) -> bool:
     """Returns True when the job goes back to the queue (the caller enqueues after commit). Only a
     running job changes, and with `attempt` only while that attempt still owns it: a superseded attempt
     that fails must not turn a job another attempt finished (or took over) back into queued/failed."""

@@ -23,7 +23,7 @@ from service.adapters.service import AdapterContext
 from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec, ValidationLimits
 from service.config import Settings
-from service.db.models import Job, User
+from service.db.models import SHARED_OWNER, Job, User
 from service.db.session import after_commit, unit_of_work
 from service.history import repository as history_repo
 from service.history.service import snapshot
@@ -73,7 +73,7 @@ class JobContext:
                 self._loaded = None
                 loaded, _ = self.base()
             if shared_version is not None:
-                merge_lora_into(loaded.model, self.store.read_files(jobs.SHARED_OWNER_KEY, shared_version))
+                merge_lora_into(loaded.model, self.store.read_files(SHARED_OWNER, shared_version))
             self._shared_merged = shared_version
         return loaded.model
 
@@ -137,7 +137,7 @@ class _Heartbeat:
 
 
 def _current_shared(session: Session) -> int | None:
-    row = adapter_repo.current(session, jobs.SHARED_OWNER_KEY)
+    row = adapter_repo.current(session, SHARED_OWNER)
     return row.version if row is not None else None
 
 

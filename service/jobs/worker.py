@@ -42,6 +42,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
     # work horse then starts training without paying seconds of imports.
     import peft  # noqa: F401
     import transformers  # noqa: F401
+
     try:
         Worker([QUEUE_NAME], connection=queue.redis).work(burst=burst, with_scheduler=False)
     finally:
