@@ -3,7 +3,8 @@ non-personalized model? Every method, baselines included (global/user mean, non-
 PAG), is measured in the same run on the same test items; prints ONE JSON object (the report of
 `oppu eval movielens`, without the per-item predictions unless --out is given).
 
-Usage: .venv/bin/python bench/personalization.py [--preset small|full] [--out FILE.json] [--users N ...]
+Usage: .venv/bin/python bench/personalization.py [--preset small|full] [--out FILE.json] [--split test|dev]
+       [--users N ...]
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import sys
 from typing import Any
 
 from service.config import Settings
-from service.evaluation.runner import PRESETS, preset_config, run_eval, write_report
+from service.evaluation.protocol import PRESETS, preset_config
+from service.evaluation.report import write_report
+from service.evaluation.runner import run_eval
 
 
 def main() -> None:
@@ -29,8 +32,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--model")
+    parser.add_argument("--split", choices=["test", "dev"], help="dev: score the ratings just before the test items")
     args = parser.parse_args()
-    options = ("users", "history_items", "test_items", "epochs", "seed", "model")
+    options = ("users", "history_items", "test_items", "epochs", "seed", "model", "split")
     overrides = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
     config = preset_config(args.preset, progress=sys.stderr.isatty(), **overrides)
     load_before = os.getloadavg()[0]

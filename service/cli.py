@@ -112,7 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from service.evaluation.runner import preset_config, run_eval, write_report
+    from service.evaluation.protocol import preset_config
+    from service.evaluation.report import write_report
+    from service.evaluation.runner import run_eval
 
     options = {
         "users": args.users,
@@ -121,6 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "epochs": args.epochs,
         "seed": args.seed,
         "model": args.model,
+        "split": args.split,
     }
     config = preset_config(args.preset, progress=True, **{k: v for k, v in options.items() if v is not None})
     report = run_eval(config, data_dir=args.data, settings=get_settings())
@@ -162,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--epochs", type=int, help="epochs of both training stages")
     ev.add_argument("--seed", type=int)
     ev.add_argument("--model", help="base model (default: OPPU_MODEL)")
+    ev.add_argument(
+        "--split",
+        choices=["test", "dev"],
+        help="dev: score the ratings just before each user's test items (for choosing settings); default test",
+    )
     ev.set_defaults(func=cmd_eval)
     return parser
 

@@ -157,13 +157,17 @@ def _item(ml: MovieLens, user: int, rating: Rating, tag_cutoff: int | None) -> R
     )
 
 
-def split_user(ml: MovieLens, user: int, *, history_items: int, test_items: int) -> UserSplit:
+def split_user(ml: MovieLens, user: int, *, history_items: int, test_items: int, holdout: int = 0) -> UserSplit:
     """Temporal split: test is the user's last `test_items` ratings, history the ones just before.
 
     History items keep only tags given no later than the first test rating; test items carry no
-    tags, since a tag on a test movie could reveal the answer.
+    tags, since a tag on a test movie could reveal the answer. `holdout` drops the user's last ratings
+    unread first: with holdout = test_items the "test" items are a dev set just before the real test
+    items, for choosing settings without ever looking at the test items.
     """
-    ratings = ml.ratings[user]
+    if holdout < 0:
+        raise ValueError("holdout must be >= 0")
+    ratings = ml.ratings[user][: len(ml.ratings[user]) - holdout]
     if len(ratings) <= test_items:
         raise ValueError(f"user {user} has {len(ratings)} ratings, needs more than {test_items}")
     test_raw = ratings[len(ratings) - test_items :]
@@ -180,17 +184,24 @@ def split_user(ml: MovieLens, user: int, *, history_items: int, test_items: int)
 
 
 def build_rating_task(
-    ml: MovieLens, *, n_users: int, history_items: int, test_items: int, min_ratings: int, seed: int
+    ml: MovieLens,
+    *,
+    n_users: int,
+    history_items: int,
+    test_items: int,
+    min_ratings: int,
+    seed: int,
+    holdout: int = 0,
 ) -> RatingTask:
-    """Choose `n_users` users (seeded, among those with >= min_ratings) and split each in time."""
-    if n_users < 1 or test_items < 1 or history_items < 0:
-        raise ValueError("n_users and test_items must be >= 1 and history_items >= 0")
-    need = max(min_ratings, test_items + 1)
+    """Choose `n_users` users (seeded, among those with >= min_ratings + holdout) and split each in time."""
+    if n_users < 1 or test_items < 1 or history_items < 0 or holdout < 0:
+        raise ValueError("n_users and test_items must be >= 1, history_items and holdout >= 0")
+    need = max(min_ratings, test_items + 1) + holdout
     eligible = sorted(u for u, rs in ml.ratings.items() if len(rs) >= need)
     if len(eligible) < n_users:
         raise ValueError(f"only {len(eligible)} users have >= {need} ratings; asked for {n_users}")
     chosen = sorted(random.Random(seed).sample(eligible, n_users))
-    users = [split_user(ml, u, history_items=history_items, test_items=test_items) for u in chosen]
+    users = [split_user(ml, u, history_items=history_items, test_items=test_items, holdout=holdout) for u in chosen]
     config: dict[str, Any] = {
         "source": "movielens-latest-small",
         "split": "temporal",
@@ -198,6 +209,7 @@ def build_rating_task(
         "history_items": history_items,
         "test_items": test_items,
         "min_ratings": min_ratings,
+        "holdout": holdout,
         "seed": seed,
     }
     task = RatingTask(users=users, config=config)

@@ -4,21 +4,21 @@ Drives the real components: users and histories in SQL (history service, migrate
 dir), BM25 retrieval through the history service, the ONE prompt builder, OPPU training (stage 1: a
 shared task LoRA on all users' histories; stage 2: one LoRA per user on top of it, prompts retrieved
 from EARLIER items only), adapters published to the store and served through AdapterCache + LoraSlots
-in mixed batches of many users. Owns the protocol (methods, presets, leakage checks, report); no HTTP.
+in mixed batches of many users. The methods, presets and leakage checks are `protocol`'s, the scoring
+`report`'s; no HTTP.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from sqlalchemy import Engine
@@ -36,8 +36,17 @@ from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.models import SHARED_OWNER
 from service.db.session import make_engine, make_session_factory, unit_of_work
-from service.evaluation import metrics
+from service.evaluation import metrics, protocol, report
 from service.evaluation import movielens as ml
+from service.evaluation.protocol import (
+    SCOPE,
+    EvalConfig,
+    LlmMethod,
+    check_example_leakage,
+    check_history_leakage,
+    check_retrieved_leakage,
+    default_data_dir,
+)
 from service.history import repository as history_repo
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
@@ -49,150 +58,6 @@ from service.retrieval.bm25 import BM25Cache
 from service.tenancy import UserRef
 from service.training.examples import TrainExample, build_shared_examples, build_user_examples
 from service.training.trainer import LoraTrainConfig, TrainOutput, merge_lora_into, train_lora
-
-REFERENCE = "oppu_rag"  # the method every other one is compared with (paired bootstrap)
-SCOPE = "/"  # stage-1 example ids are "<user>/<item>", so leakage is checked per user
-
-
-@dataclass(frozen=True)
-class LlmMethod:
-    name: str
-    k: int  # retrieved history items in the prompt
-    profile: bool  # the generated profile in the prompt
-    adapter: bool  # the user's own LoRA (slot path); every method runs on base + shared LoRA
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    preset: str = "custom"
-    users: int = 4
-    history_items: int = 12
-    test_items: int = 2
-    seed: int = 0  # user sampling, LoRA init/shuffling, bootstrap
-    model: str | None = None  # None: the served model (OPPU_MODEL, default SmolLM2-135M-Instruct)
-    shared_epochs: int = 1
-    user_epochs: int = 1
-    # Chosen a priori for a ~100M model and few steps (the paper's 1e-4 is for 7B); never tuned on test items.
-    shared_lr: float = 1e-3
-    user_lr: float = 1e-3
-    shared_batch_size: int = 8
-    user_batch_size: int = 4
-    rank: int = 8
-    alpha: float = 8.0
-    oppu_rag_k: int = 4  # k of oppu_rag AND of the stage-2 training prompts (trained as served)
-    shared_ks: tuple[int, ...] = (0, 1, 4)  # stage-1 prompt shapes (plus one with the profile)
-    max_seq_len: int = 512
-    max_new_tokens: int = 6
-    profile_items: int = 40  # the most recent history items the profile is generated from
-    profile_new_tokens: int = 48
-    gen_batch: int = 16  # rows per generation batch (= adapter slots)
-    bootstrap_resamples: int = 2000
-    # The test request: "item" = the movie as its history items show it (title | genres), the same request
-    # shape training uses (prompts.training_request); "question" = movielens.rating_question, which no
-    # training example contains (the LoRAs then keep answering in prose: parse failures).
-    request: Literal["item", "question"] = "item"
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.request not in ("item", "question"):
-            raise ValueError(f"request must be 'item' or 'question', got {self.request!r}")
-
-    def request_text(self, item: ml.RatingItem) -> str:
-        return ml.item_input(item) if self.request == "item" else ml.rating_question(item)
-
-    def methods(self) -> tuple[LlmMethod, ...]:
-        return (
-            LlmMethod("non_personalized", 0, False, False),
-            LlmMethod("rag_k1", 1, False, False),
-            LlmMethod("rag_k4", 4, False, False),
-            LlmMethod("pag", 0, True, False),
-            LlmMethod("oppu", 0, False, True),
-            LlmMethod(REFERENCE, self.oppu_rag_k, False, True),
-            LlmMethod("oppu_pag", 0, True, True),
-        )
-
-
-PRESETS: dict[str, EvalConfig] = {
-    # CI: a pipeline check, not a measurement (4 users x 2 test items).
-    "small": EvalConfig(preset="small", users=4, history_items=12, test_items=2),
-    # The measurement: 50 test users x 4 items. Training dominates: ~0.53M tokens (stage 1 ~0.14M, stage 2
-    # ~0.38M), i.e. about an hour on 2 CPU cores at ~150 tokens/s with SmolLM2-135M.
-    "full": EvalConfig(
-        preset="full", users=50, history_items=24, test_items=4, shared_epochs=1, user_epochs=2, shared_batch_size=16
-    ),
-}
-
-
-def preset_config(name: str, **overrides: Any) -> EvalConfig:
-    """A preset with overrides; `epochs` sets both stages' epochs."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    epochs = overrides.pop("epochs", None)
-    if epochs is not None:
-        overrides.update(shared_epochs=epochs, user_epochs=epochs)
-    known = {f.name for f in fields(EvalConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}")
-    return replace(PRESETS[name], **overrides)
-
-
-def default_data_dir() -> Path:
-    """`../shared/data/movielens-latest-small` next to the repository (never copied into it)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
-
-
-# --- leakage checks (raise AssertionError) ---
-
-
-def _test_ids(task: ml.RatingTask) -> dict[str, set[str]]:
-    return {split.user_id: {t.item_id for t in split.test} for split in task.users}
-
-
-def check_history_leakage(task: ml.RatingTask, stored: Mapping[str, Sequence[history.DocSnapshot]]) -> int:
-    """The histories read back from SQL hold exactly each user's history items, never a test item."""
-    ml.check_no_leakage(task)
-    tests = _test_ids(task)
-    for split in task.users:
-        ids = [d.id for d in stored.get(split.user_id, [])]
-        leaked = sorted(set(ids) & tests[split.user_id])
-        if leaked:
-            raise AssertionError(f"{split.user_id}: test items stored in history: {leaked}")
-        if ids != [h.item_id for h in split.history]:
-            raise AssertionError(f"{split.user_id}: stored history differs from the split's history")
-    return sum(len(v) for v in stored.values())
-
-
-def check_example_leakage(task: ml.RatingTask, examples: Mapping[str, Sequence[TrainExample]]) -> int:
-    """Every training example of a user comes from that user's history and is none of their test items."""
-    tests = _test_ids(task)
-    histories = {split.user_id: {h.item_id for h in split.history} for split in task.users}
-    for user, exs in examples.items():
-        if user not in tests:
-            raise AssertionError(f"training examples for unknown user {user!r}")
-        for ex in exs:
-            if ex.item_id in tests[user]:
-                raise AssertionError(f"{user}: test item {ex.item_id} is a training example")
-            if ex.item_id not in histories[user]:
-                raise AssertionError(f"{user}: training example {ex.item_id} is not in the history")
-    return sum(len(v) for v in examples.values())
-
-
-def check_retrieved_leakage(user: str, task_tests: Mapping[str, set[str]], retrieved_ids: Iterable[str]) -> None:
-    leaked = sorted(set(retrieved_ids) & task_tests[user])
-    if leaked:
-        raise AssertionError(f"{user}: test items retrieved into a prompt: {leaked}")
-
-
-def _unscope(examples: Sequence[TrainExample]) -> dict[str, list[TrainExample]]:
-    out: dict[str, list[TrainExample]] = {}
-    for ex in examples:
-        user, sep, item = ex.item_id.partition(SCOPE)
-        if not sep:
-            raise AssertionError(f"stage-1 example {ex.item_id!r} has no user scope")
-        out.setdefault(user, []).append(replace(ex, item_id=item))
-    return out
-
 
 # --- the serving side: SQL, store, runtime, adapter cache ---
 
@@ -352,9 +217,17 @@ def _publish(bench: _Bench, owner: str, user_pk: int | None, out: TrainOutput, s
 def _train_shared(bench: _Bench, examples: Sequence[TrainExample]) -> tuple[int, TrainOutput]:
     """Stage 1, then the shared LoRA is merged into the served base (as at start-up) and the training copy."""
     lm = bench.runtime.loaded
-    out = train_lora(
-        bench.train_model, lm.tokenizer, examples, _train_config(bench.config, shared=True), base_model_name=lm.name
-    )
+    config = _train_config(bench.config, shared=True)
+    steps = config.epochs * math.ceil(len(examples) / config.batch_size)
+    with tqdm(total=steps, desc="shared LoRA", unit="step", disable=not bench.config.progress) as bar:
+        out = train_lora(
+            bench.train_model,
+            lm.tokenizer,
+            examples,
+            config,
+            base_model_name=lm.name,
+            progress=lambda done: bar.update(round(done * steps) - bar.n),
+        )
     version = _publish(bench, SHARED_OWNER, None, out, None)
     bench.runtime.apply_shared_now(adapter_service.shared_weights(bench.store, version), version)
     merge_lora_into(bench.train_model, out.files)
@@ -384,7 +257,7 @@ def _method_requests(
     bench: _Bench, task: ml.RatingTask, method: LlmMethod
 ) -> tuple[list[tuple[str, AdapterKey | None]], int]:
     """Each test item's prompt for `method`, built as serving builds it; and how many items were retrieved."""
-    s, tests = bench.settings, _test_ids(task)
+    s, tests = bench.settings, protocol.test_ids(task)
     requests: list[tuple[str, AdapterKey | None]] = []
     n_retrieved = 0
     with unit_of_work(bench.factory) as session:
@@ -413,43 +286,6 @@ def _method_requests(
     return requests, n_retrieved
 
 
-# --- scoring and the report ---
-
-
-def _baseline_predictions(task: ml.RatingTask) -> dict[str, list[float | None]]:
-    gmean = ml.global_mean(task)  # history ratings only
-    return {
-        "global_mean": [gmean for split in task.users for _ in split.test],
-        "user_mean": [ml.user_mean(split, fallback=gmean) for split in task.users for _ in split.test],
-    }
-
-
-def score(
-    golds: Sequence[float], preds: Mapping[str, Sequence[float | None]], *, resamples: int, seed: int
-) -> tuple[dict[str, metrics.MetricResult], dict[str, metrics.BootstrapCI]]:
-    """Per-method metrics, and the paired bootstrap CI of mean(|err| of oppu_rag - |err| of each other).
-    A negative difference means oppu_rag has the lower error."""
-    results = {name: metrics.score_predictions(golds, p) for name, p in preds.items()}
-    errors = {name: metrics.absolute_errors(golds, p) for name, p in preds.items()}
-    ci = {
-        name: metrics.paired_bootstrap_ci(errors[REFERENCE], err, n_resamples=resamples, seed=seed)
-        for name, err in errors.items()
-        if name != REFERENCE
-    }
-    return results, ci
-
-
-def markdown_report(results: Mapping[str, metrics.MetricResult], ci: Mapping[str, metrics.BootstrapCI]) -> str:
-    lines = [
-        metrics.markdown_table(results),
-        "",
-        f"| {REFERENCE} vs | mean abs-error diff | 95% CI (paired bootstrap) | n |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [f"| {n} | {c.mean_diff:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.n} |" for n, c in ci.items()]
-    return "\n".join(lines)
-
-
 def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_dir: Path) -> dict[str, Any]:
     lm = bench.runtime.loaded
     return {
@@ -465,7 +301,12 @@ def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "data_dir": str(data_dir),
-        "split": "temporal: test = each user's last ratings, history = the ratings just before",
+        "split": (
+            "temporal: test = each user's last ratings, history = the ratings just before"
+            if config.split == "test"
+            else "temporal DEV: each user's last test_items ratings dropped unread; scored = the ones just before"
+        ),
+        "holdout": config.holdout,
         "retrieval_query": "the test movie's title | genres (movielens.item_input), as in training",
         "decoding": "greedy",
         "oppu_rag_k": config.oppu_rag_k,
@@ -489,6 +330,7 @@ def run_eval(
         test_items=config.test_items,
         min_ratings=config.history_items + config.test_items,
         seed=config.seed,
+        holdout=config.holdout,
     )
     timing["data_s"] = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="oppu-eval-") as tmp:
@@ -512,13 +354,13 @@ def _run(bench: _Bench, task: ml.RatingTask, root: Path, timing: dict[str, float
     profiles = _make_profiles(bench, docs)
     t = _timed(timing, "profiles_s", t)
     shared_examples = _shared_examples(bench, docs, profiles)
-    leak["shared_examples"] = check_example_leakage(task, _unscope(shared_examples))
+    leak["shared_examples"] = check_example_leakage(task, protocol.unscope(shared_examples))
     shared_version, shared_out = _train_shared(bench, shared_examples)
     t = _timed(timing, "shared_train_s", t)
     user_examples, user_outs = _train_users(bench, task, docs, shared_version)
     leak["user_examples"] = check_example_leakage(task, user_examples)
     t = _timed(timing, "user_train_s", t)
-    preds = _baseline_predictions(task)
+    preds = protocol.baseline_predictions(task)
     raw: dict[str, list[str]] = {}
     leak["retrieved_items"] = 0
     for method in bench.config.methods():
@@ -528,7 +370,7 @@ def _run(bench: _Bench, task: ml.RatingTask, root: Path, timing: dict[str, float
         preds[method.name] = [metrics.parse_rating(text) for text in raw[method.name]]
         t = _timed(timing, f"generate_{method.name}_s", t)
     golds = [item.rating for split in task.users for item in split.test]
-    results, ci = score(golds, preds, resamples=bench.config.bootstrap_resamples, seed=bench.config.seed)
+    results, ci = report.score(golds, preds, resamples=bench.config.bootstrap_resamples, seed=bench.config.seed)
     _timed(timing, "total_s", started)
     config = _config_report(bench.config, bench, task, root)
     config["leakage_check"] = {**leak, "passed": True}
@@ -536,49 +378,8 @@ def _run(bench: _Bench, task: ml.RatingTask, root: Path, timing: dict[str, float
         "methods": {name: asdict(r) for name, r in results.items()},
         "config": config,
         "ci": {name: asdict(c) for name, c in ci.items()},
-        "table_markdown": markdown_report(results, ci),
+        "table_markdown": report.markdown_report(results, ci),
         "timing": timing,
-        "training": _training_report(shared_out, user_outs, profiles),
-        "predictions": _prediction_rows(task, golds, preds, raw),
+        "training": report.training_report(shared_out, user_outs, profiles),
+        "predictions": report.prediction_rows(task, golds, preds, raw),
     }
-
-
-def _training_report(
-    shared: TrainOutput, users: Sequence[TrainOutput], profiles: Mapping[str, str | None]
-) -> dict[str, Any]:
-    texts = [p for p in profiles.values() if p]
-    return {
-        "shared": {"examples": shared.examples, "steps": shared.steps, "epoch_losses": list(shared.epoch_losses)},
-        "user": {
-            "adapters": len(users),
-            "mean_examples": sum(o.examples for o in users) / max(1, len(users)),
-            "mean_first_epoch_loss": sum(o.epoch_losses[0] for o in users) / max(1, len(users)),
-            "mean_final_loss": sum(o.final_loss for o in users) / max(1, len(users)),
-        },
-        "profiles": {"generated": len(texts), "mean_chars": sum(map(len, texts)) / max(1, len(texts))},
-    }
-
-
-def _prediction_rows(
-    task: ml.RatingTask,
-    golds: Sequence[float],
-    preds: Mapping[str, Sequence[float | None]],
-    raw: Mapping[str, Sequence[str]],
-) -> list[dict[str, Any]]:
-    items = [(split.user_id, item.item_id) for split in task.users for item in split.test]
-    return [
-        {
-            "user": user,
-            "item": item,
-            "gold": golds[i],
-            "pred": {name: p[i] for name, p in preds.items()},
-            "raw": {name: r[i] for name, r in raw.items()},
-        }
-        for i, (user, item) in enumerate(items)
-    ]
-
-
-def write_report(report: Mapping[str, Any], path: Path | str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

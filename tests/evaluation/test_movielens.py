@@ -94,6 +94,21 @@ def test_tiny_split_and_tags(tiny: MovieLens) -> None:
     assert task.config["split"] == "temporal" and task.config["seed"] == 0
 
 
+def test_dev_split_never_reads_the_test_items(tiny: MovieLens) -> None:
+    test = build_rating_task(tiny, n_users=1, history_items=2, test_items=1, min_ratings=4, seed=0)
+    dev = build_rating_task(tiny, n_users=1, history_items=2, test_items=1, min_ratings=4, seed=0, holdout=1)
+    assert [i.item_id for i in test.users[0].test] == ["m5"]
+    # dev scores the rating just before the test one; the test movie and its tag appear nowhere
+    assert [i.item_id for i in dev.users[0].test] == ["m4"]
+    assert [i.item_id for i in dev.users[0].history] == ["m2", "m3"]
+    assert dev.config["holdout"] == 1
+    assert "spoiler" not in repr(dev) and "m5" not in repr(dev)
+    with pytest.raises(ValueError, match=">= 7 ratings"):  # holdout raises the bar per user
+        build_rating_task(tiny, n_users=1, history_items=2, test_items=1, min_ratings=4, seed=0, holdout=3)
+    with pytest.raises(ValueError, match="holdout"):
+        build_rating_task(tiny, n_users=1, history_items=2, test_items=1, min_ratings=4, seed=0, holdout=-1)
+
+
 def test_tiny_formats(tiny: MovieLens) -> None:
     task = build_rating_task(tiny, n_users=1, history_items=3, test_items=1, min_ratings=5, seed=0)
     h = task.users[0].history

@@ -9,7 +9,7 @@ import pytest
 
 from service.cli import main
 from service.evaluation import movielens as ml
-from service.evaluation.runner import (
+from service.evaluation.protocol import (
     PRESETS,
     REFERENCE,
     check_example_leakage,
@@ -88,3 +88,7 @@ def test_preset_overrides() -> None:
         preset_config("small", colour="red")
     with pytest.raises(ValueError, match="request must be"):
         preset_config("small", request="essay")
+    assert preset_config("full").holdout == 0
+    assert preset_config("full", split="dev").holdout == PRESETS["full"].test_items
+    with pytest.raises(ValueError, match="split must be"):
+        preset_config("small", split="train")

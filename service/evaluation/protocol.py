@@ -1,0 +1,177 @@
+"""The MovieLens personalization protocol: which methods are compared, the presets, and the leakage checks
+that every run asserts (no test item in any stored history, training example or retrieved prompt item).
+
+Pure data and checks; `runner` drives the real components with it, `report` scores what they answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from service.evaluation import movielens as ml
+from service.history.service import DocSnapshot
+from service.training.examples import TrainExample
+
+REFERENCE = "oppu_rag"  # the method every other one is compared with (paired bootstrap)
+SCOPE = "/"  # stage-1 example ids are "<user>/<item>", so leakage is checked per user
+
+
+@dataclass(frozen=True)
+class LlmMethod:
+    name: str
+    k: int  # retrieved history items in the prompt
+    profile: bool  # the generated profile in the prompt
+    adapter: bool  # the user's own LoRA (slot path); every method runs on base + shared LoRA
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    preset: str = "custom"
+    users: int = 4
+    history_items: int = 12
+    test_items: int = 2
+    seed: int = 0  # user sampling, LoRA init/shuffling, bootstrap
+    model: str | None = None  # None: the served model (OPPU_MODEL, default SmolLM2-135M-Instruct)
+    shared_epochs: int = 1
+    user_epochs: int = 1
+    # Chosen a priori for a ~100M model and few steps (the paper's 1e-4 is for 7B); never tuned on test items.
+    shared_lr: float = 1e-3
+    user_lr: float = 1e-3
+    shared_batch_size: int = 8
+    user_batch_size: int = 4
+    rank: int = 8
+    alpha: float = 8.0
+    oppu_rag_k: int = 4  # k of oppu_rag AND of the stage-2 training prompts (trained as served)
+    shared_ks: tuple[int, ...] = (0, 1, 4)  # stage-1 prompt shapes (plus one with the profile)
+    max_seq_len: int = 512
+    max_new_tokens: int = 6
+    profile_items: int = 40  # the most recent history items the profile is generated from
+    profile_new_tokens: int = 48
+    gen_batch: int = 16  # rows per generation batch (= adapter slots)
+    bootstrap_resamples: int = 2000
+    # The test request: "item" = the movie as its history items show it (title | genres), the same request
+    # shape training uses (prompts.training_request); "question" = movielens.rating_question, which no
+    # training example contains (the LoRAs then keep answering in prose: parse failures).
+    request: Literal["item", "question"] = "item"
+    # "dev": each user's last test_items ratings are dropped unread and the ones just before are scored,
+    # so settings can be chosen on dev and the test items stay untouched until the reported run.
+    split: Literal["test", "dev"] = "test"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.request not in ("item", "question"):
+            raise ValueError(f"request must be 'item' or 'question', got {self.request!r}")
+        if self.split not in ("test", "dev"):
+            raise ValueError(f"split must be 'test' or 'dev', got {self.split!r}")
+
+    @property
+    def holdout(self) -> int:
+        """Ratings dropped unread from the end of every user's timeline."""
+        return self.test_items if self.split == "dev" else 0
+
+    def request_text(self, item: ml.RatingItem) -> str:
+        return ml.item_input(item) if self.request == "item" else ml.rating_question(item)
+
+    def methods(self) -> tuple[LlmMethod, ...]:
+        return (
+            LlmMethod("non_personalized", 0, False, False),
+            LlmMethod("rag_k1", 1, False, False),
+            LlmMethod("rag_k4", 4, False, False),
+            LlmMethod("pag", 0, True, False),
+            LlmMethod("oppu", 0, False, True),
+            LlmMethod(REFERENCE, self.oppu_rag_k, False, True),
+            LlmMethod("oppu_pag", 0, True, True),
+        )
+
+
+PRESETS: dict[str, EvalConfig] = {
+    # CI: a pipeline check, not a measurement (4 users x 2 test items).
+    "small": EvalConfig(preset="small", users=4, history_items=12, test_items=2),
+    # The measurement: 50 test users x 4 items. Training dominates: ~0.53M tokens (stage 1 ~0.14M, stage 2
+    # ~0.38M), i.e. about an hour on 2 CPU cores at ~150 tokens/s with SmolLM2-135M.
+    "full": EvalConfig(
+        preset="full", users=50, history_items=24, test_items=4, shared_epochs=1, user_epochs=2, shared_batch_size=16
+    ),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> EvalConfig:
+    """A preset with overrides; `epochs` sets both stages' epochs."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    epochs = overrides.pop("epochs", None)
+    if epochs is not None:
+        overrides.update(shared_epochs=epochs, user_epochs=epochs)
+    known = {f.name for f in fields(EvalConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}")
+    return replace(PRESETS[name], **overrides)
+
+
+def default_data_dir() -> Path:
+    """`../shared/data/movielens-latest-small` next to the repository (never copied into it)."""
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
+
+
+# --- leakage checks (raise AssertionError) ---
+
+
+def test_ids(task: ml.RatingTask) -> dict[str, set[str]]:
+    return {split.user_id: {t.item_id for t in split.test} for split in task.users}
+
+
+def check_history_leakage(task: ml.RatingTask, stored: Mapping[str, Sequence[DocSnapshot]]) -> int:
+    """The histories read back from SQL hold exactly each user's history items, never a test item."""
+    ml.check_no_leakage(task)
+    tests = test_ids(task)
+    for split in task.users:
+        ids = [d.id for d in stored.get(split.user_id, [])]
+        leaked = sorted(set(ids) & tests[split.user_id])
+        if leaked:
+            raise AssertionError(f"{split.user_id}: test items stored in history: {leaked}")
+        if ids != [h.item_id for h in split.history]:
+            raise AssertionError(f"{split.user_id}: stored history differs from the split's history")
+    return sum(len(v) for v in stored.values())
+
+
+def check_example_leakage(task: ml.RatingTask, examples: Mapping[str, Sequence[TrainExample]]) -> int:
+    """Every training example of a user comes from that user's history and is none of their test items."""
+    tests = test_ids(task)
+    histories = {split.user_id: {h.item_id for h in split.history} for split in task.users}
+    for user, exs in examples.items():
+        if user not in tests:
+            raise AssertionError(f"training examples for unknown user {user!r}")
+        for ex in exs:
+            if ex.item_id in tests[user]:
+                raise AssertionError(f"{user}: test item {ex.item_id} is a training example")
+            if ex.item_id not in histories[user]:
+                raise AssertionError(f"{user}: training example {ex.item_id} is not in the history")
+    return sum(len(v) for v in examples.values())
+
+
+def check_retrieved_leakage(user: str, task_tests: Mapping[str, set[str]], retrieved_ids: Iterable[str]) -> None:
+    leaked = sorted(set(retrieved_ids) & task_tests[user])
+    if leaked:
+        raise AssertionError(f"{user}: test items retrieved into a prompt: {leaked}")
+
+
+def unscope(examples: Sequence[TrainExample]) -> dict[str, list[TrainExample]]:
+    out: dict[str, list[TrainExample]] = {}
+    for ex in examples:
+        user, sep, item = ex.item_id.partition(SCOPE)
+        if not sep:
+            raise AssertionError(f"stage-1 example {ex.item_id!r} has no user scope")
+        out.setdefault(user, []).append(replace(ex, item_id=item))
+    return out
+
+
+def baseline_predictions(task: ml.RatingTask) -> dict[str, list[float | None]]:
+    gmean = ml.global_mean(task)  # history ratings only
+    return {
+        "global_mean": [gmean for split in task.users for _ in split.test],
+        "user_mean": [ml.user_mean(split, fallback=gmean) for split in task.users for _ in split.test],
+    }
