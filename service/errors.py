@@ -65,6 +65,18 @@ class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
+class AdapterUnavailable(Unavailable):
+    """The adapter a request resolved to cannot be read (its version was pruned or deleted between the SQL
+    lookup and the load, or its files are damaged). Only that request fails; a retry resolves anew."""
+
+    code = "adapter_unavailable"
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            f"the adapter could not be loaded ({type(cause).__name__}); retry later", headers={"Retry-After": "1"}
+        )
+
+
 class Timeout(ServiceError):
     status, code = 504, "timeout"
 

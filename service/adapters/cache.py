@@ -7,6 +7,7 @@ running batch is pinned and never evicted. Every eviction goes through `_evict`,
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
 from service.adapters.weights import AdapterWeights, load_adapter_files
+from service.errors import AdapterUnavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,16 @@ class AdapterCache:
         return weights
 
     def prefetch(self, key: AdapterKey) -> None:
-        """Warm the host tier from a request thread, so the batch thread only does a tensor copy."""
+        """Warm the host tier from a request thread, so the batch thread only does a tensor copy.
+        An adapter that cannot be read fails this request here (503), before it takes a batch row."""
         with self._lock:
             if key in self._slot_of or key in self._host:
                 return
-        self.host_weights(key)
+        try:
+            self.host_weights(key)
+        except Exception as exc:  # files missing (pruned) or damaged: OSError, SafetensorError, ValueError...
+            log.warning("adapter %s v%d could not be loaded: %r", key.owner_key, key.version, exc)
+            raise AdapterUnavailable(exc) from exc
 
     def _admit_host(self, key: AdapterKey, weights: AdapterWeights) -> None:
         size = weights.nbytes()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from service.batching.fair_queue import FairQueue
+from service.errors import AdapterUnavailable
 from service.inference.engine import BatchGenerator, GenOutput, GenRow, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -153,16 +154,40 @@ class BatchScheduler:
             left[1].error = RuntimeError("server shutting down")
             left[1].finish()
 
+    def _acquire(self, batch: list[GenerationJob]) -> tuple[list[GenerationJob], list[int], list[Hashable | None]]:
+        """Slots for the batch: (rows that run, their slots, the keys to release). When the one-call acquire
+        fails, each distinct adapter is tried alone, so a broken adapter fails only its own rows."""
+        keys = [job.adapter for job in batch]
+        if self._adapters is None:
+            return batch, [0] * len(batch), keys
+        try:
+            return batch, self._adapters.acquire(keys), keys
+        except Exception:
+            log.warning("adapter acquire failed for a batch of %d rows; isolating the failing adapter(s)", len(batch))
+        slot_of: dict[Hashable | None, int] = {}
+        failed: dict[Hashable | None, Exception] = {}
+        for key in dict.fromkeys(keys):
+            try:
+                slot_of[key] = self._adapters.acquire([key])[0]
+            except Exception as exc:  # all or nothing per call: nothing of this key is pinned
+                log.warning("adapter %r could not be loaded: %s", key, exc)
+                failed[key] = exc
+        kept: list[GenerationJob] = []
+        for job in batch:
+            cause = failed.get(job.adapter)
+            if cause is None:
+                kept.append(job)
+                continue
+            job.error = AdapterUnavailable(cause)
+            job.error.__cause__ = cause
+            job.finish()
+        return kept, [slot_of[job.adapter] for job in kept], list(slot_of)
+
     def _run_batch(self, batch: list[GenerationJob]) -> None:
         if self._before_batch is not None:
             self._before_batch()
-        keys = [job.adapter for job in batch]
-        try:
-            slots = self._adapters.acquire(keys) if self._adapters is not None else [0] * len(batch)
-        except Exception as exc:  # e.g. an adapter file vanished: fail those rows, not the thread
-            for job in batch:
-                job.error = exc
-                job.finish()
+        batch, slots, keys = self._acquire(batch)
+        if not batch:
             return
         try:
             rows = [GenRow(job.input_ids, job.params, slot) for job, slot in zip(batch, slots, strict=True)]
