@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from service.config import Settings
-from service.evaluation.protocol import PRESETS, preset_config
+from service.evaluation.protocol import PRESETS, parse_settings, preset_config
 from service.evaluation.report import write_report
 from service.evaluation.runner import run_eval
 
@@ -33,9 +33,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--model")
     parser.add_argument("--split", choices=["test", "dev"], help="dev: score the ratings just before the test items")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any EvalConfig field")
     args = parser.parse_args()
     options = ("users", "history_items", "test_items", "epochs", "seed", "model", "split")
-    overrides = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
+    overrides = {**parse_settings(args.set), **{k: getattr(args, k) for k in options if getattr(args, k) is not None}}
     config = preset_config(args.preset, progress=sys.stderr.isatty(), **overrides)
     load_before = os.getloadavg()[0]
     report: dict[str, Any] = run_eval(config, data_dir=args.data, settings=Settings())

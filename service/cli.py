@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from service.evaluation.protocol import preset_config
+    from service.evaluation.protocol import parse_settings, preset_config
     from service.evaluation.report import write_report
     from service.evaluation.runner import run_eval
 
@@ -125,7 +125,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": args.model,
         "split": args.split,
     }
-    config = preset_config(args.preset, progress=True, **{k: v for k, v in options.items() if v is not None})
+    overrides = {**parse_settings(args.set), **{k: v for k, v in options.items() if v is not None}}
+    config = preset_config(args.preset, progress=True, **overrides)
     report = run_eval(config, data_dir=args.data, settings=get_settings())
     write_report(report, args.out)
     print(report["table_markdown"])
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         choices=["test", "dev"],
         help="dev: score the ratings just before each user's test items (for choosing settings); default test",
+    )
+    ev.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="any EvalConfig field, e.g. user_lr=3e-3"
     )
     ev.set_defaults(func=cmd_eval)
     return parser

@@ -112,6 +112,30 @@ def preset_config(name: str, **overrides: Any) -> EvalConfig:
     return replace(PRESETS[name], **overrides)
 
 
+def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--set field=value` options (e.g. user_lr=3e-3, shared_ks=0,1,4), typed after the EvalConfig field."""
+    defaults = EvalConfig()
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in {f.name for f in fields(EvalConfig)} or name in ("preset", "progress"):
+            raise ValueError(f"--set expects FIELD=VALUE with an EvalConfig field, got {pair!r}")
+        current = getattr(defaults, name)
+        try:
+            if isinstance(current, bool):
+                value: Any = {"true": True, "false": False}[text.lower()]
+            elif isinstance(current, tuple):
+                value = tuple(int(v) for v in text.split(",") if v)
+            elif isinstance(current, int | float):
+                value = type(current)(text)
+            else:
+                value = text
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"--set {name}: cannot read {text!r} as {type(current).__name__}") from exc
+        out[name] = value
+    return out
+
+
 def default_data_dir() -> Path:
     """`../shared/data/movielens-latest-small` next to the repository (never copied into it)."""
     return Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"

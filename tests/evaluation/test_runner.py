@@ -14,6 +14,7 @@ from service.evaluation.protocol import (
     REFERENCE,
     check_example_leakage,
     check_history_leakage,
+    parse_settings,
     preset_config,
 )
 from service.history.service import DocSnapshot
@@ -38,7 +39,7 @@ def test_small_preset_end_to_end(tmp_path: Path) -> None:
         pytest.fail(f"MovieLens latest-small not found at {ML_DIR} (the project's ../shared folder)")
     out = tmp_path / "eval.json"
     argv = ["eval", "movielens", "--preset", "small", "--out", str(out), "--data", str(ML_DIR)]
-    assert main([*argv, "--model", str(tiny_model_dir())]) == 0
+    assert main([*argv, "--model", str(tiny_model_dir()), "--set", "bootstrap_resamples=500"]) == 0
     report = json.loads(out.read_text())
     small = PRESETS["small"]
     n = small.users * small.test_items
@@ -51,6 +52,7 @@ def test_small_preset_end_to_end(tmp_path: Path) -> None:
     assert all(c["low"] <= c["mean_diff"] <= c["high"] and c["n"] == n for c in report["ci"].values())
     config = report["config"]
     assert config["preset"] == "small" and config["users"] == small.users and config["items"] == n
+    assert config["bootstrap_resamples"] == 500 and config["holdout"] == 0
     leak = config["leakage_check"]
     assert leak["passed"] and leak["history_items"] == small.users * small.history_items
     assert leak["user_examples"] == small.users * small.history_items and leak["shared_examples"] > 0
@@ -92,3 +94,12 @@ def test_preset_overrides() -> None:
     assert preset_config("full", split="dev").holdout == PRESETS["full"].test_items
     with pytest.raises(ValueError, match="split must be"):
         preset_config("small", split="train")
+
+
+def test_set_options_are_typed_after_the_config_fields() -> None:
+    got = parse_settings(["user_lr=3e-3", "user_epochs=4", "shared_ks=0,4", "request=question", "model=/m"])
+    assert got == {"user_lr": 0.003, "user_epochs": 4, "shared_ks": (0, 4), "request": "question", "model": "/m"}
+    assert preset_config("full", **got).user_lr == 0.003
+    for bad in ("colour=red", "user_lr", "user_epochs=two", "preset=small", "progress=true"):
+        with pytest.raises(ValueError, match="--set"):
+            parse_settings([bad])
