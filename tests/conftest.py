@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,19 @@ def make_settings(tmp_path: Path, db: str, model: str, **overrides: object) -> S
     return Settings(**values)  # type: ignore[arg-type]
 
 
+@contextmanager
+def running_app(
+    tmp: Path, model: str | Path, db: str | None = None, *, raise_server_exceptions: bool = False, **overrides: object
+) -> Iterator[TestClient]:
+    """An app on `model` with make_settings(**overrides); `db` None: a fresh migrated SQLite file in `tmp`."""
+    if db is None:
+        db = f"sqlite:///{tmp / 'db.sqlite3'}"
+        upgrade(db)
+    app = create_app(make_settings(tmp, db, str(model), **overrides))
+    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
+        yield client
+
+
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str, tiny_model_path: Path) -> Settings:
     return make_settings(tmp_path, db_url, str(tiny_model_path))
@@ -84,10 +98,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def sqlite_client(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
     """One app on SQLite + tiny model shared by a module's tests (for matrices of many requests)."""
-    tmp = tmp_path_factory.mktemp("app")
-    url = f"sqlite:///{tmp / 'db.sqlite3'}"
-    upgrade(url)
-    with TestClient(create_app(make_settings(tmp, url, str(tiny_model_path))), raise_server_exceptions=False) as c:
+    with running_app(tmp_path_factory.mktemp("app"), tiny_model_path) as c:
         yield c
 
 

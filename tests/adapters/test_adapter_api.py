@@ -13,7 +13,6 @@ import pickle
 import threading
 import zipfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,13 +27,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from service.adapters.archive import pack_zip
 from service.adapters.store import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
-from service.db.migrate import upgrade
 from service.db.models import User
 from service.db.session import unit_of_work
 from service.inference.tokens import encode_prompt, stop_token_ids
-from service.main import create_app
 from service.state import AppState
-from tests.conftest import admin_headers, bearer, create_user, make_settings
+from tests.conftest import admin_headers, bearer, create_user, running_app
 from tests.models import tiny_llama_config
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -116,17 +113,6 @@ def storage_key(client: TestClient, user_id: str) -> str:
     return key
 
 
-@contextmanager
-def app_client(tmp: Path, model: Path, db: str | None = None, **overrides: Any) -> Iterator[TestClient]:
-    """An app on the tiny model (SQLite in tmp unless `db` is given)."""
-    if db is None:
-        db = f"sqlite:///{tmp / 'db.sqlite3'}"
-        upgrade(db)
-    app = create_app(make_settings(tmp, db, str(model), **overrides))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield client
-
-
 # --- fixtures of this module ---
 MAX_FILE_BYTES = 2 * 1024 * 1024
 
@@ -154,7 +140,7 @@ def loras(base: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("api")
-    with app_client(tmp, tiny_model_path, adapter_keep_versions=2, adapter_max_file_bytes=MAX_FILE_BYTES) as c:
+    with running_app(tmp, tiny_model_path, adapter_keep_versions=2, adapter_max_file_bytes=MAX_FILE_BYTES) as c:
         yield c
 
 

@@ -21,7 +21,6 @@ from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
 from service.adapters.weights import load_adapter_files
 from tests.adapters.test_adapter_api import (
-    app_client,
     app_state,
     greedy,
     load_base,
@@ -31,7 +30,7 @@ from tests.adapters.test_adapter_api import (
     upload,
 )
 from tests.adapters.test_slots import ALL, tiny_model
-from tests.conftest import bearer, create_user
+from tests.conftest import bearer, create_user, running_app
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 OWNERS = ("aa", "bb", "cc", "dd")
@@ -208,7 +207,7 @@ def busy_app(tmp_path: Path, tiny_model_path: Path, db_url: str) -> Iterator[tup
     loras = {n: make_lora(base, tmp_path / n, seed=i, r=4, targets=("q_proj", "v_proj")) for i, n in enumerate(names)}
     nbytes = load_adapter_files(loras["v1"]).nbytes()
     overrides: dict[str, Any] = {"adapter_slots": 2, "adapter_host_budget_bytes": 3 * nbytes, "batch_max_size": 4}
-    with app_client(tmp_path, tiny_model_path, db_url, **overrides) as client:
+    with running_app(tmp_path, tiny_model_path, db_url, **overrides) as client:
         yield client, loras
 
 

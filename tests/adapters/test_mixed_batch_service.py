@@ -20,7 +20,6 @@ from service.inference.engine import GenRow, SamplingParams
 from service.inference.tokens import encode_prompt, stop_token_ids
 from tests.adapters.test_adapter_api import (
     ALL,
-    app_client,
     app_state,
     greedy,
     load_base,
@@ -31,7 +30,7 @@ from tests.adapters.test_adapter_api import (
     storage_key,
     upload,
 )
-from tests.conftest import bearer, create_user
+from tests.conftest import bearer, create_user, running_app
 
 NEW_TOKENS = 16
 SPECS: list[tuple[int, tuple[str, ...]]] = [  # (rank, target modules) of users u0..u7
@@ -73,7 +72,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> It
     dirs = [make_lora(base, tmp / f"lora{i}", seed=100 + i, r=r, targets=t) for i, (r, t) in enumerate(SPECS)]
     # A long window and batch_max_size == number of requests: the batch closes when all 9 are queued.
     overrides = {"batch_window_ms": 3000.0, "batch_max_size": len(PROMPTS), "adapter_slots": len(SPECS)}
-    with app_client(tmp, tiny_model_path, **overrides) as client:
+    with running_app(tmp, tiny_model_path, **overrides) as client:
         users = []
         for i in range(len(PROMPTS)):
             user = f"u{i}"

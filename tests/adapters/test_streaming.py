@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.adapters.test_adapter_api import app_client, app_state, greedy, load_base, lora_zip, make_lora, upload
-from tests.conftest import bearer, create_user
+from tests.adapters.test_adapter_api import app_state, greedy, load_base, lora_zip, make_lora, upload
+from tests.conftest import bearer, create_user, running_app
 
 KEYS: dict[str, str] = {}  # user -> API key, filled by the module's app fixture
 
@@ -23,7 +23,7 @@ KEYS: dict[str, str] = {}  # user -> API key, filled by the module's app fixture
 def client(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("stream")
     lora = make_lora(load_base(tiny_model_path), tmp / "lora", seed=7, r=8, targets=("q_proj", "v_proj", "up_proj"))
-    with app_client(tmp, tiny_model_path) as c:
+    with running_app(tmp, tiny_model_path) as c:
         KEYS.update({user: create_user(c, user) for user in ("plain", "tuned")})
         assert upload(c, "tuned", KEYS["tuned"], lora_zip(lora)).status_code == 201
         yield c

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi.testclient import TestClient
-
-from service.db.migrate import upgrade
-from service.main import create_app
 from service.ratelimit import FailedAuthLimiter
-from tests.conftest import bearer, create_user, make_settings
+from tests.conftest import bearer, create_user, running_app
 
 
 def test_failed_auth_is_rate_limited(tmp_path: Path, tiny_model_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
-    upgrade(url)
-    settings = make_settings(tmp_path, url, str(tiny_model_path), auth_max_failures=5, auth_failure_window_s=30)
-    with TestClient(create_app(settings)) as client:
+    limits = {"auth_max_failures": 5, "auth_failure_window_s": 30}
+    with running_app(tmp_path, tiny_model_path, raise_server_exceptions=True, **limits) as client:
         key = create_user(client, "gina")
         for _ in range(5):
             assert client.get("/users/gina/history", headers=bearer("wrong")).status_code == 401

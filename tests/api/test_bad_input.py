@@ -14,9 +14,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.db.migrate import upgrade
-from service.main import create_app
-from tests.conftest import admin_headers, bearer, create_user, make_settings
+from tests.conftest import admin_headers, bearer, create_user, running_app
 
 MAX_BODY = 256 * 1024
 CAP = 8  # max_new_tokens_cap of this module's app: valid fuzzed generates stay fast
@@ -24,13 +22,8 @@ CAP = 8  # max_new_tokens_cap of this module's app: valid fuzzed generates stay 
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
-    tmp = tmp_path_factory.mktemp("bad-input")
-    url = f"sqlite:///{tmp / 'db.sqlite3'}"
-    upgrade(url)
-    cfg = make_settings(
-        tmp, url, str(tiny_model_path), max_body_bytes=MAX_BODY, max_new_tokens_cap=CAP, default_max_new_tokens=4
-    )
-    with TestClient(create_app(cfg), raise_server_exceptions=False) as c:
+    limits = {"max_body_bytes": MAX_BODY, "max_new_tokens_cap": CAP, "default_max_new_tokens": 4}
+    with running_app(tmp_path_factory.mktemp("bad-input"), tiny_model_path, **limits) as c:
         yield c
 
 

@@ -15,9 +15,9 @@ from service.adapters.cache import AdapterKey
 from service.batching.scheduler import BatchScheduler, GenerationJob
 from service.errors import AdapterUnavailable
 from service.inference.tokens import encode_prompt
-from tests.adapters.test_adapter_api import app_client, app_state, greedy, load_base, lora_zip, make_lora, storage_key
+from tests.adapters.test_adapter_api import app_state, greedy, load_base, lora_zip, make_lora, storage_key
 from tests.adapters.test_adapter_api import upload as upload_adapter
-from tests.conftest import bearer, create_user
+from tests.conftest import bearer, create_user, running_app
 
 
 @dataclass
@@ -32,7 +32,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> It
     tmp = tmp_path_factory.mktemp("adapter_failure")
     base = load_base(tiny_model_path)
     lora = make_lora(base, tmp / "lora", seed=7, r=4, targets=("q_proj", "v_proj"))
-    with app_client(tmp, tiny_model_path, adapter_slots=2) as client:
+    with running_app(tmp, tiny_model_path, adapter_slots=2) as client:
         keys = {user: create_user(client, user) for user in ("good", "broken", "plain")}
         setup = Setup(client, keys, lora)
         _publish(setup, "good")

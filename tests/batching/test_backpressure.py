@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.db.migrate import upgrade
-from service.main import create_app
-from tests.conftest import bearer, create_user, make_settings
+from tests.conftest import bearer, create_user, running_app
 
 
 @pytest.fixture(scope="module")
 def small_queue_app(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
-    tmp = tmp_path_factory.mktemp("bp")
-    url = f"sqlite:///{tmp / 'db.sqlite3'}"
-    upgrade(url)
-    settings = make_settings(
-        tmp, url, str(tiny_model_path), queue_max=32, queue_per_user_max=8, batch_max_size=8, request_timeout_s=60
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    limits = {"queue_max": 32, "queue_per_user_max": 8, "batch_max_size": 8, "request_timeout_s": 60}
+    with running_app(tmp_path_factory.mktemp("bp"), tiny_model_path, **limits) as client:
         yield client
 
 

@@ -8,9 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import DEFAULT_MODEL
-from service.db.migrate import upgrade
-from service.main import create_app
-from tests.conftest import bearer, create_user, make_settings
+from tests.conftest import bearer, create_user, running_app
 
 pytestmark = pytest.mark.e2e
 
@@ -31,11 +29,7 @@ OTHER_ITEMS = [f"{text} (someone else's copy)" for text in ITEMS]
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, str]]:
-    tmp = tmp_path_factory.mktemp("e2e")
-    url = f"sqlite:///{tmp / 'db.sqlite3'}"
-    upgrade(url)
-    app = create_app(make_settings(tmp, url, DEFAULT_MODEL, device="cpu"))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with running_app(tmp_path_factory.mktemp("e2e"), DEFAULT_MODEL, device="cpu") as client:
         key = create_user(client, "alice")
         other = create_user(client, "bob")
         items = [{"id": f"a{i}", "output": t} for i, t in enumerate(ITEMS)]

@@ -15,9 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.config import DEFAULT_MODEL
-from service.db.migrate import upgrade
-from service.main import create_app
-from tests.conftest import admin_headers, bearer, create_user, make_settings
+from tests.conftest import admin_headers, bearer, create_user, running_app
 
 pytestmark = pytest.mark.e2e
 
@@ -68,11 +66,7 @@ TRAINING = {  # small-model settings that learn the signature reliably: 12 steps
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    tmp = tmp_path_factory.mktemp("train-e2e")
-    url = f"sqlite:///{tmp / 'db.sqlite3'}"
-    upgrade(url)
-    settings = make_settings(tmp, url, DEFAULT_MODEL, device="cpu", **TRAINING)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with running_app(tmp_path_factory.mktemp("train-e2e"), DEFAULT_MODEL, device="cpu", **TRAINING) as client:
         yield client
 
 

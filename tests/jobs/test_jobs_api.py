@@ -77,14 +77,10 @@ def test_user_key_cannot_retrain_or_read_jobs(client: TestClient) -> None:
 def test_auto_retrain_after_new_items(tmp_path: object, tiny_model_path: object) -> None:
     from pathlib import Path
 
-    from service.db.migrate import upgrade
-    from service.main import create_app
-    from tests.conftest import make_settings
+    from tests.conftest import running_app
 
-    tmp = Path(str(tmp_path))
-    url = f"sqlite:///{tmp / 'db.sqlite3'}"
-    upgrade(url)
-    with TestClient(create_app(make_settings(tmp, url, str(tiny_model_path), retrain_after_new_items=5))) as client:
+    tmp, model = Path(str(tmp_path)), Path(str(tiny_model_path))
+    with running_app(tmp, model, raise_server_exceptions=True, retrain_after_new_items=5) as client:
         key = create_user(client, "auto")
         add_history(client, "auto", key, n=4)
         assert client.get("/users/auto/adapter", headers=bearer(key)).status_code == 404

@@ -27,13 +27,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.adapters.store import CONFIG_NAME, WEIGHTS_NAME
-from service.db.migrate import upgrade
 from service.db.models import User
 from service.db.session import unit_of_work
-from service.main import create_app
 from service.state import AppState
 from service.tenancy import USER_ID_RE
-from tests.conftest import ADMIN_KEY, bearer, create_user, make_settings
+from tests.conftest import ADMIN_KEY, bearer, create_user, running_app
 from tests.reliability import random_lora_zip
 
 OWNER = "owner1"
@@ -157,13 +155,10 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iter
     (canary / "keep.txt").write_text("canary\n")
     (canary / "sub").mkdir()
     (canary / "sub" / "keep.bin").write_bytes(b"\x00" * 16)
-    url = f"sqlite:///{srv / 'db.sqlite3'}"
-    upgrade(url)
-    settings = make_settings(srv, url, str(tiny_model_path), max_new_tokens_cap=2, default_max_new_tokens=1)
     old_cwd = Path.cwd()
     os.chdir(cwd)  # a relative write would land here, inside the snapshot
     try:
-        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        with running_app(srv, tiny_model_path, max_new_tokens_cap=2, default_max_new_tokens=1) as client:
             yield client, Tree(base, canary)
     finally:
         os.chdir(old_cwd)

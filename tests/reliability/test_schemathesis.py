@@ -31,10 +31,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.db.migrate import upgrade
-from service.main import create_app
 from service.state import AppState
-from tests.conftest import ADMIN_KEY, make_settings
+from tests.conftest import ADMIN_KEY, running_app
 from tests.reliability import random_lora_zip
 
 OWNER, OTHER = "fuzz-owner", "fuzz-other"
@@ -228,10 +226,7 @@ def run_operation(fuzzer: Fuzzer, operation: Any, mode: GenerationMode, job_id: 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
     tmp = tmp_path_factory.mktemp("schemathesis")
-    url = f"sqlite:///{tmp / 'db.sqlite3'}"
-    upgrade(url)
-    cfg = make_settings(tmp, url, str(tiny_model_path), max_new_tokens_cap=8, default_max_new_tokens=4)
-    with TestClient(create_app(cfg), raise_server_exceptions=False) as client:
+    with running_app(tmp, tiny_model_path, max_new_tokens_cap=8, default_max_new_tokens=4) as client:
         state: AppState = client.app.state.oppu  # type: ignore[attr-defined]
         real_queue, state.queue = state.queue, NoopQueue()
         try:
