@@ -20,11 +20,13 @@ from typing import Any
 import torch
 
 from service.adapters.slots import LoraSlots
-from service.adapters.weights import AdapterWeights, load_adapter_files
+from service.adapters.peft_format import AdapterWeights, read_adapter_dir
 from service.config import Settings
 from service.inference.engine import BatchGenerator, GenRow, SamplingParams
 from service.inference.loader import load_model
 from service.inference.tokens import encode_prompt
+
+MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
 
 USERS, NEW_TOKENS, REPEATS, SWAPS = 16, 32, 3, 40
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -135,7 +137,7 @@ def run(root: Path) -> None:
     base = loaded.model
     slot_model = copy.deepcopy(base)
     peft, dirs = make_adapters(copy.deepcopy(base), root)
-    weights: list[AdapterWeights] = [load_adapter_files(d) for d in dirs]
+    weights: list[AdapterWeights] = [read_adapter_dir(max_scale=MAX_SCALE, directory=d) for d in dirs]
     slots = LoraSlots(slot_model, USERS, 8, TARGETS, device=device, dtype=dtype)
     for u, w in enumerate(weights):
         slots.load(u + 1, w)
@@ -187,7 +189,7 @@ def run(root: Path) -> None:
     peft_rows = peft_out[:, batch["input_ids"].shape[1] :].tolist()
 
     def disk_to_slot(slot: int, folder: Path) -> None:
-        slots.load(slot, load_adapter_files(folder))
+        slots.load(slot, read_adapter_dir(max_scale=MAX_SCALE, directory=folder))
 
     host: list[float] = []
     disk: list[float] = []

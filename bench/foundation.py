@@ -104,7 +104,7 @@ def wait_for_rows(state: AppState, user_id: str, n: int) -> None:
     request's commit (deps.SessionDep runs its commit after the response), so a client can be early."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        with state.engine.connect() as conn:
+        with state.db.engine.connect() as conn:
             count = conn.execute(
                 text("SELECT count(*) FROM history_items h JOIN users u ON u.id = h.user_pk WHERE u.user_id = :u"),
                 {"u": user_id},

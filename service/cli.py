@@ -27,12 +27,14 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.composition import ensure_admin_key
     from service.db.migrate import upgrade
     from service.main import create_app
 
     settings = get_settings()
     if _is_sqlite(settings.resolved_database_url) or args.migrate:
         upgrade(settings.resolved_database_url)  # embedded default: one command gives a working server
+    settings = ensure_admin_key(settings)
     uvicorn.run(
         create_app(settings),
         host=args.host,
@@ -45,69 +47,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_create_user(args: argparse.Namespace) -> int:
     from service import users
-    from service.db.session import make_engine, make_session_factory, unit_of_work
+    from service.composition import database
+    from service.db.session import unit_of_work
 
-    settings = get_settings()
-    engine = make_engine(settings.resolved_database_url)
-    with unit_of_work(make_session_factory(engine)) as session:
+    db = database(get_settings())
+    with unit_of_work(db.session_factory) as session:
         user, key = users.create_user(session, args.user_id)
     print(f"user_id={user.user_id}\napi_key={key}")
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from service.composition import worker_job_context
     from service.jobs.worker import run_worker
 
-    run_worker(get_settings(), burst=args.burst)
+    if not get_settings().redis_url:
+        raise SystemExit("oppu worker needs OPPU_REDIS_URL (the embedded default runs jobs in the API)")
+    run_worker(get_settings(), worker_job_context(), burst=args.burst)
     return 0
 
 
 class _NoQueue:
-    """`oppu train` runs the job in the foreground: nothing is enqueued."""
+    """`oppu train` runs the job in the foreground: nothing is enqueued or published."""
 
     def enqueue(self, job_id: str, attempt: int) -> None: ...
     def depth(self) -> int:
         return 0
 
     def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
+    def subscribe(self, listener: object, stop: object) -> None: ...
     def close(self) -> None: ...
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
+    from tqdm import tqdm
 
-    from service.adapters.store import AdapterStore
-    from service.db.models import SHARED_OWNER, Job, User
-    from service.db.session import make_engine, make_session_factory, unit_of_work
+    from service.accounts import repository as accounts
+    from service.composition import database, job_context
+    from service.db.models import SHARED_OWNER
+    from service.db.session import unit_of_work
     from service.jobs import service as jobs
-    from service.jobs.tasks import JobContext, run_job
+    from service.jobs.tasks import run_job
 
     settings = get_settings()
-    factory = make_session_factory(make_engine(settings.resolved_database_url))
-    queue = _NoQueue()
-    with unit_of_work(factory) as session:
+    db = database(settings)
+    ctx = job_context(settings, _NoQueue(), db)
+    with unit_of_work(db.session_factory) as session:
         if args.shared:
-            out, _ = jobs.request_job(session, queue, "shared_retrain", SHARED_OWNER, None)
+            out, _ = jobs.request_job(session, ctx.queue, "shared_retrain", SHARED_OWNER, None)
         else:
-            user = session.execute(select(User).where(User.user_id == args.user)).scalar_one_or_none()
+            user = accounts.by_user_id(session, args.user)
             if user is None:
                 print(f"no such user: {args.user}", file=sys.stderr)
                 return 2
-            out, _ = jobs.request_job(session, queue, "user_retrain", user.storage_key, user.id)
-    print(f"job {out.job_id}: training in the foreground")
-    from tqdm import tqdm
-
+            out, _ = jobs.request_job(session, ctx.queue, "user_retrain", user.storage_key, user.id)
+    job_id = out.job_id
+    print(f"job {job_id}: training in the foreground")
     with tqdm(total=100, unit="%", desc="training") as bar:
 
         def advance(fraction: float) -> None:
             bar.update(round(fraction * 100) - bar.n)
 
-        ctx = JobContext(settings, factory, AdapterStore(settings.adapters_dir), queue, on_progress=advance)
-        run_job(ctx, out.job_id)
-    with unit_of_work(factory) as session:
-        job = session.get(Job, out.job_id)
-        assert job is not None
-        print(f"job {job.id}: {job.status} adapter_version={job.adapter_version} {job.error or ''}".strip())
+        ctx.on_progress = advance
+        run_job(ctx, job_id)
+    with unit_of_work(db.session_factory) as session:
+        job = jobs.get(session, job_id)
+        print(f"job {job.job_id}: {job.status} adapter_version={job.adapter_version} {job.error or ''}".strip())
         return 0 if job.status == "succeeded" else 1
 
 

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     adapter_host_budget_bytes: int = 512 * 1024 * 1024
     adapter_max_file_bytes: int = 256 * 1024 * 1024
     adapter_max_tensors: int = 4096
+    adapter_max_scale: float = 256.0  # per-module LoRA scale alpha/r (rslora: alpha/sqrt(r)); above only yields inf
     adapter_keep_versions: int = 5
     adapter_version_check_s: float = 2.0
 

@@ -10,11 +10,18 @@ from sqlalchemy.orm import Session
 
 from service.adapters.service import AdapterContext
 from service.db.session import unit_of_work
-from service.errors import TooManyRequests, Unauthorized, Unavailable
-from service.inference.runtime import ModelRuntime
+from service.errors import TooManyRequests, Unauthorized
 from service.jobs.queue import JobQueue
 from service.state import AppState
-from service.tenancy import Caller, UserRef, authenticate, authorize_user, parse_bearer, require_admin
+from service.tenancy import (
+    USER_ID_PATTERN,
+    Caller,
+    UserRef,
+    authenticate,
+    authorize_user,
+    parse_bearer,
+    require_admin,
+)
 
 
 def get_state(request: Request) -> AppState:
@@ -59,7 +66,7 @@ def get_admin(caller: CallerDep) -> Caller:
 
 AdminDep = Annotated[Caller, Depends(get_admin)]
 
-UserIdPath = Annotated[str, Path(max_length=256, description="^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+UserIdPath = Annotated[str, Path(max_length=256, description=USER_ID_PATTERN)]
 
 
 def get_user(user_id: UserIdPath, caller: CallerDep, state: StateDep) -> UserRef:
@@ -70,18 +77,7 @@ def get_user(user_id: UserIdPath, caller: CallerDep, state: StateDep) -> UserRef
 UserDep = Annotated[UserRef, Depends(get_user)]
 
 
-def get_runtime(state: StateDep) -> ModelRuntime:
-    if state.runtime is None:
-        raise Unavailable("model is not loaded yet")
-    return state.runtime
-
-
-RuntimeDep = Annotated[ModelRuntime, Depends(get_runtime)]
-
-
 def get_adapters(state: StateDep) -> AdapterContext:
-    if state.adapters is None:
-        raise Unavailable("model is not loaded yet")
     return state.adapters
 
 
@@ -89,8 +85,6 @@ AdaptersDep = Annotated[AdapterContext, Depends(get_adapters)]
 
 
 def get_queue(state: StateDep) -> JobQueue:
-    if state.queue is None:
-        raise Unavailable("the job queue is not ready")
     return state.queue
 
 

@@ -1,4 +1,5 @@
-"""create_app(settings=None): the FastAPI app with its lifespan, routers and error handlers."""
+"""create_app(settings=None): the FastAPI app with its lifespan, routers, middleware and error handlers.
+The state is built at start-up by the composition root (see lifespan); nothing is created here."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from fastapi import FastAPI
 from service.api import adapters, admin, generate, health, history, jobs, metrics, openai, users
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
-from service.lifespan import build_state, lifespan
-from service.metrics import HttpMetrics
+from service.lifespan import lifespan
+from service.metrics import HttpMetrics, Metrics
 from service.middleware import BodySizeLimit
 
 
@@ -23,7 +24,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs_enabled else None,
         redirect_slashes=False,  # "/users/x%2F" must be a 404, never a redirect to "/users/x"
     )
-    app.state.oppu = build_state(settings)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
     install_error_handlers(app)
     for module in (health, admin, users, history, generate, adapters, jobs, metrics, openai):
         app.include_router(module.router)
@@ -32,5 +34,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.adapter_max_file_bytes + (1 << 20),
     )
-    app.add_middleware(HttpMetrics, metrics=app.state.oppu.metrics)  # outermost: counts 413s too
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # outermost: counts 413s too
     return app

@@ -10,11 +10,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.db.models import SHARED_OWNER, Adapter, AdapterHead, Job
+from service.adapters import repository as adapter_repo
+from service.engine.types import EngineStats
+from service.jobs import repository as job_repo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SWAP_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
@@ -44,12 +45,20 @@ class Metrics:
         self.job_queue_depth = Gauge("oppu_job_queue_depth", "training jobs waiting in the queue", registry=r)
         self.rejected = Counter("oppu_rejected_requests", "requests refused by backpressure", ["reason"], registry=r)
 
+    def on_batch(self, rows: int, tokens: int) -> None:
+        self.batch_size.observe(rows)
+        self.tokens.inc(tokens)
+
     def on_cache_event(self, event: str, tier: str, seconds: float) -> None:
         self.cache_events.labels(event, tier).inc()
         if event == "load":
             self.swap_seconds.labels(tier).observe(seconds)
 
-    def render(self) -> bytes:
+    def render(self, engine: EngineStats, job_queue_depth: int) -> bytes:
+        self.slots_in_use.set(engine.slots_in_use)
+        self.pinned.set(engine.slots_pinned)
+        self.queue_depth.set(engine.waiting)
+        self.job_queue_depth.set(job_queue_depth)
         return generate_latest(self.registry)
 
 
@@ -64,31 +73,13 @@ class SqlStateCollector(Collector):
         durations = GaugeMetricFamily(
             "oppu_job_duration_seconds_avg", "mean job duration by outcome", labels=["outcome"]
         )
-        stale = GaugeMetricFamily("oppu_stale_adapters", "current user adapters trained on an older shared LoRA")
+        stale = GaugeMetricFamily("oppu_stale_adapters", "current user adapters trained on another shared LoRA")
         with self._factory() as session:
-            for status, n in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+            for status, n in job_repo.count_by_status(session).items():
                 jobs.add_metric([status], n)
-            rows = session.execute(
-                select(Job.status, Job.started_at, Job.finished_at).where(Job.finished_at.is_not(None))
-            ).all()
-            by_outcome: dict[str, list[float]] = {}
-            for status, started, finished in rows:
-                if started is not None and finished is not None:
-                    by_outcome.setdefault(status, []).append((finished - started).total_seconds())
-            for outcome, values in by_outcome.items():
+            for outcome, values in job_repo.finished_durations(session).items():
                 durations.add_metric([outcome], sum(values) / len(values))
-            shared = session.scalar(select(AdapterHead.current_version).where(AdapterHead.owner_key == SHARED_OWNER))
-            current = (
-                select(func.count())
-                .select_from(Adapter)
-                .join(AdapterHead, (AdapterHead.owner_key == Adapter.owner_key))
-                .where(Adapter.version == AdapterHead.current_version, Adapter.owner_key != SHARED_OWNER)
-            )
-            if shared is None:
-                current = current.where(Adapter.shared_version.is_not(None))
-            else:
-                current = current.where((Adapter.shared_version.is_(None)) | (Adapter.shared_version != shared))
-            stale.add_metric([], session.scalar(current) or 0)
+            stale.add_metric([], adapter_repo.count_stale_current(session))
         yield jobs
         yield durations
         yield stale

@@ -8,13 +8,15 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import ApiKey, User
+from service.accounts import repository as repo
 from service.errors import Forbidden, NotFound, Unauthorized, Unprocessable
 
-USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# THE user id rule (the public id; everything outside SQL uses the user's storage key instead).
+USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+USER_ID_MAX = 64
+USER_ID_RE = re.compile(USER_ID_PATTERN)
 KEY_PREFIX = "oppu_"
 
 
@@ -44,7 +46,7 @@ def hash_key(key: str) -> str:
 
 def check_user_id(user_id: str) -> str:
     if not USER_ID_RE.fullmatch(user_id):
-        raise Unprocessable("user_id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+        raise Unprocessable(f"user_id must match {USER_ID_PATTERN}")
     return user_id
 
 
@@ -63,11 +65,7 @@ def authenticate(session: Session, token: str, admin_key: str) -> Caller:
         return Caller(is_admin=True)
     # Lookup by hash of a high-entropy key; the stored value is a hash, compared in constant time.
     digest = hash_key(token)
-    row = session.execute(
-        select(ApiKey.key_hash, User.id, User.user_id)
-        .join(User, User.id == ApiKey.user_pk)
-        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    ).first()
+    row = repo.user_by_key_hash(session, digest)
     if row is None or not hmac.compare_digest(row[0], digest):
         raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
     return Caller(is_admin=False, user_pk=row[1], user_id=row[2])
@@ -78,7 +76,7 @@ def authorize_user(session: Session, caller: Caller, user_id: str) -> UserRef:
     check_user_id(user_id)
     if not caller.is_admin and caller.user_id != user_id:
         raise Forbidden("this key may only access its own user")
-    user = session.execute(select(User).where(User.user_id == user_id)).scalar_one_or_none()
+    user = repo.by_user_id(session, user_id)
     if user is None:
         raise NotFound(f"user {user_id!r} not found")
     return UserRef(pk=user.id, user_id=user.user_id, storage_key=user.storage_key)

@@ -14,7 +14,9 @@ from sqlalchemy import create_engine, text
 
 from service.config import Settings
 from service.db.migrate import upgrade
+from service.engine.builtin import BuiltinEngine
 from service.main import create_app
+from service.state import AppState
 from tests.models import MODEL_CACHE_DIR, tiny_model_dir
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -100,6 +102,18 @@ def sqlite_client(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Pat
     """One app on SQLite + tiny model shared by a module's tests (for matrices of many requests)."""
     with running_app(tmp_path_factory.mktemp("app"), tiny_model_path) as c:
         yield c
+
+
+def app_state(client: TestClient) -> AppState:
+    state: AppState = client.app.state.oppu  # type: ignore[attr-defined]
+    return state
+
+
+def builtin_engine(client: TestClient) -> BuiltinEngine:
+    """The app's engine, for tests of the builtin engine's internals (cache tiers, merged weights)."""
+    engine = app_state(client).engine
+    assert isinstance(engine, BuiltinEngine)
+    return engine
 
 
 def admin_headers() -> dict[str, str]:

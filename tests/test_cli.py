@@ -13,15 +13,22 @@ from tests.models import MODEL_CACHE_DIR
 
 
 def oppu(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_migrate_create_user_and_train(tmp_path: Path, tiny_model_path: Path) -> None:
     db = tmp_path / "db.sqlite3"
-    env = {**os.environ, "OPPU_DATABASE_URL": f"sqlite:///{db}", "OPPU_DATA_DIR": str(tmp_path / "data"),
-           "OPPU_ADAPTERS_DIR": str(tmp_path / "store"), "OPPU_MODEL": str(tiny_model_path),
-           "OPPU_MODEL_CACHE_DIR": str(MODEL_CACHE_DIR), "OPPU_TORCH_THREADS": "1"}
+    env = {
+        **os.environ,
+        "OPPU_DATABASE_URL": f"sqlite:///{db}",
+        "OPPU_DATA_DIR": str(tmp_path / "data"),
+        "OPPU_ADAPTERS_DIR": str(tmp_path / "store"),
+        "OPPU_MODEL": str(tiny_model_path),
+        "OPPU_MODEL_CACHE_DIR": str(MODEL_CACHE_DIR),
+        "OPPU_TORCH_THREADS": "1",
+    }
     assert oppu(env, "migrate").returncode == 0
     made = oppu(env, "create-user", "cli-user")
     assert made.returncode == 0 and "api_key=oppu_" in made.stdout
@@ -29,9 +36,13 @@ def test_migrate_create_user_and_train(tmp_path: Path, tiny_model_path: Path) ->
     with engine.begin() as conn:
         pk = conn.execute(text("SELECT id FROM users WHERE user_id = 'cli-user'")).scalar_one()
         for i in range(3):
-            conn.execute(text("INSERT INTO history_items (user_pk, client_id, output, created_at) "
-                              "VALUES (:pk, :cid, :out, CURRENT_TIMESTAMP)"),
-                         {"pk": pk, "cid": f"c{i}", "out": f"my answer {i}"})
+            conn.execute(
+                text(
+                    "INSERT INTO history_items (user_pk, client_id, output, created_at) "
+                    "VALUES (:pk, :cid, :out, CURRENT_TIMESTAMP)"
+                ),
+                {"pk": pk, "cid": f"c{i}", "out": f"my answer {i}"},
+            )
     trained = oppu(env, "train", "--user", "cli-user")
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert "succeeded adapter_version=1" in trained.stdout

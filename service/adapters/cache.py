@@ -1,6 +1,7 @@
 """Tiered adapter cache: device slots (LoraSlots) <- host RAM (LRU, byte budget) <- disk (AdapterStore).
 
-Keys carry (owner, version, sha256), so a new version can never be served from a stale entry. Slots
+Keys are AdapterRefs (owner, version, sha256; loaded from their version directory), so a new version can
+never be served from a stale entry. Slots
 are taken by the batch thread only (acquire/release around each batch); an adapter in use by the
 running batch is pinned and never evicted. Every eviction goes through `_evict`, the one hook.
 """
@@ -12,23 +13,16 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
 
+from service.adapters.peft_format import AdapterWeights, read_adapter_dir
 from service.adapters.slots import LoraSlots
-from service.adapters.store import AdapterStore
-from service.adapters.weights import AdapterWeights, load_adapter_files
+from service.engine.types import AdapterRef
 from service.errors import AdapterUnavailable
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AdapterKey:
-    owner_key: str  # storage key of the user (or the shared owner): never a raw user id
-    version: int
-    sha256: str
-
-
+AdapterKey = AdapterRef  # the cache's key: one immutable adapter version
 # (event, tier, seconds): event in {hit, miss, evict, load}; tier in {slot, host}
 CacheEvent = Callable[[str, str, float], None]
 
@@ -37,14 +31,14 @@ class AdapterCache:
     def __init__(
         self,
         slots: LoraSlots,
-        store: AdapterStore,
         *,
         host_budget_bytes: int,
+        max_scale: float = 256.0,
         on_event: CacheEvent | None = None,
     ) -> None:
         self._slots = slots
-        self._store = store
         self._budget = host_budget_bytes
+        self._max_scale = max_scale  # re-checked at load: the files on disk are not trusted blindly
         self._on_event = on_event
         self._lock = threading.RLock()
         self._host: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
@@ -81,7 +75,7 @@ class AdapterCache:
     # --- host tier ---
     def _load_disk(self, key: AdapterKey) -> AdapterWeights:
         start = time.perf_counter()
-        weights = load_adapter_files(self._store.version_dir(key.owner_key, key.version))
+        weights = read_adapter_dir(key.directory, max_scale=self._max_scale)
         self._event("load", "host", time.perf_counter() - start)
         return weights
 

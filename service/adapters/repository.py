@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select, update
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import Adapter, AdapterHead
+from service.db.models import SHARED_OWNER, Adapter, AdapterHead
 
 
 def head(session: Session, owner_key: str, *, for_update: bool = False) -> AdapterHead | None:
@@ -86,13 +88,31 @@ def by_job(session: Session, job_id: str) -> Adapter | None:
     return session.execute(select(Adapter).where(Adapter.job_id == job_id)).scalar_one_or_none()
 
 
-def current_rows(session: Session) -> list[Adapter]:
-    """Every owner's current version."""
-    return list(
-        session.scalars(
-            select(Adapter).join(
-                AdapterHead,
-                (AdapterHead.owner_key == Adapter.owner_key) & (AdapterHead.current_version == Adapter.version),
-            )
-        )
+def _is_current() -> ColumnElement[bool]:
+    return (AdapterHead.owner_key == Adapter.owner_key) & (AdapterHead.current_version == Adapter.version)
+
+
+def _is_stale() -> ColumnElement[bool]:
+    """THE stale rule: a user's trained adapter made on another shared task LoRA than the current one
+    (no shared LoRA counts as a version of its own)."""
+    shared = select(AdapterHead.current_version).where(AdapterHead.owner_key == SHARED_OWNER).scalar_subquery()
+    return (
+        (Adapter.user_pk.is_not(None)) & (Adapter.source == "trained") & Adapter.shared_version.is_distinct_from(shared)
     )
+
+
+def _current_stale() -> Any:
+    return select(Adapter).join(AdapterHead, _is_current()).where(_is_stale())
+
+
+def stale_current(session: Session) -> list[Adapter]:
+    """Every user whose CURRENT adapter is stale (admin: all owners)."""
+    return list(session.scalars(_current_stale()))
+
+
+def count_stale_current(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(_current_stale().subquery())) or 0)
+
+
+def is_current_stale(session: Session, owner_key: str) -> bool:
+    return session.scalar(_current_stale().where(Adapter.owner_key == owner_key).limit(1)) is not None

@@ -13,18 +13,18 @@ from sqlalchemy.orm import Session
 
 from service.adapters import repository as repo
 from service.adapters.archive import ArchiveError, pack_zip, unpack_upload_zip
-from service.adapters.cache import AdapterKey
+from service.adapters.peft_format import PEFT_FILES
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut
-from service.adapters.store import PEFT_FILES, AdapterStore, VersionExistsError
+from service.adapters.store import AdapterStore, VersionExistsError
 from service.adapters.validation import (
     AdapterValidationError,
     BaseModelSpec,
     ValidationLimits,
     validate_peft_files,
 )
-from service.adapters.weights import AdapterWeights, load_adapter_files
 from service.db.models import SHARED_OWNER, Adapter
 from service.db.session import after_commit
+from service.engine.types import AdapterRef
 from service.errors import Conflict, NotFound, Unprocessable
 
 log = logging.getLogger(__name__)
@@ -59,20 +59,25 @@ def to_out(row: Adapter, current_version: int | None) -> AdapterOut:
     )
 
 
-def serving_key(session: Session, owner_key: str, spec: BaseModelSpec) -> tuple[AdapterKey | None, int | None]:
-    """The key of the owner's current adapter, read from SQL on every request: once a new version is
-    committed, no later request can be served the old one."""
+def _ref(store: AdapterStore, row: Adapter) -> AdapterRef:
+    return AdapterRef(row.owner_key, row.version, row.sha256, store.version_dir(row.owner_key, row.version))
+
+
+def serving_ref(session: Session, store: AdapterStore, owner_key: str, spec: BaseModelSpec) -> AdapterRef | None:
+    """The owner's current adapter, read from SQL on every request: once a new version is committed, no
+    later request can be served the old one."""
     row = repo.current(session, owner_key)
     if row is None:
-        return None, None
+        return None
     if row.base_fingerprint != spec.fingerprint:
         raise Conflict(f"adapter v{row.version} was made for another base model than the one served")
-    return AdapterKey(owner_key, row.version, row.sha256), row.version
+    return _ref(store, row)
 
 
-def shared_weights(store: AdapterStore, version: int | None) -> AdapterWeights | None:
-    """The shared task LoRA's weights for `version` (None: no shared LoRA)."""
-    return load_adapter_files(store.version_dir(SHARED_OWNER, version)) if version is not None else None
+def shared_ref(session: Session, store: AdapterStore) -> AdapterRef | None:
+    """The current shared task LoRA (None: none)."""
+    row = repo.current(session, SHARED_OWNER)
+    return _ref(store, row) if row is not None else None
 
 
 def current_version(session: Session, owner_key: str) -> int | None:
@@ -148,20 +153,13 @@ def current(session: Session, owner_key: str) -> AdapterOut:
     if row is None:
         raise NotFound("no adapter for this user")
     out = to_out(row, row.version)
-    shared = current_version(session, SHARED_OWNER)
-    # Trained on another shared task LoRA than the one served now: a retrain is due.
-    out.stale = row.source == "trained" and row.shared_version != shared
+    out.stale = repo.is_current_stale(session, owner_key)  # a retrain is due
     return out
 
 
 def stale_owners(session: Session) -> list[tuple[str, int]]:
-    """(owner key, user pk) of every user whose current trained adapter predates the current shared LoRA."""
-    shared = current_version(session, SHARED_OWNER)
-    return [
-        (row.owner_key, row.user_pk)
-        for row in repo.current_rows(session)
-        if row.user_pk is not None and row.source == "trained" and row.shared_version != shared
-    ]
+    """(owner key, user pk) of every user whose current adapter is stale."""
+    return [(row.owner_key, row.user_pk) for row in repo.stale_current(session) if row.user_pk is not None]
 
 
 def versions(session: Session, owner_key: str) -> AdapterVersionsOut:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.adapters.weights import AdapterWeights
+from service.adapters.peft_format import AdapterWeights
 
 # A plan is what one layer does for the current batch: None (no LoRA term), or (A, B) with 2-D tensors
 # (one shared slot: plain matmuls), 3-D tensors (per-row weights, gathered once per batch), or

@@ -17,9 +17,8 @@ import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME})
+from service.adapters.peft_format import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
+
 SHARED_KEY = "_shared"  # reserved key of the shared task LoRA; user keys are hex and never collide
 
 _KEY_RE = re.compile(r"[a-z0-9_]{1,64}")

@@ -1,7 +1,8 @@
 """Validation of uploaded/trained PEFT LoRA files BEFORE anything is loaded into the model.
 
-Owns the base-model spec (Linear shapes, fingerprint) and every rule an adapter must pass; never
-unpickles (safetensors header is parsed by hand first). Knows nothing of users, storage or serving.
+Owns the base-model spec (Linear shapes, fingerprint) and every rule an adapter must pass; the format
+itself (names, key grammar, patterns, scale) is `peft_format`'s. Never unpickles (the safetensors header is
+parsed by hand first). Returns the parsed weights it checked. Knows nothing of users, storage or serving.
 """
 
 from __future__ import annotations
@@ -19,26 +20,24 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
+from service.adapters.peft_format import (
+    CONFIG_NAME,
+    PEFT_FILES,
+    TENSOR_KEY,
+    WEIGHTS_NAME,
+    AdapterFormatError,
+    AdapterWeights,
+    PatternTable,
+    check_features,
+    parse_peft,
+)
 from service.config import Settings
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME})
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 _DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 _LAYER_RE = re.compile(r"(^|\.)layers\.\d+\.")
-_TENSOR_RE = re.compile(
-    r"base_model\.model\.(?P<path>[A-Za-z0-9_.]+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[A-Za-z0-9_-]+))?\.weight"
-)
 _PLAIN_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PATTERN_KEY_RE = re.compile(r"[A-Za-z0-9_.]{1,256}")  # no quantifiers/groups: safe to use as PEFT does
-# Config features that change the forward pass in ways the serving LoRA path does not implement.
-_UNSUPPORTED_FEATURES = (
-    "modules_to_save", "use_dora", "lora_bias", "fan_in_fan_out", "layer_replication",
-    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
-    "arrow_config", "kasa_config", "monteclora_config", "velora_config", "megatron_config",
-)  # fmt: skip
 
 
 class AdapterValidationError(ValueError):
@@ -82,6 +81,7 @@ class ValidationLimits:
     max_tensors: int
     max_rank: int
     allowed_target_modules: tuple[str, ...]
+    max_scale: float = 256.0  # per-module LoRA scale (alpha / r): larger only overflows to inf
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ValidationLimits:
@@ -90,13 +90,13 @@ class ValidationLimits:
             max_tensors=settings.adapter_max_tensors,
             max_rank=settings.adapter_max_rank,
             allowed_target_modules=tuple(settings.adapter_target_modules),
+            max_scale=settings.adapter_max_scale,
         )
 
 
 @dataclass(frozen=True)
 class ValidatedAdapter:
-    """A checked adapter. module_ranks/module_scales: per module path (rank_pattern/alpha_pattern applied;
-    scale = alpha / r)."""
+    """A checked adapter and the weights parsed from it (what serving loads into a slot)."""
 
     config: dict[str, Any] = field(hash=False)
     rank: int
@@ -105,8 +105,16 @@ class ValidatedAdapter:
     sha256: str
     n_tensors: int
     nbytes: int
-    module_ranks: Mapping[str, int] = field(default_factory=dict, hash=False)
-    module_scales: Mapping[str, float] = field(default_factory=dict, hash=False)
+    weights: AdapterWeights = field(hash=False, repr=False)
+
+    @property
+    def module_ranks(self) -> Mapping[str, int]:
+        return MappingProxyType({p: m.rank for p, m in self.weights.modules.items()})
+
+    @property
+    def module_scales(self) -> Mapping[str, float]:
+        """Per module path, with rank_pattern / alpha_pattern / use_rslora applied."""
+        return MappingProxyType({p: m.scaling for p, m in self.weights.modules.items()})
 
 
 @dataclass
@@ -116,21 +124,10 @@ class _Lora:
     r: int | None = None
     alpha: float | None = None
     targets: tuple[str, ...] = ()
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    ranks: PatternTable[int] = field(default_factory=lambda: PatternTable[int]({}))
 
     def rank_for(self, path: str) -> int | None:
-        key = _pattern_key(self.rank_pattern, path)
-        return self.rank_pattern[key] if key is not None else self.r
-
-    def alpha_for(self, path: str) -> float | None:
-        key = _pattern_key(self.alpha_pattern, path)
-        return self.alpha_pattern[key] if key is not None else self.alpha
-
-
-def _pattern_key(patterns: Mapping[str, object], path: str) -> str | None:
-    # Same rule as peft.utils.other.get_pattern_key (keys are restricted to safe characters).
-    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", path)), None)
+        return self.ranks.get(path, self.r) if self.r is not None else None
 
 
 def _positive(v: object) -> float | None:
@@ -192,29 +189,35 @@ def _check_targets(raw: object, limits: ValidationLimits, problems: list[str]) -
     return tuple(sorted({t for t in raw if t in limits.allowed_target_modules}))
 
 
-def _check_patterns(cfg: Mapping[str, Any], lora: _Lora, limits: ValidationLimits, problems: list[str]) -> None:
-    dests: tuple[tuple[str, Callable[[object], float | None], dict[str, Any]], ...] = (
-        ("rank_pattern", lambda v: _rank(v, limits.max_rank), lora.rank_pattern),
-        ("alpha_pattern", _positive, lora.alpha_pattern),
-    )
-    for key, parse, dest in dests:
-        pattern = cfg.get(key) or {}
-        if not isinstance(pattern, dict) or len(pattern) > limits.max_tensors:
-            problems.append(f"{key} must be an object with at most {limits.max_tensors} entries")
-            continue
-        for k, v in pattern.items():
-            if not _PATTERN_KEY_RE.fullmatch(k):
-                problems.append(f"{key} key {k!r} must be a plain module name")
-            elif (value := parse(v)) is None:
-                problems.append(f"{key}[{k!r}] = {v!r} invalid (ranks 1..{limits.max_rank}, alphas > 0)")
-            else:
-                dest[k] = value
+def _pattern_cap(spec: BaseModelSpec, limits: ValidationLimits) -> int:
+    """A pattern table needs no more entries than there are modules it could address."""
+    return sum(1 for path in spec.linear_shapes if path.rsplit(".", 1)[-1] in limits.allowed_target_modules)
+
+
+def _check_pattern(
+    cfg: Mapping[str, Any], key: str, parse: Callable[[object], Any], want: str, cap: int, problems: list[str]
+) -> dict[str, Any]:
+    pattern = cfg.get(key) or {}
+    if not isinstance(pattern, dict) or len(pattern) > cap:
+        problems.append(f"{key} must be an object with at most {cap} entries (one per adaptable module)")
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in pattern.items():
+        if (value := parse(v)) is None:
+            problems.append(f"{key}[{k!r}] = {v!r} invalid: want {want}")
+        else:
+            out[k] = value
+    try:
+        PatternTable(out)  # the key grammar is peft_format's
+    except AdapterFormatError as exc:
+        problems.append(f"{key}: {exc}")
+        return {}
+    return out
 
 
 def _check_config(cfg: Mapping[str, Any], spec: BaseModelSpec, limits: ValidationLimits, problems: list[str]) -> _Lora:
     lora = _Lora()
-    if cfg.get("peft_type") != "LORA":
-        problems.append(f"peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+    problems.extend(check_features(cfg))
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
         problems.append(f"task_type must be 'CAUSAL_LM', got {cfg.get('task_type')!r}")
     lora.r = _rank(cfg.get("r"), limits.max_rank)
@@ -224,12 +227,12 @@ def _check_config(cfg: Mapping[str, Any], spec: BaseModelSpec, limits: Validatio
     if lora.alpha is None:
         problems.append(f"lora_alpha={cfg.get('lora_alpha')!r} must be a number > 0")
     lora.targets = _check_targets(cfg.get("target_modules"), limits, problems)
-    if cfg.get("bias", "none") != "none":
-        problems.append(f"bias={cfg.get('bias')!r} not supported (only 'none')")
-    on = [k for k in _UNSUPPORTED_FEATURES if cfg.get(k)]
-    if on:
-        problems.append(f"unsupported LoRA features enabled: {on}")
-    _check_patterns(cfg, lora, limits, problems)
+    cap = _pattern_cap(spec, limits)
+    ranks = _check_pattern(
+        cfg, "rank_pattern", lambda v: _rank(v, limits.max_rank), f"a rank in 1..{limits.max_rank}", cap, problems
+    )
+    lora.ranks = PatternTable(ranks)
+    _check_pattern(cfg, "alpha_pattern", _positive, "an alpha > 0", cap, problems)
     name = cfg.get("base_model_name_or_path")
     if name is not None and not isinstance(name, str):
         problems.append("base_model_name_or_path must be a string or null")
@@ -320,7 +323,7 @@ def _group_tensors(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     names: set[str | None] = set()
     for key, t in tensors.items():
-        m = _TENSOR_RE.fullmatch(key)
+        m = TENSOR_KEY.fullmatch(key)
         if m is None:
             problems.append(f"unexpected tensor {key!r} (want base_model.model.<module>.lora_A/B.weight)")
             continue
@@ -353,77 +356,43 @@ def _check_module(
             f"(want A({r}, {d_in}) B({d_out}, {r})); wrong architecture or rank?"
         )
         return None
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        problems.append(f"module {path!r}: weights contain NaN or Inf")
     return r
 
 
-def _check_tensors(
-    tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, lora: _Lora, problems: list[str]
-) -> dict[str, int]:
-    ranks: dict[str, int] = {}
+def _check_tensors(tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, lora: _Lora, problems: list[str]) -> None:
     for path, ab in sorted(_group_tensors(tensors, problems).items()):
-        r = _check_module(path, ab, spec, lora, problems)
-        if r is not None:
-            ranks[path] = r
-    return ranks
+        _check_module(path, ab, spec, lora, problems)
+
+
+def _parsed(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], limits: ValidationLimits) -> AdapterWeights:
+    """The weights as serving will hold them: numeric rules (scale cap, finite once scaled) are checked here."""
+    try:
+        return parse_peft(cfg, tensors, max_scale=limits.max_scale)
+    except AdapterFormatError as exc:
+        raise AdapterValidationError([str(exc)]) from exc
 
 
 def validate_peft_files(files: Mapping[str, bytes], spec: BaseModelSpec, limits: ValidationLimits) -> ValidatedAdapter:
-    """Check every rule; raise AdapterValidationError listing ALL problems, else describe the adapter."""
+    """Check every rule; raise AdapterValidationError listing ALL problems, else the adapter and its weights."""
     problems: list[str] = []
-    extra, missing = set(files) - _PEFT_FILES, _PEFT_FILES - set(files)
+    extra, missing = set(files) - PEFT_FILES, PEFT_FILES - set(files)
     if extra or missing:
         problems.append(f"need exactly the PEFT pair: missing {sorted(missing)}, extra {sorted(extra)}")
     cfg = _parse_config(files.get(CONFIG_NAME), problems)
     lora = _check_config(cfg, spec, limits, problems) if cfg is not None else _Lora()
-    weights = files.get(WEIGHTS_NAME)
-    tensors = _load_tensors(weights, limits, problems)
-    ranks = _check_tensors(tensors, spec, lora, problems) if tensors else {}
-    if problems or cfg is None or weights is None or tensors is None or lora.r is None or lora.alpha is None:
+    data = files.get(WEIGHTS_NAME)
+    tensors = _load_tensors(data, limits, problems)
+    if tensors:
+        _check_tensors(tensors, spec, lora, problems)
+    if problems or cfg is None or data is None or tensors is None or lora.r is None or lora.alpha is None:
         raise AdapterValidationError(problems or ["adapter is incomplete"])
-    scales = {p: (lora.alpha_for(p) or lora.alpha) / r for p, r in ranks.items()}
     return ValidatedAdapter(
         config=cfg,
         rank=lora.r,
         alpha=lora.alpha,
         target_modules=lora.targets,
-        sha256=hashlib.sha256(weights).hexdigest(),
+        sha256=hashlib.sha256(data).hexdigest(),
         n_tensors=len(tensors),
-        nbytes=len(weights),
-        module_ranks=MappingProxyType(ranks),
-        module_scales=MappingProxyType(scales),
+        nbytes=len(data),
+        weights=_parsed(cfg, tensors, limits),
     )
-
-
-def make_peft_config(
-    rank: int,
-    alpha: float,
-    target_modules: tuple[str, ...] | list[str],
-    base_model_name: str | None,
-    dropout: float = 0.0,
-) -> dict[str, Any]:
-    """A valid adapter_config.json (PEFT LoraConfig fields) for code that writes adapters."""
-    if _rank(rank, 1 << 16) is None or _positive(alpha) is None or not target_modules:
-        raise ValueError("need rank >= 1, alpha > 0 and at least one target module")
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": sorted(set(target_modules)),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_dora": False,
-        "use_rslora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
-    }

@@ -14,7 +14,6 @@ from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
 
 router = APIRouter(tags=["adapters"], responses=error_responses(*AUTH_ERRORS))
-NEEDS_MODEL = error_responses(503)  # AdaptersDep: the base model is not loaded yet
 
 
 @router.get("/users/{user_id}/adapter", response_model=AdapterOut)
@@ -30,7 +29,7 @@ def list_adapter_versions(user: UserDep, session: SessionDep) -> AdapterVersions
 @router.get(
     "/users/{user_id}/adapter/download",
     response_class=Response,
-    responses={200: {"content": {"application/zip": {}}, "description": "PEFT files as a zip"}, **NEEDS_MODEL},
+    responses={200: {"content": {"application/zip": {}}, "description": "PEFT files as a zip"}},
 )
 def download_adapter(
     user: UserDep,
@@ -49,7 +48,6 @@ def download_adapter(
     "/users/{user_id}/adapter",
     status_code=201,
     response_model=AdapterOut,
-    responses=NEEDS_MODEL,
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -62,7 +60,7 @@ async def upload_adapter(request: Request, user: UserDep, adapters: AdaptersDep,
     return await run_in_threadpool(service.upload, session, adapters, user.storage_key, user.pk, data)
 
 
-@router.delete("/users/{user_id}/adapter", status_code=204, responses=NEEDS_MODEL)
+@router.delete("/users/{user_id}/adapter", status_code=204)
 def delete_adapter(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Response:
     service.delete(session, adapters, user.storage_key)
     return Response(status_code=204)

@@ -8,14 +8,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import data_rights, users
 from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserIdPath
 from service.errors import AUTH_ERRORS, error_responses
-from service.tenancy import authorize_user
+from service.tenancy import USER_ID_MAX, USER_ID_PATTERN, authorize_user
 
 router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(*AUTH_ERRORS))
 
 
 class CreateUserIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    user_id: str = Field(min_length=1, max_length=USER_ID_MAX, pattern=USER_ID_PATTERN)
 
 
 class CreateUserOut(BaseModel):
@@ -29,7 +29,7 @@ def create_user(body: CreateUserIn, _: AdminDep, session: SessionDep) -> CreateU
     return CreateUserOut(user_id=user.user_id, api_key=key)
 
 
-@router.delete("/users/{user_id}", status_code=204, responses=error_responses(503))
+@router.delete("/users/{user_id}", status_code=204)
 def delete_user(
     user_id: UserIdPath, caller: AdminDep, session: SessionDep, state: StateDep, adapters: AdaptersDep
 ) -> Response:

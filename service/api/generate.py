@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from service.deps import RuntimeDep, StateDep, UserDep
+from service.deps import StateDep, UserDep
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.generation import service
 from service.generation.schemas import GenerateIn, GenerateOut
@@ -25,7 +25,7 @@ SSE_DOC: dict[int | str, dict[str, Any]] = {
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client goes away (its batch row and adapter pin are freed)."""
+    """Run `work`, cancelling it if the client goes away (its engine row and adapter pin are freed)."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -41,8 +41,8 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 @router.post("/generate", response_model=GenerateOut, responses=SSE_DOC)
-async def generate(request: Request, body: GenerateIn, user: UserDep, state: StateDep, runtime: RuntimeDep) -> Any:
+async def generate(request: Request, body: GenerateIn, user: UserDep, state: StateDep) -> Any:
     if body.stream:
-        events = await service.generate_stream(state, runtime, user, body)
+        events = await service.generate_sse(state.preparer, user, body)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await until_disconnect(request, service.generate(state, runtime, user, body))
+    return await until_disconnect(request, service.generate(state.preparer, user, body))

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/users/{user_id}", tags=["history"], responses=error_
 def append_history(body: HistoryAppendIn, user: UserDep, session: SessionDep, state: StateDep) -> HistoryAppendOut:
     out = service.append(session, user, body)
     threshold = state.settings.retrain_after_new_items
-    if threshold and out.added and state.queue is not None:  # behaviour shift -> retrain (after commit)
+    if threshold and out.added:  # behaviour shift -> retrain (after commit)
         jobs.maybe_auto_retrain(session, state.queue, user.pk, user.storage_key, threshold)
     return out
 

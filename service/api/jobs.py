@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from service.adapters import service as adapter_service
 from service.db.models import SHARED_OWNER
-from service.deps import AdminDep, QueueDep, RuntimeDep, SessionDep, StateDep, UserIdPath
+from service.deps import AdminDep, QueueDep, SessionDep, StateDep, UserIdPath
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.history.schemas import ProfileOut
 from service.jobs import service
@@ -19,17 +19,16 @@ from service.jobs.schemas import JobOut
 from service.tenancy import authorize_user
 
 router = APIRouter(prefix="/admin", tags=["training"], responses=error_responses(*AUTH_ERRORS))
-NEEDS_QUEUE = error_responses(503)  # QueueDep: the job queue is not ready
 
 
-@router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut, responses=NEEDS_QUEUE)
+@router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut)
 def retrain_user(user_id: UserIdPath, caller: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
     user = authorize_user(session, caller, user_id)
     job, _created = service.request_job(session, queue, "user_retrain", user.storage_key, user.pk)
     return job
 
 
-@router.post("/shared-adapter/retrain", status_code=202, response_model=JobOut, responses=NEEDS_QUEUE)
+@router.post("/shared-adapter/retrain", status_code=202, response_model=JobOut)
 def retrain_shared(_: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
     job, _created = service.request_job(session, queue, "shared_retrain", SHARED_OWNER, None)
     return job
@@ -39,9 +38,9 @@ class BulkRetrainOut(BaseModel):
     jobs: list[JobOut]
 
 
-@router.post("/adapters/retrain-stale", status_code=202, response_model=BulkRetrainOut, responses=NEEDS_QUEUE)
+@router.post("/adapters/retrain-stale", status_code=202, response_model=BulkRetrainOut)
 def retrain_stale(_: AdminDep, session: SessionDep, queue: QueueDep) -> BulkRetrainOut:
-    """After the shared LoRA changed: one retrain job per user whose adapter was trained on an older one."""
+    """After the shared LoRA changed: one retrain job per user whose adapter is stale."""
     owners = adapter_service.stale_owners(session)
     return BulkRetrainOut(jobs=[service.request_job(session, queue, "user_retrain", k, pk)[0] for k, pk in owners])
 
@@ -52,7 +51,5 @@ def get_job(job_id: Annotated[str, PathParam(max_length=64)], _: AdminDep, sessi
 
 
 @router.post("/users/{user_id}/profile/generate", response_model=ProfileOut, responses=error_responses(*SERVING_ERRORS))
-async def generate_user_profile(
-    user_id: UserIdPath, caller: AdminDep, state: StateDep, runtime: RuntimeDep
-) -> ProfileOut:
-    return await generate_profile(state.session_factory, runtime, caller, user_id)
+async def generate_user_profile(user_id: UserIdPath, caller: AdminDep, state: StateDep) -> ProfileOut:
+    return await generate_profile(state.preparer, caller, user_id)

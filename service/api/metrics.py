@@ -12,10 +12,4 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics", response_class=Response)
 def metrics(state: StateDep) -> Response:
-    cache, runtime = state.cache, state.runtime
-    m = state.metrics
-    m.slots_in_use.set(len(cache.slot_keys()) if cache is not None else 0)
-    m.pinned.set(len(cache.pinned()) if cache is not None else 0)
-    m.queue_depth.set(runtime.scheduler.queued if runtime is not None else 0)
-    m.job_queue_depth.set(state.queue.depth() if state.queue is not None else 0)
-    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.render(state.engine.stats(), state.queue.depth()), media_type=CONTENT_TYPE_LATEST)

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from service.deps import CallerDep, RuntimeDep, StateDep
+from service.deps import CallerDep, StateDep
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.openai_compat import service
 from service.openai_compat.schemas import ChatCompletionIn, CompletionIn, ModelList
@@ -25,16 +25,16 @@ def _respond(result: Any) -> Any:
     return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/models", response_model=ModelList, responses=error_responses(503))
-def models(caller: CallerDep, runtime: RuntimeDep) -> ModelList:
-    return service.list_models(caller, runtime.model_name)
+@router.get("/models", response_model=ModelList)
+def models(caller: CallerDep, state: StateDep) -> ModelList:
+    return service.list_models(caller, state.engine.model_name)
 
 
 @router.post("/chat/completions", responses=SERVING)
-async def chat_completions(body: ChatCompletionIn, caller: CallerDep, state: StateDep, runtime: RuntimeDep) -> Any:
-    return _respond(await service.chat(state, runtime, caller, body))
+async def chat_completions(body: ChatCompletionIn, caller: CallerDep, state: StateDep) -> Any:
+    return _respond(await service.chat(state, caller, body))
 
 
 @router.post("/completions", responses=SERVING)
-async def completions(body: CompletionIn, caller: CallerDep, state: StateDep, runtime: RuntimeDep) -> Any:
-    return _respond(await service.complete(state, runtime, caller, body))
+async def completions(body: CompletionIn, caller: CallerDep, state: StateDep) -> Any:
+    return _respond(await service.complete(state, caller, body))

@@ -11,7 +11,6 @@ from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
 
 router = APIRouter(tags=["users"], responses=error_responses(*AUTH_ERRORS))
-NEEDS_MODEL = error_responses(503)  # AdaptersDep: the base model is not loaded yet
 
 
 class KeyOut(BaseModel):
@@ -29,7 +28,6 @@ class RevokedOut(BaseModel):
     response_class=Response,
     responses={
         200: {"content": {"application/zip": {}}, "description": "history, profile and adapters"},
-        **NEEDS_MODEL,
     },
 )
 def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Response:
@@ -40,7 +38,7 @@ def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Re
     )
 
 
-@router.delete("/users/{user_id}", status_code=204, responses=NEEDS_MODEL)
+@router.delete("/users/{user_id}", status_code=204)
 def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, state: StateDep) -> Response:
     data_rights.erase_user(session, adapters, user)
     state.bm25.invalidate(user.storage_key)

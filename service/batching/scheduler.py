@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from service.batching.fair_queue import FairQueue
+from service.engine.types import SamplingParams
 from service.errors import AdapterUnavailable
-from service.inference.engine import BatchGenerator, GenOutput, GenRow, SamplingParams
+from service.inference.engine import BatchGenerator, GenOutput, GenRow
 
 log = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ class Job(Base):
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # user_retrain | shared_retrain | profile_generate
+    kind: Mapped[str] = mapped_column(String(32))  # user_retrain | shared_retrain
     owner_key: Mapped[str] = mapped_column(String(40))
     user_pk: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
     status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed

@@ -52,18 +52,12 @@ class EvalConfig:
     profile_new_tokens: int = 48
     gen_batch: int = 16  # rows per generation batch (= adapter slots)
     bootstrap_resamples: int = 2000
-    # The test request: "item" = the movie as its history items show it (title | genres), the same request
-    # shape training uses (prompts.training_request); "question" = movielens.rating_question, which no
-    # training example contains (the LoRAs then keep answering in prose: parse failures).
-    request: Literal["item", "question"] = "item"
     # "dev": each user's last test_items ratings are dropped unread and the ones just before are scored,
     # so settings can be chosen on dev and the test items stay untouched until the reported run.
     split: Literal["test", "dev"] = "test"
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.request not in ("item", "question"):
-            raise ValueError(f"request must be 'item' or 'question', got {self.request!r}")
         if self.split not in ("test", "dev"):
             raise ValueError(f"split must be 'test' or 'dev', got {self.split!r}")
 
@@ -71,9 +65,6 @@ class EvalConfig:
     def holdout(self) -> int:
         """Ratings dropped unread from the end of every user's timeline."""
         return self.test_items if self.split == "dev" else 0
-
-    def request_text(self, item: ml.RatingItem) -> str:
-        return ml.item_input(item) if self.request == "item" else ml.rating_question(item)
 
     def methods(self) -> tuple[LlmMethod, ...]:
         return (

@@ -10,7 +10,7 @@ in mixed batches of many users. The methods, presets and leakage checks are `pro
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import math
 import os
 import tempfile
@@ -21,21 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
+from service import composition
 from service import users as user_accounts
 from service.adapters import service as adapter_service
-from service.adapters.cache import AdapterCache, AdapterKey
-from service.adapters.service import AdapterContext
-from service.adapters.slots import LoraSlots
-from service.adapters.store import AdapterStore
-from service.adapters.validation import BaseModelSpec, ValidationLimits
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.models import SHARED_OWNER
-from service.db.session import make_engine, make_session_factory, unit_of_work
+from service.db.session import unit_of_work
+from service.engine.base import collect
 from service.evaluation import metrics, protocol, report
 from service.evaluation import movielens as ml
 from service.evaluation.protocol import (
@@ -47,34 +42,39 @@ from service.evaluation.protocol import (
     check_retrieved_leakage,
     default_data_dir,
 )
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, PreparedRequest, SamplingOptions
 from service.history import repository as history_repo
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
-from service.inference.engine import GenRow
-from service.inference.loader import load_model
-from service.inference.runtime import ModelRuntime
-from service.prompts import build_profile_prompt, build_prompt
-from service.retrieval.bm25 import BM25Cache
+from service.jobs.tasks import JobContext
+from service.prompts import build_profile_prompt
 from service.tenancy import UserRef
 from service.training.examples import TrainExample, build_shared_examples, build_user_examples
-from service.training.trainer import LoraTrainConfig, TrainOutput, merge_lora_into, train_lora
+from service.training.trainer import LoraTrainConfig, TrainOutput, train_lora
 
-# --- the serving side: SQL, store, runtime, adapter cache ---
+# --- the serving side: the server's own core (SQL, store, engine, preparation step) ---
 
 
 @dataclass
 class _Bench:
     config: EvalConfig
-    settings: Settings
-    engine: Engine
-    factory: sessionmaker[Session]
-    store: AdapterStore
-    runtime: ModelRuntime
-    cache: AdapterCache
-    adapters: AdapterContext
-    bm25: BM25Cache[history.UserCorpus]
-    train_model: Any  # a plain copy of the base (the served one carries slot layers); shared LoRA merged
+    core: composition.Core
+    jobs: JobContext  # the training model (the served one carries slot layers), with the shared LoRA merged
     users: dict[str, UserRef]
+
+    @property
+    def settings(self) -> Settings:
+        return self.core.settings
+
+
+class _NoQueue:
+    def enqueue(self, job_id: str, attempt: int) -> None: ...
+    def depth(self) -> int:
+        return 0
+
+    def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
+    def subscribe(self, listener: object, stop: object) -> None: ...
+    def close(self) -> None: ...
 
 
 def _settings(base: Settings, workdir: Path, config: EvalConfig) -> Settings:
@@ -93,74 +93,76 @@ def _settings(base: Settings, workdir: Path, config: EvalConfig) -> Settings:
             "adapter_max_rank": config.rank,
             "adapter_target_modules": tuple(dict.fromkeys((*user_targets, *shared_targets))),
             "bm25_cache_users": max(base.bm25_cache_users, config.users),
+            # Every test request is queued at once: no fair-share cap, no deadline inside one run.
+            "queue_max": 1_000_000,
+            "queue_per_user_max": 1_000_000,
+            "request_timeout_s": 7 * 24 * 3600.0,
+            "max_new_tokens_cap": max(base.max_new_tokens_cap, config.profile_new_tokens, config.max_new_tokens),
         }
     )
 
 
 def _open_bench(config: EvalConfig, settings: Settings) -> _Bench:
     upgrade(settings.resolved_database_url)
-    engine = make_engine(settings.resolved_database_url)
-    factory = make_session_factory(engine)
-    loaded = load_model(settings)
-    spec = BaseModelSpec.from_model(loaded.model, loaded.name)  # before slots wrap the Linears
-    train_model = copy.deepcopy(loaded.model)
-    user_targets = LoraTrainConfig().target_modules
-    slots = LoraSlots(
-        loaded.model, config.gen_batch, config.rank, user_targets, device=loaded.device, dtype=loaded.dtype
-    )
-    store = AdapterStore(settings.adapters_dir)
-    cache = AdapterCache(slots, store, host_budget_bytes=settings.adapter_host_budget_bytes)
-    limits = ValidationLimits.from_settings(settings)
-    adapters = AdapterContext(store, spec, limits, settings.adapter_keep_versions, on_drop=cache.drop_owner)
-    runtime = ModelRuntime(loaded, settings, slots=slots, adapters=cache)  # scheduler never started
-    bm25 = BM25Cache[history.UserCorpus](settings.bm25_cache_users)
-    return _Bench(config, settings, engine, factory, store, runtime, cache, adapters, bm25, train_model, {})
+    core = composition.core(settings)
+    jobs = composition.job_context(settings, _NoQueue(), core.db, core.store)
+    core.engine.start()
+    return _Bench(config, core, jobs, {})
 
 
 def _store_histories(bench: _Bench, task: ml.RatingTask) -> dict[str, list[history.DocSnapshot]]:
-    with unit_of_work(bench.factory) as session:
+    with unit_of_work(bench.core.db.session_factory) as session:
         for split in task.users:
             ref, _key = user_accounts.create_user(session, split.user_id)
             items = [HistoryItemIn(**ml.history_item(h)) for h in split.history]
             history.append(session, ref, HistoryAppendIn(items=items))
             bench.users[split.user_id] = ref
-    with unit_of_work(bench.factory) as session:  # read back: training sees what SQL holds
+    with unit_of_work(bench.core.db.session_factory) as session:  # read back: training sees what SQL holds
         return {
             uid: [history.snapshot(i) for i in history_repo.all_items(session, ref.pk)]
             for uid, ref in bench.users.items()
         }
 
 
-def _generate(bench: _Bench, requests: Sequence[tuple[str, AdapterKey | None]], max_new: int, desc: str) -> list[str]:
-    """Greedy answers, in request order. Rows are sorted by length and batched across users; each
-    batch's adapters go disk -> host -> slot through the AdapterCache, exactly as the server does."""
-    rt = bench.runtime
-    params = rt.params(max_new_tokens=max_new, temperature=0.0, top_p=1.0, seed=bench.config.seed)
-    encoded = [rt.encode(text, max_new) for text, _ in requests]
-    order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
-    size = bench.config.gen_batch
-    out = [""] * len(requests)
-    batches = [order[i : i + size] for i in range(0, len(order), size)]
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not bench.config.progress):
-        keys = [requests[i][1] for i in batch]
-        slots = bench.cache.acquire(keys)
-        try:
-            rows = [GenRow(encoded[i], params, slot) for i, slot in zip(batch, slots, strict=True)]
-            results = rt.generator.generate(rows)
-        finally:
-            bench.cache.release(keys)
-        for i, res in zip(batch, results, strict=True):
-            out[i] = rt.decode(res.token_ids).strip()
-    return out
+def _generate(bench: _Bench, specs: Sequence[GenerationSpec], desc: str) -> tuple[list[str], list[PreparedRequest]]:
+    """Answers in request order. Every request goes through the server's own preparation step and engine,
+    all queued at once: the engine batches them across users (adapters disk -> host -> slot as served)."""
+    preparer = bench.core.preparer
+    prepared = [preparer.prepare(spec) for spec in specs]
+    bar = tqdm(total=len(prepared), desc=desc, unit="req", disable=not bench.config.progress)
+
+    async def one(p: PreparedRequest) -> str:
+        done = await collect(preparer.engine, p.request)
+        bar.update(1)
+        return preparer.codec.decode(done.token_ids).strip()
+
+    async def run_all() -> list[str]:
+        return list(await asyncio.gather(*(one(p) for p in prepared)))
+
+    try:
+        return asyncio.run(run_all()), prepared
+    finally:
+        bar.close()
+
+
+def _spec(bench: _Bench, user: UserRef, text: str, method: LlmMethod, max_new: int) -> GenerationSpec:
+    return GenerationSpec(
+        user=user,
+        prompt=(ChatTurn("user", text),),
+        personalization=Personalization(method.k, method.profile, method.adapter),
+        sampling=SamplingOptions(max_new_tokens=max_new, temperature=0.0, seed=bench.config.seed),
+    )
 
 
 def _make_profiles(bench: _Bench, docs: Mapping[str, Sequence[history.DocSnapshot]]) -> dict[str, str | None]:
     """PAG: the BASE model (no shared LoRA yet) writes a profile from each user's recent history."""
     n = bench.config.profile_items
     uids = [u for u in bench.users if docs[u]]
-    prompts = [(build_profile_prompt(list(docs[u])[-n:]), None) for u in uids]
-    texts = _generate(bench, prompts, bench.config.profile_new_tokens, "profiles")
-    with unit_of_work(bench.factory) as session:
+    base = LlmMethod("profile", 0, False, False)
+    max_new = bench.config.profile_new_tokens
+    specs = [_spec(bench, bench.users[u], build_profile_prompt(list(docs[u])[-n:]), base, max_new) for u in uids]
+    texts, _ = _generate(bench, specs, "profiles")
+    with unit_of_work(bench.core.db.session_factory) as session:
         for uid, text in zip(uids, texts, strict=True):
             if text:
                 history.set_profile(session, bench.users[uid], text, source="generated")
@@ -207,39 +209,40 @@ def _shared_examples(
 
 def _publish(bench: _Bench, owner: str, user_pk: int | None, out: TrainOutput, shared: int | None) -> int:
     meta = {"examples": out.examples, "steps": out.steps, "final_loss": out.final_loss, "source": "eval"}
-    with unit_of_work(bench.factory) as session:
+    with unit_of_work(bench.core.db.session_factory) as session:
         row = adapter_service.publish(
-            session, bench.adapters, owner, user_pk, out.files, source="trained", shared_version=shared, meta=meta
+            session, bench.core.adapters, owner, user_pk, out.files, source="trained", shared_version=shared, meta=meta
         )
         return row.version
 
 
 def _train_shared(bench: _Bench, examples: Sequence[TrainExample]) -> tuple[int, TrainOutput]:
-    """Stage 1, then the shared LoRA is merged into the served base (as at start-up) and the training copy."""
-    lm = bench.runtime.loaded
+    """Stage 1 on the plain base; the next request the preparation step makes notices the new shared
+    version, and the engine merges it into the served base before that request runs."""
+    lm = bench.core.loaded
     config = _train_config(bench.config, shared=True)
     steps = config.epochs * math.ceil(len(examples) / config.batch_size)
     with tqdm(total=steps, desc="shared LoRA", unit="step", disable=not bench.config.progress) as bar:
         out = train_lora(
-            bench.train_model,
+            bench.jobs.training_model(None),
             lm.tokenizer,
             examples,
             config,
             base_model_name=lm.name,
             progress=lambda done: bar.update(round(done * steps) - bar.n),
         )
-    version = _publish(bench, SHARED_OWNER, None, out, None)
-    bench.runtime.apply_shared_now(adapter_service.shared_weights(bench.store, version), version)
-    merge_lora_into(bench.train_model, out.files)
-    return version, out
+    return _publish(bench, SHARED_OWNER, None, out, None), out
 
 
 def _train_users(
     bench: _Bench, task: ml.RatingTask, docs: Mapping[str, Sequence[history.DocSnapshot]], shared: int
 ) -> tuple[dict[str, list[TrainExample]], list[TrainOutput]]:
     """Stage 2: one LoRA per user on (base + shared), prompts retrieved from EARLIER items only."""
-    s, lm = bench.settings, bench.runtime.loaded
+    s, lm = bench.settings, bench.core.loaded
     config = _train_config(bench.config, shared=False)
+    with unit_of_work(bench.core.db.session_factory) as session:
+        shared_ref = adapter_service.shared_ref(session, bench.core.store)
+    model = bench.jobs.training_model(shared_ref)
     examples: dict[str, list[TrainExample]] = {}
     outs: list[TrainOutput] = []
     for uid, ref in tqdm(bench.users.items(), desc="user LoRAs", unit="user", disable=not bench.config.progress):
@@ -247,47 +250,33 @@ def _train_users(
             docs[uid], k=bench.config.oppu_rag_k, item_chars=s.retrieval_item_chars, profile_chars=s.profile_max_chars
         )
         check_example_leakage(task, {uid: examples[uid]})  # before a single step is taken on them
-        out = train_lora(bench.train_model, lm.tokenizer, examples[uid], config, base_model_name=lm.name)
+        out = train_lora(model, lm.tokenizer, examples[uid], config, base_model_name=lm.name)
         _publish(bench, ref.storage_key, ref.pk, out, shared)
         outs.append(out)
     return examples, outs
 
 
-def _method_requests(
-    bench: _Bench, task: ml.RatingTask, method: LlmMethod
-) -> tuple[list[tuple[str, AdapterKey | None]], int]:
-    """Each test item's prompt for `method`, built as serving builds it; and how many items were retrieved."""
-    s, tests = bench.settings, protocol.test_ids(task)
-    requests: list[tuple[str, AdapterKey | None]] = []
-    n_retrieved = 0
-    with unit_of_work(bench.factory) as session:
-        for split in task.users:
-            ref = bench.users[split.user_id]
-            profile = history.profile_text(session, ref) if method.profile else None
-            key = None
-            if method.adapter:
-                key, _version = adapter_service.serving_key(session, ref.storage_key, bench.adapters.spec)
-                if key is None:
-                    raise RuntimeError(f"{split.user_id} has no adapter")
-            for item in split.test:
-                # The query is the movie text, as in training (training_request = item input), whatever
-                # the request: the question's "0.5 to 5.0" would pull in items rated 0.5 or 5.0.
-                hits = history.retrieve(session, ref, ml.item_input(item), method.k, bench.bm25)
-                check_retrieved_leakage(split.user_id, tests, (h.doc.id for h in hits))
-                n_retrieved += len(hits)
-                text = build_prompt(
-                    bench.config.request_text(item),
-                    [h.doc for h in hits],
-                    profile,
-                    item_chars=s.retrieval_item_chars,
-                    profile_chars=s.profile_max_chars,
-                )
-                requests.append((text, key))
-    return requests, n_retrieved
+def _method_answers(bench: _Bench, task: ml.RatingTask, method: LlmMethod) -> tuple[list[str], int]:
+    """Every test item's answer under `method`, its prompt built by the server's preparation step; and how
+    many history items were retrieved into those prompts (each checked against the test items)."""
+    tests = protocol.test_ids(task)
+    specs, owners = [], []
+    for split in task.users:
+        for item in split.test:
+            specs.append(
+                _spec(bench, bench.users[split.user_id], ml.item_input(item), method, bench.config.max_new_tokens)
+            )
+            owners.append(split.user_id)
+    answers, prepared = _generate(bench, specs, method.name)
+    for user, p in zip(owners, prepared, strict=True):
+        check_retrieved_leakage(user, tests, (r.id for r in p.retrieved))
+        if method.adapter and p.adapter_version is None:
+            raise RuntimeError(f"{user} has no adapter")
+    return answers, sum(len(p.retrieved) for p in prepared)
 
 
 def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_dir: Path) -> dict[str, Any]:
-    lm = bench.runtime.loaded
+    lm = bench.core.loaded
     return {
         **{k: v for k, v in asdict(config).items() if k != "progress"},
         "users": len(task.users),
@@ -307,7 +296,7 @@ def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_
             else "temporal DEV: each user's last test_items ratings dropped unread; scored = the ones just before"
         ),
         "holdout": config.holdout,
-        "retrieval_query": "the test movie's title | genres (movielens.item_input), as in training",
+        "request": "the test movie's title | genres (movielens.item_input), as in training; also the retrieval query",
         "decoding": "greedy",
         "oppu_rag_k": config.oppu_rag_k,
         "user_lora_train_k": config.oppu_rag_k,
@@ -338,7 +327,8 @@ def run_eval(
         try:
             return _run(bench, task, root, timing, started)
         finally:
-            bench.engine.dispose()
+            bench.core.engine.stop()
+            bench.core.db.dispose()
 
 
 def _timed(timing: dict[str, float], name: str, since: float) -> float:
@@ -364,9 +354,8 @@ def _run(bench: _Bench, task: ml.RatingTask, root: Path, timing: dict[str, float
     raw: dict[str, list[str]] = {}
     leak["retrieved_items"] = 0
     for method in bench.config.methods():
-        requests, n_retrieved = _method_requests(bench, task, method)
+        raw[method.name], n_retrieved = _method_answers(bench, task, method)
         leak["retrieved_items"] += n_retrieved
-        raw[method.name] = _generate(bench, requests, bench.config.max_new_tokens, method.name)
         preds[method.name] = [metrics.parse_rating(text) for text in raw[method.name]]
         t = _timed(timing, f"generate_{method.name}_s", t)
     golds = [item.rating for split in task.users for item in split.test]

@@ -96,6 +96,14 @@ def upsert_profile(session: Session, user_pk: int, text: str, source: str) -> Pr
     return profile
 
 
+def history_stamp(session: Session, user_pk: int) -> tuple[int, int]:
+    """(count, max id) of the user's items: changes with every write, in any replica."""
+    count, max_id = session.execute(
+        select(func.count(HistoryItem.id), func.max(HistoryItem.id)).where(HistoryItem.user_pk == user_pk)
+    ).one()
+    return int(count or 0), int(max_id or 0)
+
+
 def count_items_after(session: Session, user_pk: int, after_id: int) -> int:
     return int(
         session.scalar(select(func.count()).where(HistoryItem.user_pk == user_pk, HistoryItem.id > after_id)) or 0

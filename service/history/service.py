@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.models import HistoryItem
@@ -119,20 +118,13 @@ def page(session: Session, user: UserRef, *, limit: int, cursor: str | None) -> 
     return HistoryPage(items=[_item_out(i) for i in items], next_cursor=next_cursor)
 
 
-def _history_stamp(session: Session, user: UserRef) -> tuple[int, int]:
-    count, max_id = session.execute(
-        select(func.count(HistoryItem.id), func.max(HistoryItem.id)).where(HistoryItem.user_pk == user.pk)
-    ).one()
-    return int(count or 0), int(max_id or 0)
-
-
 def snapshot(item: HistoryItem) -> DocSnapshot:
     return DocSnapshot(id=item.client_id, input=item.input, output=item.output, kind=item.kind)
 
 
 def user_corpus(session: Session, user: UserRef, cache: BM25Cache[UserCorpus]) -> UserCorpus:
     """The user's BM25 index, rebuilt only when their history changed (in any replica)."""
-    stamp = _history_stamp(session, user)
+    stamp = repo.history_stamp(session, user.pk)
     corpus = cache.get(user.storage_key, stamp)
     if corpus is None:
         docs = [snapshot(i) for i in repo.all_items(session, user.pk)]

@@ -43,3 +43,45 @@ def encode_target(tokenizer: Any, text: str, stop_ids: frozenset[int]) -> list[i
     if not (isinstance(end, int) and end in stop_ids):
         end = min(stop_ids) if stop_ids else tokenizer.eos_token_id
     return [*ids, int(end)]
+
+
+class PromptCodec:
+    """The served tokenizer: chat turns or raw text -> token ids, token ids -> text, and the stop tokens."""
+
+    def __init__(self, tokenizer: Any, model_config: Any) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_token_ids(tokenizer, model_config)
+        self.vocab_size = int(getattr(model_config, "vocab_size", 0) or len(tokenizer))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_messages(self.tokenizer, messages)
+
+    def encode_text(self, text: str) -> list[int]:
+        """A raw completion prompt, as the tokenizer encodes it (special tokens such as BOS included)."""
+        return [int(i) for i in self.tokenizer(text)["input_ids"]]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas; holds back an incomplete multi-byte character."""
+
+    def __init__(self, codec: PromptCodec) -> None:
+        self._codec = codec
+        self.token_ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        text = self._codec.decode(self.token_ids)
+        if text.endswith("\ufffd") or len(text) <= len(self.text):
+            return ""
+        delta, self.text = text[len(self.text) :], text
+        return delta
+
+    def flush(self) -> str:
+        text = self._codec.decode(self.token_ids)
+        delta = text[len(self.text) :] if len(text) > len(self.text) else ""
+        self.text = text if delta else self.text
+        return delta

@@ -1,16 +1,17 @@
-"""PAG: a textual profile of a user written by the base model from a sample of their history."""
+"""PAG: a textual profile of a user written by the base model from a sample of their history (an admin
+route that waits for the answer; it goes through the one request path like every generating route)."""
 
 from __future__ import annotations
 
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.db.session import unit_of_work
 from service.errors import Unprocessable
+from service.generation import service as generation
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, Preparer, SamplingOptions
 from service.history import repository as history_repo
 from service.history import service as history
 from service.history.schemas import ProfileOut
-from service.inference.runtime import ModelRuntime
 from service.prompts import build_profile_prompt
 from service.tenancy import Caller, UserRef, authorize_user
 
@@ -18,9 +19,9 @@ PROFILE_SAMPLE = 20  # most recent items shown to the model
 PROFILE_MAX_NEW_TOKENS = 160
 
 
-async def generate_profile(
-    factory: sessionmaker[Session], runtime: ModelRuntime, caller: Caller, user_id: str
-) -> ProfileOut:
+async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> ProfileOut:
+    factory = preparer.session_factory
+
     def read() -> tuple[UserRef, str]:
         with unit_of_work(factory) as session:
             user = authorize_user(session, caller, user_id)
@@ -30,9 +31,15 @@ async def generate_profile(
             return user, build_profile_prompt([history.snapshot(i) for i in items])
 
     user, prompt = await run_in_threadpool(read)
-    ids = runtime.encode(prompt, PROFILE_MAX_NEW_TOKENS)
-    params = runtime.params(max_new_tokens=PROFILE_MAX_NEW_TOKENS, temperature=0.0, top_p=1.0, seed=0)
-    done = await runtime.complete(ids, params)  # the base model: no user adapter
+    spec = GenerationSpec(
+        user=user,
+        prompt=(ChatTurn("user", prompt),),
+        personalization=Personalization(),  # the base model (+ shared LoRA): no user adapter, no context
+        sampling=SamplingOptions(
+            max_new_tokens=min(PROFILE_MAX_NEW_TOKENS, preparer.settings.max_new_tokens_cap), temperature=0.0, seed=0
+        ),
+    )
+    done = await generation.complete(preparer, spec)
 
     def write() -> ProfileOut:
         with unit_of_work(factory) as session:

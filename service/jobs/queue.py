@@ -1,24 +1,29 @@
 """The job queue: RQ on Redis when OPPU_REDIS_URL is set, else an in-process runner. The only importer
-of rq (with jobs/worker.py). Queues carry job ids only; the job's state lives in SQL."""
+of rq and redis (with jobs/worker.py). Queues carry job ids only; the job's state lives in SQL. It also
+carries the adapter-change notices ("<owner_key> <version>") every replica subscribes to."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Protocol
 
 from service.config import Settings
 
 log = logging.getLogger(__name__)
 QUEUE_NAME = "oppu-training"
-ADAPTER_CHANNEL = "oppu:adapters"  # pub/sub: "<owner_key> <version>" after every publish
+ADAPTER_CHANNEL = "oppu:adapters"  # pub/sub: "<owner_key> <version>" after every publish or delete
+
+AdapterListener = Callable[[str, int | None], None]
 
 
 class JobQueue(Protocol):
     def enqueue(self, job_id: str, attempt: int) -> None: ...
     def depth(self) -> int: ...
     def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
+    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None: ...
     def close(self) -> None: ...
 
 
@@ -48,19 +53,41 @@ class RedisJobQueue:
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
         self.redis.publish(ADAPTER_CHANNEL, f"{owner_key} {version if version is not None else 0}")
 
+    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None:
+        """Calls listener(owner_key, version) for every notice, on a daemon thread, until `stop` is set."""
+        threading.Thread(target=self._listen, args=(listener, stop), name="oppu-pubsub", daemon=True).start()
+
+    def _listen(self, listener: AdapterListener, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub.subscribe(ADAPTER_CHANNEL)
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and isinstance(message.get("data"), bytes):
+                        owner, _, version = message["data"].decode().partition(" ")
+                        listener(owner, int(version) if version.isdigit() and int(version) > 0 else None)
+            except Exception:
+                log.exception("adapter pub/sub listener failed; reconnecting")
+                stop.wait(1.0)
+
     def close(self) -> None:
         self.redis.close()
 
 
 class InProcessJobQueue:
-    """Embedded default: job bodies run on one background thread of the API process."""
+    """Embedded default: job bodies run on one background thread of the API process, once a runner is
+    attached (the composition root attaches it after building the job context)."""
 
-    def __init__(self, runner: Any) -> None:
-        self._runner = runner  # Callable[[str], None]
+    def __init__(self) -> None:
+        self._runner: Callable[[str], None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-jobs")
         self._pending = 0
         self._lock = threading.Lock()
-        self.listeners: list[Any] = []  # Callable[[str, int | None], None], called on publish
+        self._listeners: list[AdapterListener] = []
+
+    def attach(self, runner: Callable[[str], None]) -> None:
+        self._runner = runner
 
     def enqueue(self, job_id: str, attempt: int) -> None:
         with self._lock:
@@ -69,6 +96,8 @@ class InProcessJobQueue:
 
     def _run(self, job_id: str) -> None:
         try:
+            if self._runner is None:
+                raise RuntimeError("no job runner attached")
             self._runner(job_id)
         except Exception:
             log.exception("job %s failed", job_id)
@@ -80,14 +109,17 @@ class InProcessJobQueue:
         return self._pending
 
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
-        for listener in self.listeners:
+        for listener in list(self._listeners):
             listener(owner_key, version)
+
+    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None:
+        self._listeners.append(listener)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def make_queue(settings: Settings, in_process_runner: Any) -> JobQueue:
+def make_queue(settings: Settings) -> JobQueue:
     if settings.redis_url:
         return RedisJobQueue(settings.redis_url, settings.job_timeout_s)
-    return InProcessJobQueue(in_process_runner)
+    return InProcessJobQueue()

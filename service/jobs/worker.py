@@ -5,27 +5,19 @@ from __future__ import annotations
 import logging
 import threading
 
-from service.adapters.store import AdapterStore
 from service.config import Settings
-from service.db.session import make_engine, make_session_factory
 from service.jobs.queue import QUEUE_NAME, RedisJobQueue
 from service.jobs.tasks import JobContext, reap_stale
 
 log = logging.getLogger(__name__)
 
 
-def run_worker(settings: Settings, *, burst: bool = False) -> None:
+def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> None:
     from rq import Worker
 
-    if not settings.redis_url:
+    queue = ctx.queue
+    if not isinstance(queue, RedisJobQueue):
         raise SystemExit("oppu worker needs OPPU_REDIS_URL (the embedded default runs jobs in the API)")
-    queue = RedisJobQueue(settings.redis_url, settings.job_timeout_s)
-    ctx = JobContext(
-        settings=settings,
-        session_factory=make_session_factory(make_engine(settings.resolved_database_url)),
-        store=AdapterStore(settings.adapters_dir),
-        queue=queue,
-    )
     stop = threading.Event()
 
     def reaper() -> None:  # SQL-only: never loads the model, never touches CUDA

@@ -6,8 +6,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.generation.schemas import NearZeroIsGreedy, TopPFloor
-
 Text = Annotated[str, Field(max_length=32_000)]
 Prompt = Annotated[str, Field(min_length=1, max_length=32_000)]  # an empty raw prompt has no token to continue
 
@@ -32,8 +30,8 @@ class CommonParams(BaseModel):
     model: Annotated[str, Field(min_length=1, max_length=200)]
     max_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0), NearZeroIsGreedy] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0), TopPFloor] = 1.0
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
     stream: bool = False

@@ -1,4 +1,4 @@
-"""PEFT LoRA training on a loaded causal LM (OPPU stages 1 and 2) and merging a LoRA into base weights.
+"""PEFT LoRA training on a loaded causal LM (OPPU stages 1 and 2).
 
 Owns tokenising examples into label-masked batches and the optimisation loop; knows nothing of SQL,
 jobs or the adapter store: it takes examples in and hands the PEFT files back as bytes.
@@ -11,19 +11,20 @@ import copy
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from service.adapters.peft_format import PEFT_FILES
+from service.config import Settings
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
 from service.training.examples import TrainExample
 
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Architectures whose logits are exactly lm_head(decoder hidden state), so the head can be applied to the
 # target positions only (no logit scaling/softcapping to reproduce). Others take the plain forward.
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -61,6 +62,23 @@ class LoraTrainConfig:
             raise ValueError("rank, epochs, batch_size must be >= 1 and max_seq_len >= 2")
         if not self.target_modules or not 0.0 <= self.warmup_ratio < 1.0 or self.lr <= 0:
             raise ValueError("need target modules, 0 <= warmup_ratio < 1 and lr > 0")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, stage: Literal["user", "shared"]) -> LoraTrainConfig:
+        """OPPU stage 2 (a user's LoRA) or stage 1 (the shared task LoRA) as the settings configure it."""
+        s = settings
+        base = cls.shared_default() if stage == "shared" else cls.user_default()
+        base = replace(base, batch_size=s.train_batch_size, max_seq_len=s.train_max_seq_len, seed=s.train_seed)
+        if stage == "shared":
+            return replace(base, lr=s.train_shared_lr, epochs=s.train_shared_epochs)
+        return replace(
+            base,
+            rank=s.train_user_rank,
+            alpha=s.train_user_alpha,
+            target_modules=tuple(s.train_user_target_modules),
+            lr=s.train_user_lr,
+            epochs=s.train_user_epochs,
+        )
 
     @classmethod
     def shared_default(cls) -> LoraTrainConfig:
@@ -181,7 +199,7 @@ def _save(peft_model: Any, base_model_name: str) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="oppu-lora-") as tmp:
         # False: we never train embeddings, and "auto" would look the base model up on the Hub.
         peft_model.save_pretrained(tmp, save_embedding_layers=False)
-        return {name: (Path(tmp) / name).read_bytes() for name in ADAPTER_FILES}
+        return {name: (Path(tmp) / name).read_bytes() for name in sorted(PEFT_FILES)}
 
 
 def train_lora(
@@ -273,31 +291,3 @@ def _optimise(
                 progress(step / total)
         epoch_losses.append(sum(losses) / len(losses))
     return epoch_losses, tokens, padded
-
-
-def merge_lora_into(model: Any, files: Mapping[str, bytes]) -> None:
-    """Adds a LoRA's delta into `model`'s base weights in place (OPPU: the shared task LoRA).
-
-    User LoRAs are trained ON TOP of the base with the shared LoRA merged, and served the same way, so
-    a worker merges the shared LoRA once and then trains every user on that model. Parameter objects
-    stay the same tensors (values change), so references held elsewhere keep pointing at live weights.
-    """
-    from peft import PeftModel
-
-    missing = [name for name in ADAPTER_FILES if name not in files]
-    if missing:
-        raise ValueError(f"adapter files missing: {missing}")
-    originals = dict(model.named_parameters())
-    with tempfile.TemporaryDirectory(prefix="oppu-merge-") as tmp:
-        for name in ADAPTER_FILES:
-            (Path(tmp) / name).write_bytes(files[name])
-        merged = PeftModel.from_pretrained(model, tmp, is_trainable=False).merge_and_unload()
-    if merged is not model:  # peft merges into the model it wrapped; anything else would lose the merge
-        raise RuntimeError("merge_and_unload returned a different model object")
-    with torch.no_grad():
-        for name, param in merged.named_parameters():
-            orig = originals[name]
-            if param is not orig:  # peft swapped a tensor: copy the merged values into the original
-                orig.copy_(param)
-                owner, _, leaf = name.rpartition(".")
-                setattr(merged.get_submodule(owner) if owner else merged, leaf, orig)

@@ -31,7 +31,7 @@ from service.db.models import User
 from service.db.session import unit_of_work
 from service.inference.tokens import encode_prompt, stop_token_ids
 from service.state import AppState
-from tests.conftest import admin_headers, bearer, create_user, running_app
+from tests.conftest import admin_headers, bearer, builtin_engine, create_user, running_app
 from tests.models import tiny_llama_config
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -225,7 +225,7 @@ def test_versions_download_rollback_prune_delete(
     assert not store.key_dir(skey).exists()
     after = _generate(client, "ann", key, "Tell me about zebras.")
     assert after["adapter_version"] is None and after["text"] == base_text["text"]
-    assert not any(k.owner_key == skey for k in app_state(client).cache.slot_keys())  # type: ignore[union-attr]
+    assert not any(k.owner_key == skey for k in builtin_engine(client).cache.slot_keys())
 
     # A new upload after the delete never reuses a version number.
     r = upload(client, "ann", key, lora_zip(loras["a"]))
@@ -237,8 +237,7 @@ def test_deleting_user_removes_adapter_files(client: TestClient, loras: dict[str
     skey = storage_key(client, "gone")
     assert upload(client, "gone", key, lora_zip(loras["b"])).status_code == 201
     assert _generate(client, "gone", key, "hi", n=2)["adapter_version"] == 1
-    store, cache = app_state(client).store, app_state(client).cache
-    assert cache is not None
+    store, cache = app_state(client).store, builtin_engine(client).cache
     assert store.version_dir(skey, 1).is_dir()
     assert client.delete("/admin/users/gone", headers=admin_headers()).status_code == 204
     assert not store.key_dir(skey).exists()

@@ -17,9 +17,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from service.adapters.cache import AdapterCache, AdapterKey
+from service.adapters.peft_format import read_adapter_dir
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
-from service.adapters.weights import load_adapter_files
 from tests.adapters.test_adapter_api import (
     app_state,
     greedy,
@@ -31,6 +31,8 @@ from tests.adapters.test_adapter_api import (
 )
 from tests.adapters.test_slots import ALL, tiny_model
 from tests.conftest import bearer, create_user, running_app
+
+MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 OWNERS = ("aa", "bb", "cc", "dd")
@@ -52,8 +54,11 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> Adapters:
     for seed, (owner, version, name) in enumerate(specs):
         d = make_lora(base, root / name, seed=seed, r=4, targets=TARGETS)
         store.publish(owner, version, peft_files(d))
-        keys[name] = AdapterKey(owner, version, store.sha256(owner, version))
-    sizes = {load_adapter_files(store.version_dir(k.owner_key, k.version)).nbytes() for k in keys.values()}
+        keys[name] = AdapterKey(owner, version, store.sha256(owner, version), store.version_dir(owner, version))
+    sizes = {
+        read_adapter_dir(max_scale=MAX_SCALE, directory=store.version_dir(k.owner_key, k.version)).nbytes()
+        for k in keys.values()
+    }
     assert len(sizes) == 1  # same rank and modules: the budget below fits exactly 3
     return Adapters(store, keys, sizes.pop())
 
@@ -73,9 +78,7 @@ class Cache:
 def cache(adapters: Adapters) -> Cache:
     slots = LoraSlots(tiny_model(), 2, 8, ALL, device="cpu", dtype=torch.float32)
     events: list[tuple[str, str]] = []
-    c = AdapterCache(
-        slots, adapters.store, host_budget_bytes=3 * adapters.nbytes, on_event=lambda e, t, _s: events.append((e, t))
-    )
+    c = AdapterCache(slots, host_budget_bytes=3 * adapters.nbytes, on_event=lambda e, t, _s: events.append((e, t)))
     return Cache(c, slots, events)
 
 
@@ -87,7 +90,7 @@ def use(c: Cache, key: AdapterKey) -> int:
 
 
 def assert_slot_holds(c: Cache, slot: int, key: AdapterKey, store: AdapterStore) -> None:
-    weights = load_adapter_files(store.version_dir(key.owner_key, key.version))
+    weights = read_adapter_dir(max_scale=MAX_SCALE, directory=store.version_dir(key.owner_key, key.version))
     for path, m in weights.modules.items():
         layer = c.slots.layers[path]
         torch.testing.assert_close(layer.A_slots[slot, :, : m.rank], m.a.t())
@@ -162,7 +165,7 @@ def test_pinned_adapters_are_never_evicted(cache: Cache, adapters: Adapters) -> 
 def test_failed_acquire_pins_nothing(cache: Cache, adapters: Adapters) -> None:
     """A batch whose acquire fails (an adapter file vanished) must not leave earlier rows pinned."""
     a = adapters.keys["aa"]
-    gone = AdapterKey("zz", 1, "0" * 64)
+    gone = AdapterKey("zz", 1, "0" * 64, adapters.store.version_dir("zz", 1))
     with pytest.raises(FileNotFoundError):
         cache.cache.acquire([a, gone])
     assert cache.cache.pinned() == {}
@@ -205,7 +208,7 @@ def busy_app(tmp_path: Path, tiny_model_path: Path, db_url: str) -> Iterator[tup
     base = load_base(tiny_model_path)
     names = ("v1", "v2", "u1", "u2", "u3")
     loras = {n: make_lora(base, tmp_path / n, seed=i, r=4, targets=("q_proj", "v_proj")) for i, n in enumerate(names)}
-    nbytes = load_adapter_files(loras["v1"]).nbytes()
+    nbytes = read_adapter_dir(max_scale=MAX_SCALE, directory=loras["v1"]).nbytes()
     overrides: dict[str, Any] = {"adapter_slots": 2, "adapter_host_budget_bytes": 3 * nbytes, "batch_max_size": 4}
     with running_app(tmp_path, tiny_model_path, db_url, **overrides) as client:
         yield client, loras

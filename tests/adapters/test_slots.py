@@ -12,9 +12,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
+from service.adapters.peft_format import read_adapter_dir, read_adapter_files
 from service.adapters.slots import LoraSlots
-from service.adapters.weights import load_adapter_bytes, load_adapter_files
 from tests.models import tiny_llama_config
+
+MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -91,7 +93,7 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_scaling_and_patterns_match_peft(adapters: dict[str, Path]) -> None:
-    weights = load_adapter_files(adapters["patterns"])
+    weights = read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["patterns"])
     reference = peft_model(tiny_model(), adapters["patterns"])
     peft_layers = {
         name.removeprefix("base_model.model."): m for name, m in reference.named_modules() if hasattr(m, "lora_A")
@@ -104,10 +106,9 @@ def test_scaling_and_patterns_match_peft(adapters: dict[str, Path]) -> None:
     assert weights.target_modules() == {"q_proj", "v_proj", "up_proj"}
     assert weights.nbytes() == sum(m.a.nbytes + m.b.nbytes for m in weights.modules.values())
     files = {p.name: p.read_bytes() for p in adapters["patterns"].iterdir()}
-    from_bytes = load_adapter_bytes(files)
+    from_bytes = read_adapter_files(max_scale=MAX_SCALE, files=files)
     for path, m in weights.modules.items():
         assert torch.equal(from_bytes.modules[path].b, m.b)
-    assert weights.to("cpu", torch.bfloat16).modules[path].a.dtype == torch.bfloat16
 
 
 def test_slot_swap_follows_latest_adapter_and_clear_restores_base(adapters: dict[str, Path]) -> None:
@@ -115,7 +116,7 @@ def test_slot_swap_follows_latest_adapter_and_clear_restores_base(adapters: dict
     model = copy.deepcopy(base)
     slots = LoraSlots(model, 2, 16, ALL, device="cpu", dtype=torch.float32)
     for name in ("x", "y", "patterns"):  # x (rank 16, all modules) then lower ranks and fewer modules
-        slots.load(1, load_adapter_files(adapters[name]))
+        slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters[name]))
         with slots.batch([1]):
             got = logits(model, PROMPT)
         torch.testing.assert_close(got, logits(peft_model(base, adapters[name]), PROMPT), atol=1e-5, rtol=1e-5)
@@ -133,8 +134,8 @@ def test_mixed_batch_paths_agree(adapters: dict[str, Path]) -> None:
     for budget in (0, 1 << 30):
         model = copy.deepcopy(base)
         slots = LoraSlots(model, 3, 16, ALL, device="cpu", dtype=torch.float32, gather_cache_bytes=budget)
-        slots.load(1, load_adapter_files(adapters["x"]))
-        slots.load(3, load_adapter_files(adapters["y"]))
+        slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))
+        slots.load(3, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
         ids = torch.tensor([PROMPT] * 4)
         with torch.inference_mode(), slots.batch([1, 0, 3, 1]):
             out = model(input_ids=ids).logits.float()
@@ -149,7 +150,7 @@ def test_low_precision_slots(adapters: dict[str, Path], dtype: torch.dtype) -> N
     reference = logits(peft_model(tiny_model(), adapters["x"]), PROMPT)
     model = tiny_model(dtype)
     slots = LoraSlots(model, 2, 16, ALL, device="cpu", dtype=dtype)
-    slots.load(2, load_adapter_files(adapters["x"]))
+    slots.load(2, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))
     assert slots.layers["model.layers.0.self_attn.q_proj"].A_slots.dtype == dtype
     with slots.batch([2, 0]), torch.inference_mode():
         out = model(input_ids=torch.tensor([PROMPT, PROMPT])).logits.float()
@@ -164,19 +165,19 @@ def test_rejects_bad_loads_and_batches(adapters: dict[str, Path], tmp_path: Path
     slots = LoraSlots(model, 2, 8, ("q_proj", "v_proj"), device="cpu", dtype=torch.float32)
     assert type(model.lm_head) is torch.nn.Linear  # only the decoder layers are wrapped
     with pytest.raises(ValueError, match="exceeds max_rank"):
-        slots.load(1, load_adapter_files(adapters["x"]))  # rank 16 > 8
+        slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))  # rank 16 > 8
     assert slots.is_empty(1)
     wide = make_adapter(base, tmp_path / "wide", seed=4, r=4, targets=("q_proj", "up_proj"))
     with pytest.raises(ValueError, match="unknown module"):
-        slots.load(1, load_adapter_files(wide))
+        slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=wide))
     assert slots.is_empty(1)  # all-or-nothing
     with pytest.raises(ValueError, match="out of range"):
-        slots.load(0, load_adapter_files(adapters["y"]))
+        slots.load(0, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
     with pytest.raises(ValueError, match="out of range"):
         slots.set_batch([0, 3])
-    slots.load(1, load_adapter_files(adapters["y"]))
+    slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
     with slots.batch([1]), pytest.raises(RuntimeError, match="in use"):
-        slots.load(1, load_adapter_files(adapters["y"]))
+        slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
     assert slots.current_batch is None
     with pytest.raises(ValueError, match="already has LoRA slots"):
         LoraSlots(model, 2, 8, ("q_proj",), device="cpu", dtype=torch.float32)
@@ -186,12 +187,12 @@ def test_rejects_unsupported_adapter_configs(adapters: dict[str, Path]) -> None:
     files = {p.name: p.read_bytes() for p in adapters["y"].iterdir()}
     files["adapter_config.json"] = b'{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true}'
     with pytest.raises(ValueError, match="use_dora"):
-        load_adapter_bytes(files)
+        read_adapter_files(max_scale=MAX_SCALE, files=files)
     files["adapter_config.json"] = b'{"peft_type": "LORA", "r": 3, "lora_alpha": 4}'
     with pytest.raises(ValueError, match="rank"):
-        load_adapter_bytes(files)
+        read_adapter_files(max_scale=MAX_SCALE, files=files)
     with pytest.raises(ValueError, match="missing"):
-        load_adapter_bytes({"adapter_config.json": b"{}"})
+        read_adapter_files(max_scale=MAX_SCALE, files={"adapter_config.json": b"{}"})
 
 
 def test_slots_follow_the_model_to_another_dtype(adapters: dict[str, Path]) -> None:
@@ -199,12 +200,12 @@ def test_slots_follow_the_model_to_another_dtype(adapters: dict[str, Path]) -> N
     base = tiny_model()
     model = copy.deepcopy(base)
     slots = LoraSlots(model, 1, 16, ALL, device="cpu", dtype=torch.float32)
-    slots.load(1, load_adapter_files(adapters["x"]))
-    slots.load(1, load_adapter_files(adapters["y"]))
+    slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))
+    slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
     with slots.batch([1]):
         logits(model, PROMPT)
     model.to(torch.float64)
-    slots.load(1, load_adapter_files(adapters["x"]))
+    slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))
     with slots.batch([1]):
         got = logits(model, PROMPT)
     assert slots.layers["model.layers.0.mlp.up_proj"].A_slots.dtype == torch.float64

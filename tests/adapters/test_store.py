@@ -53,9 +53,7 @@ def test_publish_is_idempotent_and_immutable(store: AdapterStore) -> None:
 
 def test_concurrent_identical_publishes(store: AdapterStore) -> None:
     results: list[Path] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(store.publish(KEY, 7, _files()))) for _ in range(8)
-    ]
+    threads = [threading.Thread(target=lambda: results.append(store.publish(KEY, 7, _files()))) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.adapters.test_adapter_api import app_state, greedy, load_base, lora_zip, make_lora, upload
-from tests.conftest import bearer, create_user, running_app
+from tests.adapters.test_adapter_api import greedy, load_base, lora_zip, make_lora, upload
+from tests.conftest import bearer, builtin_engine, create_user, running_app
 
 KEYS: dict[str, str] = {}  # user -> API key, filled by the module's app fixture
 
@@ -75,8 +75,7 @@ def test_stream_errors_before_streaming_are_plain_json(client: TestClient) -> No
 
 
 def test_client_closing_early_leaves_nothing_pinned(client: TestClient) -> None:
-    cache = app_state(client).cache
-    assert cache is not None
+    cache = builtin_engine(client).cache
     body = {**greedy("Tell me a very long story.", 512), "stream": True}
     headers = bearer(KEYS["tuned"])
     started = time.monotonic()

@@ -17,13 +17,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, make_peft_config
 from service.adapters.validation import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     AdapterValidationError,
     BaseModelSpec,
     ValidationLimits,
-    make_peft_config,
     validate_peft_files,
 )
 from service.config import ALL_TARGET_MODULES, Settings
@@ -48,9 +46,7 @@ def tiny_llama(hidden: int = 64) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def peft_files(
-    tmp: Path, hidden: int = 64, r: int = 8, targets: Any = ALL_TARGET_MODULES, **kw: Any
-) -> Files:
+def peft_files(tmp: Path, hidden: int = 64, r: int = 8, targets: Any = ALL_TARGET_MODULES, **kw: Any) -> Files:
     """A real adapter: get_peft_model + save_pretrained, read back as bytes (README.md dropped)."""
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **kw)
     get_peft_model(tiny_llama(hidden), cfg).save_pretrained(str(tmp))
@@ -121,9 +117,7 @@ def test_rank_and_alpha_pattern(spec: BaseModelSpec, tmp_path: Path) -> None:
     assert v.module_ranks["model.layers.0.self_attn.q_proj"] == 4
     assert v.module_scales["model.layers.0.self_attn.q_proj"] == 16 / 4
     assert v.module_scales["model.layers.1.self_attn.v_proj"] == 32 / 8
-    assert "rank_pattern['q_proj'] = 128 invalid" in problems_of(
-        edit_config(files, rank_pattern={"q_proj": 128}), spec
-    )
+    assert "rank_pattern['q_proj'] = 128 invalid" in problems_of(edit_config(files, rank_pattern={"q_proj": 128}), spec)
     assert "plain module name" in problems_of(edit_config(files, rank_pattern={"(a+)+$": 4}), spec)
 
 
@@ -182,9 +176,7 @@ def test_nan_weights_refused(spec: BaseModelSpec, good: Files) -> None:
         t[key][0, 0] = float("nan")
         return t
 
-    assert "'model.layers.1.mlp.up_proj': weights contain NaN or Inf" in problems_of(
-        edit_tensors(good, poison), spec
-    )
+    assert "'model.layers.1.mlp.up_proj': weights contain NaN or Inf" in problems_of(edit_tensors(good, poison), spec)
 
 
 def test_huge_rank_refused(spec: BaseModelSpec, tmp_path: Path) -> None:

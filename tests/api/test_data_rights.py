@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
 from service.db.models import Adapter, AdapterHead, ApiKey, HistoryItem, Job, Profile, User
-from tests.conftest import admin_headers, bearer, create_user
+from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user
 from tests.jobs.test_jobs_api import add_history, wait_job
 
 
@@ -20,10 +20,11 @@ def test_export_then_erase_leaves_nothing(client: TestClient, db_url: str) -> No
     client.put("/users/dana/profile", json={"text": "likes zebras"}, headers=bearer(key))
     job = client.post("/admin/users/dana/retrain", headers=admin_headers()).json()
     assert wait_job(client, job["job_id"])["status"] == "succeeded"
-    client.post("/users/dana/generate", json={"prompt": "hi", "max_new_tokens": 2, "temperature": 0},
-                headers=bearer(key))
-    state = client.app.state.oppu  # type: ignore[attr-defined]
-    storage_key = next(k.owner_key for k in state.cache.host_keys() + list(state.cache.slot_keys()))
+    client.post(
+        "/users/dana/generate", json={"prompt": "hi", "max_new_tokens": 2, "temperature": 0}, headers=bearer(key)
+    )
+    state, cache = app_state(client), builtin_engine(client).cache
+    storage_key = next(k.owner_key for k in cache.host_keys() + list(cache.slot_keys()))
 
     r = client.get("/users/dana/export", headers=bearer(key))
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
@@ -44,13 +45,16 @@ def test_export_then_erase_leaves_nothing(client: TestClient, db_url: str) -> No
             n = conn.execute(select(func.count()).select_from(table)).scalar_one()
             expected = 1 if table is ApiKey else 0  # eve's key remains
             assert n == expected, table.__tablename__
-        assert conn.execute(
-            select(func.count()).select_from(AdapterHead).where(AdapterHead.owner_key == storage_key)
-        ).scalar_one() == 0
+        assert (
+            conn.execute(
+                select(func.count()).select_from(AdapterHead).where(AdapterHead.owner_key == storage_key)
+            ).scalar_one()
+            == 0
+        )
     engine.dispose()
     assert not state.store.key_dir(storage_key).exists()
-    assert all(k.owner_key != storage_key for k in state.cache.host_keys())
-    assert all(k.owner_key != storage_key for k in state.cache.slot_keys())
+    assert all(k.owner_key != storage_key for k in cache.host_keys())
+    assert all(k.owner_key != storage_key for k in cache.slot_keys())
 
 
 def test_rotate_and_revoke(client: TestClient) -> None:

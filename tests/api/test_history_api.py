@@ -40,7 +40,7 @@ def _empty_database(client: TestClient) -> Iterator[None]:
 
 
 def engine_of(client: TestClient) -> Engine:
-    engine: Engine = client.app.state.oppu.engine  # type: ignore[attr-defined]
+    engine: Engine = client.app.state.oppu.db.engine  # type: ignore[attr-defined]
     return engine
 
 

@@ -19,6 +19,13 @@ def test_metrics_after_traffic(sqlite_client: TestClient) -> None:
     assert "oppu_batch_size_count" in text and "oppu_generated_tokens_total" in text
     tokens = [line for line in text.splitlines() if line.startswith("oppu_generated_tokens_total")]
     assert float(tokens[0].split()[-1]) >= 1
-    for name in ("oppu_adapter_slots_in_use", "oppu_job_queue_depth", "oppu_stale_adapters", "oppu_jobs",
-                 "oppu_adapter_cache_events", "oppu_adapter_swap_seconds", "oppu_generate_queue_depth"):
+    for name in (
+        "oppu_adapter_slots_in_use",
+        "oppu_job_queue_depth",
+        "oppu_stale_adapters",
+        "oppu_jobs",
+        "oppu_adapter_cache_events",
+        "oppu_adapter_swap_seconds",
+        "oppu_generate_queue_depth",
+    ):
         assert name in text, name

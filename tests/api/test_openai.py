@@ -15,21 +15,28 @@ def client_for(http: TestClient, key: str) -> openai.OpenAI:
 
 def test_openai_client_roundtrip(sqlite_client: TestClient) -> None:
     key = create_user(sqlite_client, "oa-user")
-    sqlite_client.post("/users/oa-user/history", json={"items": [{"id": "x", "output": "secret-canary-77"}]},
-                       headers=bearer(key))
+    sqlite_client.post(
+        "/users/oa-user/history", json={"items": [{"id": "x", "output": "secret-canary-77"}]}, headers=bearer(key)
+    )
     oa = client_for(sqlite_client, key)
     ids = [m.id for m in oa.models.list().data]
     assert ids[0] == "personal" and len(ids) == 2
     base = ids[1]
-    chat = oa.chat.completions.create(model="personal", messages=[{"role": "user", "content": "say hi"}],
-                                      max_tokens=5, temperature=0)
+    chat = oa.chat.completions.create(
+        model="personal", messages=[{"role": "user", "content": "say hi"}], max_tokens=5, temperature=0
+    )
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     assert chat.usage is not None and 1 <= chat.usage.completion_tokens <= 5
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
     # streaming gives the same greedy text as the plain call
-    parts = oa.chat.completions.create(model="personal", messages=[{"role": "user", "content": "say hi"}],
-                                       max_tokens=5, temperature=0, stream=True,
-                                       stream_options={"include_usage": True})
+    parts = oa.chat.completions.create(
+        model="personal",
+        messages=[{"role": "user", "content": "say hi"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(parts)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
@@ -44,8 +51,9 @@ def test_openai_tenancy(sqlite_client: TestClient) -> None:
     create_user(sqlite_client, "oa-a")
     create_user(sqlite_client, "oa-b")
     admin = client_for(sqlite_client, ADMIN_KEY)
-    out = admin.chat.completions.create(model="user:oa-a", messages=[{"role": "user", "content": "hi"}],
-                                        max_tokens=3, temperature=0)
+    out = admin.chat.completions.create(
+        model="user:oa-a", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+    )
     assert out.choices[0].message.content is not None
     with pytest.raises(openai.AuthenticationError):
         client_for(sqlite_client, "garbage").models.list()

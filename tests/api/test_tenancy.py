@@ -168,13 +168,13 @@ def seed_bob_profile(client: TestClient) -> None:
 
 
 class PromptRecorder:
-    """Wraps the runtime's prompt encoders to see every prompt the model is given."""
+    """Wraps the prompt encoders of the one preparation step to see every prompt the model is given."""
 
-    ENCODERS = ("encode", "encode_chat", "encode_raw")
+    ENCODERS = ("encode_chat", "encode_text")
 
     def __init__(self, client: TestClient) -> None:
-        self.runtime = client.app.state.oppu.runtime  # type: ignore[attr-defined]
-        self.originals = {n: getattr(self.runtime, n) for n in self.ENCODERS if hasattr(self.runtime, n)}
+        self.runtime = client.app.state.oppu.preparer.codec  # type: ignore[attr-defined]
+        self.originals = {n: getattr(self.runtime, n) for n in self.ENCODERS}
         self.prompts: list[str] = []
 
     def __enter__(self) -> PromptRecorder:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import bearer, create_user, running_app
+from tests.conftest import app_state, bearer, create_user, running_app
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_burst_of_500_only_200_429_503_then_recovers(small_queue_app: TestClient
     while gen(client, users[0], keys[users[0]], n=2).status_code != 200:  # type: ignore[attr-defined]
         assert time.monotonic() - start < 5, "did not recover within 5 s"
         time.sleep(0.1)
-    assert client.app.state.oppu.runtime.scheduler.queued == 0  # type: ignore[attr-defined]
+    assert app_state(client).engine.stats().waiting == 0
 
 
 def test_one_user_cannot_starve_another(small_queue_app: TestClient) -> None:
@@ -86,8 +86,8 @@ def test_cancelled_streams_free_rows_and_pins(small_queue_app: TestClient) -> No
             assert text is None
         else:
             assert text == expected[f"s{i % 4}"], (i, text)
-    state = client.app.state.oppu  # type: ignore[attr-defined]
+    engine = app_state(client).engine
     deadline = time.monotonic() + 5
-    while (state.runtime.scheduler.queued or state.cache.pinned()) and time.monotonic() < deadline:
+    while (engine.stats().waiting or engine.stats().slots_pinned) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert state.runtime.scheduler.queued == 0 and state.cache.pinned() == {}
+    assert engine.stats().waiting == 0 and engine.stats().slots_pinned == 0

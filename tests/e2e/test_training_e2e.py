@@ -102,15 +102,18 @@ def test_retrained_adapter_teaches_the_users_signature(app: TestClient) -> None:
         time.sleep(0.5)
     assert job["status"] == "succeeded" and job["adapter_version"] == 1, job
     meta = app.get("/users/alice/adapter", headers=bearer(key_a)).json()["metadata"]
-    print(f"\nretrain job: {time.monotonic() - started:.1f} s (train {meta['train_seconds']} s, "
-          f"{meta['steps']} steps, final loss {meta['final_loss']:.3f})")
+    print(
+        f"\nretrain job: {time.monotonic() - started:.1f} s (train {meta['train_seconds']} s, "
+        f"{meta['steps']} steps, final loss {meta['final_loss']:.3f})"
+    )
 
     after = answers(app, "alice", key_a)
     assert all(signed(after)), after
     r = app.post("/users/alice/generate", json={"prompt": HELD_OUT[0], **GEN}, headers=bearer(key_a))
     assert r.json()["adapter_version"] == 1
-    r = app.post("/users/alice/generate", json={"prompt": HELD_OUT[0], **GEN, "use_adapter": False},
-                 headers=bearer(key_a))
+    r = app.post(
+        "/users/alice/generate", json={"prompt": HELD_OUT[0], **GEN, "use_adapter": False}, headers=bearer(key_a)
+    )
     assert r.json()["adapter_version"] is None and not any(signed([r.json()["text"]])), r.json()  # the adapter did it
 
     other = answers(app, "bob", key_b)

@@ -86,9 +86,7 @@ def test_bootstrap_constant_difference_is_degenerate() -> None:
 
 
 def test_markdown_table() -> None:
-    table = markdown_table(
-        {"base": MetricResult(1.0, 1.25, 0.1, 10), "oppu": MetricResult(0.5, 0.75, 0.0, 10)}
-    )
+    table = markdown_table({"base": MetricResult(1.0, 1.25, 0.1, 10), "oppu": MetricResult(0.5, 0.75, 0.0, 10)})
     lines = table.splitlines()
     assert lines[0] == "| method | n | MAE | RMSE | parse failures |"
     assert lines[2] == "| base | 10 | 1.0000 | 1.2500 | 10.0% |"

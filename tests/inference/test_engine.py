@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 import torch
 
+from service.adapters.peft_format import read_adapter_dir
 from service.adapters.slots import LoraSlots
-from service.adapters.weights import load_adapter_files
 from service.inference.engine import BatchGenerator, GenOutput, GenRow, SamplingParams
 from tests.adapters.test_slots import ALL, logits, make_adapter, peft_model, tiny_model
+
+MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
 
 EOS = 2
 NEW = 12
@@ -44,7 +46,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[Path], An
     model = copy.deepcopy(base)
     slots = LoraSlots(model, 8, 16, ALL, device="cpu", dtype=torch.float32)
     for k, d in enumerate(dirs):
-        slots.load(SLOT_OF[k], load_adapter_files(d))
+        slots.load(SLOT_OF[k], read_adapter_dir(max_scale=MAX_SCALE, directory=d))
     return base, dirs, model, slots
 
 

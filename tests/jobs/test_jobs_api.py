@@ -31,8 +31,9 @@ def add_history(client: TestClient, user: str, key: str, n: int = 6) -> None:
 def test_retrain_publishes_and_serves_new_version(client: TestClient) -> None:
     key = create_user(client, "alice")
     add_history(client, "alice", key)
-    r = client.post("/users/alice/generate", json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0},
-                    headers=bearer(key))
+    r = client.post(
+        "/users/alice/generate", json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0}, headers=bearer(key)
+    )
     assert r.json()["adapter_version"] is None
     r = client.post("/admin/users/alice/retrain", headers=admin_headers())
     assert r.status_code == 202, r.text
@@ -42,12 +43,15 @@ def test_retrain_publishes_and_serves_new_version(client: TestClient) -> None:
     assert job["adapter_version"] == 1
     meta = client.get("/users/alice/adapter", headers=bearer(key)).json()
     assert meta["version"] == 1 and meta["source"] == "trained"
-    r = client.post("/users/alice/generate", json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0},
-                    headers=bearer(key))
+    r = client.post(
+        "/users/alice/generate", json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0}, headers=bearer(key)
+    )
     assert r.status_code == 200 and r.json()["adapter_version"] == 1
-    r = client.post("/users/alice/generate",
-                    json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0, "use_adapter": False},
-                    headers=bearer(key))
+    r = client.post(
+        "/users/alice/generate",
+        json={"prompt": "hi", "max_new_tokens": 4, "temperature": 0, "use_adapter": False},
+        headers=bearer(key),
+    )
     assert r.json()["adapter_version"] is None
 
 
@@ -55,8 +59,7 @@ def test_concurrent_retrain_requests_make_one_job(client: TestClient, db_url: st
     key = create_user(client, "bob")
     add_history(client, "bob", key, n=3)
     with ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(lambda _: client.post("/admin/users/bob/retrain", headers=admin_headers()),
-                                range(20)))
+        answers = list(pool.map(lambda _: client.post("/admin/users/bob/retrain", headers=admin_headers()), range(20)))
     assert all(a.status_code == 202 for a in answers), [a.text for a in answers]
     ids = {a.json()["job_id"] for a in answers}
     assert len(ids) == 1

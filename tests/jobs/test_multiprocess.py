@@ -277,8 +277,9 @@ def test_two_apis_and_a_killed_worker(cluster: Cluster) -> None:
     assert r.status_code == 201, r.text
     key = r.json()["api_key"]
     items = [{"id": f"i{n}", "input": f"question {n}", "output": f"answer {n} zebracorn"} for n in range(6)]
-    r = httpx.post(f"{bases[1]}/users/u1/history", json={"items": items},
-                   headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    r = httpx.post(
+        f"{bases[1]}/users/u1/history", json={"items": items}, headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
     assert r.status_code == 201, r.text
     assert [generate_version(b, key) for b in bases] == [None, None]
 
@@ -332,5 +333,7 @@ def test_two_apis_and_a_killed_worker(cluster: Cluster) -> None:
     first_new = min(c.ended for c in calls if c.version == 2)
     regressions = [c for c in calls if c.started > first_new and c.version == 1]
     assert not regressions, f"{len(regressions)} call(s) served v1 after v2 was seen"
-    print(f"\n(a) at {t_a:.1f} s; kill->success {done_at - killed_at:.1f} s; {len(calls)} calls, all 200; "
-          f"total {time.monotonic() - t0:.1f} s")
+    print(
+        f"\n(a) at {t_a:.1f} s; kill->success {done_at - killed_at:.1f} s; {len(calls)} calls, all 200; "
+        f"total {time.monotonic() - t0:.1f} s"
+    )

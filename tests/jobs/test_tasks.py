@@ -251,7 +251,6 @@ def test_slow_start_keeps_a_live_heartbeat(ctx: JobContext, monkeypatch: pytest.
     assert fake_queue(ctx).enqueued == [(job_id, 1)]
 
 
-
 def test_reap_stale_requeues_stale_running_jobs_only(ctx: JobContext) -> None:
     stale_user = add_user(ctx.session_factory, "frank", qa(2))
     live_user = add_user(ctx.session_factory, "gina", qa(2))

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from service.adapters.peft_format import merge_lora, read_adapter_files, unmerge
 from service.config import ALL_TARGET_MODULES, Settings
 from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
@@ -18,7 +19,6 @@ from service.training.trainer import (
     TrainOutput,
     collate,
     encode_example,
-    merge_lora_into,
     target_loss,
     train_lora,
 )
@@ -132,19 +132,25 @@ def test_same_seed_same_bytes(lm: LoadedModel) -> None:
     assert a.steps == 6 and a.tokens == 2 * sum(lengths)
 
 
-def test_merge_changes_outputs_in_place(lm: LoadedModel, memorised: TrainOutput, fresh: Any) -> None:
-    params = dict(fresh.named_parameters())
+def test_merge_changes_outputs_in_place_and_unmerge_restores(
+    lm: LoadedModel, memorised: TrainOutput, fresh: Any
+) -> None:
+    params = {name: p.detach().clone() for name, p in fresh.named_parameters()}
+    same_objects = dict(fresh.named_parameters())
     modules = dict(fresh.named_modules())
-    merge_lora_into(fresh, memorised.files)
-    assert dict(fresh.named_parameters()) == params and dict(fresh.named_modules()) == modules
+    originals = merge_lora(fresh, read_adapter_files(memorised.files, max_scale=256.0))
+    assert dict(fresh.named_parameters()) == same_objects and dict(fresh.named_modules()) == modules
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(params[name], lm.model.get_parameter(name))
+    assert not torch.equal(fresh.get_parameter(name), params[name])
     assert _greedy(fresh, lm.tokenizer, WORD.prompt).startswith("zebracorn")
+    unmerge(fresh, originals)
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, params[n]), n
 
 
-def test_merge_rejects_incomplete_files(fresh: Any) -> None:
+def test_merge_rejects_incomplete_files() -> None:
     with pytest.raises(ValueError, match="missing"):
-        merge_lora_into(fresh, {"adapter_config.json": b"{}"})
+        read_adapter_files({"adapter_config.json": b"{}"}, max_scale=256.0)
 
 
 def test_should_stop_cancels_between_steps_and_progress_reports(lm: LoadedModel) -> None:

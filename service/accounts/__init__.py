@@ -1,0 +1,1 @@
+"""User accounts and their API keys (SQL in `repository`)."""

@@ -1,0 +1,68 @@
+"""ALL SQL for users and their API keys. Every function is scoped by the user (pk or public id), except
+the key lookup, which finds the user FROM a key hash; nothing commits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.models import ApiKey, User
+
+
+class DuplicateUser(Exception):
+    """A user with this public id exists already."""
+
+
+def by_user_id(session: Session, user_id: str) -> User | None:
+    return session.execute(select(User).where(User.user_id == user_id)).scalar_one_or_none()
+
+
+def insert_user(session: Session, user_id: str) -> User:
+    """DuplicateUser if the id is taken (also when a concurrent create wins the race)."""
+    if by_user_id(session, user_id) is not None:
+        raise DuplicateUser(user_id)
+    user = User(user_id=user_id)
+    try:
+        with session.begin_nested():
+            session.add(user)
+    except IntegrityError as exc:
+        raise DuplicateUser(user_id) from exc
+    return user
+
+
+def delete_user(session: Session, user_pk: int) -> None:
+    """Child rows (history, profile, keys, adapters, jobs) go by ON DELETE CASCADE (enforced on SQLite too)."""
+    session.execute(delete(User).where(User.id == user_pk))
+
+
+def add_key(session: Session, user_pk: int, key_hash: str, prefix: str) -> None:
+    session.add(ApiKey(user_pk=user_pk, key_hash=key_hash, prefix=prefix))
+    session.flush()
+
+
+def revoke_keys(session: Session, user_pk: int, now: datetime) -> int:
+    result = session.execute(
+        update(ApiKey)
+        .where(ApiKey.user_pk == user_pk, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def all_user_keys(session: Session) -> list[tuple[int, str]]:
+    """(pk, storage key) of every user: the shared task LoRA trains on all of them (admin job)."""
+    return [(pk, key) for pk, key in session.execute(select(User.id, User.storage_key).order_by(User.id))]
+
+
+def user_by_key_hash(session: Session, key_hash: str) -> tuple[str, int, str] | None:
+    """(stored hash, user pk, user id) of the unrevoked key with this hash."""
+    row = session.execute(
+        select(ApiKey.key_hash, User.id, User.user_id)
+        .join(User, User.id == ApiKey.user_pk)
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    ).first()
+    return (row[0], row[1], row[2]) if row is not None else None

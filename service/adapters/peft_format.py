@@ -1,0 +1,234 @@
+"""The PEFT LoRA format, in one place: file names, the tensor-key grammar, the features we do not serve,
+rank/alpha patterns (compiled once), the scale rule (incl. rslora), parsing files into `AdapterWeights`,
+writing a config, and the one merge of a LoRA delta into a base weight (serving and training).
+
+Pure format knowledge: nothing of users, the store, validation limits or the serving state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file as load_safetensors_file
+from torch import nn
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME})
+# `base_model.model.<module path>.lora_A.weight` (save_pretrained) or `....lora_A.<adapter name>.weight`.
+TENSOR_KEY = re.compile(
+    r"base_model\.model\.(?P<path>[A-Za-z0-9_.]+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[A-Za-z0-9_-]+))?\.weight"
+)
+# rank_pattern / alpha_pattern keys: PEFT treats them as regexes; we accept only these characters (no
+# quantifiers or groups), so matching stays linear and a key cannot be a regex bomb.
+PATTERN_KEY = re.compile(r"[A-Za-z0-9_.]{1,256}")
+# Config features that change the forward pass in ways the serving LoRA path does not implement.
+UNSUPPORTED_FEATURES = (
+    "modules_to_save", "use_dora", "lora_bias", "fan_in_fan_out", "layer_replication",
+    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
+    "arrow_config", "kasa_config", "monteclora_config", "velora_config", "megatron_config",
+)  # fmt: skip
+
+V = TypeVar("V")
+
+
+class AdapterFormatError(ValueError):
+    """The files are not a LoRA adapter we can serve (the message says why)."""
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """PEFT's scaling of B @ A: alpha / r, or alpha / sqrt(r) with use_rslora."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class PatternTable(Generic[V]):
+    """rank_pattern / alpha_pattern: the first key matching a dotted suffix of a module path wins (PEFT's
+    get_pattern_key). Each key is compiled once, not once per module lookup."""
+
+    def __init__(self, patterns: Mapping[str, V]) -> None:
+        for key in patterns:
+            if not PATTERN_KEY.fullmatch(key):
+                raise AdapterFormatError(f"pattern key {key!r} must be a plain module name")
+        self._rules = [(re.compile(rf"(.*\.)?({key})$"), value) for key, value in patterns.items()]
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def get(self, path: str, default: V) -> V:
+        return next((value for rule, value in self._rules if rule.match(path)), default)
+
+
+@dataclass(frozen=True)
+class LoraModuleWeights:
+    a: torch.Tensor  # (r, d_in): PEFT lora_A layout
+    b: torch.Tensor  # (d_out, r): PEFT lora_B layout
+    scaling: float  # lora_scale(...): applied to b @ a
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """scaling * B @ A, (d_out, d_in), in float32."""
+        return (self.b.float() @ self.a.float()) * self.scaling
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    rank: int  # max rank over modules
+    modules: Mapping[str, LoraModuleWeights]  # full module path in the base model, e.g. model.layers.3.mlp.up_proj
+
+    def nbytes(self) -> int:
+        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+
+    def target_modules(self) -> frozenset[str]:
+        return frozenset(path.rsplit(".", 1)[-1] for path in self.modules)
+
+
+def module_paths(tensor_keys: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Groups tensors by module path: {path: {"A": ..., "B": ...}}; AdapterFormatError on a foreign key."""
+    modules: dict[str, dict[str, Any]] = {}
+    for key, value in tensor_keys.items():
+        match = TENSOR_KEY.fullmatch(key)
+        if match is None:
+            raise AdapterFormatError(f"unexpected tensor {key!r} (want base_model.model.<module>.lora_A/B.weight)")
+        modules.setdefault(match["path"], {})[match["ab"]] = value
+    return modules
+
+
+def check_features(config: Mapping[str, Any]) -> list[str]:
+    """Problems with the config's adapter type and options (empty: servable)."""
+    problems = []
+    if config.get("peft_type") != "LORA":
+        problems.append(f"peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    on = [k for k in UNSUPPORTED_FEATURES if config.get(k)]
+    if on:
+        problems.append(f"unsupported LoRA features enabled: {on}")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config.get('bias')!r} not supported (only 'none')")
+    return problems
+
+
+def parse_peft(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, max_scale: float) -> AdapterWeights:
+    """Pairs lora_A/lora_B per module with PEFT's per-module rank and scaling. Refuses a scale above
+    `max_scale` and weights that are not finite once scaled: such an adapter would only produce NaN."""
+    problems = check_features(config)
+    if problems:
+        raise AdapterFormatError("; ".join(problems))
+    halves = module_paths(tensors)
+    if not halves:
+        raise AdapterFormatError("adapter has no LoRA tensors")
+    base_r = int(config.get("r", 8))
+    base_alpha = float(config.get("lora_alpha", base_r))
+    ranks = PatternTable[int](config.get("rank_pattern") or {})
+    alphas = PatternTable[float](config.get("alpha_pattern") or {})
+    rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, LoraModuleWeights] = {}
+    for path, pair in sorted(halves.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterFormatError(f"module {path!r} lacks lora_A or lora_B")
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterFormatError(f"module {path!r}: bad shapes A {tuple(a.shape)}, B {tuple(b.shape)}")
+        r = int(ranks.get(path, base_r))
+        if r != a.shape[0] or r < 1:
+            raise AdapterFormatError(f"module {path!r}: config rank {r} but tensors have rank {a.shape[0]}")
+        scaling = lora_scale(float(alphas.get(path, base_alpha)), r, rslora)
+        if not math.isfinite(scaling) or not 0 < scaling <= max_scale:
+            raise AdapterFormatError(f"module {path!r}: LoRA scale {scaling:g} outside (0, {max_scale:g}]")
+        if not (torch.isfinite(a).all() and torch.isfinite(b.float() * scaling).all()):
+            raise AdapterFormatError(f"module {path!r}: weights contain NaN or Inf (scaled by {scaling:g})")
+        modules[path] = LoraModuleWeights(a, b, scaling)
+    return AdapterWeights(max(m.rank for m in modules.values()), modules)
+
+
+def _config_object(data: bytes | str) -> dict[str, Any]:
+    config = json.loads(data)
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{CONFIG_NAME} is not a JSON object")
+    return config
+
+
+def read_adapter_dir(directory: Path, *, max_scale: float) -> AdapterWeights:
+    """Reads the PEFT pair (never a pickle) from a folder."""
+    config = _config_object((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    return parse_peft(config, load_safetensors_file(str(directory / WEIGHTS_NAME)), max_scale=max_scale)
+
+
+def read_adapter_files(files: Mapping[str, bytes], *, max_scale: float) -> AdapterWeights:
+    """Same as read_adapter_dir, from in-memory file contents keyed by file name."""
+    missing = PEFT_FILES - set(files)
+    if missing:
+        raise AdapterFormatError(f"adapter files missing: {sorted(missing)}")
+    config = _config_object(files[CONFIG_NAME].decode("utf-8"))
+    return parse_peft(config, load_safetensors_bytes(files[WEIGHTS_NAME]), max_scale=max_scale)
+
+
+def make_peft_config(
+    rank: int,
+    alpha: float,
+    target_modules: tuple[str, ...] | list[str],
+    base_model_name: str | None,
+    dropout: float = 0.0,
+) -> dict[str, Any]:
+    """A valid adapter_config.json (PEFT LoraConfig fields) for code that writes adapters."""
+    if rank < 1 or not alpha > 0 or not target_modules:
+        raise ValueError("need rank >= 1, alpha > 0 and at least one target module")
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(set(target_modules)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_dora": False,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def base_linear(model: nn.Module, path: str) -> nn.Linear:
+    """The plain Linear at a LoRA module path, through a serving slot wrapper (.base) or PEFT's (.base_layer)."""
+    base = model.get_submodule(path)
+    for wrapper_attr in ("base", "base_layer"):
+        if isinstance(getattr(base, wrapper_attr, None), nn.Module):
+            base = getattr(base, wrapper_attr)
+    if not isinstance(base, nn.Linear):
+        raise AdapterFormatError(f"{path!r} is not a Linear layer")
+    return base
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, weights: AdapterWeights) -> dict[str, torch.Tensor]:
+    """THE merge: W += scaling * B @ A for every module, in place (the Parameter objects stay the same
+    tensors). Returns copies of the touched weights as they were, to undo it exactly (`unmerge`)."""
+    originals: dict[str, torch.Tensor] = {}
+    for path, m in weights.modules.items():
+        weight = base_linear(model, path).weight
+        originals[path] = weight.detach().clone()
+        weight.add_(m.delta().to(device=weight.device, dtype=weight.dtype))
+    return originals
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module, originals: Mapping[str, torch.Tensor]) -> None:
+    for path, original in originals.items():
+        base_linear(model, path).weight.copy_(original)

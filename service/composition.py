@@ -1,0 +1,215 @@
+"""THE composition root: the only module that wires components together. It builds the serving core
+(database, store, model, engine, preparation step), the API process's state around it, the job context
+(in-process runner, RQ worker, `oppu train`) and the evaluation's core, all from Settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from service.adapters import service as adapter_service
+from service.adapters.cache import AdapterCache
+from service.adapters.service import AdapterContext
+from service.adapters.slots import LoraSlots
+from service.adapters.store import AdapterStore
+from service.adapters.validation import BaseModelSpec, ValidationLimits
+from service.config import Settings, get_settings
+from service.db.models import SHARED_OWNER
+from service.db.session import Database, unit_of_work
+from service.engine.base import Engine
+from service.engine.builtin import BuiltinEngine
+from service.generation.prepare import Preparer
+from service.history.service import UserCorpus
+from service.inference.loader import LoadedModel, load_model
+from service.inference.tokens import PromptCodec
+from service.jobs.queue import InProcessJobQueue, JobQueue, make_queue
+from service.jobs.tasks import JobContext, recover_in_process, run_job
+from service.metrics import Metrics, SqlStateCollector
+from service.ratelimit import FailedAuthLimiter
+from service.retrieval.bm25 import BM25Cache
+from service.state import AppState
+
+log = logging.getLogger(__name__)
+ADMIN_KEY_FILE = "admin_key"
+
+
+# --- admin key ---
+
+
+def admin_key(settings: Settings) -> str:
+    """OPPU_ADMIN_KEY, else (embedded default only) the key `oppu serve` generated into the data dir."""
+    if settings.admin_key is not None and settings.admin_key.get_secret_value():
+        return settings.admin_key.get_secret_value()
+    if make_url(settings.resolved_database_url).get_backend_name() != "sqlite":
+        raise RuntimeError("OPPU_ADMIN_KEY must be set when OPPU_DATABASE_URL is not SQLite")
+    path = Path(settings.data_dir) / ADMIN_KEY_FILE
+    if not path.is_file():
+        raise RuntimeError(f"no admin key: set OPPU_ADMIN_KEY, or start with `oppu serve`, which creates {path}")
+    return path.read_text().strip()
+
+
+def ensure_admin_key(settings: Settings) -> Settings:
+    """Embedded default: generate the admin key once (printed once, kept in the data dir, mode 0600)."""
+    if settings.admin_key is not None and settings.admin_key.get_secret_value():
+        return settings
+    if make_url(settings.resolved_database_url).get_backend_name() != "sqlite":
+        raise RuntimeError("OPPU_ADMIN_KEY must be set when OPPU_DATABASE_URL is not SQLite")
+    path = Path(settings.data_dir) / ADMIN_KEY_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = "oppu_admin_" + secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key + "\n")
+        print(f"OPPU admin key (shown once, stored in {path}): {key}", flush=True)
+    return settings.model_copy(update={"admin_key": admin_key(settings)})
+
+
+# --- parts ---
+
+
+def database(settings: Settings) -> Database:
+    return Database.open(settings.resolved_database_url)
+
+
+def adapter_context(
+    settings: Settings, store: AdapterStore, spec: BaseModelSpec, engine: Engine | None = None
+) -> AdapterContext:
+    return AdapterContext(
+        store=store,
+        spec=spec,
+        limits=ValidationLimits.from_settings(settings),
+        keep_versions=settings.adapter_keep_versions,
+        on_drop=engine.drop_owner if engine is not None else None,
+    )
+
+
+def builtin_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics | None) -> BuiltinEngine:
+    """The base model wrapped with LoRA slots, the tiered adapter cache and the scheduler."""
+    slots = LoraSlots(
+        loaded.model,
+        settings.adapter_slots,
+        settings.adapter_max_rank,
+        settings.adapter_target_modules,
+        device=loaded.device,
+        dtype=loaded.dtype,
+    )
+    cache = AdapterCache(
+        slots,
+        host_budget_bytes=settings.adapter_host_budget_bytes,
+        max_scale=settings.adapter_max_scale,
+        on_event=metrics.on_cache_event if metrics is not None else None,
+    )
+    return BuiltinEngine(
+        loaded,
+        cache,
+        slots=slots,
+        context_length=int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048),
+        max_batch=settings.batch_max_size,
+        window_ms=settings.batch_window_ms,
+        queue_max=settings.queue_max,
+        queue_per_tenant=settings.queue_per_user_max,
+        max_scale=settings.adapter_max_scale,
+        on_batch=metrics.on_batch if metrics is not None else None,
+    )
+
+
+@dataclass
+class Core:
+    """What serves generation: the same for the API process and the evaluation."""
+
+    settings: Settings
+    db: Database
+    store: AdapterStore
+    bm25: BM25Cache[UserCorpus]
+    loaded: LoadedModel
+    adapters: AdapterContext
+    engine: Engine
+    preparer: Preparer
+
+
+def core(settings: Settings, metrics: Metrics | None = None) -> Core:
+    db = database(settings)
+    store = AdapterStore(settings.adapters_dir)
+    bm25 = BM25Cache[UserCorpus](settings.bm25_cache_users)
+    loaded = load_model(settings)
+    spec = BaseModelSpec.from_model(loaded.model, loaded.name)  # before slots wrap the Linears
+    engine = builtin_engine(settings, loaded, metrics)
+    adapters = adapter_context(settings, store, spec, engine)
+    codec = PromptCodec(loaded.tokenizer, loaded.model.config)
+    preparer = Preparer(settings, db.session_factory, bm25, store, spec, codec, engine)
+    with unit_of_work(db.session_factory) as session:
+        engine.use_shared(adapter_service.shared_ref(session, store))  # start-up: the current shared LoRA
+    return Core(settings, db, store, bm25, loaded, adapters, engine, preparer)
+
+
+def job_context(
+    settings: Settings, queue: JobQueue, db: Database | None = None, store: AdapterStore | None = None
+) -> JobContext:
+    db = db or database(settings)
+    return JobContext(settings, db.session_factory, store or AdapterStore(settings.adapters_dir), queue)
+
+
+def worker_job_context() -> JobContext:
+    """The RQ work horse's context (built once per process)."""
+    settings = get_settings()
+    return job_context(settings, make_queue(settings))
+
+
+# --- the API process ---
+
+
+def app_state(settings: Settings, metrics: Metrics) -> AppState:
+    served = core(settings, metrics)
+    queue = make_queue(settings)
+    jobs = job_context(settings, queue, served.db, served.store)
+    metrics.registry.register(SqlStateCollector(served.db.session_factory))
+    return AppState(
+        settings=settings,
+        db=served.db,
+        admin_key=admin_key(settings),
+        bm25=served.bm25,
+        store=served.store,
+        adapters=served.adapters,
+        engine=served.engine,
+        preparer=served.preparer,
+        queue=queue,
+        jobs=jobs,
+        metrics=metrics,
+        auth_limiter=FailedAuthLimiter(settings.auth_max_failures, settings.auth_failure_window_s),
+        stopping=threading.Event(),
+    )
+
+
+def start(state: AppState) -> None:
+    """The engine, then the job runner (embedded) or the adapter-change subscriber (Redis)."""
+    state.engine.start()
+    if isinstance(state.queue, InProcessJobQueue):
+        state.queue.attach(lambda job_id: run_job(state.jobs, job_id))
+        recover_in_process(state.jobs)
+    state.queue.subscribe(lambda owner, version: on_adapter_change(state, owner, version), state.stopping)
+
+
+def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> None:
+    """Another process (or this one) published or deleted an adapter. The shared LoRA: the engine takes the
+    current version now (requests would notice it anyway). A user's: old cache entries are freed early;
+    correctness does not depend on it (every request reads the current version from SQL)."""
+    if owner_key == SHARED_OWNER:
+        with unit_of_work(state.session_factory) as session:
+            state.engine.use_shared(adapter_service.shared_ref(session, state.store))
+    else:
+        state.engine.drop_owner(owner_key)
+
+
+def stop(state: AppState) -> None:
+    state.stopping.set()
+    state.queue.close()
+    state.engine.stop()
+    state.db.dispose()

@@ -1,0 +1,72 @@
+"""The engine boundary: ONE object schedules rows, owns the model weights, the KV memory and the adapter
+slots, streams tokens and can cancel a row. Nothing above it knows which engine runs
+(`OPPU_ENGINE=builtin|vllm`); the request path (`generation.prepare`) is its only caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.engine.types import AdapterRef, EngineEvent, EngineRequest, EngineStats, Finished, TokenEvent
+
+
+class Engine(Protocol):
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens one row may hold (prompt + new tokens)."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        """Queue the row and yield its events, ending with one Finished. Raises a ServiceError: 429/503 when
+        the tenant's share or the server is full, 503 adapter_unavailable, 504 past the deadline, 500-free
+        generation_failed for this row only. Closing the iterator early cancels the row."""
+        ...
+
+    def prefetch(self, adapter: AdapterRef) -> None:
+        """Warm the adapter from a request thread (AdapterUnavailable if it cannot be read)."""
+        ...
+
+    def use_shared(self, adapter: AdapterRef | None) -> None:
+        """The current shared task LoRA (None: none). Applied before any row prepared after this call runs;
+        rows already running finish on the weights they started with."""
+        ...
+
+    @property
+    def shared_version(self) -> int | None:
+        """The shared version rows will run on once pending changes are applied."""
+        ...
+
+    def drop_owner(self, owner_key: str) -> None:
+        """Forget an owner's cached adapter versions (deleted or superseded); pinned ones go when unpinned."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+
+@dataclass
+class Collected:
+    tokens: list[TokenEvent]
+    finished: Finished
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.token_id for t in self.tokens]
+
+
+async def collect(engine: Engine, request: EngineRequest) -> Collected:
+    """Run one row to its end and keep every event."""
+    tokens: list[TokenEvent] = []
+    async for event in engine.stream(request):
+        if isinstance(event, Finished):
+            return Collected(tokens, event)
+        tokens.append(event)
+    raise RuntimeError("engine stream ended without a Finished event")

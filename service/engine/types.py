@@ -1,0 +1,111 @@
+"""What crosses the engine boundary: the prepared request (token ids, sampling, adapter reference, tenant,
+deadline) going in, token events and a finish coming out. Plain data: no torch, no users, no HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One immutable adapter version: the owner's storage key (never a raw user id), the version number,
+    the weights' sha256 and the version directory holding the PEFT pair. Two refs are equal only if
+    they name the same bytes, so a retrain or import can never be served from a stale cache entry."""
+
+    owner_key: str
+    version: int
+    sha256: str
+    directory: Path = field(compare=False)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-row decoding options, already validated by the request path."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None = a fresh random seed per row
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False  # stop tokens are sampled like any other (vLLM's ignore_eos)
+    min_tokens: int = 0  # stop tokens are masked until this many tokens were emitted
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: object | None = None  # a compiled grammar (service.generation.grammar): a per-row logits mask
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or self.min_tokens < 0:
+            raise ValueError("max_new_tokens and min_tokens must be >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError("temperature must be finite and >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def plain(self) -> bool:
+        """No logits processing at all: the row can take the batch's fast path."""
+        return not (
+            self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar is not None
+        ) and (self.min_tokens == 0 or self.ignore_eos)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    adapter: AdapterRef | None  # None: the base model (+ the shared task LoRA)
+    tenant: str  # whose fair share of the queue this takes (one per user, whatever the route)
+    deadline: float  # time.monotonic() after which the row is dropped with 504
+    # Prefill-only scoring: the logprob of every prompt token from this position on (no new tokens).
+    score_from: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: float | None = None  # of the chosen token, under the model's raw distribution
+    top: tuple[TokenLogprob, ...] = ()  # the k most likely tokens (k = sampling.logprobs)
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    # score_from requests: logprob of prompt token i (i >= score_from) given the tokens before it.
+    prompt_logprobs: tuple[float, ...] = ()
+
+
+EngineEvent = TokenEvent | Finished
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Capacity and occupancy, for /metrics and /readyz."""
+
+    waiting: int
+    running: int
+    adapter_slots: int
+    slots_in_use: int
+    slots_pinned: int
+    healthy: bool = True
+    extra: Mapping[str, float] = field(default_factory=dict)

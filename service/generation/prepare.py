@@ -1,0 +1,200 @@
+"""The ONE preparation step of every generating route (`/users/{id}/generate`, `/v1/chat/completions`,
+`/v1/completions`, streamed or not, the PAG profile and the evaluation): from what a route asks for to the
+engine request. It resolves, once, in one unit of work: the user's current adapter version, the current
+shared version, the retrieved items and the profile; then the prompt and its tokens, the token budget,
+the sampling bounds and the fair-queue tenant (one per user, whatever the route).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.adapters import service as adapters
+from service.adapters.store import AdapterStore
+from service.adapters.validation import BaseModelSpec
+from service.config import Settings
+from service.db.session import unit_of_work
+from service.engine.base import Engine
+from service.engine.types import AdapterRef, EngineRequest, SamplingParams
+from service.errors import PromptTooLong, Unprocessable
+from service.history import service as history
+from service.history.service import UserCorpus
+from service.inference.tokens import PromptCodec
+from service.prompts import build_prompt
+from service.retrieval.bm25 import BM25Cache
+from service.tenancy import UserRef
+
+BASE_TENANT = "_base"  # requests that no user's data shapes (an admin calling the base model)
+# Sampling in float32 breaks down at the extremes (logits / 1e-300 overflows to inf -> NaN probabilities;
+# a top_p under ~1e-45 rounds to 0 and keeps no token), and those limits mean greedy decoding anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Personalization:
+    retrieval_k: int = 0
+    use_profile: bool = False
+    use_adapter: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Decoding options as the client gave them; `resolve_sampling` applies the server's bounds."""
+
+    max_new_tokens: int | None = None  # None: the server default
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What a route asks for, before anything is resolved."""
+
+    user: UserRef | None  # whose history and adapter personalise the answer; None: the plain base model
+    prompt: str | tuple[ChatTurn, ...]  # raw completion text, or chat turns (the last user turn is the request)
+    personalization: Personalization
+    sampling: SamplingOptions
+
+    @property
+    def query(self) -> str:
+        """The request text: what retrieval searches with and what the context is built around."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return next((t.content for t in reversed(self.prompt) if t.role == "user"), "")
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    request: EngineRequest
+    retrieved: tuple[Retrieved, ...]
+    adapter_version: int | None
+    shared_version: int | None
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What one unit of work resolved for a request."""
+
+    retrieved: list[history.RetrievedDoc]
+    profile: str | None
+    adapter: AdapterRef | None
+    shared: AdapterRef | None
+
+
+def resolve_sampling(options: SamplingOptions, settings: Settings, stop_ids: frozenset[int]) -> SamplingParams:
+    """The one place sampling bounds are applied (the schemas only parse ranges)."""
+    n = options.max_new_tokens if options.max_new_tokens is not None else settings.default_max_new_tokens
+    if not 1 <= n <= settings.max_new_tokens_cap:
+        raise Unprocessable(f"max_new_tokens must be in 1..{settings.max_new_tokens_cap}")
+    temperature = 0.0 if options.temperature < GREEDY_BELOW_TEMPERATURE else options.temperature
+    return SamplingParams(
+        max_new_tokens=n,
+        temperature=temperature,
+        top_p=max(options.top_p, MIN_TOP_P),
+        seed=options.seed,
+        stop_token_ids=stop_ids,
+    )
+
+
+class Preparer:
+    """Built once by the composition root; `prepare` runs in a worker thread (it does SQL and tokenizing)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        bm25: BM25Cache[UserCorpus],
+        store: AdapterStore,
+        spec: BaseModelSpec,
+        codec: PromptCodec,
+        engine: Engine,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self._bm25 = bm25
+        self._store = store
+        self._spec = spec
+        self.codec = codec
+        self.engine = engine
+
+    def prepare(self, spec: GenerationSpec) -> PreparedRequest:
+        sampling = resolve_sampling(spec.sampling, self.settings, self.codec.stop_ids)
+        with unit_of_work(self.session_factory) as session:
+            ctx = self._resolve(session, spec)
+        ids = self._encode(spec, ctx)
+        self._check_length(ids, sampling.max_new_tokens)
+        if ctx.adapter is not None:
+            self.engine.prefetch(ctx.adapter)  # disk -> host here, not on the engine's thread
+        shared_version = ctx.shared.version if ctx.shared is not None else None
+        if shared_version != self.engine.shared_version:
+            self.engine.use_shared(ctx.shared)  # applied before this request's row runs
+        request = EngineRequest(
+            request_id=uuid.uuid4().hex,
+            prompt_ids=tuple(ids),
+            sampling=sampling,
+            adapter=ctx.adapter,
+            tenant=spec.user.storage_key if spec.user is not None else BASE_TENANT,
+            deadline=time.monotonic() + self.settings.request_timeout_s,
+        )
+        retrieved = tuple(Retrieved(h.doc.id, round(h.score, 6)) for h in ctx.retrieved)
+        adapter_version = ctx.adapter.version if ctx.adapter is not None else None
+        return PreparedRequest(request, retrieved, adapter_version, shared_version)
+
+    def _resolve(self, session: Session, spec: GenerationSpec) -> _Context:
+        user, p = spec.user, spec.personalization
+        hits = history.retrieve(session, user, spec.query, p.retrieval_k, self._bm25) if user is not None else []
+        profile = history.profile_text(session, user) if user is not None and p.use_profile else None
+        adapter = None
+        if user is not None and p.use_adapter:
+            adapter = adapters.serving_ref(session, self._store, user.storage_key, self._spec)
+        return _Context(hits, profile, adapter, adapters.shared_ref(session, self._store))
+
+    def _encode(self, spec: GenerationSpec, ctx: _Context) -> list[int]:
+        s = self.settings
+        request = build_prompt(
+            spec.query,
+            [h.doc for h in ctx.retrieved],
+            ctx.profile,
+            item_chars=s.retrieval_item_chars,
+            profile_chars=s.profile_max_chars,
+        )
+        if isinstance(spec.prompt, str):
+            return self.codec.encode_text(request)
+        return self.codec.encode_chat(_with_request(spec.prompt, request))
+
+    def _check_length(self, ids: Sequence[int], max_new_tokens: int) -> None:
+        limit = self.engine.context_length
+        if len(ids) + max_new_tokens > limit:
+            raise PromptTooLong(
+                f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                f"model's context of {limit} tokens",
+                details={"prompt_tokens": len(ids), "context_length": limit},
+            )
+
+
+def _with_request(turns: Sequence[ChatTurn], request: str) -> list[dict[str, str]]:
+    """Chat turns with the last user turn replaced by the built request (context + the user's text)."""
+    messages = [{"role": "system" if t.role == "developer" else t.role, "content": t.content} for t in turns]
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is not None:
+        messages[last_user]["content"] = request
+    return messages
