@@ -71,6 +71,7 @@ def test_nested_directory_refused() -> None:
         unpack_upload_zip(_zip({"a/b/c": b"x"}), CAP)
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # the test writes a duplicate on purpose
 def test_duplicate_names_refused() -> None:
     with pytest.raises(ArchiveError, match="duplicate"):
         unpack_upload_zip(_dup_zip(), CAP)

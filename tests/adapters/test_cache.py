@@ -21,7 +21,6 @@ from service.adapters.peft_format import read_adapter_dir
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
 from tests.adapters.test_adapter_api import (
-    app_state,
     greedy,
     load_base,
     lora_zip,
@@ -30,7 +29,7 @@ from tests.adapters.test_adapter_api import (
     upload,
 )
 from tests.adapters.test_slots import ALL, tiny_model
-from tests.conftest import bearer, create_user, running_app
+from tests.conftest import app_state, bearer, builtin_engine, create_user, running_app
 
 MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
 
@@ -223,17 +222,16 @@ def test_version_change_mid_traffic(
     for user, lora in (("u0", "v1"), ("u1", "u1"), ("u2", "u2"), ("u3", "u3")):
         assert upload(client, user, keys[user], lora_zip(loras[lora])).status_code == 201
 
-    state = app_state(client)
-    assert state.cache is not None
+    state, cache = app_state(client), builtin_engine(client).cache
     events: list[tuple[str, str]] = []
-    original = state.cache._on_event
+    original = cache._on_event
 
     def record(event: str, tier: str, seconds: float) -> None:  # wraps the app's own hook (metrics)
         events.append((event, tier))
         if original is not None:
             original(event, tier, seconds)
 
-    monkeypatch.setattr(state.cache, "_on_event", record)
+    monkeypatch.setattr(cache, "_on_event", record)
     answers: list[Answer] = []
     stop = threading.Event()
     uploaded_at: list[float] = []
@@ -275,6 +273,6 @@ def test_version_change_mid_traffic(
     # The label is not all: every answer's text is that version's greedy text (no stale weights).
     texts = {v: {a.text for a in answers if a.user == "u0" and a.version == v} for v in (1, 2)}
     assert len(texts[1]) == 1 and len(texts[2]) == 1 and texts[1] != texts[2], texts
-    assert state.cache.pinned() == {} and len(state.cache.slot_keys()) <= 2
+    assert cache.pinned() == {} and len(cache.slot_keys()) <= 2
     assert ("evict", "slot") in events  # 5 adapters (u0 v1, v2, u1..u3) took turns in 2 slots
-    assert state.cache.host_bytes <= state.settings.adapter_host_budget_bytes
+    assert cache.host_bytes <= state.settings.adapter_host_budget_bytes

@@ -194,6 +194,9 @@ def test_other_architecture_refused(spec: BaseModelSpec, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])
+# Hostile adapters on the embeddings: PEFT warns while the test builds them, which is the point.
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True` and a tied layer:UserWarning")
 def test_unknown_target_module_refused(spec: BaseModelSpec, tmp_path: Path, module: str) -> None:
     msg = problems_of(peft_files(tmp_path, targets=["q_proj", module]), spec)
     assert f"target_modules ['{module}'] not allowed" in msg

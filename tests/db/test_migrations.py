@@ -3,6 +3,7 @@ schema equals the ORM metadata (no autogenerate diff)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
@@ -63,7 +64,7 @@ def test_one_linear_history_with_downgrades(db_url: str) -> None:
     assert revisions, "no migrations"
     assert sum(1 for r in revisions if r.down_revision is None) == 1
     for rev in revisions:
-        source = open(rev.path).read()  # noqa: SIM115 - tiny files
+        source = Path(rev.path).read_text()
         assert "def downgrade()" in source and "pass\n" not in source.split("def downgrade()")[1][:40], rev.path
 
 

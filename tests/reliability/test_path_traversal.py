@@ -286,6 +286,7 @@ def test_hostile_user_ids_get_4xx_and_write_nothing(env: tuple[TestClient, Tree]
     print(json.dumps({**summary, "statuses": dict(sorted(statuses.items()))}))
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # the test writes a duplicate on purpose
 def test_hostile_archive_member_names_get_4xx_and_write_nothing(env: tuple[TestClient, Tree]) -> None:
     client, tree = env
     key = create_user(client, "owner2")

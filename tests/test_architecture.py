@@ -1,0 +1,199 @@
+"""The Owners table of docs/architecture.md as checks: who may import what, where SQL is built, which
+repository functions are scoped by a tenant, how long functions get. Each check runs on the real tree and
+on a planted violation, so it is shown to fail when the rule is broken."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = ROOT / "service"
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Modules importing `package` (or a submodule) must be under one of `allowed` (paths relative to
+    service/, a trailing "/" means a whole package)."""
+
+    package: str
+    allowed: tuple[str, ...]
+    why: str
+
+
+CONTRACTS = (
+    Contract("rq", ("jobs/queue.py", "jobs/worker.py"), "only the queue owns the queue library"),
+    Contract("redis", ("jobs/queue.py",), "pub/sub and the queue connection live in the queue"),
+    Contract(
+        "peft",
+        ("training/trainer.py", "jobs/worker.py"),
+        "PEFT trains (the worker pre-imports it for its forks); serving reads the format itself (peft_format)",
+    ),
+    Contract(
+        "transformers",
+        ("inference/", "training/trainer.py", "engine/", "jobs/worker.py"),
+        "the model is loaded by the loader and run by the engine (training has its own copy)",
+    ),
+    Contract(
+        "torch",
+        (
+            "engine/",
+            "inference/",
+            "training/",
+            "adapters/slots.py",
+            "adapters/cache.py",
+            "adapters/peft_format.py",
+            "adapters/validation.py",
+            "jobs/tasks.py",
+            "evaluation/runner.py",
+        ),
+        "weights are touched by the engine, the slots/cache and training only",
+    ),
+    Contract("service.engine.builtin", ("composition.py",), "nothing above the boundary knows which engine runs"),
+    Contract("service.engine.vllm", ("composition.py",), "nothing above the boundary knows which engine runs"),
+    Contract("vllm", ("engine/vllm/",), "vLLM is one engine behind the boundary"),
+)
+# Names that build or run SQL: only repositories and db/ may import them.
+SQL_NAMES = frozenset(
+    {"select", "insert", "update", "delete", "func", "text", "true", "false", "and_", "or_", "exists", "literal"}
+)
+SQL_ALLOWED = ("db/",)
+API_FORBIDDEN = ("torch", "sqlalchemy", "peft", "redis", "rq", "transformers", "safetensors")
+# Repository functions must name whose rows they touch; these few are global on purpose (admin/maintenance).
+SCOPE_PARAMS = frozenset({"user_pk", "owner_key", "user_id", "key_hash", "job_id"})
+GLOBAL_QUERIES = {
+    "accounts/repository.py": {"all_user_keys": "the shared task LoRA trains on every user (admin job)"},
+    "adapters/repository.py": {
+        "stale_current": "retrain-stale (admin) and /metrics count every user",
+        "count_stale_current": "/metrics",
+        "add": "the row carries its owner",
+    },
+    "jobs/repository.py": {
+        "add_unless_active": "the job row carries its owner",
+        "stale_running": "the reaper (worker) scans all jobs",
+        "unfinished": "embedded start-up recovery of this process's jobs",
+        "count_by_status": "/metrics",
+        "finished_durations": "/metrics",
+    },
+}
+MAX_FUNCTION_LINES = 50
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(SERVICE).as_posix()
+
+
+def service_modules() -> list[Path]:
+    return sorted(SERVICE.rglob("*.py"))
+
+
+def imports(tree: ast.AST) -> Iterable[tuple[str, list[str], int]]:
+    """(module, imported names, line) for every import in a module, nested ones included."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, [], node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module, [a.name for a in node.names], node.lineno
+
+
+def under(path: str, prefixes: Iterable[str]) -> bool:
+    return any(path == p or (p.endswith("/") and path.startswith(p)) for p in prefixes)
+
+
+def import_violations(path: str, source: str) -> list[str]:
+    out: list[str] = []
+    tree = ast.parse(source)
+    for module, names, line in imports(tree):
+        top = module.split(".")[0]
+        for c in CONTRACTS:
+            if (module == c.package or module.startswith(c.package + ".")) and not under(path, c.allowed):
+                out.append(f"{path}:{line} imports {module} ({c.why})")
+        if path.startswith("api/") and top in API_FORBIDDEN:
+            out.append(f"{path}:{line} imports {module}: routes are thin (no {top} under api/)")
+        is_repo = path.endswith("/repository.py") or under(path, SQL_ALLOWED)
+        if top == "sqlalchemy" and not is_repo and (SQL_NAMES & set(names) or "dialects" in module):
+            built = sorted(SQL_NAMES & set(names))
+            out.append(f"{path}:{line} builds SQL ({module}: {built}); SQL lives in repositories")
+    return out
+
+
+def scope_violations(path: str, source: str) -> list[str]:
+    if not path.endswith("/repository.py"):
+        return []
+    allowed = GLOBAL_QUERIES.get(path, {})
+    out = []
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+            continue
+        params = [a.arg for a in node.args.args]
+        if params[:1] != ["session"]:
+            out.append(f"{path}:{node.lineno} {node.name}: a repository function takes the session first")
+        elif not SCOPE_PARAMS & set(params[1:2]) and node.name not in allowed:
+            scope = sorted(SCOPE_PARAMS)
+            out.append(f"{path}:{node.lineno} {node.name}: second parameter must scope the rows ({scope})")
+    return out
+
+
+def length_violations(path: str, source: str) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            assert node.end_lineno is not None
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                out.append(f"{path}:{node.lineno} {node.name} is {n} lines (max {MAX_FUNCTION_LINES})")
+    return out
+
+
+def env_violations(path: str, source: str) -> list[str]:
+    """Settings are the only reader of the environment (the vLLM engine may SET its own variables)."""
+    if path == "config.py":
+        return []
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        is_os = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
+        if is_os and node.attr in ("getenv", "environ") and not under(path, ("engine/vllm/",)):  # type: ignore[attr-defined]
+            out.append(f"{path}:{node.lineno} reads os.{node.attr}; only config.py reads the environment")
+    return out
+
+
+CHECKS = (import_violations, scope_violations, length_violations, env_violations)
+
+
+def test_the_tree_keeps_every_contract() -> None:
+    problems = [p for path in service_modules() for check in CHECKS for p in check(rel(path), path.read_text())]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("path", "source", "fragment"),
+    [
+        ("api/history.py", "import torch\n", "no torch under api/"),
+        ("api/users.py", "from sqlalchemy.orm import Session\n", "no sqlalchemy under api/"),
+        ("generation/service.py", "from rq import Queue\n", "queue library"),
+        ("history/service.py", "from sqlalchemy import select\n", "SQL lives in repositories"),
+        ("generation/prepare.py", "from service.engine.builtin import BuiltinEngine\n", "which engine runs"),
+        ("history/service.py", "import peft\n", "PEFT trains"),
+        ("retrieval/bm25.py", "def f():\n    import torch\n", "weights are touched"),
+    ],
+)
+def test_a_forbidden_import_is_caught(path: str, source: str, fragment: str) -> None:
+    assert any(fragment in p for p in import_violations(path, source))
+
+
+def test_an_unscoped_repository_function_is_caught() -> None:
+    source = "def everything(session, limit):\n    ...\ndef mine(session, user_pk):\n    ...\n"
+    (problem,) = scope_violations("history/repository.py", source)
+    assert "everything" in problem
+
+
+def test_a_long_function_and_an_env_read_are_caught() -> None:
+    body = "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    assert length_violations("x.py", body)
+    assert env_violations("generation/prepare.py", "import os\nos.environ.get('X')\n")
+    assert not env_violations("config.py", "import os\nos.environ.get('X')\n")
