@@ -24,7 +24,7 @@ from service.config import Settings, get_settings
 from service.db.models import SHARED_OWNER
 from service.db.session import Database, unit_of_work
 from service.engine.base import Engine
-from service.engine.builtin import BuiltinEngine
+from service.engine.builtin.engine import BuiltinEngine
 from service.generation.prepare import Preparer
 from service.history.service import UserCorpus
 from service.inference.loader import LoadedModel, load_model
@@ -110,15 +110,22 @@ def builtin_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics | N
     return BuiltinEngine(
         loaded,
         cache,
-        slots=slots,
-        context_length=int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048),
-        max_batch=settings.batch_max_size,
-        window_ms=settings.batch_window_ms,
+        slots,
+        max_rows=settings.batch_max_size,
+        max_model_len=max_model_len(settings, loaded),
+        max_batch_tokens=settings.max_batch_tokens,
+        window_s=settings.batch_window_ms / 1000.0,
         queue_max=settings.queue_max,
         queue_per_tenant=settings.queue_per_user_max,
         max_scale=settings.adapter_max_scale,
-        on_batch=metrics.on_batch if metrics is not None else None,
+        on_step=metrics.on_step if metrics is not None else None,
     )
+
+
+def max_model_len(settings: Settings, loaded: LoadedModel) -> int:
+    """OPPU_MAX_MODEL_LEN, never above the model's own context."""
+    context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or settings.max_model_len)
+    return min(settings.max_model_len, context)
 
 
 @dataclass

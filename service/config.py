@@ -45,9 +45,12 @@ class Settings(BaseSettings):
     # --- history ---
     bm25_cache_users: int = 64
 
-    # --- batching ---
-    batch_max_size: int = 16
-    batch_window_ms: float = 5.0
+    # --- engine ---
+    engine: Literal["builtin", "vllm"] = "builtin"
+    batch_max_size: int = 16  # rows running at once (builtin: KV lanes)
+    batch_window_ms: float = 5.0  # an idle engine waits this long for more rows before its first step
+    max_batch_tokens: int = 512  # tokens per engine step (decode rows + prompt chunks)
+    max_model_len: int = 2048  # prompt + new tokens of one row (capped by the model's context)
     queue_max: int = 256  # queued generate requests in all (full -> 503)
     queue_per_user_max: int = 32  # queued per user (full -> 429): one user cannot take the whole queue
     request_timeout_s: float = 120.0
@@ -91,6 +94,8 @@ class Settings(BaseSettings):
             raise ValueError("need 1 <= default_max_new_tokens <= max_new_tokens_cap")
         if self.adapter_slots < 1 or self.batch_max_size < 1:
             raise ValueError("adapter_slots and batch_max_size must be >= 1")
+        if self.max_batch_tokens < self.batch_max_size:
+            raise ValueError("max_batch_tokens must be >= batch_max_size (one token per running row)")
         return self
 
     @property

@@ -77,6 +77,26 @@ class AdapterUnavailable(Unavailable):
         )
 
 
+class GenerationFailed(ServiceError):
+    """One row could not be completed (its logits went non-finite, or its sampling failed); the other rows of
+    the same engine steps are unaffected. Never a 500: 422 when the row's own inputs (its adapter) produce
+    non-finite values, 503 for an internal fault."""
+
+    code = "generation_failed"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @classmethod
+    def non_finite(cls) -> GenerationFailed:
+        return cls("the model produced non-finite values for this request (is its adapter out of range?)", 422)
+
+    @classmethod
+    def internal(cls, cause: BaseException) -> GenerationFailed:
+        return cls(f"generation failed for this request ({type(cause).__name__}); retry later", 503)
+
+
 class Timeout(ServiceError):
     status, code = 504, "timeout"
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.adapters import repository as adapter_repo
-from service.engine.types import EngineStats
+from service.engine.types import EngineStats, StepInfo
 from service.jobs import repository as job_repo
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -45,9 +45,9 @@ class Metrics:
         self.job_queue_depth = Gauge("oppu_job_queue_depth", "training jobs waiting in the queue", registry=r)
         self.rejected = Counter("oppu_rejected_requests", "requests refused by backpressure", ["reason"], registry=r)
 
-    def on_batch(self, rows: int, tokens: int) -> None:
-        self.batch_size.observe(rows)
-        self.tokens.inc(tokens)
+    def on_step(self, step: StepInfo) -> None:
+        self.batch_size.observe(step.running)
+        self.tokens.inc(step.generated)
 
     def on_cache_event(self, event: str, tier: str, seconds: float) -> None:
         self.cache_events.labels(event, tier).inc()

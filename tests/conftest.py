@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 
 from service.config import Settings
 from service.db.migrate import upgrade
-from service.engine.builtin import BuiltinEngine
+from service.engine.builtin.engine import BuiltinEngine
 from service.main import create_app
 from service.state import AppState
 from tests.models import MODEL_CACHE_DIR, tiny_model_dir

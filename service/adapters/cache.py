@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 
 
 AdapterKey = AdapterRef  # the cache's key: one immutable adapter version
+
+
+class SlotsBusy(RuntimeError):
+    """Every adapter slot is pinned by running rows: a row with yet another adapter must wait."""
+
+
 # (event, tier, seconds): event in {hit, miss, evict, load}; tier in {slot, host}
 CacheEvent = Callable[[str, str, float], None]
 
@@ -153,7 +159,7 @@ class AdapterCache:
         if not self._free:
             victim = next((k for k in self._slot_of if self._pins[k] == 0), None)
             if victim is None:
-                raise RuntimeError("every adapter slot is pinned by in-flight requests")
+                raise SlotsBusy("every adapter slot is pinned by in-flight requests")
             self._evict(victim, "slot")
         weights = self.host_weights(key)
         slot = self._free.pop()

@@ -1,13 +1,19 @@
-"""Device-side LoRA slots: preallocated A/B tensors per adapted Linear and the gathered-matmul forward.
+"""Device-side LoRA slots: preallocated A/B tensors per adapted Linear and the mixed-adapter forward.
 
 The only serving code holding adapter weights on the device; it does not know users, files or caches.
 Slot 0 is all zeros (base rows); slots 1..num_slots hold adapters, with scaling folded into B.
+
+A forward sees the tokens of one engine step flattened to (T, d_in) (any leading shape is flattened).
+Which slot each token uses is the step's `TokenPlan`: the first `len(decode_slots)` tokens are one token
+per decoding row (gathered per-row weights, one batched matmul pair), then contiguous segments of one
+row's prompt chunk (one plain matmul pair each).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,33 +21,41 @@ from torch import nn
 
 from service.adapters.peft_format import AdapterWeights
 
-# A plan is what one layer does for the current batch: None (no LoRA term), or (A, B) with 2-D tensors
-# (one shared slot: plain matmuls), 3-D tensors (per-row weights, gathered once per batch), or
-# (A_slots view, B_slots view) with gather=True when over the cache budget (gathered every forward).
-_Plan = tuple[torch.Tensor, torch.Tensor, bool] | None
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """Slot of every token of a step: decode rows first (one token each), then (start, end, slot) segments.
+    `end` None means "to the last token" (a single-row forward whose length the caller did not count)."""
+
+    decode_slots: tuple[int, ...] = ()
+    segments: tuple[tuple[int, int | None, int], ...] = ()
+
+    @classmethod
+    def rows(cls, slot_ids: Sequence[int], tokens_per_row: int) -> TokenPlan:
+        """Equal-length rows (a plain batched forward): row i's tokens use slot_ids[i]."""
+        n = tokens_per_row
+        return cls((), tuple((i * n, (i + 1) * n, s) for i, s in enumerate(slot_ids)))
 
 
-class _BatchState:
-    """Shared by all layers of one LoraSlots: the current rows' slots and a version that invalidates plans."""
+class _StepState:
+    """Shared by every layer of one LoraSlots: the current plan, and versions that invalidate cached gathers."""
 
-    def __init__(self, cache_budget: int) -> None:
-        self.slot_ids: tuple[int, ...] | None = None
-        self.idx: torch.Tensor | None = None  # (batch,) int64 on the model device
-        self.unique: frozenset[int] = frozenset()
-        self.version = 0
-        self.cache_budget = cache_budget
-        self.cache_left = cache_budget
+    def __init__(self) -> None:
+        self.plan: TokenPlan | None = None
+        self.decode_idx: torch.Tensor | None = None
+        self.decode_version = 0  # bumped when the decode rows' slots change
+        self.weights_version = 0  # bumped when a slot's contents change
 
 
 class SlotLoraLinear(nn.Module):
-    """y = base(x) + (x A[s]) B[s] per row, s = the row's slot; one (batched) matmul pair, no Python loop."""
+    """y = base(x) + (x A[s]) B[s] per token, s = the token's slot."""
 
     def __init__(
         self,
         base: nn.Linear,
         num_slots: int,
         max_rank: int,
-        state: _BatchState,
+        state: _StepState,
         *,
         device: torch.device,
         dtype: torch.dtype,
@@ -60,8 +74,8 @@ class SlotLoraLinear(nn.Module):
         self.register_buffer("B_slots", b, persistent=False)
         self.ranks = [0] * (num_slots + 1)  # host-side: rank loaded per slot, 0 = all zeros
         self._state = state
-        self._plan: _Plan = None
-        self._plan_version = -1
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gathered_key: tuple[int, int] = (-1, -1)
         self._fill_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +94,7 @@ class SlotLoraLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # model.to()/half() replace the buffers: drop every view of the old ones.
         self._fill_views.clear()
-        self._plan_version = -1
+        self._gathered, self._gathered_key = None, (-1, -1)
         return super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
 
     def zero(self, slot: int) -> None:
@@ -90,47 +104,48 @@ class SlotLoraLinear(nn.Module):
             self.B_slots[slot, :old].zero_()
         self.ranks[slot] = 0
 
-    def _build_plan(self) -> _Plan:
+    def _decode_weights(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row (A, B) of the decode rows, gathered once and kept while neither rows nor slots change."""
         st = self._state
-        if st.idx is None or not any(self.ranks[s] for s in st.unique):
-            return None  # fast path: no row of this batch has weights here
-        r = max(self.ranks[s] for s in st.unique)  # trim to the ranks actually in use
-        if len(st.unique) == 1:
-            (s,) = st.unique
-            return self.A_slots[s, :, :r], self.B_slots[s, :r], False
-        a_all, b_all = self.A_slots[:, :, :r], self.B_slots[:, :r]
-        size = st.idx.numel() * (self.in_features + self.out_features) * r * a_all.element_size()
-        if size > st.cache_left:
-            return a_all, b_all, True
-        st.cache_left -= size
-        return a_all.index_select(0, st.idx), b_all.index_select(0, st.idx), False
+        r = max(self.ranks[s] for s in slots)
+        if r == 0:
+            return None
+        key = (st.decode_version, st.weights_version)
+        if self._gathered is None or self._gathered_key != key or self._gathered[0].shape[-1] != r:
+            assert st.decode_idx is not None
+            self._gathered = (
+                self.A_slots[:, :, :r].index_select(0, st.decode_idx),
+                self.B_slots[:, :r].index_select(0, st.decode_idx),
+            )
+            self._gathered_key = key
+        return self._gathered
+
+    def _add_segment(self, y: torch.Tensor, x: torch.Tensor, start: int, end: int, slot: int) -> None:
+        r = self.ranks[slot]
+        if r:
+            y[start:end] += (x[start:end] @ self.A_slots[slot, :, :r]) @ self.B_slots[slot, :r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
-        if self._plan_version != self._state.version:
-            self._plan = self._build_plan()
-            self._plan_version = self._state.version
-        if self._plan is None:
+        plan = self._state.plan
+        if plan is None:
             return y
-        a, b, gather = self._plan
-        if a.dim() == 2:  # one slot for every row: x (..., d_in) @ A (d_in, r) @ B (r, d_out)
-            return y + (x @ a) @ b
-        idx = self._state.idx
-        assert idx is not None
-        if x.shape[0] != idx.shape[0]:
-            raise ValueError(f"batch has {x.shape[0]} rows but slots were set for {idx.shape[0]}")
-        if gather:
-            a, b = a.index_select(0, idx), b.index_select(0, idx)
-        # x (batch, seq, d_in) @ A (batch, d_in, r) -> (batch, seq, r) @ B (batch, r, d_out) + y
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        out = torch.baddbmm(y.reshape(x3.shape[0], x3.shape[1], -1), torch.bmm(x3, a), b)
-        return out.view_as(y)
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        n = len(plan.decode_slots)
+        if n:
+            gathered = self._decode_weights(plan.decode_slots)
+            if gathered is not None:  # (n, 1, d_in) @ (n, d_in, r) @ (n, r, d_out)
+                a, b = gathered
+                y2[:n] += torch.bmm(torch.bmm(x2[:n].unsqueeze(1), a), b).squeeze(1)
+        for start, end, slot in plan.segments:
+            self._add_segment(y2, x2, start, x2.shape[0] if end is None else end, slot)
+        return y
 
 
 class LoraSlots:
     """Wraps the target Linears of a model's decoder layers and manages which adapter sits in which slot.
 
-    Create it after the model is on its device. Not thread-safe: one loop runs load/clear and forwards.
+    Create it after the model is on its device. Not thread-safe: one thread runs load/clear and forwards.
     """
 
     def __init__(
@@ -142,14 +157,14 @@ class LoraSlots:
         *,
         device: torch.device | str,
         dtype: torch.dtype,
-        gather_cache_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be >= 1")
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.device = torch.device(device)
-        self._state = _BatchState(gather_cache_bytes)
+        self._state = _StepState()
+        self._in_use: frozenset[int] = frozenset()
         self.layers: dict[str, SlotLoraLinear] = {}
         targets = set(target_modules)
         for path, parent, leaf, child in _decoder_linears(model, targets):
@@ -167,8 +182,8 @@ class LoraSlots:
     def load(self, slot: int, weights: AdapterWeights) -> None:
         """Copies an adapter into a slot; modules it does not target are zeroed there. All-or-nothing."""
         self._check_slot(slot, allow_base=False)
-        if slot in self._state.unique:
-            raise RuntimeError(f"slot {slot} is in use by the running batch")
+        if slot in self._in_use:
+            raise RuntimeError(f"slot {slot} is in use by the current step")
         if weights.rank > self.max_rank:
             raise ValueError(f"adapter rank {weights.rank} exceeds max_rank {self.max_rank}")
         for path, m in weights.modules.items():
@@ -194,47 +209,52 @@ class LoraSlots:
             scales.append(m.scaling)
         if dst_a:
             _copy_scaled(dst_a, dst_b, src_a, src_b, scales)
-        self._state.version += 1
+        self._state.weights_version += 1
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot, allow_base=False)
-        if slot in self._state.unique:
-            raise RuntimeError(f"slot {slot} is in use by the running batch")
+        if slot in self._in_use:
+            raise RuntimeError(f"slot {slot} is in use by the current step")
         for layer in self.layers.values():
             layer.zero(slot)
-        self._state.version += 1
+        self._state.weights_version += 1
 
     def is_empty(self, slot: int) -> bool:
         return not any(layer.ranks[slot] for layer in self.layers.values())
 
-    @property
-    def current_batch(self) -> tuple[int, ...] | None:
-        return self._state.slot_ids
-
-    def set_batch(self, slot_ids: Sequence[int] | None) -> None:
-        """Sets each row's slot for the following forwards (None: no LoRA term anywhere)."""
+    def set_plan(self, plan: TokenPlan | None) -> None:
+        """Every token's slot for the following forwards (None: no LoRA term anywhere)."""
         st = self._state
-        if slot_ids is None:
-            st.slot_ids, st.idx, st.unique = None, None, frozenset()
-        else:
-            ids = tuple(int(s) for s in slot_ids)
-            for s in ids:
-                self._check_slot(s, allow_base=True)
-            # One host->device copy per batch; layers never sync on it.
-            st.slot_ids, st.unique = ids, frozenset(ids)
-            st.idx = torch.tensor(ids, dtype=torch.long, device=self.device)
-        st.cache_left = st.cache_budget
-        st.version += 1
+        used = set(plan.decode_slots) | {s for *_, s in plan.segments} if plan is not None else set()
+        for s in used:
+            self._check_slot(s, allow_base=True)
+        previous = st.plan.decode_slots if st.plan is not None else None
+        st.plan, self._in_use = plan, frozenset(used)
+        if plan is not None and plan.decode_slots and plan.decode_slots != previous:
+            # One host->device copy when the decode rows change; layers re-gather lazily.
+            st.decode_idx = torch.tensor(plan.decode_slots, dtype=torch.long, device=self.device)
+            st.decode_version += 1
+
+    @property
+    def current_plan(self) -> TokenPlan | None:
+        return self._state.plan
 
     @contextmanager
-    def batch(self, slot_ids: Sequence[int]) -> Iterator[None]:
-        """Rows' slots for all forwards inside the block; restores the previous setting on exit."""
-        previous = self._state.slot_ids
-        self.set_batch(slot_ids)
+    def batch(self, slot_ids: Sequence[int], tokens_per_row: int | None = None) -> Iterator[None]:
+        """Equal-length rows (a plain (rows, seq) forward) each on its slot; a single row may leave its
+        length unsaid. Restores the previous plan on exit."""
+        previous = self._state.plan
+        if tokens_per_row is None:
+            if len(slot_ids) != 1:
+                raise ValueError("tokens_per_row is required for more than one row")
+            plan = TokenPlan((), ((0, None, slot_ids[0]),))
+        else:
+            plan = TokenPlan.rows(slot_ids, tokens_per_row)
+        self.set_plan(plan)
         try:
             yield
         finally:
-            self.set_batch(previous)
+            self.set_plan(previous)
 
 
 def _copy_scaled(

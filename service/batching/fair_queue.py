@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -75,6 +75,21 @@ class FairQueue(Generic[T]):
             else:
                 del self._queues[tenant]
             return tenant, item
+
+    def remove_if(self, predicate: Callable[[T], bool]) -> list[tuple[Hashable, T]]:
+        """Take out every queued item the predicate selects (cancelled, expired); returns them."""
+        removed: list[tuple[Hashable, T]] = []
+        with self._cond:
+            for tenant in list(self._queues):
+                q = self._queues[tenant]
+                keep = deque(item for item in q if not predicate(item))
+                removed.extend((tenant, item) for item in q if predicate(item))
+                if keep:
+                    self._queues[tenant] = keep
+                else:
+                    del self._queues[tenant]
+            self._size -= len(removed)
+        return removed
 
     def close(self) -> None:
         with self._cond:

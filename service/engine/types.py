@@ -99,6 +99,19 @@ EngineEvent = TokenEvent | Finished
 
 
 @dataclass(frozen=True)
+class StepInfo:
+    """What one engine step did (metrics, tests)."""
+
+    index: int
+    tokens: int  # tokens in the forward (decode + prompt chunks): never above the step budget
+    decode_rows: int
+    prefill_tokens: int
+    generated: int
+    running: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """Capacity and occupancy, for /metrics and /readyz."""
 

@@ -1,12 +1,13 @@
-"""Acceptance 1 through the service: 8 users with distinct PEFT adapters (ranks 2..16, different target
-modules) + 1 base-only user, sent concurrently, run as ONE mixed batch; every row equals what PEFT's
-own PeftModel.from_pretrained(base, that adapter) generates alone, and the logits match (1e-4)."""
+"""Through the service: 8 users with distinct PEFT adapters (ranks 2..16, different target modules) + 1
+base-only user, sent concurrently, decode in the same engine steps; every row equals what PEFT's own
+PeftModel.from_pretrained(base, that adapter) generates alone, and the logprobs match (1e-4)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +16,23 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
-from service.adapters.cache import AdapterKey
-from service.inference.engine import GenRow, SamplingParams
-from service.inference.tokens import encode_prompt, stop_token_ids
+from service.accounts import repository as accounts
+from service.db.session import unit_of_work
+from service.engine.base import Collected, collect
+from service.engine.types import StepInfo
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, SamplingOptions
+from service.tenancy import UserRef
 from tests.adapters.test_adapter_api import (
     ALL,
-    app_state,
     greedy,
     load_base,
     lora_zip,
     make_lora,
     peft_model,
     reference_text,
-    storage_key,
     upload,
 )
-from tests.conftest import bearer, create_user, running_app
+from tests.conftest import app_state, bearer, builtin_engine, create_user, running_app
 
 NEW_TOKENS = 16
 SPECS: list[tuple[int, tuple[str, ...]]] = [  # (rank, target modules) of users u0..u7
@@ -70,7 +72,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> It
     tmp = tmp_path_factory.mktemp("mixed")
     base = load_base(tiny_model_path)
     dirs = [make_lora(base, tmp / f"lora{i}", seed=100 + i, r=r, targets=t) for i, (r, t) in enumerate(SPECS)]
-    # A long window and batch_max_size == number of requests: the batch closes when all 9 are queued.
+    # A long window: the idle engine waits for all 9 concurrent requests before its first step.
     overrides = {"batch_window_ms": 3000.0, "batch_max_size": len(PROMPTS), "adapter_slots": len(SPECS)}
     with running_app(tmp, tiny_model_path, **overrides) as client:
         users = []
@@ -84,18 +86,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> It
         yield Setup(client, users, dirs, base, AutoTokenizer.from_pretrained(tiny_model_path))
 
 
-def test_concurrent_users_run_as_one_batch_and_match_peft(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_users_run_in_the_same_steps_and_match_peft(setup: Setup) -> None:
     client = setup.client
-    scheduler = app_state(client).runtime.scheduler  # type: ignore[union-attr]
-    sizes: list[int] = []
-    original = scheduler._on_batch
-
-    def record(rows: int, *rest: Any) -> None:  # wraps the app's own hook (metrics), whatever it records
-        sizes.append(rows)
-        if original is not None:
-            original(rows, *rest)
-
-    monkeypatch.setattr(scheduler, "_on_batch", record)
+    steps: list[StepInfo] = []
+    engine = builtin_engine(client)
+    engine.on_step.append(steps.append)
 
     def send(i: int) -> dict[str, Any]:
         user, key = setup.users[i]
@@ -104,9 +99,12 @@ def test_concurrent_users_run_as_one_batch_and_match_peft(setup: Setup, monkeypa
         body: dict[str, Any] = r.json()
         return body
 
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        answers = list(pool.map(send, range(len(PROMPTS))))
-    assert sizes == [len(PROMPTS)]  # one mixed batch: 8 adapters + 1 base row
+    try:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            answers = list(pool.map(send, range(len(PROMPTS))))
+    finally:
+        engine.on_step.remove(steps.append)
+    assert max(s.decode_rows for s in steps) == len(PROMPTS)  # 8 adapters + 1 base row decoding in one step
 
     for i, answer in enumerate(answers):
         is_base = i == len(SPECS)
@@ -121,39 +119,37 @@ def test_concurrent_users_run_as_one_batch_and_match_peft(setup: Setup, monkeypa
     assert len({a["text"] for a in answers}) == len(answers)
 
 
-def _peft_step_logits(model: Any, ids: list[int], tokens: list[int], steps: int) -> torch.Tensor:
-    """PEFT's logits for the first `steps` generated positions (one forward of prompt + emitted tokens)."""
-    with torch.inference_mode():
-        logits: torch.Tensor = model(input_ids=torch.tensor([ids + tokens[: steps - 1]])).logits[0].float()
-    return logits[len(ids) - 1 :]
-
-
-def test_mixed_batch_logits_match_peft(setup: Setup) -> None:
+def test_mixed_rows_logprobs_match_peft(setup: Setup) -> None:
+    """The same 9 requests prepared by the service's own preparation step, run together by its engine with
+    logprobs: each chosen token's logprob equals PEFT's log-softmax within 1e-4."""
     state = app_state(setup.client)
-    assert state.cache is not None and state.runtime is not None
-    keys: list[AdapterKey | None] = []
-    for i, (user, key) in enumerate(setup.users):
-        meta = setup.client.get(f"/users/{user}/adapter", headers=bearer(key))
-        if i < len(SPECS):
-            keys.append(AdapterKey(storage_key(setup.client, user), 1, meta.json()["sha256"]))
-        else:
-            assert meta.status_code == 404
-            keys.append(None)
-    stops = stop_token_ids(setup.tokenizer, setup.base.config)
-    params = SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=stops)
-    ids = [encode_prompt(setup.tokenizer, p) for p in PROMPTS]
-    # The scheduler thread is idle (no request in flight): drive the generator directly with cached slots.
-    slots = state.cache.acquire(keys)
-    try:
-        assert slots[-1] == 0 and len(set(slots[:-1])) == len(SPECS)
-        rows = [GenRow(i, params, s) for i, s in zip(ids, slots, strict=True)]
-        outs = state.runtime.generator.generate(rows, return_logits=True)
-    finally:
-        state.cache.release(keys)
-    assert state.cache.pinned() == {}
-    for i, out in enumerate(outs):
-        model = setup.base if keys[i] is None else peft_model(setup.base, setup.adapter_dirs[i])
-        assert out.step_logits  # one per sampled token (a final stop token included)
-        got = torch.stack(out.step_logits)
-        want = _peft_step_logits(model, ids[i], out.token_ids, len(out.step_logits))
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, i=i: f"row {i}: {m}")
+    specs = []
+    with unit_of_work(state.session_factory) as session:
+        for (user, _key), text in zip(setup.users, PROMPTS, strict=True):
+            ref = accounts.by_user_id(session, user)
+            assert ref is not None
+            target = UserRef(ref.id, ref.user_id, ref.storage_key)
+            specs.append(
+                GenerationSpec(
+                    target,
+                    (ChatTurn("user", text),),
+                    Personalization(0, False, True),
+                    SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0),
+                )
+            )
+    prepared = [state.preparer.prepare(spec) for spec in specs]
+    requests = [replace(p.request, sampling=replace(p.request.sampling, logprobs=2)) for p in prepared]
+
+    async def run_all() -> list[Collected]:
+        return list(await asyncio.gather(*(collect(state.engine, r) for r in requests)))
+
+    outs = asyncio.run(run_all())
+    for i, (req, out) in enumerate(zip(requests, outs, strict=True)):
+        model = setup.base if i == len(SPECS) else peft_model(setup.base, setup.adapter_dirs[i])
+        ids = list(req.prompt_ids)
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids + out.token_ids])).logits[0].float(), dim=-1)
+        for t, event in enumerate(out.tokens):
+            assert event.logprob is not None
+            assert abs(event.logprob - float(lp[len(ids) - 1 + t, event.token_id])) < 1e-4, (i, t)
+            assert event.top[0].token_id == event.token_id

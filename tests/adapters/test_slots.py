@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from service.adapters.peft_format import read_adapter_dir, read_adapter_files
-from service.adapters.slots import LoraSlots
+from service.adapters.slots import LoraSlots, TokenPlan
 from tests.models import tiny_llama_config
 
 MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
@@ -126,23 +126,34 @@ def test_slot_swap_follows_latest_adapter_and_clear_restores_base(adapters: dict
         assert torch.equal(logits(model, PROMPT), logits(base, PROMPT))
 
 
-def test_mixed_batch_paths_agree(adapters: dict[str, Path]) -> None:
-    """Gathered (cached or per forward), single-slot and base fast paths give the same rows."""
+def test_mixed_rows_and_the_decode_gather_agree(adapters: dict[str, Path]) -> None:
+    """Per-row segments (a plain batched forward), the gathered per-row decode path (kept while the rows do
+    not change) and the base give the same rows as PEFT."""
     base = tiny_model()
     x_ref = logits(peft_model(base, adapters["x"]), PROMPT)
     y_ref = logits(peft_model(base, adapters["y"]), PROMPT)
-    for budget in (0, 1 << 30):
-        model = copy.deepcopy(base)
-        slots = LoraSlots(model, 3, 16, ALL, device="cpu", dtype=torch.float32, gather_cache_bytes=budget)
-        slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))
-        slots.load(3, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
-        ids = torch.tensor([PROMPT] * 4)
-        with torch.inference_mode(), slots.batch([1, 0, 3, 1]):
-            out = model(input_ids=ids).logits.float()
-        for row, ref in zip(out, (x_ref, logits(base, PROMPT), y_ref, x_ref), strict=True):
-            torch.testing.assert_close(row, ref, atol=1e-5, rtol=1e-5)
-        with slots.batch([0, 0]):  # no row has weights: bit-identical to the base model
-            assert torch.equal(logits(model, PROMPT), logits(base, PROMPT))
+    model = copy.deepcopy(base)
+    slots = LoraSlots(model, 3, 16, ALL, device="cpu", dtype=torch.float32)
+    slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))
+    slots.load(3, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
+    refs = (x_ref, logits(base, PROMPT), y_ref, x_ref)
+    with torch.inference_mode(), slots.batch([1, 0, 3, 1], tokens_per_row=len(PROMPT)):
+        out = model(input_ids=torch.tensor([PROMPT] * 4)).logits.float()
+    for row, ref in zip(out, refs, strict=True):
+        torch.testing.assert_close(row, ref, atol=1e-5, rtol=1e-5)
+    # One token per row through the decode path: the layer of each Linear is checked directly.
+    layer = slots.layers["model.layers.0.mlp.up_proj"]
+    x = torch.randn(4, layer.in_features)
+    for _ in range(2):  # the second time from the cached gather
+        slots.set_plan(TokenPlan(decode_slots=(1, 0, 3, 1)))
+        got = layer(x)
+        slots.set_plan(None)
+        for i, s in enumerate((1, 0, 3, 1)):
+            r = layer.ranks[s]
+            want = layer.base(x[i]) + (x[i] @ layer.A_slots[s, :, :r]) @ layer.B_slots[s, :r]
+            torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    with slots.batch([0, 0], tokens_per_row=len(PROMPT)):  # no row has weights: bit-identical to the base
+        assert torch.equal(logits(model, PROMPT), logits(base, PROMPT))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -152,7 +163,7 @@ def test_low_precision_slots(adapters: dict[str, Path], dtype: torch.dtype) -> N
     slots = LoraSlots(model, 2, 16, ALL, device="cpu", dtype=dtype)
     slots.load(2, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))
     assert slots.layers["model.layers.0.self_attn.q_proj"].A_slots.dtype == dtype
-    with slots.batch([2, 0]), torch.inference_mode():
+    with slots.batch([2, 0], tokens_per_row=len(PROMPT)), torch.inference_mode():
         out = model(input_ids=torch.tensor([PROMPT, PROMPT])).logits.float()
     # Rounding makes elementwise checks flaky; the relative error must be small next to the adapter's effect.
     effect = (reference - logits(tiny_model(), PROMPT)).norm()
@@ -174,11 +185,11 @@ def test_rejects_bad_loads_and_batches(adapters: dict[str, Path], tmp_path: Path
     with pytest.raises(ValueError, match="out of range"):
         slots.load(0, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
     with pytest.raises(ValueError, match="out of range"):
-        slots.set_batch([0, 3])
+        slots.set_plan(TokenPlan(decode_slots=(0, 3)))
     slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
     with slots.batch([1]), pytest.raises(RuntimeError, match="in use"):
         slots.load(1, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["y"]))
-    assert slots.current_batch is None
+    assert slots.current_plan is None
     with pytest.raises(ValueError, match="already has LoRA slots"):
         LoraSlots(model, 2, 8, ("q_proj",), device="cpu", dtype=torch.float32)
 

@@ -1,16 +1,18 @@
-"""A non-streaming client that goes away: its generation is cancelled, so the scheduler frees the row."""
+"""A non-streaming client that goes away: its generation is cancelled, so the engine frees the row."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from pathlib import Path
 
 import pytest
 
 from service.api.generate import until_disconnect
-from service.batching.scheduler import BatchScheduler, GenerationJob
-from service.inference.engine import GenOutput, SamplingParams
+from service.engine.base import collect
+from service.engine.builtin.scheduler import Row
+from tests.adapters.test_slots import tiny_model
+from tests.engine.test_builtin import make_engine, prompt, request
 
 
 class GoneRequest:
@@ -23,35 +25,30 @@ class StillThere:
         return False
 
 
-class EndlessGenerator:
-    """Emits tokens until its row is cancelled (the real engine stops a row when on_token says False)."""
+def test_disconnect_cancels_the_row_in_the_real_engine(tmp_path: Path) -> None:
+    engine = make_engine(tiny_model(), slots=2, rows=2)
+    engine.start()
+    rows: list[Row] = []
+    real_submit = engine.submit
 
-    def generate(self, rows: Any, *, on_token: Any = None, return_logits: bool = False) -> list[GenOutput]:
-        out = GenOutput(token_ids=[], finish_reason="length", step_logits=None)
-        for _ in range(1000):
-            time.sleep(0.01)
-            if on_token(0, 7) is False:
-                out.finish_reason = "cancelled"
-                break
-            out.token_ids.append(7)
-        return [out]
+    def submit(row: Row) -> None:
+        rows.append(row)
+        real_submit(row)
 
-
-def test_disconnect_cancels_the_row_in_the_real_scheduler() -> None:
-    scheduler = BatchScheduler(EndlessGenerator(), max_batch=4, window_ms=1, queue_max=8)  # type: ignore[arg-type]
-    scheduler.start()
-    job = GenerationJob(input_ids=[1], params=SamplingParams(max_new_tokens=1000))
+    engine.submit = submit  # type: ignore[method-assign]
     try:
+        req = request(prompt(1, 8), 240, ignore_eos=True)
         with pytest.raises(asyncio.CancelledError):
-            asyncio.run(until_disconnect(GoneRequest(), scheduler.run(job)))  # type: ignore[arg-type]
-        assert job.cancelled.is_set()
+            asyncio.run(until_disconnect(GoneRequest(), collect(engine, req)))  # type: ignore[arg-type]
+        (row,) = rows
+        assert row.cancelled.is_set()
         deadline = time.monotonic() + 5
-        while job.result is None and time.monotonic() < deadline:
+        while engine.stats().running and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert job.result is not None and job.result.finish_reason == "cancelled"
-        assert len(job.result.token_ids) < 1000 and scheduler.queued == 0
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        assert len(row.output) < 240  # it stopped early
     finally:
-        scheduler.stop()
+        engine.stop()
 
 
 def test_connected_client_gets_the_result() -> None:

@@ -1,0 +1,1 @@
+"""The builtin engine (the embedded default): continuous batching over LoRA slots on llama-style models."""

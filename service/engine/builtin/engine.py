@@ -1,0 +1,376 @@
+"""The builtin engine: continuous batching of mixed-adapter rows on one thread that owns every forward pass.
+
+At every step finished rows leave and waiting rows join (up to the KV lanes and the adapter slots, taken
+round-robin over tenants); each row keeps its lane and its adapter slot pinned for its lifetime; prompt
+chunks share each step's token budget with the decoding rows. The shared task LoRA is merged into the
+base weights once no row is running (new rows wait for it; running rows finish on the weights they began).
+A row that fails (unreadable adapter, non-finite logits, sampling error, deadline) ends alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import torch
+
+from service.adapters.cache import AdapterCache, SlotsBusy
+from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_dir, unmerge
+from service.adapters.slots import LoraSlots
+from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
+from service.engine.builtin.executor import Executor, head_dim
+from service.engine.builtin.kv import KVLanes
+from service.engine.builtin.sampler import Choice, RowDecoder, choose
+from service.engine.builtin.scheduler import Row, Step, plan_step
+from service.engine.types import (
+    AdapterRef,
+    EngineEvent,
+    EngineRequest,
+    EngineStats,
+    Finished,
+    StepInfo,
+    TokenEvent,
+)
+from service.errors import AdapterUnavailable, GenerationFailed, Timeout, TooManyRequests, Unavailable
+from service.inference.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[object]) -> Callable[[object], None]:
+    """Delivers engine-thread events to one request's event loop (dropped once that loop is gone)."""
+
+    def put(item: object) -> None:
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the loop closed between the check and the call
+                pass
+
+    return put
+
+
+class BuiltinEngine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cache: AdapterCache,
+        slots: LoraSlots,
+        *,
+        max_rows: int,
+        max_model_len: int,
+        max_batch_tokens: int,
+        window_s: float,
+        queue_max: int,
+        queue_per_tenant: int,
+        max_scale: float,
+        on_step: Callable[[StepInfo], None] | None = None,
+    ) -> None:
+        if max_batch_tokens < max_rows:
+            raise ValueError("the step token budget must hold one token per row (max_batch_tokens >= rows)")
+        self._loaded = loaded
+        self._cache = cache
+        config = loaded.model.config
+        self.kv = KVLanes(
+            layers=int(config.num_hidden_layers),
+            lanes=max_rows,
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+            head_dim=head_dim(config),
+            capacity=max_model_len,
+            device=loaded.device,
+            dtype=loaded.dtype,
+        )
+        self._executor = Executor(loaded.model, self.kv, slots)
+        self.max_batch_tokens = max_batch_tokens
+        self._window_s = window_s
+        self._max_scale = max_scale
+        self._waiting: FairQueue[Row] = FairQueue(queue_max, queue_per_tenant)
+        self._running: list[Row] = []
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self.on_step: list[Callable[[StepInfo], None]] = [on_step] if on_step is not None else []
+        self._shared_version: int | None = None
+        self._shared_originals: dict[str, torch.Tensor] = {}
+        self._pending: tuple[AdapterWeights | None, int | None] | None = None
+        self._shared_lock = threading.Lock()
+
+    # --- identity and capacity ---
+    @property
+    def model_name(self) -> str:
+        return self._loaded.name
+
+    @property
+    def context_length(self) -> int:
+        return self.kv.capacity
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._loaded.model  # type: ignore[no-any-return]
+
+    @property
+    def cache(self) -> AdapterCache:
+        return self._cache
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            waiting=len(self._waiting),
+            running=len(self._running),
+            adapter_slots=self._cache.num_slots,
+            slots_in_use=len(self._cache.slot_keys()),
+            slots_pinned=len(self._cache.pinned()),
+            healthy=self._thread is not None and self._thread.is_alive(),
+            extra={"kv_lanes": self.kv.lanes, "kv_lanes_free": self.kv.free, "kv_bytes": self.kv.bytes},
+        )
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        self._apply_shared()  # start-up: no row can run yet
+        self._thread = threading.Thread(target=self._loop, name="oppu-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._waiting.close()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        gone = Unavailable("the server is shutting down")
+        for row in self._running:
+            row.sink(gone)
+        while (left := self._waiting.get(timeout=0)) is not None:
+            left[1].sink(gone)
+
+    # --- shared task LoRA ---
+    @property
+    def shared_version(self) -> int | None:
+        with self._shared_lock:
+            return self._pending[1] if self._pending is not None else self._shared_version
+
+    @property
+    def applied_shared(self) -> tuple[int | None, dict[str, torch.Tensor]]:
+        """The shared version merged into the weights now, and the originals of the weights it changed."""
+        return self._shared_version, self._shared_originals
+
+    def use_shared(self, adapter: AdapterRef | None) -> None:
+        version = adapter.version if adapter is not None else None
+        if version == self.shared_version:
+            return
+        weights = read_adapter_dir(adapter.directory, max_scale=self._max_scale) if adapter is not None else None
+        with self._shared_lock:
+            self._pending = (weights, version)
+        self._wake.set()
+
+    def _apply_shared(self) -> None:
+        with self._shared_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        weights, version = pending
+        unmerge(self._loaded.model, self._shared_originals)
+        self._shared_originals = merge_lora(self._loaded.model, weights) if weights is not None else {}
+        self._shared_version = version
+
+    # --- adapters ---
+    def prefetch(self, adapter: AdapterRef) -> None:
+        self._cache.prefetch(adapter)
+
+    def drop_owner(self, owner_key: str) -> None:
+        self._cache.drop_owner(owner_key)
+
+    # --- rows: the request side ---
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[object] = asyncio.Queue()
+        row = Row(request, _sink(loop, events), self._decoder(request))
+        self.submit(row)
+        ended = False
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                assert isinstance(item, TokenEvent | Finished)
+                ended = isinstance(item, Finished)
+                yield item
+                if ended:
+                    return
+        finally:
+            if not ended:
+                self.cancel(row)
+
+    def _decoder(self, request: EngineRequest) -> RowDecoder:
+        return RowDecoder.for_params(request.sampling, self._loaded.device)
+
+    def submit(self, row: Row) -> None:
+        """Queue a row (any thread). 429 when its tenant's share is used up, 503 when the server is."""
+        row.submitted_step = self._steps
+        try:
+            self._waiting.put(row.request.tenant, row)
+        except TenantQueueFull as exc:
+            raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
+        except QueueFull as exc:
+            raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
+        self._wake.set()
+
+    def cancel(self, row: Row) -> None:
+        """The requester went away (any thread): the row is dropped before the next step."""
+        row.cancelled.set()
+        self._wake.set()
+
+    # --- the engine thread ---
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if not self._tick():
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+            except Exception:  # the loop itself must survive anything a step throws
+                log.exception("engine step failed")
+
+    def _tick(self) -> bool:
+        """One scheduling iteration; False when there was nothing to run."""
+        self._reap()
+        if self._pending is not None and not self._running:
+            self._apply_shared()
+        if self._pending is None:
+            if not self._running and len(self._waiting) and self._window_s > 0:
+                self._stopping.wait(self._window_s)  # idle: let requests arriving together share the first step
+            self._admit()
+        step = plan_step(self._running, self.max_batch_tokens)
+        if step is None:
+            return False
+        started = time.perf_counter()
+        try:
+            logits = self._executor.forward(step.batch)
+        except Exception as exc:  # a model-level fault: the rows of this step fail, the engine goes on
+            log.exception("forward failed for a step of %d rows", len(step.samples))
+            for row in {id(r): r for r in self._step_rows(step)}.values():
+                self._end(row, GenerationFailed.internal(exc))
+            return True
+        generated = self._advance(step, logits)
+        self._steps += 1
+        self._report(step, generated, time.perf_counter() - started)
+        return True
+
+    def _reap(self) -> None:
+        """Drop cancelled rows; end rows past their deadline with 504 (waiting and running)."""
+        now = time.monotonic()
+        expired = Timeout("generation passed its deadline")
+        for row in list(self._running):
+            if row.cancelled.is_set():
+                self._end(row, None)
+            elif now > row.request.deadline:
+                self._end(row, expired)
+        for _, row in self._waiting.remove_if(lambda r: r.cancelled.is_set() or now > r.request.deadline):
+            if not row.cancelled.is_set():
+                row.sink(expired)
+
+    def _admit(self) -> None:
+        """Waiting rows join while lanes are free: round-robin over tenants, each pinning its adapter slot."""
+        skipped = []
+        while self.kv.free:
+            got = self._waiting.get(timeout=0)
+            if got is None:
+                break
+            tenant, row = got
+            if row.cancelled.is_set():
+                continue
+            try:
+                (row.slot,) = self._cache.acquire([row.request.adapter])
+            except SlotsBusy:  # every slot is pinned by running rows: it waits, others may still join
+                skipped.append((tenant, row))
+                continue
+            except Exception as exc:
+                log.warning("adapter %s could not be loaded: %r", row.request.adapter, exc)
+                row.sink(AdapterUnavailable(exc))
+                continue
+            lane = self.kv.acquire()
+            assert lane is not None
+            row.lane = lane
+            self._running.append(row)
+        if skipped:
+            self._waiting.put_back(skipped)
+
+    def _advance(self, step: Step, logits: torch.Tensor) -> int:
+        for row, n in step.prefilled:
+            row.prefilled += n
+            row.kv_len += n
+        for sample in step.samples:
+            if sample.row.decoding and sample.row.output:
+                sample.row.kv_len += 1  # its previous token was written this step
+        self._score(step, logits)
+        choices = choose([s.row.decoder for s in step.samples], logits[[s.index for s in step.samples]])
+        generated = 0
+        for sample, choice in zip(step.samples, choices, strict=True):
+            if isinstance(choice, BaseException):
+                self._end(sample.row, choice)
+            else:
+                generated += self._emit(sample.row, choice)
+        for row, _ in step.prefilled:  # prefill-only rows (scoring) end once their prompt is in
+            if row.decoding and row.request.sampling.max_new_tokens == 0 and row in self._running:
+                self._finish(row, "length")
+        return generated
+
+    def _score(self, step: Step, logits: torch.Tensor) -> None:
+        if not step.scores:
+            return
+        rows = logits[[s.index for s in step.scores]]
+        finite = torch.isfinite(rows).all(dim=-1).tolist()
+        targets = torch.tensor([s.row.request.prompt_ids[s.position] for s in step.scores], dtype=torch.long)
+        values = torch.log_softmax(rows, dim=-1).gather(1, targets.to(rows.device)[:, None])[:, 0].tolist()
+        for s, ok, value in zip(step.scores, finite, values, strict=True):
+            if not ok:
+                self._end(s.row, GenerationFailed.non_finite())
+            elif s.row in self._running:
+                s.row.prompt_logprobs.append(float(value))
+
+    def _emit(self, row: Row, choice: Choice) -> int:
+        """Record a sampled token; returns 1 if it was emitted (0 when it ended the row as a stop)."""
+        p = row.request.sampling
+        row.decoder.observe(choice.token_id)
+        if row.first_step is None:
+            row.first_step = self._steps
+        if choice.token_id in p.stop_token_ids and not p.ignore_eos:
+            self._finish(row, "stop")
+            return 0
+        row.output.append(choice.token_id)
+        row.sink(TokenEvent(choice.token_id, choice.logprob, choice.top))
+        if len(row.output) >= p.max_new_tokens:
+            self._finish(row, "length")
+        return 1
+
+    def _finish(self, row: Row, reason: str) -> None:
+        if self._release(row):
+            row.sink(Finished(reason, row.prompt_len, tuple(row.prompt_logprobs)))  # type: ignore[arg-type]
+
+    def _end(self, row: Row, error: BaseException | None) -> None:
+        if self._release(row) and error is not None:
+            row.sink(error)
+
+    def _release(self, row: Row) -> bool:
+        """The row leaves: its lane (zeroed where it wrote) and its slot pin are freed BEFORE the requester
+        hears of the end. False if it had left already."""
+        if row not in self._running:
+            return False
+        self.kv.release(row.lane, row.kv_len)
+        self._cache.release([row.request.adapter])
+        self._running.remove(row)
+        return True
+
+    @staticmethod
+    def _step_rows(step: Step) -> list[Row]:
+        return [s.row for s in step.samples] + [s.row for s in step.scores] + [r for r, _ in step.prefilled]
+
+    def _report(self, step: Step, generated: int, seconds: float) -> None:
+        prefill = sum(c.length for c in step.batch.chunks)
+        info = StepInfo(
+            self._steps, len(step.batch.token_ids), step.batch.n_decode, prefill, generated, len(self._running), seconds
+        )
+        for hook in self.on_step:
+            hook(info)

@@ -1,0 +1,197 @@
+"""One engine step on the model: the tokens of every scheduled row flattened into one (T, d) stream, so that
+each Linear (and its LoRA slots) is one matmul for the whole step; attention per row group over the KV lanes
+(all decode rows in one batched call, each prompt chunk in one call of its own); logits only where sampled.
+
+Owns the forward pass of llama-style decoders (llama, mistral, qwen2, qwen3): it reuses the model's own
+modules (embeddings, norms, projections, MLP, rotary embedding) and replaces only attention and the cache.
+Knows nothing of requests, users or scheduling policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.adapters.slots import LoraSlots, TokenPlan
+from service.engine.builtin.kv import KVLanes
+
+SUPPORTED_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+class UnsupportedModel(ValueError):
+    """The builtin engine cannot run this architecture (use OPPU_ENGINE=vllm)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of one row's prompt tokens in the step: flattened [start, start+length), positions [pos, pos+length)."""
+
+    start: int
+    length: int
+    lane: int
+    pos: int
+    slot: int
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    token_ids: list[int]  # T tokens: one per decode row, then the prompt chunks
+    positions: list[int]
+    lanes: list[int]
+    decode_slots: list[int]  # one per decode row (the first len(...) tokens)
+    chunks: list[Chunk]
+    logit_rows: list[int]  # flattened indices whose next-token logits are needed
+
+    @property
+    def n_decode(self) -> int:
+        return len(self.decode_slots)
+
+
+def check_supported(model: Any) -> None:
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        raise UnsupportedModel(f"the builtin engine runs {sorted(SUPPORTED_TYPES)} models, not {kind!r}")
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        raise UnsupportedModel("logit soft-capping is not implemented by the builtin engine")
+
+
+def head_dim(config: Any) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Executor:
+    """Runs steps of a llama-style causal LM whose Linears may be wrapped by LoraSlots."""
+
+    def __init__(self, model: Any, kv: KVLanes, slots: LoraSlots | None) -> None:
+        check_supported(model)
+        self.model = model
+        self.kv = kv
+        self.slots = slots
+        config = model.config
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = head_dim(config)
+        self.device = next(model.parameters()).device
+        self.vocab_size = int(config.vocab_size)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Writes every token's K/V to its lane and returns (len(logit_rows), vocab) float32 logits."""
+        dev = self.device
+        ids = torch.tensor(batch.token_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(batch.positions, dtype=torch.long, device=dev)
+        lanes = torch.tensor(batch.lanes, dtype=torch.long, device=dev)
+        decode = self._decode_view(batch)
+        if self.slots is not None:
+            segments = tuple((c.start, c.start + c.length, c.slot) for c in batch.chunks)
+            self.slots.set_plan(TokenPlan(tuple(batch.decode_slots), segments))
+        try:
+            inner = self.model.model
+            x = inner.embed_tokens(ids)
+            cos, sin = inner.rotary_emb(x.unsqueeze(0), positions.unsqueeze(0))
+            rope = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # (T, 1, head_dim)
+            for i, layer in enumerate(inner.layers):
+                x = x + self._attention(i, layer, layer.input_layernorm(x), rope, lanes, positions, batch, decode)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            rows = torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)
+            logits: torch.Tensor = self.model.lm_head(inner.norm(x.index_select(0, rows)))
+            self._mark_written(batch)
+            return logits.float()
+        finally:
+            if self.slots is not None:
+                self.slots.set_plan(None)
+
+    def _mark_written(self, batch: StepBatch) -> None:
+        for lane, pos in zip(batch.lanes[: batch.n_decode], batch.positions[: batch.n_decode], strict=True):
+            self.kv.mark_written(lane, pos + 1)
+        for c in batch.chunks:
+            self.kv.mark_written(c.lane, c.pos + c.length)
+
+    def _decode_view(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+        """For the decode rows: (lane index, key mask over lanes [0, hi) x keys [0, L)), and their lanes."""
+        n = batch.n_decode
+        if n == 0:
+            return None
+        lanes = batch.lanes[:n]
+        hi = max(lanes) + 1
+        lengths = [0] * hi
+        for lane, pos in zip(lanes, batch.positions[:n], strict=True):
+            lengths[lane] = pos + 1
+        width = max(lengths)
+        self.kv.ensure_clean(hi, width)
+        # A lane in the slice that is not decoding attends to its (finite) position 0; its output is dropped.
+        length = torch.tensor([max(1, n) for n in lengths], dtype=torch.long, device=self.device)
+        mask = torch.arange(width, device=self.device)[None, :] < length[:, None]  # (hi, width)
+        lane_idx = torch.tensor(lanes, dtype=torch.long, device=self.device)
+        return lane_idx, mask[:, None, None, :], lanes
+
+    def _qkv(self, attn: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        t = h.shape[0]
+        q = attn.q_proj(h).view(t, self.heads, self.head_dim)
+        k = attn.k_proj(h).view(t, self.kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(t, self.kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # qwen3: RMSNorm per head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = rope
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _attention(
+        self,
+        i: int,
+        layer: Any,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        lanes: torch.Tensor,
+        positions: torch.Tensor,
+        batch: StepBatch,
+        decode: tuple[torch.Tensor, torch.Tensor, list[int]] | None,
+    ) -> torch.Tensor:
+        attn = layer.self_attn
+        q, k, v = self._qkv(attn, h, rope)
+        self.kv.write(i, lanes, positions, k, v)
+        out = torch.empty_like(q)  # (T, heads, head_dim)
+        scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
+        if decode is not None:
+            out[: batch.n_decode] = self._decode_attention(i, q[: batch.n_decode], decode, scale)
+        for c in batch.chunks:
+            out[c.start : c.start + c.length] = self._chunk_attention(i, q[c.start : c.start + c.length], c, scale)
+        result: torch.Tensor = attn.o_proj(out.view(out.shape[0], -1))
+        return result
+
+    def _decode_attention(
+        self, i: int, q: torch.Tensor, decode: tuple[torch.Tensor, torch.Tensor, list[int]], scale: float
+    ) -> torch.Tensor:
+        """One batched call over the lane slice [0, hi): each decode row attends to its own lane only."""
+        lane_idx, mask, _ = decode
+        hi, width = mask.shape[0], mask.shape[-1]
+        qs = q.new_zeros((hi, self.heads, 1, self.head_dim))
+        qs[lane_idx] = q.unsqueeze(2)
+        k = self.kv.k[i][:hi, :, :width]
+        v = self.kv.v[i][:hi, :, :width]
+        o = F.scaled_dot_product_attention(
+            qs, k, v, attn_mask=mask, scale=scale, enable_gqa=self.kv_heads != self.heads
+        )
+        return o[lane_idx, :, 0]
+
+    def _chunk_attention(self, i: int, q: torch.Tensor, c: Chunk, scale: float) -> torch.Tensor:
+        """A prompt chunk at positions [pos, pos+length) attends causally to its lane's [0, pos+length)."""
+        end = c.pos + c.length
+        k = self.kv.k[i][c.lane : c.lane + 1, :, :end]
+        v = self.kv.v[i][c.lane : c.lane + 1, :, :end]
+        qc = q.transpose(0, 1).unsqueeze(0)  # (1, heads, length, head_dim)
+        mask = torch.ones(c.length, end, dtype=torch.bool, device=q.device).tril(diagonal=c.pos)
+        o = F.scaled_dot_product_attention(
+            qc, k, v, attn_mask=mask, scale=scale, enable_gqa=self.kv_heads != self.heads
+        )
+        return o[0].transpose(0, 1)

@@ -1,0 +1,72 @@
+"""KV memory of the builtin engine: `lanes` preallocated rows of `capacity` positions per decoder layer.
+
+A running row owns one lane from admission to its end, so its KV memory is reserved up front and bounded:
+lanes x capacity x bytes_per_token in all (`bytes`). Lanes are allocated lowest-first, so busy lanes stay
+packed at the front and a decode step attends over one slice of lanes without copying. Memory comes from
+torch.empty (the OS commits pages only when written); the region each attention reads beyond a row's own
+length is zeroed first, and a released lane is zeroed where its row wrote, so a hostile row's NaN can never
+reach the next occupant or a neighbour's masked-out positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVLanes:
+    def __init__(
+        self,
+        *,
+        layers: int,
+        lanes: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (lanes, kv_heads, capacity, head_dim)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.lanes = lanes
+        self.capacity = capacity
+        self.bytes = 2 * layers * lanes * kv_heads * capacity * head_dim * self.k[0].element_size()
+        self._free = list(range(lanes - 1, -1, -1))  # pop() gives the lowest lane
+        self._clean_to = [0] * lanes  # positions [0, clean_to) of the lane hold finite values
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        if not self._free:
+            return None
+        return self._free.pop()
+
+    def release(self, lane: int, written: int) -> None:
+        """The row that owned the lane wrote positions [0, written): zero them, then free the lane."""
+        if written:
+            for k, v in zip(self.k, self.v, strict=True):
+                k[lane, :, :written].zero_()
+                v[lane, :, :written].zero_()
+            self._clean_to[lane] = max(self._clean_to[lane], written)
+        self._free.append(lane)
+        self._free.sort(reverse=True)
+
+    def ensure_clean(self, lanes: int, length: int) -> None:
+        """Lanes [0, lanes) hold finite values up to `length` (a decode step reads that far in each)."""
+        for lane in range(lanes):
+            start = self._clean_to[lane]
+            if start < length:
+                for k, v in zip(self.k, self.v, strict=True):
+                    k[lane, :, start:length].zero_()
+                    v[lane, :, start:length].zero_()
+                self._clean_to[lane] = length
+
+    def write(self, layer: int, lanes: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (tokens, kv_heads, head_dim) go to (lane, position) of each token."""
+        self.k[layer][lanes, :, positions] = k
+        self.v[layer][lanes, :, positions] = v
+
+    def mark_written(self, lane: int, end: int) -> None:
+        self._clean_to[lane] = max(self._clean_to[lane], end)

@@ -1,0 +1,355 @@
+"""The builtin engine on a tiny random Llama: continuous batching against PEFT/transformers row by row, rows
+joining and leaving mid-flight, chunked prefill under the step budget, per-row failure isolation, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from service.adapters.cache import AdapterCache
+from service.adapters.peft_format import AdapterWeights, read_adapter_dir
+from service.adapters.slots import LoraSlots
+from service.engine.builtin import sampler
+from service.engine.builtin.engine import BuiltinEngine
+from service.engine.builtin.scheduler import Row
+from service.engine.types import AdapterRef, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
+from service.errors import AdapterUnavailable, GenerationFailed, TooManyRequests
+from service.inference.loader import LoadedModel
+from tests.adapters.test_slots import ALL, make_adapter, peft_model, tiny_model
+
+EOS = 2
+BUDGET = 48  # tokens per step: small, so that long prompts are chunked across steps
+SPECS: list[tuple[int, tuple[str, ...], bool]] = [
+    (2, ("q_proj", "v_proj"), False),
+    (4, ("q_proj", "k_proj", "v_proj", "o_proj"), True),
+    (8, ("gate_proj", "up_proj", "down_proj"), False),
+    (16, ALL, False),
+    (2, ("o_proj", "down_proj"), True),
+    (8, ("q_proj", "v_proj", "gate_proj"), False),
+]
+
+
+def prompt(k: int, length: int | None = None) -> list[int]:
+    g = torch.Generator().manual_seed(100 + k)
+    return torch.randint(3, 512, (length or 3 + k,), generator=g).tolist()
+
+
+@dataclass
+class Setup:
+    base: Any
+    refs: list[AdapterRef]
+    engine: BuiltinEngine
+    steps: list[StepInfo] = field(default_factory=list)
+
+
+def ref_of(directory: Path, name: str) -> AdapterRef:
+    return AdapterRef(name, 1, name * 8, directory)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    base, root = tiny_model(), tmp_path_factory.mktemp("engine")
+    dirs = [
+        make_adapter(base, root / f"a{k}", seed=10 + k, r=r, targets=t, rslora=rs) for k, (r, t, rs) in enumerate(SPECS)
+    ]
+    engine = make_engine(base, slots=8, rows=16)
+    s = Setup(base, [ref_of(d, f"a{k}") for k, d in enumerate(dirs)], engine)
+    engine.on_step.append(s.steps.append)
+    engine.start()
+    yield s
+    engine.stop()
+
+
+def make_engine(
+    base: Any, *, slots: int, rows: int, max_scale: float = 256.0, queue_per_tenant: int = 64
+) -> BuiltinEngine:
+    model = copy.deepcopy(base)
+    lora = LoraSlots(model, slots, 16, ALL, device="cpu", dtype=torch.float32)
+    cache = AdapterCache(lora, host_budget_bytes=64 << 20, max_scale=max_scale)
+    loaded = LoadedModel(model, None, torch.device("cpu"), torch.float32, "tiny", None)
+    return BuiltinEngine(
+        loaded,
+        cache,
+        lora,
+        max_rows=rows,
+        max_model_len=256,
+        max_batch_tokens=BUDGET,
+        window_s=0.0,
+        queue_max=256,
+        queue_per_tenant=queue_per_tenant,
+        max_scale=max_scale,
+    )
+
+
+def request(
+    ids: list[int],
+    new: int,
+    adapter: AdapterRef | None = None,
+    tenant: str = "t",
+    score_from: int | None = None,
+    **sampling: Any,
+) -> EngineRequest:
+    params = SamplingParams(new, stop_token_ids=frozenset({EOS}), **sampling)
+    return EngineRequest(f"r{id(ids)}", tuple(ids), params, adapter, tenant, time.monotonic() + 120, score_from)
+
+
+@dataclass
+class Outcome:
+    tokens: list[TokenEvent]
+    finished: Finished | None
+    error: BaseException | None
+    submitted_step: int = 0
+
+    @property
+    def ids(self) -> list[int]:
+        return [t.token_id for t in self.tokens]
+
+
+async def consume(engine: BuiltinEngine, req: EngineRequest, on_token: Callable[[int], None] | None = None) -> Outcome:
+    out = Outcome([], None, None, engine._steps)
+    try:
+        async for event in engine.stream(req):
+            if isinstance(event, Finished):
+                out.finished = event
+            else:
+                out.tokens.append(event)
+                if on_token is not None:
+                    on_token(len(out.tokens))
+    except Exception as exc:
+        out.error = exc
+    return out
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def reference(model: Any, ids: list[int], new: int) -> tuple[list[int], bool]:
+    """(tokens without the eos, stopped on eos) from transformers' own greedy generate."""
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new, eos_token_id=EOS, pad_token_id=EOS)
+    toks: list[int] = out[0, len(ids) :].tolist()
+    stopped = bool(toks) and toks[-1] == EOS
+    return (toks[:-1] if stopped else toks), stopped
+
+
+def check_against(model: Any, ids: list[int], new: int, got: Outcome) -> None:
+    toks, stopped = reference(model, ids, new)
+    assert got.error is None, got.error
+    assert got.ids == toks
+    assert got.finished is not None and got.finished.reason == ("stop" if stopped else "length")
+    with torch.inference_mode():  # logprob of each chosen token = log_softmax of PEFT's logits
+        full = torch.log_softmax(model(input_ids=torch.tensor([ids + got.ids])).logits[0].float(), dim=-1)
+    for t, event in enumerate(got.tokens):
+        assert event.logprob is not None
+        assert abs(event.logprob - float(full[len(ids) - 1 + t, event.token_id])) < 1e-4, f"step {t}"
+        assert event.top[0].token_id == event.token_id  # greedy: the top token is the chosen one
+
+
+def test_mixed_rows_joining_and_leaving_equal_peft_row_by_row(setup: Setup) -> None:
+    """Rows of 6 adapters and the base, prompts of 3..90 tokens (the long ones chunked over steps), arriving
+    while others run and leaving at different lengths: each row's tokens and logprobs are its solo ones."""
+    rows = [(prompt(k, 3 + 7 * k), 4 + 3 * k, setup.refs[k % 6] if k % 7 else None) for k in range(14)]
+
+    async def main() -> list[Outcome]:
+        tasks = []
+        for k, (ids, new, ref) in enumerate(rows):
+            req = request(ids, new, ref, tenant=f"u{k % 5}", logprobs=1)
+            tasks.append(asyncio.ensure_future(consume(setup.engine, req)))
+            await asyncio.sleep(0.002 * (k % 4))  # arrivals spread over the running steps
+        return list(await asyncio.gather(*tasks))
+
+    outs = run(main())
+    for (ids, new, ref), got in zip(rows, outs, strict=True):
+        check_against(setup.base if ref is None else peft_model(setup.base, ref.directory), ids, new, got)
+    assert any(s.decode_rows and s.prefill_tokens for s in setup.steps), "prefill was never interleaved with decode"
+    assert max(s.tokens for s in setup.steps) <= BUDGET
+    assert setup.engine.stats().running == 0 and setup.engine.stats().slots_pinned == 0
+
+
+def test_every_adapter_changes_its_row(setup: Setup) -> None:
+    ids = prompt(1, 9)
+    base = run(consume(setup.engine, request(ids, 8))).ids
+    assert all(run(consume(setup.engine, request(ids, 8, ref))).ids != base for ref in setup.refs)
+
+
+def test_a_short_request_overtakes_a_long_batch_and_starts_within_one_step(setup: Setup) -> None:
+    """Submitted while 8 long rows decode, a short one (prompt within the step budget) produces its first
+    token in the step after its submission at the latest, and ends before any long row."""
+    engine = setup.engine
+    ended: list[str] = []
+    short_row: list[Row] = []
+
+    async def main() -> Outcome:
+        longs = [consume(engine, request(prompt(k, 20), 120, setup.refs[k % 6], ignore_eos=True)) for k in range(8)]
+        tasks = [asyncio.ensure_future(c) for c in longs]
+        for t in tasks:
+            t.add_done_callback(lambda _: ended.append("long"))
+        while len(engine._running) < 8 or not all(r.decoding for r in engine._running):
+            await asyncio.sleep(0.002)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[object]()
+        req = request(prompt(9, 6), 3, ignore_eos=True)
+        row = Row(req, lambda item: loop.call_soon_threadsafe(events.put_nowait, item), engine._decoder(req))
+        short_row.append(row)
+        engine.submit(row)
+        got = Outcome([], None, None, row.submitted_step)
+        while got.finished is None:
+            item = await events.get()
+            if isinstance(item, Finished):
+                got.finished = item
+            elif isinstance(item, TokenEvent):
+                got.tokens.append(item)
+        ended.append("short")
+        await asyncio.gather(*tasks)
+        return got
+
+    short = run(main())
+    (row,) = short_row
+    assert ended[0] == "short", ended
+    assert short.finished is not None and len(short.ids) == 3
+    assert row.first_step is not None and row.first_step - row.submitted_step <= 1
+    assert max(s.tokens for s in setup.steps) <= BUDGET
+
+
+def test_a_poisoned_adapter_fails_its_row_alone(setup: Setup) -> None:
+    """The H1 report: an adapter with lora_alpha 1e300 (as an older validator let through) sits in a slot with
+    an infinite scale, its logits are NaN and it samples at temperature 1. That row ends with
+    generation_failed; 15 other rows in the same steps complete with their solo tokens."""
+    good = [(prompt(k, 5 + k), 10, setup.refs[k % 6] if k % 3 else None) for k in range(15)]
+    solo = [run(consume(setup.engine, request(ids, new, ref))).ids for ids, new, ref in good]
+    src = setup.refs[0]
+    bad = AdapterRef("poison", 1, "p" * 64, src.directory)
+    weights = read_adapter_dir(src.directory, max_scale=256.0)
+    poisoned = AdapterWeights(weights.rank, {p: replace(m, scaling=1e300) for p, m in weights.modules.items()})
+    setup.engine.cache._admit_host(bad, poisoned)  # already in the host tier: no load-time check runs
+
+    async def main() -> list[Outcome]:
+        reqs = [request(ids, new, ref, tenant=f"g{k}") for k, (ids, new, ref) in enumerate(good)]
+        reqs.insert(7, request(prompt(1, 8), 10, bad, tenant="attacker", temperature=1.0, seed=1))
+        return list(await asyncio.gather(*(consume(setup.engine, r) for r in reqs)))
+
+    outs = run(main())
+    failed = outs.pop(7)
+    assert isinstance(failed.error, GenerationFailed) and failed.error.status == 422, failed
+    assert [o.ids for o in outs] == solo and all(o.error is None for o in outs)
+    assert setup.engine.stats().running == 0 and setup.engine.stats().slots_pinned == 0
+    setup.engine.drop_owner("poison")
+
+
+def test_a_sampling_error_fails_its_row_alone(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sampler.RowDecoder.process
+
+    def process(self: sampler.RowDecoder, logits: torch.Tensor) -> torch.Tensor:
+        if self.params.seed == 666:
+            raise RuntimeError("boom")
+        return real(self, logits)
+
+    monkeypatch.setattr(sampler.RowDecoder, "process", process)
+    good = [(prompt(k, 6), 6) for k in range(5)]
+    solo = [run(consume(setup.engine, request(ids, new))).ids for ids, new in good]
+
+    async def main() -> list[Outcome]:
+        reqs = [request(ids, new) for ids, new in good] + [request(prompt(9), 6, temperature=0.5, seed=666)]
+        return list(await asyncio.gather(*(consume(setup.engine, r) for r in reqs)))
+
+    *ok, broken = run(main())
+    assert isinstance(broken.error, GenerationFailed) and broken.error.status == 503
+    assert [o.ids for o in ok] == solo
+
+
+def test_an_unreadable_adapter_fails_only_its_rows(setup: Setup, tmp_path: Path) -> None:
+    gone = ref_of(tmp_path / "missing", "gone")
+
+    async def main() -> list[Outcome]:
+        reqs = [request(prompt(1), 4, setup.refs[1]), request(prompt(2), 4, gone), request(prompt(3), 4)]
+        return list(await asyncio.gather(*(consume(setup.engine, r) for r in reqs)))
+
+    ok1, broken, ok2 = run(main())
+    assert isinstance(broken.error, AdapterUnavailable)
+    assert ok1.error is None and ok2.error is None and ok1.ids and ok2.ids
+    assert setup.engine.stats().slots_pinned == 0
+
+
+def test_cancel_frees_the_row_its_kv_and_its_slot(setup: Setup) -> None:
+    engine = setup.engine
+    rows: list[Row] = []
+
+    async def main() -> None:
+        stream = engine.stream(request(prompt(4, 30), 200, setup.refs[2], ignore_eos=True))
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 1:
+                rows.extend(engine._running)
+            if n == 5:
+                break
+        await stream.aclose()  # the client went away
+
+    run(main())
+    deadline = time.monotonic() + 5
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = engine.stats()
+    assert stats.running == 0 and stats.slots_pinned == 0 and stats.extra["kv_lanes_free"] == stats.extra["kv_lanes"]
+    (row,) = rows
+    assert row.kv_len >= 30 + 4
+    for k, v in zip(engine.kv.k, engine.kv.v, strict=True):  # zeroed where it wrote: nothing leaks to the next row
+        assert float(k[row.lane, :, : row.kv_len].abs().sum() + v[row.lane, :, : row.kv_len].abs().sum()) == 0.0
+
+
+def test_sampling_is_seeded_per_row_and_stops_are_not_emitted(setup: Setup) -> None:
+    sampled = request(prompt(4), 16, setup.refs[3], temperature=1.0, top_p=0.9, seed=7)
+    alone = run(consume(setup.engine, sampled)).ids
+
+    async def crowd() -> list[Outcome]:
+        others = [request(prompt(9), 8), request(prompt(2), 16, setup.refs[1], temperature=0.7, seed=1)]
+        return list(await asyncio.gather(*(consume(setup.engine, r) for r in [*others, sampled])))
+
+    assert run(crowd())[2].ids == alone
+    assert run(consume(setup.engine, replace(sampled, sampling=replace(sampled.sampling, seed=8)))).ids != alone
+    free = run(consume(setup.engine, request(prompt(1), 12))).ids
+    stop_at = free[3]
+    assert stop_at not in free[:3]
+    params = SamplingParams(12, stop_token_ids=frozenset({stop_at}))
+    stopped = run(consume(setup.engine, EngineRequest("s", tuple(prompt(1)), params, None, "t", time.monotonic() + 60)))
+    assert stopped.ids == free[:3] and stopped.finished is not None and stopped.finished.reason == "stop"
+
+
+def test_tenant_share_and_prompt_logprobs(setup: Setup, tmp_path: Path) -> None:
+    engine = make_engine(setup.base, slots=2, rows=2, queue_per_tenant=1)
+    engine.start()
+    try:
+
+        async def main() -> tuple[Outcome, Outcome, Outcome]:
+            hold = [
+                asyncio.ensure_future(consume(engine, request(prompt(k), 100, ignore_eos=True, tenant=f"h{k}")))
+                for k in range(2)
+            ]
+            while len(engine._running) < 2:
+                await asyncio.sleep(0.002)
+            first = asyncio.ensure_future(consume(engine, request(prompt(5), 2, tenant="busy")))
+            await asyncio.sleep(0.01)
+            second = await consume(engine, request(prompt(6), 2, tenant="busy"))  # its share (1) is queued already
+            for h in hold:
+                h.cancel()
+            return await first, second, await consume(engine, request(prompt(7), 0, tenant="s", score_from=3))
+
+        first, second, score = run(main())
+        assert isinstance(second.error, TooManyRequests)
+        assert first.error is None
+        ids = prompt(7)
+        with torch.inference_mode():
+            lp = torch.log_softmax(setup.base(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        want = [float(lp[p - 1, ids[p]]) for p in range(3, len(ids))]
+        assert score.finished is not None and score.ids == []
+        assert len(score.finished.prompt_logprobs) == len(want)
+        assert all(abs(a - b) < 1e-4 for a, b in zip(score.finished.prompt_logprobs, want, strict=True))
+    finally:
+        engine.stop()
