@@ -70,8 +70,9 @@ class EngineRequest:
     adapter: AdapterRef | None  # None: the base model (+ the shared task LoRA)
     tenant: str  # whose fair share of the queue this takes (one per user, whatever the route)
     deadline: float  # time.monotonic() after which the row is dropped with 504
-    # Prefill-only scoring: the logprob of every prompt token from this position on (no new tokens).
-    score_from: int | None = None
+    # Scoring (prefill only, max_new_tokens 0): the logprob of each continuation's tokens after the prompt.
+    # The prompt is prefilled once for all of them.
+    continuations: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ class TokenEvent:
 class Finished:
     reason: FinishReason
     prompt_tokens: int
-    # score_from requests: logprob of prompt token i (i >= score_from) given the tokens before it.
-    prompt_logprobs: tuple[float, ...] = ()
+    # scoring requests: per continuation, the logprob of each of its tokens given the prompt and the ones before.
+    continuation_logprobs: tuple[tuple[float, ...], ...] = ()
 
 
 EngineEvent = TokenEvent | Finished

@@ -21,7 +21,7 @@ from service.engine.builtin import sampler
 from service.engine.builtin.engine import BuiltinEngine
 from service.engine.builtin.scheduler import Row
 from service.engine.types import AdapterRef, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
-from service.errors import AdapterUnavailable, GenerationFailed, TooManyRequests
+from service.errors import AdapterUnavailable, GenerationFailed, TooManyRequests, Unprocessable
 from service.inference.loader import LoadedModel
 from tests.adapters.test_slots import ALL, make_adapter, peft_model, tiny_model
 
@@ -94,11 +94,11 @@ def request(
     new: int,
     adapter: AdapterRef | None = None,
     tenant: str = "t",
-    score_from: int | None = None,
+    continuations: tuple[tuple[int, ...], ...] = (),
     **sampling: Any,
 ) -> EngineRequest:
     params = SamplingParams(new, stop_token_ids=frozenset({EOS}), **sampling)
-    return EngineRequest(f"r{id(ids)}", tuple(ids), params, adapter, tenant, time.monotonic() + 120, score_from)
+    return EngineRequest(f"r{id(ids)}", tuple(ids), params, adapter, tenant, time.monotonic() + 120, continuations)
 
 
 @dataclass
@@ -322,7 +322,7 @@ def test_sampling_is_seeded_per_row_and_stops_are_not_emitted(setup: Setup) -> N
     assert stopped.ids == free[:3] and stopped.finished is not None and stopped.finished.reason == "stop"
 
 
-def test_tenant_share_and_prompt_logprobs(setup: Setup, tmp_path: Path) -> None:
+def test_tenant_share(setup: Setup) -> None:
     engine = make_engine(setup.base, slots=2, rows=2, queue_per_tenant=1)
     engine.start()
     try:
@@ -339,17 +339,43 @@ def test_tenant_share_and_prompt_logprobs(setup: Setup, tmp_path: Path) -> None:
             second = await consume(engine, request(prompt(6), 2, tenant="busy"))  # its share (1) is queued already
             for h in hold:
                 h.cancel()
-            return await first, second, await consume(engine, request(prompt(7), 0, tenant="s", score_from=3))
+            return await first, second
 
-        first, second, score = run(main())
+        first, second = run(main())
         assert isinstance(second.error, TooManyRequests)
         assert first.error is None
-        ids = prompt(7)
-        with torch.inference_mode():
-            lp = torch.log_softmax(setup.base(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-        want = [float(lp[p - 1, ids[p]]) for p in range(3, len(ids))]
-        assert score.finished is not None and score.ids == []
-        assert len(score.finished.prompt_logprobs) == len(want)
-        assert all(abs(a - b) < 1e-4 for a, b in zip(score.finished.prompt_logprobs, want, strict=True))
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("adapter", [None, 3])
+def test_scoring_continuations_equal_a_direct_forward(setup: Setup, adapter: int | None) -> None:
+    """Continuations after one shared prompt (prefilled once, each continuation seeing only the prompt and
+    itself), some rows generating in the same steps: each token's logprob equals a direct forward (1e-4)."""
+    ids = prompt(7, 40)
+    conts = ((11, 12, 13), (14,), (15, 16), tuple(prompt(8, 20)))
+    ref = setup.refs[adapter] if adapter is not None else None
+    model = setup.base if ref is None else peft_model(setup.base, ref.directory)
+
+    async def main() -> list[Outcome]:
+        others = [request(prompt(k, 10), 12) for k in range(3)]
+        reqs = [*others, request(ids, 0, ref, continuations=conts)]
+        return list(await asyncio.gather(*(consume(setup.engine, r) for r in reqs)))
+
+    *_, score = run(main())
+    assert score.error is None and score.finished is not None and score.ids == []
+    got = score.finished.continuation_logprobs
+    assert [len(g) for g in got] == [len(c) for c in conts]
+    for cont, values in zip(conts, got, strict=True):
+        with torch.inference_mode():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids + list(cont)])).logits[0].float(), dim=-1)
+        want = [float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(cont)]
+        assert all(abs(a - b) < 1e-4 for a, b in zip(values, want, strict=True)), (values, want)
+
+
+def test_scoring_requests_that_cannot_fit_are_refused(setup: Setup) -> None:
+    empty = run(consume(setup.engine, request(prompt(1), 0, continuations=((),))))
+    assert isinstance(empty.error, Unprocessable)
+    too_long = tuple(range(3, 3 + BUDGET))
+    out = run(consume(setup.engine, request(prompt(1), 0, continuations=(too_long,))))
+    assert isinstance(out.error, Unprocessable)

@@ -34,7 +34,15 @@ from service.engine.types import (
     StepInfo,
     TokenEvent,
 )
-from service.errors import AdapterUnavailable, GenerationFailed, Timeout, TooManyRequests, Unavailable
+from service.errors import (
+    AdapterUnavailable,
+    GenerationFailed,
+    PromptTooLong,
+    Timeout,
+    TooManyRequests,
+    Unavailable,
+    Unprocessable,
+)
 from service.inference.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -208,7 +216,9 @@ class BuiltinEngine:
         return RowDecoder.for_params(request.sampling, self._loaded.device)
 
     def submit(self, row: Row) -> None:
-        """Queue a row (any thread). 429 when its tenant's share is used up, 503 when the server is."""
+        """Queue a row (any thread). 429 when its tenant's share is used up, 503 when the server is; 422 for
+        scoring continuations that cannot fit a step or the row's lane."""
+        self._check_fits(row.request)
         row.submitted_step = self._steps
         try:
             self._waiting.put(row.request.tenant, row)
@@ -217,6 +227,16 @@ class BuiltinEngine:
         except QueueFull as exc:
             raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
         self._wake.set()
+
+    def _check_fits(self, request: EngineRequest) -> None:
+        conts = request.continuations
+        if not conts:
+            return
+        longest = self.max_batch_tokens - self.kv.lanes + 1  # what a step surely has left for one row
+        if any(not c for c in conts) or max(map(len, conts)) > longest:
+            raise Unprocessable(f"each scored continuation must be 1..{longest} tokens")
+        if len(request.prompt_ids) + sum(map(len, conts)) > self.kv.capacity:
+            raise PromptTooLong(f"prompt and continuations exceed the context of {self.kv.capacity} tokens")
 
     def cancel(self, row: Row) -> None:
         """The requester went away (any thread): the row is dropped before the next step."""
@@ -305,6 +325,12 @@ class BuiltinEngine:
             if sample.row.decoding and sample.row.output:
                 sample.row.kv_len += 1  # its previous token was written this step
         self._score(step, logits)
+        for row, n in step.continued:
+            conts = row.request.continuations[row.next_continuation : row.next_continuation + n]
+            row.next_continuation += n
+            row.kv_len += sum(len(c) for c in conts)
+            if row.scored and row in self._running:
+                self._finish(row, "length")
         choices = choose([s.row.decoder for s in step.samples], logits[[s.index for s in step.samples]])
         generated = 0
         for sample, choice in zip(step.samples, choices, strict=True):
@@ -312,23 +338,28 @@ class BuiltinEngine:
                 self._end(sample.row, choice)
             else:
                 generated += self._emit(sample.row, choice)
-        for row, _ in step.prefilled:  # prefill-only rows (scoring) end once their prompt is in
-            if row.decoding and row.request.sampling.max_new_tokens == 0 and row in self._running:
+        for row, _ in step.prefilled:  # a row asking for no tokens at all ends once its prompt is in
+            if row.decoding and not row.scoring and row.request.sampling.max_new_tokens == 0:
                 self._finish(row, "length")
         return generated
 
     def _score(self, step: Step, logits: torch.Tensor) -> None:
+        """Scoring rows: keep the distribution after the prompt (it scores each continuation's first token);
+        record the logprob of every later continuation token."""
         if not step.scores:
             return
         rows = logits[[s.index for s in step.scores]]
         finite = torch.isfinite(rows).all(dim=-1).tolist()
-        targets = torch.tensor([s.row.request.prompt_ids[s.position] for s in step.scores], dtype=torch.long)
-        values = torch.log_softmax(rows, dim=-1).gather(1, targets.to(rows.device)[:, None])[:, 0].tolist()
-        for s, ok, value in zip(step.scores, finite, values, strict=True):
+        lps = torch.log_softmax(rows, dim=-1)
+        for s, ok, lp in zip(step.scores, finite, lps, strict=True):
+            row, conts = s.row, s.row.request.continuations
             if not ok:
-                self._end(s.row, GenerationFailed.non_finite())
-            elif s.row in self._running:
-                s.row.prompt_logprobs.append(float(value))
+                self._end(row, GenerationFailed.non_finite())
+            elif row in self._running and s.continuation < 0:
+                row.prompt_end_logprobs = lp.clone()
+                row.continuation_logprobs = [[float(lp[c[0]])] for c in conts]
+            elif row in self._running:
+                row.continuation_logprobs[s.continuation].append(float(lp[conts[s.continuation][s.token]]))
 
     def _emit(self, row: Row, choice: Choice) -> int:
         """Record a sampled token; returns 1 if it was emitted (0 when it ended the row as a stop)."""
@@ -347,7 +378,8 @@ class BuiltinEngine:
 
     def _finish(self, row: Row, reason: str) -> None:
         if self._release(row):
-            row.sink(Finished(reason, row.prompt_len, tuple(row.prompt_logprobs)))  # type: ignore[arg-type]
+            logprobs = tuple(tuple(lps) for lps in row.continuation_logprobs)
+            row.sink(Finished(reason, row.prompt_len, logprobs))  # type: ignore[arg-type]
 
     def _end(self, row: Row, error: BaseException | None) -> None:
         if self._release(row) and error is not None:
@@ -365,7 +397,8 @@ class BuiltinEngine:
 
     @staticmethod
     def _step_rows(step: Step) -> list[Row]:
-        return [s.row for s in step.samples] + [s.row for s in step.scores] + [r for r, _ in step.prefilled]
+        rows = [s.row for s in step.samples] + [s.row for s in step.scores] + [r for r, _ in step.prefilled]
+        return rows + [r for r, _ in step.continued]
 
     def _report(self, step: Step, generated: int, seconds: float) -> None:
         prefill = sum(c.length for c in step.batch.chunks)

@@ -27,20 +27,31 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class Chunk:
-    """A run of one row's prompt tokens in the step: flattened [start, start+length), positions [pos, pos+length)."""
+    """A run of one row's tokens in the step: flattened [start, start+length), positions [pos, pos+length).
+
+    Stored in the lane at [store, store+length) (default: at their positions) and attending causally to the
+    lane's [0, store+length), or, with `prefix`, only to [0, prefix) and to itself: a scoring continuation
+    that follows a shared prompt of `prefix` tokens without seeing the other continuations stored beside it."""
 
     start: int
     length: int
     lane: int
     pos: int
     slot: int
+    store: int | None = None
+    prefix: int | None = None
+
+    @property
+    def store_at(self) -> int:
+        return self.pos if self.store is None else self.store
 
 
 @dataclass(frozen=True)
 class StepBatch:
     token_ids: list[int]  # T tokens: one per decode row, then the prompt chunks
-    positions: list[int]
+    positions: list[int]  # rotary positions
     lanes: list[int]
+    stores: list[int]  # where each token's K/V goes in its lane (= its position, but for scoring continuations)
     decode_slots: list[int]  # one per decode row (the first len(...) tokens)
     chunks: list[Chunk]
     logit_rows: list[int]  # flattened indices whose next-token logits are needed
@@ -89,6 +100,7 @@ class Executor:
         dev = self.device
         ids = torch.tensor(batch.token_ids, dtype=torch.long, device=dev)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=dev)
+        stores = torch.tensor(batch.stores, dtype=torch.long, device=dev)
         lanes = torch.tensor(batch.lanes, dtype=torch.long, device=dev)
         decode = self._decode_view(batch)
         if self.slots is not None:
@@ -100,7 +112,7 @@ class Executor:
             cos, sin = inner.rotary_emb(x.unsqueeze(0), positions.unsqueeze(0))
             rope = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # (T, 1, head_dim)
             for i, layer in enumerate(inner.layers):
-                x = x + self._attention(i, layer, layer.input_layernorm(x), rope, lanes, positions, batch, decode)
+                x = x + self._attention(i, layer, layer.input_layernorm(x), rope, lanes, stores, batch, decode)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
             rows = torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)
             logits: torch.Tensor = self.model.lm_head(inner.norm(x.index_select(0, rows)))
@@ -114,7 +126,7 @@ class Executor:
         for lane, pos in zip(batch.lanes[: batch.n_decode], batch.positions[: batch.n_decode], strict=True):
             self.kv.mark_written(lane, pos + 1)
         for c in batch.chunks:
-            self.kv.mark_written(c.lane, c.pos + c.length)
+            self.kv.mark_written(c.lane, c.store_at + c.length)
 
     def _decode_view(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
         """For the decode rows: (lane index, key mask over lanes [0, hi) x keys [0, L)), and their lanes."""
@@ -153,13 +165,13 @@ class Executor:
         h: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         lanes: torch.Tensor,
-        positions: torch.Tensor,
+        stores: torch.Tensor,
         batch: StepBatch,
         decode: tuple[torch.Tensor, torch.Tensor, list[int]] | None,
     ) -> torch.Tensor:
         attn = layer.self_attn
         q, k, v = self._qkv(attn, h, rope)
-        self.kv.write(i, lanes, positions, k, v)
+        self.kv.write(i, lanes, stores, k, v)
         out = torch.empty_like(q)  # (T, heads, head_dim)
         scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         if decode is not None:
@@ -185,12 +197,16 @@ class Executor:
         return o[lane_idx, :, 0]
 
     def _chunk_attention(self, i: int, q: torch.Tensor, c: Chunk, scale: float) -> torch.Tensor:
-        """A prompt chunk at positions [pos, pos+length) attends causally to its lane's [0, pos+length)."""
-        end = c.pos + c.length
+        """A chunk stored at [store, store+length) attends causally to its lane's [0, store+length) (with a
+        prefix: to [0, prefix) and to itself)."""
+        start = c.store_at
+        end = start + c.length
         k = self.kv.k[i][c.lane : c.lane + 1, :, :end]
         v = self.kv.v[i][c.lane : c.lane + 1, :, :end]
         qc = q.transpose(0, 1).unsqueeze(0)  # (1, heads, length, head_dim)
-        mask = torch.ones(c.length, end, dtype=torch.bool, device=q.device).tril(diagonal=c.pos)
+        mask = torch.ones(c.length, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        if c.prefix is not None:
+            mask[:, c.prefix : start] = False
         o = F.scaled_dot_product_attention(
             qc, k, v, attn_mask=mask, scale=scale, enable_gqa=self.kv_heads != self.heads
         )
