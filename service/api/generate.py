@@ -1,4 +1,4 @@
-"""POST /users/{id}/generate (JSON, or Server-Sent Events with "stream": true)."""
+"""POST /users/{id}/generate (JSON, or Server-Sent Events with "stream": true) and POST /users/{id}/score."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from service.deps import StateDep, UserDep
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.generation import service
-from service.generation.schemas import GenerateIn, GenerateOut
+from service.generation.schemas import GenerateIn, GenerateOut, ScoreIn, ScoreOut
 
 router = APIRouter(
     prefix="/users/{user_id}", tags=["generate"], responses=error_responses(*AUTH_ERRORS, *SERVING_ERRORS)
@@ -46,3 +46,9 @@ async def generate(request: Request, body: GenerateIn, user: UserDep, state: Sta
         events = await service.generate_sse(state.preparer, user, body)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await until_disconnect(request, service.generate(state.preparer, user, body))
+
+
+@router.post("/score", response_model=ScoreOut)
+async def score(request: Request, body: ScoreIn, user: UserDep, state: StateDep) -> ScoreOut:
+    """Log-probabilities of fixed candidate answers under the user's adapter (prefill only, same engine)."""
+    return await until_disconnect(request, service.score(state.preparer, user, body))

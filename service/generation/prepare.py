@@ -67,6 +67,8 @@ class GenerationSpec:
     prompt: str | tuple[ChatTurn, ...]  # raw completion text, or chat turns (the last user turn is the request)
     personalization: Personalization
     sampling: SamplingOptions
+    # Scoring instead of generating: texts whose logprobs after the prompt (as the answer) are wanted.
+    candidates: tuple[str, ...] = ()
 
     @property
     def query(self) -> str:
@@ -137,11 +139,15 @@ class Preparer:
         self.engine = engine
 
     def prepare(self, spec: GenerationSpec) -> PreparedRequest:
-        sampling = resolve_sampling(spec.sampling, self.settings, self.codec.stop_ids)
+        if spec.candidates:  # scoring: prefill only
+            sampling = SamplingParams(max_new_tokens=0, stop_token_ids=self.codec.stop_ids)
+        else:
+            sampling = resolve_sampling(spec.sampling, self.settings, self.codec.stop_ids)
         with unit_of_work(self.session_factory) as session:
             ctx = self._resolve(session, spec)
         ids = self._encode(spec, ctx)
-        self._check_length(ids, sampling.max_new_tokens)
+        continuations = tuple(tuple(self.codec.encode_continuation(c)) for c in spec.candidates)
+        self._check_length(ids, sampling.max_new_tokens + sum(map(len, continuations)))
         if ctx.adapter is not None:
             self.engine.prefetch(ctx.adapter)  # disk -> host here, not on the engine's thread
         shared_version = ctx.shared.version if ctx.shared is not None else None
@@ -154,6 +160,7 @@ class Preparer:
             adapter=ctx.adapter,
             tenant=spec.user.storage_key if spec.user is not None else BASE_TENANT,
             deadline=time.monotonic() + self.settings.request_timeout_s,
+            continuations=continuations,
         )
         retrieved = tuple(Retrieved(h.doc.id, round(h.score, 6)) for h in ctx.retrieved)
         adapter_version = ctx.adapter.version if ctx.adapter is not None else None
@@ -185,8 +192,8 @@ class Preparer:
         limit = self.engine.context_length
         if len(ids) + max_new_tokens > limit:
             raise PromptTooLong(
-                f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-                f"model's context of {limit} tokens",
+                f"prompt is {len(ids)} tokens; with {max_new_tokens} more (new or scored tokens) it exceeds "
+                f"the model's context of {limit} tokens",
                 details={"prompt_tokens": len(ids), "context_length": limit},
             )
 

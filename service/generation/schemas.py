@@ -10,6 +10,8 @@ from service.generation.prepare import ChatTurn, GenerationSpec, Personalization
 from service.tenancy import UserRef
 
 MAX_PROMPT_CHARS = 32_000
+MAX_CANDIDATES = 32
+MAX_CANDIDATE_CHARS = 1_000
 
 
 class GenerateIn(BaseModel):
@@ -34,6 +36,43 @@ class GenerateIn(BaseModel):
         )
 
 
+class ScoreIn(BaseModel):
+    """Score fixed answers instead of generating one (e.g. ratings 0.5..5.0 for an expected-value readout)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    candidates: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_CANDIDATE_CHARS)]],
+        Field(min_length=1, max_length=MAX_CANDIDATES),
+    ]
+    retrieval_k: Annotated[int, Field(ge=0, le=10)] = 3
+    use_profile: bool = True
+    use_adapter: bool = True
+
+    def spec(self, user: UserRef) -> GenerationSpec:
+        return GenerationSpec(
+            user=user,
+            prompt=(ChatTurn("user", self.prompt),),
+            personalization=Personalization(self.retrieval_k, self.use_profile, self.use_adapter),
+            sampling=SamplingOptions(),
+            candidates=tuple(self.candidates),
+        )
+
+
+class CandidateOut(BaseModel):
+    text: str
+    tokens: int
+    logprob: float  # total log-probability of the candidate's tokens as the answer
+    mean_logprob: float  # per token
+    probability: float  # exp(logprob) normalised over the candidates given
+
+
+class ScoreUsage(BaseModel):
+    prompt_tokens: int
+    candidate_tokens: int
+
+
 class RetrievedOut(BaseModel):
     id: str
     score: float
@@ -50,3 +89,10 @@ class GenerateOut(BaseModel):
     adapter_version: int | None
     usage: UsageOut
     finish_reason: str
+
+
+class ScoreOut(BaseModel):
+    candidates: list[CandidateOut]
+    retrieved: list[RetrievedOut]
+    adapter_version: int | None
+    usage: ScoreUsage

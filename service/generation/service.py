@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -14,7 +15,16 @@ from service.engine.base import collect
 from service.engine.types import Finished
 from service.errors import ServiceError
 from service.generation.prepare import GenerationSpec, PreparedRequest, Preparer
-from service.generation.schemas import GenerateIn, GenerateOut, RetrievedOut, UsageOut
+from service.generation.schemas import (
+    CandidateOut,
+    GenerateIn,
+    GenerateOut,
+    RetrievedOut,
+    ScoreIn,
+    ScoreOut,
+    ScoreUsage,
+    UsageOut,
+)
 from service.inference.tokens import TextStream
 from service.tenancy import UserRef
 
@@ -88,6 +98,27 @@ async def generate_sse(preparer: Preparer, user: UserRef, body: GenerateIn) -> A
             yield f"event: error\ndata: {json.dumps(error_event(exc))}\n\n"
 
     return events()
+
+
+async def score(preparer: Preparer, user: UserRef, body: ScoreIn) -> ScoreOut:
+    """Per candidate: its total and mean logprob as the answer (one prefill of the prompt for all of them)."""
+    prepared = await prepare(preparer, body.spec(user))
+    done = await collect(preparer.engine, prepared.request)
+    totals = [sum(lps) for lps in done.finished.continuation_logprobs]
+    top = max(totals)
+    weights = [math.exp(t - top) for t in totals]
+    norm = sum(weights)
+    conts = prepared.request.continuations
+    out = [
+        CandidateOut(text=text, tokens=len(ids), logprob=total, mean_logprob=total / len(ids), probability=w / norm)
+        for text, ids, total, w in zip(body.candidates, conts, totals, weights, strict=True)
+    ]
+    return ScoreOut(
+        candidates=out,
+        retrieved=[RetrievedOut(id=r.id, score=r.score) for r in prepared.retrieved],
+        adapter_version=prepared.adapter_version,
+        usage=ScoreUsage(prompt_tokens=done.finished.prompt_tokens, candidate_tokens=sum(map(len, conts))),
+    )
 
 
 def error_event(exc: BaseException) -> dict[str, str]:

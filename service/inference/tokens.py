@@ -60,6 +60,10 @@ class PromptCodec:
         """A raw completion prompt, as the tokenizer encodes it (special tokens such as BOS included)."""
         return [int(i) for i in self.tokenizer(text)["input_ids"]]
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Tokens of a text that follows an encoded prompt (an answer to score): no special tokens added."""
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 

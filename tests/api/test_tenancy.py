@@ -63,6 +63,11 @@ USER_ROUTES: list[RouteCase] = [
         "/users/{user_id}/generate",
         {"prompt": LEAK_QUERY, "max_new_tokens": 3, "temperature": 0, "retrieval_k": 10, "use_profile": True},
     ),
+    RouteCase(
+        "POST",
+        "/users/{user_id}/score",
+        {"prompt": LEAK_QUERY, "candidates": ["yes", "no"], "retrieval_k": 10, "use_profile": True},
+    ),
     # Adapters: the users in this test have none, so 404 also means "authorised".
     RouteCase("GET", "/users/{user_id}/adapter", ok=NO_ADAPTER),
     RouteCase("GET", "/users/{user_id}/adapter/versions", ok=NO_ADAPTER),
