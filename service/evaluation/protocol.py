@@ -6,6 +6,7 @@ Pure data and checks; `runner` drives the real components with it, `report` scor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -15,7 +16,9 @@ from service.evaluation import movielens as ml
 from service.history.service import DocSnapshot
 from service.training.examples import TrainExample
 
-REFERENCE = "oppu_rag"  # the method every other one is compared with (paired bootstrap)
+REFERENCE = "oppu_rag"  # the method every other one is compared with (paired bootstrap), per readout
+EV = "_ev"  # suffix of a method's expected-value readout (its greedy readout has the bare name)
+RATINGS = tuple(f"{0.5 * i:.1f}" for i in range(1, 11))  # the answers scored for the expected value
 SCOPE = "/"  # stage-1 example ids are "<user>/<item>", so leakage is checked per user
 
 
@@ -35,15 +38,20 @@ class EvalConfig:
     test_items: int = 2
     seed: int = 0  # user sampling, LoRA init/shuffling, bootstrap
     model: str | None = None  # None: the served model (OPPU_MODEL, default SmolLM2-135M-Instruct)
-    shared_epochs: int = 1
-    user_epochs: int = 1
-    # Chosen a priori for a ~100M model and few steps (the paper's 1e-4 is for 7B); never tuned on test items.
-    shared_lr: float = 1e-3
-    user_lr: float = 1e-3
-    shared_batch_size: int = 8
-    user_batch_size: int = 4
-    rank: int = 8
-    alpha: float = 8.0
+    # Users are drawn among those with at least this many ratings (None: history + test items): the same
+    # value for every activity level keeps the same users and test items across levels.
+    min_ratings: int | None = None
+    # Training: None = the server's default (OPPU_TRAIN_*), so the run measures what a user gets.
+    shared_epochs: int | None = None
+    user_epochs: int | None = None
+    shared_lr: float | None = None
+    user_lr: float | None = None
+    user_min_steps: int | None = None
+    shared_batch_size: int | None = None
+    user_batch_size: int | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    shared_max_per_user: int = 200  # stage-1 examples drawn from one user (per prompt shape)
     oppu_rag_k: int = 4  # k of oppu_rag AND of the stage-2 training prompts (trained as served)
     shared_ks: tuple[int, ...] = (0, 1, 4)  # stage-1 prompt shapes (plus one with the profile)
     max_seq_len: int = 512
@@ -80,11 +88,16 @@ class EvalConfig:
 
 PRESETS: dict[str, EvalConfig] = {
     # CI: a pipeline check, not a measurement (4 users x 2 test items).
-    "small": EvalConfig(preset="small", users=4, history_items=12, test_items=2),
-    # The measurement: 50 test users x 4 items. Training dominates: ~0.53M tokens (stage 1 ~0.14M, stage 2
-    # ~0.38M), i.e. about an hour on 2 CPU cores at ~150 tokens/s with SmolLM2-135M.
+    "small": EvalConfig(preset="small", users=4, history_items=12, test_items=2, user_epochs=1, shared_epochs=1),
+    # The first measurement (2026-11): 50 users x 24 history items x 4 test items.
     "full": EvalConfig(
         preset="full", users=50, history_items=24, test_items=4, shared_epochs=1, user_epochs=2, shared_batch_size=16
+    ),
+    # Activity levels: the same users and test items at --history-items 24, 100 or 200 (users with >= 208
+    # ratings, so that the dev split's holdout fits too). Sized to finish in <= 60 min at 200 items on a
+    # 2-core box; stage 1 samples at most 24 items per user and prompt shape.
+    "activity": EvalConfig(
+        preset="activity", users=24, history_items=100, test_items=4, min_ratings=208, shared_max_per_user=24
     ),
 }
 
@@ -113,18 +126,27 @@ def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"--set expects FIELD=VALUE with an EvalConfig field, got {pair!r}")
         current = getattr(defaults, name)
         try:
-            if isinstance(current, bool):
-                value: Any = {"true": True, "false": False}[text.lower()]
-            elif isinstance(current, tuple):
-                value = tuple(int(v) for v in text.split(",") if v)
-            elif isinstance(current, int | float):
-                value = type(current)(text)
-            else:
-                value = text
+            value: Any = _typed(name, current, text)
         except (KeyError, ValueError) as exc:
             raise ValueError(f"--set {name}: cannot read {text!r} as {type(current).__name__}") from exc
         out[name] = value
     return out
+
+
+_FLOAT_FIELDS = frozenset({"shared_lr", "user_lr", "alpha"})
+
+
+def _typed(name: str, current: Any, text: str) -> Any:
+    """The text of `--set name=text` as the field's type (fields whose default is None: by name)."""
+    if isinstance(current, bool):
+        return {"true": True, "false": False}[text.lower()]
+    if isinstance(current, tuple):
+        return tuple(int(v) for v in text.split(",") if v)
+    if current is None:
+        return float(text) if name in _FLOAT_FIELDS else (text if name == "model" else int(text))
+    if isinstance(current, int | float):
+        return type(current)(text)
+    return text
 
 
 def default_data_dir() -> Path:
@@ -182,6 +204,24 @@ def unscope(examples: Sequence[TrainExample]) -> dict[str, list[TrainExample]]:
             raise AssertionError(f"stage-1 example {ex.item_id!r} has no user scope")
         out.setdefault(user, []).append(replace(ex, item_id=item))
     return out
+
+
+def expected_rating(logprobs: Sequence[float]) -> float:
+    """The expected value over RATINGS under the scored answer distribution (normalised over them)."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    return sum(float(r) * w for r, w in zip(RATINGS, weights, strict=True)) / sum(weights)
+
+
+def comparisons(names: Sequence[str]) -> list[tuple[str, str]]:
+    """(oppu_rag of a readout, another method): the other LLM methods of the same readout and the baselines."""
+    out = []
+    for ref in (REFERENCE, REFERENCE + EV):
+        if ref in names:
+            same = [n for n in names if n != ref and n.endswith(EV) == ref.endswith(EV)]
+            baselines = [n for n in names if n in ("global_mean", "user_mean")]
+            out += [(ref, n) for n in [*same, *baselines] if n in names and n != ref]
+    return list(dict.fromkeys(out))
 
 
 def baseline_predictions(task: ml.RatingTask) -> dict[str, list[float | None]]:

@@ -10,21 +10,21 @@ from typing import Any
 
 from service.evaluation import metrics
 from service.evaluation import movielens as ml
-from service.evaluation.protocol import REFERENCE
+from service.evaluation.protocol import comparisons
 from service.training.trainer import TrainOutput
 
 
 def score(
     golds: Sequence[float], preds: Mapping[str, Sequence[float | None]], *, resamples: int, seed: int
 ) -> tuple[dict[str, metrics.MetricResult], dict[str, metrics.BootstrapCI]]:
-    """Per-method metrics, and the paired bootstrap CI of mean(|err| of oppu_rag - |err| of each other).
-    A negative difference means oppu_rag has the lower error."""
+    """Per-method metrics, and for each comparison "a vs b" the paired bootstrap CI of mean(|err a| - |err b|):
+    oppu_rag against the other methods of its readout (greedy, or expected value) and the baselines. A
+    negative difference means oppu_rag has the lower error."""
     results = {name: metrics.score_predictions(golds, p) for name, p in preds.items()}
     errors = {name: metrics.absolute_errors(golds, p) for name, p in preds.items()}
     ci = {
-        name: metrics.paired_bootstrap_ci(errors[REFERENCE], err, n_resamples=resamples, seed=seed)
-        for name, err in errors.items()
-        if name != REFERENCE
+        f"{a} vs {b}": metrics.paired_bootstrap_ci(errors[a], errors[b], n_resamples=resamples, seed=seed)
+        for a, b in comparisons(list(preds))
     }
     return results, ci
 
@@ -33,7 +33,7 @@ def markdown_report(results: Mapping[str, metrics.MetricResult], ci: Mapping[str
     lines = [
         metrics.markdown_table(results),
         "",
-        f"| {REFERENCE} vs | mean abs-error diff | 95% CI (paired bootstrap) | n |",
+        "| comparison | mean abs-error diff | 95% CI (paired bootstrap) | n |",
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {n} | {c.mean_diff:+.4f} | [{c.low:+.4f}, {c.high:+.4f}] | {c.n} |" for n, c in ci.items()]

@@ -34,6 +34,7 @@ from service.engine.base import collect
 from service.evaluation import metrics, protocol, report
 from service.evaluation import movielens as ml
 from service.evaluation.protocol import (
+    EV,
     SCOPE,
     EvalConfig,
     LlmMethod,
@@ -78,8 +79,8 @@ class _NoQueue:
 
 
 def _settings(base: Settings, workdir: Path, config: EvalConfig) -> Settings:
-    user_targets = LoraTrainConfig().target_modules
-    shared_targets = LoraTrainConfig.shared_default().target_modules
+    user_targets = LoraTrainConfig.from_settings(base, stage="user").target_modules
+    shared_targets = LoraTrainConfig.from_settings(base, stage="shared").target_modules
     return base.model_copy(
         update={
             "data_dir": workdir,
@@ -90,7 +91,7 @@ def _settings(base: Settings, workdir: Path, config: EvalConfig) -> Settings:
             "adapter_slots": config.gen_batch,
             "batch_max_size": config.gen_batch,
             # Slots sized for what is trained (all 7 projections at rank 64 would be ~1.3 GB here).
-            "adapter_max_rank": config.rank,
+            "adapter_max_rank": config.rank or base.train_user_rank,
             "adapter_target_modules": tuple(dict.fromkeys((*user_targets, *shared_targets))),
             "bm25_cache_users": max(base.bm25_cache_users, config.users),
             # Every test request is queued at once: no fair-share cap, no deadline inside one run.
@@ -169,18 +170,19 @@ def _make_profiles(bench: _Bench, docs: Mapping[str, Sequence[history.DocSnapsho
         return {uid: history.profile_text(session, ref) for uid, ref in bench.users.items()}
 
 
-def _train_config(config: EvalConfig, *, shared: bool) -> LoraTrainConfig:
-    base = LoraTrainConfig.shared_default() if shared else LoraTrainConfig.user_default()
-    return replace(
-        base,
-        rank=config.rank,
-        alpha=config.alpha,
-        lr=config.shared_lr if shared else config.user_lr,
-        epochs=config.shared_epochs if shared else config.user_epochs,
-        batch_size=config.shared_batch_size if shared else config.user_batch_size,
-        max_seq_len=config.max_seq_len,
-        seed=config.seed,
-    )
+def _train_config(config: EvalConfig, settings: Settings, *, shared: bool) -> LoraTrainConfig:
+    """The server's training config for the stage (OPPU_TRAIN_*), with the run's explicit overrides."""
+    base = LoraTrainConfig.from_settings(settings, stage="shared" if shared else "user")
+    overrides: dict[str, Any] = {
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "lr": config.shared_lr if shared else config.user_lr,
+        "epochs": config.shared_epochs if shared else config.user_epochs,
+        "batch_size": config.shared_batch_size if shared else config.user_batch_size,
+        "min_steps": None if shared else config.user_min_steps,
+    }
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    return replace(base, **chosen, max_seq_len=config.max_seq_len, seed=config.seed)
 
 
 def _shared_examples(
@@ -191,7 +193,7 @@ def _shared_examples(
     s, c = bench.settings, bench.config
     variants: list[tuple[int, Mapping[str, str | None] | None]] = [(k, None) for k in c.shared_ks]
     variants.append((0, profiles))
-    per_user = max(1, math.ceil(c.history_items / len(variants)))
+    per_user = max(1, min(c.shared_max_per_user, math.ceil(c.history_items / len(variants))))
     scoped = {u: [replace(d, id=f"{u}{SCOPE}{d.id}") for d in ds] for u, ds in docs.items() if ds}
     out: list[TrainExample] = []
     for i, (k, profs) in enumerate(variants):
@@ -220,8 +222,8 @@ def _train_shared(bench: _Bench, examples: Sequence[TrainExample]) -> tuple[int,
     """Stage 1 on the plain base; the next request the preparation step makes notices the new shared
     version, and the engine merges it into the served base before that request runs."""
     lm = bench.core.loaded
-    config = _train_config(bench.config, shared=True)
-    steps = config.epochs * math.ceil(len(examples) / config.batch_size)
+    config = _train_config(bench.config, bench.settings, shared=True)
+    steps = config.epochs_for(len(examples)) * math.ceil(len(examples) / config.batch_size)
     with tqdm(total=steps, desc="shared LoRA", unit="step", disable=not bench.config.progress) as bar:
         out = train_lora(
             bench.jobs.training_model(None),
@@ -239,7 +241,7 @@ def _train_users(
 ) -> tuple[dict[str, list[TrainExample]], list[TrainOutput]]:
     """Stage 2: one LoRA per user on (base + shared), prompts retrieved from EARLIER items only."""
     s, lm = bench.settings, bench.core.loaded
-    config = _train_config(bench.config, shared=False)
+    config = _train_config(bench.config, bench.settings, shared=False)
     with unit_of_work(bench.core.db.session_factory) as session:
         shared_ref = adapter_service.shared_ref(session, bench.core.store)
     model = bench.jobs.training_model(shared_ref)
@@ -275,6 +277,31 @@ def _method_answers(bench: _Bench, task: ml.RatingTask, method: LlmMethod) -> tu
     return answers, sum(len(p.retrieved) for p in prepared)
 
 
+def _method_expected(bench: _Bench, task: ml.RatingTask, method: LlmMethod) -> list[float]:
+    """Every test item's expected rating under `method`: the ratings 0.5..5.0 scored as the answer (prefill
+    only, one scoring row per item), averaged under their normalised probabilities."""
+    preparer, specs = bench.core.preparer, []
+    for split in task.users:
+        for item in split.test:
+            spec = _spec(bench, bench.users[split.user_id], ml.item_input(item), method, 1)
+            specs.append(replace(spec, candidates=protocol.RATINGS))
+    prepared = [preparer.prepare(spec) for spec in specs]
+    bar = tqdm(total=len(prepared), desc=method.name + EV, unit="req", disable=not bench.config.progress)
+
+    async def one(p: PreparedRequest) -> float:
+        done = await collect(preparer.engine, p.request)
+        bar.update(1)
+        return protocol.expected_rating([sum(lps) for lps in done.finished.continuation_logprobs])
+
+    async def run_all() -> list[float]:
+        return list(await asyncio.gather(*(one(p) for p in prepared)))
+
+    try:
+        return asyncio.run(run_all())
+    finally:
+        bar.close()
+
+
 def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_dir: Path) -> dict[str, Any]:
     lm = bench.core.loaded
     return {
@@ -282,8 +309,6 @@ def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_
         "users": len(task.users),
         "items": sum(len(s.test) for s in task.users),
         "seeds": {"data": config.seed, "train": config.seed, "bootstrap": config.seed},
-        "epochs": {"shared": config.shared_epochs, "user": config.user_epochs},
-        "lr": {"shared": config.shared_lr, "user": config.user_lr},
         "model": lm.name,
         "device": str(lm.device),
         "dtype": str(lm.dtype).removeprefix("torch."),
@@ -297,7 +322,11 @@ def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_
         ),
         "holdout": config.holdout,
         "request": "the test movie's title | genres (movielens.item_input), as in training; also the retrieval query",
-        "decoding": "greedy",
+        "decoding": "greedy (method) and the expected value over the scored ratings 0.5..5.0 (method_ev)",
+        "training": {
+            "shared": asdict(_train_config(config, bench.settings, shared=True)),
+            "user": asdict(_train_config(config, bench.settings, shared=False)),
+        },
         "oppu_rag_k": config.oppu_rag_k,
         "user_lora_train_k": config.oppu_rag_k,
         "tuned_on_test_items": False,
@@ -317,7 +346,7 @@ def run_eval(
         n_users=config.users,
         history_items=config.history_items,
         test_items=config.test_items,
-        min_ratings=config.history_items + config.test_items,
+        min_ratings=config.min_ratings or config.history_items + config.test_items,
         seed=config.seed,
         holdout=config.holdout,
     )
@@ -358,6 +387,8 @@ def _run(bench: _Bench, task: ml.RatingTask, root: Path, timing: dict[str, float
         leak["retrieved_items"] += n_retrieved
         preds[method.name] = [metrics.parse_rating(text) for text in raw[method.name]]
         t = _timed(timing, f"generate_{method.name}_s", t)
+        preds[method.name + EV] = list(_method_expected(bench, task, method))
+        t = _timed(timing, f"score_{method.name}_s", t)
     golds = [item.rating for split in task.users for item in split.test]
     results, ci = report.score(golds, preds, resamples=bench.config.bootstrap_resamples, seed=bench.config.seed)
     _timed(timing, "total_s", started)

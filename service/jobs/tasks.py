@@ -227,7 +227,7 @@ def _publish(ctx: JobContext, job: ClaimedJob, plan: TrainingPlan, out: TrainOut
         "steps": out.steps,
         "final_loss": out.final_loss,
         "train_seconds": round(out.seconds, 2),
-        "epochs": plan.config.epochs,
+        "epochs": out.epochs,
         "lr": plan.config.lr,
         "retrieval_k": ctx.settings.train_retrieval_k,
     }

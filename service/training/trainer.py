@@ -50,6 +50,11 @@ class LoraTrainConfig:
     weight_decay: float = 0.0
     # Shuffle, then batch similar lengths together (HF `group_by_length`): far less padding per step.
     group_by_length: bool = True
+    # Small histories still train: epochs repeat until at least this many optimizer steps were taken.
+    min_steps: int = 0
+    # The examples of a step are packed into rows of up to max_seq_len tokens (each attending only to itself,
+    # position ids restarting per example): no padding computed, fewer and fuller rows.
+    pack: bool = True
     # bf16 autocast with fp32 weights, LoRA and AdamW state (OPPU trains with HF `bf16=True`). "auto" uses
     # it where bf16 matmuls are native (CUDA with bf16, CPUs with AVX512-BF16/AMX): 3x fp32 on such CPUs.
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
@@ -58,8 +63,13 @@ class LoraTrainConfig:
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_seq_len < 2:
-            raise ValueError("rank, epochs, batch_size must be >= 1 and max_seq_len >= 2")
+        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_seq_len < 2 or self.min_steps < 0:
+            raise ValueError("rank, epochs, batch_size must be >= 1, min_steps >= 0 and max_seq_len >= 2")
+
+    def epochs_for(self, examples: int) -> int:
+        """Epochs actually run: `epochs`, or more until `min_steps` optimizer steps are reached."""
+        per_epoch = math.ceil(examples / self.batch_size)
+        return max(self.epochs, math.ceil(self.min_steps / per_epoch)) if per_epoch else self.epochs
         if not self.target_modules or not 0.0 <= self.warmup_ratio < 1.0 or self.lr <= 0:
             raise ValueError("need target modules, 0 <= warmup_ratio < 1 and lr > 0")
 
@@ -102,6 +112,7 @@ class TrainOutput:
     padded_tokens: int = 0  # tokens including padding: (rows x batch width) summed over steps
     epoch_losses: tuple[float, ...] = ()
     compute_dtype: str = "float32"  # "bfloat16" when trained under autocast
+    epochs: int = 0  # epochs run (min_steps may add some to the configured ones)
 
 
 def encode_example(
@@ -129,6 +140,37 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[st
         labels[r, : len(row_labels)] = torch.tensor(row_labels)
         mask[r, : len(row_ids)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_packed(rows: Sequence[tuple[list[int], list[int]]], max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Packs one batch into rows of up to max_len tokens (first fit, longest first). Position ids restart at
+    every example and there is no 2-D attention mask, so the model's masking keeps examples apart (block
+    diagonal); padding is only the tail of the shorter packed rows, unlabelled, each pad its own block."""
+    bins: list[list[int]] = []
+    sizes: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        n = len(rows[i][0])
+        slot = next((b for b, size in enumerate(sizes) if size + n <= max_len), None)
+        if slot is None:
+            bins.append([i])
+            sizes.append(n)
+        else:
+            bins[slot].append(i)
+            sizes[slot] += n
+    width = max(sizes)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    for r, members in enumerate(bins):
+        at = 0
+        for i in members:
+            row_ids, row_labels = rows[i]
+            n = len(row_ids)
+            ids[r, at : at + n] = torch.tensor(row_ids)
+            labels[r, at : at + n] = torch.tensor(row_labels)
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def epoch_batches(lengths: Sequence[int], config: LoraTrainConfig, gen: torch.Generator) -> list[list[int]]:
@@ -167,7 +209,10 @@ def target_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # Same loss as the model's own, but the vocab projection (49k wide) runs on target positions only
     # instead of every prompt token: the prompt is most of each row, the head a fifth of the FLOPs.
     hidden = base.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
     ).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
@@ -224,8 +269,8 @@ def train_lora(
     stop_ids = stop_token_ids(tokenizer, model.config)
     rows = [encode_example(tokenizer, ex, stop_ids, config.max_seq_len) for ex in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-    per_epoch = math.ceil(len(rows) / config.batch_size)
-    total = per_epoch * config.epochs
+    config = replace(config, epochs=config.epochs_for(len(rows)))
+    total = math.ceil(len(rows) / config.batch_size) * config.epochs
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
@@ -246,6 +291,7 @@ def train_lora(
         tokens=tokens,
         padded_tokens=padded,
         epoch_losses=tuple(epoch_losses),
+        epochs=config.epochs,
         compute_dtype=str(autocast_dtype(config, device) or torch.float32).removeprefix("torch."),
     )
 
@@ -275,7 +321,9 @@ def _optimise(
         for idx in epoch_batches(lengths, config, gen):
             if should_stop is not None and should_stop():
                 raise TrainingCancelled(f"stopped after {step} of {total} steps")
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+            chosen = [rows[i] for i in idx]
+            packed = collate_packed(chosen, config.max_seq_len, pad_id) if config.pack else collate(chosen, pad_id)
+            batch = {k: v.to(device) for k, v in packed.items()}
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                 loss = target_loss(peft_model, batch)
             torch.autograd.backward(loss)

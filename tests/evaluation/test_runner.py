@@ -22,7 +22,8 @@ from service.training.examples import TrainExample
 from tests.models import tiny_model_dir
 
 ML_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
-METHODS = {"global_mean", "user_mean", "non_personalized", "rag_k1", "rag_k4", "pag", "oppu", "oppu_rag", "oppu_pag"}
+LLM = {"non_personalized", "rag_k1", "rag_k4", "pag", "oppu", "oppu_rag", "oppu_pag"}
+METHODS = {"global_mean", "user_mean"} | LLM | {m + "_ev" for m in LLM}
 
 
 def _item(item_id: str, rating: float, ts: int) -> ml.RatingItem:
@@ -48,7 +49,11 @@ def test_small_preset_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= m["mae"] <= m["rmse"] + 1e-9 and m["rmse"] <= 4.5, name
         assert 0.0 <= m["parse_failure_rate"] <= 1.0 and m["n"] == n, name
     assert report["methods"]["user_mean"]["parse_failure_rate"] == 0.0
-    assert set(report["ci"]) == METHODS - {REFERENCE}
+    for m in LLM:  # the expected value is always a rating in range: never a parse failure
+        assert report["methods"][m + "_ev"]["parse_failure_rate"] == 0.0
+    greedy = {f"{REFERENCE} vs {m}" for m in METHODS - {REFERENCE} if not m.endswith("_ev")}
+    ev = {f"{REFERENCE}_ev vs {m}" for m in METHODS if m.endswith("_ev") and m != REFERENCE + "_ev"}
+    assert set(report["ci"]) == greedy | ev | {f"{REFERENCE}_ev vs user_mean", f"{REFERENCE}_ev vs global_mean"}
     assert all(c["low"] <= c["mean_diff"] <= c["high"] and c["n"] == n for c in report["ci"].values())
     config = report["config"]
     assert config["preset"] == "small" and config["users"] == small.users and config["items"] == n
@@ -101,3 +106,15 @@ def test_set_options_are_typed_after_the_config_fields() -> None:
     for bad in ("colour=red", "user_lr", "user_epochs=two", "preset=small", "progress=true"):
         with pytest.raises(ValueError, match="--set"):
             parse_settings([bad])
+
+
+def test_expected_rating_is_the_mean_under_the_scored_distribution() -> None:
+    from service.evaluation.protocol import RATINGS, expected_rating
+
+    assert RATINGS[0] == "0.5" and RATINGS[-1] == "5.0" and len(RATINGS) == 10
+    assert abs(expected_rating([0.0] * 10) - 2.75) < 1e-12  # uniform
+    peaked = [-50.0] * 9 + [0.0]
+    assert abs(expected_rating(peaked) - 5.0) < 1e-9
+    two = [-1e9] * 10
+    two[5], two[7] = -0.5, -0.5  # 3.0 and 4.0 equally likely, the rest impossible
+    assert abs(expected_rating(two) - 3.5) < 1e-9

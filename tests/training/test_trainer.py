@@ -18,6 +18,7 @@ from service.training.trainer import (
     TrainingCancelled,
     TrainOutput,
     collate,
+    collate_packed,
     encode_example,
     target_loss,
     train_lora,
@@ -107,6 +108,30 @@ def test_target_only_head_matches_the_models_own_loss(lm: LoadedModel) -> None:
     batch = collate([encode_example(lm.tokenizer, ex, stop, 512) for ex in _examples()], pad_id=2)
     with torch.no_grad():
         torch.testing.assert_close(target_loss(peft_model, batch), peft_model(**batch).loss)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_rows_give_the_padded_loss(lm: LoadedModel, attn: str) -> None:
+    """Examples packed into shared rows (no padding, each attending only to itself) give the same loss as
+    one padded row each: nothing leaks across an example boundary."""
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(lm.model)
+    model.set_attn_implementation(attn)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    rows = [encode_example(lm.tokenizer, ex, stop, 512) for ex in _examples(7)]
+    packed = collate_packed(rows, max_len=2 * max(len(r[0]) for r in rows), pad_id=2)
+    assert packed["input_ids"].shape[0] < len(rows)  # really packed
+    with torch.no_grad():
+        torch.testing.assert_close(target_loss(peft_model, packed), target_loss(peft_model, collate(rows, pad_id=2)))
+
+
+def test_min_steps_adds_epochs_for_small_histories(lm: LoadedModel) -> None:
+    config = LoraTrainConfig(lr=1e-3, epochs=1, batch_size=2, min_steps=7)
+    assert config.epochs_for(5) == 3 and config.epochs_for(40) == 1
+    out = train_lora(lm.model, lm.tokenizer, _examples(5), config, base_model_name="tiny")
+    assert out.steps == 9 and out.epochs == 3 and len(out.epoch_losses) == 3
 
 
 def test_callers_model_and_rng_unchanged(lm: LoadedModel) -> None:
