@@ -1,12 +1,14 @@
 """Mixed-adapter serving throughput and adapter swap latency on the real default model; prints one JSON.
 
-Throughput (tokens/s, median of repeats) at batch 16 for: the base model alone, LoraSlots with 16 distinct
-adapters, PEFT's mixed batch (adapter_names), and serial per-request PEFT set_adapter + generate. Swap
+Throughput (tokens/s, median of repeats) at batch 16 for: the builtin engine on base rows, the builtin engine
+with 16 distinct adapters in its LoRA slots, PEFT's mixed batch (adapter_names), and serial per-request PEFT
+set_adapter + generate. Swap
 latencies: host->slot, disk->slot, and PEFT load_adapter. Usage: .venv/bin/python bench/adapters.py
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import statistics
@@ -19,11 +21,14 @@ from typing import Any
 
 import torch
 
-from service.adapters.slots import LoraSlots
+from service.adapters.cache import AdapterCache
 from service.adapters.peft_format import AdapterWeights, read_adapter_dir
+from service.adapters.slots import LoraSlots
 from service.config import Settings
-from service.inference.engine import BatchGenerator, GenRow, SamplingParams
-from service.inference.loader import load_model
+from service.engine.base import collect
+from service.engine.builtin.engine import BuiltinEngine
+from service.engine.types import AdapterRef, EngineRequest, SamplingParams
+from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import encode_prompt
 
 MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
@@ -138,17 +143,39 @@ def run(root: Path) -> None:
     slot_model = copy.deepcopy(base)
     peft, dirs = make_adapters(copy.deepcopy(base), root)
     weights: list[AdapterWeights] = [read_adapter_dir(max_scale=MAX_SCALE, directory=d) for d in dirs]
-    slots = LoraSlots(slot_model, USERS, 8, TARGETS, device=device, dtype=dtype)
-    for u, w in enumerate(weights):
-        slots.load(u + 1, w)
+    slots = LoraSlots(slot_model, USERS, 8, TARGETS, device=device, dtype=dtype)  # filled by the engine's cache
 
-    base_gen = BatchGenerator(base, slots=None, pad_token_id=pad, device=device)
-    slot_gen = BatchGenerator(slot_model, slots=slots, pad_token_id=pad, device=device)
-    base_rows = [GenRow(p, greedy) for p in prompts]
-    slot_rows = [GenRow(p, greedy, u + 1) for u, p in enumerate(prompts)]
+    engine = BuiltinEngine(
+        LoadedModel(slot_model, tok, device, dtype, loaded.name, None),
+        AdapterCache(slots, host_budget_bytes=1 << 30, max_scale=MAX_SCALE),
+        slots,
+        max_rows=USERS,
+        max_model_len=512,
+        max_batch_tokens=1024,
+        window_s=0.0,
+        queue_max=1024,
+        queue_per_tenant=1024,
+        max_scale=MAX_SCALE,
+    )
+    engine.start()
+    refs = [AdapterRef(f"u{u}", 1, f"{u:064d}", d) for u, d in enumerate(dirs)]
 
-    def engine_run(gen: BatchGenerator, rows: list[GenRow]) -> int:
-        return sum(len(o.token_ids) for o in gen.generate(rows))
+    def engine_rows(adapters: list[AdapterRef | None]) -> list[list[int]]:
+        async def all_rows() -> list[list[int]]:
+            reqs = [
+                EngineRequest(f"r{u}", tuple(p), greedy, a, f"t{u}", time.monotonic() + 600)
+                for u, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+            ]
+            done = await asyncio.gather(*(collect(engine, r) for r in reqs))
+            return [d.token_ids for d in done]
+
+        return asyncio.run(all_rows())
+
+    def engine_run(adapters: list[AdapterRef | None]) -> int:
+        return sum(map(len, engine_rows(adapters)))
+
+    base_refs: list[AdapterRef | None] = [None] * USERS
+    slot_refs: list[AdapterRef | None] = list(refs)
 
     batch = left_padded(prompts, pad, device)
     # Exactly NEW_TOKENS per row on both sides: no eos stop (min_new_tokens would instead mask eos and
@@ -173,8 +200,8 @@ def run(root: Path) -> None:
 
     tps, cpu_tps = median_tokens_per_s(
         {
-            "base": lambda: engine_run(base_gen, base_rows),
-            "slots": lambda: engine_run(slot_gen, slot_rows),
+            "base": lambda: engine_run(base_refs),
+            "slots": lambda: engine_run(slot_refs),
             "peft_mixed": peft_mixed,
             "peft_serial": peft_serial,
         },
@@ -182,8 +209,8 @@ def run(root: Path) -> None:
     )
 
     # Correctness signal: do the slot rows reproduce PEFT's own mixed batch, and do adapters change outputs?
-    slot_out = [o.token_ids for o in slot_gen.generate(slot_rows)]
-    base_out = [o.token_ids for o in base_gen.generate(base_rows)]
+    slot_out = engine_rows(slot_refs)
+    base_out = engine_rows(base_refs)
     with torch.inference_mode():
         peft_out = peft.generate(**batch, generation_config=gen_config, adapter_names=names)
     peft_rows = peft_out[:, batch["input_ids"].shape[1] :].tolist()
@@ -191,6 +218,7 @@ def run(root: Path) -> None:
     def disk_to_slot(slot: int, folder: Path) -> None:
         slots.load(slot, read_adapter_dir(max_scale=MAX_SCALE, directory=folder))
 
+    engine.stop()  # the swap timings below write slots directly
     host: list[float] = []
     disk: list[float] = []
     peft_load: list[float] = []

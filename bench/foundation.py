@@ -4,8 +4,9 @@
 2. BM25 top-5 latency for one user with 10,000 items on the cached-index path
    (`service.history.service.retrieve` with a warm BM25Cache: one unit of work + the SQL stamp check),
    plus the cold index build time.
-3. Generate latency through HTTP vs the runtime called directly (`ModelRuntime.complete_blocking`) on the
-   real default model, greedy, same prompt ids and params; `http_overhead_ratio` = http / direct - 1.
+3. Generate latency through HTTP vs the engine called directly (the same prepared request: the preparation
+   step's output, run by `engine.base.collect`) on the real default model, greedy; `http_overhead_ratio` =
+   http / direct - 1.
 
 The server is a real uvicorn on 127.0.0.1 (a thread of this process) and the client is httpx with
 keep-alive. Usage: .venv/bin/python bench/foundation.py [--batches 20] [--runs 10]
@@ -14,6 +15,7 @@ keep-alive. Usage: .venv/bin/python bench/foundation.py [--batches 20] [--runs 1
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,8 @@ sys.path.insert(0, str(REPO))
 from service.config import DEFAULT_MODEL, Settings  # noqa: E402
 from service.db.migrate import upgrade  # noqa: E402
 from service.db.session import unit_of_work  # noqa: E402
+from service.engine.base import collect  # noqa: E402
+from service.generation.schemas import GenerateIn  # noqa: E402
 from service.history.service import retrieve, user_corpus  # noqa: E402
 from service.main import create_app  # noqa: E402
 from service.state import AppState  # noqa: E402
@@ -181,12 +186,12 @@ def bench_bm25(http: httpx.Client, state: AppState, queries: int, rng: random.Ra
 
 
 def bench_generate(http: httpx.Client, state: AppState, runs: int, new_tokens: int) -> dict[str, Any]:
-    runtime = state.runtime
-    assert runtime is not None
     headers = create_user(http, "writer")
     body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "temperature": 0, "retrieval_k": 0, "use_profile": False}
-    ids = runtime.encode(PROMPT, new_tokens)  # the HTTP path's prompt is the bare request (no context)
-    params = runtime.params(max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, seed=None)
+    with unit_of_work(state.session_factory) as session:
+        user = authorize_user(session, Caller(is_admin=True), "writer")
+    spec = GenerateIn(**{k: v for k, v in body.items()}).spec(user)  # type: ignore[arg-type]
+    prepared = state.preparer.prepare(spec)  # the HTTP path's prompt is the bare request (no context)
 
     def via_http() -> tuple[float, str, int]:
         t0 = time.perf_counter()
@@ -198,8 +203,8 @@ def bench_generate(http: httpx.Client, state: AppState, runs: int, new_tokens: i
 
     def direct() -> tuple[float, str, int]:
         t0 = time.perf_counter()
-        done = runtime.complete_blocking(ids, params)
-        return time.perf_counter() - t0, done.text, len(done.token_ids)
+        done = asyncio.run(collect(state.engine, replace(prepared.request, deadline=time.monotonic() + 600)))
+        return time.perf_counter() - t0, state.preparer.codec.decode(done.token_ids), len(done.token_ids)
 
     via_http(), direct()  # warm-up
     http_s: list[float] = []
@@ -215,8 +220,7 @@ def bench_generate(http: httpx.Client, state: AppState, runs: int, new_tokens: i
     http_med, direct_med = statistics.median(http_s), statistics.median(direct_s)
     paired = statistics.median(h / d for h, d in zip(http_s, direct_s, strict=True))
     return {
-        "model": runtime.model_name,
-        "device": str(runtime.loaded.device),
+        "model": state.engine.model_name,
         "torch_threads": torch.get_num_threads(),
         "new_tokens": new_tokens,
         "completion_tokens": sorted(tokens),

@@ -157,6 +157,7 @@ def client_loop(base_url: str, keys: Mapping[str, str], stats: Stats, deadline: 
     """One client: until the deadline, a history append (1-3 items) or a greedy generate for a random user."""
     rng = random.Random(seed)
     users = sorted(keys)
+    body: dict[str, object]  # a JSON request body: a history append or a generate
     with httpx.Client(base_url=base_url, timeout=120) as http:
         while time.monotonic() < deadline:
             user = rng.choice(users)

@@ -54,9 +54,13 @@ CONTRACTS = (
         "weights are touched by the engine, the slots/cache and training only",
     ),
     Contract(
-        "service.engine.builtin", ("composition.py", "engine/builtin/"), "nothing above the boundary knows which engine runs"
+        "service.engine.builtin",
+        ("composition.py", "engine/builtin/"),
+        "nothing above the boundary knows which engine runs",
     ),
-    Contract("service.engine.vllm", ("composition.py", "engine/vllm/"), "nothing above the boundary knows which engine runs"),
+    Contract(
+        "service.engine.vllm", ("composition.py", "engine/vllm/"), "nothing above the boundary knows which engine runs"
+    ),
     Contract("vllm", ("engine/vllm/",), "vLLM is one engine behind the boundary"),
 )
 # Names that build or run SQL: only repositories and db/ may import them.
@@ -158,8 +162,9 @@ def env_violations(path: str, source: str) -> list[str]:
         return []
     out = []
     for node in ast.walk(ast.parse(source)):
-        is_os = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
-        if is_os and node.attr in ("getenv", "environ") and not under(path, ("engine/vllm/",)):  # type: ignore[attr-defined]
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"):
+            continue
+        if node.attr in ("getenv", "environ") and not under(path, ("engine/vllm/",)):
             out.append(f"{path}:{node.lineno} reads os.{node.attr}; only config.py reads the environment")
     return out
 

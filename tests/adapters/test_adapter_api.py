@@ -14,9 +14,8 @@ import threading
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -26,13 +25,16 @@ from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from service.adapters.archive import pack_zip
-from service.adapters.store import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
+from service.adapters.peft_format import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
 from service.db.models import User
 from service.db.session import unit_of_work
 from service.inference.tokens import encode_prompt, stop_token_ids
 from service.state import AppState
 from tests.conftest import admin_headers, bearer, builtin_engine, create_user, running_app
 from tests.models import tiny_llama_config
+
+if TYPE_CHECKING:  # as in starlette.testclient: at run time it falls back to httpx when httpx2 is missing
+    import httpx2
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -65,7 +67,8 @@ def lora_zip(adapter_dir: Path) -> bytes:
     return pack_zip(peft_files(adapter_dir))
 
 
-def upload(client: TestClient, user: str, key: str, data: bytes) -> httpx.Response:
+# TestClient is typed as an httpx2.Client (starlette's testclient), so its responses are httpx2 Responses.
+def upload(client: TestClient, user: str, key: str, data: bytes) -> httpx2.Response:
     headers = {**bearer(key), "Content-Type": "application/zip"}
     return client.put(f"/users/{user}/adapter", content=data, headers=headers)
 

@@ -73,8 +73,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> It
     base = load_base(tiny_model_path)
     dirs = [make_lora(base, tmp / f"lora{i}", seed=100 + i, r=r, targets=t) for i, (r, t) in enumerate(SPECS)]
     # A long window: the idle engine waits for all 9 concurrent requests before its first step.
-    overrides = {"batch_window_ms": 3000.0, "batch_max_size": len(PROMPTS), "adapter_slots": len(SPECS)}
-    with running_app(tmp, tiny_model_path, **overrides) as client:
+    with running_app(
+        tmp, tiny_model_path, batch_window_ms=3000.0, batch_max_size=len(PROMPTS), adapter_slots=len(SPECS)
+    ) as client:
         users = []
         for i in range(len(PROMPTS)):
             user = f"u{i}"

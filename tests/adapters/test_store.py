@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.adapters.store import (
-    CONFIG_NAME,
-    SHARED_KEY,
-    WEIGHTS_NAME,
-    AdapterStore,
-    VersionExistsError,
-    VersionNotFoundError,
-)
+from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from service.adapters.store import SHARED_KEY, AdapterStore, VersionExistsError, VersionNotFoundError
 
 KEY = "3f2a9c0d1e"
 

@@ -9,8 +9,9 @@ from tests.conftest import bearer, create_user, running_app
 
 
 def test_failed_auth_is_rate_limited(tmp_path: Path, tiny_model_path: Path) -> None:
-    limits = {"auth_max_failures": 5, "auth_failure_window_s": 30}
-    with running_app(tmp_path, tiny_model_path, raise_server_exceptions=True, **limits) as client:
+    with running_app(
+        tmp_path, tiny_model_path, raise_server_exceptions=True, auth_max_failures=5, auth_failure_window_s=30
+    ) as client:
         key = create_user(client, "gina")
         for _ in range(5):
             assert client.get("/users/gina/history", headers=bearer("wrong")).status_code == 401

@@ -6,7 +6,7 @@ import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import pytest
@@ -17,13 +17,19 @@ from hypothesis import strategies as st
 from tests.conftest import admin_headers, bearer, create_user, running_app
 
 MAX_BODY = 256 * 1024
+SURROGATES: tuple[Literal["Cs"]] = ("Cs",)  # a Unicode category name, as hypothesis' characters() types it
 CAP = 8  # max_new_tokens_cap of this module's app: valid fuzzed generates stay fast
 
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
-    limits = {"max_body_bytes": MAX_BODY, "max_new_tokens_cap": CAP, "default_max_new_tokens": 4}
-    with running_app(tmp_path_factory.mktemp("bad-input"), tiny_model_path, **limits) as c:
+    with running_app(
+        tmp_path_factory.mktemp("bad-input"),
+        tiny_model_path,
+        max_body_bytes=MAX_BODY,
+        max_new_tokens_cap=CAP,
+        default_max_new_tokens=4,
+    ) as c:
         yield c
 
 
@@ -241,6 +247,7 @@ def test_history_bad_queries(app_client: TestClient, key: str, query: str) -> No
 
 
 def test_profile_bad_bodies(app_client: TestClient, key: str) -> None:
+    body: object  # any JSON value
     for body in ({}, {"text": 5}, {"text": "t" * 20_001}, {"text": "t", "source": "generated"}, [], {"text": "\x00"}):
         assert_error(app_client.put("/users/u1/profile", json=body, headers=bearer(key)), 422)
 
@@ -251,7 +258,7 @@ def test_unknown_routes_and_methods_are_json(app_client: TestClient, key: str) -
 
 
 # --- a small fuzz: arbitrary JSON in every field ---------------------------------------------------
-TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)
+TEXT = st.text(alphabet=st.characters(exclude_categories=SURROGATES), max_size=40)
 JSON_LEAF = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | TEXT
 JSON_ANY = st.recursive(
     JSON_LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(TEXT, c, max_size=3), max_leaves=8
@@ -310,7 +317,7 @@ def test_fuzz_history(app_client: TestClient, key: str, body: Any) -> None:
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), min_size=1, max_size=80))
+@given(st.text(alphabet=st.characters(exclude_categories=SURROGATES), min_size=1, max_size=80))
 def test_fuzz_user_id_path(app_client: TestClient, user_id: str) -> None:
     r = app_client.get(f"/users/{quote(user_id, safe='')}/history", headers=admin_headers())
     assert r.status_code < 500, r.text

@@ -151,7 +151,7 @@ def test_pagination_returns_every_item_once_in_order(client: TestClient) -> None
     key = create_user(client, "alice")
     expected: list[str] = []
     for batch in range(3):
-        items = [
+        items: list[dict[str, Any]] = [  # what append() takes
             {
                 "id": f"p{batch}-{i}",
                 "output": f"o {batch} {i}",

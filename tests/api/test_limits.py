@@ -8,8 +8,9 @@ from tests.conftest import bearer, create_user, running_app
 
 
 def test_deadline_gives_504_and_frees_the_row(tmp_path: Path, tiny_model_path: Path) -> None:
-    limits = {"request_timeout_s": 0.3, "max_new_tokens_cap": 4096}
-    with running_app(tmp_path, tiny_model_path, raise_server_exceptions=True, **limits) as client:
+    with running_app(
+        tmp_path, tiny_model_path, raise_server_exceptions=True, request_timeout_s=0.3, max_new_tokens_cap=4096
+    ) as client:
         key = create_user(client, "slow")
         body = {"prompt": "go on forever", "max_new_tokens": 1900, "temperature": 0, "retrieval_k": 0}
         r = client.post("/users/slow/generate", json=body, headers=bearer(key))

@@ -43,14 +43,15 @@ def test_candidate_logprobs_equal_a_direct_forward(scored: tuple[TestClient, Any
     key = create_user(client, "scorer")
     assert upload(client, "scorer", key, lora_zip(lora)).status_code == 201
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    body = {"prompt": "Rate the movie Heat (1995).", "candidates": CANDIDATES, "retrieval_k": 0, "use_profile": False}
+    prompt = "Rate the movie Heat (1995)."
+    body = {"prompt": prompt, "candidates": CANDIDATES, "retrieval_k": 0, "use_profile": False}
     with_adapter = client.post("/users/scorer/score", json=body, headers=bearer(key))
     without = client.post("/users/scorer/score", json={**body, "use_adapter": False}, headers=bearer(key))
     assert with_adapter.status_code == 200 and without.status_code == 200, with_adapter.text
     for answer, model in ((with_adapter.json(), peft_model(base, lora)), (without.json(), base)):
         probs = []
         for cand, out in zip(CANDIDATES, answer["candidates"], strict=True):
-            want = reference(model, tokenizer, body["prompt"], cand)
+            want = reference(model, tokenizer, prompt, cand)
             assert out["text"] == cand and abs(out["logprob"] - want) < 1e-4, (cand, out, want)
             assert abs(out["mean_logprob"] - out["logprob"] / out["tokens"]) < 1e-9
             probs.append(out["probability"])

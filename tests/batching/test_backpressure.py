@@ -17,8 +17,14 @@ from tests.conftest import app_state, bearer, create_user, running_app
 
 @pytest.fixture(scope="module")
 def small_queue_app(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[TestClient]:
-    limits = {"queue_max": 32, "queue_per_user_max": 8, "batch_max_size": 8, "request_timeout_s": 60}
-    with running_app(tmp_path_factory.mktemp("bp"), tiny_model_path, **limits) as client:
+    with running_app(
+        tmp_path_factory.mktemp("bp"),
+        tiny_model_path,
+        queue_max=32,
+        queue_per_user_max=8,
+        batch_max_size=8,
+        request_timeout_s=60,
+    ) as client:
         yield client
 
 

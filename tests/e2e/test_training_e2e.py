@@ -52,21 +52,24 @@ HELD_OUT = [  # never in the history
     "How many hours are in a day?",
 ]
 GEN = {"max_new_tokens": 6, "temperature": 0, "retrieval_k": 0, "use_profile": False}
-TRAINING = {  # small-model settings that learn the signature reliably: 12 steps of 4 short examples
-    "train_user_lr": 2e-3,
-    "train_user_epochs": 2,
-    "train_user_rank": 8,
-    "train_user_alpha": 16.0,
-    "train_user_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "train_retrieval_k": 0,
-    "train_use_profile": False,
-    "train_batch_size": 4,
-}
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    with running_app(tmp_path_factory.mktemp("train-e2e"), DEFAULT_MODEL, device="cpu", **TRAINING) as client:
+    with running_app(
+        tmp_path_factory.mktemp("train-e2e"),
+        DEFAULT_MODEL,
+        device="cpu",
+        # small-model settings that learn the signature reliably: 12 steps of 4 short examples
+        train_user_lr=2e-3,
+        train_user_epochs=2,
+        train_user_rank=8,
+        train_user_alpha=16.0,
+        train_user_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+        train_retrieval_k=0,
+        train_use_profile=False,
+        train_batch_size=4,
+    ) as client:
         yield client
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ from service.adapters.slots import LoraSlots
 from service.engine.builtin import sampler
 from service.engine.builtin.engine import BuiltinEngine
 from service.engine.builtin.scheduler import Row
-from service.engine.types import AdapterRef, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
+from service.engine.types import AdapterRef, EngineEvent, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
 from service.errors import AdapterUnavailable, GenerationFailed, TooManyRequests, Unprocessable
 from service.inference.loader import LoadedModel
 from tests.adapters.test_slots import ALL, make_adapter, peft_model, tiny_model
@@ -192,11 +192,15 @@ def test_a_short_request_overtakes_a_long_batch_and_starts_within_one_step(setup
         tasks = [asyncio.ensure_future(c) for c in longs]
         for t in tasks:
             t.add_done_callback(lambda _: ended.append("long"))
-        while len(engine._running) < 8 or not all(r.decoding for r in engine._running):
+        while len(engine._running) < 8 or not all(r.decoding for r in engine._running):  # noqa: ASYNC110 - polls the engine thread
             await asyncio.sleep(0.002)
         loop, events = asyncio.get_running_loop(), asyncio.Queue[object]()
         req = request(prompt(9, 6), 3, ignore_eos=True)
-        row = Row(req, lambda item: loop.call_soon_threadsafe(events.put_nowait, item), engine._decoder(req))
+
+        def sink(item: object) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        row = Row(req, sink, engine._decoder(req))
         short_row.append(row)
         engine.submit(row)
         got = Outcome([], None, None, row.submitted_step)
@@ -282,7 +286,11 @@ def test_cancel_frees_the_row_its_kv_and_its_slot(setup: Setup) -> None:
     rows: list[Row] = []
 
     async def main() -> None:
-        stream = engine.stream(request(prompt(4, 30), 200, setup.refs[2], ignore_eos=True))
+        # BuiltinEngine.stream is an async generator (typed AsyncIterator by the Engine protocol): it has aclose().
+        stream = cast(
+            AsyncGenerator[EngineEvent, None],
+            engine.stream(request(prompt(4, 30), 200, setup.refs[2], ignore_eos=True)),
+        )
         n = 0
         async for _ in stream:
             n += 1
@@ -327,12 +335,12 @@ def test_tenant_share(setup: Setup) -> None:
     engine.start()
     try:
 
-        async def main() -> tuple[Outcome, Outcome, Outcome]:
+        async def main() -> tuple[Outcome, Outcome]:
             hold = [
                 asyncio.ensure_future(consume(engine, request(prompt(k), 100, ignore_eos=True, tenant=f"h{k}")))
                 for k in range(2)
             ]
-            while len(engine._running) < 2:
+            while len(engine._running) < 2:  # noqa: ASYNC110 - polls the engine thread
                 await asyncio.sleep(0.002)
             first = asyncio.ensure_future(consume(engine, request(prompt(5), 2, tenant="busy")))
             await asyncio.sleep(0.01)

@@ -4,6 +4,7 @@ user's training sees (own items only, up to the recorded cutoff)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,13 +19,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.adapters.store import AdapterStore
 from service.db.models import Adapter, Job
 from service.db.session import make_engine, make_session_factory, unit_of_work
+from service.engine.types import AdapterRef
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn
 from service.jobs import service as jobs
 from service.jobs import tasks
+from service.jobs.queue import AdapterListener
 from service.jobs.tasks import JobContext, reap_stale, run_job
 from service.tenancy import UserRef
 from service.training.examples import TrainExample
+from service.training.trainer import train_lora
 from service.users import create_user
 from tests.conftest import make_settings
 
@@ -45,6 +49,8 @@ class FakeQueue:
 
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
         self.published.append((owner_key, version))
+
+    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None: ...
 
     def close(self) -> None: ...
 
@@ -236,10 +242,10 @@ def test_slow_start_keeps_a_live_heartbeat(ctx: JobContext, monkeypatch: pytest.
     seen_stale: list[int] = []
     real = ctx.training_model
 
-    def slow_training_model(shared_version: int | None) -> Any:
+    def slow_training_model(shared: AdapterRef | None) -> Any:
         time.sleep(1.5)  # 2.5x the stale threshold
         seen_stale.append(reap_stale(ctx))
-        return real(shared_version)
+        return real(shared)
 
     monkeypatch.setattr(ctx, "training_model", slow_training_model)
     user = add_user(ctx.session_factory, "judy", qa(3))
@@ -276,7 +282,7 @@ def test_reap_stale_requeues_stale_running_jobs_only(ctx: JobContext) -> None:
 
 def test_training_uses_only_own_items_up_to_the_cutoff(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
     captured: list[TrainExample] = []
-    real_train = tasks.train_lora
+    real_train = train_lora  # what service.jobs.tasks calls, patched there below
 
     def capture(model: Any, tokenizer: Any, examples: list[TrainExample], *args: Any, **kwargs: Any) -> Any:
         captured.extend(examples)

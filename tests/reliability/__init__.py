@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import save
 
 from service.adapters.archive import pack_zip
-from service.adapters.peft_format import make_peft_config
-from service.adapters.store import CONFIG_NAME, WEIGHTS_NAME
+from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, make_peft_config
 
 
 def random_lora_zip(

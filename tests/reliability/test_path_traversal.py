@@ -25,8 +25,9 @@ from urllib.parse import quote, urlsplit
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from starlette.types import Message, Scope
 
-from service.adapters.store import CONFIG_NAME, WEIGHTS_NAME
+from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from service.db.models import User
 from service.db.session import unit_of_work
 from service.state import AppState
@@ -116,8 +117,8 @@ def zip_members(members: list[tuple[str, bytes]], symlink: str | None = None) ->
             info.external_attr = mode << 16
             zf.writestr(info, data)
     out = buf.getvalue()
-    for stand_in, name in patches:
-        out = out.replace(stand_in, name)
+    for stand_in_bytes, name_bytes in patches:
+        out = out.replace(stand_in_bytes, name_bytes)
     return out
 
 
@@ -199,7 +200,7 @@ def _raw_asgi_once(
     client: TestClient, method: str, path: str, headers: dict[str, str], body: bytes
 ) -> tuple[int, str | None]:
     raw_path = quote(path, safe="/").encode()
-    scope = {
+    scope: Scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -215,15 +216,16 @@ def _raw_asgi_once(
         "server": ("testserver", 80),
         "state": {},
     }
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
-    portal = client.portal  # type: ignore[attr-defined]
+    portal = client.portal
+    assert portal is not None  # set while the client's `with` block runs
     portal.call(client.app, scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     location = dict(start.get("headers", [])).get(b"location")

@@ -156,6 +156,7 @@ def test_scores_match_rank_bm25_formula() -> None:
     vocab = [f"w{i}" for i in range(60)]
     idx = index(*(" ".join(rng.choices(vocab, k=rng.randint(1, 30))) for _ in range(300)))
     bm25 = idx._bm25
+    assert bm25 is not None  # 300 documents: the index is built
     for _ in range(20):
         query = rng.choices([*vocab, "unknown"], k=rng.randint(1, 6))
         expected = BM25Okapi.get_scores(bm25, query)
