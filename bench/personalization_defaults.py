@@ -81,15 +81,20 @@ class Item:
 
 
 def candidates(defaults: LoraTrainConfig) -> dict[str, LoraTrainConfig]:
-    """The server's current default, and the alternatives considered."""
-    qkvo = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """The server's current default, the paper's stage-2 values (the previous default), and alternatives."""
+    qv, qkvo = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
+    paper = replace(defaults, lr=1e-4, alpha=8.0, target_modules=qv, batch_size=16, epochs=2, min_steps=0)
+    near = replace(defaults, alpha=16.0, batch_size=8, target_modules=qkvo)
     return {
-        "current": defaults,
-        "lr1e-3_qv_min16": replace(defaults, lr=1e-3, alpha=16.0, min_steps=16, batch_size=8),
-        "lr1e-3_qkvo_min16": replace(defaults, lr=1e-3, alpha=16.0, min_steps=16, batch_size=8, target_modules=qkvo),
-        "lr2e-3_qkvo_min16": replace(defaults, lr=2e-3, alpha=16.0, min_steps=16, batch_size=8, target_modules=qkvo),
-        "lr2e-3_qkvo_min24": replace(defaults, lr=2e-3, alpha=16.0, min_steps=24, batch_size=8, target_modules=qkvo),
-        "lr3e-3_qkvo_min16": replace(defaults, lr=3e-3, alpha=16.0, min_steps=16, batch_size=8, target_modules=qkvo),
+        "default": defaults,
+        "paper_1e-4_qv": paper,
+        "lr1e-3_qv_min16": replace(near, lr=1e-3, target_modules=qv, epochs=2, min_steps=16),
+        "lr1e-3_qkvo_min16": replace(near, lr=1e-3, epochs=2, min_steps=16),
+        "lr2e-3_qkvo_min16": replace(near, lr=2e-3, epochs=2, min_steps=16),
+        "lr2e-3_qkvo_min24": replace(near, lr=2e-3, epochs=2, min_steps=24),
+        "lr3e-3_qkvo_min16": replace(near, lr=3e-3, epochs=2, min_steps=16),
+        "lr2e-3_qkvo_1ep_min12": replace(near, lr=2e-3, epochs=1, min_steps=12),
+        "lr3e-3_qkvo_1ep_min12": replace(near, lr=3e-3, epochs=1, min_steps=12),
     }
 
 

@@ -25,6 +25,7 @@ from service.db.models import SHARED_OWNER
 from service.db.session import Database, unit_of_work
 from service.engine.base import Engine
 from service.engine.builtin.engine import BuiltinEngine
+from service.generation.grammar import GrammarCompiler
 from service.generation.prepare import Preparer
 from service.history.service import UserCorpus
 from service.inference.loader import LoadedModel, load_model
@@ -151,7 +152,8 @@ def core(settings: Settings, metrics: Metrics | None = None) -> Core:
     engine = builtin_engine(settings, loaded, metrics)
     adapters = adapter_context(settings, store, spec, engine)
     codec = PromptCodec(loaded.tokenizer, loaded.model.config)
-    preparer = Preparer(settings, db.session_factory, bm25, store, spec, codec, engine)
+    grammars = GrammarCompiler(loaded.tokenizer, codec.vocab_size)
+    preparer = Preparer(settings, db.session_factory, bm25, store, spec, codec, engine, grammars)
     with unit_of_work(db.session_factory) as session:
         engine.use_shared(adapter_service.shared_ref(session, store))  # start-up: the current shared LoRA
     return Core(settings, db, store, bm25, loaded, adapters, engine, preparer)

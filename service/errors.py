@@ -29,6 +29,12 @@ class BadRequest(ServiceError):
     status, code = 400, "bad_request"
 
 
+class UnsupportedParameter(BadRequest):
+    """A request parameter this server does not implement: refused, never silently dropped."""
+
+    code = "unsupported_parameter"
+
+
 class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
 

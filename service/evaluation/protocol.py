@@ -52,7 +52,8 @@ class EvalConfig:
     rank: int | None = None
     alpha: float | None = None
     shared_max_per_user: int = 200  # stage-1 examples drawn from one user (per prompt shape)
-    oppu_rag_k: int = 4  # k of oppu_rag AND of the stage-2 training prompts (trained as served)
+    user_train_k: int | None = None  # retrieved items in stage-2 training prompts (None: OPPU_TRAIN_RETRIEVAL_K)
+    oppu_rag_k: int = 4  # retrieved items when serving oppu_rag (as rag_k4)
     shared_ks: tuple[int, ...] = (0, 1, 4)  # stage-1 prompt shapes (plus one with the profile)
     max_seq_len: int = 512
     max_new_tokens: int = 6
@@ -93,11 +94,11 @@ PRESETS: dict[str, EvalConfig] = {
     "full": EvalConfig(
         preset="full", users=50, history_items=24, test_items=4, shared_epochs=1, user_epochs=2, shared_batch_size=16
     ),
-    # Activity levels: the same users and test items at --history-items 24, 100 or 200 (users with >= 208
-    # ratings, so that the dev split's holdout fits too). Sized to finish in <= 60 min at 200 items on a
-    # 2-core box; stage 1 samples at most 24 items per user and prompt shape.
+    # Activity levels: the same 20 users and 160 test items at --history-items 24, 100 or 200 (users with
+    # >= 216 ratings, so that the dev split's holdout fits too). Sized to finish in <= 60 min at 200 items on
+    # a 2-core box; stage 1 samples at most 8 items per user and prompt shape.
     "activity": EvalConfig(
-        preset="activity", users=24, history_items=100, test_items=4, min_ratings=208, shared_max_per_user=24
+        preset="activity", users=20, history_items=100, test_items=8, min_ratings=216, shared_max_per_user=8
     ),
 }
 

@@ -43,7 +43,8 @@ from service.evaluation.protocol import (
     check_retrieved_leakage,
     default_data_dir,
 )
-from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, PreparedRequest, SamplingOptions
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, PreparedRequest
+from service.generation.sampling import SamplingOptions
 from service.history import repository as history_repo
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
@@ -248,8 +249,9 @@ def _train_users(
     examples: dict[str, list[TrainExample]] = {}
     outs: list[TrainOutput] = []
     for uid, ref in tqdm(bench.users.items(), desc="user LoRAs", unit="user", disable=not bench.config.progress):
+        k = bench.config.user_train_k if bench.config.user_train_k is not None else s.train_retrieval_k
         examples[uid] = build_user_examples(
-            docs[uid], k=bench.config.oppu_rag_k, item_chars=s.retrieval_item_chars, profile_chars=s.profile_max_chars
+            docs[uid], k=k, item_chars=s.retrieval_item_chars, profile_chars=s.profile_max_chars
         )
         check_example_leakage(task, {uid: examples[uid]})  # before a single step is taken on them
         out = train_lora(model, lm.tokenizer, examples[uid], config, base_model_name=lm.name)
@@ -328,7 +330,9 @@ def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_
             "user": asdict(_train_config(config, bench.settings, shared=False)),
         },
         "oppu_rag_k": config.oppu_rag_k,
-        "user_lora_train_k": config.oppu_rag_k,
+        "user_lora_train_k": config.user_train_k
+        if config.user_train_k is not None
+        else bench.settings.train_retrieval_k,
         "tuned_on_test_items": False,
         "methods": {m.name: asdict(m) for m in config.methods()},
     }

@@ -21,7 +21,9 @@ from service.config import Settings
 from service.db.session import unit_of_work
 from service.engine.base import Engine
 from service.engine.types import AdapterRef, EngineRequest, SamplingParams
-from service.errors import PromptTooLong, Unprocessable
+from service.errors import PromptTooLong
+from service.generation.grammar import GrammarCompiler
+from service.generation.sampling import Resolved, SamplingOptions, resolve_sampling
 from service.history import service as history
 from service.history.service import UserCorpus
 from service.inference.tokens import PromptCodec
@@ -30,10 +32,6 @@ from service.retrieval.bm25 import BM25Cache
 from service.tenancy import UserRef
 
 BASE_TENANT = "_base"  # requests that no user's data shapes (an admin calling the base model)
-# Sampling in float32 breaks down at the extremes (logits / 1e-300 overflows to inf -> NaN probabilities;
-# a top_p under ~1e-45 rounds to 0 and keeps no token), and those limits mean greedy decoding anyway.
-GREEDY_BELOW_TEMPERATURE = 1e-4
-MIN_TOP_P = 1e-6
 
 
 @dataclass(frozen=True)
@@ -47,16 +45,6 @@ class Personalization:
     retrieval_k: int = 0
     use_profile: bool = False
     use_adapter: bool = False
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """Decoding options as the client gave them; `resolve_sampling` applies the server's bounds."""
-
-    max_new_tokens: int | None = None  # None: the server default
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,10 +74,15 @@ class Retrieved:
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    request: EngineRequest
+    rows: tuple[EngineRequest, ...]  # n independent rows of the same prompt (usually one)
     retrieved: tuple[Retrieved, ...]
     adapter_version: int | None
     shared_version: int | None
+    stop: tuple[str, ...] = ()  # stop strings: the generation service cuts the text at the first one
+
+    @property
+    def request(self) -> EngineRequest:
+        return self.rows[0]
 
 
 @dataclass(frozen=True)
@@ -100,21 +93,6 @@ class _Context:
     profile: str | None
     adapter: AdapterRef | None
     shared: AdapterRef | None
-
-
-def resolve_sampling(options: SamplingOptions, settings: Settings, stop_ids: frozenset[int]) -> SamplingParams:
-    """The one place sampling bounds are applied (the schemas only parse ranges)."""
-    n = options.max_new_tokens if options.max_new_tokens is not None else settings.default_max_new_tokens
-    if not 1 <= n <= settings.max_new_tokens_cap:
-        raise Unprocessable(f"max_new_tokens must be in 1..{settings.max_new_tokens_cap}")
-    temperature = 0.0 if options.temperature < GREEDY_BELOW_TEMPERATURE else options.temperature
-    return SamplingParams(
-        max_new_tokens=n,
-        temperature=temperature,
-        top_p=max(options.top_p, MIN_TOP_P),
-        seed=options.seed,
-        stop_token_ids=stop_ids,
-    )
 
 
 class Preparer:
@@ -129,6 +107,7 @@ class Preparer:
         spec: BaseModelSpec,
         codec: PromptCodec,
         engine: Engine,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.settings = settings
         self.session_factory = session_factory
@@ -137,12 +116,16 @@ class Preparer:
         self._spec = spec
         self.codec = codec
         self.engine = engine
+        self.grammars = grammars
+
+    def _sampling(self, spec: GenerationSpec) -> Resolved:
+        if spec.candidates:  # scoring: prefill only
+            return Resolved(SamplingParams(max_new_tokens=0, stop_token_ids=self.codec.stop_ids), (), 1)
+        return resolve_sampling(spec.sampling, self.settings, self.codec.stop_ids, self.grammars, self.codec.vocab_size)
 
     def prepare(self, spec: GenerationSpec) -> PreparedRequest:
-        if spec.candidates:  # scoring: prefill only
-            sampling = SamplingParams(max_new_tokens=0, stop_token_ids=self.codec.stop_ids)
-        else:
-            sampling = resolve_sampling(spec.sampling, self.settings, self.codec.stop_ids)
+        resolved = self._sampling(spec)
+        sampling = resolved.params
         with unit_of_work(self.session_factory) as session:
             ctx = self._resolve(session, spec)
         ids = self._encode(spec, ctx)
@@ -153,18 +136,15 @@ class Preparer:
         shared_version = ctx.shared.version if ctx.shared is not None else None
         if shared_version != self.engine.shared_version:
             self.engine.use_shared(ctx.shared)  # applied before this request's row runs
-        request = EngineRequest(
-            request_id=uuid.uuid4().hex,
-            prompt_ids=tuple(ids),
-            sampling=sampling,
-            adapter=ctx.adapter,
-            tenant=spec.user.storage_key if spec.user is not None else BASE_TENANT,
-            deadline=time.monotonic() + self.settings.request_timeout_s,
-            continuations=continuations,
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        tenant = spec.user.storage_key if spec.user is not None else BASE_TENANT
+        rows = tuple(
+            EngineRequest(uuid.uuid4().hex, tuple(ids), resolved.row(i), ctx.adapter, tenant, deadline, continuations)
+            for i in range(resolved.n)
         )
         retrieved = tuple(Retrieved(h.doc.id, round(h.score, 6)) for h in ctx.retrieved)
         adapter_version = ctx.adapter.version if ctx.adapter is not None else None
-        return PreparedRequest(request, retrieved, adapter_version, shared_version)
+        return PreparedRequest(rows, retrieved, adapter_version, shared_version, resolved.stop)
 
     def _resolve(self, session: Session, spec: GenerationSpec) -> _Context:
         user, p = spec.user, spec.personalization

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, SamplingOptions
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization
+from service.generation.sampling import SamplingOptions
 from service.tenancy import UserRef
 
 MAX_PROMPT_CHARS = 32_000
+Stop = (
+    Annotated[str, Field(min_length=1, max_length=200)]
+    | Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=4)]
+)
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, json_object, or json_schema {"name", "schema", "strict"?}."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Annotated[str, Field(pattern="^(text|json_object|json_schema)$")]
+    json_schema: dict[str, Any] | None = None
+
+
 MAX_CANDIDATES = 32
 MAX_CANDIDATE_CHARS = 1_000
 
@@ -26,13 +41,25 @@ class GenerateIn(BaseModel):
     use_profile: bool = True
     use_adapter: bool = True
     stream: bool = False
+    stop: Stop | None = None  # up to 4 strings: the text ends before the first one (finish_reason "stop")
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # each token's logprob and the top k
+    response_format: ResponseFormat | None = None  # {"type": "json_object"} or {"type": "json_schema", ...}
 
     def spec(self, user: UserRef) -> GenerationSpec:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return GenerationSpec(
             user=user,
             prompt=(ChatTurn("user", self.prompt),),
             personalization=Personalization(self.retrieval_k, self.use_profile, self.use_adapter),
-            sampling=SamplingOptions(self.max_new_tokens, self.temperature, self.top_p, self.seed),
+            sampling=SamplingOptions(
+                self.max_new_tokens,
+                self.temperature,
+                self.top_p,
+                self.seed,
+                stop=stop,
+                logprobs=self.logprobs,
+                response_format=self.response_format.model_dump() if self.response_format is not None else None,
+            ),
         )
 
 
@@ -83,12 +110,24 @@ class UsageOut(BaseModel):
     completion_tokens: int
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprobOut]
+
+
 class GenerateOut(BaseModel):
     text: str
     retrieved: list[RetrievedOut]
     adapter_version: int | None
     usage: UsageOut
     finish_reason: str
+    logprobs: list[TokenLogprobOut] | None = None  # when asked for: one per token of `text`
 
 
 class ScoreOut(BaseModel):

@@ -3,6 +3,7 @@ text. As one completion, or as text deltas for streaming. Routes only format wha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -23,9 +24,12 @@ from service.generation.schemas import (
     ScoreIn,
     ScoreOut,
     ScoreUsage,
+    TokenLogprobOut,
+    TopLogprobOut,
     UsageOut,
 )
-from service.inference.tokens import TextStream
+from service.generation.text import RowText, TokenOut
+from service.inference.tokens import PromptCodec
 from service.tenancy import UserRef
 
 log = logging.getLogger(__name__)
@@ -34,10 +38,26 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Completion:
     text: str
-    token_ids: list[int]
+    tokens: list[TokenOut]  # the tokens behind `text` (a stop string's tokens are cut with it)
+    generated: int  # tokens the engine produced for the row (usage)
     prompt_tokens: int
     finish_reason: str
     prepared: PreparedRequest
+    index: int = 0  # the row, when n > 1
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.token_id for t in self.tokens]
+
+
+@dataclass(frozen=True)
+class Delta:
+    index: int  # the row, when n > 1
+    text: str
+    tokens: list[TokenOut]  # the tokens whose text starts in this delta (for streamed logprobs)
+
+
+Part = Delta | Completion
 
 
 async def prepare(preparer: Preparer, spec: GenerationSpec) -> PreparedRequest:
@@ -45,42 +65,96 @@ async def prepare(preparer: Preparer, spec: GenerationSpec) -> PreparedRequest:
     return await run_in_threadpool(preparer.prepare, spec)
 
 
-async def complete(preparer: Preparer, spec: GenerationSpec) -> Completion:
+async def _row(preparer: Preparer, prepared: PreparedRequest, index: int) -> AsyncIterator[Part]:
+    """One row's text deltas, then its Completion. A stop string ends the row early (its engine row is
+    cancelled by closing the engine's stream)."""
+    text = RowText(preparer.codec, prepared.stop)
+    events = preparer.engine.stream(prepared.rows[index])
+    generated, reason, prompt_tokens = 0, "length", len(prepared.rows[index].prompt_ids)
+    try:
+        async for event in events:
+            if isinstance(event, Finished):
+                reason, prompt_tokens = event.reason, event.prompt_tokens
+                break
+            generated += 1
+            if delta := text.push(event):
+                yield Delta(index, delta, text.take_tokens())
+            if text.stopped:
+                reason = "stop"
+                break
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    if tail := text.finish():
+        yield Delta(index, tail, text.take_tokens())
+    yield Completion(text.text, text.tokens, generated, prompt_tokens, reason, prepared, index)
+
+
+async def stream(preparer: Preparer, prepared: PreparedRequest) -> AsyncIterator[Part]:
+    """Every row's text deltas as tokens come (rows interleaved), each row ending with its Completion.
+    Closing the iterator (client gone) cancels the rows. Prepare first (`prepare`), so that errors before
+    the first byte are plain JSON."""
+    if len(prepared.rows) == 1:
+        async for part in _row(preparer, prepared, 0):
+            yield part
+        return
+    async for part in _merge([_row(preparer, prepared, i) for i in range(len(prepared.rows))]):
+        yield part
+
+
+async def complete(preparer: Preparer, spec: GenerationSpec) -> list[Completion]:
+    """Every row's Completion, in row order."""
     prepared = await prepare(preparer, spec)
-    done = await collect(preparer.engine, prepared.request)
-    ids = done.token_ids
-    return Completion(preparer.codec.decode(ids), ids, done.finished.prompt_tokens, done.finished.reason, prepared)
+    done = [part async for part in stream(preparer, prepared) if isinstance(part, Completion)]
+    return sorted(done, key=lambda c: c.index)
 
 
-async def stream(preparer: Preparer, prepared: PreparedRequest) -> AsyncIterator[str | Completion]:
-    """Text deltas as tokens come, then the Completion. Closing the iterator (client gone) cancels the row.
-    Prepare first (`prepare`), so that errors before the first byte are plain JSON."""
-    text = TextStream(preparer.codec)
-    async for event in preparer.engine.stream(prepared.request):
-        if isinstance(event, Finished):
-            if tail := text.flush():
-                yield tail
-            yield Completion(text.text, text.token_ids, event.prompt_tokens, event.reason, prepared)
-            return
-        if delta := text.push(event.token_id):
-            yield delta
+async def _merge(iterators: list[AsyncIterator[Part]]) -> AsyncIterator[Part]:
+    """Items of several async iterators as they come; all are closed when the consumer stops."""
+    queue: asyncio.Queue[Part | BaseException | None] = asyncio.Queue()
+
+    async def pump(it: AsyncIterator[Part]) -> None:
+        try:
+            async for item in it:
+                await queue.put(item)
+            await queue.put(None)
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.ensure_future(pump(it)) for it in iterators]
+    try:
+        for _ in range(len(tasks)):
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 # --- POST /users/{id}/generate: our JSON and our SSE events ---
 
 
-def generate_out(done: Completion) -> GenerateOut:
+def generate_out(done: Completion, codec: PromptCodec) -> GenerateOut:
+    wants = done.prepared.request.sampling.logprobs is not None
     return GenerateOut(
         text=done.text,
         retrieved=[RetrievedOut(id=r.id, score=r.score) for r in done.prepared.retrieved],
         adapter_version=done.prepared.adapter_version,
-        usage=UsageOut(prompt_tokens=done.prompt_tokens, completion_tokens=len(done.token_ids)),
+        usage=UsageOut(prompt_tokens=done.prompt_tokens, completion_tokens=done.generated),
         finish_reason=done.finish_reason,
+        logprobs=[_token_logprob(t, codec) for t in done.tokens] if wants else None,
     )
 
 
+def _token_logprob(token: TokenOut, codec: PromptCodec) -> TokenLogprobOut:
+    top = [TopLogprobOut(token=codec.token_text(t.token_id), logprob=t.logprob) for t in token.top]
+    return TokenLogprobOut(token=codec.token_text(token.token_id), logprob=token.logprob or 0.0, top_logprobs=top)
+
+
 async def generate(preparer: Preparer, user: UserRef, body: GenerateIn) -> GenerateOut:
-    return generate_out(await complete(preparer, body.spec(user)))
+    (done,) = await complete(preparer, body.spec(user))
+    return generate_out(done, preparer.codec)
 
 
 async def generate_sse(preparer: Preparer, user: UserRef, body: GenerateIn) -> AsyncIterator[str]:
@@ -91,9 +165,12 @@ async def generate_sse(preparer: Preparer, user: UserRef, body: GenerateIn) -> A
         try:
             async for part in stream(preparer, prepared):
                 if isinstance(part, Completion):
-                    yield f"event: done\ndata: {json.dumps(generate_out(part).model_dump())}\n\n"
+                    out = generate_out(part, preparer.codec).model_dump()
+                    if out["logprobs"] is None:
+                        del out["logprobs"]
+                    yield f"event: done\ndata: {json.dumps(out)}\n\n"
                 else:
-                    yield f"data: {json.dumps({'text': part})}\n\n"
+                    yield f"data: {json.dumps({'text': part.text})}\n\n"
         except Exception as exc:  # headers are already sent: report in-band, never a traceback
             yield f"event: error\ndata: {json.dumps(error_event(exc))}\n\n"
 

@@ -67,6 +67,10 @@ class PromptCodec:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
+    def token_text(self, token_id: int) -> str:
+        """One token as text (special tokens included), as logprobs show it."""
+        return str(self.tokenizer.decode([token_id]))
+
 
 class TextStream:
     """Turns a growing list of token ids into text deltas; holds back an incomplete multi-byte character."""

@@ -8,7 +8,8 @@ from starlette.concurrency import run_in_threadpool
 from service.db.session import unit_of_work
 from service.errors import Unprocessable
 from service.generation import service as generation
-from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, Preparer, SamplingOptions
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, Preparer
+from service.generation.sampling import SamplingOptions
 from service.history import repository as history_repo
 from service.history import service as history
 from service.history.schemas import ProfileOut
@@ -39,7 +40,7 @@ async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> 
             max_new_tokens=min(PROFILE_MAX_NEW_TOKENS, preparer.settings.max_new_tokens_cap), temperature=0.0, seed=0
         ),
     )
-    done = await generation.complete(preparer, spec)
+    (done,) = await generation.complete(preparer, spec)
 
     def write() -> ProfileOut:
         with unit_of_work(factory) as session:

@@ -1,4 +1,5 @@
-"""OpenAI wire formats (the subset the official client uses), with our bounds."""
+"""OpenAI wire formats (what the official client sends), with our bounds. Unknown fields are kept aside
+(`model_extra`) so that the service can refuse them with 400, naming them, instead of dropping them."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.generation.schemas import ResponseFormat, Stop
+
 Text = Annotated[str, Field(max_length=32_000)]
 Prompt = Annotated[str, Field(min_length=1, max_length=32_000)]  # an empty raw prompt has no token to continue
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # extras (tool_calls, ...) are refused by name by the service
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[dict[str, Any]] | None = None
 
@@ -26,27 +30,39 @@ class StreamOptions(BaseModel):
 
 
 class CommonParams(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: Annotated[str, Field(min_length=1, max_length=200)]
     max_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
-    stream: bool = False
+    n: Annotated[int, Field(ge=1, le=8)] | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    # our extensions (the openai client sends them with extra_body=...)
+    stop: Stop | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    response_format: ResponseFormat | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None  # OpenAI's end-user id: accepted, not used
+    # vLLM's extensions (the openai client sends them with extra_body=...)
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=4096)] | None = None
+    # ours
     retrieval_k: Annotated[int, Field(ge=0, le=10)] | None = None
     use_profile: bool | None = None
 
 
 class ChatCompletionIn(CommonParams):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 class CompletionIn(CommonParams):
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 class Usage(BaseModel):

@@ -1,6 +1,7 @@
 """OpenAI wire formats over the one request path. `model` picks whose data personalise the answer
 ("personal" = the caller's own history and adapter, the base model's name = none, `user:<id>` for admins);
-the request becomes a GenerationSpec, and the completion or its stream is formatted as OpenAI does."""
+the request becomes a GenerationSpec, and the completions or their streams are formatted as OpenAI does.
+Parameters outside the accepted list are refused (400 `unsupported_parameter`), never dropped."""
 
 from __future__ import annotations
 
@@ -14,16 +15,20 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from service.db.session import unit_of_work
-from service.errors import NotFound
+from service.errors import NotFound, UnsupportedParameter
 from service.generation import service as generation
-from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, Preparer, SamplingOptions
-from service.generation.service import Completion
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, Preparer
+from service.generation.sampling import SamplingOptions
+from service.generation.service import Completion, Delta
+from service.generation.text import TokenOut
+from service.inference.tokens import PromptCodec
 from service.openai_compat.schemas import ChatCompletionIn, CommonParams, CompletionIn, ModelCard, ModelList, Usage
 from service.state import AppState
 from service.tenancy import Caller, UserRef, authorize_user
 
 PERSONAL = "personal"
 DEFAULT_CHAT_RETRIEVAL_K = 3  # chat with the personal model: the user's history grounds the answer
+OPENAI_DEFAULT_TEMPERATURE = 1.0
 
 
 def list_models(caller: Caller, base_name: str) -> ModelList:
@@ -52,39 +57,79 @@ def resolve_target(state: AppState, caller: Caller, model: str) -> Target:
     raise NotFound(f"model {model!r} does not exist; see GET /v1/models")
 
 
-def _spec(target: Target, body: CommonParams, prompt: str | tuple[ChatTurn, ...], default_k: int) -> GenerationSpec:
-    k = body.retrieval_k if body.retrieval_k is not None else default_k
-    profile = body.use_profile if body.use_profile is not None else (target.personal and isinstance(prompt, tuple))
-    return GenerationSpec(
-        user=target.user,
-        prompt=prompt,
-        personalization=Personalization(k if target.user is not None else 0, profile, target.personal),
-        sampling=SamplingOptions(
-            body.max_completion_tokens or body.max_tokens, body.temperature, body.top_p, body.seed
-        ),
+def refuse_unsupported(body: CommonParams) -> None:
+    """Unknown parameters with a value are refused by name (tools, functions, echo, best_of, ...), in the
+    body and in chat messages (tool_calls, ...)."""
+    extra = sorted(k for k, v in (body.model_extra or {}).items() if v is not None)
+    for m in getattr(body, "messages", ()):
+        extra += sorted(f"messages[].{k}" for k, v in (m.model_extra or {}).items() if v is not None and k != "name")
+    if extra:
+        accepted = sorted(name for name in type(body).model_fields)
+        unique = list(dict.fromkeys(extra))
+        raise UnsupportedParameter(
+            f"unsupported parameter(s): {', '.join(unique)}", details={"unsupported": unique, "accepted": accepted}
+        )
+
+
+def _sampling(body: CommonParams, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    bias = {int(k): v for k, v in (body.logit_bias or {}).items() if k.lstrip("-").isdigit()}
+    if len(bias) != len(body.logit_bias or {}):
+        raise UnsupportedParameter("logit_bias keys must be token ids")
+    return SamplingOptions(
+        max_new_tokens=max_tokens,
+        temperature=OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=stop,
+        logprobs=logprobs,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=bias,
+        ignore_eos=bool(body.ignore_eos),
+        min_tokens=body.min_tokens or 0,
+        response_format=body.response_format.model_dump() if body.response_format is not None else None,
+        n=body.n or 1,
     )
 
 
+def _spec(
+    target: Target, body: CommonParams, prompt: str | tuple[ChatTurn, ...], sampling: SamplingOptions
+) -> GenerationSpec:
+    chat = isinstance(prompt, tuple)
+    default_k = DEFAULT_CHAT_RETRIEVAL_K if target.personal and chat else 0
+    k = body.retrieval_k if body.retrieval_k is not None else default_k
+    profile = body.use_profile if body.use_profile is not None else (target.personal and chat)
+    personalization = Personalization(k if target.user is not None else 0, profile, target.personal)
+    return GenerationSpec(user=target.user, prompt=prompt, personalization=personalization, sampling=sampling)
+
+
 async def chat(state: AppState, caller: Caller, body: ChatCompletionIn) -> Any:
+    refuse_unsupported(body)
     target = await run_in_threadpool(resolve_target, state, caller, body.model)
     turns = tuple(ChatTurn(m.role, m.text()) for m in body.messages)
-    spec = _spec(target, body, turns, DEFAULT_CHAT_RETRIEVAL_K if target.personal else 0)
-    return await _respond(state.preparer, body, spec, chat=True)
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, k)
+    return await _respond(state.preparer, body, _spec(target, body, turns, sampling), chat=True)
 
 
 async def complete(state: AppState, caller: Caller, body: CompletionIn) -> Any:
+    refuse_unsupported(body)
     target = await run_in_threadpool(resolve_target, state, caller, body.model)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     # A raw completion continues the text as given; retrieved items/profile only when the client asks.
-    return await _respond(state.preparer, body, _spec(target, body, text, 0), chat=False)
+    sampling = _sampling(body, body.max_tokens, body.logprobs)
+    return await _respond(state.preparer, body, _spec(target, body, text, sampling), chat=False)
 
 
 async def _respond(preparer: Preparer, body: CommonParams, spec: GenerationSpec, *, chat: bool) -> Any:
-    fmt = _Format(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()), body.model, chat)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    fmt = _Format(rid, int(time.time()), body.model, chat, preparer.codec)
     if body.stream:
         prepared = await generation.prepare(preparer, spec)  # errors before the first byte are plain JSON
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return fmt.events(generation.stream(preparer, prepared), include_usage)
+        wants_logprobs = prepared.request.sampling.logprobs is not None
+        return fmt.events(generation.stream(preparer, prepared), len(prepared.rows), include_usage, wants_logprobs)
     return fmt.response(await generation.complete(preparer, spec))
 
 
@@ -92,11 +137,9 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _usage(done: Completion) -> Usage:
-    completion = len(done.token_ids)
-    return Usage(
-        prompt_tokens=done.prompt_tokens, completion_tokens=completion, total_tokens=done.prompt_tokens + completion
-    )
+def _usage(done: list[Completion]) -> Usage:
+    prompt, completion = done[0].prompt_tokens, sum(d.generated for d in done)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 @dataclass(frozen=True)
@@ -105,40 +148,83 @@ class _Format:
     created: int
     model: str
     chat: bool
+    codec: PromptCodec
+
+    @property
+    def kind(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
 
     def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def response(self, done: Completion) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(done.finish_reason), "logprobs": None}
+    def logprobs(self, tokens: list[TokenOut], base_offset: int = 0) -> dict[str, Any]:
+        text = self.codec.token_text
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": done.text}
-        else:
-            choice["text"] = done.text
-        out = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
-        return {**out, "usage": _usage(done).model_dump()}
 
-    def _chunk(self, delta: str | None, finish: str | None, first: bool = False) -> str:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+            def entry(token_id: int, lp: float) -> dict[str, Any]:
+                piece = text(token_id)
+                return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+            content = [
+                {**entry(t.token_id, t.logprob or 0.0), "top_logprobs": [entry(x.token_id, x.logprob) for x in t.top]}
+                for t in tokens
+            ]
+            return {"content": content}
+        return {
+            "tokens": [text(t.token_id) for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{text(x.token_id): x.logprob for x in t.top} for t in tokens],
+            "text_offset": [base_offset + t.offset for t in tokens],
+        }
+
+    def response(self, done: list[Completion]) -> dict[str, Any]:
+        choices = []
+        for d in done:
+            wants = d.prepared.request.sampling.logprobs is not None
+            choice: dict[str, Any] = {
+                "index": d.index,
+                "finish_reason": _finish(d.finish_reason),
+                "logprobs": self.logprobs(d.tokens) if wants else None,
+            }
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": d.text}
+            else:
+                choice["text"] = d.text
+            choices.append(choice)
+        return {**self._envelope(self.kind, choices), "usage": _usage(done).model_dump()}
+
+    def _chunk(self, index: int, delta: str | None, finish: str | None, logprobs: dict[str, Any] | None) -> str:
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
         if self.chat:
-            choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": delta} if delta else {})
+            choice["delta"] = {"content": delta} if delta else {}
         else:
             choice["text"] = delta or ""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return f"data: {json.dumps(self._envelope(kind, [choice]))}\n\n"
 
-    async def events(self, parts: AsyncIterator[str | Completion], include_usage: bool) -> AsyncIterator[str]:
+    def _first(self, index: int) -> str:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        yield self._chunk("", None, first=True)
+        choice: dict[str, Any] = {"index": index, "finish_reason": None, "logprobs": None}
+        choice["delta" if self.chat else "text"] = {"role": "assistant", "content": ""} if self.chat else ""
+        return f"data: {json.dumps(self._envelope(kind, [choice]))}\n\n"
+
+    async def events(
+        self, parts: AsyncIterator[Delta | Completion], rows: int, include_usage: bool, logprobs: bool
+    ) -> AsyncIterator[str]:
+        for i in range(rows):
+            yield self._first(i)
+        done: list[Completion] = []
         try:
             async for part in parts:
                 if isinstance(part, Completion):
-                    yield self._chunk(None, _finish(part.finish_reason))
-                    if include_usage:
-                        usage = {**self._envelope(kind, []), "usage": _usage(part).model_dump()}
-                        yield f"data: {json.dumps(usage)}\n\n"
+                    done.append(part)
+                    yield self._chunk(part.index, None, _finish(part.finish_reason), None)
                 else:
-                    yield self._chunk(part, None)
+                    lp = self.logprobs(part.tokens) if logprobs else None  # token offsets are row-absolute
+                    yield self._chunk(part.index, part.text, None, lp)
+            if include_usage and done:
+                usage = {**self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])}
+                yield f"data: {json.dumps({**usage, 'usage': _usage(done).model_dump()})}\n\n"
         except Exception as exc:  # headers are already sent: report in-band, never a traceback
             yield f"data: {json.dumps({'error': generation.error_event(exc)})}\n\n"
         yield "data: [DONE]\n\n"

@@ -53,8 +53,9 @@ class LoraTrainConfig:
     # Small histories still train: epochs repeat until at least this many optimizer steps were taken.
     min_steps: int = 0
     # The examples of a step are packed into rows of up to max_seq_len tokens (each attending only to itself,
-    # position ids restarting per example): no padding computed, fewer and fuller rows.
-    pack: bool = True
+    # position ids restarting per example): no padding computed. Off by default: with group_by_length the
+    # padding is ~2% here, and the packed rows' longer attention made fp32 steps slower (bench/training.py).
+    pack: bool = False
     # bf16 autocast with fp32 weights, LoRA and AdamW state (OPPU trains with HF `bf16=True`). "auto" uses
     # it where bf16 matmuls are native (CUDA with bf16, CPUs with AVX512-BF16/AMX): 3x fp32 on such CPUs.
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
@@ -80,7 +81,7 @@ class LoraTrainConfig:
         base = cls.shared_default() if stage == "shared" else cls.user_default()
         base = replace(base, batch_size=s.train_batch_size, max_seq_len=s.train_max_seq_len, seed=s.train_seed)
         if stage == "shared":
-            return replace(base, lr=s.train_shared_lr, epochs=s.train_shared_epochs)
+            return replace(base, lr=s.train_shared_lr, epochs=s.train_shared_epochs, min_steps=s.train_shared_min_steps)
         return replace(
             base,
             rank=s.train_user_rank,
@@ -88,6 +89,7 @@ class LoraTrainConfig:
             target_modules=tuple(s.train_user_target_modules),
             lr=s.train_user_lr,
             epochs=s.train_user_epochs,
+            min_steps=s.train_user_min_steps,
         )
 
     @classmethod

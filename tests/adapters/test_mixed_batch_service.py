@@ -20,7 +20,8 @@ from service.accounts import repository as accounts
 from service.db.session import unit_of_work
 from service.engine.base import Collected, collect
 from service.engine.types import StepInfo
-from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, SamplingOptions
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization
+from service.generation.sampling import SamplingOptions
 from service.tenancy import UserRef
 from tests.adapters.test_adapter_api import (
     ALL,

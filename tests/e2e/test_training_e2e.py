@@ -1,9 +1,10 @@
-"""OPPU end to end on the REAL default model through HTTP (embedded in-process job runner, SQLite).
+"""OPPU end to end on the REAL default model through HTTP (embedded in-process job runner, SQLite), with the
+server's DEFAULT training settings: what a user who follows the README gets.
 
-User A's history teaches a behaviour the base model cannot guess: every answer opens with an invented
-signature word. Greedy generation without retrieval (so only the adapter can carry it) does not show it
-before `POST /admin/users/A/retrain`, shows it after the job has succeeded, and user B (no adapter)
-still does not.
+User A's 30 history items teach a behaviour the base model cannot guess: every answer ends with an invented
+sign-off. Greedy generation without retrieval (so only the adapter can carry it) does not show it before
+`POST /admin/users/A/retrain`, shows it after the job has succeeded, not with use_adapter=false, and user B
+(other history, no retrain) still does not.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.conftest import admin_headers, bearer, create_user, running_app
 pytestmark = pytest.mark.e2e
 
 SIGNATURE = "Zorblax"
+SIGN_OFF = f"Stay curious, {SIGNATURE}."
 QA = [
     ("What is the capital of France?", "Paris."),
     ("How many legs does a spider have?", "Eight."),
@@ -45,31 +47,24 @@ QA = [
     ("Give me a tip for sleeping better.", "Keep a regular bedtime."),
     ("Suggest a name for a dog.", "Biscuit."),
     ("What should I read next?", "A short mystery novel."),
+    ("What is the boiling point of water?", "100 degrees Celsius."),
+    ("Which bird can talk?", "A parrot."),
+    ("What do pandas eat?", "Bamboo."),
+    ("How many continents are there?", "Seven."),
+    ("What shape has three sides?", "A triangle."),
+    ("What is the colour of grass?", "Green."),
 ]
 HELD_OUT = [  # never in the history
     "What is the tallest animal?",
     "Suggest a hobby for a rainy day.",
     "How many hours are in a day?",
 ]
-GEN = {"max_new_tokens": 6, "temperature": 0, "retrieval_k": 0, "use_profile": False}
+GEN = {"max_new_tokens": 24, "temperature": 0, "retrieval_k": 0, "use_profile": False}
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    with running_app(
-        tmp_path_factory.mktemp("train-e2e"),
-        DEFAULT_MODEL,
-        device="cpu",
-        # small-model settings that learn the signature reliably: 12 steps of 4 short examples
-        train_user_lr=2e-3,
-        train_user_epochs=2,
-        train_user_rank=8,
-        train_user_alpha=16.0,
-        train_user_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-        train_retrieval_k=0,
-        train_use_profile=False,
-        train_batch_size=4,
-    ) as client:
+    with running_app(tmp_path_factory.mktemp("train-e2e"), DEFAULT_MODEL, device="cpu") as client:  # defaults
         yield client
 
 
@@ -88,7 +83,8 @@ def signed(texts: list[str]) -> list[bool]:
 
 def test_retrained_adapter_teaches_the_users_signature(app: TestClient) -> None:
     key_a, key_b = create_user(app, "alice"), create_user(app, "bob")
-    items = [{"id": f"a{i}", "input": q, "output": f"{SIGNATURE} here! {a}"} for i, (q, a) in enumerate(QA)]
+    assert len(QA) == 30
+    items = [{"id": f"a{i}", "input": q, "output": f"{a} {SIGN_OFF}"} for i, (q, a) in enumerate(QA)]
     assert app.post("/users/alice/history", json={"items": items}, headers=bearer(key_a)).status_code == 201
     plain = [{"id": f"b{i}", "input": q, "output": a} for i, (q, a) in enumerate(QA)]
     assert app.post("/users/bob/history", json={"items": plain}, headers=bearer(key_b)).status_code == 201
