@@ -126,11 +126,12 @@ def test_penalties_and_logit_bias_as_defined(env: tuple[TestClient, Any, Any], k
     """Greedy with a penalty: every chosen token is the argmax of the raw logits minus the penalty of the
     tokens already generated (presence: 1.5 once; frequency: 1.5 per occurrence); logit_bias adds to one token."""
     client, base, tokenizer = env
-    extra: dict[str, Any] = {
+    options: dict[str, dict[str, Any]] = {
         "presence": {"presence_penalty": 1.5},
         "frequency": {"frequency_penalty": 1.5},
         "bias": {"logit_bias": {"42": 100.0}},
-    }[kind]
+    }
+    extra = options[kind]
     out = oa(client).completions.create(
         model=base_name(client), prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0, **extra
     )
@@ -273,8 +274,6 @@ def test_generate_route_takes_stop_logprobs_and_response_format(env: tuple[TestC
     text = r.json()["text"]
     if r.json()["finish_reason"] == "stop":
         assert valid(json.loads(text)), text
-    bad = client.post(
-        "/users/gen-opts/generate", json={**body, "response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
-        headers=bearer(key),
-    )  # fmt: skip
+    broken = {"type": "json_schema", "json_schema": {"schema": 3}}
+    bad = client.post("/users/gen-opts/generate", json={**body, "response_format": broken}, headers=bearer(key))
     assert bad.status_code == 400
