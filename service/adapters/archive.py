@@ -1,16 +1,20 @@
-"""Zip in/out for adapter download/upload, entirely in memory (never extracts to disk).
+"""Archives in/out for adapter download/upload, entirely in memory (never extracts to disk): zip out; zip or
+.tar.gz in (what `save_pretrained` wrote, as is or in one folder).
 
-Refuses anything odd in an upload: path-like names, links, encryption, duplicates and zip bombs
-(declared AND actual sizes are capped). Knows nothing of what the files contain.
+Refuses anything odd in an upload: path-like names, links, devices, encryption, duplicates and bombs
+(declared AND actual sizes and the compression ratio are capped). Knows nothing of what the files contain.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import stat
+import tarfile
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import IO
 
 MAX_RATIO = 200
 _CHUNK = 64 * 1024
@@ -62,23 +66,24 @@ def _check_member(info: zipfile.ZipInfo) -> None:
         raise ArchiveError(f"member {info.filename!r} has a compression ratio over {MAX_RATIO}")
 
 
-def _plan(infos: list[zipfile.ZipInfo]) -> dict[str, zipfile.ZipInfo]:
-    """Map bare output names to members; strip one top-level folder if ALL members share it."""
-    split = [(info, _parts(info.filename)) for info in infos]
-    files = [(info, parts) for info, parts in split if not info.is_dir()]
-    dirs = [parts for info, parts in split if info.is_dir()]
+def _plan(members: Iterable[tuple[str, bool]]) -> dict[str, str]:
+    """Map bare output names to member names (name, is_dir); strip one top-level folder if ALL members
+    share it."""
+    split = [(name, is_dir, _parts(name)) for name, is_dir in members]
+    files = [(name, parts) for name, is_dir, parts in split if not is_dir]
+    dirs = [parts for _, is_dir, parts in split if is_dir]
     prefixes = {parts[0] for _, parts in files if len(parts) == 2}
     strip = len(prefixes) == 1 and all(len(p) == 2 for _, p in files) and all(d == [*prefixes] for d in dirs)
     if dirs and not strip:
         raise ArchiveError("archive contains directories; put the files at the top level")
-    plan: dict[str, zipfile.ZipInfo] = {}
-    for info, parts in files:
+    plan: dict[str, str] = {}
+    for member, parts in files:
         if len(parts) != (2 if strip else 1):
-            raise ArchiveError(f"member name {info.filename!r} has a directory component")
+            raise ArchiveError(f"member name {member!r} has a directory component")
         name = parts[-1]
         if name in plan:
             raise ArchiveError(f"duplicate member name {name!r}")
-        plan[name] = info
+        plan[name] = member
     return plan
 
 
@@ -106,7 +111,10 @@ def unpack_upload_zip(data: bytes, max_total_bytes: int, max_members: int = 16) 
                 if "\x00" in info.orig_filename:  # zipfile cuts .filename at a NUL: check the raw name
                     raise ArchiveError(f"member name contains a NUL byte: {info.orig_filename!r}")
                 _check_member(info)
-            plan = _plan(infos)
+            by_name = {info.filename: info for info in infos}
+            # (ZipInfo.is_dir() fails on an empty name: _plan refuses that name first)
+            members = [(i.filename, i.filename.endswith("/")) for i in infos]
+            plan = {name: by_name[member] for name, member in _plan(members).items()}
             if not plan:
                 raise ArchiveError("archive contains no files")
             if sum(info.file_size for info in plan.values()) > max_total_bytes:
@@ -123,3 +131,84 @@ def unpack_upload_zip(data: bytes, max_total_bytes: int, max_members: int = 16) 
         raise ArchiveError(f"not a valid zip archive: {e}") from e
     except (NotImplementedError, RuntimeError) as e:  # unsupported compression / encryption
         raise ArchiveError(f"unsupported zip archive: {e}") from e
+
+
+class _CappedReader(io.RawIOBase):
+    """A read-only stream that fails once more than `cap` bytes were read through it (a gzip bomb stops
+    there, whatever the archive claims)."""
+
+    def __init__(self, inner: IO[bytes], cap: int) -> None:
+        self._inner, self._left = inner, cap
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._inner.read(min(len(buffer), self._left + 1))
+        if len(data) > self._left:
+            raise ArchiveError("archive decompresses to more than the size limit")
+        self._left -= len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _tar_member_ok(info: tarfile.TarInfo) -> None:
+    if "\x00" in info.name:
+        raise ArchiveError(f"member name contains a NUL byte: {info.name!r}")
+    if info.issym() or info.islnk():
+        raise ArchiveError(f"member {info.name!r} is a link")
+    if not (info.isfile() or info.isdir()):
+        raise ArchiveError(f"member {info.name!r} is not a regular file or directory (device, fifo, ...)")
+
+
+def _tar_name(info: tarfile.TarInfo) -> str | None:
+    """The member's name without the "./" that `tar -C folder .` puts in front; None for the root itself."""
+    name = info.name
+    while name.startswith("./"):
+        name = name[2:]
+    if name.endswith("/") and not info.isdir():
+        raise ArchiveError(f"file member {info.name!r} is named like a directory")
+    name = name.removesuffix("/")
+    if name in ("", "."):
+        if not info.isdir():
+            raise ArchiveError(f"member name {info.name!r} is not a file name")
+        return None
+    return name
+
+
+def unpack_upload_targz(data: bytes, max_total_bytes: int, max_members: int = 16) -> dict[str, bytes]:
+    """Bare file name -> content from a .tar.gz, with the zip's member rules and limits."""
+    # Headers take 512 bytes per member plus padding: allow them on top of the content budget.
+    cap = max_total_bytes + (max_members + 2) * 1024
+    cap = min(cap, MAX_RATIO * max(len(data), 1))
+    members: list[tuple[str, bool]] = []
+    contents: dict[str, bytes] = {}
+    try:
+        raw = _CappedReader(gzip.GzipFile(fileobj=io.BytesIO(data)), cap)  # type: ignore[arg-type]
+        with tarfile.open(fileobj=io.BufferedReader(raw), mode="r|") as tf:
+            for info in tf:
+                if len(members) >= max_members:
+                    raise ArchiveError(f"archive has more than {max_members} members")
+                _tar_member_ok(info)
+                name = _tar_name(info)
+                if name is None:
+                    continue  # the archive's own root ("." from `tar czf a.tgz -C folder .`)
+                members.append((name + ("/" if info.isdir() else ""), info.isdir()))
+                if info.isfile():
+                    body = tf.extractfile(info)
+                    contents[name] = body.read() if body is not None else b""
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise ArchiveError(f"not a valid .tar.gz archive: {e}") from e
+    plan = _plan(members)
+    if not plan:
+        raise ArchiveError("archive contains no files")
+    return {name: contents[member] for name, member in plan.items()}
+
+
+def unpack_upload(data: bytes, max_total_bytes: int) -> dict[str, bytes]:
+    """A zip or a .tar.gz (told apart by their magic bytes)."""
+    if data[:2] == b"\x1f\x8b":
+        return unpack_upload_targz(data, max_total_bytes)
+    return unpack_upload_zip(data, max_total_bytes)

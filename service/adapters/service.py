@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from service.adapters import repository as repo
-from service.adapters.archive import ArchiveError, pack_zip, unpack_upload_zip
+from service.adapters.archive import ArchiveError, pack_zip, unpack_upload
 from service.adapters.peft_format import PEFT_FILES
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut
 from service.adapters.store import AdapterStore, VersionExistsError
@@ -179,7 +179,7 @@ def download(session: Session, ctx: AdapterContext, owner_key: str, version: int
 
 def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, data: bytes) -> AdapterOut:
     try:
-        members = unpack_upload_zip(data, max_total_bytes=ctx.limits.max_file_bytes + (1 << 20))
+        members = unpack_upload(data, max_total_bytes=ctx.limits.max_file_bytes + (1 << 20))
     except ArchiveError as exc:
         raise Unprocessable(f"invalid adapter archive: {exc}") from exc
     # save_pretrained also writes a README.md: extra plain files are ignored, PEFT files are required.

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import pickle
+import tarfile
 import threading
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -411,3 +412,28 @@ def test_upload_over_the_body_cap_is_413(client: TestClient) -> None:
     key = create_user(client, "big")
     r = upload(client, "big", key, bytes(MAX_FILE_BYTES + (2 << 20)))
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+
+
+def _targz_of_folder(folder: Path, *, nested: bool) -> bytes:
+    """The folder save_pretrained wrote (README.md included), as `tar czf` makes it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        tf.add(folder, arcname=folder.name if nested else ".")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_targz_upload_serves_the_same_tokens_as_the_zip(
+    client: TestClient, loras: dict[str, Path], nested: bool
+) -> None:
+    assert (loras["a"] / "README.md").is_file()  # what save_pretrained leaves beside the PEFT pair
+    users = {kind: f"tgz-{kind}-{nested}" for kind in ("zip", "tar")}
+    keys = {kind: create_user(client, user) for kind, user in users.items()}
+    uploads = {"zip": lora_zip(loras["a"]), "tar": _targz_of_folder(loras["a"], nested=nested)}
+    for kind, data in uploads.items():
+        r = upload(client, users[kind], keys[kind], data)
+        assert r.status_code == 201, r.text
+    meta = {k: client.get(f"/users/{u}/adapter", headers=bearer(keys[k])).json() for k, u in users.items()}
+    assert meta["zip"]["sha256"] == meta["tar"]["sha256"]
+    texts = {k: _generate(client, u, keys[k], "Tell me about zebras.", n=8)["text"] for k, u in users.items()}
+    assert texts["zip"] == texts["tar"]

@@ -6,11 +6,12 @@ import io
 import pickle
 import stat
 import struct
+import tarfile
 import zipfile
 
 import pytest
 
-from service.adapters.archive import ArchiveError, _read_capped, pack_zip, unpack_upload_zip
+from service.adapters.archive import ArchiveError, _read_capped, pack_zip, unpack_upload, unpack_upload_zip
 
 FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": bytes(range(256)) * 40}
 CAP = 10 * 1024 * 1024
@@ -148,3 +149,71 @@ def test_too_many_members() -> None:
 def test_empty_archive_refused() -> None:
     with pytest.raises(ArchiveError, match="no files"):
         unpack_upload_zip(_zip({}), CAP)
+
+
+# --- .tar.gz uploads: the zip's rules ---
+
+
+def _targz(members: list[tuple[str, bytes | None, bytes]]) -> bytes:
+    """members: (name, content (None: a directory), tar type flag)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE or kind == tarfile.LNKTYPE:
+                info.linkname = "/etc/passwd"
+            if data is not None and kind == tarfile.REGTYPE:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            else:
+                tf.addfile(info)
+    return buf.getvalue()
+
+
+def _files(prefix: str = "") -> list[tuple[str, bytes | None, bytes]]:
+    return [(prefix + n, d, tarfile.REGTYPE) for n, d in FILES.items()]
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        _files(),
+        [("adapter", None, tarfile.DIRTYPE), *_files("adapter/")],
+        [(".", None, tarfile.DIRTYPE), *_files("./")],  # `tar czf a.tgz -C folder .`
+        [*_files(), ("README.md", b"# model card", tarfile.REGTYPE)],
+    ],
+)
+def test_targz_of_a_folder_unpacks_like_the_zip(members: list[tuple[str, bytes | None, bytes]]) -> None:
+    got = unpack_upload(_targz(members), CAP)
+    assert {k: v for k, v in got.items() if k in FILES} == FILES
+
+
+@pytest.mark.parametrize(
+    ("members", "fragment"),
+    [
+        ([*_files(), ("evil", b"", tarfile.SYMTYPE)], "link"),
+        ([*_files(), ("evil", b"", tarfile.LNKTYPE)], "link"),
+        ([*_files(), ("dev", b"", tarfile.CHRTYPE)], "not a regular file"),
+        ([*_files(), ("dev", b"", tarfile.BLKTYPE)], "not a regular file"),
+        ([*_files(), ("fifo", b"", tarfile.FIFOTYPE)], "not a regular file"),
+        ([("../adapter_config.json", b"{}", tarfile.REGTYPE)], "'..'"),
+        ([("/etc/adapter_config.json", b"{}", tarfile.REGTYPE)], "absolute"),
+        ([("a/b/adapter_config.json", b"{}", tarfile.REGTYPE)], "directory"),
+        ([*_files(), *_files()], "duplicate"),
+        ([(f"f{i}", b"", tarfile.REGTYPE) for i in range(17)], "members"),
+        ([("a\\b", b"", tarfile.REGTYPE)], "backslash"),
+    ],
+)
+def test_hostile_targz_members_are_refused(members: list[tuple[str, bytes | None, bytes]], fragment: str) -> None:
+    with pytest.raises(ArchiveError, match=fragment):
+        unpack_upload(_targz(members), CAP)
+
+
+def test_targz_bombs_stop_at_the_cap() -> None:
+    bomb = _targz([("adapter_model.safetensors", b"\0" * (4 * CAP), tarfile.REGTYPE)])
+    assert len(bomb) < CAP // 100  # compresses ~1000:1
+    with pytest.raises(ArchiveError, match="size limit"):
+        unpack_upload(bomb, CAP)
+    with pytest.raises(ArchiveError, match="not a valid"):
+        unpack_upload(b"\x1f\x8b" + b"garbage" * 10, CAP)

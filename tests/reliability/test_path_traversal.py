@@ -14,6 +14,7 @@ import json
 import os
 import re
 import stat
+import tarfile
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -349,3 +350,50 @@ def test_nul_in_member_name_is_refused(env: tuple[TestClient, Tree]) -> None:
     assert not unexpected_changes(before, after), unexpected_changes(before, after)
     assert all(STORE_LAYOUT.fullmatch(k) for k in after if k.startswith("srv/adapters"))
     assert [r.status_code for r in codes] == [422] * len(names)  # today: 201, stored as the plain PEFT name
+
+
+def targz_members(members: list[tuple[str, bytes, bytes]]) -> bytes:
+    """(name, content, tar type flag) as a .tar.gz; links point outside, devices are empty."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def test_hostile_targz_members_get_4xx_and_write_nothing(env: tuple[TestClient, Tree]) -> None:
+    """The same hostile names as the zip test, and links, devices, fifos and a bomb, in .tar.gz uploads."""
+    client, tree = env
+    key = create_user(client, "owner4")
+    good = zipfile.ZipFile(io.BytesIO(valid_adapter(client)))
+    config, weights = good.read(CONFIG_NAME), good.read(W)
+    reg = tarfile.REGTYPE
+    uploads: list[tuple[str, bytes]] = []
+    for name in hostile_member_names(tree.canary):
+        # A tar header cannot carry a NUL; "./name" is how `tar -C folder .` names files: accepted on purpose.
+        if "\x00" in name or (name.startswith("./") and "/" not in name[2:] and name[2:] in (CONFIG_NAME, W)):
+            continue
+        uploads.append((f"weights as {name!r}", targz_members([(CONFIG_NAME, config, reg), (name, weights, reg)])))
+    pair = [(CONFIG_NAME, config, reg), (W, weights, reg)]
+    for kind, label in ((tarfile.SYMTYPE, "symlink"), (tarfile.LNKTYPE, "hard link"), (tarfile.CHRTYPE, "char device"),
+                        (tarfile.BLKTYPE, "block device"), (tarfile.FIFOTYPE, "fifo")):  # fmt: skip
+        uploads.append((label, targz_members([*pair, ("x", b"", kind)])))
+    uploads.append(("bomb", targz_members([(CONFIG_NAME, config, reg), (W, b"\0" * (300 << 20), reg)])))
+    before = tree.snapshot()
+    headers = {**bearer(key), "Content-Type": "application/gzip"}
+    bad = []
+    for what, data in uploads:
+        r = client.put("/users/owner4/adapter", content=data, headers=headers)
+        if not 400 <= r.status_code < 500:
+            bad.append(f"{what}: {r.status_code} {r.text[:200]}")
+    after = tree.snapshot()
+    assert not bad, f"{len(bad)} uploads not refused, e.g. {bad[:10]}"
+    assert not unexpected_changes(before, after), unexpected_changes(before, after)
+    assert client.get("/users/owner4/adapter/versions", headers=bearer(key)).json()["versions"] == []
+    ok = client.put("/users/owner4/adapter", content=targz_members(pair), headers=headers)
+    assert ok.status_code == 201, ok.text
+    print(json.dumps({"uploads": len(uploads)}))
