@@ -41,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         limit_concurrency=settings.max_concurrency,
+        proxy_headers=False,  # the app applies OPPU_FORWARDED_ALLOW_IPS itself (create_app), once
     )
     return 0
 

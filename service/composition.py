@@ -77,7 +77,7 @@ def ensure_admin_key(settings: Settings) -> Settings:
 
 
 def database(settings: Settings) -> Database:
-    return Database.open(settings.resolved_database_url)
+    return Database.open(settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous)
 
 
 def adapter_context(

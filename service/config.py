@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     adapters_dir: Path = Path("./adapters_store")
     redis_url: str | None = None  # unset = embedded in-process job runner
     model_cache_dir: Path | None = None  # default: data_dir / "models"
+    # SQLite durability: FULL fsyncs every commit (nothing acknowledged is lost on power loss); NORMAL is
+    # faster in WAL mode but may lose the last commits on a power loss (not on a process crash).
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
     # --- model ---
     model: str = DEFAULT_MODEL  # the default GGUF, a local HF folder, or an id already in the HF cache
@@ -35,6 +38,10 @@ class Settings(BaseSettings):
     docs_enabled: bool = True
     auth_max_failures: int = 20  # bad keys per client address per window before 429 (0 = off)
     auth_failure_window_s: float = 60.0
+    # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (the reverse proxy's address, comma
+    # separated, "*" for any); empty: none, the client is the TCP peer.
+    forwarded_allow_ips: str = ""
+    metrics_token: SecretStr | None = None  # when set, GET /metrics needs "Authorization: Bearer <token>"
 
     # --- generation limits ---
     max_new_tokens_cap: int = 512

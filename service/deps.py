@@ -43,16 +43,19 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 # Auth uses its own short unit of work so that long requests (generate) hold no connection.
 def get_caller(request: Request, state: StateDep) -> Caller:
+    """A valid key is always served; failures are counted per client address (the proxy's X-Forwarded-For
+    when it is trusted, see OPPU_FORWARDED_ALLOW_IPS), and an address past its limit gets 429 for bad keys
+    only: the failures of others behind the same address can never lock a valid key out."""
     client = request.client.host if request.client is not None else "unknown"
-    wait = state.auth_limiter.retry_after(client)
-    if wait is not None:
-        raise TooManyRequests("too many failed authentications", headers={"Retry-After": str(wait)})
     try:
         token = parse_bearer(request.headers.get("authorization"))
         with unit_of_work(state.session_factory) as session:
             return authenticate(session, token, state.admin_key)
     except Unauthorized:
+        wait = state.auth_limiter.retry_after(client)
         state.auth_limiter.record_failure(client)
+        if wait is not None:
+            raise TooManyRequests("too many failed authentications", headers={"Retry-After": str(wait)}) from None
         raise
 
 

@@ -107,6 +107,18 @@ class Timeout(ServiceError):
     status, code = 504, "timeout"
 
 
+def safe_error_text(exc: BaseException) -> str:
+    """An exception as text fit for logs and jobs.error: a database error says only its kind (its message can
+    quote row values: user data, e.g. PostgreSQL's "Failing row contains ..."), others their message."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    if isinstance(exc, DBAPIError):
+        return f"{type(exc).__name__} ({type(exc.orig).__name__}; database details withheld)"
+    if isinstance(exc, SQLAlchemyError):
+        return f"{type(exc).__name__} (database details withheld)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class ErrorOut(BaseModel):
     """The body of every error response (documented in the OpenAPI schema via error_responses)."""
 
@@ -175,5 +187,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)  # logged, never sent: no tracebacks in responses
+        # Logged, never sent (no tracebacks in responses); database errors without their row values.
+        if safe_error_text(exc) == f"{type(exc).__name__}: {exc}":
+            log.exception("unhandled error", exc_info=exc)
+        else:
+            log.error("unhandled error: %s", safe_error_text(exc))
         return JSONResponse(error_body("internal_error", "internal server error"), 500)

@@ -4,6 +4,7 @@ The state is built at start-up by the composition root (see lifespan); nothing i
 from __future__ import annotations
 
 from fastapi import FastAPI
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service.api import adapters, admin, generate, health, history, jobs, metrics, openai, users
 from service.config import Settings, get_settings
@@ -34,5 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.adapter_max_file_bytes + (1 << 20),
     )
-    app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # outermost: counts 413s too
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # counts 413s too
+    if settings.forwarded_allow_ips:  # outermost: every layer sees the real client address
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)
     return app

@@ -17,6 +17,7 @@ from service.adapters import repository as adapter_repo
 from service.engine.types import EngineStats, StepInfo
 from service.jobs import repository as job_repo
 
+HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SWAP_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
@@ -109,6 +110,9 @@ class HttpMetrics:
         finally:
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
+            # Label values come from a fixed set: an invented method must not grow /metrics without bound.
             method = str(scope.get("method", ""))
+            method = method if method in HTTP_METHODS else "other"
+            status[0] = status[0] if 100 <= status[0] <= 599 else 500
             self.metrics.requests.labels(template, method, str(status[0])).inc()
             self.metrics.latency.labels(template, method).observe(time.perf_counter() - start)

@@ -1,29 +1,354 @@
-"""The deployment recipe is well-formed (no Docker engine here: parse it and check the topology)."""
+"""The deployment recipe is well-formed and hardened (no Docker engine here: parse the files and check them)."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
+import pytest
 import yaml
 
+from service.config import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
+APP_SERVICES = ("api1", "api2", "worker")
+# ${VAR}, ${VAR:-default}, ${VAR:?message}, ... (compose interpolation); "$${" is a literal "${".
+INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])[^}]*)?\}")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|(?<![A-Z])KEY$|AUTH$")
+
+
+def _compose() -> dict[str, Any]:
+    return cast(dict[str, Any], yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    return cast(dict[str, dict[str, Any]], _compose()["services"])
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    assert isinstance(env, dict), "environment as a mapping, so it can be checked"
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _is_reference(value: str) -> bool:
+    """The whole value is one ${...} interpolation (no literal secret around it)."""
+    return INTERPOLATION.fullmatch(value.strip()) is not None
+
+
+# --- docker-compose.yml ---------------------------------------------------------------------------------------
 
 
 def test_compose_topology() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
+    services = _services()
     assert {"postgres", "redis", "api1", "api2", "worker", "nginx"} <= set(services)
-    for name in ("api1", "api2", "worker"):
-        env = services[name]["environment"]
+    for name in APP_SERVICES:
+        env = _env(services[name])
         assert env["OPPU_DATABASE_URL"].startswith("postgresql")
         assert env["OPPU_REDIS_URL"].startswith("redis://")
         assert "adapters:/adapters" in services[name]["volumes"]  # one shared adapter store
     assert services["worker"]["command"] == ["worker"]
+    assert services["api1"]["command"] == services["api2"]["command"] == ["serve"]
     assert "healthcheck" in services["api1"] and "healthcheck" in services["postgres"]
+    assert "healthcheck" in services["redis"]
+    assert "adapters" in _compose()["volumes"]
     nginx = (ROOT / "docker" / "nginx.conf").read_text()
     assert "hash $oppu_user consistent" in nginx and "api1:8000" in nginx and "api2:8000" in nginx
 
 
+def test_compose_has_no_hard_coded_secrets() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert not re.search(r"POSTGRES_PASSWORD\s*[:=]\s*oppu\b", text)
+    assert ":oppu@" not in text
+    for name, service in _services().items():
+        for key, value in _env(service).items():
+            if SECRET_NAME.search(key):
+                assert _is_reference(value), f"{name}.{key} must come from .env, not the compose file"
+            url = re.match(r"^[a-z][a-z0-9+.-]*://(?P<userinfo>[^@/]*)@", value)
+            if url and ":" in url["userinfo"]:
+                password = url["userinfo"].split(":", 1)[1]
+                assert _is_reference(password), f"{name}.{key} carries a literal password"
+    reference = INTERPOLATION.fullmatch(_env(_services()["postgres"])["POSTGRES_PASSWORD"])
+    assert reference is not None and reference[1] == "POSTGRES_PASSWORD"
+    for name in APP_SERVICES:
+        env = _env(_services()[name])
+        db_url = r"postgresql\+psycopg://oppu:\$\{POSTGRES_PASSWORD(:\?[^}]*)?\}@postgres:5432/oppu"
+        assert re.fullmatch(db_url, env["OPPU_DATABASE_URL"]), env["OPPU_DATABASE_URL"]
+        assert _is_reference(env["OPPU_ADMIN_KEY"])
+
+
+def test_redis_requires_a_password_and_every_client_sends_it() -> None:
+    redis = _services()["redis"]
+    command = redis["command"]
+    command_text = " ".join(command) if isinstance(command, list) else str(command)
+    assert "--requirepass" in command_text
+    env = _env(redis)
+    # Either the interpolated variable on the command line, or the container's own env var expanded by its shell.
+    if "$$REDIS_PASSWORD" in command_text:
+        assert INTERPOLATION.fullmatch(env["REDIS_PASSWORD"])
+    else:
+        assert "${REDIS_PASSWORD" in command_text
+    # The healthcheck must authenticate too (redis-cli reads REDISCLI_AUTH), or redis never turns healthy.
+    assert _is_reference(env.get("REDISCLI_AUTH", "")) or "-a" in redis["healthcheck"]["test"]
+    for name in APP_SERVICES:
+        url = _env(_services()[name])["OPPU_REDIS_URL"]
+        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD(:\?[^}]*)?\}@redis:6379/0", url), url
+
+
+def test_api_trusts_only_nginx_for_forwarded_headers() -> None:
+    compose = _compose()
+    nginx_networks = _services()["nginx"]["networks"]
+    assert isinstance(nginx_networks, dict) and len(nginx_networks) == 1
+    ((network_name, attachment),) = nginx_networks.items()
+    address = ipaddress.ip_address(attachment["ipv4_address"])
+    (pool,) = compose["networks"][network_name]["ipam"]["config"]
+    assert address in ipaddress.ip_network(pool["subnet"])
+    if "ip_range" in pool:  # the fixed address is outside the dynamic range: no other container can take it
+        assert address not in ipaddress.ip_network(pool["ip_range"])
+    for name in APP_SERVICES:
+        env = _env(_services()[name])
+        assert env["OPPU_FORWARDED_ALLOW_IPS"] == str(address)
+        assert env["OPPU_DOCS_ENABLED"].lower() == "false"
+        assert "OPPU_METRICS_TOKEN" in env
+    # Every service that talks to nginx or each other is on that network (the default one, or named).
+    for name, service in _services().items():
+        nets = service.get("networks")
+        assert (nets is None and network_name == "default") or network_name in (nets or {}), name
+
+
+def test_env_example_documents_every_compose_variable() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    used = {m[1]: m[2] for m in INTERPOLATION.finditer(text)}
+    required = {name for name, op in used.items() if op and op.endswith("?")}
+    assert {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "OPPU_ADMIN_KEY"} <= required
+    assert "OPPU_METRICS_TOKEN" in used
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    example: dict[str, str] = {}
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in lines:
+        if line.startswith("#"):
+            pending.append(line)
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            example[key.strip()] = value.strip()
+            comments[key.strip()] = "\n".join(pending)
+            pending = []
+        else:
+            pending = []
+    assert set(used) <= set(example), f"missing from .env.example: {set(used) - set(example)}"
+    for name in used:
+        assert "secrets.token_urlsafe" in comments[name], f"{name}: say how to generate it"
+        value = example[name]
+        assert value == "" or "change-me" in value, f"{name}: a placeholder, never a real secret"
+    gitignore = (ROOT / ".gitignore").read_text().splitlines()
+    assert ".env" in {line.strip() for line in gitignore} or "/.env" in {line.strip() for line in gitignore}
+
+
+# --- docker/Dockerfile ----------------------------------------------------------------------------------------
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    logical: list[str] = []
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    out = []
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_runs_unprivileged() -> None:
+    instructions = _dockerfile_instructions()
+    users = [i for i, (kw, _) in enumerate(instructions) if kw == "USER"]
+    assert users, "the image must switch to an unprivileged USER"
+    last_user = instructions[users[-1]][1]
+    assert last_user.split(":")[0] not in {"root", "0"}
+    runs = [i for i, (kw, _) in enumerate(instructions) if kw == "RUN"]
+    assert users[-1] > max(runs), "USER comes after every install/build step"
+    created = " ".join(arg for kw, arg in instructions if kw == "RUN")
+    assert re.search(rf"useradd\b.*--uid 10001\b.*\b{re.escape(last_user)}\b", created)
+    chowns = [arg for kw, arg in instructions if kw == "RUN" and "chown" in arg]
+    for path in ("/data", "/adapters", "/opt/oppu"):
+        assert any(re.search(rf"chown\b.*\b{last_user}\b.*\s{re.escape(path)}(\s|$)", c) for c in chowns), path
+    assert instructions[-2:] == [("ENTRYPOINT", '["/entrypoint.sh"]'), ("CMD", '["serve"]')]
+
+
+# --- docker/nginx.conf ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """One nginx block (`args` = its opening directive, e.g. ["location", "~", "^/x$"]) and its contents."""
+
+    args: list[str]
+    directives: list[list[str]] = field(default_factory=list)
+    children: list[Block] = field(default_factory=list)
+
+    def get(self, name: str) -> list[list[str]]:
+        return [d[1:] for d in self.directives if d[0] == name]
+
+    def blocks(self, name: str) -> list[Block]:
+        return [b for b in self.children if b.args[0] == name]
+
+
+def _parse_nginx(text: str) -> Block:
+    tokens: list[str] = []
+    word = ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "#" and not word:
+            while i < len(text) and text[i] != "\n":
+                i += 1
+            continue
+        if ch in "'\"":
+            end = text.index(ch, i + 1)
+            word += text[i + 1 : end]
+            i = end + 1
+            continue
+        if ch.isspace() or ch in "{};":
+            if word:
+                tokens.append(word)
+                word = ""
+            if ch in "{};":
+                tokens.append(ch)
+        else:
+            word += ch
+        i += 1
+    root = Block(["main"])
+    stack = [root]
+    statement: list[str] = []
+    for token in tokens:
+        if token == ";":
+            stack[-1].directives.append(statement)
+            statement = []
+        elif token == "{":
+            child = Block(statement)
+            stack[-1].children.append(child)
+            stack.append(child)
+            statement = []
+        elif token == "}":
+            assert not statement, "unterminated directive"
+            stack.pop()
+        else:
+            statement.append(token)
+    assert len(stack) == 1 and not statement, "unbalanced braces"
+    return root
+
+
+def _server() -> Block:
+    (server,) = _parse_nginx((ROOT / "docker" / "nginx.conf").read_text()).blocks("server")
+    return server
+
+
+def _location_for(server: Block, uri: str) -> Block:
+    """nginx's choice: `=` exact, else longest prefix (final if `^~`), else first matching regex, else prefix."""
+    locations = server.blocks("location")
+    prefix: Block | None = None
+    for loc in locations:
+        modifier, pattern = (loc.args[1], loc.args[2]) if len(loc.args) == 3 else ("", loc.args[1])
+        if modifier == "=" and uri == pattern:
+            return loc
+        if (
+            modifier in ("", "^~")
+            and uri.startswith(pattern)
+            and (prefix is None or len(pattern) > len(prefix.args[-1]))
+        ):
+            prefix = loc
+    if prefix is not None and prefix.args[1] == "^~":
+        return prefix
+    for loc in locations:
+        if loc.args[1] in ("~", "~*"):
+            flags = re.IGNORECASE if loc.args[1] == "~*" else 0
+            if re.search(loc.args[2], uri, flags):
+                return loc
+    assert prefix is not None, f"no location for {uri}"
+    return prefix
+
+
+def _size_bytes(value: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    match = re.fullmatch(r"(\d+)([kmg]?)", value.lower())
+    assert match is not None, value
+    return int(match[1]) * units[match[2]]
+
+
+def test_nginx_passes_the_client_address() -> None:
+    server = _server()
+    headers = {h[0].lower(): h[1] for h in server.get("proxy_set_header")}
+    assert headers["x-real-ip"] == "$remote_addr"
+    assert headers["x-forwarded-for"] == "$proxy_add_x_forwarded_for"
+    assert headers["x-forwarded-proto"] == "$scheme"
+    assert headers["host"] == "$host"
+    # proxy_set_header in a location would drop every server-level one there (nginx does not merge them).
+    for loc in server.blocks("location"):
+        assert not loc.get("proxy_set_header"), loc.args
+
+
+def test_nginx_keeps_streaming_and_hashing() -> None:
+    server = _server()
+    assert server.get("proxy_buffering") == [["off"]]
+    ((timeout,),) = server.get("proxy_read_timeout")
+    assert re.fullmatch(r"\d+s?", timeout) and int(timeout.rstrip("s")) >= 300  # long streams stay open
+    (upstream,) = _parse_nginx((ROOT / "docker" / "nginx.conf").read_text()).blocks("upstream")
+    assert upstream.get("hash") == [["$oppu_user", "consistent"]]
+    for loc in server.blocks("location"):
+        assert loc.get("return") == [["404"]] or loc.get("proxy_pass") == [["http://oppu_api"]], loc.args
+        assert not loc.get("proxy_buffering") and not loc.get("proxy_read_timeout"), loc.args
+
+
+def test_nginx_body_limits_per_path() -> None:
+    server = _server()
+    defaults = Settings.model_fields
+    assert server.get("client_max_body_size") == [["4m"]]
+    assert _size_bytes("4m") == defaults["max_body_bytes"].default
+    upload = _location_for(server, "/users/u1/adapter")
+    assert upload.args == ["location", "~", "^/users/[^/]+/adapter$"]
+    (limit,) = upload.get("client_max_body_size")
+    # The app's own cap on an upload is adapter_max_file_bytes + 1 MiB; nginx must not refuse below it.
+    assert _size_bytes(limit[0]) >= defaults["adapter_max_file_bytes"].default + (1 << 20)
+    assert upload.get("proxy_pass") == [["http://oppu_api"]]
+    for loc in server.blocks("location"):
+        if loc is not upload:
+            assert not loc.get("client_max_body_size"), f"{loc.args}: only adapter uploads get a larger limit"
+    for uri in ("/users/u1/adapter/versions", "/users/u1/adapter/x", "/generate", "/v1/chat/completions"):
+        assert _location_for(server, uri) is not upload, uri
+
+
+@pytest.mark.parametrize(
+    "uri", ["/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics", "/metrics/", "/docs/"]
+)
+def test_nginx_hides_docs_and_metrics(uri: str) -> None:
+    assert _location_for(_server(), uri).get("return") == [["404"]]
+
+
+@pytest.mark.parametrize(
+    "uri", ["/generate", "/healthz", "/readyz", "/users/u1/adapter", "/v1/models", "/users/metrics", "/docsearch"]
+)
+def test_nginx_proxies_the_api(uri: str) -> None:
+    assert _location_for(_server(), uri).get("proxy_pass") == [["http://oppu_api"]]
+
+
+# --- docker/entrypoint.sh -------------------------------------------------------------------------------------
+
+
 def test_entrypoint_is_valid_shell() -> None:
     subprocess.run(["sh", "-n", str(ROOT / "docker" / "entrypoint.sh")], check=True)
+    text = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert "oppu migrate && exec oppu serve --host 0.0.0.0 --port 8000" in text
+    assert "exec oppu worker" in text

@@ -23,7 +23,7 @@ from service.adapters.validation import (
     validate_peft_files,
 )
 from service.db.models import SHARED_OWNER, Adapter
-from service.db.session import after_commit
+from service.db.session import after_commit, after_rollback
 from service.engine.types import AdapterRef
 from service.errors import Conflict, NotFound, Unprocessable
 
@@ -97,19 +97,28 @@ def publish(
     meta: dict[str, Any] | None = None,
     job_id: str | None = None,
 ) -> Adapter:
-    """Validate, write the immutable version dir, then record it as current (the SQL commit is the
-    commit point: until then no reader sees the new version)."""
+    """Validate, write the files, then record them as the current version (the SQL commit is the commit
+    point: until then no reader sees the new version). The files are written and fsynced BEFORE the first
+    SQL write, so the database's write lock (SQLite) is held only for a rename and a few rows."""
     try:
         checked = validate_peft_files(files, ctx.spec, ctx.limits)
     except AdapterValidationError as exc:
         raise Unprocessable("invalid adapter: " + "; ".join(exc.problems), details=exc.problems) from exc
-    version = repo.allocate_version(session, owner_key, user_pk)
+    staged = ctx.store.stage(files)
     try:
-        ctx.store.publish(owner_key, version, files)
-    except VersionExistsError:
-        # A crashed earlier attempt left files for a number that was never committed: replace them.
+        version = repo.allocate_version(session, owner_key, user_pk)  # the write lock starts here
+        try:
+            ctx.store.commit_staged(staged, owner_key, version)
+        except VersionExistsError:
+            # A crashed earlier attempt left files for a number that was never committed: replace them.
+            ctx.store.delete_version(owner_key, version)
+            ctx.store.commit_staged(staged, owner_key, version)
+    finally:
+        ctx.store.discard(staged)
+    def undo() -> None:  # the rows never came to be: their files must not linger
         ctx.store.delete_version(owner_key, version)
-        ctx.store.publish(owner_key, version, files)
+
+    after_rollback(session, undo)
     row = repo.add(
         session,
         Adapter(

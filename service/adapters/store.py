@@ -125,7 +125,7 @@ class AdapterStore:
     def read_files(self, storage_key: str, version: int) -> dict[str, bytes]:
         d = self.version_dir(storage_key, version)
         try:
-            return {name: self._inside(d / name).read_bytes() for name in sorted(PEFT_FILES)}
+            return self._read_dir(d)
         except FileNotFoundError as e:
             raise VersionNotFoundError(f"adapter {storage_key} v{version} not found") from e
 
@@ -143,29 +143,50 @@ class AdapterStore:
     # --- writes ---
     def publish(self, storage_key: str, version: int, files: Mapping[str, bytes]) -> Path:
         """Write a version atomically; idempotent for identical content, else VersionExistsError."""
-        target = self.version_dir(storage_key, version)
-        _check_files(files)
-        data = {name: bytes(files[name]) for name in PEFT_FILES}
-        if target.exists():
-            return self._same_or_raise(storage_key, version, data)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{storage_key}-v{version}-", dir=self._tmp))
+        staged = self.stage(files)
         try:
-            for name, content in data.items():
-                _write_fsync(tmp / name, content)
-            _fsync_dir(tmp)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(tmp, target)  # fails on Linux if target exists and is non-empty
-            except OSError:
-                if target.exists():  # a concurrent publisher won the race
-                    return self._same_or_raise(storage_key, version, data)
-                raise
-            _fsync_dir(target.parent)
-            _fsync_dir(target.parent.parent)
+            return self.commit_staged(staged, storage_key, version)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            self.discard(staged)
+
+    def stage(self, files: Mapping[str, bytes]) -> Path:
+        """Write and fsync the PEFT pair in a temp dir of the store (slow: do it before taking any lock)."""
+        _check_files(files)
+        tmp = Path(tempfile.mkdtemp(prefix="staged-", dir=self._tmp))
+        try:
+            for name in PEFT_FILES:
+                _write_fsync(tmp / name, bytes(files[name]))
+            _fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp
+
+    def commit_staged(self, staged: Path, storage_key: str, version: int) -> Path:
+        """Move a staged pair into place as `version` (a rename: fast); idempotent for identical content."""
+        staged = self._inside(staged)
+        target = self.version_dir(storage_key, version)
+        if target.exists():
+            return self._same_or_raise(storage_key, version, self._read_dir(staged))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staged, target)  # fails on Linux if target exists and is non-empty
+        except OSError:
+            if target.exists():  # a concurrent publisher won the race
+                return self._same_or_raise(storage_key, version, self._read_dir(staged))
+            raise
+        _fsync_dir(target.parent)
+        _fsync_dir(target.parent.parent)
         return target
+
+    def discard(self, staged: Path) -> None:
+        """Remove a staged dir that was not committed (no-op once it was)."""
+        staged = self._inside(staged)
+        if staged.parent == self._tmp and staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def _read_dir(self, directory: Path) -> dict[str, bytes]:
+        return {name: (directory / name).read_bytes() for name in sorted(PEFT_FILES)}
 
     def _same_or_raise(self, storage_key: str, version: int, data: Mapping[str, bytes]) -> Path:
         try:

@@ -16,12 +16,20 @@ from sqlalchemy.orm import Session, sessionmaker
 log = logging.getLogger(__name__)
 
 
-def make_engine(url: str) -> Engine:
+SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
+
+
+def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
+    """Error messages never carry bound parameters (user data): hide_parameters. SQLite: WAL, a busy timeout,
+    enforced foreign keys, and synchronous=FULL unless NORMAL is chosen (faster, but a power loss may drop
+    the last acknowledged commits)."""
+    if sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+        raise ValueError(f"sqlite_synchronous must be one of {SQLITE_SYNCHRONOUS}")
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -29,13 +37,13 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
             cur.close()
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -50,8 +58,8 @@ class Database:
     session_factory: sessionmaker[Session]
 
     @classmethod
-    def open(cls, url: str) -> Database:
-        engine = make_engine(url)
+    def open(cls, url: str, *, sqlite_synchronous: str = "FULL") -> Database:
+        engine = make_engine(url, sqlite_synchronous=sqlite_synchronous)
         return cls(engine, make_session_factory(engine))
 
     def ping(self) -> bool:
@@ -68,11 +76,26 @@ class Database:
 
 
 AFTER_COMMIT = "oppu_after_commit"
+AFTER_ROLLBACK = "oppu_after_rollback"
 
 
 def after_commit(session: Session, action: Callable[[], None]) -> None:
     """Run `action` only once the unit of work has committed (file deletes, cache drops, enqueues)."""
     session.info.setdefault(AFTER_COMMIT, []).append(action)
+
+
+def after_rollback(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` if the unit of work rolls back (undo a file written for rows that never came to be)."""
+    session.info.setdefault(AFTER_ROLLBACK, []).append(action)
+
+
+def _run(session: Session, key: str, what: str) -> None:
+    actions: list[Callable[[], None]] = session.info.pop(key, [])
+    for action in actions:
+        try:
+            action()
+        except Exception:  # the outcome stands; a failed side effect is logged, not raised
+            log.exception("%s action failed", what)
 
 
 @contextmanager
@@ -84,10 +107,8 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
             session.commit()
         except BaseException:
             session.rollback()
+            session.info.pop(AFTER_COMMIT, None)
+            _run(session, AFTER_ROLLBACK, "after-rollback")
             raise
-        actions: list[Callable[[], None]] = session.info.pop(AFTER_COMMIT, [])
-        for action in actions:
-            try:
-                action()
-            except Exception:  # the commit stands; a failed side effect is logged, not raised
-                log.exception("after-commit action failed")
+        session.info.pop(AFTER_ROLLBACK, None)
+        _run(session, AFTER_COMMIT, "after-commit")

@@ -31,9 +31,12 @@ class RedisJobQueue:
     def __init__(self, url: str, job_timeout_s: int) -> None:
         from redis import Redis
         from rq import Queue
+        from rq.serializers import JSONSerializer
 
         self.redis = Redis.from_url(url)
-        self.queue = Queue(QUEUE_NAME, connection=self.redis)
+        # JSON, never pickle: a job is a function path and a job id, and a pickle in Redis would run code
+        # on the worker for anyone who can write to Redis.
+        self.queue = Queue(QUEUE_NAME, connection=self.redis, serializer=JSONSerializer)
         self.job_timeout_s = job_timeout_s
 
     def enqueue(self, job_id: str, attempt: int) -> None:

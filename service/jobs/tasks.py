@@ -27,6 +27,7 @@ from service.adapters.validation import BaseModelSpec, ValidationLimits
 from service.config import Settings
 from service.db.session import after_commit, unit_of_work
 from service.engine.types import AdapterRef
+from service.errors import safe_error_text
 from service.history import repository as history_repo
 from service.history.service import snapshot
 from service.inference.loader import LoadedModel, load_model
@@ -117,13 +118,13 @@ def run_job(ctx: JobContext, job_id: str) -> None:
             jobs.finish(session, job_id, adapter_version=version)
         ctx.queue.publish_adapter(job.owner_key, version)
     except Exception as exc:
-        log.exception("job %s failed", job_id)
+        log.error("job %s failed: %s", job_id, safe_error_text(exc))
         _fail_or_retry(ctx, job, exc)
 
 
 def _fail_or_retry(ctx: JobContext, job: ClaimedJob, exc: Exception) -> None:
     with unit_of_work(ctx.session_factory) as session:
-        error = f"{type(exc).__name__}: {exc}"
+        error = safe_error_text(exc)
         if jobs.fail_or_retry(session, job.job_id, error, ctx.settings.job_max_attempts, attempt=job.attempt):
             after_commit(session, _enqueue_later(ctx.queue, job.job_id, job.attempt + 1))
 

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> None:
     from rq import Worker
+    from rq.serializers import JSONSerializer
 
     queue = ctx.queue
     if not isinstance(queue, RedisJobQueue):
@@ -36,6 +37,6 @@ def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> N
     import transformers  # noqa: F401
 
     try:
-        Worker([QUEUE_NAME], connection=queue.redis).work(burst=burst, with_scheduler=False)
+        Worker([QUEUE_NAME], connection=queue.redis, serializer=JSONSerializer).work(burst=burst, with_scheduler=False)
     finally:
         stop.set()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi.testclient import TestClient
 
-from tests.conftest import bearer, create_user
+from tests.conftest import bearer, create_user, running_app
 
 
 def test_metrics_after_traffic(sqlite_client: TestClient) -> None:
@@ -29,3 +31,23 @@ def test_metrics_after_traffic(sqlite_client: TestClient) -> None:
         "oppu_generate_queue_depth",
     ):
         assert name in text, name
+
+
+def test_invented_methods_do_not_grow_the_http_series(sqlite_client: TestClient) -> None:
+    """2,000 requests with invented HTTP methods: the HTTP family stays under 200 series (methods -> other)."""
+    for i in range(2000):
+        sqlite_client.request(f"X{i:04d}", "/healthz")
+    text = sqlite_client.get("/metrics").text
+    series = [
+        line for line in text.splitlines() if line.startswith(("oppu_http_requests_total", "oppu_http_request_seconds"))
+    ]
+    assert len(series) < 200, len(series)
+    assert 'method="other"' in text and "X0001" not in text
+
+
+def test_metrics_token(tmp_path: Path, tiny_model_path: Path) -> None:
+    with running_app(tmp_path, tiny_model_path, metrics_token="s3cret-metrics") as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=bearer("wrong")).status_code == 401
+        r = client.get("/metrics", headers=bearer("s3cret-metrics"))
+        assert r.status_code == 200 and "oppu_http_requests_total" in r.text
