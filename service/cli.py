@@ -64,7 +64,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     if not get_settings().redis_url:
         raise SystemExit("oppu worker needs OPPU_REDIS_URL (the embedded default runs jobs in the API)")
-    run_worker(get_settings(), worker_job_context(), burst=args.burst)
+    run_worker(get_settings(), worker_job_context(reconcile_store=True), burst=args.burst)
     return 0
 
 

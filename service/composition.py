@@ -166,10 +166,13 @@ def job_context(
     return JobContext(settings, db.session_factory, store or AdapterStore(settings.adapters_dir), queue)
 
 
-def worker_job_context() -> JobContext:
-    """The RQ work horse's context (built once per process)."""
+def worker_job_context(*, reconcile_store: bool = False) -> JobContext:
+    """The RQ worker's context (the parent reconciles the store at start-up; each work horse builds its own)."""
     settings = get_settings()
-    return job_context(settings, make_queue(settings))
+    ctx = job_context(settings, make_queue(settings))
+    if reconcile_store:
+        reconcile(database(settings), ctx.store)
+    return ctx
 
 
 # --- the API process ---
@@ -197,8 +200,19 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
     )
 
 
+RECONCILE_OLDER_THAN_S = 3600.0  # an in-flight publish of another process is younger than this
+
+
+def reconcile(db: Database, store: AdapterStore) -> None:
+    """Start-up: store and SQL back in line after crashes (orphan dirs, rows without files, temp dirs)."""
+    with unit_of_work(db.session_factory) as session:
+        done = adapter_service.reconcile(session, store, RECONCILE_OLDER_THAN_S)
+    log.info("reconciled the adapter store: %s", done)
+
+
 def start(state: AppState) -> None:
-    """The engine, then the job runner (embedded) or the adapter-change subscriber (Redis)."""
+    """Reconciliation, the engine, then the job runner (embedded) or the adapter-change subscriber (Redis)."""
+    reconcile(state.db, state.store)
     state.engine.start()
     if isinstance(state.queue, InProcessJobQueue):
         state.queue.attach(lambda job_id: run_job(state.jobs, job_id))

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
 
     # --- history ---
     bm25_cache_users: int = 64
+    history_max_items_per_user: int = 100_000
+    history_max_chars_per_user: int = 64 * 1024 * 1024  # characters of input + output
 
     # --- engine ---
     engine: Literal["builtin", "vllm"] = "builtin"

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 from datetime import UTC, datetime
+from typing import IO
 
 from sqlalchemy.orm import Session
 
 from service.adapters import repository as adapter_repo
 from service.adapters import service as adapter_service
+from service.adapters.peft_format import PEFT_FILES
 from service.adapters.service import AdapterContext
 from service.history import repository as history_repo
 from service.history.service import as_utc
@@ -23,23 +24,24 @@ def _iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
-def export_archive(session: Session, ctx: AdapterContext, user: UserRef) -> bytes:
-    """zip: manifest.json, history.jsonl, profile.json, adapters/v<N>/{PEFT files} for kept versions."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        lines = []
-        for item in history_repo.all_items(session, user.pk):
-            record = {
-                "id": item.client_id,
-                "input": item.input,
-                "output": item.output,
-                "kind": item.kind,
-                "metadata": item.meta,
-                "timestamp": _iso(item.timestamp),
-                "created_at": _iso(item.created_at),
-            }
-            lines.append(json.dumps(record, ensure_ascii=False))
-        zf.writestr("history.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO[bytes]) -> None:
+    """Writes the zip to `out` (a temp file: never the whole archive in memory): manifest.json,
+    history.jsonl, profile.json, adapters/v<N>/{PEFT files} for kept versions."""
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        lines = 0
+        with zf.open("history.jsonl", "w") as fh:
+            for item in history_repo.all_items(session, user.pk):
+                record = {
+                    "id": item.client_id,
+                    "input": item.input,
+                    "output": item.output,
+                    "kind": item.kind,
+                    "metadata": item.meta,
+                    "timestamp": _iso(item.timestamp),
+                    "created_at": _iso(item.created_at),
+                }
+                fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                lines += 1
         profile = history_repo.get_profile(session, user.pk)
         if profile is not None:
             zf.writestr(
@@ -48,19 +50,23 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef) -> byte
             )
         versions = []
         for row in adapter_repo.list_versions(session, user.storage_key):
-            files = ctx.store.read_files(user.storage_key, row.version)
-            for name, data in files.items():
-                zf.writestr(f"adapters/v{row.version}/{name}", data)
-            versions.append({"version": row.version, "sha256": row.sha256, "source": row.source})
+            entry: dict[str, object] = {"version": row.version, "sha256": row.sha256, "source": row.source}
+            try:
+                for name in sorted(PEFT_FILES):
+                    zf.write(
+                        ctx.store.version_dir(user.storage_key, row.version) / name, f"adapters/v{row.version}/{name}"
+                    )
+            except FileNotFoundError:  # pruned by another replica meanwhile: listed, files noted as gone
+                entry["files_missing"] = True
+            versions.append(entry)
         manifest = {
             "user_id": user.user_id,
             "exported_at": datetime.now(UTC).isoformat(),
-            "history_items": len(lines),
+            "history_items": lines,
             "has_profile": profile is not None,
             "adapter_versions": versions,
         }
         zf.writestr("manifest.json", json.dumps(manifest, indent=2))
-    return buf.getvalue()
 
 
 def erase_user(session: Session, ctx: AdapterContext, user: UserRef) -> None:

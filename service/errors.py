@@ -51,6 +51,12 @@ class Conflict(ServiceError):
     status, code = 409, "conflict"
 
 
+class QuotaExceeded(ServiceError):
+    """A per-user limit on what is stored (history items or characters) would be passed."""
+
+    status, code = 409, "quota_exceeded"
+
+
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 

@@ -75,6 +75,7 @@ GLOBAL_QUERIES = {
     "accounts/repository.py": {"all_user_keys": "the shared task LoRA trains on every user (admin job)"},
     "adapters/repository.py": {
         "stale_current": "retrain-stale (admin) and /metrics count every user",
+        "all_versions": "start-up reconciliation of the store with SQL (maintenance)",
         "count_stale_current": "/metrics",
         "add": "the row carries its owner",
     },

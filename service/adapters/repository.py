@@ -84,6 +84,16 @@ def delete_all(session: Session, owner_key: str) -> None:
     set_current(session, owner_key, None)
 
 
+def all_versions(session: Session) -> list[tuple[str, int, int | None]]:
+    """(owner key, version, current version) of every stored version (maintenance: all owners)."""
+    rows = session.execute(
+        select(Adapter.owner_key, Adapter.version, AdapterHead.current_version).join(
+            AdapterHead, AdapterHead.owner_key == Adapter.owner_key, isouter=True
+        )
+    )
+    return [(owner, version, current) for owner, version, current in rows]
+
+
 def by_job(session: Session, job_id: str) -> Adapter | None:
     return session.execute(select(Adapter).where(Adapter.job_id == job_id)).scalar_one_or_none()
 

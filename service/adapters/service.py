@@ -15,7 +15,7 @@ from service.adapters import repository as repo
 from service.adapters.archive import ArchiveError, pack_zip, unpack_upload
 from service.adapters.peft_format import PEFT_FILES
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut
-from service.adapters.store import AdapterStore, VersionExistsError
+from service.adapters.store import AdapterStore, VersionExistsError, VersionNotFoundError
 from service.adapters.validation import (
     AdapterValidationError,
     BaseModelSpec,
@@ -115,6 +115,7 @@ def publish(
             ctx.store.commit_staged(staged, owner_key, version)
     finally:
         ctx.store.discard(staged)
+
     def undo() -> None:  # the rows never came to be: their files must not linger
         ctx.store.delete_version(owner_key, version)
 
@@ -157,6 +158,29 @@ def _prune(session: Session, ctx: AdapterContext, owner_key: str, *, current: in
         after_commit(session, delete_files)
 
 
+def reconcile(session: Session, store: AdapterStore, older_than_s: float) -> dict[str, int]:
+    """Bring the store and SQL back in line after crashes (start-up): temp dirs older than `older_than_s` go;
+    version rows whose files are gone are deleted (a current one falls back to the newest kept version);
+    version dirs that no row names and that are older than `older_than_s` (an in-flight publish of another
+    process is younger) are removed."""
+    removed_tmp = store.cleanup_tmp(older_than_s)
+    rows = repo.all_versions(session)
+    missing = [(owner, v, cur) for owner, v, cur in rows if not store.exists(owner, v)]
+    for owner, version, current_version in missing:
+        repo.delete_versions(session, owner, [version])
+        if current_version == version:
+            kept = [r.version for r in repo.list_versions(session, owner) if r.version != version]
+            repo.set_current(session, owner, kept[0] if kept else None)
+    known = {(owner, v) for owner, v, _ in rows}
+    orphans = [(k, v) for k in [*store.list_storage_keys(), SHARED_OWNER] for v in store.list_versions(k)]
+    orphans = [(k, v) for k, v in orphans if (k, v) not in known and store.age_s(k, v) > older_than_s]
+    for owner, version in orphans:
+        store.delete_version(owner, version)
+    if missing:
+        log.warning("reconcile: %d adapter version rows had no files and were removed", len(missing))
+    return {"tmp": removed_tmp, "rows_without_files": len(missing), "orphan_dirs": len(orphans)}
+
+
 def current(session: Session, owner_key: str) -> AdapterOut:
     row = repo.current(session, owner_key)
     if row is None:
@@ -183,7 +207,10 @@ def download(session: Session, ctx: AdapterContext, owner_key: str, version: int
     row = repo.current(session, owner_key) if version is None else repo.get_version(session, owner_key, version)
     if row is None:
         raise NotFound("no such adapter version")
-    return row.version, pack_zip(ctx.store.read_files(owner_key, row.version))
+    try:
+        return row.version, pack_zip(ctx.store.read_files(owner_key, row.version))
+    except VersionNotFoundError as exc:  # pruned by another replica just now, or lost: never a 500
+        raise NotFound(f"the files of adapter version {row.version} are gone; list the versions again") from exc
 
 
 def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, data: bytes) -> AdapterOut:

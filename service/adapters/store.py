@@ -117,6 +117,13 @@ class AdapterStore:
                 versions.append(int(m.group(1)))
         return sorted(versions)
 
+    def age_s(self, storage_key: str, version: int) -> float:
+        """Seconds since the version dir was last changed (its publish)."""
+        try:
+            return time.time() - self.version_dir(storage_key, version).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
     def list_storage_keys(self) -> list[str]:
         """User storage keys that have a folder (for garbage collection); excludes the shared key."""
         users = self.root / "users"

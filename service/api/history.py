@@ -17,7 +17,7 @@ router = APIRouter(prefix="/users/{user_id}", tags=["history"], responses=error_
 
 @router.post("/history", status_code=201, response_model=HistoryAppendOut)
 def append_history(body: HistoryAppendIn, user: UserDep, session: SessionDep, state: StateDep) -> HistoryAppendOut:
-    out = service.append(session, user, body)
+    out = service.append(session, user, body, service.HistoryQuota.from_settings(state.settings))
     threshold = state.settings.retrain_after_new_items
     if threshold and out.added:  # behaviour shift -> retrain (after commit)
         jobs.maybe_auto_retrain(session, state.queue, user.pk, user.storage_key, threshold)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from typing import IO
+
 from fastapi import APIRouter, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service import data_rights, users
@@ -30,12 +35,23 @@ class RevokedOut(BaseModel):
         200: {"content": {"application/zip": {}}, "description": "history, profile and adapters"},
     },
 )
-def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Response:
-    data = data_rights.export_archive(session, adapters, user)
+def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> StreamingResponse:
+    archive = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _chunks once streamed (an export never sits in memory whole)
+    try:
+        data_rights.export_archive(session, adapters, user, archive)
+    except BaseException:
+        archive.close()
+        raise
     name = f"oppu-export-{user.user_id}.zip"
-    return Response(
-        data, media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{name}"'}
-    )
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    return StreamingResponse(_chunks(archive), media_type="application/zip", headers=headers)
+
+
+def _chunks(archive: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+    with archive:
+        archive.seek(0)
+        while chunk := archive.read(size):
+            yield chunk
 
 
 @router.delete("/users/{user_id}", status_code=204)

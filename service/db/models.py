@@ -6,7 +6,21 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.adapters.store import SHARED_KEY
@@ -29,6 +43,9 @@ class User(Base):
     # Internal key for everything outside SQL (adapter folders, cache keys): never the raw user id.
     storage_key: Mapped[str] = mapped_column(String(32), unique=True, default=new_storage_key)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # What the user's history holds (items; characters of input + output): the quotas are checked on these.
+    history_items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    history_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class ApiKey(Base):
@@ -107,6 +124,17 @@ class Adapter(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
     job_id: Mapped[str | None] = mapped_column(String(36), nullable=True, unique=True)  # idempotent publish
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # A shared adapter trained on the history of a user who has since been erased (retrain to drop it).
+    trained_on_erased: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class AdapterContributor(Base):
+    """Whose history a shared adapter version was trained on (so that an erasure can flag it)."""
+
+    __tablename__ = "adapter_contributors"
+
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
 
 
 ACTIVE_JOB_STATES = ("queued", "running")

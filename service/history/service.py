@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
+from service.config import Settings
 from service.db.models import HistoryItem
-from service.errors import NotFound, Unprocessable
+from service.errors import NotFound, QuotaExceeded, Unprocessable
 from service.history import repository as repo
 from service.history.schemas import (
     HistoryAppendIn,
@@ -49,17 +50,42 @@ class RetrievedDoc:
     score: float
 
 
-def append(session: Session, user: UserRef, body: HistoryAppendIn) -> HistoryAppendOut:
+@dataclass(frozen=True)
+class HistoryQuota:
+    """Per user: history items and characters (input + output) kept. BM25 holds a user's history in memory."""
+
+    max_items: int
+    max_chars: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HistoryQuota:
+        return cls(settings.history_max_items_per_user, settings.history_max_chars_per_user)
+
+
+UNLIMITED = HistoryQuota(2**31 - 1, 2**62)  # internal callers (the evaluation) that own their data
+
+
+def append(session: Session, user: UserRef, body: HistoryAppendIn, quota: HistoryQuota = UNLIMITED) -> HistoryAppendOut:
+    """Insert the new items (a client id already there is a duplicate, skipped) within the user's quota:
+    409 quota_exceeded and nothing stored when they would not fit."""
+    ids, rows, chars = _rows(body)
+    inserted = repo.insert_items_ignore_duplicates(session, user.pk, rows)
+    _charge(session, user, len(inserted), sum(chars[i] for i in inserted), quota)
+    return HistoryAppendOut(added=len(inserted), duplicates=len(body.items) - len(inserted), ids=ids)
+
+
+def _rows(body: HistoryAppendIn) -> tuple[list[str], list[dict[str, object]], dict[str, int]]:
+    """(client id of every item, the rows to insert (the same id twice in one request counts once), the
+    characters of each row by client id)."""
     ids: list[str] = []
     rows: list[dict[str, object]] = []
-    seen: set[str] = set()
+    chars: dict[str, int] = {}
     for item in body.items:
         client_id = item.id or f"h_{uuid.uuid4().hex}"
         ids.append(client_id)
-        if client_id in seen:  # the same id twice in one request counts once
+        if client_id in chars:
             continue
-        seen.add(client_id)
-        ts = as_utc(item.timestamp) if item.timestamp is not None else None
+        chars[client_id] = len(item.input or "") + len(item.output)
         rows.append(
             {
                 "client_id": client_id,
@@ -67,12 +93,21 @@ def append(session: Session, user: UserRef, body: HistoryAppendIn) -> HistoryApp
                 "output": item.output,
                 "kind": item.kind,
                 "meta": item.metadata,
-                "timestamp": ts,
+                "timestamp": as_utc(item.timestamp) if item.timestamp is not None else None,
                 "created_at": datetime.now(UTC),
             }
         )
-    added = repo.insert_items_ignore_duplicates(session, user.pk, rows)
-    return HistoryAppendOut(added=added, duplicates=len(body.items) - added, ids=ids)
+    return ids, rows, chars
+
+
+def _charge(session: Session, user: UserRef, items: int, chars: int, quota: HistoryQuota) -> None:
+    if items and not repo.charge_quota(session, user.pk, items, chars, quota.max_items, quota.max_chars):
+        stored, used = repo.quota_use(session, user.pk)
+        raise QuotaExceeded(
+            f"history quota exceeded: {stored} items and {used} characters stored, this adds {items} and "
+            f"{chars}; the limits are {quota.max_items} items and {quota.max_chars} characters",
+            details={"items": stored, "chars": used, "max_items": quota.max_items, "max_chars": quota.max_chars},
+        )
 
 
 def as_utc(value: datetime) -> datetime:

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, text
 
 from service.db.migrate import upgrade
 from service.main import create_app
-from tests.conftest import _pg_fresh_schema_url, admin_headers, bearer, create_user, make_settings
+from tests.conftest import _pg_fresh_schema_url, admin_headers, bearer, create_user, make_settings, running_app
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -297,3 +297,28 @@ def test_append_is_committed_before_the_201_is_sent(client: TestClient) -> None:
     client.portal.call(run)  # type: ignore[union-attr]
     assert seen["status"] == 201
     assert seen["rows"] == 1, "the 201 was sent before the rows were committed"
+
+
+def test_history_quota_per_user(tmp_path: Path, tiny_model_path: Path) -> None:
+    """Items and characters per user are bounded: an append that would pass either gets 409 quota_exceeded
+    and stores nothing; duplicates cost nothing; another user has a quota of their own."""
+    with running_app(
+        tmp_path, tiny_model_path, history_max_items_per_user=5, history_max_chars_per_user=200
+    ) as client:
+        key, other = create_user(client, "quota"), create_user(client, "quota2")
+
+        def add(user: str, k: str, ids: list[str], size: int = 10) -> Any:
+            items = [{"id": i, "output": "x" * size} for i in ids]
+            return client.post(f"/users/{user}/history", json={"items": items}, headers=bearer(k))
+
+        assert add("quota", key, ["a", "b", "c"]).status_code == 201
+        r = add("quota", key, ["d", "e", "f"])
+        assert r.status_code == 409 and r.json()["code"] == "quota_exceeded", r.text
+        assert add("quota", key, ["a", "b", "c"]).json()["added"] == 0  # duplicates are free
+        assert add("quota", key, ["d", "e"]).status_code == 201  # exactly 5
+        assert add("quota", key, ["g"]).status_code == 409
+        listed = client.get("/users/quota/history", headers=bearer(key)).json()["items"]
+        assert [i["id"] for i in listed] == ["a", "b", "c", "d", "e"]
+        r = add("quota2", other, ["big"], size=201)
+        assert r.status_code == 409 and r.json()["details"]["max_chars"] == 200
+        assert add("quota2", other, ["ok"], size=200).status_code == 201

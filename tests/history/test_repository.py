@@ -56,10 +56,10 @@ def body(*outputs: str, ids: list[str | None] | None = None) -> HistoryAppendIn:
 def test_insert_ignores_duplicates_per_user(factory: sessionmaker[Session]) -> None:
     alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
     with unit_of_work(factory) as s:
-        assert repo.insert_items_ignore_duplicates(s, alice.pk, rows("a", "b", "c")) == 3
-        assert repo.insert_items_ignore_duplicates(s, alice.pk, rows("b", "c", "d")) == 1
-        assert repo.insert_items_ignore_duplicates(s, bob.pk, rows("a")) == 1  # other user: not a duplicate
-        assert repo.insert_items_ignore_duplicates(s, alice.pk, []) == 0
+        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, rows("a", "b", "c"))) == 3
+        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, rows("b", "c", "d"))) == 1
+        assert len(repo.insert_items_ignore_duplicates(s, bob.pk, rows("a"))) == 1  # other user: not a duplicate
+        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, [])) == 0
     with unit_of_work(factory) as s:
         assert repo.count_items(s, alice.pk) == 4 and repo.count_items(s, bob.pk) == 1
         assert [i.client_id for i in repo.all_items(s, alice.pk)] == ["a", "b", "c", "d"]
@@ -70,9 +70,9 @@ def test_insert_a_full_batch_with_repeats(factory: sessionmaker[Session]) -> Non
     alice = new_user(factory, "alice")
     ids = [f"id{i}" for i in range(1000)]
     with unit_of_work(factory) as s:
-        assert repo.insert_items_ignore_duplicates(s, alice.pk, rows(*ids)) == 1000
+        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, rows(*ids))) == 1000
         # Repeats inside one call count once; the first row wins.
-        assert repo.insert_items_ignore_duplicates(s, alice.pk, rows("new", "new", "id5", text="again")) == 1
+        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, rows("new", "new", "id5", text="again"))) == 1
     with unit_of_work(factory) as s:
         assert repo.count_items(s, alice.pk) == 1001
         items = {i.client_id: i.output for i in repo.all_items(s, alice.pk)}
