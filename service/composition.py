@@ -81,14 +81,14 @@ def database(settings: Settings) -> Database:
 
 
 def adapter_context(
-    settings: Settings, store: AdapterStore, spec: BaseModelSpec, engine: Engine | None = None
+    settings: Settings, store: AdapterStore, spec: BaseModelSpec, notify: JobQueue | None = None
 ) -> AdapterContext:
     return AdapterContext(
         store=store,
         spec=spec,
         limits=ValidationLimits.from_settings(settings),
         keep_versions=settings.adapter_keep_versions,
-        on_drop=engine.drop_owner if engine is not None else None,
+        notify=notify.publish_adapter if notify is not None else None,
     )
 
 
@@ -150,7 +150,7 @@ def core(settings: Settings, metrics: Metrics | None = None) -> Core:
     loaded = load_model(settings)
     spec = BaseModelSpec.from_model(loaded.model, loaded.name)  # before slots wrap the Linears
     engine = builtin_engine(settings, loaded, metrics)
-    adapters = adapter_context(settings, store, spec, engine)
+    adapters = adapter_context(settings, store, spec)
     codec = PromptCodec(loaded.tokenizer, loaded.model.config)
     grammars = GrammarCompiler(loaded.tokenizer, codec.vocab_size)
     preparer = Preparer(settings, db.session_factory, bm25, store, spec, codec, engine, grammars)
@@ -181,6 +181,7 @@ def worker_job_context(*, reconcile_store: bool = False) -> JobContext:
 def app_state(settings: Settings, metrics: Metrics) -> AppState:
     served = core(settings, metrics)
     queue = make_queue(settings)
+    adapters = adapter_context(settings, served.store, served.adapters.spec, queue)  # changes reach every replica
     jobs = job_context(settings, queue, served.db, served.store)
     metrics.registry.register(SqlStateCollector(served.db.session_factory))
     return AppState(
@@ -189,7 +190,7 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
         admin_key=admin_key(settings),
         bm25=served.bm25,
         store=served.store,
-        adapters=served.adapters,
+        adapters=adapters,
         engine=served.engine,
         preparer=served.preparer,
         queue=queue,
@@ -229,6 +230,7 @@ def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> 
             state.engine.use_shared(adapter_service.shared_ref(session, state.store))
     else:
         state.engine.drop_owner(owner_key)
+        state.bm25.invalidate(owner_key)  # an erased user's index leaves memory on every replica
 
 
 def stop(state: AppState) -> None:

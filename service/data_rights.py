@@ -70,7 +70,9 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
 
 
 def erase_user(session: Session, ctx: AdapterContext, user: UserRef) -> None:
-    """Rows go now (history, profile, keys, adapters, jobs: ON DELETE CASCADE); adapter files and cache
-    entries right after the commit. A queued RQ job finds no row and does nothing."""
+    """Rows go now (history, profile, keys, adapters, jobs: ON DELETE CASCADE); adapter files right after the
+    commit, and every replica's caches on the notice that follows. A queued RQ job finds no row and does
+    nothing. Shared adapter versions trained on their history are flagged `trained_on_erased`."""
+    adapter_repo.flag_trained_on(session, user.pk)  # shared versions trained on their history (retrain to drop)
     delete_user_rows(session, user)
     adapter_service.forget_after_commit(session, ctx, user.storage_key)

@@ -76,6 +76,7 @@ GLOBAL_QUERIES = {
     "adapters/repository.py": {
         "stale_current": "retrain-stale (admin) and /metrics count every user",
         "all_versions": "start-up reconciliation of the store with SQL (maintenance)",
+        "add_contributors": "rows of one adapter version (its id)",
         "count_stale_current": "/metrics",
         "add": "the row carries its owner",
     },

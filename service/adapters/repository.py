@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import SHARED_OWNER, Adapter, AdapterHead
+from service.db.models import SHARED_OWNER, Adapter, AdapterContributor, AdapterHead
 
 
 def head(session: Session, owner_key: str, *, for_update: bool = False) -> AdapterHead | None:
@@ -92,6 +93,25 @@ def all_versions(session: Session) -> list[tuple[str, int, int | None]]:
         )
     )
     return [(owner, version, current) for owner, version, current in rows]
+
+
+def add_contributors(session: Session, adapter_id: int, user_pks: Iterable[int]) -> None:
+    """The users whose history trained a (shared) adapter version."""
+    session.add_all(AdapterContributor(adapter_id=adapter_id, user_pk=pk) for pk in set(user_pks))
+    session.flush()
+
+
+def flag_trained_on(session: Session, user_pk: int) -> int:
+    """Before a user is erased: every adapter version trained on their history is flagged (retrain to drop
+    their influence). Returns how many."""
+    trained = select(AdapterContributor.adapter_id).where(AdapterContributor.user_pk == user_pk)
+    result = session.execute(
+        update(Adapter)
+        .where(Adapter.id.in_(trained))
+        .values(trained_on_erased=True)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def by_job(session: Session, job_id: str) -> Adapter | None:

@@ -22,6 +22,7 @@ class AdapterOut(BaseModel):
     metadata: dict[str, Any] | None
     created_at: datetime
     stale: bool = False  # trained on an older shared task LoRA than the one served now
+    trained_on_erased: bool = False  # (shared versions) trained on the history of a user since erased
 
 
 class AdapterVersionsOut(BaseModel):

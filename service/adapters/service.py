@@ -4,7 +4,7 @@ delete, rollback, and the serving key of a user's current adapter. Services neve
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -38,7 +38,9 @@ class AdapterContext:
     spec: BaseModelSpec
     limits: ValidationLimits
     keep_versions: int
-    on_drop: Any = None  # Callable[[str], None]: forget an owner's cache entries (after commit)
+    # Tell every replica (pub/sub, this one included) that an owner's adapters changed or went: they drop
+    # what they cache for it. Called after the commit; None where nobody serves (a worker, the eval).
+    notify: Callable[[str, int | None], None] | None = None
 
 
 def to_out(row: Adapter, current_version: int | None) -> AdapterOut:
@@ -54,6 +56,7 @@ def to_out(row: Adapter, current_version: int | None) -> AdapterOut:
         shared_version=row.shared_version,
         nbytes=row.nbytes,
         metadata=row.meta,
+        trained_on_erased=row.trained_on_erased,
         # SQLite keeps no offset: stored values are UTC, so a naive one is UTC (same as on PostgreSQL).
         created_at=row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC),
     )
@@ -96,6 +99,7 @@ def publish(
     shared_version: int | None = None,
     meta: dict[str, Any] | None = None,
     job_id: str | None = None,
+    contributors: Iterable[int] = (),
 ) -> Adapter:
     """Validate, write the files, then record them as the current version (the SQL commit is the commit
     point: until then no reader sees the new version). The files are written and fsynced BEFORE the first
@@ -139,8 +143,10 @@ def publish(
             job_id=job_id,
         ),
     )
+    repo.add_contributors(session, row.id, contributors)
     repo.set_current(session, owner_key, version)
     _prune(session, ctx, owner_key, current=version)
+    after_commit(session, lambda: _notify(ctx, owner_key, version))  # replicas free the old versions early
     return row
 
 
@@ -236,8 +242,12 @@ def delete(session: Session, ctx: AdapterContext, owner_key: str) -> None:
 
 def _forget(ctx: AdapterContext, owner_key: str) -> None:
     ctx.store.delete_all(owner_key)
-    if ctx.on_drop is not None:
-        ctx.on_drop(owner_key)
+    _notify(ctx, owner_key, None)
+
+
+def _notify(ctx: AdapterContext, owner_key: str, version: int | None) -> None:
+    if ctx.notify is not None:
+        ctx.notify(owner_key, version)
 
 
 def forget_after_commit(session: Session, ctx: AdapterContext, owner_key: str) -> None:

@@ -9,6 +9,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel
 
 from service.adapters import service as adapter_service
+from service.adapters.schemas import AdapterVersionsOut
 from service.db.models import SHARED_OWNER
 from service.deps import AdminDep, QueueDep, SessionDep, StateDep, UserIdPath
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
@@ -43,6 +44,13 @@ def retrain_stale(_: AdminDep, session: SessionDep, queue: QueueDep) -> BulkRetr
     """After the shared LoRA changed: one retrain job per user whose adapter is stale."""
     owners = adapter_service.stale_owners(session)
     return BulkRetrainOut(jobs=[service.request_job(session, queue, "user_retrain", k, pk)[0] for k, pk in owners])
+
+
+@router.get("/shared-adapter", response_model=AdapterVersionsOut)
+def shared_adapter_versions(_: AdminDep, session: SessionDep) -> AdapterVersionsOut:
+    """The shared task LoRA's kept versions; `trained_on_erased` marks those trained on the history of a user
+    erased since (POST /admin/shared-adapter/retrain trains a new one on the users there are now)."""
+    return adapter_service.versions(session, SHARED_OWNER)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service import data_rights, users
-from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
+from service.deps import AdaptersDep, AdminDep, SessionDep, UserDep, UserIdPath
 from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
 
@@ -55,9 +55,8 @@ def _chunks(archive: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
 
 
 @router.delete("/users/{user_id}", status_code=204)
-def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, state: StateDep) -> Response:
+def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Response:
     data_rights.erase_user(session, adapters, user)
-    state.bm25.invalidate(user.storage_key)
     return Response(status_code=204)
 
 

@@ -102,6 +102,7 @@ class TrainingPlan:
     examples: list[TrainExample]
     config: LoraTrainConfig
     base_shared: AdapterRef | None
+    contributors: tuple[int, ...] = ()  # users whose history is in the examples (for erasure)
 
 
 def run_job(ctx: JobContext, job_id: str) -> None:
@@ -183,10 +184,8 @@ def _user_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPl
 def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPlan:
     """Stage 1: a sample of every user's history, on the plain base model."""
     s = ctx.settings
-    per_user = {
-        key: [snapshot(i) for i in history_repo.all_items(session, pk)]
-        for pk, key in account_repo.all_user_keys(session)
-    }
+    users = account_repo.all_user_keys(session)
+    per_user = {key: [snapshot(i) for i in history_repo.all_items(session, pk)] for pk, key in users}
     examples = build_shared_examples(
         {k: v for k, v in per_user.items() if v},
         k=s.train_retrieval_k,
@@ -195,7 +194,8 @@ def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> Training
         item_chars=s.retrieval_item_chars,
         profile_chars=s.profile_max_chars,
     )
-    return TrainingPlan(examples, LoraTrainConfig.from_settings(s, stage="shared"), None)
+    contributors = tuple(pk for pk, key in users if per_user[key])
+    return TrainingPlan(examples, LoraTrainConfig.from_settings(s, stage="shared"), None, contributors)
 
 
 PLANNERS: dict[str, Callable[[JobContext, Session, ClaimedJob], TrainingPlan]] = {
@@ -246,6 +246,7 @@ def _publish(ctx: JobContext, job: ClaimedJob, plan: TrainingPlan, out: TrainOut
             shared_version=plan.base_shared.version if plan.base_shared is not None else None,
             meta=meta,
             job_id=job.job_id,
+            contributors=plan.contributors,
         )
         return row.version
 

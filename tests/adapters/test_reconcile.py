@@ -43,4 +43,3 @@ def test_reconcile_and_missing_files(tmp_path: Path, tiny_model_path: Path) -> N
         assert client.get("/users/rec/adapter/download", headers=bearer(key)).status_code == 200
         gen = {"prompt": "hi", "max_new_tokens": 2, "temperature": 0, "retrieval_k": 0}
         assert client.post("/users/rec/generate", json=gen, headers=bearer(key)).json()["adapter_version"] == 2
-

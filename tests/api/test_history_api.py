@@ -302,9 +302,7 @@ def test_append_is_committed_before_the_201_is_sent(client: TestClient) -> None:
 def test_history_quota_per_user(tmp_path: Path, tiny_model_path: Path) -> None:
     """Items and characters per user are bounded: an append that would pass either gets 409 quota_exceeded
     and stores nothing; duplicates cost nothing; another user has a quota of their own."""
-    with running_app(
-        tmp_path, tiny_model_path, history_max_items_per_user=5, history_max_chars_per_user=200
-    ) as client:
+    with running_app(tmp_path, tiny_model_path, history_max_items_per_user=5, history_max_chars_per_user=200) as client:
         key, other = create_user(client, "quota"), create_user(client, "quota2")
 
         def add(user: str, k: str, ids: list[str], size: int = 10) -> Any:

@@ -88,6 +88,7 @@ ADMIN_ROUTES: list[RouteCase] = [
     RouteCase("POST", "/admin/users/{user_id}/retrain"),
     RouteCase("POST", "/admin/users/{user_id}/profile/generate"),
     RouteCase("POST", "/admin/shared-adapter/retrain"),
+    RouteCase("GET", "/admin/shared-adapter"),
     RouteCase("GET", "/admin/jobs/{job_id}"),
     RouteCase("POST", "/admin/adapters/retrain-stale"),
 ]

@@ -8,8 +8,10 @@ import time
 import torch
 from fastapi.testclient import TestClient
 
+from service.accounts import repository as accounts
 from service.adapters.peft_format import base_linear
-from tests.conftest import admin_headers, bearer, builtin_engine, create_user
+from service.db.session import unit_of_work
+from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user
 from tests.jobs.test_jobs_api import add_history, wait_job
 
 
@@ -53,3 +55,29 @@ def test_shared_retrain_merges_and_flags_stale(client: TestClient) -> None:
     assert wait_job(client, bulk.json()["jobs"][0]["job_id"])["status"] == "succeeded"
     meta = client.get("/users/sam/adapter", headers=bearer(key)).json()
     assert meta["version"] == 2 and meta["shared_version"] == 1 and meta["stale"] is False
+
+
+def test_erasing_a_contributor_flags_the_shared_versions_trained_on_them(client: TestClient) -> None:
+    keys = {u: create_user(client, u) for u in ("ann", "ben")}
+    for user, key in keys.items():
+        add_history(client, user, key, n=3)
+    job = client.post("/admin/shared-adapter/retrain", headers=admin_headers()).json()
+    assert wait_job(client, job["job_id"])["status"] == "succeeded"
+    versions = client.get("/admin/shared-adapter", headers=admin_headers()).json()["versions"]
+    assert [(v["version"], v["trained_on_erased"]) for v in versions] == [(1, False)]
+    gen = {"prompt": "x", "max_new_tokens": 1, "retrieval_k": 3}
+    assert client.post("/users/ben/generate", json=gen, headers=bearer(keys["ben"])).status_code == 200
+    state = app_state(client)
+    with unit_of_work(state.session_factory) as session:
+        ben = accounts.by_user_id(session, "ben")
+        assert ben is not None
+        ben_key = ben.storage_key
+    assert ben_key in state.bm25._entries  # indexed while in use
+    assert client.delete("/users/ben", headers=bearer(keys["ben"])).status_code == 204
+    versions = client.get("/admin/shared-adapter", headers=admin_headers()).json()["versions"]
+    assert [(v["version"], v["trained_on_erased"]) for v in versions] == [(1, True)]
+    assert ben_key not in state.bm25._entries  # dropped after the commit, on the erase notice
+    job = client.post("/admin/shared-adapter/retrain", headers=admin_headers()).json()
+    assert wait_job(client, job["job_id"])["status"] == "succeeded"
+    versions = client.get("/admin/shared-adapter", headers=admin_headers()).json()["versions"]
+    assert [(v["version"], v["trained_on_erased"]) for v in versions] == [(2, False), (1, True)]
