@@ -19,6 +19,7 @@ from service.adapters.cache import AdapterCache
 from service.adapters.service import AdapterContext
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
+from service.adapters.uploads import UploadGate
 from service.adapters.validation import BaseModelSpec, ValidationLimits
 from service.config import Settings, get_settings
 from service.db.models import SHARED_OWNER
@@ -30,12 +31,13 @@ from service.generation.prepare import Preparer
 from service.history.service import UserCorpus
 from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import PromptCodec
-from service.jobs.queue import InProcessJobQueue, JobQueue, make_queue
+from service.jobs.queue import InProcessJobQueue, JobQueue, Listeners, make_queue
 from service.jobs.tasks import JobContext, recover_in_process, run_job
 from service.metrics import Metrics, SqlStateCollector
 from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
 from service.state import AppState
+from service.streams import StreamRegistry
 
 log = logging.getLogger(__name__)
 ADMIN_KEY_FILE = "admin_key"
@@ -197,6 +199,8 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
         jobs=jobs,
         metrics=metrics,
         auth_limiter=FailedAuthLimiter(settings.auth_max_failures, settings.auth_failure_window_s),
+        uploads=UploadGate(settings.upload_concurrency, settings.upload_concurrency_per_user),
+        streams=StreamRegistry(),
         stopping=threading.Event(),
     )
 
@@ -218,7 +222,8 @@ def start(state: AppState) -> None:
     if isinstance(state.queue, InProcessJobQueue):
         state.queue.attach(lambda job_id: run_job(state.jobs, job_id))
         recover_in_process(state.jobs)
-    state.queue.subscribe(lambda owner, version: on_adapter_change(state, owner, version), state.stopping)
+    listeners = Listeners(lambda owner, version: on_adapter_change(state, owner, version), state.streams.revoke)
+    state.queue.subscribe(listeners, state.stopping)
 
 
 def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> None:

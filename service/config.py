@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     adapter_max_tensors: int = 4096
     adapter_max_scale: float = 256.0  # per-module LoRA scale alpha/r (rslora: alpha/sqrt(r)); above only yields inf
     adapter_keep_versions: int = 5
+    upload_concurrency: int = 2  # adapter uploads being received/validated at once (each may need ~2x its size)
+    upload_concurrency_per_user: int = 1
     adapter_version_check_s: float = 2.0
 
     # --- training jobs ---

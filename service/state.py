@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.adapters.service import AdapterContext
 from service.adapters.store import AdapterStore
+from service.adapters.uploads import UploadGate
 from service.config import Settings
 from service.db.session import Database
 from service.engine.base import Engine
@@ -19,6 +20,7 @@ from service.jobs.tasks import JobContext
 from service.metrics import Metrics
 from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
+from service.streams import StreamRegistry
 
 
 @dataclass
@@ -35,6 +37,8 @@ class AppState:
     jobs: JobContext
     metrics: Metrics
     auth_limiter: FailedAuthLimiter
+    uploads: UploadGate
+    streams: StreamRegistry  # streams in flight per key: revoking a key ends them
     stopping: threading.Event  # set at shutdown: background listeners end
 
     @property

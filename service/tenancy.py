@@ -25,6 +25,7 @@ class Caller:
     is_admin: bool
     user_pk: int | None = None  # set for user keys
     user_id: str | None = None
+    key_hash: str | None = None  # the user key's sha256 (streams end when it is revoked)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def authenticate(session: Session, token: str, admin_key: str) -> Caller:
     row = repo.user_by_key_hash(session, digest)
     if row is None or not hmac.compare_digest(row[0], digest):
         raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    return Caller(is_admin=False, user_pk=row[1], user_id=row[2])
+    return Caller(is_admin=False, user_pk=row[1], user_id=row[2], key_hash=digest)
 
 
 def authorize_user(session: Session, caller: Caller, user_id: str) -> UserRef:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
 from service.accounts import repository as repo
+from service.db.session import after_commit
 from service.errors import Conflict
 from service.tenancy import UserRef, check_user_id, hash_key, new_api_key
 
@@ -26,13 +28,17 @@ def delete_user_rows(session: Session, user: UserRef) -> None:
     repo.delete_user(session, user.pk)
 
 
-def rotate_key(session: Session, user: UserRef) -> str:
-    """A new key for the user; every older key stops working at the commit."""
-    revoke_keys(session, user)
+def rotate_key(session: Session, user: UserRef, on_revoked: Callable[[list[str]], None] | None = None) -> str:
+    """A new key for the user; every older key stops working at the commit (and its streams end)."""
+    revoke_keys(session, user, on_revoked)
     key = new_api_key()
     repo.add_key(session, user.pk, hash_key(key), key[:12])
     return key
 
 
-def revoke_keys(session: Session, user: UserRef) -> int:
-    return repo.revoke_keys(session, user.pk, datetime.now(UTC))
+def revoke_keys(session: Session, user: UserRef, on_revoked: Callable[[list[str]], None] | None = None) -> int:
+    """Revoke the user's keys at the commit; after it, `on_revoked` (every replica's notice) ends their streams."""
+    hashes = repo.revoke_keys(session, user.pk, datetime.now(UTC))
+    if on_revoked is not None and hashes:
+        after_commit(session, lambda: on_revoked(hashes))
+    return len(hashes)

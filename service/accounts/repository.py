@@ -43,14 +43,17 @@ def add_key(session: Session, user_pk: int, key_hash: str, prefix: str) -> None:
     session.flush()
 
 
-def revoke_keys(session: Session, user_pk: int, now: datetime) -> int:
-    result = session.execute(
+def revoke_keys(session: Session, user_pk: int, now: datetime) -> list[str]:
+    """Revoke every live key of the user; returns their hashes."""
+    live = ApiKey.revoked_at.is_(None)
+    hashes = list(session.scalars(select(ApiKey.key_hash).where(ApiKey.user_pk == user_pk, live)))
+    session.execute(
         update(ApiKey)
-        .where(ApiKey.user_pk == user_pk, ApiKey.revoked_at.is_(None))
+        .where(ApiKey.user_pk == user_pk, live)
         .values(revoked_at=now)
         .execution_options(synchronize_session=False)
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return hashes
 
 
 def all_user_keys(session: Session) -> list[tuple[int, str]]:

@@ -100,10 +100,21 @@ def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) -> byt
     return bytes(out)
 
 
-def unpack_upload_zip(data: bytes, max_total_bytes: int, max_members: int = 16) -> dict[str, bytes]:
+def _file(data: bytes | IO[bytes]) -> IO[bytes]:
+    return io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+
+
+def _size(f: IO[bytes]) -> int:
+    pos = f.tell()
+    end = f.seek(0, io.SEEK_END)
+    f.seek(pos)
+    return end
+
+
+def unpack_upload_zip(data: bytes | IO[bytes], max_total_bytes: int, max_members: int = 16) -> dict[str, bytes]:
     """Bare file name -> content, or ArchiveError saying why the upload was refused."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with zipfile.ZipFile(_file(data)) as zf:
             infos = zf.infolist()
             if len(infos) > max_members:
                 raise ArchiveError(f"archive has {len(infos)} members (max {max_members})")
@@ -176,15 +187,16 @@ def _tar_name(info: tarfile.TarInfo) -> str | None:
     return name
 
 
-def unpack_upload_targz(data: bytes, max_total_bytes: int, max_members: int = 16) -> dict[str, bytes]:
+def unpack_upload_targz(data: bytes | IO[bytes], max_total_bytes: int, max_members: int = 16) -> dict[str, bytes]:
     """Bare file name -> content from a .tar.gz, with the zip's member rules and limits."""
+    f = _file(data)
     # Headers take 512 bytes per member plus padding: allow them on top of the content budget.
     cap = max_total_bytes + (max_members + 2) * 1024
-    cap = min(cap, MAX_RATIO * max(len(data), 1))
+    cap = min(cap, MAX_RATIO * max(_size(f), 1))
     members: list[tuple[str, bool]] = []
     contents: dict[str, bytes] = {}
     try:
-        raw = _CappedReader(gzip.GzipFile(fileobj=io.BytesIO(data)), cap)  # type: ignore[arg-type]
+        raw = _CappedReader(gzip.GzipFile(fileobj=f, mode="rb"), cap)  # type: ignore[arg-type]
         with tarfile.open(fileobj=io.BufferedReader(raw), mode="r|") as tf:
             for info in tf:
                 if len(members) >= max_members:
@@ -207,8 +219,11 @@ def unpack_upload_targz(data: bytes, max_total_bytes: int, max_members: int = 16
     return {name: contents[member] for name, member in plan.items()}
 
 
-def unpack_upload(data: bytes, max_total_bytes: int) -> dict[str, bytes]:
-    """A zip or a .tar.gz (told apart by their magic bytes)."""
-    if data[:2] == b"\x1f\x8b":
-        return unpack_upload_targz(data, max_total_bytes)
-    return unpack_upload_zip(data, max_total_bytes)
+def unpack_upload(data: bytes | IO[bytes], max_total_bytes: int) -> dict[str, bytes]:
+    """A zip or a .tar.gz (told apart by their magic bytes), from bytes or a seekable file."""
+    f = _file(data)
+    magic = f.read(2)
+    f.seek(0)
+    if magic == b"\x1f\x8b":
+        return unpack_upload_targz(f, max_total_bytes)
+    return unpack_upload_zip(f, max_total_bytes)

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy.orm import Session
 
@@ -219,7 +219,7 @@ def download(session: Session, ctx: AdapterContext, owner_key: str, version: int
         raise NotFound(f"the files of adapter version {row.version} are gone; list the versions again") from exc
 
 
-def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, data: bytes) -> AdapterOut:
+def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, data: bytes | IO[bytes]) -> AdapterOut:
     try:
         members = unpack_upload(data, max_total_bytes=ctx.limits.max_file_bytes + (1 << 20))
     except ArchiveError as exc:

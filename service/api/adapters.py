@@ -9,7 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.adapters import service
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut, RollbackIn
-from service.deps import AdaptersDep, AdminDep, SessionDep, UserDep, UserIdPath
+from service.adapters.uploads import spool
+from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
 from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
 
@@ -58,9 +59,13 @@ def download_adapter(
         }
     },
 )
-async def upload_adapter(request: Request, user: UserDep, adapters: AdaptersDep, session: SessionDep) -> AdapterOut:
-    data = await request.body()  # size-capped by BodySizeLimit (adapter uploads get their own cap)
-    return await run_in_threadpool(service.upload, session, adapters, user.storage_key, user.pk, data)
+async def upload_adapter(
+    request: Request, user: UserDep, adapters: AdaptersDep, session: SessionDep, state: StateDep
+) -> AdapterOut:
+    with state.uploads.slot(user.storage_key):  # 429 while this user's (or the server's) uploads are busy
+        body = await spool(request.stream())  # size-capped by BodySizeLimit (uploads get their own cap)
+        with body:
+            return await run_in_threadpool(service.upload, session, adapters, user.storage_key, user.pk, body)
 
 
 @router.delete("/users/{user_id}/adapter", status_code=204)

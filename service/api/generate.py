@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from service.deps import StateDep, UserDep
+from service.deps import CallerDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.generation import service
 from service.generation.schemas import GenerateIn, GenerateOut, ScoreIn, ScoreOut
@@ -41,9 +41,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 @router.post("/generate", response_model=GenerateOut, responses=SSE_DOC)
-async def generate(request: Request, body: GenerateIn, user: UserDep, state: StateDep) -> Any:
+async def generate(request: Request, body: GenerateIn, user: UserDep, caller: CallerDep, state: StateDep) -> Any:
     if body.stream:
-        events = await service.generate_sse(state.preparer, user, body)
+        events = await service.generate_sse(state.preparer, user, body, state.streams, caller.key_hash)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await until_disconnect(request, service.generate(state.preparer, user, body))
 

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service import data_rights, users
-from service.deps import AdaptersDep, AdminDep, SessionDep, UserDep, UserIdPath
+from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
 from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
 
@@ -61,11 +61,11 @@ def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Res
 
 
 @router.post("/users/{user_id}/keys/rotate", response_model=KeyOut)
-def rotate_key(user: UserDep, session: SessionDep) -> KeyOut:
-    return KeyOut(user_id=user.user_id, api_key=users.rotate_key(session, user))
+def rotate_key(user: UserDep, session: SessionDep, state: StateDep) -> KeyOut:
+    return KeyOut(user_id=user.user_id, api_key=users.rotate_key(session, user, state.queue.publish_revoked))
 
 
 @router.post("/admin/users/{user_id}/keys/revoke", response_model=RevokedOut)
-def revoke_keys(user_id: UserIdPath, caller: AdminDep, session: SessionDep) -> RevokedOut:
+def revoke_keys(user_id: UserIdPath, caller: AdminDep, session: SessionDep, state: StateDep) -> RevokedOut:
     user = authorize_user(session, caller, user_id)
-    return RevokedOut(user_id=user.user_id, revoked=users.revoke_keys(session, user))
+    return RevokedOut(user_id=user.user_id, revoked=users.revoke_keys(session, user, state.queue.publish_revoked))

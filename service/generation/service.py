@@ -30,6 +30,7 @@ from service.generation.schemas import (
 )
 from service.generation.text import RowText, TokenOut
 from service.inference.tokens import PromptCodec
+from service.streams import StreamRegistry
 from service.tenancy import UserRef
 
 log = logging.getLogger(__name__)
@@ -157,13 +158,16 @@ async def generate(preparer: Preparer, user: UserRef, body: GenerateIn) -> Gener
     return generate_out(done, preparer.codec)
 
 
-async def generate_sse(preparer: Preparer, user: UserRef, body: GenerateIn) -> AsyncIterator[str]:
-    """Prepares eagerly (errors are plain JSON), then returns the SSE event stream."""
+async def generate_sse(
+    preparer: Preparer, user: UserRef, body: GenerateIn, streams: StreamRegistry, key_hash: str | None
+) -> AsyncIterator[str]:
+    """Prepares eagerly (errors are plain JSON), then returns the SSE event stream (ended early, with an
+    error event, if the caller's key is revoked meanwhile)."""
     prepared = await prepare(preparer, body.spec(user))
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for part in stream(preparer, prepared):
+            async for part in streams.guard(key_hash, stream(preparer, prepared)):
                 if isinstance(part, Completion):
                     out = generate_out(part, preparer.codec).model_dump()
                     if out["logprobs"] is None:

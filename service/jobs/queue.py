@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 from service.config import Settings
@@ -15,15 +16,26 @@ from service.config import Settings
 log = logging.getLogger(__name__)
 QUEUE_NAME = "oppu-training"
 ADAPTER_CHANNEL = "oppu:adapters"  # pub/sub: "<owner_key> <version>" after every publish or delete
+REVOKED_CHANNEL = "oppu:revoked"  # pub/sub: "<key hash>,<key hash>..." after keys are revoked or rotated
 
 AdapterListener = Callable[[str, int | None], None]
+RevokedListener = Callable[[list[str]], object]
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """What a replica does on each notice: drop an owner's cached adapters, end streams of revoked keys."""
+
+    adapter: AdapterListener
+    revoked: RevokedListener
 
 
 class JobQueue(Protocol):
     def enqueue(self, job_id: str, attempt: int) -> None: ...
     def depth(self) -> int: ...
     def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
-    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None: ...
+    def publish_revoked(self, key_hashes: list[str]) -> None: ...
+    def subscribe(self, listeners: Listeners, stop: threading.Event) -> None: ...
     def close(self) -> None: ...
 
 
@@ -56,22 +68,26 @@ class RedisJobQueue:
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
         self.redis.publish(ADAPTER_CHANNEL, f"{owner_key} {version if version is not None else 0}")
 
-    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None:
-        """Calls listener(owner_key, version) for every notice, on a daemon thread, until `stop` is set."""
-        threading.Thread(target=self._listen, args=(listener, stop), name="oppu-pubsub", daemon=True).start()
+    def publish_revoked(self, key_hashes: list[str]) -> None:
+        if key_hashes:
+            self.redis.publish(REVOKED_CHANNEL, ",".join(key_hashes))
 
-    def _listen(self, listener: AdapterListener, stop: threading.Event) -> None:
+    def subscribe(self, listeners: Listeners, stop: threading.Event) -> None:
+        """Calls the listeners for every notice (every replica's, this one's included), on a daemon thread,
+        until `stop` is set."""
+        threading.Thread(target=self._listen, args=(listeners, stop), name="oppu-pubsub", daemon=True).start()
+
+    def _listen(self, listeners: Listeners, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                pubsub.subscribe(ADAPTER_CHANNEL)
+                pubsub.subscribe(ADAPTER_CHANNEL, REVOKED_CHANNEL)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and isinstance(message.get("data"), bytes):
-                        owner, _, version = message["data"].decode().partition(" ")
-                        listener(owner, int(version) if version.isdigit() and int(version) > 0 else None)
+                        _dispatch(listeners, message["channel"], message["data"].decode())
             except Exception:
-                log.exception("adapter pub/sub listener failed; reconnecting")
+                log.exception("pub/sub listener failed; reconnecting")
                 stop.wait(1.0)
 
     def close(self) -> None:
@@ -87,7 +103,7 @@ class InProcessJobQueue:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-jobs")
         self._pending = 0
         self._lock = threading.Lock()
-        self._listeners: list[AdapterListener] = []
+        self._listeners: list[Listeners] = []
 
     def attach(self, runner: Callable[[str], None]) -> None:
         self._runner = runner
@@ -112,14 +128,27 @@ class InProcessJobQueue:
         return self._pending
 
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
-        for listener in list(self._listeners):
-            listener(owner_key, version)
+        for listeners in list(self._listeners):
+            listeners.adapter(owner_key, version)
 
-    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None:
-        self._listeners.append(listener)
+    def publish_revoked(self, key_hashes: list[str]) -> None:
+        for listeners in list(self._listeners):
+            listeners.revoked(key_hashes)
+
+    def subscribe(self, listeners: Listeners, stop: threading.Event) -> None:
+        self._listeners.append(listeners)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _dispatch(listeners: Listeners, channel: bytes | str, data: str) -> None:
+    name = channel.decode() if isinstance(channel, bytes) else channel
+    if name == REVOKED_CHANNEL:
+        listeners.revoked([h for h in data.split(",") if h])
+    else:
+        owner, _, version = data.partition(" ")
+        listeners.adapter(owner, int(version) if version.isdigit() and int(version) > 0 else None)
 
 
 def make_queue(settings: Settings) -> JobQueue:

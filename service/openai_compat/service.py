@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from service.db.session import unit_of_work
 from service.errors import NotFound, UnsupportedParameter
 from service.generation import service as generation
-from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, Preparer
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization
 from service.generation.sampling import SamplingOptions
 from service.generation.service import Completion, Delta
 from service.generation.text import TokenOut
@@ -110,7 +110,7 @@ async def chat(state: AppState, caller: Caller, body: ChatCompletionIn) -> Any:
     turns = tuple(ChatTurn(m.role, m.text()) for m in body.messages)
     k = (body.top_logprobs or 0) if body.logprobs else None
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, k)
-    return await _respond(state.preparer, body, _spec(target, body, turns, sampling), chat=True)
+    return await _respond(state, caller, body, _spec(target, body, turns, sampling), chat=True)
 
 
 async def complete(state: AppState, caller: Caller, body: CompletionIn) -> Any:
@@ -119,17 +119,19 @@ async def complete(state: AppState, caller: Caller, body: CompletionIn) -> Any:
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     # A raw completion continues the text as given; retrieved items/profile only when the client asks.
     sampling = _sampling(body, body.max_tokens, body.logprobs)
-    return await _respond(state.preparer, body, _spec(target, body, text, sampling), chat=False)
+    return await _respond(state, caller, body, _spec(target, body, text, sampling), chat=False)
 
 
-async def _respond(preparer: Preparer, body: CommonParams, spec: GenerationSpec, *, chat: bool) -> Any:
+async def _respond(state: AppState, caller: Caller, body: CommonParams, spec: GenerationSpec, *, chat: bool) -> Any:
+    preparer = state.preparer
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     fmt = _Format(rid, int(time.time()), body.model, chat, preparer.codec)
     if body.stream:
         prepared = await generation.prepare(preparer, spec)  # errors before the first byte are plain JSON
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         wants_logprobs = prepared.request.sampling.logprobs is not None
-        return fmt.events(generation.stream(preparer, prepared), len(prepared.rows), include_usage, wants_logprobs)
+        parts = state.streams.guard(caller.key_hash, generation.stream(preparer, prepared))
+        return fmt.events(parts, len(prepared.rows), include_usage, wants_logprobs)
     return fmt.response(await generation.complete(preparer, spec))
 
 

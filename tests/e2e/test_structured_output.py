@@ -12,6 +12,7 @@ import jsonschema
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from service.config import DEFAULT_MODEL
 from tests.conftest import ADMIN_KEY, running_app
@@ -46,7 +47,7 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 def test_json_schema_answers_parse_and_validate(app: TestClient, tmp_path: Path) -> None:
     oa = openai.OpenAI(base_url="http://testserver/v1", api_key=ADMIN_KEY, http_client=app, max_retries=0)
     model = oa.models.list().data[0].id
-    fmt = {"type": "json_schema", "json_schema": {"name": "movie", "schema": SCHEMA}}
+    fmt: ResponseFormatJSONSchema = {"type": "json_schema", "json_schema": {"name": "movie", "schema": SCHEMA}}
     for prompt in prompts(20):
         out = oa.chat.completions.create(
             model=model,
@@ -54,7 +55,7 @@ def test_json_schema_answers_parse_and_validate(app: TestClient, tmp_path: Path)
             max_tokens=96,
             temperature=0.7,
             seed=1,
-            response_format=fmt,  # type: ignore[arg-type]
+            response_format=fmt,
         )
         text = out.choices[0].message.content or ""
         assert out.choices[0].finish_reason == "stop", (prompt, text)

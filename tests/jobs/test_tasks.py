@@ -24,7 +24,7 @@ from service.history import service as history
 from service.history.schemas import HistoryAppendIn
 from service.jobs import service as jobs
 from service.jobs import tasks
-from service.jobs.queue import AdapterListener
+from service.jobs.queue import Listeners
 from service.jobs.tasks import JobContext, reap_stale, run_job
 from service.tenancy import UserRef
 from service.training.examples import TrainExample
@@ -50,7 +50,9 @@ class FakeQueue:
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
         self.published.append((owner_key, version))
 
-    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None: ...
+    def publish_revoked(self, key_hashes: list[str]) -> None: ...
+
+    def subscribe(self, listeners: Listeners, stop: threading.Event) -> None: ...
 
     def close(self) -> None: ...
 

@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.jobs.queue import AdapterListener
+from service.jobs.queue import Listeners
 from service.state import AppState
 from tests.conftest import ADMIN_KEY, running_app
 from tests.reliability import random_lora_zip
@@ -72,7 +72,10 @@ class NoopQueue:
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
         pass
 
-    def subscribe(self, listener: AdapterListener, stop: threading.Event) -> None:
+    def publish_revoked(self, key_hashes: list[str]) -> None:
+        pass
+
+    def subscribe(self, listeners: Listeners, stop: threading.Event) -> None:
         pass
 
     def close(self) -> None:

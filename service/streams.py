@@ -1,0 +1,82 @@
+"""Streams in flight per API key, so that revoking a key ends its streams at once (on every replica, through
+the revoked-keys notice), not when they finish on their own. Per process; knows nothing of HTTP or models."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from service.errors import Unauthorized
+
+T = TypeVar("T")
+REVOCATION_POLL_S = 0.2  # how soon a revoked key's stream ends while it waits for its next token
+
+
+class KeyRevoked(Unauthorized):
+    """The key a stream was started with was revoked or rotated meanwhile."""
+
+    code = "key_revoked"
+
+
+class StreamRegistry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: defaultdict[str, set[threading.Event]] = defaultdict(set)
+
+    @contextmanager
+    def watch(self, key_hash: str | None) -> Iterator[threading.Event]:
+        """An event set when `key_hash` is revoked, for as long as the stream lives (admin streams: never)."""
+        revoked = threading.Event()
+        if key_hash is None:
+            yield revoked
+            return
+        with self._lock:
+            self._live[key_hash].add(revoked)
+        try:
+            yield revoked
+        finally:
+            with self._lock:
+                self._live[key_hash].discard(revoked)
+                if not self._live[key_hash]:
+                    del self._live[key_hash]
+
+    def revoke(self, key_hashes: Iterable[str]) -> int:
+        """End the streams of these keys; returns how many were live here."""
+        with self._lock:
+            events = [e for h in key_hashes for e in self._live.get(h, ())]
+        for event in events:
+            event.set()
+        return len(events)
+
+    async def guard(self, key_hash: str | None, parts: AsyncIterator[T]) -> AsyncIterator[T]:
+        """The items of one stream until its key is revoked, then KeyRevoked (each SSE format reports it
+        in-band). Checked while waiting too, so a stream stalled in a queue ends as well. Leaving closes
+        `parts`, which cancels the engine rows behind it."""
+        with self.watch(key_hash) as revoked:
+            try:
+                while True:
+                    pending = asyncio.ensure_future(anext(parts))
+                    while not pending.done() and not revoked.is_set():
+                        await asyncio.wait({pending}, timeout=REVOCATION_POLL_S)
+                    if revoked.is_set():
+                        pending.cancel()
+                        raise KeyRevoked("the API key was revoked")
+                    try:
+                        item = pending.result()
+                    except StopAsyncIteration:
+                        return
+                    yield item
+            finally:
+                await _close(parts)
+
+
+async def _close(parts: AsyncIterator[T]) -> None:
+    close = getattr(parts, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await close()

@@ -1,0 +1,161 @@
+"""Revoking or rotating a key ends the streams started with it at once (an in-band key_revoked error, then
+the end of the stream), on /generate and on the OpenAI routes; the rows are cancelled, other callers' streams
+go on. A real uvicorn server: the test client would buffer the whole stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from service.main import create_app
+from service.db.migrate import upgrade
+from service.engine.builtin.engine import BuiltinEngine
+from service.state import AppState
+from service.streams import StreamRegistry
+from tests.conftest import ADMIN_KEY, make_settings
+from tests.jobs.test_multiprocess import free_port
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+SLOW_TICK_S = 0.03  # each engine step takes >= 30 ms: a 500-token stream lasts >= 15 s
+LONG = {"max_new_tokens": 500, "temperature": 0}
+
+
+@pytest.fixture
+def server(tmp_path: Path, tiny_model_path: Path) -> Iterator[tuple[str, AppState]]:
+    db = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade(db)
+    app = create_app(make_settings(tmp_path, db, str(tiny_model_path)))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    state: AppState = app.state.oppu
+    engine = state.engine
+    assert isinstance(engine, BuiltinEngine)
+    tick = engine._tick
+
+    def slow_tick() -> bool:
+        time.sleep(SLOW_TICK_S)
+        return tick()
+
+    engine._tick = slow_tick  # type: ignore[method-assign]
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+def new_user(base: str, user_id: str) -> str:
+    r = httpx.post(f"{base}/admin/users", json={"user_id": user_id}, headers=ADMIN, timeout=30)
+    assert r.status_code == 201, r.text
+    return str(r.json()["api_key"])
+
+
+def read_after_revoke(base: str, path: str, body: dict[str, object], key: str, revoke: str) -> tuple[list[str], float]:
+    """Open the stream, read until its first token, then call `revoke`; every line after, and how long after the
+    revocation the stream ended."""
+    with httpx.Client(timeout=60) as http, http.stream("POST", base + path, json=body, headers=_bearer(key)) as r:
+        assert r.status_code == 200, r.read()
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data:") and ('"text": "' in line or '"content": "' in line) and '""' not in line:
+                break
+        if revoke == "rotate":
+            user = path.split("/")[2] if path.startswith("/users/") else "alice"
+            assert httpx.post(f"{base}/users/{user}/keys/rotate", headers=_bearer(key), timeout=30).status_code == 200
+        else:
+            assert httpx.post(f"{base}/admin/users/alice/keys/revoke", headers=ADMIN, timeout=30).status_code == 200
+        revoked_at = time.monotonic()
+        rest = [line for line in lines if line]
+        return rest, time.monotonic() - revoked_at
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.mark.parametrize("revoke", ["rotate", "admin"])
+def test_generate_stream_ends_when_its_key_is_revoked(server: tuple[str, AppState], revoke: str) -> None:
+    base, state = server
+    key = new_user(base, "alice")
+    rest, took = read_after_revoke(base, "/users/alice/generate", {"prompt": "hi", "stream": True, **LONG}, key, revoke)
+    assert took < 2.0, took
+    errors = [json.loads(rest[i + 1][5:]) for i, line in enumerate(rest) if line == "event: error"]
+    assert errors == [{"code": "key_revoked", "message": "the API key was revoked"}], rest[-4:]
+    assert not any(line == "event: done" for line in rest)
+    assert len([line for line in rest if line.startswith("data:")]) < 200  # ended long before 500 tokens
+    _until(lambda: state.engine.stats().running == 0)  # the row was cancelled
+    r = httpx.post(f"{base}/users/alice/generate", json={"prompt": "hi"}, headers=_bearer(key), timeout=30)
+    assert r.status_code == 401
+
+
+def test_openai_stream_ends_but_other_callers_go_on(server: tuple[str, AppState]) -> None:
+    base, state = server
+    key = new_user(base, "alice")
+    bob = new_user(base, "bob")
+    bob_lines: list[str] = []
+
+    def bob_stream() -> None:
+        body = {"model": "personal", "prompt": "hey", "stream": True, "max_tokens": 150, "temperature": 0}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, headers=_bearer(bob), timeout=60) as r:
+            bob_lines.extend(line for line in r.iter_lines() if line)
+
+    other = threading.Thread(target=bob_stream)
+    other.start()
+    body = {"model": "personal", "messages": [{"role": "user", "content": "hi"}], "stream": True, "ignore_eos": True}
+    rest, took = read_after_revoke(base, "/v1/chat/completions", {**body, "max_tokens": 500}, key, "admin")
+    other.join(60)
+    assert took < 2.0, took
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][5:]) == {"error": {"code": "key_revoked", "message": "the API key was revoked"}}
+    # bob's stream, running alongside, is whole: 150 tokens of text chunks, a finish reason, [DONE]
+    assert bob_lines[-1] == "data: [DONE]"
+    assert not any('"error"' in line for line in bob_lines)
+    finishes = [json.loads(line[5:])["choices"][0]["finish_reason"] for line in bob_lines[:-1]]
+    assert finishes[-1] in {"length", "stop"}
+    _until(lambda: state.engine.stats().running == 0)
+
+
+def test_registry_ends_a_stream_that_waits_and_leaves_admin_streams_alone() -> None:
+    async def never() -> object:
+        await asyncio.sleep(3600)
+        yield None
+
+    async def run() -> None:
+        streams = StreamRegistry()
+        watched = streams.guard("h1", never())
+        admin = streams.guard(None, never())
+        task = asyncio.ensure_future(anext(watched))
+        admin_task = asyncio.ensure_future(anext(admin))
+        await asyncio.sleep(0.05)
+        assert streams.revoke(["h1", "h2"]) == 1
+        started = time.monotonic()
+        with pytest.raises(Exception, match="revoked") as caught:
+            await task
+        assert getattr(caught.value, "code", None) == "key_revoked"
+        assert time.monotonic() - started < 1.0
+        assert not admin_task.done()
+        admin_task.cancel()
+        assert streams.revoke(["h1"]) == 0  # gone from the registry once ended
+
+    asyncio.run(run())
+
+
+def _until(check: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
