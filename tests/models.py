@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache"
 MODEL_CACHE_DIR = CACHE_DIR / "models"  # OPPU_MODEL_CACHE_DIR for tests: the converted default model
 TINY_VERSION = "tiny-llama-v1"
+TINY_VLLM_VERSION = "tiny-llama-hd32-v1"
 
 
 @contextmanager
@@ -63,14 +65,27 @@ def tiny_llama_config(vocab_size: int = 49152) -> object:
 
 def tiny_model_dir() -> Path:
     """A saved random tiny Llama (seed 0) with the SmolLM2 tokenizer: a real HF folder, built in seconds."""
+    return _saved_tiny(TINY_VERSION, tiny_llama_config())
+
+
+def tiny_vllm_model_dir() -> Path:
+    """The same kind of model with a head size vLLM's CPU attention takes (32; the other is 16) and weights
+    large enough that greedy outputs are not one repeated token."""
+    config: Any = tiny_llama_config()
+    config.hidden_size, config.intermediate_size, config.initializer_range = 128, 256, 0.2
+    config.head_dim = 32
+    return _saved_tiny(TINY_VLLM_VERSION, config)
+
+
+def _saved_tiny(version: str, config: object) -> Path:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    out = CACHE_DIR / "test-models" / TINY_VERSION
+    out = CACHE_DIR / "test-models" / version
     tok_dir = smollm_tokenizer_dir()
     with _lock("tiny"):
         if not (out / "config.json").is_file():
             torch.manual_seed(0)
-            model = LlamaForCausalLM(tiny_llama_config())  # type: ignore[arg-type]
+            model = LlamaForCausalLM(config)  # type: ignore[arg-type]
             # Larger random weights than the init so that greedy outputs differ between adapters.
             tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))
             model.save_pretrained(tmp)

@@ -1,6 +1,7 @@
 """The PEFT LoRA format, in one place: file names, the tensor-key grammar, the features we do not serve,
 rank/alpha patterns (compiled once), the scale rule (incl. rslora), parsing files into `AdapterWeights`,
-writing a config, and the one merge of a LoRA delta into a base weight (serving and training).
+writing a config or a normalized adapter, the rank concatenation of several LoRAs into one, and the one
+merge of a LoRA delta into a base weight (serving and training).
 
 Pure format knowledge: nothing of users, the store, validation limits or the serving state.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -18,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
 
 CONFIG_NAME = "adapter_config.json"
@@ -232,3 +234,45 @@ def merge_lora(model: nn.Module, weights: AdapterWeights) -> dict[str, torch.Ten
 def unmerge(model: nn.Module, originals: Mapping[str, torch.Tensor]) -> None:
     for path, original in originals.items():
         base_linear(model, path).weight.copy_(original)
+
+
+def concat_lora(parts: Sequence[AdapterWeights]) -> AdapterWeights:
+    """Several LoRAs as ONE whose delta is their sum: per module A = [A_1; A_2; ...], B = [s_1 B_1, s_2 B_2, ...]
+    (each scale folded into its B, so the result has scaling 1), every module zero-padded to the same rank.
+    W + s_1 B_1 A_1 + s_2 B_2 A_2 = W + [s_1 B_1, s_2 B_2] [A_1; A_2]. Serves base + shared + user LoRA on
+    engines that take one adapter per row (vLLM)."""
+    paths = sorted({path for part in parts for path in part.modules})
+    if not paths:
+        raise AdapterFormatError("nothing to concatenate")
+    rank = max(sum(p.modules[path].rank for p in parts if path in p.modules) for path in paths)
+    modules: dict[str, LoraModuleWeights] = {}
+    for path in paths:
+        own = [p.modules[path] for p in parts if path in p.modules]
+        d_in, d_out = int(own[0].a.shape[1]), int(own[0].b.shape[0])
+        a = torch.zeros(rank, d_in, dtype=torch.float32)
+        b = torch.zeros(d_out, rank, dtype=torch.float32)
+        at = 0
+        for m in own:
+            a[at : at + m.rank] = m.a.float()
+            b[:, at : at + m.rank] = m.b.float() * m.scaling
+            at += m.rank
+        modules[path] = LoraModuleWeights(a, b, 1.0)
+    return AdapterWeights(rank, modules)
+
+
+def save_adapter_dir(weights: AdapterWeights, directory: Path, base_model_name: str | None) -> None:
+    """Write `weights` as a plain PEFT pair: one rank for every module (weights.rank; modules of lower rank
+    zero-padded) and each module's scale folded into B, so lora_alpha = r and no patterns are needed."""
+    r = weights.rank
+    tensors: dict[str, torch.Tensor] = {}
+    for path, m in weights.modules.items():
+        a = torch.zeros(r, m.a.shape[1], dtype=torch.float32)
+        b = torch.zeros(m.b.shape[0], r, dtype=torch.float32)
+        a[: m.rank] = m.a.float()
+        b[:, : m.rank] = m.b.float() * m.scaling
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.contiguous()
+    config = make_peft_config(r, float(r), sorted(weights.target_modules()), base_model_name)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors_file(tensors, str(directory / WEIGHTS_NAME))
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -108,22 +108,7 @@ def publish(
         checked = validate_peft_files(files, ctx.spec, ctx.limits)
     except AdapterValidationError as exc:
         raise Unprocessable("invalid adapter: " + "; ".join(exc.problems), details=exc.problems) from exc
-    staged = ctx.store.stage(files)
-    try:
-        version = repo.allocate_version(session, owner_key, user_pk)  # the write lock starts here
-        try:
-            ctx.store.commit_staged(staged, owner_key, version)
-        except VersionExistsError:
-            # A crashed earlier attempt left files for a number that was never committed: replace them.
-            ctx.store.delete_version(owner_key, version)
-            ctx.store.commit_staged(staged, owner_key, version)
-    finally:
-        ctx.store.discard(staged)
-
-    def undo() -> None:  # the rows never came to be: their files must not linger
-        ctx.store.delete_version(owner_key, version)
-
-    after_rollback(session, undo)
+    version = _write_version(session, ctx, owner_key, user_pk, files)
     row = repo.add(
         session,
         Adapter(
@@ -148,6 +133,30 @@ def publish(
     _prune(session, ctx, owner_key, current=version)
     after_commit(session, lambda: _notify(ctx, owner_key, version))  # replicas free the old versions early
     return row
+
+
+def _write_version(
+    session: Session, ctx: AdapterContext, owner_key: str, user_pk: int | None, files: Mapping[str, bytes]
+) -> int:
+    """Stage the files (fsynced, outside any lock), take the next version number (the SQL write lock starts
+    here) and move the files into place; they are deleted again if the transaction rolls back."""
+    staged = ctx.store.stage(files)
+    try:
+        version = repo.allocate_version(session, owner_key, user_pk)
+        try:
+            ctx.store.commit_staged(staged, owner_key, version)
+        except VersionExistsError:
+            # A crashed earlier attempt left files for a number that was never committed: replace them.
+            ctx.store.delete_version(owner_key, version)
+            ctx.store.commit_staged(staged, owner_key, version)
+    finally:
+        ctx.store.discard(staged)
+
+    def undo() -> None:  # the rows never came to be: their files must not linger
+        ctx.store.delete_version(owner_key, version)
+
+    after_rollback(session, undo)
+    return version
 
 
 def _prune(session: Session, ctx: AdapterContext, owner_key: str, *, current: int | None) -> None:

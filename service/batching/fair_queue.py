@@ -91,6 +91,11 @@ class FairQueue(Generic[T]):
             self._size -= len(removed)
         return removed
 
+    def snapshot(self) -> list[T]:
+        """Every queued item (a copy, in no particular order)."""
+        with self._cond:
+            return [item for q in self._queues.values() for item in q]
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -5,7 +5,8 @@ slots, streams tokens and can cancel a row. Nothing above it knows which engine 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,3 +71,16 @@ async def collect(engine: Engine, request: EngineRequest) -> Collected:
             return Collected(tokens, event)
         tokens.append(event)
     raise RuntimeError("engine stream ended without a Finished event")
+
+
+def event_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[object]) -> Callable[[object], None]:
+    """Delivers engine-thread events to one request's event loop (dropped once that loop is gone)."""
+
+    def put(item: object) -> None:
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the loop closed between the check and the call
+                pass
+
+    return put

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from service.errors import BadRequest
 
@@ -45,20 +44,21 @@ class CompiledGrammar:
 
 
 class RowMatcher:
-    """One row's position in the grammar: masks the logits of tokens the grammar forbids next. (Not
+    """One row's position in the grammar: which tokens it allows next (the engine masks the rest). (Not
     llguidance.torch: importing it runs torch.compile; a bit per token unpacked with numpy is enough.)"""
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._m = matcher
         self._vocab = vocab_size
 
-    def fill_mask(self, logits: torch.Tensor) -> None:
-        """Set the logits of every forbidden token to -inf, in place (logits: (vocab,) float)."""
+    def allowed(self, n: int) -> np.ndarray:
+        """Which of the first `n` token ids the grammar allows next (bool, shape (n,)); ids past the
+        tokenizer's words (padding rows of the model) never are."""
         bits = np.unpackbits(np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = torch.from_numpy(bits[: logits.shape[0]].astype(np.bool_))
-        if allowed.shape[0] < logits.shape[0]:  # model rows past the tokenizer's words: never allowed
-            allowed = torch.cat([allowed, allowed.new_zeros(logits.shape[0] - allowed.shape[0])])
-        logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
+        out = np.zeros(n, dtype=np.bool_)
+        m = min(n, bits.shape[0])
+        out[:m] = bits[:m].astype(np.bool_)
+        return out
 
     def accept(self, token: int) -> None:
         if not self._m.consume_token(token):

@@ -114,8 +114,10 @@ def resolve_model_path(settings: Settings) -> tuple[str, Path | str]:
     return spec.rsplit("/", 1)[-1], spec  # a hub id: must already be in the local HF cache
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(settings: Settings, *, weights: bool = True) -> LoadedModel:
+    """The model and tokenizer. weights=False: the model's modules on the meta device (names, shapes and
+    config, no memory), for when another engine (vLLM) holds the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -124,10 +126,16 @@ def load_model(settings: Settings) -> LoadedModel:
     name, where = resolve_model_path(settings)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
+        else:
+            with torch.device("meta"):
+                config = AutoConfig.from_pretrained(where, local_files_only=True)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except OSError as exc:  # not a folder and not in the local cache: we never download
         raise ModelLoadError(f"cannot load model {settings.model!r} locally: {exc}") from exc
-    model.to(device)
+    if weights:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

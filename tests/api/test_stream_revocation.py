@@ -8,16 +8,16 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 
-from service.main import create_app
 from service.db.migrate import upgrade
 from service.engine.builtin.engine import BuiltinEngine
+from service.main import create_app
 from service.state import AppState
 from service.streams import StreamRegistry
 from tests.conftest import ADMIN_KEY, make_settings
@@ -130,7 +130,7 @@ def test_openai_stream_ends_but_other_callers_go_on(server: tuple[str, AppState]
 
 
 def test_registry_ends_a_stream_that_waits_and_leaves_admin_streams_alone() -> None:
-    async def never() -> object:
+    async def never() -> AsyncIterator[None]:
         await asyncio.sleep(3600)
         yield None
 

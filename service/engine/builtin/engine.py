@@ -21,6 +21,7 @@ from service.adapters.cache import AdapterCache, SlotsBusy
 from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_dir, unmerge
 from service.adapters.slots import LoraSlots
 from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
+from service.engine.base import event_sink
 from service.engine.builtin.executor import Executor, head_dim
 from service.engine.builtin.kv import KVLanes
 from service.engine.builtin.sampler import Choice, RowDecoder, choose
@@ -46,19 +47,6 @@ from service.errors import (
 from service.inference.loader import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[object]) -> Callable[[object], None]:
-    """Delivers engine-thread events to one request's event loop (dropped once that loop is gone)."""
-
-    def put(item: object) -> None:
-        if not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the loop closed between the check and the call
-                pass
-
-    return put
 
 
 class BuiltinEngine:
@@ -194,7 +182,7 @@ class BuiltinEngine:
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[object] = asyncio.Queue()
-        row = Row(request, _sink(loop, events), self._decoder(request))
+        row = Row(request, event_sink(loop, events), self._decoder(request))
         self.submit(row)
         ended = False
         try:

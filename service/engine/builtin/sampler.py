@@ -32,7 +32,7 @@ class RowDecoder:
     generator: torch.Generator | None = None
     emitted: int = 0
     counts: dict[int, int] = field(default_factory=dict)
-    grammar: object | None = None  # a matcher with fill_mask(logits) / accept(token) (generation.grammar)
+    grammar: object | None = None  # a matcher with allowed(n) / accept(token) (generation.grammar)
 
     @classmethod
     def for_params(cls, params: SamplingParams, device: torch.device) -> RowDecoder:
@@ -63,7 +63,8 @@ class RowDecoder:
         if self.emitted < p.min_tokens and not p.ignore_eos and p.stop_token_ids:
             out[list(p.stop_token_ids)] = float("-inf")
         if self.grammar is not None:
-            self.grammar.fill_mask(out)  # type: ignore[attr-defined]
+            allowed = torch.from_numpy(self.grammar.allowed(out.shape[-1]))  # type: ignore[attr-defined]
+            out.masked_fill_(~allowed.to(out.device), float("-inf"))
         return out
 
     def pick(self, logits: torch.Tensor) -> int:

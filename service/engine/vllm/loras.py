@@ -1,0 +1,116 @@
+"""The vLLM engine's adapters: what LoRA a row runs (user ⊕ shared, the shared alone, or none), its folder
+and its vLLM integer id.
+
+Why rank concatenation for the shared task LoRA: vLLM runs ONE LoRA per row, and the builtin engine serves
+base + shared + user. Merging the shared LoRA into vLLM's base weights would mean reloading the model on every
+shared retrain; serving [A_s; A_u], [s_s B_s, s_u B_u] as one LoRA gives the same sum for each row with a rank
+of r_s + r_u and lets rows on old and new shared versions run side by side.
+
+Every served LoRA is a derived folder (the PEFT pair written by `peft_format.save_adapter_dir`, scales folded,
+patterns resolved as our parser reads them), named by the sha256 of the versions in it: content-addressed, so
+a retrain or a new shared version is a new folder and a new id, never a stale vLLM cache entry. Ids are
+never reused within the process. Folders live under the engine's work dir (never a raw user id in a path) and
+go when their owner is dropped (erase, delete, rollback) or when evicted.
+
+Knows PEFT files and our AdapterRef; nothing of HTTP, SQL or vLLM's engine loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.adapters.peft_format import AdapterWeights, concat_lora, read_adapter_dir, save_adapter_dir
+from service.engine.types import AdapterRef
+from service.errors import AdapterUnavailable
+
+
+@dataclass(frozen=True)
+class ServedLora:
+    lora_id: int  # vLLM's lora_int_id: unique per (user version, shared version) in this process
+    name: str
+    path: Path
+    owner_key: str | None  # the user's storage key; None for the shared LoRA alone
+    rank: int
+
+
+class LoraFolders:
+    def __init__(self, work_dir: Path, *, max_rank: int, max_scale: float, keep: int, base_model_name: str) -> None:
+        self._dir = work_dir
+        self._max_rank = max_rank
+        self._max_scale = max_scale
+        self._keep = keep
+        self._base = base_model_name
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._served: OrderedDict[str, ServedLora] = OrderedDict()  # digest -> served, least recent first
+        shutil.rmtree(work_dir, ignore_errors=True)  # derived data of an earlier process
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+    def resolve(self, user: AdapterRef | None, shared: AdapterRef | None) -> ServedLora | None:
+        """The LoRA a row with this user adapter on this shared version runs (None: the bare base model).
+        Reads and writes files: call it from a request thread. AdapterUnavailable if a version cannot be read
+        or the sum is above the engine's max LoRA rank."""
+        if user is None and shared is None:
+            return None
+        digest = hashlib.sha256(
+            f"{user.sha256 if user else '-'}|{shared.sha256 if shared else '-'}".encode()
+        ).hexdigest()[:32]
+        with self._lock:
+            if digest in self._served:
+                self._served.move_to_end(digest)
+                return self._served[digest]
+        parts = [self._read(ref) for ref in (shared, user) if ref is not None]
+        weights = concat_lora(parts) if len(parts) > 1 else parts[0]
+        if weights.rank > self._max_rank:
+            raise AdapterUnavailable(
+                f"LoRA rank {weights.rank} (user + shared) is above the vLLM engine's OPPU_VLLM_MAX_LORA_RANK "
+                f"{self._max_rank}"
+            )
+        path = self._dir / digest
+        # One temp folder per call: two requests of the same user may build the same folder at once.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=self._dir))
+        save_adapter_dir(weights, tmp, self._base)
+        with self._lock:
+            if digest not in self._served:
+                tmp.replace(path) if not path.exists() else shutil.rmtree(tmp, ignore_errors=True)
+                owner = user.owner_key if user is not None else None
+                self._served[digest] = ServedLora(next(self._ids), digest, path, owner, weights.rank)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return self._served[digest]
+
+    def _read(self, ref: AdapterRef) -> AdapterWeights:
+        try:
+            return read_adapter_dir(ref.directory, max_scale=self._max_scale)
+        except Exception as exc:
+            raise AdapterUnavailable(exc) from exc
+
+    def evictable(self, in_use: set[int]) -> list[ServedLora]:
+        """Folders past the keep limit (least recently resolved first) that no running row uses: forgotten
+        here; the caller removes them from vLLM, then deletes the folders (`delete`)."""
+        with self._lock:
+            out = []
+            for digest, served in list(self._served.items()):
+                if len(self._served) <= self._keep:
+                    break
+                if served.lora_id not in in_use:
+                    out.append(self._served.pop(digest))
+            return out
+
+    def drop_owner(self, owner_key: str) -> list[ServedLora]:
+        """Forget every LoRA holding this user's weights (erase, delete, retrain): the caller removes them from
+        vLLM and deletes the folders."""
+        with self._lock:
+            gone = [d for d, s in self._served.items() if s.owner_key == owner_key]
+            return [self._served.pop(d) for d in gone]
+
+    @staticmethod
+    def delete(served: ServedLora) -> None:
+        shutil.rmtree(served.path, ignore_errors=True)
