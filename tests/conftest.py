@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
@@ -84,6 +89,27 @@ def running_app(
     app = create_app(make_settings(tmp, db, str(model), **overrides))
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
         yield client
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """The app behind a real uvicorn server on a free loopback port (real concurrency and streaming, which the
+    test client does not give); yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
 
 
 @pytest.fixture

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.generation.schemas import ResponseFormat, Stop
 
 Text = Annotated[str, Field(max_length=32_000)]
 Prompt = Annotated[str, Field(min_length=1, max_length=32_000)]  # an empty raw prompt has no token to continue
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+# All messages together: refused (422) before anything is tokenized, so that 256 long messages cannot buy
+# seconds of tokenizer time that the context limit would then refuse anyway.
+MAX_CHAT_CHARS = 64_000
 
 
 class ChatMessage(BaseModel):
@@ -58,6 +61,13 @@ class ChatCompletionIn(CommonParams):
     max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @model_validator(mode="after")
+    def _total_chars(self) -> ChatCompletionIn:
+        total = sum(len(m.text()) for m in self.messages)
+        if total > MAX_CHAT_CHARS:
+            raise ValueError(f"messages hold {total} characters in all; the limit is {MAX_CHAT_CHARS}")
+        return self
 
 
 class CompletionIn(CommonParams):

@@ -128,6 +128,21 @@ def test_generate_bad_bodies(app_client: TestClient, key: str, label: str, field
     assert_error(r, 422)
 
 
+def test_chat_messages_over_the_total_cap_are_422_before_tokenizing(app_client: TestClient, key: str) -> None:
+    from service.openai_compat.schemas import MAX_CHAT_CHARS
+
+    each = MAX_CHAT_CHARS // 3 + 1  # every message within its own limit, the sum one past the cap
+    messages = [{"role": "user", "content": "x" * each} for _ in range(3)]
+    r = app_client.post("/v1/chat/completions", json={"model": "personal", "messages": messages}, headers=bearer(key))
+    body = assert_error(r, 422)
+    assert "characters in all" in json.dumps(body)
+    ok = [{"role": "user", "content": "hello"}] * 3
+    r = app_client.post(
+        "/v1/chat/completions", json={"model": "personal", "messages": ok, "max_tokens": 1}, headers=bearer(key)
+    )
+    assert r.status_code == 200, r.text
+
+
 def test_prompt_longer_than_the_context(app_client: TestClient, key: str) -> None:
     # 30,000 chars of distinct-ish words: far more tokens than the tiny model's 2,048 positions.
     prompt = " ".join(f"w{i}" for i in range(5000))[:30_000]

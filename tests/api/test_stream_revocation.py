@@ -13,15 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from service.db.migrate import upgrade
 from service.engine.builtin.engine import BuiltinEngine
 from service.main import create_app
 from service.state import AppState
 from service.streams import StreamRegistry
-from tests.conftest import ADMIN_KEY, make_settings
-from tests.jobs.test_multiprocess import free_port
+from tests.conftest import ADMIN_KEY, live_server, make_settings
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 SLOW_TICK_S = 0.03  # each engine step takes >= 30 ms: a 500-token stream lasts >= 15 s
@@ -33,29 +31,18 @@ def server(tmp_path: Path, tiny_model_path: Path) -> Iterator[tuple[str, AppStat
     db = f"sqlite:///{tmp_path / 'db.sqlite3'}"
     upgrade(db)
     app = create_app(make_settings(tmp_path, db, str(tiny_model_path)))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    state: AppState = app.state.oppu
-    engine = state.engine
-    assert isinstance(engine, BuiltinEngine)
-    tick = engine._tick
+    with live_server(app) as base:
+        state: AppState = app.state.oppu
+        engine = state.engine
+        assert isinstance(engine, BuiltinEngine)
+        tick = engine._tick
 
-    def slow_tick() -> bool:
-        time.sleep(SLOW_TICK_S)
-        return tick()
+        def slow_tick() -> bool:
+            time.sleep(SLOW_TICK_S)
+            return tick()
 
-    engine._tick = slow_tick  # type: ignore[method-assign]
-    try:
-        yield f"http://127.0.0.1:{port}", state
-    finally:
-        srv.should_exit = True
-        thread.join(30)
+        engine._tick = slow_tick  # type: ignore[method-assign]
+        yield base, state
 
 
 def new_user(base: str, user_id: str) -> str:

@@ -337,3 +337,83 @@ def test_two_apis_and_a_killed_worker(cluster: Cluster) -> None:
         f"\n(a) at {t_a:.1f} s; kill->success {done_at - killed_at:.1f} s; {len(calls)} calls, all 200; "
         f"total {time.monotonic() - t0:.1f} s"
     )
+
+
+def metric(base: str, name: str) -> float:
+    text_ = httpx.get(f"{base}/metrics", timeout=10).text
+    values = [float(line.split()[-1]) for line in text_.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
+def test_erase_across_two_apis_and_a_worker(cluster: Cluster, pg_schema_url: str) -> None:
+    """DELETE /admin/users/{id} on one API while the user's adapter sits in both APIs' slots and a retrain of
+    theirs was just queued: nothing of them remains in SQL, the store, either API's adapter slots, or the
+    queue (the queued job publishes nothing), and the shared version trained on their history is flagged."""
+    ports = [free_port(), free_port()]
+    bases = [f"http://127.0.0.1:{p}" for p in ports]
+    for i, port in enumerate(ports):
+        cluster.start(f"api{i + 1}", "serve", "--port", str(port), "--log-level", "warning")
+    cluster.start("worker1", "worker")
+    wait_ready(cluster, bases)
+    keys = {}
+    for user in ("eve", "other"):
+        r = httpx.post(f"{bases[0]}/admin/users", json={"user_id": user}, headers=ADMIN, timeout=10)
+        assert r.status_code == 201, r.text
+        keys[user] = r.json()["api_key"]
+        items = [{"id": f"i{n}", "input": f"q {n}", "output": f"{user} says {n}"} for n in range(4)]
+        r = httpx.post(f"{bases[1]}/users/{user}/history", json={"items": items}, headers=bearer(keys[user]))
+        assert r.status_code == 201, r.text
+    for path in ("/admin/shared-adapter/retrain", "/admin/users/eve/retrain"):
+        r = httpx.post(f"{bases[0]}{path}", headers=ADMIN, timeout=10)
+        assert r.status_code == 202, r.text
+        assert wait_job(cluster, bases[0], r.json()["job_id"], until=("succeeded", "failed"))["status"] == "succeeded"
+    engine = create_engine(pg_schema_url)
+    with engine.connect() as conn:
+        eve_pk, eve_key = conn.execute(text("SELECT id, storage_key FROM users WHERE user_id = 'eve'")).one()
+    eve_dir = cluster.tmp / "adapters" / "users" / eve_key
+    assert eve_dir.is_dir()
+    for base in bases:  # eve's adapter now sits in a slot of both APIs
+        r = httpx.post(f"{base}/users/eve/generate", json=GEN, headers=bearer(keys["eve"]), timeout=30)
+        assert r.status_code == 200 and r.json()["adapter_version"] == 1, r.text
+        assert metric(base, "oppu_adapter_slots_in_use") == 1
+
+    r = httpx.post(f"{bases[0]}/admin/users/eve/retrain", headers=ADMIN, timeout=10)
+    assert r.status_code == 202, r.text
+    queued_job = r.json()["job_id"]
+    assert httpx.delete(f"{bases[1]}/admin/users/eve", headers=ADMIN, timeout=30).status_code == 204
+    time.sleep(3.0)  # the queued job runs (or is dropped) and the notice reaches the other API
+
+    with engine.connect() as conn:
+        for table in ("api_keys", "history_items", "profiles", "adapter_heads", "adapters", "adapter_contributors"):
+            n = conn.execute(text(f"SELECT count(*) FROM {table} WHERE user_pk = :pk"), {"pk": eve_pk}).scalar()
+            assert n == 0, table
+        assert conn.execute(text("SELECT count(*) FROM users WHERE id = :pk"), {"pk": eve_pk}).scalar() == 0
+        n = conn.execute(text("SELECT count(*) FROM jobs WHERE owner_key = :k OR user_pk = :pk"),
+                         {"k": eve_key, "pk": eve_pk}).scalar()  # fmt: skip
+        assert n == 0
+    engine.dispose()
+    assert not eve_dir.exists(), list(eve_dir.rglob("*"))
+    from redis import Redis
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from service.jobs.queue import QUEUE_NAME
+
+    with Redis.from_url(redis_url(REDIS_DB)) as redis:
+        waiting = Queue(QUEUE_NAME, connection=redis, serializer=JSONSerializer).job_ids
+    assert not [j for j in waiting if j.startswith(queued_job)], waiting
+    for base in bases:
+        assert metric(base, "oppu_adapter_slots_in_use") == 0, cluster.logs()  # dropped on BOTH replicas
+        r = httpx.post(f"{base}/users/eve/generate", json=GEN, headers=bearer(keys["eve"]), timeout=30)
+        assert r.status_code == 401
+        r = httpx.post(f"{base}/users/other/generate", json=GEN, headers=bearer(keys["other"]), timeout=30)
+        assert r.status_code == 200, r.text
+    r = httpx.get(f"{bases[0]}/admin/shared-adapter", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    versions = r.json()["versions"]
+    assert versions and all(v["trained_on_erased"] for v in versions), versions
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
