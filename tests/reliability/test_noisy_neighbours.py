@@ -254,3 +254,40 @@ def storage_key(env: Env, user: str) -> str:
         found = session.scalar(select(User.storage_key).where(User.user_id == user))
     assert found is not None
     return found
+
+
+def test_upload_concurrency_is_bounded_per_user_and_in_all(env: Env) -> None:
+    """Uploads in flight (OPPU_UPLOAD_CONCURRENCY 2, _PER_USER 1): a second upload of the same user, or a third
+    one in all, gets 429 with Retry-After at once; the slow ones still finish."""
+    keys = {u: new_user(env.base, u) for u in ("up1", "up2", "up3")}
+    body = zip_folder(env.adapter)
+    release = threading.Event()
+    done: dict[str, int] = {}
+
+    def slow(user: str) -> None:
+        def chunks() -> Iterator[bytes]:
+            yield body[:100]
+            release.wait(30)
+            yield body[100:]
+
+        headers = {**auth(keys[user]), "Content-Type": "application/zip"}
+        r = httpx.put(f"{env.base}/users/{user}/adapter", content=chunks(), headers=headers, timeout=60)
+        done[user] = r.status_code
+
+    first, second = (threading.Thread(target=slow, args=(u,)) for u in ("up1", "up2"))
+    first.start()
+    try:
+        time.sleep(0.5)  # the first upload holds its slot while its body trickles in
+        same_user = upload(env.base, "up1", keys["up1"], body)
+        assert same_user.status_code == 429 and same_user.headers["Retry-After"], same_user.text
+        second.start()
+        time.sleep(0.5)
+        third = upload(env.base, "up3", keys["up3"], body)
+        assert third.status_code == 429 and "other uploads" in assert_4xx(third)["message"]
+    finally:
+        release.set()
+        for t in (first, second):
+            if t.is_alive():
+                t.join(60)
+    assert done == {"up1": 201, "up2": 201}, done
+    assert upload(env.base, "up3", keys["up3"], body).status_code == 201  # the slots are free again
