@@ -44,14 +44,16 @@ class FairQueue(Generic[T]):
             self._cond.notify()
 
     def put_back(self, items: Iterable[tuple[Hashable, T]]) -> None:
-        """Return items taken but not run (their adapter did not fit the batch) to the FRONT of their
-        tenant's queue, ignoring the caps: they were admitted already."""
+        """Return items taken but not run (their adapter did not fit) to the FRONT of the queue, in the order
+        they were taken, ignoring the caps: they were admitted already. Their tenants move to the front even
+        when a newer item of theirs arrived meanwhile (which put the tenant at the back): otherwise every
+        new request of the same user would send the old one to the end of the line again (starvation)."""
         with self._cond:
             for tenant, item in reversed(list(items)):
                 q = self._queues.get(tenant)
                 if q is None:
                     q = self._queues[tenant] = deque()
-                    self._queues.move_to_end(tenant, last=False)
+                self._queues.move_to_end(tenant, last=False)
                 q.appendleft(item)
                 self._size += 1
             self._cond.notify()

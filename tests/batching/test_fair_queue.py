@@ -37,3 +37,18 @@ def test_put_back_goes_first_and_get_blocks_until_put() -> None:
     assert got == [("z", "z0")]
     q.close()
     assert q.get(timeout=None) is None
+
+
+def test_put_back_keeps_its_turn_when_its_tenant_sent_a_newer_item_meanwhile() -> None:
+    """The engine takes every waiting row each step and puts back the ones whose adapter found no slot. A new
+    request of the same user arriving in between must not send the old one to the back of the line: that
+    starved rows for seconds under 64 clients (tenant collisions are frequent)."""
+    q: FairQueue[str] = FairQueue(max_total=8, max_per_tenant=4)
+    q.put("t", "t-old")
+    q.put("u", "u0")
+    taken = [q.get(timeout=0), q.get(timeout=0)]  # the engine takes both; neither fits
+    q.put("v", "v0")  # arrivals while they were out
+    q.put("t", "t-new")
+    q.put_back([item for item in taken if item is not None])
+    order = [q.get(timeout=0)[1] for _ in range(4)]  # type: ignore[index]
+    assert order == ["t-old", "u0", "v0", "t-new"]

@@ -18,7 +18,7 @@ from service.adapters.cache import AdapterCache
 from service.adapters.peft_format import AdapterWeights, read_adapter_dir
 from service.adapters.slots import LoraSlots
 from service.engine.builtin import sampler
-from service.engine.builtin.engine import BuiltinEngine
+from service.engine.builtin.engine import SLOT_WAIT_STEPS, BuiltinEngine
 from service.engine.builtin.scheduler import Row
 from service.engine.types import AdapterRef, EngineEvent, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
 from service.errors import AdapterUnavailable, GenerationFailed, TooManyRequests, Unprocessable
@@ -354,6 +354,45 @@ def test_tenant_share(setup: Setup) -> None:
         assert first.error is None
     finally:
         engine.stop()
+
+
+def test_a_row_waiting_for_a_slot_is_not_starved_by_rows_of_resident_adapters(setup: Setup) -> None:
+    """2 slots held by two users who keep sending rows, a third user's row waits for a slot: rows of the
+    resident adapters may overtake it for SLOT_WAIT_STEPS steps, then the slots drain and it runs (within the
+    longest running row's length more), long before the stream of the others ends."""
+    engine = make_engine(setup.base, slots=2, rows=4)
+    engine.start()
+    hot, cold = setup.refs[0], setup.refs[1]
+    longest = 11
+    try:
+
+        async def one(name: str, ref: AdapterRef, new: int) -> Outcome:
+            out = await consume(engine, request(prompt(new), new, ref, tenant=name, ignore_eos=True))
+            assert out.error is None, out.error
+            return out
+
+        async def worker(name: str, ref: AdapterRef, new: int) -> None:
+            for _ in range(12):
+                await one(name, ref, new)
+
+        async def stream(name: str, ref: AdapterRef) -> None:
+            # 3 workers back to back, rows of different lengths: a row of this adapter is always running
+            await asyncio.gather(*(worker(name, ref, new) for new in (4, 7, longest)))
+
+        async def main() -> tuple[int, int]:
+            streams = [asyncio.ensure_future(stream("h1", hot)), asyncio.ensure_future(stream("h2", setup.refs[2]))]
+            while engine.stats().slots_pinned < 2:  # noqa: ASYNC110 - polls the engine thread
+                await asyncio.sleep(0.002)
+            out = await one("cold", cold, 2)
+            waited = engine._steps - out.submitted_step
+            await asyncio.gather(*streams)
+            return waited, engine._steps - out.submitted_step
+
+        waited, streams_left = run(main())
+    finally:
+        engine.stop()
+    assert waited <= SLOT_WAIT_STEPS + longest + 4, (waited, streams_left)
+    assert streams_left > 2 * waited  # the others were far from done: it did not just wait for the end
 
 
 @pytest.mark.parametrize("adapter", [None, 3])

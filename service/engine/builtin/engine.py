@@ -47,6 +47,8 @@ from service.errors import (
 from service.inference.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+# How many steps rows for resident adapters may overtake a row that waits for a free adapter slot.
+SLOT_WAIT_STEPS = 32
 
 
 class BuiltinEngine:
@@ -280,8 +282,14 @@ class BuiltinEngine:
                 row.sink(expired)
 
     def _admit(self) -> None:
-        """Waiting rows join while lanes are free: round-robin over tenants, each pinning its adapter slot."""
+        """Waiting rows join while lanes are free: round-robin over tenants, each pinning its adapter slot.
+
+        A row waiting for a slot (all pinned) keeps its place; rows behind it whose adapter is already in a
+        slot may overtake it (they batch at no cost), but only for SLOT_WAIT_STEPS steps: after that rows
+        needing an adapter wait behind it, so that a steady stream of rows for the resident adapters cannot
+        keep every slot pinned forever. Rows without an adapter pin nothing and always join."""
         skipped = []
+        blocked = False
         while self.kv.free:
             got = self._waiting.get(timeout=0)
             if got is None:
@@ -289,10 +297,14 @@ class BuiltinEngine:
             tenant, row = got
             if row.cancelled.is_set():
                 continue
+            if blocked and row.request.adapter is not None:
+                skipped.append((tenant, row))
+                continue
             try:
                 (row.slot,) = self._cache.acquire([row.request.adapter])
-            except SlotsBusy:  # every slot is pinned by running rows: it waits, others may still join
+            except SlotsBusy:  # every slot is pinned by running rows: it keeps its turn for the next free one
                 skipped.append((tenant, row))
+                blocked = blocked or self._steps - row.submitted_step > SLOT_WAIT_STEPS
                 continue
             except Exception as exc:
                 log.warning("adapter %s could not be loaded: %r", row.request.adapter, exc)
