@@ -6,11 +6,15 @@ slots, streams tokens and can cancel a row. Nothing above it knows which engine 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from service.batching.fair_queue import FairQueue
 from service.engine.types import AdapterRef, EngineEvent, EngineRequest, EngineStats, Finished, TokenEvent
+from service.errors import Timeout
 
 
 class Engine(Protocol):
@@ -84,3 +88,32 @@ def event_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[object]) -
                 pass
 
     return put
+
+
+class QueuedRow(Protocol):
+    """What an engine's row offers the reaper: its request (deadline), cancel flag and event sink."""
+
+    @property
+    def request(self) -> EngineRequest: ...
+    @property
+    def cancelled(self) -> threading.Event: ...
+    @property
+    def sink(self) -> Callable[[object], None]: ...
+
+
+R = TypeVar("R", bound=QueuedRow)
+
+
+def reap(running: Sequence[R], waiting: FairQueue[R], end: Callable[[R, BaseException | None], None]) -> None:
+    """The one deadline/cancel rule of every engine: cancelled rows end quietly, rows past their deadline end
+    with 504, running (through the engine's `end`, which frees what they hold) or still waiting."""
+    now = time.monotonic()
+    expired = Timeout("generation passed its deadline")
+    for row in list(running):
+        if row.cancelled.is_set():
+            end(row, None)
+        elif now > row.request.deadline:
+            end(row, expired)
+    for _, row in waiting.remove_if(lambda r: r.cancelled.is_set() or now > r.request.deadline):
+        if not row.cancelled.is_set():
+            row.sink(expired)

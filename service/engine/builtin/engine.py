@@ -21,7 +21,7 @@ from service.adapters.cache import AdapterCache, SlotsBusy
 from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_dir, unmerge
 from service.adapters.slots import LoraSlots
 from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
-from service.engine.base import event_sink
+from service.engine.base import event_sink, reap
 from service.engine.builtin.executor import Executor, head_dim
 from service.engine.builtin.kv import KVLanes
 from service.engine.builtin.sampler import Choice, RowDecoder, choose
@@ -39,7 +39,6 @@ from service.errors import (
     AdapterUnavailable,
     GenerationFailed,
     PromptTooLong,
-    Timeout,
     TooManyRequests,
     Unavailable,
     Unprocessable,
@@ -269,17 +268,7 @@ class BuiltinEngine:
         return True
 
     def _reap(self) -> None:
-        """Drop cancelled rows; end rows past their deadline with 504 (waiting and running)."""
-        now = time.monotonic()
-        expired = Timeout("generation passed its deadline")
-        for row in list(self._running):
-            if row.cancelled.is_set():
-                self._end(row, None)
-            elif now > row.request.deadline:
-                self._end(row, expired)
-        for _, row in self._waiting.remove_if(lambda r: r.cancelled.is_set() or now > r.request.deadline):
-            if not row.cancelled.is_set():
-                row.sink(expired)
+        reap(self._running, self._waiting, self._end)
 
     def _admit(self) -> None:
         """Waiting rows join while lanes are free: round-robin over tenants, each pinning its adapter slot.

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.adapters.peft_format import WEIGHTS_NAME
 from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
-from service.engine.base import event_sink
+from service.engine.base import event_sink, reap
 from service.engine.types import (
     AdapterRef,
     EngineEvent,
@@ -39,7 +40,7 @@ from service.engine.types import (
 )
 from service.engine.vllm import runtime
 from service.engine.vllm.loras import LoraFolders, ServedLora
-from service.errors import AdapterUnavailable, GenerationFailed, PromptTooLong, Timeout, TooManyRequests, Unavailable
+from service.errors import AdapterUnavailable, GenerationFailed, PromptTooLong, TooManyRequests, Unavailable
 
 log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -273,16 +274,7 @@ class VllmEngine:
         return True
 
     def _reap(self) -> None:
-        now = time.monotonic()
-        expired = Timeout("generation passed its deadline")
-        for row in list(self._rows):
-            if row.cancelled.is_set():
-                self._end(row, None)
-            elif now > row.request.deadline:
-                self._end(row, expired)
-        for _, row in self._waiting.remove_if(lambda r: r.cancelled.is_set() or now > r.request.deadline):
-            if not row.cancelled.is_set():
-                row.sink(expired)
+        reap(self._rows, self._waiting, self._end)
 
     def _admit(self) -> None:
         """Waiting rows join, round-robin over tenants, while fewer than max_rows are admitted."""
@@ -293,7 +285,7 @@ class VllmEngine:
             row = got[1]
             if row.cancelled.is_set():
                 continue
-            if row.lora is not None and not (row.lora.path / "adapter_model.safetensors").is_file():
+            if row.lora is not None and not (row.lora.path / WEIGHTS_NAME).is_file():
                 row.sink(AdapterUnavailable("the adapter was removed meanwhile"))  # erased/deleted since
                 continue
             try:
