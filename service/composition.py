@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
 from service.adapters import service as adapter_service
@@ -72,7 +73,8 @@ def ensure_admin_key(settings: Settings) -> Settings:
         with os.fdopen(fd, "w") as fh:
             fh.write(key + "\n")
         print(f"OPPU admin key (shown once, stored in {path}): {key}", flush=True)
-    return settings.model_copy(update={"admin_key": admin_key(settings)})
+    # model_copy does not validate: the value must already be the field's type
+    return settings.model_copy(update={"admin_key": SecretStr(admin_key(settings))})
 
 
 # --- parts ---

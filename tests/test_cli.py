@@ -51,3 +51,45 @@ def test_migrate_create_user_and_train(tmp_path: Path, tiny_model_path: Path) ->
         assert conn.execute(text("SELECT count(*) FROM adapters")).scalar_one() == 1
     engine.dispose()
     assert oppu(env, "train", "--user", "nobody").returncode == 2
+
+
+def test_serve_on_the_embedded_default_generates_and_uses_the_admin_key(tmp_path: Path, tiny_model_path: Path) -> None:
+    """What `make serve` runs: no OPPU_ADMIN_KEY, no database URL. The first start writes the admin key into
+    the data dir, prints it once, and serves with it."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPPU_")}
+    env |= {
+        "OPPU_DATA_DIR": str(tmp_path / "data"), "OPPU_ADAPTERS_DIR": str(tmp_path / "adapters"),
+        "OPPU_MODEL": str(tiny_model_path), "OPPU_MODEL_CACHE_DIR": str(MODEL_CACHE_DIR),
+    }  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        key = (tmp_path / "data" / "admin_key").read_text().strip()
+        assert key in log.read_text()  # printed once at the first start
+        headers = {"Authorization": f"Bearer {key}"}
+        r = httpx.post(f"http://127.0.0.1:{port}/admin/users", json={"user_id": "alice"}, headers=headers)
+        assert r.status_code == 201, r.text
+    finally:
+        proc.terminate()
+        proc.wait(30)
