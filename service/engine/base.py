@@ -14,7 +14,7 @@ from typing import Protocol, TypeVar
 
 from service.batching.fair_queue import FairQueue
 from service.engine.types import AdapterRef, EngineEvent, EngineRequest, EngineStats, Finished, TokenEvent
-from service.errors import Timeout
+from service.errors import Timeout, Unavailable
 
 
 class Engine(Protocol):
@@ -117,3 +117,13 @@ def reap(running: Sequence[R], waiting: FairQueue[R], end: Callable[[R, BaseExce
     for _, row in waiting.remove_if(lambda r: r.cancelled.is_set() or now > r.request.deadline):
         if not row.cancelled.is_set():
             row.sink(expired)
+
+
+def fail_all(running: Sequence[R], waiting: FairQueue[R]) -> None:
+    """Engine stop: every running and every still-waiting row hears that the server is shutting down
+    (call after the engine thread has stopped and the queue is closed)."""
+    gone = Unavailable("the server is shutting down")
+    for row in running:
+        row.sink(gone)
+    while (left := waiting.get(timeout=0)) is not None:
+        left[1].sink(gone)

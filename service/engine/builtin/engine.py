@@ -21,7 +21,7 @@ from service.adapters.cache import AdapterCache, SlotsBusy
 from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_dir, unmerge
 from service.adapters.slots import LoraSlots
 from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
-from service.engine.base import event_sink, reap
+from service.engine.base import event_sink, fail_all, reap
 from service.engine.builtin.executor import Executor, head_dim
 from service.engine.builtin.kv import KVLanes
 from service.engine.builtin.sampler import Choice, RowDecoder, choose
@@ -136,11 +136,7 @@ class BuiltinEngine:
         self._waiting.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        gone = Unavailable("the server is shutting down")
-        for row in self._running:
-            row.sink(gone)
-        while (left := self._waiting.get(timeout=0)) is not None:
-            left[1].sink(gone)
+        fail_all(self._running, self._waiting)
 
     # --- shared task LoRA ---
     @property

@@ -26,7 +26,7 @@ from typing import Any
 
 from service.adapters.peft_format import WEIGHTS_NAME
 from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
-from service.engine.base import event_sink, reap
+from service.engine.base import event_sink, fail_all, reap
 from service.engine.types import (
     AdapterRef,
     EngineEvent,
@@ -173,11 +173,7 @@ class VllmEngine:
         self._waiting.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        gone = Unavailable("the server is shutting down")
-        for row in self._rows:
-            row.sink(gone)
-        while (left := self._waiting.get(timeout=0)) is not None:
-            left[1].sink(gone)
+        fail_all(self._rows, self._waiting)
         try:
             self._llm.engine_core.shutdown()  # frees the KV cache and the weights now, not at exit
         except Exception:
