@@ -1,0 +1,140 @@
+"""The baselines a recommender would use, on the same split as the LLM methods and with no test leakage:
+the user's history mean and median, the user's mean plus a shrunk item bias, and the global mean.
+
+The item bias of a user's test item reads ONLY other users' ratings made strictly before that user's first
+scored rating (the cutoff), so nothing from the scored period, and nothing of the user's own, is used;
+the shrinkage is chosen on the dev split. Pure data code over `movielens` records; no models, no files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from service.evaluation import movielens as ml
+from service.evaluation.metrics import MAX_RATING, MIN_RATING
+
+SHRINKAGE_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0)
+NAMES = ("global_mean", "user_mean", "user_median", "user_mean_item_bias")
+
+
+def user_median(split: ml.UserSplit, *, fallback: float) -> float:
+    """Median of the user's HISTORY ratings (the MAE-optimal constant for that history)."""
+    return statistics.median(h.rating for h in split.history) if split.history else fallback
+
+
+def _clip(value: float) -> float:
+    return min(MAX_RATING, max(MIN_RATING, value))
+
+
+@dataclass(frozen=True)
+class _Timeline:
+    """Ratings in time order with running sums, so "everything strictly before t" is one bisect."""
+
+    times: list[int]
+    prefix_sum: list[float]  # prefix_sum[i] = sum of the first i ratings
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[int, float]]) -> _Timeline:
+        rows = sorted(rows)
+        prefix = [0.0]
+        for _, r in rows:
+            prefix.append(prefix[-1] + r)
+        return cls([t for t, _ in rows], prefix)
+
+    def before(self, t: int) -> tuple[int, float]:
+        """(count, sum) of the ratings with timestamp < t."""
+        i = bisect.bisect_left(self.times, t)
+        return i, self.prefix_sum[i]
+
+
+class RatingIndex:
+    """Every rating of the dataset, for "other users, strictly before t" statistics per movie and overall."""
+
+    def __init__(self, data: ml.MovieLens) -> None:
+        self._all = _Timeline.of([(r.timestamp, r.rating) for rs in data.ratings.values() for r in rs])
+        per_movie: dict[int, list[tuple[int, float]]] = {}
+        for rs in data.ratings.values():
+            for r in rs:
+                per_movie.setdefault(r.movie_id, []).append((r.timestamp, r.rating))
+        self._movies = {m: _Timeline.of(rows) for m, rows in per_movie.items()}
+        self._users = {u: _Timeline.of([(r.timestamp, r.rating) for r in rs]) for u, rs in data.ratings.items()}
+        self._own = {(u, r.movie_id): r for u, rs in data.ratings.items() for r in rs}
+
+    def global_before(self, t: int, *, exclude_user: int) -> tuple[int, float]:
+        """(count, sum) of every other user's ratings made strictly before t."""
+        n, s = self._all.before(t)
+        own = self._users.get(exclude_user)
+        if own is not None:
+            on, os_ = own.before(t)
+            n, s = n - on, s - os_
+        return n, s
+
+    def movie_before(self, movie_id: int, t: int, *, exclude_user: int) -> tuple[int, float]:
+        """(count, sum) of other users' ratings of the movie made strictly before t."""
+        line = self._movies.get(movie_id)
+        if line is None:
+            return 0, 0.0
+        n, s = line.before(t)
+        own = self._own.get((exclude_user, movie_id))
+        if own is not None and own.timestamp < t:
+            n, s = n - 1, s - own.rating
+        return n, s
+
+
+def user_id_number(split: ml.UserSplit) -> int:
+    return int(split.user_id.removeprefix("ml_"))
+
+
+def bias_predictions(task: ml.RatingTask, index: RatingIndex, shrinkage: float) -> list[float]:
+    """user mean + b_i per scored item, b_i = sum(r - mu) / (shrinkage + n) over the n ratings of the movie by
+    OTHER users strictly before the user's first scored rating, mu the mean of all other users' ratings
+    before that same cutoff. Clipped to the rating scale."""
+    if shrinkage < 0:
+        raise ValueError("shrinkage must be >= 0")
+    gmean = ml.global_mean(task)
+    out: list[float] = []
+    for split in task.users:
+        if not split.test:
+            continue
+        uid, cutoff = user_id_number(split), min(t.timestamp for t in split.test)
+        base = ml.user_mean(split, fallback=gmean)
+        n_all, s_all = index.global_before(cutoff, exclude_user=uid)
+        mu = s_all / n_all if n_all else gmean
+        for item in split.test:
+            n, s = index.movie_before(item.movie_id, cutoff, exclude_user=uid)
+            bias = (s - n * mu) / (shrinkage + n) if shrinkage + n > 0 else 0.0
+            out.append(_clip(base + bias))
+    return out
+
+
+def choose_shrinkage(dev_task: ml.RatingTask, index: RatingIndex, grid: Sequence[float] = SHRINKAGE_GRID) -> float:
+    """The shrinkage with the lowest MAE on the DEV split (ties: the larger, more conservative value)."""
+    golds = [t.rating for s in dev_task.users for t in s.test]
+
+    def mae(lam: float) -> float:
+        preds = bias_predictions(dev_task, index, lam)
+        return sum(abs(g - p) for g, p in zip(golds, preds, strict=True)) / len(golds)
+
+    return min(grid, key=lambda lam: (mae(lam), -lam))
+
+
+def predictions(task: ml.RatingTask, index: RatingIndex, *, shrinkage: float) -> dict[str, list[float]]:
+    """Every baseline's prediction per scored item, in task order (users, then their items)."""
+    gmean = ml.global_mean(task)  # history ratings only
+    return {
+        "global_mean": [gmean for split in task.users for _ in split.test],
+        "user_mean": [ml.user_mean(split, fallback=gmean) for split in task.users for _ in split.test],
+        "user_median": [user_median(split, fallback=gmean) for split in task.users for _ in split.test],
+        "user_mean_item_bias": bias_predictions(task, index, shrinkage),
+    }
+
+
+def strongest(dev_mae: Mapping[str, float]) -> str:
+    """The baseline every LLM method is compared with: the lowest MAE on the DEV split."""
+    known = [n for n in NAMES if n in dev_mae]
+    if not known:
+        raise ValueError("no baseline scored")
+    return min(known, key=lambda n: (dev_mae[n], NAMES.index(n)))
