@@ -1,8 +1,11 @@
 """Archives in/out for adapter download/upload, entirely in memory (never extracts to disk): zip out; zip or
 .tar.gz in (what `save_pretrained` wrote, as is or in one folder).
 
-Refuses anything odd in an upload: path-like names, links, devices, encryption, duplicates and bombs
-(declared AND actual sizes and the compression ratio are capped). Knows nothing of what the files contain.
+Refuses anything odd in an upload: path-like names, links, devices, sparse files, encryption, duplicates
+and bombs (declared AND actual sizes and the compression ratio are capped; a member's declared size is
+checked against what is left of the budget BEFORE it is read). Only the names the caller keeps are read, in
+bounded chunks; the others are checked by name and type and passed over. Knows nothing of what the files
+contain.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import IO
 
 MAX_RATIO = 200
@@ -111,8 +114,11 @@ def _size(f: IO[bytes]) -> int:
     return end
 
 
-def unpack_upload_zip(data: bytes | IO[bytes], max_total_bytes: int, max_members: int = 16) -> dict[str, bytes]:
-    """Bare file name -> content, or ArchiveError saying why the upload was refused."""
+def unpack_upload_zip(
+    data: bytes | IO[bytes], max_total_bytes: int, max_members: int = 16, keep: Collection[str] | None = None
+) -> dict[str, bytes]:
+    """Bare file name -> content (only the names in `keep`, if given), or ArchiveError saying why the upload
+    was refused."""
     try:
         with zipfile.ZipFile(_file(data)) as zf:
             infos = zf.infolist()
@@ -128,6 +134,7 @@ def unpack_upload_zip(data: bytes | IO[bytes], max_total_bytes: int, max_members
             plan = {name: by_name[member] for name, member in _plan(members).items()}
             if not plan:
                 raise ArchiveError("archive contains no files")
+            plan = {name: info for name, info in plan.items() if keep is None or name in keep}
             if sum(info.file_size for info in plan.values()) > max_total_bytes:
                 raise ArchiveError(f"archive declares more than {max_total_bytes} bytes uncompressed")
             out: dict[str, bytes] = {}
@@ -168,6 +175,11 @@ def _tar_member_ok(info: tarfile.TarInfo) -> None:
         raise ArchiveError(f"member name contains a NUL byte: {info.name!r}")
     if info.issym() or info.islnk():
         raise ArchiveError(f"member {info.name!r} is a link")
+    # tarfile fills a sparse file's holes with NULs in memory without reading the stream: no cap would see a
+    # 1 GiB hole declared by 80 bytes. PEFT files are never sparse.
+    sparse_pax = any(key.startswith("GNU.sparse.") for key in info.pax_headers)
+    if info.issparse() or info.type == tarfile.GNUTYPE_SPARSE or sparse_pax:
+        raise ArchiveError(f"member {info.name!r} is a sparse file")
     if not (info.isfile() or info.isdir()):
         raise ArchiveError(f"member {info.name!r} is not a regular file or directory (device, fifo, ...)")
 
@@ -187,12 +199,28 @@ def _tar_name(info: tarfile.TarInfo) -> str | None:
     return name
 
 
-def unpack_upload_targz(data: bytes | IO[bytes], max_total_bytes: int, max_members: int = 16) -> dict[str, bytes]:
-    """Bare file name -> content from a .tar.gz, with the zip's member rules and limits."""
+def _read_member(body: IO[bytes] | None, declared: int) -> bytes:
+    """A member's content in bounded chunks; it must be exactly its declared (already budgeted) size."""
+    out = io.BytesIO()
+    while body is not None and (chunk := body.read(min(_CHUNK, declared + 1 - out.tell()))):
+        out.write(chunk)
+        if out.tell() > declared:
+            raise ArchiveError("a member holds more than its declared size")
+    if out.tell() != declared:
+        raise ArchiveError("a member holds less than its declared size")
+    return out.getvalue()
+
+
+def unpack_upload_targz(
+    data: bytes | IO[bytes], max_total_bytes: int, max_members: int = 16, keep: Collection[str] | None = None
+) -> dict[str, bytes]:
+    """Bare file name -> content from a .tar.gz, with the zip's member rules and limits; only the names in
+    `keep` (if given) are read, the others are passed over in the stream."""
     f = _file(data)
     # Headers take 512 bytes per member plus padding: allow them on top of the content budget.
     cap = max_total_bytes + (max_members + 2) * 1024
     cap = min(cap, MAX_RATIO * max(_size(f), 1))
+    budget = min(max_total_bytes, cap)  # what the members may still declare, kept or not
     members: list[tuple[str, bool]] = []
     contents: dict[str, bytes] = {}
     try:
@@ -206,9 +234,13 @@ def unpack_upload_targz(data: bytes | IO[bytes], max_total_bytes: int, max_membe
                 if name is None:
                     continue  # the archive's own root ("." from `tar czf a.tgz -C folder .`)
                 members.append((name + ("/" if info.isdir() else ""), info.isdir()))
-                if info.isfile():
-                    body = tf.extractfile(info)
-                    contents[name] = body.read() if body is not None else b""
+                if not info.isfile():
+                    continue
+                if info.size > budget:  # before a byte of it is read
+                    raise ArchiveError(f"member {info.name!r} declares {info.size} bytes, over the size limit")
+                budget -= info.size
+                if keep is None or name.rsplit("/", 1)[-1] in keep:
+                    contents[name] = _read_member(tf.extractfile(info), info.size)
     except ArchiveError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -216,14 +248,17 @@ def unpack_upload_targz(data: bytes | IO[bytes], max_total_bytes: int, max_membe
     plan = _plan(members)
     if not plan:
         raise ArchiveError("archive contains no files")
-    return {name: contents[member] for name, member in plan.items()}
+    return {name: contents[member] for name, member in plan.items() if member in contents}
 
 
-def unpack_upload(data: bytes | IO[bytes], max_total_bytes: int) -> dict[str, bytes]:
-    """A zip or a .tar.gz (told apart by their magic bytes), from bytes or a seekable file."""
+def unpack_upload(
+    data: bytes | IO[bytes], max_total_bytes: int, keep: Collection[str] | None = None
+) -> dict[str, bytes]:
+    """A zip or a .tar.gz (told apart by their magic bytes), from bytes or a seekable file; only the names in
+    `keep` are read and returned (None: all)."""
     f = _file(data)
     magic = f.read(2)
     f.seek(0)
     if magic == b"\x1f\x8b":
-        return unpack_upload_targz(f, max_total_bytes)
-    return unpack_upload_zip(f, max_total_bytes)
+        return unpack_upload_targz(f, max_total_bytes, keep=keep)
+    return unpack_upload_zip(f, max_total_bytes, keep=keep)

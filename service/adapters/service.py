@@ -230,11 +230,11 @@ def download(session: Session, ctx: AdapterContext, owner_key: str, version: int
 
 def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, data: bytes | IO[bytes]) -> AdapterOut:
     try:
-        members = unpack_upload(data, max_total_bytes=ctx.limits.max_file_bytes + (1 << 20))
+        # save_pretrained also writes a README.md: other plain files are checked, never read; PEFT files are
+        # required.
+        files = unpack_upload(data, max_total_bytes=ctx.limits.max_file_bytes + (1 << 20), keep=PEFT_FILES)
     except ArchiveError as exc:
         raise Unprocessable(f"invalid adapter archive: {exc}") from exc
-    # save_pretrained also writes a README.md: extra plain files are ignored, PEFT files are required.
-    files = {name: body for name, body in members.items() if name in PEFT_FILES}
     missing = sorted(PEFT_FILES - set(files))
     if missing:
         raise Unprocessable(f"invalid adapter archive: missing {', '.join(missing)}")

@@ -35,6 +35,7 @@ from service.config import Settings
 
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 16  # a PEFT config nests 3 levels, a safetensors header 3: deeper is never a real adapter
 _DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 _LAYER_RE = re.compile(r"(^|\.)layers\.\d+\.")
 _PLAIN_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -153,6 +154,30 @@ def _is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or bool(re.match(r"[A-Za-z]:[\\/]", name))
 
 
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON, walked without recursion (a recursive walk is what must not happen)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                todo.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _loads(text: str, **kwargs: Any) -> Any:
+    """json.loads that refuses deep nesting with a ValueError: json raises RecursionError (a 500) at about
+    1000 levels, and later code may walk what it returned."""
+    try:
+        value = json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
 def _parse_config(data: bytes | None, problems: list[str]) -> dict[str, Any] | None:
     if data is None:
         return None
@@ -164,7 +189,7 @@ def _parse_config(data: bytes | None, problems: list[str]) -> dict[str, Any] | N
         raise ValueError(f"non-standard JSON constant {c}")
 
     try:
-        cfg = json.loads(data.decode("utf-8"), parse_constant=no_constants)
+        cfg = _loads(data.decode("utf-8"), parse_constant=no_constants)
     except (UnicodeDecodeError, ValueError) as e:
         problems.append(f"{CONFIG_NAME} is not valid JSON: {e}")
         return None
@@ -253,9 +278,10 @@ def _check_header(data: bytes, limits: ValidationLimits, problems: list[str]) ->
         problems.append(f"{WEIGHTS_NAME} is not a safetensors file: header length {n} too big{hint}")
         return False
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        problems.append(f"{WEIGHTS_NAME} is not a valid safetensors file: header is not JSON{hint}")
+        header = _loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        why = str(e) if "nested" in str(e) else "is not JSON"
+        problems.append(f"{WEIGHTS_NAME} is not a valid safetensors file: header {why}{hint}")
         return False
     if not isinstance(header, dict):
         problems.append(f"{WEIGHTS_NAME}: safetensors header must be a JSON object")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import pickle
+import random
 import stat
 import struct
 import tarfile
+import tracemalloc
 import zipfile
+from collections.abc import Callable
 
 import pytest
 
@@ -217,3 +221,88 @@ def test_targz_bombs_stop_at_the_cap() -> None:
         unpack_upload(bomb, CAP)
     with pytest.raises(ArchiveError, match="not a valid"):
         unpack_upload(b"\x1f\x8b" + b"garbage" * 10, CAP)
+
+
+# --- members that cost more than they weigh (issue 23 N1): refused before anything is read ---
+
+GIB = 1 << 30
+
+
+def _octal(n: int, width: int) -> bytes:
+    return b"%0*o" % (width - 1, n) + b"\0"
+
+
+def gnu_sparse_member(name: str, realsize: int) -> bytes:
+    """A GNU sparse ('S') header: `realsize` bytes that are all hole, no data stored (tarfile would fill the
+    hole with NULs in memory without reading the stream, so no stream cap sees it)."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT)[:512])
+    block[386:398] = _octal(realsize, 12)  # sparse map: one empty data block at the end of the file
+    block[398:410] = _octal(0, 12)
+    block[483:495] = _octal(realsize, 12)  # the real size
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def sparse_bomb(realsize: int = GIB) -> bytes:
+    """~90 bytes of .tar.gz declaring a `realsize` file."""
+    return gzip.compress(gnu_sparse_member("adapter_model.safetensors", realsize) + bytes(1024), 9, mtime=0)
+
+
+def pax_sparse_bomb(realsize: int = GIB) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("adapter_model.safetensors")
+        info.pax_headers = {"GNU.sparse.map": f"{realsize},0", "GNU.sparse.realsize": str(realsize)}
+        tf.addfile(info)
+    return gzip.compress(buf.getvalue(), 9, mtime=0)
+
+
+def declared_only(name: str, size: int) -> bytes:
+    """A regular member whose header declares `size` bytes and whose data never comes."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return gzip.compress(info.tobuf(format=tarfile.GNU_FORMAT) + bytes(1024), 9, mtime=0)
+
+
+@pytest.mark.parametrize("bomb", [sparse_bomb, pax_sparse_bomb], ids=["gnu", "pax"])
+def test_sparse_members_are_refused(bomb: Callable[[int], bytes]) -> None:
+    data = bomb(GIB)
+    assert len(data) < 256
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match="sparse"):
+            unpack_upload(data, CAP)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "README.md"])
+def test_a_declared_size_over_the_budget_is_refused_before_reading(name: str) -> None:
+    with pytest.raises(ArchiveError, match="declares"):
+        unpack_upload(declared_only(name, GIB), CAP)
+    big = _targz([("adapter_model.safetensors", bytes(range(256)) * 64, tarfile.REGTYPE)])  # 16 KiB, ratio ~1
+    with pytest.raises(ArchiveError, match="declares"):
+        unpack_upload(big, 8 * 1024)
+
+
+def test_only_kept_names_are_read() -> None:
+    members = [*_files(), ("README.md", b"# card", tarfile.REGTYPE)]
+    assert unpack_upload(_targz(members), CAP, keep=set(FILES)) == FILES
+    assert unpack_upload(_zip({**FILES, "README.md": b"# card"}), CAP, keep=set(FILES)) == FILES
+    # A skipped member still obeys the name and type rules.
+    with pytest.raises(ArchiveError, match="link"):
+        unpack_upload(_targz([*_files(), ("evil", b"", tarfile.SYMTYPE)]), CAP, keep=set(FILES))
+    # A big skipped member costs no memory: it is passed over, never held.
+    noise = _targz([*_files(), ("README.md", random.Random(0).randbytes(8 << 20), tarfile.REGTYPE)])  # 8 MiB
+    tracemalloc.start()
+    try:
+        assert unpack_upload(noise, CAP, keep=set(FILES)) == FILES
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak

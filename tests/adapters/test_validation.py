@@ -260,3 +260,19 @@ def test_make_peft_config_round_trip(spec: BaseModelSpec, good: Files, tmp_path:
     assert loaded.r == 8 and set(loaded.target_modules) == set(ALL_TARGET_MODULES)
     with pytest.raises(ValueError):
         make_peft_config(0, 16, ["q_proj"], BASE_NAME)
+
+
+@pytest.mark.parametrize("depth", [100_000, 40])
+def test_deeply_nested_json_is_a_problem_not_a_crash(spec: BaseModelSpec, good: Files, depth: int) -> None:
+    """Issue 23 N8: json.loads raises RecursionError (a 500) on deep nesting; deep but parseable nesting is
+    refused too, before any later code walks it."""
+    nested = "[" * depth + "]" * depth
+    cfg = json.loads(good[CONFIG_NAME])
+    config = json.dumps(cfg)[:-1].encode() + f', "x": {nested}}}'.encode()
+    assert "nested" in problems_of({**good, CONFIG_NAME: config}, spec)
+    data = good[WEIGHTS_NAME]
+    (n,) = struct.unpack("<Q", data[:8])
+    raw = data[8 : 8 + n].rstrip()[:-1] + f', "x": {nested}}}'.encode()
+    raw += b" " * (-len(raw) % 8)
+    patched = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+    assert "nested" in problems_of({**good, WEIGHTS_NAME: patched}, spec)
