@@ -160,6 +160,21 @@ def within_user_corr(
     return pearson(xs, ys)
 
 
+def within_user_corr_items_only(users: Sequence[str], preds: Sequence[float], golds: Sequence[float]) -> float | None:
+    """The strict form: Pearson after subtracting each user's mean over the SCORED items from predictions and
+    golds separately, so a per-user constant (a level, a drift since the history) contributes nothing."""
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(users):
+        groups.setdefault(u, []).append(i)
+    xs, ys = [0.0] * len(users), [0.0] * len(users)
+    for idx in groups.values():
+        mp = sum(preds[i] for i in idx) / len(idx)
+        mg = sum(golds[i] for i in idx) / len(idx)
+        for i in idx:
+            xs[i], ys[i] = preds[i] - mp, golds[i] - mg
+    return pearson(xs, ys)
+
+
 def between_user_corr(users: Sequence[str], preds: Sequence[float], golds: Sequence[float]) -> float | None:
     """Does the method know HOW HIGH a user rates? Pearson over users of their mean prediction and mean gold."""
     sums: dict[str, list[float]] = {}

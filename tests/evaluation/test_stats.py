@@ -96,3 +96,14 @@ def test_within_and_between_user_correlations() -> None:
         stats.pearson(centred, [1.0, -1.0, 0.5, -0.5])
     )
     assert stats.within_user_corr(users, [4.5, 3.5, 1.75, 1.25], golds, means) == pytest.approx(1.0)
+
+
+def test_items_only_within_user_correlation_ignores_per_user_constants() -> None:
+    users = ["a", "a", "a", "b", "b", "b"]
+    golds = [5.0, 4.0, 3.0, 3.0, 2.0, 1.0]
+    means = {"a": 3.0, "b": 3.0}  # both users drifted from their history mean in opposite directions
+    drift = [4.0, 4.0, 4.0, 2.0, 2.0, 2.0]  # knows only the drift, nothing about the items
+    assert stats.within_user_corr(users, drift, golds, means) == pytest.approx(0.6**0.5)  # looks like skill
+    assert stats.within_user_corr_items_only(users, drift, golds) is None  # is none
+    ranks = [3.2, 3.1, 3.0, 3.2, 3.1, 3.0]  # knows the order of items within each user
+    assert stats.within_user_corr_items_only(users, ranks, golds) == pytest.approx(1.0)
