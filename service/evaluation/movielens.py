@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,16 @@ class MovieLens:
 
 
 @dataclass(frozen=True)
+class ItemContext:
+    """What an operator knows about the movie at the moment of this rating: how many OTHER users rated it
+    strictly before `as_of` (the rating's own timestamp), and their mean."""
+
+    count: int
+    mean: float | None
+    as_of: int
+
+
+@dataclass(frozen=True)
 class RatingItem:
     item_id: str
     movie_id: int
@@ -57,6 +67,7 @@ class RatingItem:
     rating: float
     timestamp: int
     tags: tuple[str, ...] = ()
+    context: ItemContext | None = None  # only with item context on (with_item_context)
 
 
 @dataclass
@@ -247,9 +258,85 @@ def _genres_text(item: RatingItem) -> str:
     return ", ".join(item.genres) if item.genres else "unknown"
 
 
+def context_text(context: ItemContext) -> str:
+    if context.count == 0 or context.mean is None:
+        return "no ratings by others yet"
+    return f"rated by {context.count} others, mean {context.mean:.1f}"
+
+
 def item_input(item: RatingItem) -> str:
-    """The movie as text; identical in history inputs and test queries so retrieval can match."""
-    return f"{item.title} | genres: {_genres_text(item)}"
+    """The movie as text; identical in history inputs and test queries so retrieval can match. With item
+    context, what others thought of it before this rating is part of the text."""
+    text = f"{item.title} | genres: {_genres_text(item)}"
+    return text if item.context is None else f"{text} | {context_text(item.context)}"
+
+
+def _by_movie(data: MovieLens) -> dict[int, list[tuple[int, int, float]]]:
+    out: dict[int, list[tuple[int, int, float]]] = {}
+    for user, ratings in data.ratings.items():
+        for r in ratings:
+            out.setdefault(r.movie_id, []).append((r.timestamp, user, r.rating))
+    for rows in out.values():
+        rows.sort()
+    return out
+
+
+def _context_of(rows: list[tuple[int, int, float]], owner: int, as_of: int) -> ItemContext:
+    values = [r for t, u, r in rows if t < as_of and u != owner]  # strictly before, others only
+    return ItemContext(len(values), sum(values) / len(values) if values else None, as_of)
+
+
+def user_number(user_id: str) -> int:
+    return int(user_id.removeprefix("ml_"))
+
+
+def with_item_context(task: RatingTask, data: MovieLens) -> RatingTask:
+    """The same task, every history and scored item carrying its context as of its own timestamp."""
+    by_movie = _by_movie(data)
+
+    def ctx(owner: int, item: RatingItem) -> RatingItem:
+        return replace(item, context=_context_of(by_movie.get(item.movie_id, []), owner, item.timestamp))
+
+    users = []
+    for split in task.users:
+        owner = user_number(split.user_id)
+        users.append(
+            UserSplit(split.user_id, [ctx(owner, h) for h in split.history], [ctx(owner, t) for t in split.test])
+        )
+    out = RatingTask(users=users, config={**task.config, "item_context": True})
+    check_context_leakage(out, data)
+    return out
+
+
+def check_context_leakage(task: RatingTask, data: MovieLens) -> int:
+    """Raise AssertionError unless every item's context is exactly what other users' ratings strictly
+    before the item's own timestamp give: a rating at or after that moment, or one of the user's own,
+    changes the count or the mean and is caught. Returns how many items carry a context."""
+    checked = 0
+    rated: dict[int, list[tuple[int, Rating]]] = {}
+    for u, rs in data.ratings.items():
+        for r in rs:
+            rated.setdefault(r.movie_id, []).append((u, r))
+    for split in task.users:
+        owner = user_number(split.user_id)
+        for item in [*split.history, *split.test]:
+            if item.context is None:
+                continue
+            c = item.context
+            if c.as_of != item.timestamp:
+                raise AssertionError(f"{split.user_id}/{item.item_id}: context as of {c.as_of}, not its own time")
+            values = [r.rating for u, r in rated.get(item.movie_id, []) if u != owner and r.timestamp < item.timestamp]
+            mean = sum(values) / len(values) if values else None
+            same_mean = (mean is None and c.mean is None) or (
+                mean is not None and c.mean is not None and abs(mean - c.mean) < 1e-9
+            )
+            if c.count != len(values) or not same_mean:
+                raise AssertionError(
+                    f"{split.user_id}/{item.item_id}: context {c.count} ratings, mean {c.mean} but other users' "
+                    f"ratings strictly before {item.timestamp} are {len(values)}, mean {mean} (a leak or a bug)"
+                )
+            checked += 1
+    return checked
 
 
 def history_item(item: RatingItem) -> dict[str, Any]:

@@ -205,3 +205,50 @@ def test_real_data_known_values(ml: MovieLens) -> None:
     assert len(ml.ratings) == 610
     first = ml.ratings[1][0]
     assert (first.timestamp, first.movie_id) == min((r.timestamp, r.movie_id) for r in ml.ratings[1])
+
+
+def test_item_context_counts_other_users_strictly_before(tiny: MovieLens) -> None:
+
+    from service.evaluation.movielens import ItemContext, check_context_leakage, with_item_context
+
+    # user 8 rated m1 (3.0) at t=50 and m2 (2.0) at t=60; user 7's own ratings never count for user 7
+    task = build_rating_task(tiny, n_users=1, history_items=3, test_items=2, min_ratings=5, seed=0)
+    assert [i.item_id for i in task.users[0].history] == ["m1", "m2", "m3"]
+    ctx = with_item_context(task, tiny)
+    m1, m2, m3 = ctx.users[0].history
+    assert m1.context == ItemContext(1, 3.0, 100)  # user 8's m1 at t=50
+    assert m2.context == ItemContext(1, 2.0, 300)
+    assert m3.context == ItemContext(0, None, 300) and ctx.users[0].test[0].context == ItemContext(0, None, 400)
+    assert item_input(m1) == "Toy Story (1995) | genres: Adventure, Animation | rated by 1 others, mean 3.0"
+    assert item_input(m3) == "Blank (2000) | genres: unknown | no ratings by others yet"
+    assert history_item(m1)["input"] == item_input(m1)
+    assert item_input(task.users[0].history[0]) == "Toy Story (1995) | genres: Adventure, Animation"  # flag off
+    assert check_context_leakage(ctx, tiny) == 5 and check_context_leakage(task, tiny) == 0
+    assert ctx.config["item_context"] is True
+
+
+def test_planted_context_leaks_are_caught(tiny: MovieLens) -> None:
+    from dataclasses import replace
+
+    from service.evaluation.movielens import ItemContext, Rating, check_context_leakage, with_item_context
+
+    plain = build_rating_task(tiny, n_users=1, history_items=3, test_items=2, min_ratings=5, seed=0)
+    task = with_item_context(plain, tiny)
+
+    def planted(index: int, context: ItemContext) -> RatingTask:
+        split = task.users[0]
+        history = list(split.history)
+        history[index] = replace(history[index], context=context)
+        return RatingTask([UserSplit(split.user_id, history, split.test)])
+
+    # m1 at t=100: counting the user's OWN 4.0 beside user 8's 3.0
+    with pytest.raises(AssertionError, match="m1: context 2 ratings"):
+        check_context_leakage(planted(0, ItemContext(2, 3.5, 100)), tiny)
+    # m1 read as of a later moment (after user 9's rating at t=200 below)
+    tiny.ratings[9] = [Rating(1, 5.0, 100), Rating(2, 0.5, 200)]
+    with pytest.raises(AssertionError, match="not its own time"):
+        check_context_leakage(planted(0, ItemContext(1, 3.0, 250)), tiny)
+    # user 9 rated m1 AT the item's timestamp (t=100): it must not count, so a context with it is a leak
+    with pytest.raises(AssertionError, match=r"m1: context 2 ratings, mean 4\.0 but other users' ratings strictly"):
+        check_context_leakage(planted(0, ItemContext(2, 4.0, 100)), tiny)
+    assert with_item_context(task, tiny).users[0].history[0].context == ItemContext(1, 3.0, 100)
