@@ -11,8 +11,10 @@ from sqlalchemy.orm import Session
 from service.adapters.service import AdapterContext
 from service.db.session import unit_of_work
 from service.errors import TooManyRequests, Unauthorized
+from service.generation.prepare import Preparer
 from service.jobs.queue import JobQueue
 from service.state import AppState
+from service.streams import StreamRegistry
 from service.tenancy import (
     USER_ID_PATTERN,
     Caller,
@@ -85,6 +87,22 @@ def get_adapters(state: StateDep) -> AdapterContext:
 
 
 AdaptersDep = Annotated[AdapterContext, Depends(get_adapters)]
+
+
+def get_preparer(state: StateDep) -> Preparer:
+    """The one preparation step and the engine behind it: what every generating route takes (and the marker
+    by which tests/api/test_cancel_on_disconnect.py finds the generating routes)."""
+    return state.preparer
+
+
+PreparerDep = Annotated[Preparer, Depends(get_preparer)]
+
+
+def get_streams(state: StateDep) -> StreamRegistry:
+    return state.streams
+
+
+StreamsDep = Annotated[StreamRegistry, Depends(get_streams)]
 
 
 def get_queue(state: StateDep) -> JobQueue:

@@ -1,6 +1,9 @@
-"""ASGI middleware: request body size cap (413 before the body is parsed)."""
+"""ASGI middleware: request body size cap (413 before the body is parsed), and the end of every request
+whose client went away (its engine rows are cancelled)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -73,3 +76,63 @@ async def _reject(send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class CancelOnDisconnect:
+    """Every HTTP request's handler is cancelled the moment its client disconnects, whatever the route and
+    whether it streams or not: awaiting an engine stream then closes it, which cancels its rows (their KV
+    lanes, adapter pins and queue share are freed before the next step). One rule for every route, so a new
+    generating route cannot forget it (tests/api/test_cancel_on_disconnect.py holds the route matrix).
+
+    It owns the connection's `receive`: a pump reads the server's messages one at a time (the next only once
+    the handler took the last, so a body still streams with back-pressure) and notices the disconnect even
+    when the handler never reads a body; the handler's own receive calls are answered from it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
+        gone = asyncio.Event()
+
+        async def pump() -> None:
+            while (message := await receive())["type"] != "http.disconnect":
+                await inbox.put(message)
+            gone.set()
+
+        async def app_receive() -> Message:
+            if not inbox.empty():
+                return inbox.get_nowait()
+            getter = asyncio.ensure_future(inbox.get())
+            left = asyncio.ensure_future(gone.wait())
+            await asyncio.wait({getter, left}, return_when=asyncio.FIRST_COMPLETED)
+            left.cancel()
+            if getter.done():
+                return getter.result()
+            getter.cancel()
+            return {"type": "http.disconnect"}
+
+        answered = False  # the whole response was sent: the server then reports a disconnect too
+
+        async def app_send(message: Message) -> None:
+            nonlocal answered
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+
+        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        watcher = asyncio.ensure_future(pump())
+        try:
+            await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not handler.done() and not answered:  # the client left first: nobody will read the answer
+                handler.cancel()
+                await asyncio.wait({handler})
+                return
+            await handler  # the handler's own error goes on up
+        finally:
+            watcher.cancel()
+            if not handler.done():
+                handler.cancel()

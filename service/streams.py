@@ -58,6 +58,7 @@ class StreamRegistry:
         in-band). Checked while waiting too, so a stream stalled in a queue ends as well. Leaving closes
         `parts`, which cancels the engine rows behind it."""
         with self.watch(key_hash) as revoked:
+            pending: asyncio.Future[T] | None = None
             try:
                 while True:
                     pending = asyncio.ensure_future(anext(parts))
@@ -72,6 +73,9 @@ class StreamRegistry:
                         return
                     yield item
             finally:
+                if pending is not None and not pending.done():  # left mid-wait (the client went away)
+                    pending.cancel()  # the item being fetched: `parts` cannot be closed while it runs
+                    await asyncio.wait({pending})
                 await _close(parts)
 
 

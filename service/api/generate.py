@@ -1,15 +1,14 @@
-"""POST /users/{id}/generate (JSON, or Server-Sent Events with "stream": true) and POST /users/{id}/score."""
+"""POST /users/{id}/generate (JSON, or Server-Sent Events with "stream": true) and POST /users/{id}/score.
+A client that leaves cancels its rows (`middleware.CancelOnDisconnect`, for every route)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from service.deps import CallerDep, StateDep, UserDep
+from service.deps import CallerDep, PreparerDep, StreamsDep, UserDep
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.generation import service
 from service.generation.schemas import GenerateIn, GenerateOut, ScoreIn, ScoreOut
@@ -24,31 +23,17 @@ SSE_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client goes away (its engine row and adapter pin are freed)."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
-
-
 @router.post("/generate", response_model=GenerateOut, responses=SSE_DOC)
-async def generate(request: Request, body: GenerateIn, user: UserDep, caller: CallerDep, state: StateDep) -> Any:
+async def generate(
+    body: GenerateIn, user: UserDep, caller: CallerDep, preparer: PreparerDep, streams: StreamsDep
+) -> Any:
     if body.stream:
-        events = await service.generate_sse(state.preparer, user, body, state.streams, caller.key_hash)
+        events = await service.generate_sse(preparer, user, body, streams, caller.key_hash)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await until_disconnect(request, service.generate(state.preparer, user, body))
+    return await service.generate(preparer, user, body)
 
 
 @router.post("/score", response_model=ScoreOut)
-async def score(request: Request, body: ScoreIn, user: UserDep, state: StateDep) -> ScoreOut:
+async def score(body: ScoreIn, user: UserDep, preparer: PreparerDep) -> ScoreOut:
     """Log-probabilities of fixed candidate answers under the user's adapter (prefill only, same engine)."""
-    return await until_disconnect(request, service.score(state.preparer, user, body))
+    return await service.score(preparer, user, body)

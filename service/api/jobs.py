@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from service.adapters import service as adapter_service
 from service.adapters.schemas import AdapterVersionsOut
 from service.db.models import SHARED_OWNER
-from service.deps import AdminDep, QueueDep, SessionDep, StateDep, UserIdPath
+from service.deps import AdminDep, PreparerDep, QueueDep, SessionDep, UserIdPath
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.history.schemas import ProfileOut
 from service.jobs import service
@@ -59,5 +59,5 @@ def get_job(job_id: Annotated[str, PathParam(max_length=64)], _: AdminDep, sessi
 
 
 @router.post("/users/{user_id}/profile/generate", response_model=ProfileOut, responses=error_responses(*SERVING_ERRORS))
-async def generate_user_profile(user_id: UserIdPath, caller: AdminDep, state: StateDep) -> ProfileOut:
-    return await generate_profile(state.preparer, caller, user_id)
+async def generate_user_profile(user_id: UserIdPath, caller: AdminDep, preparer: PreparerDep) -> ProfileOut:
+    return await generate_profile(preparer, caller, user_id)

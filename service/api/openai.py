@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from service.deps import CallerDep, StateDep
+from service.deps import CallerDep, PreparerDep, StateDep, StreamsDep
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.openai_compat import service
 from service.openai_compat.schemas import ChatCompletionIn, CompletionIn, ModelList
@@ -31,10 +31,12 @@ def models(caller: CallerDep, state: StateDep) -> ModelList:
 
 
 @router.post("/chat/completions", responses=SERVING)
-async def chat_completions(body: ChatCompletionIn, caller: CallerDep, state: StateDep) -> Any:
-    return _respond(await service.chat(state, caller, body))
+async def chat_completions(
+    body: ChatCompletionIn, caller: CallerDep, preparer: PreparerDep, streams: StreamsDep
+) -> Any:
+    return _respond(await service.chat(preparer, streams, caller, body))
 
 
 @router.post("/completions", responses=SERVING)
-async def completions(body: CompletionIn, caller: CallerDep, state: StateDep) -> Any:
-    return _respond(await service.complete(state, caller, body))
+async def completions(body: CompletionIn, caller: CallerDep, preparer: PreparerDep, streams: StreamsDep) -> Any:
+    return _respond(await service.complete(preparer, streams, caller, body))

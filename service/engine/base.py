@@ -1,20 +1,34 @@
-"""The engine boundary: ONE object schedules rows, owns the model weights, the KV memory and the adapter
-slots, streams tokens and can cancel a row. Nothing above it knows which engine runs
-(`OPPU_ENGINE=builtin|vllm`); the request path (`generation.prepare`) is its only caller.
+"""The engine boundary and the ONE request side every engine shares.
+
+`Engine` is what the request path sees: ONE object schedules rows, owns the model weights, the KV memory and
+the adapter slots, streams tokens and can cancel rows. Nothing above it knows which engine runs
+(`OPPU_ENGINE=builtin|vllm`); the request path (`generation.service`) is its only caller.
+
+`EngineFront` is the request side both engines inherit, so that it exists once: the prompt-fits rule
+(`check_fits`, also called by the preparation step before a stream's first byte), admission through the
+per-tenant fair queue (429/503) with a fair share of the running rows, the event pump between the engine
+thread and the requester's event loop, the deadline/cancel rule (504, client gone, tenant cancelled), the
+engine thread's loop and shutdown. An engine keeps only what differs: how a row is built and started
+(`_new_row`, `_start`), one step (`_step`), and how a row's resources are freed (`_release`).
+Knows no users, SQL or HTTP; rows carry plain data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, Literal, Protocol, TypeVar
 
-from service.batching.fair_queue import FairQueue
+from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
 from service.engine.types import AdapterRef, EngineEvent, EngineRequest, EngineStats, Finished, TokenEvent
-from service.errors import Timeout, Unavailable
+from service.errors import PromptTooLong, Timeout, TooManyRequests, Unavailable
+
+log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
@@ -26,28 +40,28 @@ class Engine(Protocol):
         """The most tokens one row may hold (prompt + new tokens)."""
         ...
 
+    @property
+    def limits(self) -> EngineLimits: ...
+
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
 
     def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        """Queue the row and yield its events, ending with one Finished. Raises a ServiceError: 429/503 when
-        the tenant's share or the server is full, 503 adapter_unavailable, 504 past the deadline, 500-free
-        generation_failed for this row only. Closing the iterator early cancels the row."""
+        """Queue the row and yield its events, ending with one Finished. Raises a ServiceError: 422 when it
+        cannot fit (`check_fits`), 429/503 when the tenant's share or the server is full, 503
+        adapter_unavailable, 504 past the deadline, generation_failed for this row only. The engine applies
+        the request's adapter and shared task LoRA itself. Closing the iterator early cancels the row."""
         ...
 
-    def prefetch(self, adapter: AdapterRef) -> None:
-        """Warm the adapter from a request thread (AdapterUnavailable if it cannot be read)."""
+    def cancel_tenant(self, tenant: str, error: BaseException) -> int:
+        """End every queued and running row of a tenant (its user was erased): each requester hears `error`.
+        Returns how many rows were cancelled."""
         ...
 
     def use_shared(self, adapter: AdapterRef | None) -> None:
-        """The current shared task LoRA (None: none). Applied before any row prepared after this call runs;
-        rows already running finish on the weights they started with."""
-        ...
-
-    @property
-    def shared_version(self) -> int | None:
-        """The shared version rows will run on once pending changes are applied."""
+        """Warm the current shared task LoRA ahead of requests (start-up, a new version announced); rows run
+        on the version their request names (`EngineRequest.shared`)."""
         ...
 
     def drop_owner(self, owner_key: str) -> None:
@@ -57,7 +71,39 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
 
-@dataclass
+# --- the one prompt-fits rule ---
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What one row may hold: the context, and the longest scored continuation one step can run."""
+
+    context_length: int
+    max_continuation_tokens: int
+
+
+def check_fits(request: EngineRequest, limits: EngineLimits) -> None:
+    """422 prompt_too_long unless the prompt plus its new (or scored) tokens fit a row; the same rule and
+    error for every engine and every route."""
+    conts = request.continuations
+    if conts and (any(not c for c in conts) or max(map(len, conts)) > limits.max_continuation_tokens):
+        raise PromptTooLong(
+            f"each scored continuation must be 1..{limits.max_continuation_tokens} tokens",
+            details={"max_continuation_tokens": limits.max_continuation_tokens},
+        )
+    more = request.sampling.max_new_tokens + sum(map(len, conts))
+    if len(request.prompt_ids) + more > limits.context_length:
+        raise PromptTooLong(
+            f"prompt is {len(request.prompt_ids)} tokens; with {more} more (new or scored tokens) it exceeds "
+            f"the model's context of {limits.context_length} tokens",
+            details={"prompt_tokens": len(request.prompt_ids), "context_length": limits.context_length},
+        )
+
+
+# --- rows and their events ---
+
+
+@dataclass(frozen=True)
 class Collected:
     tokens: list[TokenEvent]
     finished: Finished
@@ -90,40 +136,218 @@ def event_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[object]) -
     return put
 
 
-class QueuedRow(Protocol):
-    """What an engine's row offers the reaper: its request (deadline), cancel flag and event sink."""
+@dataclass(eq=False)
+class EngineRow:
+    """What every engine's row has: its request, the sink to its requester, and the cancel flag with the
+    error its requester hears (None: nobody is listening any more)."""
+
+    request: EngineRequest
+    sink: Callable[[object], None]
+    cancelled: threading.Event = field(default_factory=threading.Event, kw_only=True)
+    cancel_error: BaseException | None = field(default=None, kw_only=True)
+
+    def cancel(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.cancel_error = error
+        self.cancelled.set()
+
+
+R = TypeVar("R", bound=EngineRow)
+# What `_start` says of a row it was offered: it runs; it keeps its turn in the queue (e.g. no adapter slot);
+# or it was dropped (the engine told its requester why).
+Started = Literal["started", "keep", "dropped"]
+
+
+class EngineFront(Generic[R]):
+    """The request side of every engine. Subclasses implement `_new_row`, `_start`, `_step`, `_release` and
+    `_has_room`."""
+
+    idle_wait_s = 0.1
+
+    def __init__(self, *, capacity: int, queue_max: int, queue_per_tenant: int, fair_share: bool) -> None:
+        self.capacity = capacity  # rows that may run at once
+        self.fair_share = fair_share
+        self._waiting: FairQueue[R] = FairQueue(queue_max, queue_per_tenant)
+        self._running: list[R] = []
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+
+    # --- what each engine supplies ---
+    @property
+    def limits(self) -> EngineLimits:
+        raise NotImplementedError
+
+    def _new_row(self, request: EngineRequest, sink: Callable[[object], None]) -> R:
+        """The row for a request, built in a request thread (not the engine's): the place for the engine's
+        own effects of admitting it (adapter prefetch, the shared task LoRA, a LoRA folder); may raise."""
+        raise NotImplementedError
+
+    def _has_room(self) -> bool:
+        return len(self._running) < self.capacity
+
+    def _start(self, row: R) -> Started:
+        raise NotImplementedError
+
+    def _step(self) -> bool:
+        """One step of the running rows; False when there was nothing to run."""
+        raise NotImplementedError
+
+    def _release(self, row: R) -> bool:
+        """Free what a running row holds (it leaves `_running`); False if it had left already."""
+        raise NotImplementedError
+
+    def _on_admission_round(self) -> None:
+        """Called before each admission round (per-round state of `_start`)."""
+
+    # --- the request side ---
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        check_fits(request, self.limits)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[object] = asyncio.Queue()
+        row = await asyncio.to_thread(self._new_row, request, event_sink(loop, events))
+        self.submit(row)
+        ended = False
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                assert isinstance(item, TokenEvent | Finished)
+                ended = isinstance(item, Finished)
+                yield item
+                if ended:
+                    return
+        finally:
+            if not ended:
+                self.cancel(row)
+
+    def submit(self, row: R) -> None:
+        """Queue a row (any thread): 429 when its tenant's queue share is used up, 503 when the server's is."""
+        check_fits(row.request, self.limits)
+        try:
+            self._waiting.put(row.request.tenant, row)
+        except TenantQueueFull as exc:
+            raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
+        except QueueFull as exc:
+            raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
+        self._wake.set()
+
+    def cancel(self, row: R, error: BaseException | None = None) -> None:
+        """The requester went away, or the row must end (any thread): dropped before the next step."""
+        row.cancel(error)
+        self._wake.set()
+
+    def cancel_tenant(self, tenant: str, error: BaseException) -> int:
+        rows = [r for r in self._waiting.snapshot() + list(self._running) if r.request.tenant == tenant]
+        for row in rows:
+            row.cancel(error)
+        self._wake.set()
+        return len(rows)
+
+    # --- the engine thread ---
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"oppu-{type(self).__name__}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Every running and every still-waiting row hears that the server is shutting down."""
+        self._stopping.set()
+        self._wake.set()
+        self._waiting.close()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        gone = Unavailable("the server is shutting down")
+        for row in list(self._running):
+            row.sink(gone)
+        while (left := self._waiting.get(timeout=0)) is not None:
+            left[1].sink(gone)
 
     @property
-    def request(self) -> EngineRequest: ...
-    @property
-    def cancelled(self) -> threading.Event: ...
-    @property
-    def sink(self) -> Callable[[object], None]: ...
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if not self._tick():
+                    self._wake.wait(self.idle_wait_s)
+                    self._wake.clear()
+            except Exception:  # the loop itself must survive anything a step throws
+                log.exception("engine iteration failed")
 
-R = TypeVar("R", bound=QueuedRow)
+    def _tick(self) -> bool:
+        self._reap()
+        self._admit()
+        return self._step()
 
+    def _end(self, row: R, error: BaseException | None) -> None:
+        """A running row ends early: its resources are freed BEFORE its requester hears `error`."""
+        if self._release(row) and error is not None:
+            row.sink(error)
 
-def reap(running: Sequence[R], waiting: FairQueue[R], end: Callable[[R, BaseException | None], None]) -> None:
-    """The one deadline/cancel rule of every engine: cancelled rows end quietly, rows past their deadline end
-    with 504, running (through the engine's `end`, which frees what they hold) or still waiting."""
-    now = time.monotonic()
-    expired = Timeout("generation passed its deadline")
-    for row in list(running):
+    def _reap(self) -> None:
+        """The one deadline/cancel rule: cancelled rows end with their cancel error (quietly when the client
+        left), rows past their deadline with 504, running or still waiting."""
+        now = time.monotonic()
+        expired = Timeout("generation passed its deadline")
+        for row in list(self._running):
+            if row.cancelled.is_set():
+                self._end(row, row.cancel_error)
+            elif now > row.request.deadline:
+                self._end(row, expired)
+        for _, row in self._waiting.remove_if(lambda r: r.cancelled.is_set() or now > r.request.deadline):
+            error = row.cancel_error if row.cancelled.is_set() else expired
+            if error is not None:
+                row.sink(error)
+
+    def _share(self, running: Counter[str], waiting: set[str]) -> int:
+        """Each active tenant's fair share of the running rows (a lone tenant gets every row)."""
+        active = len(set(running) | waiting)
+        return max(1, self.capacity // max(1, active))
+
+    def _admit(self) -> None:
+        """Waiting rows join while there is room, round-robin over tenants. With fair_share, while other
+        tenants wait or run, a tenant at its share (`capacity / active tenants`) keeps its turn and the next
+        tenant's row goes first; its rows still fill room that no other row can use (work-conserving).
+        Running rows are never preempted. Rows `_start` keeps (no adapter slot yet) keep their turn."""
+        self._on_admission_round()
+        running: Counter[str] = Counter(r.request.tenant for r in self._running)
+        kept: list[tuple[Hashable, R]] = []  # back to the front of the queue, in the order taken
+        over: list[tuple[Hashable, R]] = []  # rows of tenants at their share, in the order taken
+        waiting = {r.request.tenant for r in self._waiting.snapshot()} if self.fair_share else set()
+        while self._has_room():
+            got = self._waiting.get(timeout=0)
+            if got is None:
+                break
+            if self.fair_share and running[got[1].request.tenant] >= self._share(running, waiting):
+                over.append(got)
+                continue
+            if self._offer(got, running):
+                kept.append(got)
+        if not kept:  # nobody else can use the room: rows over their share may take it
+            for i, got in enumerate(over):
+                if not self._has_room():
+                    kept.extend(over[i:])
+                    break
+                if self._offer(got, running):
+                    kept.append(got)
+        else:
+            kept.extend(over)
+        if kept:
+            self._waiting.put_back(kept)
+
+    def _offer(self, got: tuple[Hashable, R], running: Counter[str]) -> bool:
+        """Try to start a taken row; True when it must go back to the queue."""
+        row = got[1]
         if row.cancelled.is_set():
-            end(row, None)
-        elif now > row.request.deadline:
-            end(row, expired)
-    for _, row in waiting.remove_if(lambda r: r.cancelled.is_set() or now > r.request.deadline):
-        if not row.cancelled.is_set():
-            row.sink(expired)
-
-
-def fail_all(running: Sequence[R], waiting: FairQueue[R]) -> None:
-    """Engine stop: every running and every still-waiting row hears that the server is shutting down
-    (call after the engine thread has stopped and the queue is closed)."""
-    gone = Unavailable("the server is shutting down")
-    for row in running:
-        row.sink(gone)
-    while (left := waiting.get(timeout=0)) is not None:
-        left[1].sink(gone)
+            if row.cancel_error is not None:
+                row.sink(row.cancel_error)
+            return False
+        verdict = self._start(row)
+        if verdict == "started":
+            self._running.append(row)
+            running[row.request.tenant] += 1
+        return verdict == "keep"

@@ -8,7 +8,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
+
+import numpy as np
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -23,6 +25,40 @@ class AdapterRef:
     version: int
     sha256: str
     directory: Path = field(compare=False)
+
+
+class GrammarMatcher(Protocol):
+    """One row's position in a response format's grammar."""
+
+    def allowed(self, n: int) -> np.ndarray:
+        """Which of the first `n` token ids may come next (bool, shape (n,))."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance past `token` (ValueError if the grammar rejects it)."""
+        ...
+
+
+class ResponseFormat(Protocol):
+    """A compiled `response_format` (service.generation.grammar): both engines honour the same grammar, so
+    both emit the same JSON (layout included) for the same schema."""
+
+    @property
+    def kind(self) -> str:
+        """ "json_object" | "json_schema"."""
+        ...
+
+    @property
+    def schema(self) -> Mapping[str, Any] | None: ...
+
+    @property
+    def grammar(self) -> str:
+        """The grammar in llguidance's serialized form (JSON layout rules included): what vLLM is given."""
+        ...
+
+    def matcher(self) -> GrammarMatcher:
+        """A fresh matcher for one row (the builtin engine masks each step's logits with it)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +76,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
-    grammar: object | None = None  # a compiled grammar (service.generation.grammar): a per-row logits mask
+    grammar: ResponseFormat | None = None  # structured output: a per-row logits mask
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.min_tokens < 0:
@@ -73,6 +109,8 @@ class EngineRequest:
     # Scoring (prefill only, max_new_tokens 0): the logprob of each continuation's tokens after the prompt.
     # The prompt is prefilled once for all of them.
     continuations: tuple[tuple[int, ...], ...] = ()
+    # The shared task LoRA current when the request was prepared: the engine applies it before the row runs.
+    shared: AdapterRef | None = None
 
 
 @dataclass(frozen=True)

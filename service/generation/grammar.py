@@ -33,14 +33,14 @@ class CompiledGrammar:
 
     kind: str  # "json_object" | "json_schema"
     schema: Mapping[str, Any] | None  # the JSON schema (None for any JSON object)
-    _grammar: str
+    grammar: str  # llguidance's serialized grammar, with JSON_STYLE
     _tokenizer: Any
     vocab_size: int
 
     def matcher(self) -> RowMatcher:
         import llguidance
 
-        return RowMatcher(llguidance.LLMatcher(self._tokenizer, self._grammar), self.vocab_size)
+        return RowMatcher(llguidance.LLMatcher(self._tokenizer, self.grammar), self.vocab_size)
 
 
 class RowMatcher:

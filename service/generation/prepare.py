@@ -3,6 +3,8 @@
 engine request. It resolves, once, in one unit of work: the user's current adapter version, the current
 shared version, the retrieved items and the profile; then the prompt and its tokens, the token budget,
 the sampling bounds and the fair-queue tenant (one per user, whatever the route).
+Pure: SQL and tokens in, a `PreparedRequest` out; it has no engine effects (the engine itself warms the
+adapter, swaps the shared task LoRA or writes a LoRA folder when the row is queued: `engine.base`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec
 from service.config import Settings
 from service.db.session import unit_of_work
-from service.engine.base import Engine
+from service.engine.base import Engine, check_fits
 from service.engine.types import AdapterRef, EngineRequest, SamplingParams
-from service.errors import PromptTooLong
 from service.generation.grammar import GrammarCompiler
 from service.generation.sampling import Resolved, SamplingOptions, resolve_sampling
 from service.history import service as history
@@ -125,23 +126,20 @@ class Preparer:
 
     def prepare(self, spec: GenerationSpec) -> PreparedRequest:
         resolved = self._sampling(spec)
-        sampling = resolved.params
         with unit_of_work(self.session_factory) as session:
             ctx = self._resolve(session, spec)
-        ids = self._encode(spec, ctx)
+        ids = tuple(self._encode(spec, ctx))
         continuations = tuple(tuple(self.codec.encode_continuation(c)) for c in spec.candidates)
-        self._check_length(ids, sampling.max_new_tokens + sum(map(len, continuations)))
-        if ctx.adapter is not None:
-            self.engine.prefetch(ctx.adapter)  # disk -> host here, not on the engine's thread
-        shared_version = ctx.shared.version if ctx.shared is not None else None
-        if shared_version != self.engine.shared_version:
-            self.engine.use_shared(ctx.shared)  # applied before this request's row runs
         deadline = time.monotonic() + self.settings.request_timeout_s
         tenant = spec.user.storage_key if spec.user is not None else BASE_TENANT
         rows = tuple(
-            EngineRequest(uuid.uuid4().hex, tuple(ids), resolved.row(i), ctx.adapter, tenant, deadline, continuations)
+            EngineRequest(
+                uuid.uuid4().hex, ids, resolved.row(i), ctx.adapter, tenant, deadline, continuations, ctx.shared
+            )
             for i in range(resolved.n)
         )
+        check_fits(rows[0], self.engine.limits)  # here too: a stream's errors must come before its first byte
+        shared_version = ctx.shared.version if ctx.shared is not None else None
         retrieved = tuple(Retrieved(h.doc.id, round(h.score, 6)) for h in ctx.retrieved)
         adapter_version = ctx.adapter.version if ctx.adapter is not None else None
         return PreparedRequest(rows, retrieved, adapter_version, shared_version, resolved.stop)
@@ -167,15 +165,6 @@ class Preparer:
         if isinstance(spec.prompt, str):
             return self.codec.encode_text(request)
         return self.codec.encode_chat(_with_request(spec.prompt, request))
-
-    def _check_length(self, ids: Sequence[int], max_new_tokens: int) -> None:
-        limit = self.engine.context_length
-        if len(ids) + max_new_tokens > limit:
-            raise PromptTooLong(
-                f"prompt is {len(ids)} tokens; with {max_new_tokens} more (new or scored tokens) it exceeds "
-                f"the model's context of {limit} tokens",
-                details={"prompt_tokens": len(ids), "context_length": limit},
-            )
 
 
 def _with_request(turns: Sequence[ChatTurn], request: str) -> list[dict[str, str]]:

@@ -12,18 +12,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.db.session import unit_of_work
 from service.errors import NotFound, UnsupportedParameter
 from service.generation import service as generation
-from service.generation.prepare import ChatTurn, GenerationSpec, Personalization
+from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, Preparer
 from service.generation.sampling import SamplingOptions
 from service.generation.service import Completion, Delta
 from service.generation.text import TokenOut
 from service.inference.tokens import PromptCodec
 from service.openai_compat.schemas import ChatCompletionIn, CommonParams, CompletionIn, ModelCard, ModelList, Usage
-from service.state import AppState
+from service.streams import StreamRegistry
 from service.tenancy import Caller, UserRef, authorize_user
 
 PERSONAL = "personal"
@@ -44,12 +45,13 @@ class Target:
     personal: bool  # the user's own adapter (and, by default, their history and profile)
 
 
-def resolve_target(state: AppState, caller: Caller, model: str) -> Target:
-    base_name = state.engine.model_name
-    with unit_of_work(state.session_factory) as session:
+def resolve_target(session_factory: sessionmaker[Session], base_name: str, caller: Caller, model: str) -> Target:
+    """`personal` or `user:<own id>`: the caller's own adapter (the second form is the name a router sees,
+    e.g. in metric labels); `user:<id>` of another user: admins only (others 403); the base model's name."""
+    with unit_of_work(session_factory) as session:
         if model == PERSONAL and not caller.is_admin and caller.user_id is not None:
             return Target(authorize_user(session, caller, caller.user_id), True)
-        if model.startswith("user:") and caller.is_admin:
+        if model.startswith("user:"):
             return Target(authorize_user(session, caller, model.removeprefix("user:")), True)
         if model == base_name:
             user = authorize_user(session, caller, caller.user_id) if caller.user_id is not None else None
@@ -104,33 +106,38 @@ def _spec(
     return GenerationSpec(user=target.user, prompt=prompt, personalization=personalization, sampling=sampling)
 
 
-async def chat(state: AppState, caller: Caller, body: ChatCompletionIn) -> Any:
+async def _target(preparer: Preparer, caller: Caller, model: str) -> Target:
+    return await run_in_threadpool(resolve_target, preparer.session_factory, preparer.engine.model_name, caller, model)
+
+
+async def chat(preparer: Preparer, streams: StreamRegistry, caller: Caller, body: ChatCompletionIn) -> Any:
     refuse_unsupported(body)
-    target = await run_in_threadpool(resolve_target, state, caller, body.model)
+    target = await _target(preparer, caller, body.model)
     turns = tuple(ChatTurn(m.role, m.text()) for m in body.messages)
     k = (body.top_logprobs or 0) if body.logprobs else None
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, k)
-    return await _respond(state, caller, body, _spec(target, body, turns, sampling), chat=True)
+    return await _respond(preparer, streams, caller, body, _spec(target, body, turns, sampling), chat=True)
 
 
-async def complete(state: AppState, caller: Caller, body: CompletionIn) -> Any:
+async def complete(preparer: Preparer, streams: StreamRegistry, caller: Caller, body: CompletionIn) -> Any:
     refuse_unsupported(body)
-    target = await run_in_threadpool(resolve_target, state, caller, body.model)
+    target = await _target(preparer, caller, body.model)
     text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     # A raw completion continues the text as given; retrieved items/profile only when the client asks.
     sampling = _sampling(body, body.max_tokens, body.logprobs)
-    return await _respond(state, caller, body, _spec(target, body, text, sampling), chat=False)
+    return await _respond(preparer, streams, caller, body, _spec(target, body, text, sampling), chat=False)
 
 
-async def _respond(state: AppState, caller: Caller, body: CommonParams, spec: GenerationSpec, *, chat: bool) -> Any:
-    preparer = state.preparer
+async def _respond(
+    preparer: Preparer, streams: StreamRegistry, caller: Caller, body: CommonParams, spec: GenerationSpec, *, chat: bool
+) -> Any:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     fmt = _Format(rid, int(time.time()), body.model, chat, preparer.codec)
     if body.stream:
         prepared = await generation.prepare(preparer, spec)  # errors before the first byte are plain JSON
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         wants_logprobs = prepared.request.sampling.logprobs is not None
-        parts = state.streams.guard(caller.key_hash, generation.stream(preparer, prepared))
+        parts = streams.guard(caller.key_hash, generation.stream(preparer, prepared))
         return fmt.events(parts, len(prepared.rows), include_usage, wants_logprobs)
     return fmt.response(await generation.complete(preparer, spec))
 

@@ -43,8 +43,13 @@ def test_openai_client_roundtrip(sqlite_client: TestClient) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
     done = oa.completions.create(model=base, prompt="Once upon a time", max_tokens=4, temperature=0)
     assert done.object == "text_completion" and done.usage is not None and done.usage.completion_tokens <= 4
-    with pytest.raises(openai.NotFoundError):
+    # another user's adapter by name: 403, as on every route; the caller's own by name is `personal`
+    with pytest.raises(openai.PermissionDeniedError):
         oa.chat.completions.create(model="user:someone-else", messages=[{"role": "user", "content": "x"}])
+    own = oa.chat.completions.create(
+        model="user:oa-user", messages=[{"role": "user", "content": "say hi"}], max_tokens=5, temperature=0
+    )
+    assert own.choices[0].message.content == chat.choices[0].message.content
 
 
 def test_openai_tenancy(sqlite_client: TestClient) -> None:

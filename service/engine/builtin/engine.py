@@ -9,40 +9,23 @@ A row that fails (unreadable adapter, non-finite logits, sampling error, deadlin
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import torch
 
 from service.adapters.cache import AdapterCache, SlotsBusy
 from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_dir, unmerge
 from service.adapters.slots import LoraSlots
-from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
-from service.engine.base import event_sink, fail_all, reap
+from service.engine.base import EngineFront, EngineLimits, Started
 from service.engine.builtin.executor import Executor, head_dim
 from service.engine.builtin.kv import KVLanes
 from service.engine.builtin.sampler import Choice, RowDecoder, choose
 from service.engine.builtin.scheduler import Row, Step, plan_step
-from service.engine.types import (
-    AdapterRef,
-    EngineEvent,
-    EngineRequest,
-    EngineStats,
-    Finished,
-    StepInfo,
-    TokenEvent,
-)
-from service.errors import (
-    AdapterUnavailable,
-    GenerationFailed,
-    PromptTooLong,
-    TooManyRequests,
-    Unavailable,
-    Unprocessable,
-)
+from service.engine.types import AdapterRef, EngineRequest, EngineStats, Finished, StepInfo, TokenEvent
+from service.errors import AdapterUnavailable, GenerationFailed
 from service.inference.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -50,7 +33,7 @@ log = logging.getLogger(__name__)
 SLOT_WAIT_STEPS = 32
 
 
-class BuiltinEngine:
+class BuiltinEngine(EngineFront[Row]):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -64,10 +47,14 @@ class BuiltinEngine:
         queue_max: int,
         queue_per_tenant: int,
         max_scale: float,
+        fair_share: bool = True,
         on_step: Callable[[StepInfo], None] | None = None,
     ) -> None:
         if max_batch_tokens < max_rows:
             raise ValueError("the step token budget must hold one token per row (max_batch_tokens >= rows)")
+        super().__init__(
+            capacity=max_rows, queue_max=queue_max, queue_per_tenant=queue_per_tenant, fair_share=fair_share
+        )
         self._loaded = loaded
         self._cache = cache
         config = loaded.model.config
@@ -84,17 +71,12 @@ class BuiltinEngine:
         self.max_batch_tokens = max_batch_tokens
         self._window_s = window_s
         self._max_scale = max_scale
-        self._waiting: FairQueue[Row] = FairQueue(queue_max, queue_per_tenant)
-        self._running: list[Row] = []
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._steps = 0
         self.on_step: list[Callable[[StepInfo], None]] = [on_step] if on_step is not None else []
         self._shared_version: int | None = None
         self._shared_originals: dict[str, torch.Tensor] = {}
         self._pending: tuple[AdapterWeights | None, int | None] | None = None
         self._shared_lock = threading.Lock()
+        self._slot_blocked = False  # this admission round: a row waits too long for a slot
 
     # --- identity and capacity ---
     @property
@@ -104,6 +86,11 @@ class BuiltinEngine:
     @property
     def context_length(self) -> int:
         return self.kv.capacity
+
+    @property
+    def limits(self) -> EngineLimits:
+        # a scored continuation runs whole in one step, beside one decode token of every other lane
+        return EngineLimits(self.kv.capacity, self.max_batch_tokens - self.kv.lanes + 1)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -120,27 +107,19 @@ class BuiltinEngine:
             adapter_slots=self._cache.num_slots,
             slots_in_use=len(self._cache.slot_keys()),
             slots_pinned=len(self._cache.pinned()),
-            healthy=self._thread is not None and self._thread.is_alive(),
+            healthy=self.healthy,
             extra={"kv_lanes": self.kv.lanes, "kv_lanes_free": self.kv.free, "kv_bytes": self.kv.bytes},
         )
 
     # --- lifecycle ---
     def start(self) -> None:
         self._apply_shared()  # start-up: no row can run yet
-        self._thread = threading.Thread(target=self._loop, name="oppu-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        self._waiting.close()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        fail_all(self._running, self._waiting)
+        super().start()
 
     # --- shared task LoRA ---
     @property
     def shared_version(self) -> int | None:
+        """The shared version rows will run on once pending changes are applied."""
         with self._shared_lock:
             return self._pending[1] if self._pending is not None else self._shared_version
 
@@ -150,6 +129,8 @@ class BuiltinEngine:
         return self._shared_version, self._shared_originals
 
     def use_shared(self, adapter: AdapterRef | None) -> None:
+        """The current shared task LoRA (None: none). Applied before any row queued after this call runs;
+        rows already running finish on the weights they started with."""
         version = adapter.version if adapter is not None else None
         if version == self.shared_version:
             return
@@ -170,76 +151,30 @@ class BuiltinEngine:
 
     # --- adapters ---
     def prefetch(self, adapter: AdapterRef) -> None:
+        """Warm the adapter from a request thread (AdapterUnavailable if it cannot be read)."""
         self._cache.prefetch(adapter)
 
     def drop_owner(self, owner_key: str) -> None:
         self._cache.drop_owner(owner_key)
 
-    # --- rows: the request side ---
-    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[object] = asyncio.Queue()
-        row = Row(request, event_sink(loop, events), self._decoder(request))
-        self.submit(row)
-        ended = False
-        try:
-            while True:
-                item = await events.get()
-                if isinstance(item, BaseException):
-                    ended = True
-                    raise item
-                assert isinstance(item, TokenEvent | Finished)
-                ended = isinstance(item, Finished)
-                yield item
-                if ended:
-                    return
-        finally:
-            if not ended:
-                self.cancel(row)
-
-    def _decoder(self, request: EngineRequest) -> RowDecoder:
-        return RowDecoder.for_params(request.sampling, self._loaded.device)
+    # --- rows ---
+    def _new_row(self, request: EngineRequest, sink: Callable[[object], None]) -> Row:
+        if request.adapter is not None:
+            self.prefetch(request.adapter)  # disk -> host here, not on the engine's thread
+        self.use_shared(request.shared)  # applied before this row runs
+        return Row(request, sink, RowDecoder.for_params(request.sampling, self._loaded.device))
 
     def submit(self, row: Row) -> None:
-        """Queue a row (any thread). 429 when its tenant's share is used up, 503 when the server is; 422 for
-        scoring continuations that cannot fit a step or the row's lane."""
-        self._check_fits(row.request)
         row.submitted_step = self._steps
-        try:
-            self._waiting.put(row.request.tenant, row)
-        except TenantQueueFull as exc:
-            raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
-        except QueueFull as exc:
-            raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
-        self._wake.set()
+        super().submit(row)
 
-    def _check_fits(self, request: EngineRequest) -> None:
-        conts = request.continuations
-        if not conts:
-            return
-        longest = self.max_batch_tokens - self.kv.lanes + 1  # what a step surely has left for one row
-        if any(not c for c in conts) or max(map(len, conts)) > longest:
-            raise Unprocessable(f"each scored continuation must be 1..{longest} tokens")
-        if len(request.prompt_ids) + sum(map(len, conts)) > self.kv.capacity:
-            raise PromptTooLong(f"prompt and continuations exceed the context of {self.kv.capacity} tokens")
-
-    def cancel(self, row: Row) -> None:
-        """The requester went away (any thread): the row is dropped before the next step."""
-        row.cancelled.set()
-        self._wake.set()
+    def _has_room(self) -> bool:
+        return self.kv.free > 0
 
     # --- the engine thread ---
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                if not self._tick():
-                    self._wake.wait(0.1)
-                    self._wake.clear()
-            except Exception:  # the loop itself must survive anything a step throws
-                log.exception("engine step failed")
-
     def _tick(self) -> bool:
-        """One scheduling iteration; False when there was nothing to run."""
+        """One scheduling iteration; False when there was nothing to run. A pending shared LoRA is merged
+        once no row runs; until then no row joins."""
         self._reap()
         if self._pending is not None and not self._running:
             self._apply_shared()
@@ -247,6 +182,9 @@ class BuiltinEngine:
             if not self._running and len(self._waiting) and self._window_s > 0:
                 self._stopping.wait(self._window_s)  # idle: let requests arriving together share the first step
             self._admit()
+        return self._step()
+
+    def _step(self) -> bool:
         step = plan_step(self._running, self.max_batch_tokens)
         if step is None:
             return False
@@ -263,44 +201,31 @@ class BuiltinEngine:
         self._report(step, generated, time.perf_counter() - started)
         return True
 
-    def _reap(self) -> None:
-        reap(self._running, self._waiting, self._end)
+    def _on_admission_round(self) -> None:
+        self._slot_blocked = False
 
-    def _admit(self) -> None:
-        """Waiting rows join while lanes are free: round-robin over tenants, each pinning its adapter slot.
+    def _start(self, row: Row) -> Started:
+        """A row joins with a KV lane and its adapter pinned in a slot.
 
         A row waiting for a slot (all pinned) keeps its place; rows behind it whose adapter is already in a
         slot may overtake it (they batch at no cost), but only for SLOT_WAIT_STEPS steps: after that rows
         needing an adapter wait behind it, so that a steady stream of rows for the resident adapters cannot
         keep every slot pinned forever. Rows without an adapter pin nothing and always join."""
-        skipped = []
-        blocked = False
-        while self.kv.free:
-            got = self._waiting.get(timeout=0)
-            if got is None:
-                break
-            tenant, row = got
-            if row.cancelled.is_set():
-                continue
-            if blocked and row.request.adapter is not None:
-                skipped.append((tenant, row))
-                continue
-            try:
-                (row.slot,) = self._cache.acquire([row.request.adapter])
-            except SlotsBusy:  # every slot is pinned by running rows: it keeps its turn for the next free one
-                skipped.append((tenant, row))
-                blocked = blocked or self._steps - row.submitted_step > SLOT_WAIT_STEPS
-                continue
-            except Exception as exc:
-                log.warning("adapter %s could not be loaded: %r", row.request.adapter, exc)
-                row.sink(AdapterUnavailable(exc))
-                continue
-            lane = self.kv.acquire()
-            assert lane is not None
-            row.lane = lane
-            self._running.append(row)
-        if skipped:
-            self._waiting.put_back(skipped)
+        if self._slot_blocked and row.request.adapter is not None:
+            return "keep"
+        try:
+            (row.slot,) = self._cache.acquire([row.request.adapter])
+        except SlotsBusy:  # every slot is pinned by running rows: it keeps its turn for the next free one
+            self._slot_blocked = self._slot_blocked or self._steps - row.submitted_step > SLOT_WAIT_STEPS
+            return "keep"
+        except Exception as exc:
+            log.warning("adapter %s could not be loaded: %r", row.request.adapter, exc)
+            row.sink(AdapterUnavailable(exc))
+            return "dropped"
+        lane = self.kv.acquire()
+        assert lane is not None
+        row.lane = lane
+        return "started"
 
     def _advance(self, step: Step, logits: torch.Tensor) -> int:
         for row, n in step.prefilled:
@@ -365,10 +290,6 @@ class BuiltinEngine:
         if self._release(row):
             logprobs = tuple(tuple(lps) for lps in row.continuation_logprobs)
             row.sink(Finished(reason, row.prompt_len, logprobs))  # type: ignore[arg-type]
-
-    def _end(self, row: Row, error: BaseException | None) -> None:
-        if self._release(row) and error is not None:
-            row.sink(error)
 
     def _release(self, row: Row) -> bool:
         """The row leaves: its lane (zeroed where it wrote) and its slot pin are freed BEFORE the requester

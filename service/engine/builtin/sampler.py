@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.engine.types import SamplingParams, TokenLogprob
+from service.engine.types import GrammarMatcher, SamplingParams, TokenLogprob
 from service.errors import GenerationFailed
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class RowDecoder:
     generator: torch.Generator | None = None
     emitted: int = 0
     counts: dict[int, int] = field(default_factory=dict)
-    grammar: object | None = None  # a matcher with allowed(n) / accept(token) (generation.grammar)
+    grammar: GrammarMatcher | None = None
 
     @classmethod
     def for_params(cls, params: SamplingParams, device: torch.device) -> RowDecoder:
@@ -40,7 +40,7 @@ class RowDecoder:
         if not params.greedy:
             gen = torch.Generator(device=device)
             gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        grammar = params.grammar.matcher() if params.grammar is not None else None  # type: ignore[attr-defined]
+        grammar = params.grammar.matcher() if params.grammar is not None else None
         return cls(params, gen, grammar=grammar)
 
     @property
@@ -63,7 +63,7 @@ class RowDecoder:
         if self.emitted < p.min_tokens and not p.ignore_eos and p.stop_token_ids:
             out[list(p.stop_token_ids)] = float("-inf")
         if self.grammar is not None:
-            allowed = torch.from_numpy(self.grammar.allowed(out.shape[-1]))  # type: ignore[attr-defined]
+            allowed = torch.from_numpy(self.grammar.allowed(out.shape[-1]))
             out.masked_fill_(~allowed.to(out.device), float("-inf"))
         return out
 
@@ -86,7 +86,7 @@ class RowDecoder:
         if self.params.presence_penalty or self.params.frequency_penalty:
             self.counts[token] = self.counts.get(token, 0) + 1
         if self.grammar is not None:
-            self.grammar.accept(token)  # type: ignore[attr-defined]
+            self.grammar.accept(token)
 
 
 def _logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, tuple[TokenLogprob, ...]]:

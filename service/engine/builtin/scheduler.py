@@ -8,21 +8,15 @@ as many as fit) stored side by side after the prompt. Pure bookkeeping: no torch
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from service.engine.base import EngineRow
 from service.engine.builtin.executor import Chunk, StepBatch
 from service.engine.builtin.sampler import RowDecoder
-from service.engine.types import EngineRequest
-
-Sink = Callable[[object], None]  # delivers a TokenEvent, a Finished or an exception to the requester
 
 
 @dataclass(eq=False)
-class Row:
-    request: EngineRequest
-    sink: Sink
+class Row(EngineRow):
     decoder: RowDecoder
     lane: int = -1
     slot: int = 0
@@ -32,7 +26,6 @@ class Row:
     next_continuation: int = 0  # scoring: continuations run so far
     continuation_logprobs: list[list[float]] = field(default_factory=list)
     prompt_end_logprobs: object | None = None  # scoring: log-softmax after the prompt (every continuation's 1st token)
-    cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_step: int = 0  # steps the engine had run when the row was queued
     first_step: int | None = None  # the step that produced its first token (tests, metrics)
 

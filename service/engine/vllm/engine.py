@@ -15,21 +15,18 @@ Knows vLLM's Python API; nothing of users, SQL or HTTP.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.adapters.peft_format import WEIGHTS_NAME
-from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
-from service.engine.base import event_sink, fail_all, reap
+from service.engine.base import EngineFront, EngineLimits, EngineRow, Started
 from service.engine.types import (
     AdapterRef,
-    EngineEvent,
     EngineRequest,
     EngineStats,
     Finished,
@@ -40,7 +37,7 @@ from service.engine.types import (
 )
 from service.engine.vllm import runtime
 from service.engine.vllm.loras import LoraFolders, ServedLora
-from service.errors import AdapterUnavailable, GenerationFailed, PromptTooLong, TooManyRequests, Unavailable
+from service.errors import AdapterUnavailable, GenerationFailed
 
 log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -71,21 +68,27 @@ class VllmConfig:
     work_dir: Path
     target_modules: tuple[str, ...]  # the Linear names adapters may target (OPPU_ADAPTER_TARGET_MODULES)
     seed: int = 0
+    fair_share: bool = True  # OPPU_FAIR_SHARE (engine.base.EngineFront._admit)
 
 
 @dataclass(eq=False)
-class VllmRow:
-    request: EngineRequest
-    sink: Callable[[object], None]
+class VllmRow(EngineRow):
     lora: ServedLora | None
-    cancelled: threading.Event = field(default_factory=threading.Event)
     ids: list[str] = field(default_factory=list)  # the vLLM requests of this row (scoring: one per continuation)
     done: dict[str, Any] = field(default_factory=dict)  # scoring: finished vLLM outputs by id
     emitted: int = 0
 
 
-class VllmEngine:
+class VllmEngine(EngineFront[VllmRow]):
+    idle_wait_s = 0.05
+
     def __init__(self, config: VllmConfig, on_step: Callable[[StepInfo], None] | None = None) -> None:
+        super().__init__(
+            capacity=config.max_rows,
+            queue_max=config.queue_max,
+            queue_per_tenant=config.queue_per_tenant,
+            fair_share=config.fair_share,
+        )
         runtime.load(config.kv_cache_gib)
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -99,16 +102,9 @@ class VllmEngine:
             base_model_name=config.model_name,
         )
         self._llm = LLMEngine.from_engine_args(self._engine_args(rank))
-        self._waiting: FairQueue[VllmRow] = FairQueue(config.queue_max, config.queue_per_tenant)
         self._live: dict[str, VllmRow] = {}  # vLLM request id -> row
-        self._rows: list[VllmRow] = []  # admitted rows
         self._dropped: list[ServedLora] = []  # LoRAs to remove from vLLM once no admitted row uses them
-        self._shared: AdapterRef | None = None
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._steps = 0
         self.on_step: list[Callable[[StepInfo], None]] = [on_step] if on_step is not None else []
 
     def _engine_args(self, lora_rank: int) -> Any:
@@ -150,150 +146,86 @@ class VllmEngine:
     def context_length(self) -> int:
         return self.config.max_model_len
 
+    @property
+    def limits(self) -> EngineLimits:
+        # vLLM chunks any prompt; a scored continuation is one more prompt: only the context bounds it
+        return EngineLimits(self.config.max_model_len, self.config.max_model_len - 1)
+
     def stats(self) -> EngineStats:
-        loras = {r.lora.lora_id for r in self._rows if r.lora is not None}
+        loras = {r.lora.lora_id for r in self._running if r.lora is not None}
         return EngineStats(
             waiting=len(self._waiting),
-            running=len(self._rows),
+            running=len(self._running),
             adapter_slots=self.config.adapter_slots,
             slots_in_use=len(loras),
             slots_pinned=len(loras),
-            healthy=self._thread is not None and self._thread.is_alive(),
+            healthy=self.healthy,
             extra={"vllm_requests": float(self._llm.get_num_unfinished_requests())},
         )
 
     # --- lifecycle ---
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="oppu-vllm", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        self._waiting.close()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        fail_all(self._rows, self._waiting)
+        super().stop()
         try:
             self._llm.engine_core.shutdown()  # frees the KV cache and the weights now, not at exit
         except Exception:
             log.exception("vLLM shutdown failed")
 
     # --- adapters ---
-    @property
-    def shared_version(self) -> int | None:
-        shared = self._shared
-        return shared.version if shared is not None else None
-
     def use_shared(self, adapter: AdapterRef | None) -> None:
-        """Rows prepared after this call run on the new shared LoRA (concatenated with theirs); rows admitted
-        before keep the LoRA they started with."""
         if adapter is not None:
-            self._folders.resolve(None, adapter)  # writes the shared-alone folder here, in a request thread
-        self._shared = adapter
-
-    def prefetch(self, adapter: AdapterRef) -> None:
-        self._folders.resolve(adapter, self._shared)
+            self._folders.resolve(None, adapter)  # the shared-alone folder, written ahead of its first row
 
     def drop_owner(self, owner_key: str) -> None:
         with self._lock:
             self._dropped.extend(self._folders.drop_owner(owner_key))
         self._wake.set()
 
-    # --- rows: the request side ---
-    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
-        self._check_fits(request)
-        lora = await asyncio.to_thread(self._folders.resolve, request.adapter, self._shared)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[object] = asyncio.Queue()
-        row = VllmRow(request, event_sink(loop, events), lora)
-        try:
-            self._waiting.put(request.tenant, row)
-        except TenantQueueFull as exc:
-            raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
-        except QueueFull as exc:
-            raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
-        self._wake.set()
-        ended = False
-        try:
-            while True:
-                item = await events.get()
-                if isinstance(item, BaseException):
-                    ended = True
-                    raise item
-                assert isinstance(item, TokenEvent | Finished)
-                ended = isinstance(item, Finished)
-                yield item
-                if ended:
-                    return
-        finally:
-            if not ended:
-                row.cancelled.set()
-                self._wake.set()
-
-    def _check_fits(self, request: EngineRequest) -> None:
-        longest = len(request.prompt_ids) + max((len(c) for c in request.continuations), default=0)
-        if request.continuations and any(not c for c in request.continuations):
-            raise PromptTooLong("each scored continuation must have at least one token")
-        if longest + 1 > self.config.max_model_len:
-            raise PromptTooLong(f"prompt and continuation exceed the context of {self.config.max_model_len} tokens")
+    # --- rows ---
+    def _new_row(self, request: EngineRequest, sink: Callable[[object], None]) -> VllmRow:
+        """The row's LoRA (user ⊕ the request's shared task LoRA, as one) resolved to its folder here, once,
+        in the request's thread."""
+        return VllmRow(request, sink, self._folders.resolve(request.adapter, request.shared))
 
     # --- the engine thread ---
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                if not self._tick():
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-            except Exception:  # the loop must survive anything a step throws
-                log.exception("vLLM engine iteration failed")
-
     def _tick(self) -> bool:
         self._reap()
         self._admit()
         self._remove_dropped()
+        return self._step()
+
+    def _step(self) -> bool:
         if not self._llm.has_unfinished_requests():
             return False
         started = time.perf_counter()
         try:
             outputs = self._llm.step()
         except Exception as exc:  # a model-level fault: the admitted rows fail, the engine goes on
-            log.exception("vLLM step failed for %d rows", len(self._rows))
-            for row in list(self._rows):
+            log.exception("vLLM step failed for %d rows", len(self._running))
+            for row in list(self._running):
                 self._end(row, GenerationFailed.internal(exc))
             return True
         generated = sum(self._deliver(out) for out in outputs)
         self._steps += 1
-        info = StepInfo(self._steps, 0, 0, 0, generated, len(self._rows), time.perf_counter() - started)
+        info = StepInfo(self._steps, 0, 0, 0, generated, len(self._running), time.perf_counter() - started)
         for hook in self.on_step:
             hook(info)
         return True
 
-    def _reap(self) -> None:
-        reap(self._rows, self._waiting, self._end)
-
-    def _admit(self) -> None:
-        """Waiting rows join, round-robin over tenants, while fewer than max_rows are admitted."""
-        while len(self._rows) < self.config.max_rows:
-            got = self._waiting.get(timeout=0)
-            if got is None:
-                return
-            row = got[1]
-            if row.cancelled.is_set():
-                continue
-            if row.lora is not None and not (row.lora.path / WEIGHTS_NAME).is_file():
-                row.sink(AdapterUnavailable("the adapter was removed meanwhile"))  # erased/deleted since
-                continue
-            try:
-                self._add(row)
-            except Exception as exc:
-                log.warning("vLLM refused a row: %r", exc)
-                for rid in row.ids:
-                    self._live.pop(rid, None)
-                self._llm.abort_request(list(row.ids))
-                row.sink(GenerationFailed.internal(exc))
-                continue
-            self._rows.append(row)
+    def _start(self, row: VllmRow) -> Started:
+        if row.lora is not None and not (row.lora.path / WEIGHTS_NAME).is_file():
+            row.sink(AdapterUnavailable("the adapter was removed meanwhile"))  # erased/deleted since
+            return "dropped"
+        try:
+            self._add(row)
+        except Exception as exc:
+            log.warning("vLLM refused a row: %r", exc)
+            for rid in row.ids:
+                self._live.pop(rid, None)
+            self._llm.abort_request(list(row.ids))
+            row.sink(GenerationFailed.internal(exc))
+            return "dropped"
+        return "started"
 
     def _add(self, row: VllmRow) -> None:
         from vllm import SamplingParams as VllmSamplingParams
@@ -320,13 +252,8 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
-        structured = None
-        grammar: Any = p.grammar
-        if grammar is not None:
-            structured = StructuredOutputsParams(
-                json=dict(grammar.schema) if grammar.schema is not None else None,
-                json_object=True if grammar.schema is None else None,
-            )
+        # the very grammar the builtin engine masks with (JSON layout included), not vLLM's own compile
+        structured = StructuredOutputsParams(grammar=p.grammar.grammar) if p.grammar is not None else None
         return VllmSamplingParams(
             max_tokens=max(p.max_new_tokens, 1),
             temperature=p.temperature,
@@ -346,7 +273,7 @@ class VllmEngine:
 
     def _deliver(self, out: Any) -> int:
         row = self._live.get(out.request_id)
-        if row is None or row not in self._rows:
+        if row is None or row not in self._running:
             return 0
         if row.request.continuations:
             if out.finished:
@@ -382,22 +309,21 @@ class VllmEngine:
 
     def _end(self, row: VllmRow, error: BaseException | None) -> None:
         unfinished = [rid for rid in row.ids if rid not in row.done]
-        if self._release(row):
+        if row in self._running:
             self._llm.abort_request(unfinished)
-            if error is not None:
-                row.sink(error)
+        super()._end(row, error)
 
     def _release(self, row: VllmRow) -> bool:
-        if row not in self._rows:
+        if row not in self._running:
             return False
-        self._rows.remove(row)
+        self._running.remove(row)
         for rid in row.ids:
             self._live.pop(rid, None)
         return True
 
     def _remove_dropped(self) -> None:
         """Remove dropped or evicted LoRAs from vLLM and disk once no admitted row uses them."""
-        in_use = {r.lora.lora_id for r in self._rows if r.lora is not None}
+        in_use = {r.lora.lora_id for r in self._running if r.lora is not None}
         in_use |= {r.lora.lora_id for r in self._waiting.snapshot() if r.lora is not None}
         with self._lock:
             self._dropped.extend(self._folders.evictable(in_use))

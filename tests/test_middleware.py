@@ -1,0 +1,96 @@
+"""CancelOnDisconnect at the ASGI level: a client that leaves cancels the handler (read a body or not), a
+client that stays gets its whole answer, the body reaches the handler intact, and the disconnect that a
+server reports after a complete response cancels nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from starlette.types import Message, Receive, Scope, Send
+
+from service.middleware import CancelOnDisconnect
+
+SCOPE: Scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
+
+
+def _client(messages: list[Message], leave_after_s: float | None) -> tuple[Receive, Send, list[Message]]:
+    """A client that sends `messages`, then leaves after `leave_after_s` (None: once answered)."""
+    sent: list[Message] = []
+    answered = asyncio.Event()
+
+    async def receive() -> Message:
+        if messages:
+            return messages.pop(0)
+        if leave_after_s is None:
+            await answered.wait()
+        else:
+            await asyncio.sleep(leave_after_s)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            answered.set()
+
+    return receive, send, sent
+
+
+def _run(app: Callable[[Scope, Receive, Send], Awaitable[None]], receive: Receive, send: Send) -> None:
+    asyncio.run(asyncio.wait_for(CancelOnDisconnect(app)(SCOPE, receive, send), timeout=5))
+
+
+def test_a_client_that_leaves_cancels_the_handler_even_without_reading_the_body() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await asyncio.sleep(60)  # e.g. waiting for engine rows; it never reads the body
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    receive, send, sent = _client([{"type": "http.request", "body": b"{}", "more_body": False}], 0.05)
+    _run(app, receive, send)
+    assert seen == ["cancelled"] and sent == []
+
+
+def test_a_client_that_stays_gets_the_whole_answer_and_the_body_intact() -> None:
+    done: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        await asyncio.sleep(0.1)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+        await asyncio.sleep(0.05)  # work after the answer (metrics): the server's late disconnect must not cut it
+        done.append(body)
+
+    chunks: list[Message] = [
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd", "more_body": False},
+    ]
+    receive, send, sent = _client(chunks, None)
+    _run(app, receive, send)
+    assert done == [b"abcd"] and sent[-1]["body"] == b"abcd"
+
+
+def test_a_streaming_handler_is_cancelled_when_the_client_leaves_mid_stream() -> None:
+    chunks_sent: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(1000):
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            chunks_sent.append(i)
+            await asyncio.sleep(0.01)
+
+    receive, send, _ = _client([{"type": "http.request", "body": b"", "more_body": False}], 0.1)
+    _run(app, receive, send)
+    assert 0 < len(chunks_sent) < 100
