@@ -52,8 +52,9 @@ class ResponseFormat(Protocol):
     def schema(self) -> Mapping[str, Any] | None: ...
 
     @property
-    def grammar(self) -> str:
-        """The grammar in llguidance's serialized form (JSON layout rules included): what vLLM is given."""
+    def styled_schema(self) -> Mapping[str, Any]:
+        """The JSON schema with its layout rules (llguidance's `x-guidance`: no free whitespace, json.dumps
+        separators, which small models need): what both engines compile, so they emit the same JSON."""
         ...
 
     def matcher(self) -> GrammarMatcher:

@@ -33,7 +33,8 @@ class CompiledGrammar:
 
     kind: str  # "json_object" | "json_schema"
     schema: Mapping[str, Any] | None  # the JSON schema (None for any JSON object)
-    grammar: str  # llguidance's serialized grammar, with JSON_STYLE
+    styled_schema: Mapping[str, Any]  # the schema with JSON_STYLE as llguidance's x-guidance (what vLLM compiles)
+    grammar: str  # llguidance's serialized grammar of styled_schema
     _tokenizer: Any
     vocab_size: int
 
@@ -90,13 +91,14 @@ class GrammarCompiler:
         if kind == "text":
             return None
         schema = _schema_of(kind, response_format)
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_STYLE)
+        styled = {**schema, "x-guidance": dict(JSON_STYLE)}
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(styled))
         tokenizer = self._llg_tokenizer()
         message = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if message:
             raise BadRequest(f"response_format: the JSON schema cannot be used: {message}")
         return CompiledGrammar(
-            str(kind), schema if kind == "json_schema" else None, grammar, tokenizer, self.vocab_size
+            str(kind), schema if kind == "json_schema" else None, styled, grammar, tokenizer, self.vocab_size
         )
 
 

@@ -11,7 +11,7 @@ import asyncio
 import copy
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from service.adapters.slots import LoraSlots
 from service.engine.base import Collected, collect
 from service.engine.builtin.engine import BuiltinEngine
 from service.engine.types import AdapterRef, EngineRequest, SamplingParams
-from service.errors import AdapterUnavailable, Timeout
+from service.errors import AdapterUnavailable, PromptTooLong, ServiceError, Timeout
 from service.inference.loader import LoadedModel
 from tests.adapters.test_slots import make_adapter
 from tests.models import tiny_vllm_model_dir
@@ -170,16 +170,74 @@ def test_logprobs_equal_the_builtin_engine(engines: Engines) -> None:
 
 def test_shared_lora_by_rank_concatenation_equals_the_merged_one(engines: Engines) -> None:
     before = run_all(engines.vllm, mixed(engines))
-    for engine in (engines.builtin, engines.vllm):
-        engine.use_shared(engines.shared)
-    try:
-        rows = mixed(engines)
-        ours, theirs = run_all(engines.builtin, rows), run_all(engines.vllm, rows)
-        assert [c.token_ids for c in theirs] == [c.token_ids for c in ours]
-        assert [c.token_ids for c in theirs] != [c.token_ids for c in before]  # the shared LoRA is applied
-    finally:
-        for engine in (engines.builtin, engines.vllm):
-            engine.use_shared(None)
+    rows = [replace(r, shared=engines.shared) for r in mixed(engines)]  # the request names its shared LoRA
+    ours, theirs = run_all(engines.builtin, rows), run_all(engines.vllm, rows)
+    assert [c.token_ids for c in theirs] == [c.token_ids for c in ours]
+    assert [c.token_ids for c in theirs] != [c.token_ids for c in before]  # the shared LoRA is applied
+    # rows without one run without it again (the builtin engine unmerges it)
+    again = mixed(engines)
+    assert [c.token_ids for c in run_all(engines.builtin, again)] == [c.token_ids for c in before]
+
+
+def _errors(engine: Any, requests: list[EngineRequest]) -> list[tuple[type[BaseException], int]]:
+    async def one(r: EngineRequest) -> tuple[type[BaseException], int]:
+        try:
+            await collect(engine, r)
+        except ServiceError as exc:
+            return type(exc), exc.status
+        raise AssertionError("the bad request was served")
+
+    async def main() -> list[tuple[type[BaseException], int]]:
+        return [await one(r) for r in requests]
+
+    return asyncio.run(main())
+
+
+def test_both_engines_refuse_the_same_bad_input_with_the_same_error(engines: Engines) -> None:
+    t = time.monotonic() + 60
+    bad = [
+        EngineRequest("empty", prompt(1), SamplingParams(0), None, "t", t, ((5,), ())),  # an empty continuation
+        EngineRequest("long", prompt(1, 400), SamplingParams(200), None, "t", t),  # past the context of 512
+        EngineRequest("scored", prompt(1, 400), SamplingParams(0), None, "t", t, ((5,) * 60, (6,) * 60)),
+    ]
+    ours, theirs = _errors(engines.builtin, bad), _errors(engines.vllm, bad)
+    assert ours == theirs == [(PromptTooLong, 422)] * 3
+
+
+def test_both_engines_emit_the_same_json_for_the_same_schema(engines: Engines) -> None:
+    from transformers import AutoTokenizer
+
+    from service.generation.grammar import GrammarCompiler
+
+    model_dir = tiny_vllm_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config: Any = engines.builtin.model.config
+    vocab = int(config.vocab_size)
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "stars": {"type": "integer"}},
+        "required": ["name", "stars"],
+        "additionalProperties": False,
+    }
+    grammar = GrammarCompiler(tokenizer, vocab).compile(
+        {"type": "json_schema", "json_schema": {"name": "review", "schema": schema}}
+    )
+    assert grammar is not None
+    rows = [
+        EngineRequest(
+            f"j{k}",
+            prompt(k),
+            SamplingParams(60, stop_token_ids=frozenset({EOS}), grammar=grammar),
+            engines.users[k % USERS] if k % 2 else None,
+            "t",
+            time.monotonic() + 120,
+        )
+        for k in range(4)
+    ]
+    ours, theirs = run_all(engines.builtin, rows), run_all(engines.vllm, rows)
+    assert [c.token_ids for c in theirs] == [c.token_ids for c in ours]
+    texts = [tokenizer.decode(c.token_ids) for c in ours]
+    assert all(t.startswith('{"name": "') for t in texts), texts  # json.dumps layout, no free whitespace
 
 
 def test_scoring_equals_the_builtin_engine(engines: Engines) -> None:

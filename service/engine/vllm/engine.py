@@ -252,8 +252,8 @@ class VllmEngine(EngineFront[VllmRow]):
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
-        # the very grammar the builtin engine masks with (JSON layout included), not vLLM's own compile
-        structured = StructuredOutputsParams(grammar=p.grammar.grammar) if p.grammar is not None else None
+        # the schema with our JSON layout rules: vLLM's guidance backend compiles the builtin engine's grammar
+        structured = StructuredOutputsParams(json=dict(p.grammar.styled_schema)) if p.grammar is not None else None
         return VllmSamplingParams(
             max_tokens=max(p.max_new_tokens, 1),
             temperature=p.temperature,
