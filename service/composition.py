@@ -235,6 +235,7 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
         metrics=metrics,
         auth_limiter=FailedAuthLimiter(settings.auth_max_failures, settings.auth_failure_window_s),
         uploads=UploadGate(settings.upload_concurrency, settings.upload_concurrency_per_user),
+        downloads=UploadGate(settings.download_concurrency, settings.download_concurrency_per_user, "download"),
         streams=StreamRegistry(),
         stopping=threading.Event(),
     )

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     adapter_keep_versions: int = 5
     upload_concurrency: int = 2  # adapter uploads being received/validated at once (each may need ~2x its size)
     upload_concurrency_per_user: int = 1
+    upload_body_timeout_s: float = 300.0  # an upload body must arrive within this (408 after; holds no gate)
+    download_concurrency: int = 8  # adapter downloads and exports being sent at once (each streamed from disk)
+    download_concurrency_per_user: int = 2
     adapter_version_check_s: float = 2.0
 
     # --- training jobs ---

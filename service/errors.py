@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,19 @@ class QuotaExceeded(ServiceError):
 
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
+
+
+class RequestTimeout(ServiceError):
+    """A request body did not arrive within its deadline (a stalled upload)."""
+
+    status, code = 408, "request_timeout"
+
+
+class ClientDisconnected(BadRequest):
+    """The client closed the connection before its request body was in: nobody reads this answer, and it is
+    no server error."""
+
+    code = "client_disconnected"
 
 
 class Unprocessable(ServiceError):
@@ -112,6 +126,31 @@ class Timeout(ServiceError):
     status, code = 504, "timeout"
 
 
+class InsufficientStorage(ServiceError):
+    """The disk (or the database's) is full: nothing was written, what was there before is kept."""
+
+    status, code = 507, "insufficient_storage"
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from the OS, or a database saying its disk is full (SQLite: "database or disk is full",
+    PostgreSQL: disk_full SQLSTATE 53100), however wrapped."""
+    import errno
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain (a DBAPIError keeps the driver's error in .orig)
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen).lower()
+        if "database or disk is full" in text or getattr(seen, "sqlstate", None) == "53100":
+            return True
+        orig = getattr(seen, "orig", None)
+        seen = orig if isinstance(orig, BaseException) else (seen.__cause__ or seen.__context__)
+    return False
+
+
 def safe_error_text(exc: BaseException) -> str:
     """An exception as text fit for logs and jobs.error: a database error says only its kind (its message can
     quote row values: user data, e.g. PostgreSQL's "Failing row contains ..."), others their message."""
@@ -137,12 +176,14 @@ _ERROR_DOCS = {
     401: "Missing, malformed or invalid API key",
     403: "The key may not act on this resource",
     404: "No such user or resource",
+    408: "The request body did not arrive in time",
     409: "Conflict with the current state",
     413: "Request body too large",
     422: "Invalid request",
     429: "Too many requests (per-user queue share or failed authentications); see Retry-After",
     503: "Server saturated or not ready; see Retry-After when present",
     504: "The request passed its deadline",
+    507: "No storage space left; nothing was written",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer", "minimum": 0}}}
 AUTH_ERRORS = (400, 401, 403, 404, 413, 422, 429)  # what any authenticated route may answer
@@ -190,11 +231,31 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(OSError)
+    async def _os_error(_: Request, exc: OSError) -> JSONResponse:
+        return _storage_full_or_internal(exc)
+
+    @app.exception_handler(DBAPIError)
+    async def _db_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        return _storage_full_or_internal(exc)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # Logged, never sent (no tracebacks in responses); database errors without their row values.
-        if safe_error_text(exc) == f"{type(exc).__name__}: {exc}":
-            log.exception("unhandled error", exc_info=exc)
-        else:
-            log.error("unhandled error: %s", safe_error_text(exc))
-        return JSONResponse(error_body("internal_error", "internal server error"), 500)
+        return _internal(exc)
+
+
+def _storage_full_or_internal(exc: Exception) -> JSONResponse:
+    """A full disk (e.g. at the commit: the transaction rolled back, nothing lost) is a 507, not a bug."""
+    if is_storage_full(exc):
+        log.error("storage full: %s", safe_error_text(exc))
+        return JSONResponse(error_body(InsufficientStorage.code, "no storage space left; retry later"), 507)
+    return _internal(exc)
+
+
+def _internal(exc: Exception) -> JSONResponse:
+    # Logged, never sent (no tracebacks in responses); database errors without their row values.
+    if safe_error_text(exc) == f"{type(exc).__name__}: {exc}":
+        log.exception("unhandled error", exc_info=exc)
+    else:
+        log.error("unhandled error: %s", safe_error_text(exc))
+    return JSONResponse(error_body("internal_error", "internal server error"), 500)

@@ -38,6 +38,7 @@ class AppState:
     metrics: Metrics
     auth_limiter: FailedAuthLimiter
     uploads: UploadGate
+    downloads: UploadGate  # adapter downloads and exports (the same gate class, its own counts)
     streams: StreamRegistry  # streams in flight per key: revoking a key ends them
     stopping: threading.Event  # set at shutdown: background listeners end
 

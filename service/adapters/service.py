@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import IO, Any
 
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from service.adapters import repository as repo
-from service.adapters.archive import ArchiveError, pack_zip, unpack_upload
+from service.adapters.archive import ArchiveError, pack_zip_to, unpack_upload
 from service.adapters.peft_format import PEFT_FILES
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut
 from service.adapters.store import AdapterStore, VersionExistsError, VersionNotFoundError
@@ -25,7 +26,7 @@ from service.adapters.validation import (
 from service.db.models import SHARED_OWNER, Adapter
 from service.db.session import after_commit, after_rollback
 from service.engine.types import AdapterRef
-from service.errors import Conflict, NotFound, Unprocessable
+from service.errors import Conflict, InsufficientStorage, NotFound, Unprocessable, is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -218,14 +219,22 @@ def versions(session: Session, owner_key: str) -> AdapterVersionsOut:
     )
 
 
-def download(session: Session, ctx: AdapterContext, owner_key: str, version: int | None = None) -> tuple[int, bytes]:
+def download(session: Session, ctx: AdapterContext, owner_key: str, version: int | None, out: IO[bytes]) -> int:
+    """Writes the version's zip (the current one if None) to `out`, a temp file: streamed from disk in chunks,
+    never whole in memory. Returns the version number."""
     row = repo.current(session, owner_key) if version is None else repo.get_version(session, owner_key, version)
     if row is None:
         raise NotFound("no such adapter version")
     try:
-        return row.version, pack_zip(ctx.store.read_files(owner_key, row.version))
+        with ctx.store.open_files(owner_key, row.version) as files:
+            pack_zip_to(out, files)
     except VersionNotFoundError as exc:  # pruned by another replica just now, or lost: never a 500
         raise NotFound(f"the files of adapter version {row.version} are gone; list the versions again") from exc
+    except OSError as exc:
+        if is_storage_full(exc):
+            raise InsufficientStorage("no disk space left to prepare the download; retry later") from exc
+        raise
+    return row.version
 
 
 def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, data: bytes | IO[bytes]) -> AdapterOut:
@@ -238,7 +247,15 @@ def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, 
     missing = sorted(PEFT_FILES - set(files))
     if missing:
         raise Unprocessable(f"invalid adapter archive: missing {', '.join(missing)}")
-    row = publish(session, ctx, owner_key, user_pk, files, source="imported")
+    try:
+        row = publish(session, ctx, owner_key, user_pk, files, source="imported")
+        session.flush()  # a write refused now is this request's 4xx/507, never a 500 at the commit
+    except IntegrityError as exc:  # the user was erased while the upload arrived (their rows are gone)
+        raise NotFound("this user no longer exists") from exc
+    except (OSError, OperationalError) as exc:
+        if is_storage_full(exc):  # nothing kept: staged files go, the transaction rolls back
+            raise InsufficientStorage("no storage space left for the adapter; retry later") from exc
+        raise
     return to_out(row, row.version)
 
 

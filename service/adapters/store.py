@@ -14,8 +14,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from typing import IO
 
 from service.adapters.peft_format import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
 
@@ -135,6 +136,20 @@ class AdapterStore:
             return self._read_dir(d)
         except FileNotFoundError as e:
             raise VersionNotFoundError(f"adapter {storage_key} v{version} not found") from e
+
+    @contextlib.contextmanager
+    def open_files(self, storage_key: str, version: int) -> Iterator[dict[str, IO[bytes]]]:
+        """A version's files opened for reading (streamed by downloads: never read whole). Once open they stay
+        readable even if the version is pruned meanwhile; a version already gone is VersionNotFoundError."""
+        d = self.version_dir(storage_key, version)
+        with contextlib.ExitStack() as stack:
+            try:
+                files: dict[str, IO[bytes]] = {
+                    name: stack.enter_context(open(self._inside(d / name), "rb")) for name in sorted(PEFT_FILES)
+                }
+            except FileNotFoundError as e:
+                raise VersionNotFoundError(f"adapter {storage_key} v{version} not found") from e
+            yield files
 
     def sha256(self, storage_key: str, version: int) -> str:
         path = self._inside(self.version_dir(storage_key, version) / WEIGHTS_NAME)

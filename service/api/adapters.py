@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import IO, Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.adapters import service
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut, RollbackIn
-from service.adapters.uploads import spool
+from service.adapters.uploads import gated_file, spool
 from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
 from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
@@ -30,25 +30,31 @@ def list_adapter_versions(user: UserDep, session: SessionDep) -> AdapterVersions
 @router.get(
     "/users/{user_id}/adapter/download",
     response_class=Response,
-    responses={200: {"content": {"application/zip": {}}, "description": "PEFT files as a zip"}},
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "PEFT files as a zip"},
+        **error_responses(507),
+    },
 )
 def download_adapter(
     user: UserDep,
     session: SessionDep,
     adapters: AdaptersDep,
+    state: StateDep,
     version: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
 ) -> Response:
-    number, data = service.download(session, adapters, user.storage_key, version)
-    name = f"adapter-{user.user_id}-v{number}.zip"
-    return Response(
-        data, media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{name}"'}
-    )
+    def write(out: IO[bytes]) -> str:
+        number = service.download(session, adapters, user.storage_key, version, out)
+        return f"adapter-{user.user_id}-v{number}.zip"
+
+    # 429 while this user's (or the server's) downloads are busy; streamed from a temp file on disk
+    return gated_file(state.downloads, user.storage_key, write)
 
 
 @router.put(
     "/users/{user_id}/adapter",
     status_code=201,
     response_model=AdapterOut,
+    responses=error_responses(408, 409, 507),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -62,10 +68,12 @@ def download_adapter(
 async def upload_adapter(
     request: Request, user: UserDep, adapters: AdaptersDep, session: SessionDep, state: StateDep
 ) -> AdapterOut:
-    with state.uploads.slot(user.storage_key):  # 429 while this user's (or the server's) uploads are busy
-        body = await spool(request.stream())  # size-capped by BodySizeLimit (uploads get their own cap)
-        with body:
-            return await run_in_threadpool(service.upload, session, adapters, user.storage_key, user.pk, body)
+    # The body first (size-capped by BodySizeLimit, within the body deadline), then the gate: a stalled body
+    # holds only its own user's receiving slot, never the server's upload gate.
+    with state.uploads.receiving(user.storage_key):
+        body = await spool(request.stream(), state.settings.upload_body_timeout_s)
+    with body, state.uploads.slot(user.storage_key):  # 429 while this user's (or the server's) uploads are busy
+        return await run_in_threadpool(service.upload, session, adapters, user.storage_key, user.pk, body)
 
 
 @router.delete("/users/{user_id}/adapter", status_code=204)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
 from typing import IO
 
 from fastapi import APIRouter, Response
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service import data_rights, users
+from service.adapters.uploads import gated_file
 from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
 from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import authorize_user
@@ -33,25 +31,17 @@ class RevokedOut(BaseModel):
     response_class=Response,
     responses={
         200: {"content": {"application/zip": {}}, "description": "history, profile and adapters"},
+        **error_responses(507),
     },
 )
-def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> StreamingResponse:
-    archive = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _chunks once streamed (an export never sits in memory whole)
-    try:
-        data_rights.export_archive(session, adapters, user, archive)
-    except BaseException:
-        archive.close()
-        raise
-    name = f"oppu-export-{user.user_id}.zip"
-    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
-    return StreamingResponse(_chunks(archive), media_type="application/zip", headers=headers)
+def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, state: StateDep) -> Response:
+    def write(out: IO[bytes]) -> str:
+        data_rights.export_archive(session, adapters, user, out)
+        return f"oppu-export-{user.user_id}.zip"
 
-
-def _chunks(archive: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
-    with archive:
-        archive.seek(0)
-        while chunk := archive.read(size):
-            yield chunk
+    # Behind the download gate (429 while this user's, or the server's, downloads are busy); written to a temp
+    # file and streamed from it: an export never sits in memory whole.
+    return gated_file(state.downloads, user.storage_key, write)
 
 
 @router.delete("/users/{user_id}", status_code=204)
