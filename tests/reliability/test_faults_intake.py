@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from service.adapters import repository as adapter_repo
 from service.adapters import store as store_module
@@ -35,6 +36,7 @@ from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from service.config import ALL_TARGET_MODULES, Settings
 from service.db.migrate import upgrade
 from service.db.models import User
+from service.db.session import AFTER_ROLLBACK
 from service.main import create_app
 from service.state import AppState
 from tests.adapters.test_archive import pax_sparse_bomb, sparse_bomb
@@ -365,7 +367,8 @@ def test_upload_racing_an_erase_is_404_json(settings: Settings) -> None:
 
 
 def test_disk_full_is_507_and_loses_nothing(app: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ENOSPC from the store's file writes, and SQLite's "database or disk is full" from the rows: 507 JSON
+    """ENOSPC from the store's file writes, SQLite's "database or disk is full" from the rows or at the commit
+    (faults injected: the store's write, the repository's insert, a before_commit hook): 507 JSON
     `insufficient_storage`, the current version and its files untouched, no staged leftovers; once space is
     back the same upload succeeds."""
     state = app_state(app)
@@ -380,18 +383,51 @@ def test_disk_full_is_507_and_loses_nothing(app: TestClient, monkeypatch: pytest
     def db_full(*args: object, **kwargs: object) -> None:
         raise OperationalError("INSERT INTO adapters ...", {}, sqlite3.OperationalError("database or disk is full"))
 
-    for target, name, fault in ((store_module, "_write_fsync", no_space), (adapter_repo, "add", db_full)):
-        with monkeypatch.context() as m:
-            m.setattr(target, name, fault)
-            r = put(app, "full", key, small_adapter(state, 2))
-        assert_json_error(r, 507, "insufficient_storage")
-        meta = app.get("/users/full/adapter", headers=bearer(key)).json()
-        assert meta["version"] == 1, meta
-        assert app.get("/users/full/adapter/download", headers=bearer(key)).content == before
-        assert state.store.list_versions(skey) == [1]
-        assert not any(p.name.startswith("staged-") for p in (state.store.root / "tmp").iterdir())
+    armed = threading.Event()
+
+    def full_at_commit(session: Session) -> None:  # the rows were written; the commit finds the disk full
+        if armed.is_set() and session.info.get(AFTER_ROLLBACK):  # the unit of work that wrote the files
+            db_full()
+
+    event.listen(Session, "before_commit", full_at_commit)
+    try:
+        for fault in ("store", "rows", "commit"):
+            _fault_upload_is_507(app, monkeypatch, fault, armed, (no_space, db_full), key)
+            _nothing_lost(app, state, key, skey, before)
+    finally:
+        event.remove(Session, "before_commit", full_at_commit)
     r = put(app, "full", key, small_adapter(state, 2))
     assert r.status_code == 201 and r.json()["version"] >= 2, r.text
+
+
+def _fault_upload_is_507(
+    app: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+    armed: threading.Event,
+    faults: tuple[Callable[..., None], Callable[..., None]],
+    key: str,
+) -> None:
+    with monkeypatch.context() as m:
+        if fault == "store":
+            m.setattr(store_module, "_write_fsync", faults[0])
+        elif fault == "rows":
+            m.setattr(adapter_repo, "add", faults[1])
+        else:
+            armed.set()
+        try:
+            r = put(app, "full", key, small_adapter(app_state(app), 2))
+        finally:
+            armed.clear()
+    assert_json_error(r, 507, "insufficient_storage")
+
+
+def _nothing_lost(app: TestClient, state: AppState, key: str, skey: str, before: bytes) -> None:
+    meta = app.get("/users/full/adapter", headers=bearer(key)).json()
+    assert meta["version"] == 1, meta
+    assert app.get("/users/full/adapter/download", headers=bearer(key)).content == before
+    assert state.store.list_versions(skey) == [1]
+    assert not any(p.name.startswith("staged-") for p in (state.store.root / "tmp").iterdir())
 
 
 def test_client_leaving_mid_upload_is_no_unhandled_error(
