@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 from service.adapters.peft_format import AdapterWeights, read_adapter_dir
 from service.adapters.slots import LoraSlots
@@ -27,6 +28,16 @@ AdapterKey = AdapterRef  # the cache's key: one immutable adapter version
 
 class SlotsBusy(RuntimeError):
     """Every adapter slot is pinned by running rows: a row with yet another adapter must wait."""
+
+
+@dataclass(frozen=True)
+class Resident:
+    """One adapter version held by a tier (for /metrics): slot = device slots, host = host RAM."""
+
+    key: AdapterKey
+    tier: str
+    pinned: bool
+    rank: int
 
 
 # (event, tier, seconds): event in {hit, miss, evict, load}; tier in {slot, host}
@@ -52,6 +63,7 @@ class AdapterCache:
         self._slot_of: OrderedDict[AdapterKey, int] = OrderedDict()  # LRU order: oldest first
         self._free = list(range(slots.num_slots, 0, -1))  # slot 0 is the base (all zeros)
         self._pins: Counter[AdapterKey] = Counter()
+        self._loading: dict[AdapterKey, threading.Lock] = {}  # per-key single flight of disk reads
 
     # --- introspection ---
     @property
@@ -70,6 +82,17 @@ class AdapterCache:
         with self._lock:
             return {k: n for k, n in self._pins.items() if n > 0}
 
+    def residency(self) -> list[Resident]:
+        """Every adapter in a slot, then every one in host RAM (one adapter can be in both)."""
+        with self._lock:
+            layers = list(self._slots.layers.values())
+            out = [
+                Resident(k, "slot", self._pins[k] > 0, max((layer.ranks[slot] for layer in layers), default=0))
+                for k, slot in self._slot_of.items()
+            ]
+            out += [Resident(k, "host", False, w.rank) for k, w in self._host.items()]
+        return out
+
     @property
     def host_bytes(self) -> int:
         return self._host_bytes
@@ -85,20 +108,37 @@ class AdapterCache:
         self._event("load", "host", time.perf_counter() - start)
         return weights
 
-    def host_weights(self, key: AdapterKey) -> AdapterWeights:
-        """The adapter from host RAM, reading it from disk on a miss (outside the lock)."""
+    def _host_hit(self, key: AdapterKey) -> AdapterWeights | None:
         with self._lock:
             weights = self._host.get(key)
             if weights is not None:
                 self._host.move_to_end(key)
                 self._event("hit", "host")
-                return weights
-        self._event("miss", "host")
-        weights = self._load_disk(key)
+            return weights
+
+    def host_weights(self, key: AdapterKey) -> AdapterWeights:
+        """The adapter from host RAM, reading it from disk on a miss (outside the cache lock). One read per
+        key at a time: requests that miss the same adapter together wait for the first one's read."""
+        weights = self._host_hit(key)
+        if weights is not None:
+            return weights
         with self._lock:
-            if key not in self._host:
-                self._admit_host(key, weights)
-        return weights
+            loading = self._loading.setdefault(key, threading.Lock())
+        try:
+            with loading:
+                weights = self._host_hit(key)  # read by the request we waited for
+                if weights is not None:
+                    return weights
+                self._event("miss", "host")
+                weights = self._load_disk(key)
+                with self._lock:
+                    if key not in self._host:
+                        self._admit_host(key, weights)
+                return weights
+        finally:
+            with self._lock:
+                if self._loading.get(key) is loading and not loading.locked():
+                    del self._loading[key]
 
     def prefetch(self, key: AdapterKey) -> None:
         """Warm the host tier from a request thread, so the batch thread only does a tensor copy.

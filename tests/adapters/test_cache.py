@@ -276,3 +276,24 @@ def test_version_change_mid_traffic(
     assert cache.pinned() == {} and len(cache.slot_keys()) <= 2
     assert ("evict", "slot") in events  # 5 adapters (u0 v1, v2, u1..u3) took turns in 2 slots
     assert cache.host_bytes <= state.settings.adapter_host_budget_bytes
+
+
+def test_requests_that_miss_the_same_adapter_together_read_it_once(
+    cache: Cache, adapters: Adapters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-key single flight: 6 cold prefetches of one adapter at once make one disk read, not six."""
+    import service.adapters.cache as cache_module
+
+    reads: list[Path] = []
+
+    def slow_read(directory: Path, **kw: Any) -> Any:
+        reads.append(directory)
+        time.sleep(0.2)  # the others arrive while the first read runs
+        return read_adapter_dir(directory, **kw)
+
+    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)
+    key = adapters.keys["aa"]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda _: cache.cache.prefetch(key), range(6)))
+    assert len(reads) == 1
+    assert cache.cache.host_keys() == [key]
