@@ -130,12 +130,21 @@ def vllm_python() -> Path:
 
 @contextmanager
 def server(
-    kind: str, base: Path, adapters: list[Path], work: Path
+    kind: str, base: Path, adapters: list[Path], work: Path, baseline: Path | None = None, dtype: str | None = None
 ) -> Iterator[tuple[str, Callable[[int], dict[str, str]], Callable[[int], str]]]:
-    """Start a server; yields (base url, headers for user k, model name for user k)."""
+    """Start a server; yields (base url, headers for user k, model name for user k). A kind ending in "@base"
+    runs our server from the `baseline` checkout (the code before a change, measured in the same run)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(os.cpu_count() or 2)}
+    code = REPO
+    if kind.endswith("@base"):
+        if baseline is None:
+            raise SystemExit(f"{kind} needs --baseline-repo")
+        code, kind = baseline, kind.removesuffix("@base")
+    label = f"{kind}@base" if code != REPO else kind
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(os.cpu_count() or 2)}
+    if dtype is not None:
+        env["OPPU_DTYPE"] = dtype
     if kind == "vllm":
         cmd = [str(vllm_python()), str(REPO / "bench" / "vllm_server.py"), "--model", str(base), "--port", str(port)]
         cmd += ["--api-key", VLLM_KEY, "--dtype", "float32", "--max-model-len", "2048", "--no-enable-prefix-caching"]
@@ -147,17 +156,17 @@ def server(
         python = sys.executable if kind == "builtin" else str(vllm_python())
         cmd = [python, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         env |= {
-            "OPPU_DATA_DIR": str(work / kind), "OPPU_MODEL": str(base), "OPPU_ADMIN_KEY": ADMIN_KEY,
+            "OPPU_DATA_DIR": str(work / label), "OPPU_MODEL": str(base), "OPPU_ADMIN_KEY": ADMIN_KEY,
             "OPPU_ENGINE": "vllm" if kind == "oppu-vllm" else "builtin", "OPPU_ADAPTER_SLOTS": str(USERS),
             "OPPU_BATCH_MAX_SIZE": str(CLIENTS), "OPPU_VLLM_PREFIX_CACHING": "false", "OPPU_VLLM_MAX_LORA_RANK": "8",
             "OPPU_VLLM_KV_CACHE_GIB": "2", "OPPU_QUEUE_PER_USER_MAX": "64", "OPPU_REQUEST_TIMEOUT_S": "1200",
         }  # fmt: skip
-    with open(work / f"{kind}.log", "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    with open(work / f"{label}.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=code, start_new_session=True)
     try:
         started = time.monotonic()
         wait_ready(url, proc, "/health" if kind == "vllm" else "/readyz")
-        print(f"[{kind}] ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        print(f"[{label}] ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
         if kind == "vllm":
             yield url, lambda k: {"Authorization": f"Bearer {VLLM_KEY}"}, lambda k: f"user{k}"
         else:
@@ -279,6 +288,10 @@ def main() -> None:
     parser.add_argument("--workloads", default="mixed,fixed,mixed-stream")
     parser.add_argument("--per-client", type=int, default=2, help="requests per client and workload")
     parser.add_argument("--out", help="write the JSON here too")
+    parser.add_argument(
+        "--baseline-repo", type=Path, help="a checkout of the code before a change: servers named KIND@base run it"
+    )
+    parser.add_argument("--dtype", help="OPPU_DTYPE for our servers (default: their own default)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -295,7 +308,7 @@ def main() -> None:
     }  # fmt: skip
     texts: dict[str, dict[str, list[str]]] = {}
     for kind in args.servers.split(","):
-        with server(kind, base, adapters, work) as (url, headers, model):
+        with server(kind, base, adapters, work, args.baseline_repo, args.dtype) as (url, headers, model):
             drive(url, headers, model, reqs[workloads[0]][:CLIENTS], False)  # warm-up: every adapter loaded once
             report["servers"][kind] = {}
             texts[kind] = {}
