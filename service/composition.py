@@ -34,7 +34,7 @@ from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import PromptCodec
 from service.jobs.queue import InProcessJobQueue, JobQueue, Listeners, make_queue
 from service.jobs.tasks import JobContext, recover_in_process, run_job
-from service.metrics import Metrics, SqlStateCollector
+from service.metrics import FieldCollector, Metrics, SqlStateCollector
 from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
 from service.state import AppState
@@ -221,6 +221,8 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
     adapters = adapter_context(settings, served.store, served.adapters.spec, queue)  # changes reach every replica
     jobs = job_context(settings, queue, served.db, served.store)
     metrics.registry.register(SqlStateCollector(served.db.session_factory))
+    residency = served.engine.cache.residency if isinstance(served.engine, BuiltinEngine) else None  # vLLM: none
+    metrics.registry.register(FieldCollector(served.engine.stats, residency, served.db.session_factory))
     return AppState(
         settings=settings,
         db=served.db,

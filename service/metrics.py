@@ -1,11 +1,14 @@
 """Prometheus metrics: one registry per app (tests build many apps), the HTTP middleware that counts
-requests by route template, and a collector that reads job / adapter state from SQL at scrape time."""
+requests by route template, a collector that reads job / adapter state from SQL at scrape time, and the
+field's series (vLLM's names, which llm-d's Router and vLLM's router read) beside our oppu_* ones.
+It reads the engine through EngineStats and the adapter cache through its residency list; it never knows
+which engine runs, and never puts a storage key or path in a label (adapters are named `user:<user id>`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -13,9 +16,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.accounts import repository as account_repo
 from service.adapters import repository as adapter_repo
 from service.engine.types import EngineStats, StepInfo
 from service.jobs import repository as job_repo
+
+if TYPE_CHECKING:
+    from service.adapters.cache import Resident
 
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -84,6 +91,78 @@ class SqlStateCollector(Collector):
         yield jobs
         yield durations
         yield stale
+
+
+USER_MODEL_PREFIX = "user:"  # the `model` name a router sees for a user's own adapter
+NAME_MEMO_MAX = 10_000  # storage key -> adapter name memo; cleared when full (names are re-read from SQL)
+
+
+class FieldCollector(Collector):
+    """vLLM's series with vLLM's semantics, read at scrape time: running = rows in the engine's batch, waiting =
+    admitted but not running, KV usage as a fraction (0..1, as vLLM), `vllm:lora_requests_info` whose value is
+    the scrape's timestamp (the inference extension's model-server protocol: the newest sample is current),
+    and residency from the adapter cache (level gpu = device slots, cpu = host RAM). Label sets stay bounded:
+    one series per resident adapter and tier (slots + host tier), none for adapters on disk only."""
+
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        residency: Callable[[], Sequence[Resident]] | None,
+        factory: sessionmaker[Session],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._stats, self._residency, self._factory, self._clock = stats, residency, factory, clock
+        self._names: dict[str, str] = {}  # a user's storage key never changes: memoise its adapter name
+
+    def _adapter_names(self, owner_keys: set[str]) -> dict[str, str]:
+        """`user:<id>` per storage key; keys with no user (the shared LoRA, an erased user) have no name."""
+        unknown = owner_keys - self._names.keys()
+        if unknown:
+            if len(self._names) + len(unknown) > NAME_MEMO_MAX:
+                self._names.clear()
+            with self._factory() as session:
+                for key in unknown:
+                    user_id = account_repo.user_id_by_storage_key(session, key)
+                    if user_id is not None:
+                        self._names[key] = USER_MODEL_PREFIX + user_id
+        return {k: self._names[k] for k in owner_keys if k in self._names}
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "requests admitted, not yet running", stats.waiting)
+        yield GaugeMetricFamily("vllm:num_requests_running", "requests in the engine's batch", stats.running)
+        lanes, free = stats.extra.get("kv_lanes"), stats.extra.get("kv_lanes_free")
+        if lanes and free is not None:  # an engine that does not report its KV memory gets no series
+            yield GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV cache usage (1 = full)", (lanes - free) / lanes)
+        residents = list(self._residency()) if self._residency is not None else []
+        names = self._adapter_names({r.key.owner_key for r in residents})
+        # One series per (adapter, level): two versions of one adapter in one tier are one name to a router.
+        loaded: dict[tuple[str, str], tuple[bool, int]] = {}
+        for r in residents:
+            name = names.get(r.key.owner_key)
+            if name is not None:
+                level = "gpu" if r.tier == "slot" else "cpu"
+                pinned, rank = loaded.get((name, level), (False, 0))
+                loaded[(name, level)] = (pinned or r.pinned, max(rank, r.rank))
+        family = GaugeMetricFamily(
+            "vllm:lora_adapter_loaded",
+            "1 per adapter resident in a tier (gpu = device slots, cpu = host RAM)",
+            labels=["adapter_name", "level", "pinned", "rank"],
+        )
+        for (name, level), (pinned, rank) in sorted(loaded.items()):
+            family.add_metric([name, level, str(pinned).lower(), str(rank)], 1)
+        yield family
+        in_slots = sum(1 for level in (lv for _, lv in loaded) if level == "gpu")
+        yield GaugeMetricFamily("vllm:num_gpu_loaded_lora_adapters", "adapters in device slots", in_slots)
+        yield GaugeMetricFamily("vllm:max_gpu_lora_adapters", "device adapter slots", stats.adapter_slots)
+        running = sorted({name for (name, level), (pinned, _) in loaded.items() if level == "gpu" and pinned})
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "running/waiting LoRA adapters (value: the time of this sample)",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        info.add_metric([str(stats.adapter_slots), ",".join(running), ""], self._clock())
+        yield info
 
 
 class HttpMetrics:

@@ -69,3 +69,8 @@ def user_by_key_hash(session: Session, key_hash: str) -> tuple[str, int, str] | 
         .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
     ).first()
     return (row[0], row[1], row[2]) if row is not None else None
+
+
+def user_id_by_storage_key(session: Session, owner_key: str) -> str | None:
+    """The public id of the user owning this storage key (/metrics names resident adapters by it)."""
+    return session.execute(select(User.user_id).where(User.storage_key == owner_key)).scalar_one_or_none()

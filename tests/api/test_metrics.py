@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.orm import sessionmaker
 
-from tests.conftest import bearer, create_user, running_app
+from service.engine.types import EngineStats
+from service.metrics import FieldCollector
+from tests.adapters.test_adapter_api import load_base, lora_zip, make_lora, upload
+from tests.conftest import bearer, builtin_engine, create_user, running_app
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
 def test_metrics_after_traffic(sqlite_client: TestClient) -> None:
@@ -51,3 +62,96 @@ def test_metrics_token(tmp_path: Path, tiny_model_path: Path) -> None:
         assert client.get("/metrics", headers=bearer("wrong")).status_code == 401
         r = client.get("/metrics", headers=bearer("s3cret-metrics"))
         assert r.status_code == 200 and "oppu_http_requests_total" in r.text
+
+
+def samples(text: str) -> Samples:
+    """Every sample of a Prometheus text page, by sample name: [(labels, value)]."""
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return out
+
+
+def one(page: Samples, name: str) -> float:
+    (( _, value),) = page[name]
+    return value
+
+
+def test_field_series_follow_engine_stats() -> None:
+    """vLLM's semantics from EngineStats: running = rows in the batch, waiting = admitted not running, KV usage
+    as a 0..1 fraction of the KV lanes, lora_requests_info valued with the sample's time; no KV series for an
+    engine that does not report its KV memory."""
+    stats = EngineStats(
+        waiting=2, running=3, adapter_slots=4, slots_in_use=0, slots_pinned=0,
+        extra={"kv_lanes": 8.0, "kv_lanes_free": 2.0},
+    )  # fmt: skip
+    registry = CollectorRegistry()
+    registry.register(FieldCollector(lambda: stats, None, sessionmaker(), clock=lambda: 1234.5))
+    page = samples(generate_latest(registry).decode())
+    assert one(page, "vllm:num_requests_waiting") == 2 and one(page, "vllm:num_requests_running") == 3
+    assert one(page, "vllm:kv_cache_usage_perc") == 0.75
+    assert one(page, "vllm:max_gpu_lora_adapters") == 4 and one(page, "vllm:num_gpu_loaded_lora_adapters") == 0
+    ((labels, value),) = page["vllm:lora_requests_info"]
+    assert labels == {"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""} and value == 1234.5
+    no_kv = CollectorRegistry()
+    no_kv.register(FieldCollector(lambda: EngineStats(0, 0, 1, 0, 0), None, sessionmaker()))
+    assert "vllm:kv_cache_usage_perc" not in generate_latest(no_kv).decode()
+
+
+def test_field_series_read_planted_states(tmp_path: Path, tiny_model_path: Path) -> None:
+    """One adapter slot. c, then a are served (c falls to the host tier, a holds the slot); a is pinned, as
+    a running batch pins it; b's request then queues (no free slot) with b's adapter prefetched to host RAM.
+    /metrics shows each state in vLLM's series, adapters named as a router names them (user:<id>)."""
+    base = load_base(tiny_model_path)
+    data = lora_zip(make_lora(base, tmp_path / "lora", seed=5, r=4, targets=("q_proj", "v_proj")))
+    body = {"prompt": "hi", "max_new_tokens": 2, "temperature": 0, "retrieval_k": 0}
+    with running_app(tmp_path / "app", tiny_model_path, adapter_slots=1, metrics_token="tok") as client:
+        keys = {u: create_user(client, u) for u in ("c", "a", "b")}
+        for user, key in keys.items():
+            assert upload(client, user, key, data).status_code == 201
+        for user in ("c", "a"):
+            assert client.post(f"/users/{user}/generate", json=body, headers=bearer(keys[user])).status_code == 200
+        cache = builtin_engine(client).cache
+        (ref_a,) = cache.slot_keys()
+        cache.acquire([ref_a])  # what the batch does for a running row of a's
+        result: dict[str, Any] = {}
+        queued = threading.Thread(
+            target=lambda: result.update(r=client.post("/users/b/generate", json=body, headers=bearer(keys["b"])))
+        )
+        queued.start()
+        try:
+            deadline = time.monotonic() + 30
+            while builtin_engine(client).stats().waiting == 0:
+                assert time.monotonic() < deadline and queued.is_alive(), "b's row never queued"
+                time.sleep(0.02)
+            assert client.get("/metrics").status_code == 401  # the new series stay behind the token
+            page = samples(client.get("/metrics", headers=bearer("tok")).text)
+        finally:
+            cache.release([ref_a])
+            queued.join(60)
+        assert result["r"].status_code == 200, result["r"].text
+        after = samples(client.get("/metrics", headers=bearer("tok")).text)
+
+    assert one(page, "vllm:num_requests_waiting") == 1 and one(page, "vllm:num_requests_running") == 0
+    assert one(page, "vllm:max_gpu_lora_adapters") == 1 and one(page, "vllm:num_gpu_loaded_lora_adapters") == 1
+    assert 0 <= one(page, "vllm:kv_cache_usage_perc") <= 1
+    loaded = {(s["adapter_name"], s["level"], s["pinned"]): v for s, v in page["vllm:lora_adapter_loaded"]}
+    assert loaded == {
+        ("user:a", "gpu", "true"): 1,
+        ("user:a", "cpu", "false"): 1,
+        ("user:b", "cpu", "false"): 1,  # prefetched by b's request, waiting for the slot
+        ("user:c", "cpu", "false"): 1,  # evicted from the slot by a, still in host RAM
+    }
+    assert {s["rank"] for s, _ in page["vllm:lora_adapter_loaded"]} == {"4"}
+    ((info, stamp),) = page["vllm:lora_requests_info"]
+    assert info["max_lora"] == "1" and info["running_lora_adapters"] == "user:a"
+    assert abs(stamp - time.time()) < 60
+    field = "\n".join(str(s) for name, series in page.items() if name.startswith("vllm:") for s in series)
+    assert ref_a.owner_key not in field and str(tmp_path) not in field  # no storage key or path in a label
+
+    assert one(after, "vllm:num_requests_waiting") == 0
+    gpu = [s for s, _ in after["vllm:lora_adapter_loaded"] if s["level"] == "gpu"]
+    assert [(s["adapter_name"], s["pinned"]) for s in gpu] == [("user:b", "false")]
+    ((info, _),) = after["vllm:lora_requests_info"]
+    assert info["running_lora_adapters"] == ""
