@@ -134,7 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     overrides = {**parse_settings(args.set), **{k: v for k, v in options.items() if v is not None}}
     config = preset_config(args.preset, progress=True, **overrides)
-    report = run_eval(config, data_dir=args.data, settings=get_settings())
+    run_dir = args.out + ".run"  # per-user results land here as they finish; --resume continues from it
+    report = run_eval(config, data_dir=args.data, settings=get_settings(), run_dir=run_dir, resume=args.resume)
     write_report(report, args.out)
     print(report["table_markdown"])
     print(f"wrote {args.out} in {report['timing']['total_s']:.0f} s")
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="personalization evaluation: every method on the same test items")
     ev.add_argument("dataset", choices=["movielens"])
-    ev.add_argument("--preset", choices=["small", "full", "activity"], default="small")
+    ev.add_argument("--preset", choices=["small", "full", "activity", "large"], default="small")
+    ev.add_argument("--resume", action="store_true", help="continue the interrupted run kept in OUT.run/")
     ev.add_argument("--out", required=True, help="the JSON report")
     ev.add_argument("--data", help="MovieLens latest-small folder (default: ../shared/data/movielens-latest-small)")
     ev.add_argument("--users", type=int, help="test users")

@@ -6,7 +6,6 @@ Pure data and checks; `runner` drives the real components with it, `report` scor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from service.training.examples import TrainExample
 
 REFERENCE = "oppu_rag"  # the method every other one is compared with (paired bootstrap), per readout
 EV = "_ev"  # suffix of a method's expected-value readout (its greedy readout has the bare name)
+MEDIAN = "_median"  # suffix of its median readout (the MAE-optimal point of the scored distribution)
 RATINGS = tuple(f"{0.5 * i:.1f}" for i in range(1, 11))  # the answers scored for the expected value
 SCOPE = "/"  # stage-1 example ids are "<user>/<item>", so leakage is checked per user
 
@@ -64,11 +64,37 @@ class EvalConfig:
     # "dev": each user's last test_items ratings are dropped unread and the ones just before are scored,
     # so settings can be chosen on dev and the test items stay untouched until the reported run.
     split: Literal["test", "dev"] = "test"
+    # Item context: every item's text carries how many OTHER users rated the movie strictly before its own
+    # timestamp, and their mean (movielens.with_item_context); off reproduces the earlier runs.
+    item_context: bool = False
+    # Stage 1 (the shared task LoRA): "evaluated" trains it on the evaluated users' histories (the earlier
+    # runs); "outside" on users OUTSIDE the evaluated set (the paper's protocol), at most shared_users of them
+    # (None: every eligible user that is not evaluated).
+    shared_pool: str = "evaluated"
+    shared_users: int | None = None
+    user_train_profile: bool = False  # stage-2 prompts carry the profile (as the server's retrain does)
+    # True: min_ratings already counts the dev holdout, so test and dev draw the SAME users.
+    eligibility_includes_holdout: bool = False
+    # A dev report of the same users: each LLM method's readout is chosen on it (test runs).
+    dev_report: str | None = None
     progress: bool = False
 
     def __post_init__(self) -> None:
         if self.split not in ("test", "dev"):
             raise ValueError(f"split must be 'test' or 'dev', got {self.split!r}")
+        if self.shared_pool not in ("evaluated", "outside"):
+            raise ValueError(f"shared_pool must be 'evaluated' or 'outside', got {self.shared_pool!r}")
+
+    @property
+    def min_ratings_for_split(self) -> int:
+        """The min_ratings passed to build_rating_task (which adds the holdout on top)."""
+        need = self.min_ratings or self.history_items + self.test_items
+        return need - self.holdout if self.eligibility_includes_holdout else need
+
+    def trained_shape(self, method: LlmMethod, default_k: int) -> bool:
+        """Whether `method` serves the user LoRA with the prompt shape it was trained on (k and profile)."""
+        k = self.user_train_k if self.user_train_k is not None else default_k
+        return method.adapter and method.k == k and method.profile == self.user_train_profile
 
     @property
     def holdout(self) -> int:
@@ -99,6 +125,24 @@ PRESETS: dict[str, EvalConfig] = {
     # a 2-core box; stage 1 samples at most 8 items per user and prompt shape.
     "activity": EvalConfig(
         preset="activity", users=20, history_items=100, test_items=8, min_ratings=216, shared_max_per_user=8
+    ),
+    # Enough users to decide (issue 17): 100 of the 217 users with >= 116 ratings (100 history + 8 dev + 8
+    # test; the same users on both splits), stage 1 on the 117 others (the paper's protocol), stage 2 trained
+    # with the prompt shape OPPU+RAG is served with (k = 4, no profile). Hours on 2 cores: run it resumable.
+    "large": EvalConfig(
+        preset="large",
+        users=100,
+        history_items=100,
+        test_items=8,
+        min_ratings=116,
+        eligibility_includes_holdout=True,
+        shared_pool="outside",
+        shared_max_per_user=8,
+        user_train_k=4,
+        oppu_rag_k=4,
+        # One row per engine step: the engine's batched numerics depend on the batch's make-up, so only this
+        # makes a resumed run (and any rerun) give the same report, bit for bit.
+        gen_batch=1,
     ),
 }
 
@@ -144,7 +188,7 @@ def _typed(name: str, current: Any, text: str) -> Any:
     if isinstance(current, tuple):
         return tuple(int(v) for v in text.split(",") if v)
     if current is None:
-        return float(text) if name in _FLOAT_FIELDS else (text if name == "model" else int(text))
+        return float(text) if name in _FLOAT_FIELDS else (text if name in ("model", "dev_report") else int(text))
     if isinstance(current, int | float):
         return type(current)(text)
     return text
@@ -205,29 +249,3 @@ def unscope(examples: Sequence[TrainExample]) -> dict[str, list[TrainExample]]:
             raise AssertionError(f"stage-1 example {ex.item_id!r} has no user scope")
         out.setdefault(user, []).append(replace(ex, item_id=item))
     return out
-
-
-def expected_rating(logprobs: Sequence[float]) -> float:
-    """The expected value over RATINGS under the scored answer distribution (normalised over them)."""
-    top = max(logprobs)
-    weights = [math.exp(lp - top) for lp in logprobs]
-    return sum(float(r) * w for r, w in zip(RATINGS, weights, strict=True)) / sum(weights)
-
-
-def comparisons(names: Sequence[str]) -> list[tuple[str, str]]:
-    """(oppu_rag of a readout, another method): the other LLM methods of the same readout and the baselines."""
-    out = []
-    for ref in (REFERENCE, REFERENCE + EV):
-        if ref in names:
-            same = [n for n in names if n != ref and n.endswith(EV) == ref.endswith(EV)]
-            baselines = [n for n in names if n in ("global_mean", "user_mean")]
-            out += [(ref, n) for n in [*same, *baselines] if n in names and n != ref]
-    return list(dict.fromkeys(out))
-
-
-def baseline_predictions(task: ml.RatingTask) -> dict[str, list[float | None]]:
-    gmean = ml.global_mean(task)  # history ratings only
-    return {
-        "global_mean": [gmean for split in task.users for _ in split.test],
-        "user_mean": [ml.user_mean(split, fallback=gmean) for split in task.users for _ in split.test],
-    }

@@ -11,8 +11,12 @@ in mixed batches of many users. The methods, presets and leakage checks are `pro
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import math
 import os
+import platform
+import random
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -31,10 +35,11 @@ from service.db.migrate import upgrade
 from service.db.models import SHARED_OWNER
 from service.db.session import unit_of_work
 from service.engine.base import collect
-from service.evaluation import metrics, protocol, report
+from service.evaluation import analysis, baselines, metrics, protocol, report, reread, stats
 from service.evaluation import movielens as ml
 from service.evaluation.protocol import (
     EV,
+    MEDIAN,
     SCOPE,
     EvalConfig,
     LlmMethod,
@@ -80,11 +85,11 @@ class _NoQueue:
     def close(self) -> None: ...
 
 
-def _settings(base: Settings, workdir: Path, config: EvalConfig) -> Settings:
+def _settings(base: Settings, workdir: Path, config: EvalConfig, extra_users: int = 0) -> Settings:
     user_targets = LoraTrainConfig.from_settings(base, stage="user").target_modules
     shared_targets = LoraTrainConfig.from_settings(base, stage="shared").target_modules
-    return base.model_copy(
-        update={
+    return base.with_overrides(
+        **{
             "data_dir": workdir,
             "database_url": f"sqlite:///{workdir / 'eval.sqlite3'}",
             "adapters_dir": workdir / "adapters",
@@ -95,7 +100,7 @@ def _settings(base: Settings, workdir: Path, config: EvalConfig) -> Settings:
             # Slots sized for what is trained (all 7 projections at rank 64 would be ~1.3 GB here).
             "adapter_max_rank": config.rank or base.train_user_rank,
             "adapter_target_modules": tuple(dict.fromkeys((*user_targets, *shared_targets))),
-            "bm25_cache_users": max(base.bm25_cache_users, config.users),
+            "bm25_cache_users": max(base.bm25_cache_users, config.users + extra_users),
             # Every test request is queued at once: no fair-share cap, no deadline inside one run.
             "queue_max": 1_000_000,
             "queue_per_user_max": 1_000_000,
@@ -113,9 +118,9 @@ def _open_bench(config: EvalConfig, settings: Settings) -> _Bench:
     return _Bench(config, core, jobs, {})
 
 
-def _store_histories(bench: _Bench, task: ml.RatingTask) -> dict[str, list[history.DocSnapshot]]:
+def _store_histories(bench: _Bench, splits: Sequence[ml.UserSplit]) -> dict[str, list[history.DocSnapshot]]:
     with unit_of_work(bench.core.db.session_factory) as session:
-        for split in task.users:
+        for split in splits:
             ref, _key = user_accounts.create_user(session, split.user_id)
             items = [HistoryItemIn(**ml.history_item(h)) for h in split.history]
             history.append(session, ref, HistoryAppendIn(items=items))
@@ -157,7 +162,7 @@ def _spec(bench: _Bench, user: UserRef, text: str, method: LlmMethod, max_new: i
     )
 
 
-def _make_profiles(bench: _Bench, docs: Mapping[str, Sequence[history.DocSnapshot]]) -> dict[str, str | None]:
+def _generate_profiles(bench: _Bench, docs: Mapping[str, Sequence[history.DocSnapshot]]) -> dict[str, str]:
     """PAG: the BASE model (no shared LoRA yet) writes a profile from each user's recent history."""
     n = bench.config.profile_items
     uids = [u for u in bench.users if docs[u]]
@@ -165,8 +170,12 @@ def _make_profiles(bench: _Bench, docs: Mapping[str, Sequence[history.DocSnapsho
     max_new = bench.config.profile_new_tokens
     specs = [_spec(bench, bench.users[u], build_profile_prompt(list(docs[u])[-n:]), base, max_new) for u in uids]
     texts, _ = _generate(bench, specs, "profiles")
+    return dict(zip(uids, texts, strict=True))
+
+
+def _apply_profiles(bench: _Bench, texts: Mapping[str, str]) -> dict[str, str | None]:
     with unit_of_work(bench.core.db.session_factory) as session:
-        for uid, text in zip(uids, texts, strict=True):
+        for uid, text in texts.items():
             if text:
                 history.set_profile(session, bench.users[uid], text, source="generated")
         return {uid: history.profile_text(session, ref) for uid, ref in bench.users.items()}
@@ -211,23 +220,14 @@ def _shared_examples(
     return out
 
 
-def _publish(bench: _Bench, owner: str, user_pk: int | None, out: TrainOutput, shared: int | None) -> int:
-    meta = {"examples": out.examples, "steps": out.steps, "final_loss": out.final_loss, "source": "eval"}
-    with unit_of_work(bench.core.db.session_factory) as session:
-        row = adapter_service.publish(
-            session, bench.core.adapters, owner, user_pk, out.files, source="trained", shared_version=shared, meta=meta
-        )
-        return row.version
-
-
-def _train_shared(bench: _Bench, examples: Sequence[TrainExample]) -> tuple[int, TrainOutput]:
+def _train_shared(bench: _Bench, examples: Sequence[TrainExample]) -> TrainOutput:
     """Stage 1 on the plain base; the next request the preparation step makes notices the new shared
     version, and the engine merges it into the served base before that request runs."""
     lm = bench.core.loaded
     config = _train_config(bench.config, bench.settings, shared=True)
     steps = config.epochs_for(len(examples)) * math.ceil(len(examples) / config.batch_size)
     with tqdm(total=steps, desc="shared LoRA", unit="step", disable=not bench.config.progress) as bar:
-        out = train_lora(
+        return train_lora(
             bench.jobs.training_model(None),
             lm.tokenizer,
             examples,
@@ -235,78 +235,110 @@ def _train_shared(bench: _Bench, examples: Sequence[TrainExample]) -> tuple[int,
             base_model_name=lm.name,
             progress=lambda done: bar.update(round(done * steps) - bar.n),
         )
-    return _publish(bench, SHARED_OWNER, None, out, None), out
 
 
-def _train_users(
-    bench: _Bench, task: ml.RatingTask, docs: Mapping[str, Sequence[history.DocSnapshot]], shared: int
-) -> tuple[dict[str, list[TrainExample]], list[TrainOutput]]:
-    """Stage 2: one LoRA per user on (base + shared), prompts retrieved from EARLIER items only."""
-    s, lm = bench.settings, bench.core.loaded
-    config = _train_config(bench.config, bench.settings, shared=False)
-    with unit_of_work(bench.core.db.session_factory) as session:
-        shared_ref = adapter_service.shared_ref(session, bench.core.store)
-    model = bench.jobs.training_model(shared_ref)
-    examples: dict[str, list[TrainExample]] = {}
-    outs: list[TrainOutput] = []
-    for uid, ref in tqdm(bench.users.items(), desc="user LoRAs", unit="user", disable=not bench.config.progress):
-        k = bench.config.user_train_k if bench.config.user_train_k is not None else s.train_retrieval_k
-        examples[uid] = build_user_examples(
-            docs[uid], k=k, item_chars=s.retrieval_item_chars, profile_chars=s.profile_max_chars
-        )
-        check_example_leakage(task, {uid: examples[uid]})  # before a single step is taken on them
-        out = train_lora(model, lm.tokenizer, examples[uid], config, base_model_name=lm.name)
-        _publish(bench, ref.storage_key, ref.pk, out, shared)
-        outs.append(out)
-    return examples, outs
+def _summary(out: TrainOutput) -> dict[str, Any]:
+    """What the report keeps of a training run (the run folder keeps it too, so a resume needs no retrain)."""
+    return {
+        "examples": out.examples,
+        "steps": out.steps,
+        "final_loss": out.final_loss,
+        "epoch_losses": list(out.epoch_losses),
+        "seconds": round(out.seconds, 2),
+        "compute_dtype": out.compute_dtype,
+    }
 
 
-def _method_answers(bench: _Bench, task: ml.RatingTask, method: LlmMethod) -> tuple[list[str], int]:
-    """Every test item's answer under `method`, its prompt built by the server's preparation step; and how
-    many history items were retrieved into those prompts (each checked against the test items)."""
+def _user_examples(
+    bench: _Bench, docs: Sequence[history.DocSnapshot], profile: str | None
+) -> tuple[list[TrainExample], int]:
+    s, c = bench.settings, bench.config
+    k = c.user_train_k if c.user_train_k is not None else s.train_retrieval_k
+    examples = build_user_examples(
+        docs,
+        k=k,
+        profile=profile if c.user_train_profile else None,
+        item_chars=s.retrieval_item_chars,
+        profile_chars=s.profile_max_chars,
+    )
+    return examples, k
+
+
+def _user_answers(bench: _Bench, task: ml.RatingTask, split: ml.UserSplit) -> tuple[list[dict[str, Any]], int]:
+    """Every method's answers for one user's scored items: the greedy text, and the distribution over the
+    rating candidates (one prefill-only scoring row per item and method), all queued at once."""
+    preparer, c = bench.core.preparer, bench.config
+    ref = bench.users[split.user_id]
+    methods = c.methods()
+    greedy = [_spec(bench, ref, ml.item_input(i), m, c.max_new_tokens) for m in methods for i in split.test]
+    scoring = [
+        replace(_spec(bench, ref, ml.item_input(i), m, 1), candidates=protocol.RATINGS)
+        for m in methods
+        for i in split.test
+    ]
+    prepared = [preparer.prepare(spec) for spec in [*greedy, *scoring]]
     tests = protocol.test_ids(task)
-    specs, owners = [], []
-    for split in task.users:
-        for item in split.test:
-            specs.append(
-                _spec(bench, bench.users[split.user_id], ml.item_input(item), method, bench.config.max_new_tokens)
-            )
-            owners.append(split.user_id)
-    answers, prepared = _generate(bench, specs, method.name)
-    for user, p in zip(owners, prepared, strict=True):
-        check_retrieved_leakage(user, tests, (r.id for r in p.retrieved))
-        if method.adapter and p.adapter_version is None:
-            raise RuntimeError(f"{user} has no adapter")
-    return answers, sum(len(p.retrieved) for p in prepared)
+    for p, spec in zip(prepared, [*greedy, *scoring], strict=True):
+        check_retrieved_leakage(split.user_id, tests, (r.id for r in p.retrieved))
+        if spec.personalization.use_adapter and p.adapter_version is None:
+            raise RuntimeError(f"{split.user_id} has no adapter")
 
+    async def one(p: PreparedRequest) -> Any:
+        return await collect(preparer.engine, p.request)
 
-def _method_expected(bench: _Bench, task: ml.RatingTask, method: LlmMethod) -> list[float]:
-    """Every test item's expected rating under `method`: the ratings 0.5..5.0 scored as the answer (prefill
-    only, one scoring row per item), averaged under their normalised probabilities."""
-    preparer, specs = bench.core.preparer, []
-    for split in task.users:
-        for item in split.test:
-            spec = _spec(bench, bench.users[split.user_id], ml.item_input(item), method, 1)
-            specs.append(replace(spec, candidates=protocol.RATINGS))
-    prepared = [preparer.prepare(spec) for spec in specs]
-    bar = tqdm(total=len(prepared), desc=method.name + EV, unit="req", disable=not bench.config.progress)
-
-    async def one(p: PreparedRequest) -> float:
-        done = await collect(preparer.engine, p.request)
-        bar.update(1)
-        return protocol.expected_rating([sum(lps) for lps in done.finished.continuation_logprobs])
-
-    async def run_all() -> list[float]:
+    async def run_all() -> list[Any]:
         return list(await asyncio.gather(*(one(p) for p in prepared)))
 
+    done = asyncio.run(run_all())
+    n, values = len(split.test), [float(r) for r in protocol.RATINGS]
+    rows: list[dict[str, Any]] = []
+    for j, item in enumerate(split.test):
+        pred: dict[str, float | None] = {}
+        raw: dict[str, str] = {}
+        dist: dict[str, list[float]] = {}
+        for mi, m in enumerate(methods):
+            g = done[mi * n + j]
+            sc = done[len(greedy) + mi * n + j]
+            raw[m.name] = preparer.codec.decode(g.token_ids).strip()
+            probs = stats.normalise([sum(lps) for lps in sc.finished.continuation_logprobs])
+            pred[m.name] = metrics.parse_rating(raw[m.name])
+            pred[m.name + EV] = stats.expected_value(values, probs)
+            pred[m.name + MEDIAN] = stats.median_value(values, probs)
+            dist[m.name] = [round(p, 6) for p in probs]
+        rows.append(
+            {"user": split.user_id, "item": item.item_id, "gold": item.rating, "pred": pred, "raw": raw, "dist": dist}
+        )
+    return rows, sum(len(p.retrieved) for p in prepared)
+
+
+def machine_info(dtype: str) -> dict[str, Any]:
+    """The machine a timing was measured on: CPU model and the flags that decide CPU speed (bf16 paths)."""
+    model, flags = "unknown", set[str]()
     try:
-        return asyncio.run(run_all())
-    finally:
-        bar.close()
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+    return {
+        "cpu_model": model or platform.processor() or "unknown",
+        "cpu_flags": {f: f in flags for f in wanted},
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "dtype": dtype,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
 
 
 def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_dir: Path) -> dict[str, Any]:
     lm = bench.core.loaded
+    default_k = bench.settings.train_retrieval_k
     return {
         **{k: v for k, v in asdict(config).items() if k != "progress"},
         "users": len(task.users),
@@ -317,6 +349,7 @@ def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_
         "dtype": str(lm.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "machine": machine_info(str(lm.dtype).removeprefix("torch.")),
         "data_dir": str(data_dir),
         "split": (
             "temporal: test = each user's last ratings, history = the ratings just before"
@@ -324,87 +357,369 @@ def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_
             else "temporal DEV: each user's last test_items ratings dropped unread; scored = the ones just before"
         ),
         "holdout": config.holdout,
-        "request": "the test movie's title | genres (movielens.item_input), as in training; also the retrieval query",
-        "decoding": "greedy (method) and the expected value over the scored ratings 0.5..5.0 (method_ev)",
+        "request": "the test movie's title | genres (movielens.item_input), as in training; also the retrieval query"
+        + (" | other users' count and mean before it (item context)" if config.item_context else ""),
+        "decoding": "greedy (method), and from the distribution over the ratings 0.5..5.0 scored as the answer: "
+        "its expected value (method_ev) and median (method_median); the distribution is saved per item (dist)",
         "training": {
             "shared": asdict(_train_config(config, bench.settings, shared=True)),
             "user": asdict(_train_config(config, bench.settings, shared=False)),
         },
+        "shared_pool": config.shared_pool,
         "oppu_rag_k": config.oppu_rag_k,
-        "user_lora_train_k": config.user_train_k
-        if config.user_train_k is not None
-        else bench.settings.train_retrieval_k,
+        "user_lora_train_k": config.user_train_k if config.user_train_k is not None else default_k,
+        "user_lora_train_profile": config.user_train_profile,
+        "served_with_training_shape": {m.name: config.trained_shape(m, default_k) for m in config.methods()},
         "tuned_on_test_items": False,
         "methods": {m.name: asdict(m) for m in config.methods()},
     }
 
 
+def _outside_splits(data: ml.MovieLens, config: EvalConfig, task: ml.RatingTask) -> list[ml.UserSplit]:
+    """Stage-1 users OUTSIDE the evaluated set: eligible by the same rule, split the same way (their scored
+    items are never read), at most shared_users of them (seeded)."""
+    evaluated = {ml.user_number(s.user_id) for s in task.users}
+    need = max(config.min_ratings_for_split, config.test_items + 1) + config.holdout
+    others = sorted(u for u, rs in data.ratings.items() if len(rs) >= need and u not in evaluated)
+    if config.shared_users is not None:
+        others = sorted(random.Random(config.seed + 1).sample(others, min(config.shared_users, len(others))))
+    if not others:
+        raise ValueError("shared_pool='outside' needs users outside the evaluated set; none is eligible")
+    kw = {"history_items": config.history_items, "test_items": config.test_items, "holdout": config.holdout}
+    splits = [ml.split_user(data, u, **kw) for u in others]
+    return [replace(s, test=[]) for s in splits]
+
+
+def build_tasks(data: ml.MovieLens, config: EvalConfig) -> tuple[ml.RatingTask, ml.RatingTask, list[ml.UserSplit]]:
+    """(the scored task, its dev task for the baselines' choices, the stage-1 users outside the evaluated set)."""
+    kw = {
+        "n_users": config.users,
+        "history_items": config.history_items,
+        "test_items": config.test_items,
+        "min_ratings": config.min_ratings_for_split,
+        "seed": config.seed,
+    }
+    task = ml.build_rating_task(data, **kw, holdout=config.holdout)
+    dev_holdout = config.holdout if config.split == "dev" else config.test_items
+    dev_kw = dict(kw)
+    if config.eligibility_includes_holdout and config.split == "test":
+        dev_kw["min_ratings"] = kw["min_ratings"] - dev_holdout
+    dev = task if config.split == "dev" else ml.build_rating_task(data, **dev_kw, holdout=dev_holdout)
+    outside = _outside_splits(data, config, task) if config.shared_pool == "outside" else []
+    if config.item_context:
+        task = ml.with_item_context(task, data)
+        dev = task if config.split == "dev" else ml.with_item_context(dev, data)
+        outside = ml.with_item_context(ml.RatingTask(outside), data).users
+    return task, dev, outside
+
+
 def run_eval(
-    config: EvalConfig, *, data_dir: Path | str | None = None, settings: Settings | None = None
+    config: EvalConfig,
+    *,
+    data_dir: Path | str | None = None,
+    settings: Settings | None = None,
+    run_dir: Path | str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Runs the whole experiment in a temporary workspace and returns the report (JSON-ready)."""
+    """Runs the whole experiment and returns the report (JSON-ready). With `run_dir`, every finished stage
+    and every finished user is written there as it finishes, and `resume=True` continues an interrupted run
+    from it (the report is the same as an uninterrupted run's, wall times aside)."""
     started = time.perf_counter()
-    timing: dict[str, float] = {}
+    timing: dict[str, Any] = {}
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    task = ml.build_rating_task(
-        ml.load_movielens(root),
-        n_users=config.users,
-        history_items=config.history_items,
-        test_items=config.test_items,
-        min_ratings=config.min_ratings or config.history_items + config.test_items,
-        seed=config.seed,
-        holdout=config.holdout,
-    )
-    timing["data_s"] = time.perf_counter() - started
+    data = ml.load_movielens(root)
+    task, dev_task, outside = build_tasks(data, config)
+    dev_report = _read_dev_report(config, dev_task) if config.split == "test" and config.dev_report else None
+    timing["data_s"] = round(time.perf_counter() - started, 2)
     with tempfile.TemporaryDirectory(prefix="oppu-eval-") as tmp:
-        bench = _open_bench(config, _settings(settings or Settings(), Path(tmp), config))
+        state = RunState.open(Path(run_dir) if run_dir is not None else Path(tmp) / "run", config, root, resume)
+        bench = _open_bench(config, _settings(settings or Settings(), Path(tmp), config, len(outside)))
         try:
-            return _run(bench, task, root, timing, started)
+            return _run(bench, data, task, dev_task, outside, root, timing, started, state, dev_report)
         finally:
             bench.core.engine.stop()
             bench.core.db.dispose()
 
 
-def _timed(timing: dict[str, float], name: str, since: float) -> float:
+def _read_dev_report(config: EvalConfig, dev_task: ml.RatingTask) -> dict[str, Any]:
+    assert config.dev_report is not None
+    dev = json.loads(Path(config.dev_report).read_text(encoding="utf-8"))
+    users = sorted({str(r["user"]) for r in dev["predictions"]})
+    if int(dev["config"].get("holdout", 0)) == 0 or users != sorted(s.user_id for s in dev_task.users):
+        raise ValueError(f"{config.dev_report}: not a dev report of this run's users")
+    return dict(dev)
+
+
+class RunState:
+    """The run folder: run.json (what the run is, so a resume cannot mix two configurations), profiles.json,
+    shared/ (stage-1 files and summary), users/NNNN.json (one per finished user, named by position, never by
+    user id). Files are written whole (temp file + rename), so an interrupted write leaves no half file."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, root: Path, config: EvalConfig, data_dir: Path, resume: bool) -> RunState:
+        ident = {k: v for k, v in asdict(config).items() if k != "progress"}
+        fingerprint = hashlib.sha256(json.dumps([ident, str(data_dir)], sort_keys=True).encode()).hexdigest()
+        path = root / "run.json"
+        if path.exists():
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if not resume:
+                raise ValueError(f"{root} holds an earlier run: pass --resume to continue it, or remove it")
+            if manifest.get("fingerprint") != fingerprint:
+                raise ValueError(f"{root} holds a run of another configuration; it cannot be resumed with this one")
+            manifest["sessions"] = int(manifest.get("sessions", 1)) + 1
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            manifest = {"fingerprint": fingerprint, "config": ident, "sessions": 1, "wall_s_before": 0.0}
+        state = cls(root, manifest)
+        state.save("run.json", manifest)
+        return state
+
+    def save(self, name: str, data: Any) -> None:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def load(self, name: str) -> Any | None:
+        path = self.root / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def save_files(self, folder: str, files: Mapping[str, bytes]) -> None:
+        out = self.root / folder
+        out.mkdir(parents=True, exist_ok=True)
+        for name, blob in files.items():
+            if Path(name).name != name or name.startswith("."):
+                raise ValueError(f"unexpected adapter file name {name!r}")
+            (out / (name + ".tmp")).write_bytes(blob)
+            os.replace(out / (name + ".tmp"), out / name)
+
+    def load_files(self, folder: str) -> dict[str, bytes]:
+        out = self.root / folder
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and not p.name.endswith(".tmp")}
+
+
+def _timed(timing: dict[str, Any], name: str, since: float) -> float:
     now = time.perf_counter()
     timing[name] = round(now - since, 2)
     return now
 
 
-def _run(bench: _Bench, task: ml.RatingTask, root: Path, timing: dict[str, float], started: float) -> dict[str, Any]:
-    t = _timed(timing, "setup_s", started)
-    docs = _store_histories(bench, task)
-    leak = {"history_items": check_history_leakage(task, docs)}
-    profiles = _make_profiles(bench, docs)
-    t = _timed(timing, "profiles_s", t)
-    shared_examples = _shared_examples(bench, docs, profiles)
-    leak["shared_examples"] = check_example_leakage(task, protocol.unscope(shared_examples))
-    shared_version, shared_out = _train_shared(bench, shared_examples)
-    t = _timed(timing, "shared_train_s", t)
-    user_examples, user_outs = _train_users(bench, task, docs, shared_version)
-    leak["user_examples"] = check_example_leakage(task, user_examples)
-    t = _timed(timing, "user_train_s", t)
-    preds = protocol.baseline_predictions(task)
-    raw: dict[str, list[str]] = {}
-    leak["retrieved_items"] = 0
-    for method in bench.config.methods():
-        raw[method.name], n_retrieved = _method_answers(bench, task, method)
-        leak["retrieved_items"] += n_retrieved
-        preds[method.name] = [metrics.parse_rating(text) for text in raw[method.name]]
-        t = _timed(timing, f"generate_{method.name}_s", t)
-        preds[method.name + EV] = list(_method_expected(bench, task, method))
-        t = _timed(timing, f"score_{method.name}_s", t)
-    golds = [item.rating for split in task.users for item in split.test]
-    results, ci = report.score(golds, preds, resamples=bench.config.bootstrap_resamples, seed=bench.config.seed)
-    _timed(timing, "total_s", started)
-    config = _config_report(bench.config, bench, task, root)
-    config["leakage_check"] = {**leak, "passed": True}
+def _run(
+    bench: _Bench,
+    data: ml.MovieLens,
+    task: ml.RatingTask,
+    dev_task: ml.RatingTask,
+    outside: Sequence[ml.UserSplit],
+    root: Path,
+    timing: dict[str, Any],
+    started: float,
+    state: RunState,
+    dev_report: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    _timed(timing, "setup_s", started)
+    docs = _store_histories(bench, [*task.users, *outside])
+    evaluated = [s.user_id for s in task.users]
+    leak: dict[str, Any] = {"history_items": check_history_leakage(task, {u: docs[u] for u in evaluated})}
+    if bench.config.item_context:
+        leak["item_context"] = ml.check_context_leakage(task, data) + ml.check_context_leakage(
+            ml.RatingTask(list(outside)), data
+        )
+    profiles = _profiles_stage(bench, docs, timing, state)
+    shared_summary, shared_version = _shared_stage(bench, task, outside, docs, profiles, leak, timing, state)
+    # Stage 2 and every method, one user at a time; each finished user is written at once.
+    results = _users(bench, task, docs, profiles, shared_version, state)
+    timing["user_train_s"] = round(sum(r["timing"]["train_s"] for r in results), 2)
+    timing["methods_s"] = round(sum(r["timing"]["methods_s"] for r in results), 2)
+    timing["per_user_s"] = [round(r["timing"]["train_s"] + r["timing"]["methods_s"], 2) for r in results]
+    leak["user_examples"] = sum(r["examples"] for r in results)
+    leak["retrieved_items"] = sum(r["retrieved"] for r in results)
+    leak["passed"] = True
+    t = time.perf_counter()
+    report = _report(bench, data, task, dev_task, root, results, shared_summary, profiles, leak, dev_report)
+    _timed(timing, "analysis_s", t)
+    timing["this_session_s"] = round(time.perf_counter() - started, 2)
+    timing["sessions"] = state.manifest["sessions"]
+    timing["total_s"] = round(float(state.manifest["wall_s_before"]) + timing["this_session_s"], 2)
+    state.manifest["wall_s_before"] = timing["total_s"]
+    state.save("run.json", state.manifest)
+    report["timing"] = timing
+    return report
+
+
+def _profiles_stage(
+    bench: _Bench, docs: Mapping[str, Sequence[history.DocSnapshot]], timing: dict[str, Any], state: RunState
+) -> dict[str, str | None]:
+    """The base model, before stage 1, writes the profiles; kept in the run folder so a resume serves the
+    same ones."""
+    saved = state.load("profiles.json")
+    if saved is None:
+        t = time.perf_counter()
+        generated = _generate_profiles(bench, docs)
+        _timed(timing, "profiles_s", t)
+        state.save("profiles.json", {"texts": generated, "seconds": timing["profiles_s"]})
+    else:
+        generated, timing["profiles_s"] = saved["texts"], saved["seconds"]
+    return _apply_profiles(bench, generated)
+
+
+def _shared_stage(
+    bench: _Bench,
+    task: ml.RatingTask,
+    outside: Sequence[ml.UserSplit],
+    docs: Mapping[str, Sequence[history.DocSnapshot]],
+    profiles: Mapping[str, str | None],
+    leak: dict[str, Any],
+    timing: dict[str, Any],
+    state: RunState,
+) -> tuple[dict[str, Any], int]:
+    """Stage 1 on the evaluated users (earlier runs) or on users outside the evaluated set; trained once and
+    kept in the run folder, published into this session's store."""
+    evaluated = {s.user_id for s in task.users}
+    pool = list(outside) if bench.config.shared_pool == "outside" else list(task.users)
+    shared_examples = _shared_examples(bench, {s.user_id: docs[s.user_id] for s in pool}, profiles)
+    scoped = protocol.unscope(shared_examples)
+    leak["shared_examples"] = check_example_leakage(ml.RatingTask(pool), scoped)
+    if bench.config.shared_pool == "outside" and set(scoped) & evaluated:
+        raise AssertionError("stage 1 was to hold the evaluated users out, but holds some of them")
+    leak["shared_examples_from_evaluated_users"] = sum(len(v) for u, v in scoped.items() if u in evaluated)
+    summary = state.load("shared/summary.json")
+    if summary is None:
+        t = time.perf_counter()
+        out = _train_shared(bench, shared_examples)
+        _timed(timing, "shared_train_s", t)
+        state.save_files("shared/files", out.files)
+        summary = {**_summary(out), "wall_s": timing["shared_train_s"]}
+        state.save("shared/summary.json", summary)
+        files: Mapping[str, bytes] = out.files
+    else:
+        files = state.load_files("shared/files")
+        timing["shared_train_s"] = summary["wall_s"]
+    return summary, _publish_files(bench, SHARED_OWNER, None, files, summary, None)
+
+
+def _publish_files(
+    bench: _Bench,
+    owner: str,
+    user_pk: int | None,
+    files: Mapping[str, bytes],
+    summary: Mapping[str, Any],
+    shared: int | None,
+) -> int:
+    meta = {
+        "examples": summary["examples"],
+        "steps": summary["steps"],
+        "final_loss": summary["final_loss"],
+        "source": "eval",
+    }
+    with unit_of_work(bench.core.db.session_factory) as session:
+        row = adapter_service.publish(
+            session, bench.core.adapters, owner, user_pk, files, source="trained", shared_version=shared, meta=meta
+        )
+        return row.version
+
+
+def _users(
+    bench: _Bench,
+    task: ml.RatingTask,
+    docs: Mapping[str, Sequence[history.DocSnapshot]],
+    profiles: Mapping[str, str | None],
+    shared_version: int,
+    state: RunState,
+) -> list[dict[str, Any]]:
+    """Stage 2 (one LoRA per user on base + shared, prompts retrieved from EARLIER items only), then every
+    method on that user's scored items. Users already in the run folder are read back, not rerun."""
+    lm = bench.core.loaded
+    config = _train_config(bench.config, bench.settings, shared=False)
+    model = None
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(task.users), desc="users", unit="user", disable=not bench.config.progress)
+    for index, split in enumerate(task.users):
+        name = f"users/{index:04d}.json"
+        saved = state.load(name)
+        if saved is not None and saved["user"] == split.user_id:
+            results.append(saved)
+            bar.update(1)
+            continue
+        if model is None:
+            with unit_of_work(bench.core.db.session_factory) as session:
+                shared_ref = adapter_service.shared_ref(session, bench.core.store)
+            model = bench.jobs.training_model(shared_ref)
+        t = time.perf_counter()
+        uid, ref = split.user_id, bench.users[split.user_id]
+        examples, k = _user_examples(bench, docs[uid], profiles.get(uid))
+        check_example_leakage(task, {uid: examples})  # before a single step is taken on them
+        out = train_lora(model, lm.tokenizer, examples, config, base_model_name=lm.name)
+        summary = _summary(out)
+        _publish_files(bench, ref.storage_key, ref.pk, out.files, summary, shared_version)
+        train_s = time.perf_counter() - t
+        t = time.perf_counter()
+        rows, retrieved = _user_answers(bench, task, split)
+        result = {
+            "user": uid,
+            "training": summary,
+            "train_k": k,
+            "examples": len(examples),
+            "retrieved": retrieved,
+            "rows": rows,
+            "timing": {"train_s": round(train_s, 2), "methods_s": round(time.perf_counter() - t, 2)},
+        }
+        state.save(name, result)
+        results.append(result)
+        bar.update(1)
+    bar.close()
+    return results
+
+
+def _report(
+    bench: _Bench,
+    data: ml.MovieLens,
+    task: ml.RatingTask,
+    dev_task: ml.RatingTask,
+    root: Path,
+    results: Sequence[Mapping[str, Any]],
+    shared: Mapping[str, Any],
+    profiles: Mapping[str, str | None],
+    leak: Mapping[str, Any],
+    dev_report: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    c = bench.config
+    rows_json = [row for r in results for row in r["rows"]]
+    base, base_dev_mae, shrinkage = reread.baseline_block(data, task, dev_task)
+    for i, row in enumerate(rows_json):
+        row["pred"] = {**{n: p[i] for n, p in base.items()}, **row["pred"]}
+    reread.check_rows(task, rows_json)
+    rows = analysis.Rows.from_report(rows_json)
+    llm = [m.name for m in c.methods()]
+    dev_mae: dict[str, float] = dict(base_dev_mae)
+    if c.split == "dev":
+        dev_mae.update({k: v for k, v in rows.maes().items() if k not in baselines.NAMES})
+    elif dev_report is not None:
+        dev_rows = analysis.Rows.from_report(dev_report["predictions"])
+        dev_mae.update({k: v for k, v in dev_rows.maes().items() if k not in baselines.NAMES})
+    result = analysis.analyse(
+        rows,
+        llm,
+        reference=protocol.REFERENCE,
+        dev_mae=dev_mae,
+        dev_is_this_split=c.split == "dev",
+        resamples=c.bootstrap_resamples,
+        seed=c.seed,
+    )
+    config = _config_report(c, bench, task, root)
+    config["leakage_check"] = dict(leak)
+    config["baseline_shrinkage"] = {"value": shrinkage, "chosen_on": "dev split (rebuilt from the data)"}
     return {
-        "methods": {name: asdict(r) for name, r in results.items()},
+        "methods": result["methods"],
+        "readouts": result["readouts"],
+        "strongest_baseline": result["strongest_baseline"],
+        "comparisons": result["comparisons"],
         "config": config,
-        "ci": {name: asdict(c) for name, c in ci.items()},
-        "table_markdown": report.markdown_report(results, ci),
-        "timing": timing,
-        "training": report.training_report(shared_out, user_outs, profiles),
-        "predictions": report.prediction_rows(task, golds, preds, raw),
+        "table_markdown": result["markdown"],
+        "training": report.training_summary(shared, [r["training"] for r in results], profiles),
+        "predictions": rows_json,
     }

@@ -23,7 +23,8 @@ from tests.models import tiny_model_dir
 
 ML_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
 LLM = {"non_personalized", "rag_k1", "rag_k4", "pag", "oppu", "oppu_rag", "oppu_pag"}
-METHODS = {"global_mean", "user_mean"} | LLM | {m + "_ev" for m in LLM}
+BASELINES = {"global_mean", "user_mean", "user_median", "user_mean_item_bias"}
+METHODS = BASELINES | LLM | {m + "_ev" for m in LLM} | {m + "_median" for m in LLM}
 
 
 def _item(item_id: str, rating: float, ts: int) -> ml.RatingItem:
@@ -51,10 +52,19 @@ def test_small_preset_end_to_end(tmp_path: Path) -> None:
     assert report["methods"]["user_mean"]["parse_failure_rate"] == 0.0
     for m in LLM:  # the expected value is always a rating in range: never a parse failure
         assert report["methods"][m + "_ev"]["parse_failure_rate"] == 0.0
-    greedy = {f"{REFERENCE} vs {m}" for m in METHODS - {REFERENCE} if not m.endswith("_ev")}
-    ev = {f"{REFERENCE}_ev vs {m}" for m in METHODS if m.endswith("_ev") and m != REFERENCE + "_ev"}
-    assert set(report["ci"]) == greedy | ev | {f"{REFERENCE}_ev vs user_mean", f"{REFERENCE}_ev vs global_mean"}
-    assert all(c["low"] <= c["mean_diff"] <= c["high"] and c["n"] == n for c in report["ci"].values())
+    # each LLM method (at its readout) vs the strongest baseline; oppu_rag vs the other LLM methods and baselines
+    chosen = {m: m + {"greedy": "", "ev": "_ev", "median": "_median"}[report["readouts"][m]["readout"]] for m in LLM}
+    target = report["strongest_baseline"]["name"]
+    assert target in BASELINES and report["strongest_baseline"]["chosen_on"] == "dev split"
+    pairs = {(c["a"], c["b"]) for c in report["comparisons"]}
+    assert {(chosen[m], target) for m in LLM} <= pairs
+    assert {(chosen[REFERENCE], chosen[m]) for m in LLM - {REFERENCE}} <= pairs
+    for c in report["comparisons"]:
+        assert c["user_ci"][0] <= c["mean_diff"] <= c["user_ci"][1] and c["n_items"] == n
+        assert c["n_users"] == small.users
+    for row in report["predictions"]:  # the full distribution over the candidates, per item and method
+        assert set(row["dist"]) == LLM and all(abs(sum(d) - 1) < 1e-4 and len(d) == 10 for d in row["dist"].values())
+    assert report["config"]["machine"]["torch_threads"] >= 1 and "avx2" in report["config"]["machine"]["cpu_flags"]
     config = report["config"]
     assert config["preset"] == "small" and config["users"] == small.users and config["items"] == n
     assert config["bootstrap_resamples"] == 500 and config["holdout"] == 0
@@ -62,7 +72,7 @@ def test_small_preset_end_to_end(tmp_path: Path) -> None:
     assert leak["passed"] and leak["history_items"] == small.users * small.history_items
     assert leak["user_examples"] == small.users * small.history_items and leak["shared_examples"] > 0
     assert leak["retrieved_items"] > 0
-    assert "| oppu_rag |" in report["table_markdown"] and report["timing"]["total_s"] > 0
+    assert "| oppu_rag_median |" in report["table_markdown"] and report["timing"]["total_s"] > 0
     assert len(report["predictions"]) == n
 
 
@@ -109,12 +119,40 @@ def test_set_options_are_typed_after_the_config_fields() -> None:
 
 
 def test_expected_rating_is_the_mean_under_the_scored_distribution() -> None:
-    from service.evaluation.protocol import RATINGS, expected_rating
+    from service.evaluation.protocol import RATINGS
+    from service.evaluation.stats import expected_value, median_value, normalise
 
+    values = [float(r) for r in RATINGS]
     assert RATINGS[0] == "0.5" and RATINGS[-1] == "5.0" and len(RATINGS) == 10
-    assert abs(expected_rating([0.0] * 10) - 2.75) < 1e-12  # uniform
+    assert abs(expected_value(values, normalise([0.0] * 10)) - 2.75) < 1e-12  # uniform
     peaked = [-50.0] * 9 + [0.0]
-    assert abs(expected_rating(peaked) - 5.0) < 1e-9
+    assert abs(expected_value(values, normalise(peaked)) - 5.0) < 1e-9
     two = [-1e9] * 10
     two[5], two[7] = -0.5, -0.5  # 3.0 and 4.0 equally likely, the rest impossible
-    assert abs(expected_rating(two) - 3.5) < 1e-9
+    assert abs(expected_value(values, normalise(two)) - 3.5) < 1e-9
+    assert median_value(values, normalise(two)) == 3.0
+
+
+def test_large_preset_dev_then_test_on_a_tiny_configuration(tmp_path: Path) -> None:
+    """The large run's exact commands, shrunk (2 users, 6 history items, stage 1 on 2 outside users): the dev
+    run first, then the test run choosing each readout on the dev report; same users on both splits. The real run
+    (page docs/eval/large.md) differs only in size."""
+    if not (ML_DIR / "ratings.csv").is_file():
+        pytest.fail(f"MovieLens latest-small not found at {ML_DIR} (the project's ../shared folder)")
+    small = ["--users", "2", "--items", "6", "--test-items", "2", "--data", str(ML_DIR)]
+    small += ["--model", str(tiny_model_dir())]
+    sets = ["--set", "shared_users=2", "--set", "profile_new_tokens=2", "--set", "bootstrap_resamples=100"]
+    dev, test = tmp_path / "dev.json", tmp_path / "test.json"
+    assert main(["eval", "movielens", "--preset", "large", "--split", "dev", "--out", str(dev), *small, *sets]) == 0
+    argv = ["eval", "movielens", "--preset", "large", "--out", str(test), *small, *sets]
+    assert main([*argv, "--set", f"dev_report={dev}"]) == 0
+    d, t = json.loads(dev.read_text()), json.loads(test.read_text())
+    assert {r["user"] for r in d["predictions"]} == {r["user"] for r in t["predictions"]}
+    assert not {(r["user"], r["item"]) for r in d["predictions"]} & {(r["user"], r["item"]) for r in t["predictions"]}
+    for m in LLM:
+        assert d["readouts"][m]["chosen_on"] == "this split (dev)" and t["readouts"][m]["chosen_on"] == "dev split"
+        assert t["readouts"][m]["readout"] == d["readouts"][m]["readout"]
+    config = t["config"]
+    assert config["shared_pool"] == "outside" and config["leakage_check"]["shared_examples_from_evaluated_users"] == 0
+    assert config["served_with_training_shape"] == {m: m == REFERENCE for m in LLM}
+    assert (tmp_path / "test.json.run" / "users" / "0001.json").is_file()

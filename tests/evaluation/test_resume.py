@@ -1,0 +1,96 @@
+"""A run interrupted after its first user and resumed gives the same report as an uninterrupted run
+(tiny model, synthetic MovieLens: 2 evaluated users, stage 1 on 2 users outside them, item context on)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import Settings
+from service.evaluation import runner
+from service.evaluation.protocol import EvalConfig
+from service.training.trainer import train_lora
+from tests.models import tiny_model_dir
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _dataset(root: Path) -> Path:
+    root.mkdir()
+    movies = ["movieId,title,genres"] + [f"{m},Movie {m} ({1990 + m}),Drama|Comedy" for m in range(1, 11)]
+    (root / "movies.csv").write_text("\n".join(movies) + "\n")
+    rows = ["userId,movieId,rating,timestamp"]
+    for u in range(1, 5):
+        for j, m in enumerate(range(1, 11)):
+            rows.append(f"{u},{m},{0.5 + ((u * 3 + m * 5) % 10) * 0.5},{1000 * j + 37 * u}")
+    (root / "ratings.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _config() -> EvalConfig:
+    return EvalConfig(
+        users=2,
+        history_items=5,
+        test_items=2,
+        min_ratings=7,
+        model=str(tiny_model_dir()),
+        shared_pool="outside",
+        item_context=True,
+        shared_epochs=1,
+        user_epochs=1,
+        user_min_steps=1,
+        profile_new_tokens=3,
+        max_new_tokens=2,
+        bootstrap_resamples=100,
+        gen_batch=1,  # one row per engine step: bit-reproducible (batched numerics depend on the batch)
+    )
+
+
+def _without_wall_times(report: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps({k: v for k, v in report.items() if k != "timing"}))
+    return out
+
+
+def test_resume_gives_the_same_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _dataset(tmp_path / "ml")
+    settings = Settings(model_cache_dir=tmp_path / "models")
+    whole = runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "whole")
+    assert whole["config"]["leakage_check"]["shared_examples_from_evaluated_users"] == 0
+    # item context on every evaluated item (history + scored) and every outside user's history item
+    assert whole["config"]["leakage_check"]["item_context"] == 2 * (5 + 2) + 2 * 5
+
+    trained: list[int] = []
+    real_answers = runner._user_answers
+
+    def counting_train(*args: Any, **kwargs: Any) -> Any:
+        trained.append(len(args[2]))
+        return train_lora(*args, **kwargs)
+
+    def interrupt_second(bench: Any, task: Any, split: Any) -> Any:
+        if split.user_id != task.users[0].user_id:
+            raise Interrupted
+        return real_answers(bench, task, split)
+
+    monkeypatch.setattr("service.evaluation.runner.train_lora", counting_train)
+    monkeypatch.setattr(runner, "_user_answers", interrupt_second)
+    with pytest.raises(Interrupted):
+        runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts")
+    assert sorted(p.name for p in (tmp_path / "parts" / "users").iterdir()) == ["0000.json"]
+    assert len(trained) == 3  # stage 1, user 1, user 2 (interrupted during its answers)
+    with pytest.raises(ValueError, match="--resume"):
+        runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts")
+
+    monkeypatch.setattr(runner, "_user_answers", real_answers)
+    trained.clear()
+    resumed = runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts", resume=True)
+    assert len(trained) == 1  # only the unfinished user: neither stage 1 nor user 1 is trained again
+    assert resumed["timing"]["sessions"] == 2
+    assert _without_wall_times(resumed) == _without_wall_times(whole)
+    other = EvalConfig(**{**_config().__dict__, "seed": 1})
+    with pytest.raises(ValueError, match="another configuration"):
+        runner.run_eval(other, data_dir=data, settings=settings, run_dir=tmp_path / "parts", resume=True)
