@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncGenerator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -47,7 +47,7 @@ class Engine(Protocol):
 
     def stop(self) -> None: ...
 
-    def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+    def stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         """Queue the row and yield its events, ending with one Finished. Raises a ServiceError: 422 when it
         cannot fit (`check_fits`), 429/503 when the tenant's share or the server is full, 503
         adapter_unavailable, 504 past the deadline, generation_failed for this row only. The engine applies
@@ -202,7 +202,7 @@ class EngineFront(Generic[R]):
         """Called before each admission round (per-round state of `_start`)."""
 
     # --- the request side ---
-    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+    async def stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         check_fits(request, self.limits)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[object] = asyncio.Queue()

@@ -84,7 +84,7 @@ async def _row(preparer: Preparer, prepared: PreparedRequest, index: int) -> Asy
                 reason = "stop"
                 break
     finally:
-        await events.aclose()  # type: ignore[attr-defined]
+        await events.aclose()
     if tail := text.finish():
         yield Delta(index, tail, text.take_tokens())
     yield Completion(text.text, text.tokens, generated, prompt_tokens, reason, prepared, index)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from service.engine.base import Started
 from service.engine.builtin import sampler
 from service.engine.builtin.engine import SLOT_WAIT_STEPS, BuiltinEngine
 from service.engine.builtin.scheduler import Row
-from service.engine.types import AdapterRef, EngineEvent, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
+from service.engine.types import AdapterRef, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
 from service.errors import AdapterUnavailable, GenerationFailed, PromptTooLong, TooManyRequests
 from service.inference.loader import LoadedModel
 from tests.adapters.test_slots import ALL, make_adapter, peft_model, tiny_model
@@ -287,11 +287,7 @@ def test_cancel_frees_the_row_its_kv_and_its_slot(setup: Setup) -> None:
     rows: list[Row] = []
 
     async def main() -> None:
-        # BuiltinEngine.stream is an async generator (typed AsyncIterator by the Engine protocol): it has aclose().
-        stream = cast(
-            AsyncGenerator[EngineEvent, None],
-            engine.stream(request(prompt(4, 30), 200, setup.refs[2], ignore_eos=True)),
-        )
+        stream = engine.stream(request(prompt(4, 30), 200, setup.refs[2], ignore_eos=True))
         n = 0
         async for _ in stream:
             n += 1

@@ -24,7 +24,15 @@ from service.engine.builtin.executor import Executor, head_dim
 from service.engine.builtin.kv import KVLanes
 from service.engine.builtin.sampler import Choice, RowDecoder, choose
 from service.engine.builtin.scheduler import Row, Step, plan_step
-from service.engine.types import AdapterRef, EngineRequest, EngineStats, Finished, StepInfo, TokenEvent
+from service.engine.types import (
+    AdapterRef,
+    EngineRequest,
+    EngineStats,
+    Finished,
+    FinishReason,
+    StepInfo,
+    TokenEvent,
+)
 from service.errors import AdapterUnavailable, GenerationFailed
 from service.inference.loader import LoadedModel
 
@@ -94,7 +102,8 @@ class BuiltinEngine(EngineFront[Row]):
 
     @property
     def model(self) -> torch.nn.Module:
-        return self._loaded.model  # type: ignore[no-any-return]
+        model: torch.nn.Module = self._loaded.model
+        return model
 
     @property
     def cache(self) -> AdapterCache:
@@ -286,10 +295,10 @@ class BuiltinEngine(EngineFront[Row]):
             self._finish(row, "length")
         return 1
 
-    def _finish(self, row: Row, reason: str) -> None:
+    def _finish(self, row: Row, reason: FinishReason) -> None:
         if self._release(row):
             logprobs = tuple(tuple(lps) for lps in row.continuation_logprobs)
-            row.sink(Finished(reason, row.prompt_len, logprobs))  # type: ignore[arg-type]
+            row.sink(Finished(reason, row.prompt_len, logprobs))
 
     def _release(self, row: Row) -> bool:
         """The row leaves: its lane (zeroed where it wrote) and its slot pin are freed BEFORE the requester
