@@ -72,6 +72,7 @@ def make_settings(tmp_path: Path, db: str, model: str, **overrides: object) -> S
         "model_cache_dir": MODEL_CACHE_DIR,
         "admin_key": ADMIN_KEY,
         "batch_window_ms": 2.0,
+        "dtype": "float32",  # auto follows the CPU (bf16 on AMX boxes): tests must not change with the box
         "auth_max_failures": 0,  # matrices send many bad keys from one address; test_auth_limit turns it on
         **overrides,
     }

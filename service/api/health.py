@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from service.deps import StateDep
+from service.inference.loader import serving_dtype
 
 router = APIRouter(tags=["health"])
 
@@ -16,6 +17,8 @@ router = APIRouter(tags=["health"])
 class ReadyOut(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, bool]
+    dtype: str | None = None  # the served weights' dtype (OPPU_DTYPE; "auto" follows the CPU's bf16 support)
+    dtype_reason: str | None = None  # why: "cpu has amx_bf16", "OPPU_DTYPE=float32", ...
 
 
 @router.get("/healthz")
@@ -27,4 +30,7 @@ def healthz() -> dict[str, str]:
 def readyz(state: StateDep) -> JSONResponse:
     checks = {"model": state.engine.stats().healthy, "database": state.db.ping()}
     ok = all(checks.values())
-    return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
+    dtype = serving_dtype(state.settings)  # the loader's rule on the same settings and machine
+    status = "ready" if ok else "not_ready"
+    body = {"status": status, "checks": checks, "dtype": dtype.name, "dtype_reason": dtype.reason}
+    return JSONResponse(body, 200 if ok else 503)

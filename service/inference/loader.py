@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from service.config import DEFAULT_MODEL, Settings
+from service.inference.cpu import DtypeChoice, choose_dtype
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class LoadedModel:
     dtype: torch.dtype
     name: str  # the served model's public name
     path: Path | None
+    dtype_reason: str = ""  # why `dtype` (inference/cpu.choose_dtype): "cpu has amx_bf16", "OPPU_DTYPE=..."
 
 
 def pick_device(setting: str) -> torch.device:
@@ -50,11 +52,12 @@ def pick_device(setting: str) -> torch.device:
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return choose_dtype(setting, device).dtype
+
+
+def serving_dtype(settings: Settings) -> DtypeChoice:
+    """The dtype `load_model` picks for these settings on this machine, and why (for /readyz)."""
+    return choose_dtype(settings.dtype, pick_device(settings.device))
 
 
 def default_gguf_path() -> Path:
@@ -122,7 +125,9 @@ def load_model(settings: Settings, *, weights: bool = True) -> LoadedModel:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
+    choice = choose_dtype(settings.dtype, device)
+    dtype = choice.dtype
+    log.info("model dtype %s on %s: %s", choice.name, device, choice.reason)
     name, where = resolve_model_path(settings)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
@@ -140,4 +145,5 @@ def load_model(settings: Settings, *, weights: bool = True) -> LoadedModel:
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, device, dtype, name, Path(where) if isinstance(where, Path) else None)
+    path = Path(where) if isinstance(where, Path) else None
+    return LoadedModel(model, tokenizer, device, dtype, name, path, choice.reason)

@@ -1,12 +1,14 @@
 import copy
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from service.adapters.archive import pack_zip
 from service.adapters.peft_format import merge_lora, read_adapter_files, unmerge
 from service.config import ALL_TARGET_MODULES, Settings
 from service.inference.loader import LoadedModel, load_model
@@ -15,14 +17,17 @@ from service.training.examples import TrainExample
 from service.training.trainer import (
     IGNORE,
     LoraTrainConfig,
+    SharedInputDropout,
     TrainingCancelled,
     TrainOutput,
     collate,
     collate_packed,
     encode_example,
+    shared_prefix,
     target_loss,
     train_lora,
 )
+from tests.conftest import bearer, create_user, running_app
 from tests.models import tiny_model_dir
 
 WORD = TrainExample("1", "Say the word", "zebracorn")
@@ -35,7 +40,8 @@ QUICK = LoraTrainConfig(lr=1e-3, epochs=2, batch_size=2)
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    return load_model(Settings(model=str(tiny_model_dir()), data_dir=tmp_path_factory.mktemp("data")))
+    settings = Settings(model=str(tiny_model_dir()), data_dir=tmp_path_factory.mktemp("data"), dtype="float32")
+    return load_model(settings)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +114,93 @@ def test_target_only_head_matches_the_models_own_loss(lm: LoadedModel) -> None:
     batch = collate([encode_example(lm.tokenizer, ex, stop, 512) for ex in _examples()], pad_id=2)
     with torch.no_grad():
         torch.testing.assert_close(target_loss(peft_model, batch), peft_model(**batch).loss)
+
+
+def _shaped_examples(n: int = 6) -> list[TrainExample]:
+    """MovieLens-shaped prompts: a long common start (template + retrieval header), then each its own."""
+    head = "Here are some of this user's past items:\n- [rating] "
+    return [TrainExample(str(i), f"{head}Movie {i} ({1990 + i}) | drama{' x' * i}", f"{i % 5}.5") for i in range(n)]
+
+
+def _lora_grads(peft_model: Any) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad and p.grad is not None])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_answer_only_logits_and_shared_prefix_give_the_full_logits_loss(lm: LoadedModel, attn: str) -> None:
+    """The fast loss (vocab projection at answer positions only; the common prompt start run once and its
+    cache repeated per row) equals the model's own full-logits loss in fp32, and so do the LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(lm.model)
+    model.set_attn_implementation(attn)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, lora)
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    rows = [encode_example(lm.tokenizer, ex, stop, 512) for ex in _shaped_examples()]
+    batch = collate(rows, pad_id=2)
+    prefix = shared_prefix(rows)
+    assert prefix >= 10 and len({len(ids) for ids, _ in rows}) > 1  # a real shared start, padded rows
+    losses, grads = [], []
+    for run in ("full", "answer_only", "shared_prefix"):
+        peft_model.zero_grad()
+        if run == "full":
+            loss = peft_model(**batch, use_cache=False).loss  # logits at every position
+        else:
+            loss = target_loss(peft_model, batch, prefix if run == "shared_prefix" else 0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_lora_grads(peft_model))
+    for loss, grad in zip(losses[1:], grads[1:], strict=True):
+        torch.testing.assert_close(loss, losses[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(grad, grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_stops_before_the_first_answer() -> None:
+    a = ([1] * 20 + [5, 6, 7], [IGNORE] * 20 + [5, 6, 7])
+    b = ([1] * 12 + [2] * 8 + [5], [IGNORE] * 20 + [5])
+    early = ([1] * 10 + [9, 9], [IGNORE] * 10 + [9, 9])  # its answer starts at 10: its input 9 must be computed
+    assert shared_prefix([a, b]) == 12
+    assert shared_prefix([a, a]) == 19  # identical rows: all but the position predicting the first answer
+    assert shared_prefix([a, early]) == 9
+    assert shared_prefix([a]) == 0  # nothing to share
+    assert shared_prefix([a, ([1] * 5 + [3] * 15 + [5], [IGNORE] * 20 + [5])]) == 0  # below MIN_SHARED_PREFIX
+
+
+def test_shared_input_dropout_rate_scale_and_sharing() -> None:
+    drop = SharedInputDropout(0.05)
+    x = torch.ones(400, 1000)
+    torch.manual_seed(0)
+    out = drop(x)
+    assert drop(x) is out  # q, k, v reading one tensor get one mask
+    dropped = (out == 0).float().mean().item()
+    assert 0.048 < dropped < 0.052 and abs(out.mean().item() - 1.0) < 0.005  # rate p, expectation kept
+    assert torch.allclose(out[out != 0], torch.tensor(32768 / (32768 - 1638)))
+    other = drop(x.clone())
+    assert not torch.equal(other, out)  # another input, another mask
+    drop.clear()
+    assert not torch.equal(drop(x), out)
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_fast_paths_train_like_the_plain_path(lm: LoadedModel) -> None:
+    """The shared prefix and the cheap dropout change the cost, not what is learnt: with dropout off the
+    adapters match; with dropout on both learn the same amount."""
+    examples = _shaped_examples(8)
+    plain = LoraTrainConfig(lr=1e-3, epochs=3, batch_size=4, share_prefix=False, fast_dropout=False)
+    runs = {
+        (share, fast, p): train_lora(
+            lm.model, lm.tokenizer, examples, replace(plain, share_prefix=share, fast_dropout=fast, dropout=p),
+            base_model_name="t",
+        )
+        for share, fast, p in ((False, False, 0.0), (True, True, 0.0), (False, False, 0.05), (True, True, 0.05))
+    }  # fmt: skip
+    same, plain_run = runs[True, True, 0.0].epoch_losses, runs[False, False, 0.0].epoch_losses
+    torch.testing.assert_close(torch.tensor(same), torch.tensor(plain_run), rtol=1e-4, atol=0)  # summation order
+    fast, slow = runs[True, True, 0.05].epoch_losses, runs[False, False, 0.05].epoch_losses
+    assert fast[-1] < fast[0] and slow[-1] < slow[0]
+    assert abs(fast[-1] - slow[-1]) < 0.1 * slow[0]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -212,3 +305,35 @@ def test_paper_defaults() -> None:
         )
     with pytest.raises(ValueError):
         LoraTrainConfig(epochs=0)
+
+
+@pytest.fixture(scope="module")
+def memorised_bf16(lm: LoadedModel) -> TrainOutput:
+    return train_lora(
+        lm.model, lm.tokenizer, [WORD], replace(MEMORISE, mixed_precision="bf16"), base_model_name=lm.name
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adapter_trained_under_bf16_autocast_serves_in_fp32_and_bf16(
+    memorised_bf16: TrainOutput, dtype: str, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """What a bf16 box trains (autocast; fp32 LoRA weights on disk) is served through the app in either
+    dtype: uploaded, its answer comes back greedy; without it, it does not."""
+    assert memorised_bf16.compute_dtype == "bfloat16"
+    assert memorised_bf16.epoch_losses[-1] < memorised_bf16.epoch_losses[0] - 0.5
+    body = {"prompt": WORD.prompt, "max_new_tokens": 4, "temperature": 0, "retrieval_k": 0, "use_profile": False}
+    with running_app(tmp_path, tiny_model_path, dtype=dtype, device="cpu") as client:
+        assert client.get("/readyz").json()["dtype"] == dtype
+        key = create_user(client, "amy")
+        upload = client.put(
+            "/users/amy/adapter",
+            content=pack_zip(memorised_bf16.files),
+            headers={**bearer(key), "Content-Type": "application/zip"},
+        )
+        assert upload.status_code == 201, upload.text
+        r = client.post("/users/amy/generate", json=body, headers=bearer(key))
+        assert r.status_code == 200 and r.json()["adapter_version"] == 1, r.text
+        assert r.json()["text"].startswith("zebracorn"), r.json()
+        r = client.post("/users/amy/generate", json={**body, "use_adapter": False}, headers=bearer(key))
+        assert not r.json()["text"].startswith("zebracorn")
