@@ -60,3 +60,17 @@ def test_shrinkage_and_strongest_baseline_are_chosen_on_dev() -> None:
     assert baselines.choose_shrinkage(dev, index) == baselines.SHRINKAGE_GRID[-1]
     assert baselines.strongest({"user_mean": 0.7, "user_median": 0.69, "user_mean_item_bias": 0.71}) == "user_median"
     assert baselines.strongest({"user_mean": 0.7, "user_median": 0.7}) == "user_mean"  # tie: listed first
+
+
+def test_hand_computed_genre_baseline() -> None:
+    def item(i: int, genres: tuple[str, ...], rating: float) -> ml.RatingItem:
+        return ml.RatingItem(f"m{i}", i, f"Movie {i}", genres, rating, i)
+
+    history = [item(1, ("Drama",), 4.0), item(2, ("Comedy",), 2.0), item(3, ("Drama", "Comedy"), 3.0)]
+    tests = [item(4, ("Drama",), 5.0), item(5, ("Drama", "Comedy"), 1.0), item(6, ("Horror",), 1.0), item(7, (), 1.0)]
+    # mean 3.0; Drama residuals +1, 0 -> 1 / (2 + 5); Comedy -1, 0 -> -1 / (2 + 5); unseen genres move nothing
+    got = baselines.genre_predictions(ml.UserSplit("ml_1", history, tests), fallback=0.0, shrinkage=5.0)
+    assert got == pytest.approx([3.0 + 1 / 7, 3.0, 3.0, 3.0])
+    assert baselines.genre_predictions(ml.UserSplit("ml_1", history, tests[:1]), fallback=0.0, shrinkage=0.0) == [
+        pytest.approx(3.5)
+    ]

@@ -23,7 +23,7 @@ from tests.models import tiny_model_dir
 
 ML_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
 LLM = {"non_personalized", "rag_k1", "rag_k4", "pag", "oppu", "oppu_rag", "oppu_pag"}
-BASELINES = {"global_mean", "user_mean", "user_median", "user_mean_item_bias"}
+BASELINES = {"global_mean", "user_mean", "user_median", "user_mean_genre", "user_mean_item_bias"}
 METHODS = BASELINES | LLM | {m + "_ev" for m in LLM} | {m + "_median" for m in LLM}
 
 
