@@ -16,6 +16,7 @@ from service.jobs.queue import JobQueue
 from service.state import AppState
 from service.streams import StreamRegistry
 from service.tenancy import (
+    USER_ID_MAX,
     USER_ID_PATTERN,
     Caller,
     UserRef,
@@ -71,7 +72,7 @@ def get_admin(caller: CallerDep) -> Caller:
 
 AdminDep = Annotated[Caller, Depends(get_admin)]
 
-UserIdPath = Annotated[str, Path(max_length=256, description=USER_ID_PATTERN)]
+UserIdPath = Annotated[str, Path(max_length=USER_ID_MAX, description=USER_ID_PATTERN)]
 
 
 def get_user(user_id: UserIdPath, caller: CallerDep, state: StateDep) -> UserRef:
