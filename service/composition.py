@@ -32,6 +32,7 @@ from service.generation.prepare import Preparer
 from service.history.service import UserCorpus
 from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import PromptCodec
+from service.jobs import entry
 from service.jobs.queue import InProcessJobQueue, JobQueue, Listeners, make_queue
 from service.jobs.tasks import JobContext, recover_in_process, run_job
 from service.metrics import FieldCollector, Metrics, SqlStateCollector
@@ -207,8 +208,9 @@ def worker_job_context(*, reconcile_store: bool = False) -> JobContext:
     """The RQ worker's context (the parent reconciles the store at start-up; each work horse builds its own)."""
     settings = get_settings()
     ctx = job_context(settings, make_queue(settings))
-    if reconcile_store:
+    if reconcile_store:  # the worker parent: its forked work horses build their context with this factory
         reconcile(database(settings), ctx.store)
+        entry.install(worker_job_context)
     return ctx
 
 

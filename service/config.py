@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # --- training jobs ---
     job_max_attempts: int = 3
     job_stale_after_s: float = 60.0  # a running job without a heartbeat for this long is retried
+    # A queued job put on the queue this long ago is enqueued again by the worker's reaper (its message may be
+    # lost: Redis was down at the enqueue or restarted empty); an attempt still in the queue is not doubled.
+    job_requeue_after_s: float = 60.0
     job_timeout_s: int = 3600
     # Stage 2 (a user's LoRA) and stage 1 (the shared task LoRA). Chosen for the default model on dev data
     # only (docs/eval/defaults.md): the paper's 1e-4 barely moves a 135M model in a few dozen steps.

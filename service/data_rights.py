@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO
 
@@ -14,10 +16,12 @@ from service.adapters import repository as adapter_repo
 from service.adapters import service as adapter_service
 from service.adapters.peft_format import PEFT_FILES
 from service.adapters.service import AdapterContext
+from service.db.session import after_commit
+from service.errors import Unauthorized
 from service.history import repository as history_repo
 from service.history.service import as_utc
 from service.tenancy import UserRef
-from service.users import delete_user_rows
+from service.users import delete_user_rows, revoke_keys
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -69,10 +73,42 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
         zf.writestr("manifest.json", json.dumps(manifest, indent=2))
 
 
-def erase_user(session: Session, ctx: AdapterContext, user: UserRef) -> None:
-    """Rows go now (history, profile, keys, adapters, jobs: ON DELETE CASCADE); adapter files right after the
-    commit, and every replica's caches on the notice that follows. A queued RQ job finds no row and does
+class UserErased(Unauthorized):
+    """What a request of a user erased meanwhile hears: their rows were cancelled."""
+
+    code = "user_erased"
+
+
+@dataclass(frozen=True)
+class EraseHooks:
+    """What an erase ends outside SQL, right after the commit (the API wires them from its state)."""
+
+    revoke: Callable[[list[str]], None]  # the user's key hashes: streams end here first, then on every replica
+    cancel_rows: Callable[[str, BaseException], int]  # a tenant's (storage key's) queued and running engine rows
+    checkpoint: Callable[[], object]  # SQLite: the erased rows leave the WAL file
+
+
+def erase_user(session: Session, ctx: AdapterContext, user: UserRef, hooks: EraseHooks | None = None) -> None:
+    """Final at once. Rows go now (history, profile, keys, adapters, jobs: ON DELETE CASCADE). After the commit:
+    the user's keys are revoked like a rotation (their streams end, here and on every replica), their queued and
+    running engine rows are cancelled, the adapter files go and every replica's caches on the notice that
+    follows, and (SQLite) a checkpoint truncates the WAL. A running retrain finds its job row gone and publishes
     nothing. Shared adapter versions trained on their history are flagged `trained_on_erased`."""
-    adapter_repo.flag_trained_on(session, user.pk)  # shared versions trained on their history (retrain to drop)
+    revoke_keys(session, user, hooks.revoke if hooks is not None else None)
     delete_user_rows(session, user)
+    # After the delete: on PostgreSQL a shared job publishing now holds the user row (FOR SHARE), so this flag
+    # runs after that job committed and sees its contributor rows.
+    adapter_repo.flag_trained_on(session, user.storage_key)
+    if hooks is not None:
+        after_commit(session, lambda: _cancel_rows(hooks, user.storage_key))
     adapter_service.forget_after_commit(session, ctx, user.storage_key)
+    if hooks is not None:
+        after_commit(session, lambda: _checkpoint(hooks))
+
+
+def _cancel_rows(hooks: EraseHooks, storage_key: str) -> None:
+    hooks.cancel_rows(storage_key, UserErased("the user was erased"))
+
+
+def _checkpoint(hooks: EraseHooks) -> None:
+    hooks.checkpoint()

@@ -48,7 +48,7 @@ CONTRACTS = (
             "adapters/cache.py",
             "adapters/peft_format.py",
             "adapters/validation.py",
-            "jobs/tasks.py",
+            "jobs/context.py",
             "evaluation/runner.py",
         ),
         "weights are touched by the engine, the slots/cache and training only",
@@ -72,7 +72,10 @@ API_FORBIDDEN = ("torch", "sqlalchemy", "peft", "redis", "rq", "transformers", "
 # Repository functions must name whose rows they touch; these few are global on purpose (admin/maintenance).
 SCOPE_PARAMS = frozenset({"user_pk", "owner_key", "user_id", "key_hash", "job_id"})
 GLOBAL_QUERIES = {
-    "accounts/repository.py": {"all_user_keys": "the shared task LoRA trains on every user (admin job)"},
+    "accounts/repository.py": {
+        "all_user_keys": "the shared task LoRA trains on every user (admin job)",
+        "existing_storage_keys": "a shared job's contributors (storage keys it trained on), checked at publish",
+    },
     "adapters/repository.py": {
         "stale_current": "retrain-stale (admin) and /metrics count every user",
         "all_versions": "start-up reconciliation of the store with SQL (maintenance)",
@@ -83,6 +86,7 @@ GLOBAL_QUERIES = {
     "jobs/repository.py": {
         "add_unless_active": "the job row carries its owner",
         "stale_running": "the reaper (worker) scans all jobs",
+        "queued_before": "the reaper re-enqueues queued jobs whose message may be lost (all owners)",
         "unfinished": "embedded start-up recovery of this process's jobs",
         "count_by_status": "/metrics",
         "finished_durations": "/metrics",
@@ -206,3 +210,27 @@ def test_a_long_function_and_an_env_read_are_caught() -> None:
     assert length_violations("x.py", body)
     assert env_violations("generation/prepare.py", "import os\nos.environ.get('X')\n")
     assert not env_violations("config.py", "import os\nos.environ.get('X')\n")
+
+
+# Job bodies and the RQ entry point get their context handed in (service.jobs.entry.install): the job package
+# never reaches up into the composition root, the API state or the routes (issue 21: tasks -> composition ->
+# tasks was a cycle).
+JOBS_MAY_NOT_IMPORT = ("service.composition", "service.state", "service.api", "service.lifespan", "service.main")
+
+
+def jobs_import_violations(path: str, source: str) -> list[str]:
+    if not path.startswith("jobs/"):
+        return []
+    return [
+        f"{path}:{line} imports {module}: nothing under service/jobs imports the composition root or the API"
+        for module, _, line in imports(ast.parse(source))
+        if any(module == m or module.startswith(m + ".") for m in JOBS_MAY_NOT_IMPORT)
+    ]
+
+
+def test_the_job_package_never_imports_the_composition_root() -> None:
+    problems = [p for path in service_modules() for p in jobs_import_violations(rel(path), path.read_text())]
+    assert not problems, "\n".join(problems)
+    assert jobs_import_violations("jobs/tasks.py", "def f():\n    from service.composition import worker_job_context\n")
+    assert jobs_import_violations("jobs/entry.py", "from service.state import AppState\n")
+    assert not jobs_import_violations("api/jobs.py", "from service.composition import x\n")

@@ -3,6 +3,7 @@ the key lookup, which finds the user FROM a key hash; nothing commits."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import delete, select, update
@@ -54,6 +55,23 @@ def revoke_keys(session: Session, user_pk: int, now: datetime) -> list[str]:
         .execution_options(synchronize_session=False)
     )
     return hashes
+
+
+def lock_owner(session: Session, user_pk: int, owner_key: str) -> bool:
+    """The user with this pk AND storage key still exists, and (PostgreSQL) cannot be deleted until this
+    transaction ends (FOR SHARE): a job publishing for them either sees their erase or holds it back."""
+    stmt = select(User.id).where(User.id == user_pk, User.storage_key == owner_key).with_for_update(read=True)
+    return session.execute(stmt).first() is not None
+
+
+def existing_storage_keys(session: Session, keys: Iterable[str]) -> set[str]:
+    """Which of these storage keys still belong to a user, locked FOR SHARE (PostgreSQL) like lock_owner:
+    a shared job publishing knows which of its contributors were erased while it trained."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return set()
+    stmt = select(User.storage_key).where(User.storage_key.in_(wanted)).with_for_update(read=True)
+    return set(session.scalars(stmt))
 
 
 def all_user_keys(session: Session) -> list[tuple[int, str]]:

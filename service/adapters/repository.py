@@ -95,23 +95,34 @@ def all_versions(session: Session) -> list[tuple[str, int, int | None]]:
     return [(owner, version, current) for owner, version, current in rows]
 
 
-def add_contributors(session: Session, adapter_id: int, user_pks: Iterable[int]) -> None:
-    """The users whose history trained a (shared) adapter version."""
-    session.add_all(AdapterContributor(adapter_id=adapter_id, user_pk=pk) for pk in set(user_pks))
+def add_contributors(session: Session, adapter_id: int, storage_keys: Iterable[str]) -> None:
+    """The users (by storage key, never reused) whose history trained a (shared) adapter version."""
+    session.add_all(AdapterContributor(adapter_id=adapter_id, storage_key=key) for key in set(storage_keys))
     session.flush()
 
 
-def flag_trained_on(session: Session, user_pk: int) -> int:
-    """Before a user is erased: every adapter version trained on their history is flagged (retrain to drop
-    their influence). Returns how many."""
-    trained = select(AdapterContributor.adapter_id).where(AdapterContributor.user_pk == user_pk)
+def flag_trained_on(session: Session, owner_key: str) -> int:
+    """When a user (this storage key) is erased: every adapter version trained on their history is flagged
+    (retrain to drop their influence), and the contributor rows naming them go. Returns how many versions."""
+    trained = select(AdapterContributor.adapter_id).where(AdapterContributor.storage_key == owner_key)
     result = session.execute(
         update(Adapter)
         .where(Adapter.id.in_(trained))
         .values(trained_on_erased=True)
         .execution_options(synchronize_session=False)
     )
+    session.execute(delete(AdapterContributor).where(AdapterContributor.storage_key == owner_key))
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def flag_version_trained_on_erased(session: Session, owner_key: str, version: int) -> None:
+    """A version published after one of its contributors was erased (the job trained meanwhile)."""
+    session.execute(
+        update(Adapter)
+        .where(Adapter.owner_key == owner_key, Adapter.version == version)
+        .values(trained_on_erased=True)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def by_job(session: Session, job_id: str) -> Adapter | None:

@@ -100,7 +100,7 @@ def publish(
     shared_version: int | None = None,
     meta: dict[str, Any] | None = None,
     job_id: str | None = None,
-    contributors: Iterable[int] = (),
+    contributors: Iterable[str] = (),  # storage keys (never reused), not pks
 ) -> Adapter:
     """Validate, write the files, then record them as the current version (the SQL commit is the commit
     point: until then no reader sees the new version). The files are written and fsynced BEFORE the first

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import data_rights, users
+from service.api.users import EraseHooksDep
 from service.deps import AdaptersDep, AdminDep, SessionDep, UserIdPath
 from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import USER_ID_MAX, USER_ID_PATTERN, authorize_user
@@ -30,7 +31,9 @@ def create_user(body: CreateUserIn, _: AdminDep, session: SessionDep) -> CreateU
 
 
 @router.delete("/users/{user_id}", status_code=204)
-def delete_user(user_id: UserIdPath, caller: AdminDep, session: SessionDep, adapters: AdaptersDep) -> Response:
+def delete_user(
+    user_id: UserIdPath, caller: AdminDep, session: SessionDep, adapters: AdaptersDep, hooks: EraseHooksDep
+) -> Response:
     user = authorize_user(session, caller, user_id)
-    data_rights.erase_user(session, adapters, user)
+    data_rights.erase_user(session, adapters, user, hooks)
     return Response(status_code=204)

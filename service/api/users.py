@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import IO
+from typing import IO, Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel
 
 from service import data_rights, users
@@ -44,9 +44,19 @@ def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, state
     return gated_file(state.downloads, user.storage_key, write)
 
 
+def get_erase_hooks(state: StateDep) -> data_rights.EraseHooks:
+    """An erase ends the user's keys (this replica first, then every replica), engine rows and WAL frames."""
+    return data_rights.EraseHooks(
+        revoke=state.queue.publish_revoked, cancel_rows=state.engine.cancel_tenant, checkpoint=state.db.checkpoint
+    )
+
+
+EraseHooksDep = Annotated[data_rights.EraseHooks, Depends(get_erase_hooks)]
+
+
 @router.delete("/users/{user_id}", status_code=204)
-def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep) -> Response:
-    data_rights.erase_user(session, adapters, user)
+def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, hooks: EraseHooksDep) -> Response:
+    data_rights.erase_user(session, adapters, user, hooks)
     return Response(status_code=204)
 
 

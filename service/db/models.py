@@ -1,4 +1,8 @@
-"""ORM models. Every per-user row hangs off users.id with ON DELETE CASCADE."""
+"""ORM models. Every per-user row hangs off users.id with ON DELETE CASCADE.
+
+Primary keys that outlive their row somewhere (a user's pk in a running job, a history item's id as a
+training cutoff, an adapter's id in contributor rows) are never reused: AUTOINCREMENT on SQLite (a plain
+rowid hands the largest erased pk to the next row); PostgreSQL sequences never go back."""
 
 from __future__ import annotations
 
@@ -35,8 +39,13 @@ def new_storage_key() -> str:
     return uuid.uuid4().hex
 
 
+# SQLite: never reuse the pk of a deleted row (PostgreSQL sequences never do).
+NO_PK_REUSE = {"sqlite_autoincrement": True}
+
+
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = NO_PK_REUSE
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -64,6 +73,7 @@ class HistoryItem(Base):
     __table_args__ = (
         UniqueConstraint("user_pk", "client_id", name="uq_history_items_user_client"),
         Index("ix_history_items_user_seq", "user_pk", "id"),
+        NO_PK_REUSE,
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -106,7 +116,7 @@ class Adapter(Base):
     """One immutable published version of an adapter (files under the store, PEFT format)."""
 
     __tablename__ = "adapters"
-    __table_args__ = (UniqueConstraint("owner_key", "version", name="uq_adapters_owner_version"),)
+    __table_args__ = (UniqueConstraint("owner_key", "version", name="uq_adapters_owner_version"), NO_PK_REUSE)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner_key: Mapped[str] = mapped_column(String(32), index=True)
@@ -129,12 +139,14 @@ class Adapter(Base):
 
 
 class AdapterContributor(Base):
-    """Whose history a shared adapter version was trained on (so that an erasure can flag it)."""
+    """Whose history a shared adapter version was trained on (so that an erasure can flag it). By storage key,
+    never by pk: a storage key is never reused, and a contributor erased while the shared job trained is
+    still recognised as gone when the version is published."""
 
     __tablename__ = "adapter_contributors"
 
     adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"), primary_key=True)
-    user_pk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
+    storage_key: Mapped[str] = mapped_column(String(32), primary_key=True, index=True)
 
 
 ACTIVE_JOB_STATES = ("queued", "running")
@@ -158,7 +170,7 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(32))  # user_retrain | shared_retrain
     owner_key: Mapped[str] = mapped_column(String(40))
     user_pk: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
-    status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed
+    status: Mapped[str] = mapped_column(String(16))  # queued | running | succeeded | failed | cancelled
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cutoff_item_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # history snapshot
@@ -168,3 +180,6 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # When the job was last put on the queue (request, retry, reaper): the reaper re-enqueues a queued job
+    # only once this is older than OPPU_JOB_REQUEUE_AFTER_S, so one lost message costs one re-enqueue.
+    requeued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,4 +1,6 @@
-"""Engine + session factory. SQLite gets WAL, a busy timeout and enforced foreign keys."""
+"""Engine + session factory. SQLite gets WAL, a busy timeout, enforced foreign keys and secure_delete (deleted
+content is overwritten, not left in free pages); after an erase, a checkpoint moves the WAL into the database
+file and truncates it, so no erased text stays on disk in either file."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            cur.execute("PRAGMA secure_delete=ON")  # an erase zeroes the rows' bytes (pages and WAL frames)
             cur.close()
 
         return engine
@@ -70,6 +73,17 @@ class Database:
             return True
         except Exception:
             return False
+
+    def checkpoint(self) -> bool:
+        """SQLite: copy the WAL into the database file and truncate it (after an erase, the old frames still
+        hold the erased rows). True when the WAL is empty now; other backends: nothing to do."""
+        if self.engine.dialect.name != "sqlite":
+            return True
+        with self.engine.connect() as conn:
+            busy, _, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        if busy:
+            log.warning("WAL checkpoint after an erase was blocked by a reader; the next checkpoint completes it")
+        return not busy
 
     def dispose(self) -> None:
         self.engine.dispose()

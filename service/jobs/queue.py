@@ -1,6 +1,10 @@
 """The job queue: RQ on Redis when OPPU_REDIS_URL is set, else an in-process runner. The only importer
 of rq and redis (with jobs/worker.py). Queues carry job ids only; the job's state lives in SQL. It also
-carries the adapter-change notices ("<owner_key> <version>") every replica subscribes to."""
+carries the adapter-change notices ("<owner_key> <version>") every replica subscribes to.
+
+Redis may be down: an enqueue that fails is logged (the worker's reaper enqueues the queued job again once
+Redis is back), and a notice is applied to this replica's own listeners FIRST, then published (a failed
+publish is logged): a revoked key's streams end here even while Redis is unreachable."""
 
 from __future__ import annotations
 
@@ -9,12 +13,19 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from service.config import Settings
 
+if TYPE_CHECKING:
+    from redis import Redis
+
 log = logging.getLogger(__name__)
 QUEUE_NAME = "oppu-training"
+ENTRY_POINT = "service.jobs.entry.run_job_in_worker"  # what every queue message runs (see jobs/entry.py)
+PENDING_RQ_STATES = ("queued", "started", "deferred", "scheduled")
+REDIS_CONNECT_TIMEOUT_S = 2.0  # a request that publishes or enqueues never hangs on an unreachable Redis
+REDIS_SOCKET_TIMEOUT_S = 5.0
 ADAPTER_CHANNEL = "oppu:adapters"  # pub/sub: "<owner_key> <version>" after every publish or delete
 REVOKED_CHANNEL = "oppu:revoked"  # pub/sub: "<key hash>,<key hash>..." after keys are revoked or rotated
 
@@ -45,36 +56,80 @@ class RedisJobQueue:
         from rq import Queue
         from rq.serializers import JSONSerializer
 
-        self.redis = Redis.from_url(url)
+        self.url = url
+        self.redis = Redis.from_url(
+            url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S
+        )
         # JSON, never pickle: a job is a function path and a job id, and a pickle in Redis would run code
         # on the worker for anyone who can write to Redis.
         self.queue = Queue(QUEUE_NAME, connection=self.redis, serializer=JSONSerializer)
         self.job_timeout_s = job_timeout_s
+        self._local: list[Listeners] = []  # this replica's listeners: notices reach them before Redis
 
     def enqueue(self, job_id: str, attempt: int) -> None:
-        # One RQ job per attempt: a retry after a killed worker is a fresh RQ job for the same SQL job.
+        # One RQ job per attempt: a retry after a killed worker is a fresh RQ job for the same SQL job. The
+        # reaper may enqueue an attempt again (its message may be lost): one still pending is left alone,
+        # so the queue (and its depth metric) holds each attempt once.
+        rq_id = f"{job_id}-a{attempt}"
+        if self._pending(rq_id):
+            return
         self.queue.enqueue(
-            "service.jobs.tasks.run_job_in_worker",
+            ENTRY_POINT,
             job_id,
-            job_id=f"{job_id}-a{attempt}",
+            job_id=rq_id,
             job_timeout=self.job_timeout_s,
             result_ttl=3600,
             failure_ttl=24 * 3600,
         )
 
+    def _pending(self, rq_id: str) -> bool:
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job as RqJob
+
+        try:
+            job = RqJob.fetch(rq_id, connection=self.redis, serializer=self.queue.serializer)
+        except NoSuchJobError:
+            return False
+        return job.get_status(refresh=False) in PENDING_RQ_STATES  # RQ's JobStatus is a str enum
+
     def depth(self) -> int:
         return int(self.queue.count)
 
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except Exception:
+            return False
+
+    def worker_connection(self) -> Redis:
+        """A connection for the RQ worker: no socket timeout (its blocking dequeue waits longer than one)."""
+        from redis import Redis
+
+        return Redis.from_url(self.url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
-        self.redis.publish(ADAPTER_CHANNEL, f"{owner_key} {version if version is not None else 0}")
+        for listeners in list(self._local):
+            _apply(listeners.adapter, owner_key, version)
+        self._publish(ADAPTER_CHANNEL, f"{owner_key} {version if version is not None else 0}")
 
     def publish_revoked(self, key_hashes: list[str]) -> None:
-        if key_hashes:
-            self.redis.publish(REVOKED_CHANNEL, ",".join(key_hashes))
+        if not key_hashes:
+            return
+        for listeners in list(self._local):
+            _apply(listeners.revoked, key_hashes)
+        self._publish(REVOKED_CHANNEL, ",".join(key_hashes))
+
+    def _publish(self, channel: str, data: str) -> None:
+        """Other replicas hear it when Redis is up; this one has acted already (it hears it twice: harmless)."""
+        try:
+            self.redis.publish(channel, data)
+        except Exception as exc:
+            log.warning("could not publish on %s (Redis unreachable?): %s", channel, type(exc).__name__)
 
     def subscribe(self, listeners: Listeners, stop: threading.Event) -> None:
         """Calls the listeners for every notice (every replica's, this one's included), on a daemon thread,
         until `stop` is set."""
+        self._local.append(listeners)
         threading.Thread(target=self._listen, args=(listeners, stop), name="oppu-pubsub", daemon=True).start()
 
     def _listen(self, listeners: Listeners, stop: threading.Event) -> None:
@@ -86,8 +141,8 @@ class RedisJobQueue:
                     message = pubsub.get_message(timeout=1.0)
                     if message and isinstance(message.get("data"), bytes):
                         _dispatch(listeners, message["channel"], message["data"].decode())
-            except Exception:
-                log.exception("pub/sub listener failed; reconnecting")
+            except Exception as exc:  # Redis down: retry every second, quietly (readyz reports it)
+                log.warning("pub/sub listener lost Redis (%s); reconnecting", type(exc).__name__)
                 stop.wait(1.0)
 
     def close(self) -> None:
@@ -140,6 +195,18 @@ class InProcessJobQueue:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _apply(action: Callable[..., object], *args: object) -> None:
+    try:
+        action(*args)
+    except Exception:
+        log.exception("a local notice listener failed")
+
+
+def queue_checks(queue: JobQueue) -> dict[str, bool]:
+    """What readiness reports about the queue: Redis reachable (only when Redis is used)."""
+    return {"redis": queue.ping()} if isinstance(queue, RedisJobQueue) else {}
 
 
 def _dispatch(listeners: Listeners, channel: bytes | str, data: str) -> None:

@@ -1,12 +1,18 @@
-"""ALL SQL for training jobs. Owner first where a job belongs to one; nothing commits.
+"""ALL SQL for training jobs, and the ONE writer of a job's state. Owner first where a job belongs to one;
+nothing commits.
 
 A job row is the truth of a training job (the queue only carries its id). At most one active
 (queued/running) job per owner: a partial unique index, so concurrent requests make exactly one job.
+Every state change is a compare-and-set UPDATE that names the state (and, for a running job, the attempt)
+it leaves: a superseded attempt, a reaper on another process or a cancel can never be overwritten by a
+late writer. States: queued -> running -> succeeded | failed; running -> queued (retry, stale takeover);
+queued | running -> cancelled.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, func, select, true, update
 from sqlalchemy.exc import IntegrityError
@@ -41,49 +47,104 @@ def get(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id, populate_existing=True) if len(job_id) <= MAX_JOB_ID else None
 
 
-def claim(session: Session, job_id: str, now: datetime, stale_before: datetime) -> bool:
-    """queued -> running (attempts + 1); also takes over a running job whose heartbeat is older than
-    stale_before. True if this caller now owns the job."""
+def _cas(session: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
+    """THE state write: only a row matching `where` changes; True if it did."""
     result = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            (Job.status == "queued") | ((Job.status == "running") & (Job.heartbeat_at < stale_before)),
-        )
-        .values(status="running", attempts=Job.attempts + 1, started_at=now, heartbeat_at=now, error=None)
-        .execution_options(synchronize_session=False)
+        update(Job).where(Job.id == job_id, where).values(**values).execution_options(synchronize_session=False)
     )
     return getattr(result, "rowcount", 0) == 1
 
 
-def heartbeat(session: Session, job_id: str, progress: float, now: datetime, attempt: int | None) -> None:
-    """Only the attempt that owns the job (when given) refreshes it: a superseded one must not."""
-    owned: ColumnElement[bool] = (Job.attempts == attempt) if attempt is not None else true()
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", owned)
-        .values(progress=progress, heartbeat_at=now)
-        .execution_options(synchronize_session=False)
+def _owned(attempt: int | None) -> ColumnElement[bool]:
+    """A running job still owned by this attempt (None: by whichever attempt runs it)."""
+    return (Job.status == "running") & ((Job.attempts == attempt) if attempt is not None else true())
+
+
+def claim(session: Session, job_id: str, now: datetime, stale_before: datetime) -> bool:
+    """queued -> running (attempts + 1); also takes over a running job whose heartbeat is older than
+    stale_before. True if this caller now owns the job."""
+    return _cas(
+        session,
+        job_id,
+        (Job.status == "queued") | ((Job.status == "running") & (Job.heartbeat_at < stale_before)),
+        status="running",
+        attempts=Job.attempts + 1,
+        started_at=now,
+        heartbeat_at=now,
+        error=None,
     )
 
 
-def mark_succeeded(session: Session, job_id: str, adapter_version: int | None, now: datetime) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(status="succeeded", progress=1.0, adapter_version=adapter_version, finished_at=now)
-        .execution_options(synchronize_session=False)
+def heartbeat(session: Session, job_id: str, progress: float, now: datetime, attempt: int | None) -> bool:
+    """Only the attempt that owns the job (when given) refreshes it: a superseded one must not. False: this
+    attempt no longer owns the job (taken over, cancelled, or its owner erased and the row gone)."""
+    return _cas(session, job_id, _owned(attempt), progress=progress, heartbeat_at=now)
+
+
+def mark_succeeded(
+    session: Session, job_id: str, attempt: int | None, adapter_version: int | None, now: datetime
+) -> bool:
+    return _cas(
+        session,
+        job_id,
+        _owned(attempt),
+        status="succeeded",
+        progress=1.0,
+        adapter_version=adapter_version,
+        finished_at=now,
     )
 
 
-def stale_running(session: Session, stale_before: datetime) -> list[Job]:
-    """Running jobs whose worker stopped heart-beating (admin/reaper: all owners)."""
-    return list(session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < stale_before)))
+def requeue(session: Session, job_id: str, attempt: int | None, error: str | None, now: datetime) -> bool:
+    """running -> queued, for the next attempt (a retry after an error; start-up recovery)."""
+    return _cas(session, job_id, _owned(attempt), status="queued", error=error, requeued_at=now)
 
 
-def unfinished(session: Session) -> list[Job]:
-    """Every queued or running job (embedded start-up recovery: all owners of this one process)."""
-    return list(session.scalars(select(Job).where(Job.status.in_(ACTIVE_JOB_STATES))))
+def mark_failed(session: Session, job_id: str, attempt: int | None, error: str, now: datetime) -> bool:
+    return _cas(session, job_id, _owned(attempt), status="failed", error=error, finished_at=now)
+
+
+def requeue_stale(session: Session, job_id: str, attempt: int, stale_before: datetime, now: datetime) -> bool:
+    """The reaper's takeover of a running job whose worker died: back to queued (marked, so the next tick
+    does not enqueue it again), only if still that attempt and still stale."""
+    return _cas(
+        session,
+        job_id,
+        _owned(attempt) & (Job.heartbeat_at < stale_before),
+        status="queued",
+        requeued_at=now,
+    )
+
+
+def touch_queued(session: Session, job_id: str, requeue_before: datetime, now: datetime) -> bool:
+    """A queued job last put on the queue before `requeue_before` (its message may be lost: Redis was down at
+    the enqueue, or restarted empty) is marked as re-enqueued now; True: the caller enqueues it again."""
+    last = func.coalesce(Job.requeued_at, Job.created_at)
+    return _cas(session, job_id, (Job.status == "queued") & (last < requeue_before), requeued_at=now)
+
+
+def cancel(session: Session, job_id: str, now: datetime) -> bool:
+    """queued | running -> cancelled: a running attempt finds out at its next heartbeat or at publish."""
+    return _cas(session, job_id, Job.status.in_(ACTIVE_JOB_STATES), status="cancelled", finished_at=now)
+
+
+def stale_running(session: Session, stale_before: datetime) -> list[tuple[str, int]]:
+    """(id, attempts) of running jobs whose worker stopped heart-beating (the reaper: all owners)."""
+    rows = session.execute(select(Job.id, Job.attempts).where(Job.status == "running", Job.heartbeat_at < stale_before))
+    return [(job_id, attempts) for job_id, attempts in rows]
+
+
+def queued_before(session: Session, requeue_before: datetime) -> list[tuple[str, int]]:
+    """(id, attempts) of queued jobs last put on the queue before `requeue_before` (the reaper: all owners)."""
+    last = func.coalesce(Job.requeued_at, Job.created_at)
+    rows = session.execute(select(Job.id, Job.attempts).where(Job.status == "queued", last < requeue_before))
+    return [(job_id, attempts) for job_id, attempts in rows]
+
+
+def unfinished(session: Session) -> list[tuple[str, int, str]]:
+    """(id, attempts, status) of every queued or running job (embedded start-up recovery: this process's)."""
+    rows = session.execute(select(Job.id, Job.attempts, Job.status).where(Job.status.in_(ACTIVE_JOB_STATES)))
+    return [(job_id, attempts, status) for job_id, attempts, status in rows]
 
 
 def count_by_status(session: Session) -> dict[str, int]:

@@ -26,7 +26,7 @@ def to_out(job: Job) -> JobOut:
     return JobOut(
         job_id=job.id,
         kind=job.kind,
-        status=job.status,  # type: ignore[arg-type]
+        status=job.status,  # type: ignore[arg-type]  # one of JobStatus: only repository.py writes it
         progress=round(job.progress, 4),
         adapter_version=job.adapter_version,
         error=job.error,
@@ -54,7 +54,8 @@ def request_job(
         progress=0.0,
         attempts=0,
         cutoff_item_id=cutoff,
-        created_at=datetime.now(UTC),
+        created_at=_now(),
+        requeued_at=_now(),
     )
     stored = repo.add_unless_active(session, job)
     if stored is not job:
@@ -71,26 +72,32 @@ def get(session: Session, job_id: str) -> JobOut:
     return to_out(job)
 
 
-# --- transitions used by job bodies (each in its own short unit of work) ---
+# --- transitions used by job bodies and the reaper (each in its own short unit of work; the SQL is in
+# repository.py, every one a compare-and-set) ---
 
 
-def _stale_before(stale_after_s: float) -> datetime:
-    return datetime.now(UTC) - timedelta(seconds=stale_after_s)
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _before(seconds: float) -> datetime:
+    return _now() - timedelta(seconds=seconds)
 
 
 def claim(session: Session, job_id: str, stale_after_s: float) -> Job | None:
     """queued -> running (attempts + 1); also takes over a running job whose heartbeat is stale."""
-    if not repo.claim(session, job_id, datetime.now(UTC), _stale_before(stale_after_s)):
+    if not repo.claim(session, job_id, _now(), _before(stale_after_s)):
         return None
     return repo.get(session, job_id)
 
 
-def heartbeat(session: Session, job_id: str, progress: float, *, attempt: int | None = None) -> None:
-    repo.heartbeat(session, job_id, progress, datetime.now(UTC), attempt)
+def heartbeat(session: Session, job_id: str, progress: float, *, attempt: int | None = None) -> bool:
+    """False: this attempt no longer owns the job (taken over, cancelled, or gone with its erased owner)."""
+    return repo.heartbeat(session, job_id, progress, _now(), attempt)
 
 
-def finish(session: Session, job_id: str, *, adapter_version: int | None) -> None:
-    repo.mark_succeeded(session, job_id, adapter_version, datetime.now(UTC))
+def finish(session: Session, job_id: str, *, adapter_version: int | None, attempt: int | None = None) -> bool:
+    return repo.mark_succeeded(session, job_id, attempt, adapter_version, _now())
 
 
 def fail_or_retry(session: Session, job_id: str, error: str, max_attempts: int, *, attempt: int | None = None) -> bool:
@@ -100,17 +107,47 @@ def fail_or_retry(session: Session, job_id: str, error: str, max_attempts: int, 
     job = repo.get(session, job_id)
     if job is None or job.status != "running" or (attempt is not None and job.attempts != attempt):
         return False
-    retry = job.attempts < max_attempts
-    job.status = "queued" if retry else "failed"
-    job.error = error[:MAX_ERROR_CHARS]
-    if not retry:
-        job.finished_at = datetime.now(UTC)
-    session.flush()
-    return retry
+    seen, error = job.attempts, error[:MAX_ERROR_CHARS]
+    if seen < max_attempts:
+        return repo.requeue(session, job_id, seen, error, _now())
+    repo.mark_failed(session, job_id, seen, error, _now())
+    return False
 
 
-def stale_running(session: Session, stale_after_s: float) -> list[Job]:
-    return repo.stale_running(session, _stale_before(stale_after_s))
+def cancel(session: Session, job_id: str) -> JobOut:
+    """An active job ends as cancelled (a running attempt publishes nothing); a finished one is left as is."""
+    if repo.get(session, job_id) is None:
+        raise NotFound("no such job")
+    repo.cancel(session, job_id, _now())
+    return get(session, job_id)
+
+
+def requeue_stale(session: Session, stale_after_s: float, max_attempts: int) -> tuple[list[tuple[str, int]], int]:
+    """Running jobs whose worker stopped heart-beating: back to queued (marked; the caller enqueues each
+    (id, attempt) returned after the commit), or failed past max attempts (counted)."""
+    now, stale_before, out, failed = _now(), _before(stale_after_s), [], 0
+    for job_id, attempts in repo.stale_running(session, stale_before):
+        if attempts >= max_attempts:
+            failed += repo.mark_failed(session, job_id, attempts, "worker died too many times", now)
+        elif repo.requeue_stale(session, job_id, attempts, stale_before, now):
+            out.append((job_id, attempts + 1))
+    return out, failed
+
+
+def requeue_lost(session: Session, requeue_after_s: float) -> list[tuple[str, int]]:
+    """Queued jobs put on the queue more than `requeue_after_s` ago (the message may be lost: Redis was down at
+    the enqueue, or restarted empty): marked as re-enqueued now; the caller enqueues each after the commit."""
+    now, before = _now(), _before(requeue_after_s)
+    return [(i, a + 1) for i, a in repo.queued_before(session, before) if repo.touch_queued(session, i, before, now)]
+
+
+def requeue_unfinished(session: Session) -> list[tuple[str, int]]:
+    """Embedded start-up: this one process died with these jobs queued or running; all go back to queued."""
+    out = []
+    for job_id, attempts, status in repo.unfinished(session):
+        if status == "queued" or repo.requeue(session, job_id, attempts, None, _now()):
+            out.append((job_id, attempts + 1))
+    return out
 
 
 def maybe_auto_retrain(session: Session, queue: JobQueue, user_pk: int, owner_key: str, threshold: int) -> bool:

@@ -1,9 +1,13 @@
 """Job bodies: train a user's (or the shared) LoRA on a recorded history snapshot and publish it.
 
 Idempotent: a job claims itself in SQL (queued -> running), and its publish is keyed by the job id,
-so a retried or replayed job never creates a second version. Runs in an RQ work horse or in the
-API process's in-process runner; the model is loaded lazily in the process that trains (CUDA is
+so a retried or replayed job never creates a second version. Runs in an RQ work horse (service.jobs.entry)
+or in the API process's in-process runner; the model is loaded lazily in the process that trains (CUDA is
 never touched by the RQ parent). One body per job kind (`PLANNERS`).
+
+The publishing transaction re-checks that the job is still this attempt's and that its owner still exists
+(locked against an erase until the commit) BEFORE any file is written: a job whose user was erased while it
+trained publishes nothing and leaves no files. Knows nothing of HTTP or of the composition root.
 """
 
 from __future__ import annotations
@@ -11,28 +15,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-import torch
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from service.accounts import repository as account_repo
 from service.adapters import repository as adapter_repo
 from service.adapters import service as adapter_service
-from service.adapters.peft_format import merge_lora, read_adapter_dir, unmerge
-from service.adapters.service import AdapterContext
-from service.adapters.store import AdapterStore
-from service.adapters.validation import BaseModelSpec, ValidationLimits
-from service.config import Settings
 from service.db.session import after_commit, unit_of_work
 from service.engine.types import AdapterRef
 from service.errors import safe_error_text
 from service.history import repository as history_repo
 from service.history.service import snapshot
-from service.inference.loader import LoadedModel, load_model
-from service.jobs import repository as job_repo
 from service.jobs import service as jobs
+from service.jobs.context import JobContext
 from service.jobs.queue import JobQueue
 from service.training.examples import TrainExample, build_shared_examples, build_user_examples
 from service.training.trainer import LoraTrainConfig, TrainOutput, train_lora
@@ -40,49 +36,11 @@ from service.training.trainer import LoraTrainConfig, TrainOutput, train_lora
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 2.0
 
+__all__ = ["JobContext", "JobGone", "reap", "reap_stale", "recover_in_process", "run_job"]
 
-@dataclass
-class JobContext:
-    """What job bodies need; built by the composition root (API process, worker, `oppu train`)."""
 
-    settings: Settings
-    session_factory: sessionmaker[Session]
-    store: AdapterStore
-    queue: JobQueue
-    on_progress: Callable[[float], None] | None = None  # e.g. a progress bar for `oppu train`
-    _loaded: LoadedModel | None = None
-    _spec: BaseModelSpec | None = None
-    _shared: AdapterRef | None = None  # the shared version merged into the training model
-    _shared_originals: dict[str, torch.Tensor] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def base(self) -> tuple[LoadedModel, BaseModelSpec]:
-        if self._loaded is None:
-            self._loaded = load_model(self.settings)
-            self._spec = BaseModelSpec.from_model(self._loaded.model, self._loaded.name)
-        assert self._spec is not None
-        return self._loaded, self._spec
-
-    def adapter_context(self) -> AdapterContext:
-        _, spec = self.base()
-        return AdapterContext(
-            store=self.store,
-            spec=spec,
-            limits=ValidationLimits.from_settings(self.settings),
-            keep_versions=self.settings.adapter_keep_versions,
-        )
-
-    def training_model(self, shared: AdapterRef | None) -> Any:
-        """The base model with the given shared LoRA merged (user LoRAs train on top of it)."""
-        loaded, _ = self.base()
-        if shared != self._shared:
-            unmerge(loaded.model, self._shared_originals)
-            self._shared_originals = {}
-            if shared is not None:
-                weights = read_adapter_dir(shared.directory, max_scale=self.settings.adapter_max_scale)
-                self._shared_originals = merge_lora(loaded.model, weights)
-            self._shared = shared
-        return loaded.model
+class JobGone(Exception):
+    """This attempt no longer owns its job: cancelled, taken over, or the row went with its erased owner."""
 
 
 @dataclass(frozen=True)
@@ -102,11 +60,12 @@ class TrainingPlan:
     examples: list[TrainExample]
     config: LoraTrainConfig
     base_shared: AdapterRef | None
-    contributors: tuple[int, ...] = ()  # users whose history is in the examples (for erasure)
+    contributors: tuple[str, ...] = ()  # storage keys of the users whose history is in the examples (erasure)
 
 
 def run_job(ctx: JobContext, job_id: str) -> None:
-    """Claim, train, publish, finish; on error retry (bounded) or fail. Safe to call twice."""
+    """Claim, train, publish and finish (one transaction), notify; on error retry (bounded) or fail. Safe to
+    call twice."""
     with ctx._lock, unit_of_work(ctx.session_factory) as session:
         row = jobs.claim(session, job_id, ctx.settings.job_stale_after_s)
         if row is None:
@@ -115,9 +74,9 @@ def run_job(ctx: JobContext, job_id: str) -> None:
     try:
         with ctx._lock, _Heartbeat(ctx, job_id, job.attempt) as beat:
             version = _train_and_publish(ctx, job, beat)
-        with unit_of_work(ctx.session_factory) as session:
-            jobs.finish(session, job_id, adapter_version=version)
         ctx.queue.publish_adapter(job.owner_key, version)
+    except JobGone:
+        log.info("job %s attempt %d ended: the job was cancelled, taken over or erased", job_id, job.attempt)
     except Exception as exc:
         log.error("job %s failed: %s", job_id, safe_error_text(exc))
         _fail_or_retry(ctx, job, exc)
@@ -138,11 +97,14 @@ class _Heartbeat:
     def __init__(self, ctx: JobContext, job_id: str, attempt: int) -> None:
         self._ctx, self._job_id, self._attempt = ctx, job_id, attempt
         self.progress = 0.0
+        self.lost = False  # the job is no longer this attempt's: training stops at its next step
         self._every = min(HEARTBEAT_EVERY_S, ctx.settings.job_stale_after_s / 3)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="oppu-job-heartbeat", daemon=True)
 
     def report(self, fraction: float) -> None:
+        if self.lost:
+            raise JobGone(self._job_id)
         self.progress = min(0.99, fraction)
         if self._ctx.on_progress is not None:
             self._ctx.on_progress(fraction)
@@ -151,7 +113,8 @@ class _Heartbeat:
         while not self._stop.wait(self._every):
             try:
                 with unit_of_work(self._ctx.session_factory) as session:
-                    jobs.heartbeat(session, self._job_id, self.progress, attempt=self._attempt)
+                    if not jobs.heartbeat(session, self._job_id, self.progress, attempt=self._attempt):
+                        self.lost = True
             except Exception:
                 log.exception("heartbeat of job %s failed", self._job_id)
 
@@ -194,7 +157,7 @@ def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> Training
         item_chars=s.retrieval_item_chars,
         profile_chars=s.profile_max_chars,
     )
-    contributors = tuple(pk for pk, key in users if per_user[key])
+    contributors = tuple(key for _, key in users if per_user[key])
     return TrainingPlan(examples, LoraTrainConfig.from_settings(s, stage="shared"), None, contributors)
 
 
@@ -208,6 +171,8 @@ def _train_and_publish(ctx: JobContext, job: ClaimedJob, beat: _Heartbeat) -> in
     with unit_of_work(ctx.session_factory) as session:
         done = adapter_repo.by_job(session, job.job_id)
         if done is not None:  # published by an attempt that died before marking the job finished
+            _hold(session, job)
+            jobs.finish(session, job.job_id, adapter_version=done.version, attempt=job.attempt)
             return done.version
         plan = PLANNERS[job.kind](ctx, session, job)
     if not plan.examples:
@@ -218,6 +183,16 @@ def _train_and_publish(ctx: JobContext, job: ClaimedJob, beat: _Heartbeat) -> in
         model, loaded.tokenizer, plan.examples, plan.config, base_model_name=loaded.name, progress=beat.report
     )
     return _publish(ctx, job, plan, out)
+
+
+def _hold(session: Session, job: ClaimedJob) -> None:
+    """The first statements of a publishing transaction: the owner still exists (locked against an erase
+    until the commit on PostgreSQL), then the job is still this attempt's (its row is written, which takes
+    SQLite's write lock, so no erase commits in between). JobGone otherwise: nothing is written."""
+    if job.user_pk is not None and not account_repo.lock_owner(session, job.user_pk, job.owner_key):
+        raise JobGone(job.job_id)
+    if not jobs.heartbeat(session, job.job_id, 0.99, attempt=job.attempt):
+        raise JobGone(job.job_id)
 
 
 def _publish(ctx: JobContext, job: ClaimedJob, plan: TrainingPlan, out: TrainOutput) -> int:
@@ -233,36 +208,54 @@ def _publish(ctx: JobContext, job: ClaimedJob, plan: TrainingPlan, out: TrainOut
         "retrieval_k": ctx.settings.train_retrieval_k,
     }
     with unit_of_work(ctx.session_factory) as session:
+        _hold(session, job)  # before any file is written
         done = adapter_repo.by_job(session, job.job_id)
-        if done is not None:
-            return done.version
-        row = adapter_service.publish(
-            session,
-            ctx.adapter_context(),
-            job.owner_key,
-            job.user_pk,
-            out.files,
-            source="trained",
-            shared_version=plan.base_shared.version if plan.base_shared is not None else None,
-            meta=meta,
-            job_id=job.job_id,
-            contributors=plan.contributors,
-        )
-        return row.version
+        if done is None:
+            erased = set(plan.contributors) - account_repo.existing_storage_keys(session, plan.contributors)
+            done = adapter_service.publish(
+                session,
+                ctx.adapter_context(),
+                job.owner_key,
+                job.user_pk,
+                out.files,
+                source="trained",
+                shared_version=plan.base_shared.version if plan.base_shared is not None else None,
+                meta=meta,
+                job_id=job.job_id,
+                contributors=set(plan.contributors) - erased,
+            )
+            if erased:  # a contributor was erased while this job trained on their history
+                adapter_repo.flag_version_trained_on_erased(session, job.owner_key, done.version)
+        jobs.finish(session, job.job_id, adapter_version=done.version, attempt=job.attempt)
+        return done.version
 
 
 def reap_stale(ctx: JobContext) -> int:
-    """Re-enqueue (or fail, past max attempts) running jobs whose worker stopped heart-beating."""
-    n = 0
+    """Running jobs whose worker stopped heart-beating go back to queued (marked: enqueued once, not on every
+    tick) and are enqueued after the commit; past max attempts they fail. Returns how many changed."""
     with unit_of_work(ctx.session_factory) as session:
-        for job in jobs.stale_running(session, ctx.settings.job_stale_after_s):
-            job_id, attempts = job.id, job.attempts
-            if attempts < ctx.settings.job_max_attempts:
-                after_commit(session, _enqueue_later(ctx.queue, job_id, attempts + 1))
-            else:
-                jobs.fail_or_retry(session, job_id, "worker died too many times", ctx.settings.job_max_attempts)
-            n += 1
-    return n
+        again, failed = jobs.requeue_stale(session, ctx.settings.job_stale_after_s, ctx.settings.job_max_attempts)
+        _enqueue_after_commit(session, ctx.queue, again)
+    return len(again) + failed
+
+
+def reap_lost(ctx: JobContext) -> int:
+    """Queued jobs whose queue message may be lost (Redis was down at the enqueue, or came back empty) are
+    enqueued again, each at most once per OPPU_JOB_REQUEUE_AFTER_S (the queue skips an attempt it holds)."""
+    with unit_of_work(ctx.session_factory) as session:
+        again = jobs.requeue_lost(session, ctx.settings.job_requeue_after_s)
+        _enqueue_after_commit(session, ctx.queue, again)
+    return len(again)
+
+
+def reap(ctx: JobContext) -> int:
+    """One reaper tick (the worker's side thread): dead workers' jobs, then lost queue messages."""
+    return reap_stale(ctx) + reap_lost(ctx)
+
+
+def _enqueue_after_commit(session: Session, queue: JobQueue, jobs_: list[tuple[str, int]]) -> None:
+    for job_id, attempt in jobs_:
+        after_commit(session, _enqueue_later(queue, job_id, attempt))
 
 
 def _enqueue_later(queue: JobQueue, job_id: str, attempt: int) -> Callable[[], None]:
@@ -272,21 +265,6 @@ def _enqueue_later(queue: JobQueue, job_id: str, attempt: int) -> Callable[[], N
 def recover_in_process(ctx: JobContext) -> int:
     """Embedded mode (one process): jobs left queued/running by a previous run are re-queued."""
     with unit_of_work(ctx.session_factory) as session:
-        active = job_repo.unfinished(session)
-        for job in active:
-            job.status = "queued"
-            after_commit(session, _enqueue_later(ctx.queue, job.id, job.attempts + 1))
-    return len(active)
-
-
-_worker_ctx: JobContext | None = None
-
-
-def run_job_in_worker(job_id: str) -> None:
-    """RQ entry point (runs in the work horse): the context comes from the composition root, once."""
-    global _worker_ctx
-    if _worker_ctx is None:
-        from service.composition import worker_job_context
-
-        _worker_ctx = worker_job_context()
-    run_job(_worker_ctx, job_id)
+        again = jobs.requeue_unfinished(session)
+        _enqueue_after_commit(session, ctx.queue, again)
+    return len(again)

@@ -1,4 +1,7 @@
-"""`oppu worker`: an RQ worker on the training queue plus a reaper that retries jobs whose worker died."""
+"""`oppu worker`: an RQ worker on the training queue plus a reaper that re-enqueues what would otherwise be
+lost: jobs whose worker died (stale heartbeat) and queued jobs whose queue message may be gone (Redis was
+down at the enqueue, or restarted empty). Work horses run service.jobs.entry, whose context factory the
+composition root installed before this starts."""
 
 from __future__ import annotations
 
@@ -6,10 +9,26 @@ import logging
 import threading
 
 from service.config import Settings
+from service.jobs.context import JobContext
 from service.jobs.queue import QUEUE_NAME, RedisJobQueue
-from service.jobs.tasks import JobContext, reap_stale
+from service.jobs.tasks import reap
 
 log = logging.getLogger(__name__)
+
+
+def reaper_every_s(settings: Settings) -> float:
+    return max(0.5, min(settings.job_stale_after_s, settings.job_requeue_after_s) / 4)
+
+
+def run_reaper(settings: Settings, ctx: JobContext, stop: threading.Event) -> None:
+    """SQL-only: never loads the model, never touches CUDA. Survives Redis and database outages."""
+    while not stop.is_set():
+        try:
+            if n := reap(ctx):
+                log.warning("re-enqueued or failed %d job(s)", n)
+        except Exception as exc:
+            log.warning("reaper tick failed: %s", type(exc).__name__)
+        stop.wait(reaper_every_s(settings))
 
 
 def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> None:
@@ -20,23 +39,14 @@ def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> N
     if not isinstance(queue, RedisJobQueue):
         raise SystemExit("oppu worker needs OPPU_REDIS_URL (the embedded default runs jobs in the API)")
     stop = threading.Event()
-
-    def reaper() -> None:  # SQL-only: never loads the model, never touches CUDA
-        while not stop.is_set():
-            try:
-                if n := reap_stale(ctx):
-                    log.warning("re-enqueued %d stale job(s)", n)
-            except Exception:
-                log.exception("reaper failed")
-            stop.wait(max(1.0, settings.job_stale_after_s / 4))
-
-    threading.Thread(target=reaper, name="oppu-reaper", daemon=True).start()
+    threading.Thread(target=run_reaper, args=(settings, ctx, stop), name="oppu-reaper", daemon=True).start()
     # Import the training libraries once in the parent (CPU-only imports, no CUDA init): each forked
     # work horse then starts training without paying seconds of imports.
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
     try:
-        Worker([QUEUE_NAME], connection=queue.redis, serializer=JSONSerializer).work(burst=burst, with_scheduler=False)
+        worker = Worker([QUEUE_NAME], connection=queue.worker_connection(), serializer=JSONSerializer)
+        worker.work(burst=burst, with_scheduler=False)
     finally:
         stop.set()

@@ -8,7 +8,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -146,3 +146,60 @@ def _until(check: object, timeout: float = 10.0) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.05)
+
+
+# --- erase is final at once (issue 23 N2) ---
+
+
+def first_token_then(base: str, key: str, act: Callable[[], None]) -> tuple[list[str], float]:
+    body = {"prompt": "hi", "stream": True, **LONG}
+    with httpx.Client(timeout=60) as http, http.stream(
+        "POST", f"{base}/users/alice/generate", json=body, headers=_bearer(key)
+    ) as r:
+        assert r.status_code == 200, r.read()
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data:") and '"text": "' in line and '""' not in line:
+                break
+        act()
+        acted_at = time.monotonic()
+        rest = [line for line in lines if line]
+        return rest, time.monotonic() - acted_at
+
+
+@pytest.mark.parametrize("who", ["self", "admin"])
+def test_erase_ends_the_users_stream_within_a_second(server: tuple[str, AppState], who: str) -> None:
+    base, state = server
+    key = new_user(base, "alice")
+    headers = _bearer(key) if who == "self" else ADMIN
+
+    def erase() -> None:
+        assert httpx.delete(f"{base}/users/alice", headers=headers, timeout=30).status_code == 204
+
+    rest, took = first_token_then(base, key, erase)
+    assert took < 1.0, took
+    errors = [json.loads(rest[i + 1][5:])["code"] for i, line in enumerate(rest) if line == "event: error"]
+    assert errors and errors[0] in {"key_revoked", "user_erased"}, rest[-4:]
+    assert len([line for line in rest if line.startswith("data:")]) < 100
+    _until(lambda: state.engine.stats().running == 0)
+
+
+def test_erase_ends_the_users_non_streaming_request_with_its_error(server: tuple[str, AppState]) -> None:
+    base, state = server
+    key = new_user(base, "alice")
+    answer: list[httpx.Response] = []
+    body = {"prompt": "hi", **LONG}
+    worker = threading.Thread(
+        target=lambda: answer.append(
+            httpx.post(f"{base}/users/alice/generate", json=body, headers=_bearer(key), timeout=60)
+        )
+    )
+    worker.start()
+    _until(lambda: state.engine.stats().running == 1)
+    time.sleep(0.3)  # a few tokens in
+    assert httpx.delete(f"{base}/users/alice", headers=ADMIN, timeout=30).status_code == 204
+    erased_at = time.monotonic()
+    worker.join(30)
+    took = time.monotonic() - erased_at
+    assert took < 1.0, took
+    assert answer[0].status_code == 401 and answer[0].json()["code"] == "user_erased", answer[0].text

@@ -22,7 +22,7 @@ def test_enqueued_job_is_json() -> None:
         raw = queue.redis.hget("rq:job:job-json-check-a1", "data")
         assert isinstance(raw, bytes)
         assert json.loads(zlib.decompress(raw)) == [
-            "service.jobs.tasks.run_job_in_worker",
+            "service.jobs.entry.run_job_in_worker",
             None,
             ["job-json-check"],
             {},

@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import data_rights
 from service.adapters.store import AdapterStore
-from service.db.models import Adapter, Job
+from service.db.models import SHARED_OWNER, Adapter, AdapterContributor, Job
 from service.db.session import make_engine, make_session_factory, unit_of_work
 from service.engine.types import AdapterRef
 from service.history import service as history
@@ -312,3 +313,82 @@ def test_training_uses_only_own_items_up_to_the_cutoff(ctx: JobContext, monkeypa
     with unit_of_work(factory) as session:
         meta = session.scalars(select(Adapter.meta).where(Adapter.job_id == job_id)).one()
     assert meta is not None and meta["examples"] == 6 and meta["cutoff_item_id"] == job_row(ctx, job_id).cutoff_item_id
+
+
+# --- a retrain racing an erase (issue 23 N3) ---
+
+
+def erase(ctx: JobContext, user: UserRef) -> None:
+    with unit_of_work(ctx.session_factory) as session:
+        data_rights.erase_user(session, ctx.adapter_context(), user)
+
+
+def adapter_rows(ctx: JobContext) -> list[tuple[str, int, int | None, bool]]:
+    with unit_of_work(ctx.session_factory) as session:
+        rows = session.execute(select(Adapter.owner_key, Adapter.version, Adapter.user_pk, Adapter.trained_on_erased))
+        return [(o, v, pk, flag) for o, v, pk, flag in rows]
+
+
+def test_a_retrain_whose_user_is_erased_mid_training_publishes_nothing(
+    ctx: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The erase commits while the job trains, and the next user is created at once (on a reused pk the old job
+    published the erased history as theirs, under the erased storage key's folder)."""
+    user = add_user(ctx.session_factory, "olga", qa(4))
+    job_id = request(ctx, user)
+    newcomer: list[UserRef] = []
+
+    def erase_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        out = train_lora(*args, **kwargs)
+        erase(ctx, user)
+        newcomer.append(add_user(ctx.session_factory, "pete", qa(2)))
+        return out
+
+    monkeypatch.setattr(tasks, "train_lora", erase_meanwhile)
+    run_job(ctx, job_id)
+    assert newcomer[0].pk != user.pk
+    assert adapter_rows(ctx) == []  # nothing published, for nobody
+    assert not ctx.store.key_dir(user.storage_key).exists()  # and no files left behind
+    assert not ctx.store.key_dir(newcomer[0].storage_key).exists()
+    assert fake_queue(ctx).published == []
+    with unit_of_work(ctx.session_factory) as session:
+        assert session.get(Job, job_id) is None  # went with its owner
+
+
+def test_a_shared_retrain_flags_a_contributor_erased_while_it_trained(
+    ctx: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stays, goes = add_user(ctx.session_factory, "quinn", qa(3)), add_user(ctx.session_factory, "rita", qa(3))
+    with unit_of_work(ctx.session_factory) as session:
+        out, _ = jobs.request_job(session, ctx.queue, "shared_retrain", SHARED_OWNER, None)
+
+    def erase_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        result = train_lora(*args, **kwargs)
+        erase(ctx, goes)
+        add_user(ctx.session_factory, "sven", qa(2))  # would get rita's pk without AUTOINCREMENT
+        return result
+
+    monkeypatch.setattr(tasks, "train_lora", erase_meanwhile)
+    run_job(ctx, out.job_id)
+    assert job_row(ctx, out.job_id).status == "succeeded"
+    assert [(o, v, flag) for o, v, _, flag in adapter_rows(ctx)] == [(SHARED_OWNER, 1, True)]
+    with unit_of_work(ctx.session_factory) as session:
+        assert set(session.scalars(select(AdapterContributor.storage_key))) == {stays.storage_key}
+
+
+def test_a_cancelled_job_stops_and_publishes_nothing(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    user = add_user(ctx.session_factory, "tess", qa(3))
+    job_id = request(ctx, user)
+
+    def cancel_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        result = train_lora(*args, **kwargs)
+        with unit_of_work(ctx.session_factory) as session:
+            assert jobs.cancel(session, job_id).status == "cancelled"
+        return result
+
+    monkeypatch.setattr(tasks, "train_lora", cancel_meanwhile)
+    run_job(ctx, job_id)
+    job = job_row(ctx, job_id)
+    assert (job.status, job.adapter_version) == ("cancelled", None)
+    assert adapter_rows(ctx) == [] and not ctx.store.key_dir(user.storage_key).exists()
+    assert request(ctx, user) != job_id  # a cancelled job does not block a new one
