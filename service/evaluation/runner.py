@@ -4,8 +4,10 @@ Drives the real components: users and histories in SQL (history service, migrate
 dir), BM25 retrieval through the history service, the ONE prompt builder, OPPU training (stage 1: a
 shared task LoRA on all users' histories; stage 2: one LoRA per user on top of it, prompts retrieved
 from EARLIER items only), adapters published to the store and served through AdapterCache + LoraSlots
-in mixed batches of many users. The methods, presets and leakage checks are `protocol`'s, the scoring
-`report`'s; no HTTP.
+in mixed batches of many users. Stage 2 and the methods run one user at a time, and each finished user
+(like the profiles and stage 1) is written to the run folder at once, so an interrupted run resumes where it
+stopped. The methods, presets and leakage checks are `protocol`'s, the statistics `analysis`'s, the
+baselines `baselines`'s; no HTTP.
 """
 
 from __future__ import annotations
@@ -423,7 +425,8 @@ def run_eval(
 ) -> dict[str, Any]:
     """Runs the whole experiment and returns the report (JSON-ready). With `run_dir`, every finished stage
     and every finished user is written there as it finishes, and `resume=True` continues an interrupted run
-    from it (the report is the same as an uninterrupted run's, wall times aside)."""
+    from it (the report is the same as an uninterrupted run's, wall times aside). A run that finishes
+    removes what it wrote there."""
     started = time.perf_counter()
     timing: dict[str, Any] = {}
     root = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -435,7 +438,9 @@ def run_eval(
         state = RunState.open(Path(run_dir) if run_dir is not None else Path(tmp) / "run", config, root, resume)
         bench = _open_bench(config, _settings(settings or Settings(), Path(tmp), config, len(outside)))
         try:
-            return _run(bench, data, task, dev_task, outside, root, timing, started, state, dev_report)
+            report = _run(bench, data, task, dev_task, outside, root, timing, started, state, dev_report)
+            state.clear()  # a finished run leaves only its report (the folder holds adapter files)
+            return report
         finally:
             bench.core.engine.stop()
             bench.core.db.dispose()
@@ -477,6 +482,21 @@ class RunState:
         state = cls(root, manifest)
         state.save("run.json", manifest)
         return state
+
+    def clear(self) -> None:
+        """Remove what this class wrote (never anything else a user's folder may hold)."""
+        for folder in ("users", "shared/files", "shared"):
+            path = self.root / folder
+            if path.is_dir():
+                for f in path.iterdir():
+                    if f.is_file() and (f.suffix in (".json", ".tmp") or folder == "shared/files"):
+                        f.unlink()
+        for name in ("profiles.json", "run.json"):
+            (self.root / name).unlink(missing_ok=True)
+        for folder in ("shared/files", "shared", "users", ""):
+            path = self.root / folder
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
 
     def save(self, name: str, data: Any) -> None:
         path = self.root / name

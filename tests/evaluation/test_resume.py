@@ -84,6 +84,9 @@ def test_resume_gives_the_same_report(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(trained) == 3  # stage 1, user 1, user 2 (interrupted during its answers)
     with pytest.raises(ValueError, match="--resume"):
         runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts")
+    other = EvalConfig(**{**_config().__dict__, "seed": 1})
+    with pytest.raises(ValueError, match="another configuration"):
+        runner.run_eval(other, data_dir=data, settings=settings, run_dir=tmp_path / "parts", resume=True)
 
     monkeypatch.setattr(runner, "_user_answers", real_answers)
     trained.clear()
@@ -91,6 +94,5 @@ def test_resume_gives_the_same_report(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(trained) == 1  # only the unfinished user: neither stage 1 nor user 1 is trained again
     assert resumed["timing"]["sessions"] == 2
     assert _without_wall_times(resumed) == _without_wall_times(whole)
-    other = EvalConfig(**{**_config().__dict__, "seed": 1})
-    with pytest.raises(ValueError, match="another configuration"):
-        runner.run_eval(other, data_dir=data, settings=settings, run_dir=tmp_path / "parts", resume=True)
+    assert not (tmp_path / "parts").exists() and not (tmp_path / "whole").exists()  # finished: folders cleared
+
