@@ -2,12 +2,12 @@
 
 Drives the real components: users and histories in SQL (history service, migrated SQLite in a temp
 dir), BM25 retrieval through the history service, the ONE prompt builder, OPPU training (stage 1: a
-shared task LoRA on all users' histories; stage 2: one LoRA per user on top of it, prompts retrieved
-from EARLIER items only), adapters published to the store and served through AdapterCache + LoraSlots
-in mixed batches of many users. Stage 2 and the methods run one user at a time, and each finished user
-(like the profiles and stage 1) is written to the run folder at once, so an interrupted run resumes where it
-stopped. The methods, presets and leakage checks are `protocol`'s, the statistics `analysis`'s, the
-baselines `baselines`'s; no HTTP.
+shared task LoRA on the evaluated users' histories, or on users outside them (shared_pool); stage 2: one
+LoRA per user on top of it, prompts retrieved from EARLIER items only), adapters published to the store
+and served through AdapterCache + LoraSlots. Stage 2 and the methods run one user at a time, and each
+finished user (like the profiles and stage 1) is written to the run folder at once, so an interrupted run
+resumes where it stopped. The methods, presets and leakage checks are `protocol`'s, the statistics
+`analysis`'s, the baselines `baselines`'s; no HTTP.
 """
 
 from __future__ import annotations
