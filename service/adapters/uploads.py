@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 from service.errors import ClientDisconnected, InsufficientStorage, RequestTimeout, TooManyRequests, is_storage_full
 
 SPOOL_IN_MEMORY = 1 << 20  # bodies up to this stay in memory; larger ones go to disk
-CHUNK = 1 << 20  # what a streamed file holds in memory at a time
+CHUNK = 256 * 1024  # what a streamed file holds in memory at a time (per download)
 
 
 class UploadGate:

@@ -30,7 +30,9 @@ from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from service import data_rights
 from service.adapters import repository as adapter_repo
+from service.adapters import service as adapter_service
 from service.adapters import store as store_module
 from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from service.config import ALL_TARGET_MODULES, Settings
@@ -440,9 +442,29 @@ def test_client_leaving_mid_upload_is_no_unhandled_error(
         upload = RawUpload(base, "leaver", key, body, 100)
         time.sleep(0.3)
         upload.close()  # gone before the body is in
-        _wait_until(lambda: state.uploads.in_use() == 0)
-        time.sleep(0.5)
+        time.sleep(1.5)  # the server notices and ends the request
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+    assert state.uploads.in_use() == 0
     r = httpx.put(f"{base}/users/leaver/adapter", content=body, headers=bearer(key), timeout=60)
     assert r.status_code == 201, r.text  # its receiving slot was given back
+
+
+def test_download_and_export_on_a_full_disk_are_507_and_free_their_slot(
+    app: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temp file a download or export is written to hits ENOSPC (injected where the zip is written)."""
+    state = app_state(app)
+    key = create_user(app, "tmpfull")
+    assert put(app, "tmpfull", key, small_adapter(state)).status_code == 201
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(adapter_service, "pack_zip_to", no_space)
+    monkeypatch.setattr(data_rights, "export_archive", no_space)
+    for path in ("/users/tmpfull/adapter/download", "/users/tmpfull/export"):
+        assert_json_error(app.get(path, headers=bearer(key)), 507, "insufficient_storage")
+        assert state.downloads.in_use() == 0
+    monkeypatch.undo()
+    assert app.get("/users/tmpfull/adapter/download", headers=bearer(key)).status_code == 200
