@@ -234,3 +234,28 @@ def test_the_job_package_never_imports_the_composition_root() -> None:
     assert jobs_import_violations("jobs/tasks.py", "def f():\n    from service.composition import worker_job_context\n")
     assert jobs_import_violations("jobs/entry.py", "from service.state import AppState\n")
     assert not jobs_import_violations("api/jobs.py", "from service.composition import x\n")
+
+
+# Downloads and exports are streamed from a temp file behind the download gate (issue 23 N5): under service/,
+# only archive.py may build a whole zip in memory (pack_zip) and only the store reads a whole version
+# (read_files); downloads use pack_zip_to and store.open_files.
+WHOLE_IN_MEMORY = {"pack_zip": "adapters/archive.py", "read_files": "adapters/store.py"}
+
+
+def whole_in_memory_violations(path: str, source: str) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+        if name in WHOLE_IN_MEMORY and path != WHOLE_IN_MEMORY[name]:
+            out.append(f"{path}:{node.lineno} calls {name}(): downloads stream from disk (pack_zip_to, open_files)")
+    return out
+
+
+def test_downloads_never_hold_a_whole_adapter_in_memory() -> None:
+    problems = [p for path in service_modules() for p in whole_in_memory_violations(rel(path), path.read_text())]
+    assert not problems, "\n".join(problems)
+    assert whole_in_memory_violations("adapters/service.py", "data = pack_zip(ctx.store.read_files(k, v))\n")
+    assert whole_in_memory_violations("data_rights.py", "archive.pack_zip(files)\n")
+    assert not whole_in_memory_violations("adapters/archive.py", "pack_zip(files)\n")
