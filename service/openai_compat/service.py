@@ -6,6 +6,7 @@ Parameters outside the accepted list are refused (400 `unsupported_parameter`), 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from service.tenancy import Caller, UserRef, authorize_user
 PERSONAL = "personal"
 DEFAULT_CHAT_RETRIEVAL_K = 3  # chat with the personal model: the user's history grounds the answer
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key (not str.isdigit: "²" is a digit that int() refuses)
 
 
 def list_models(caller: Caller, base_name: str) -> ModelList:
@@ -75,7 +77,7 @@ def refuse_unsupported(body: CommonParams) -> None:
 
 def _sampling(body: CommonParams, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    bias = {int(k): v for k, v in (body.logit_bias or {}).items() if k.lstrip("-").isdigit()}
+    bias = {int(k): v for k, v in (body.logit_bias or {}).items() if TOKEN_ID_KEY.fullmatch(k)}
     if len(bias) != len(body.logit_bias or {}):
         raise UnsupportedParameter("logit_bias keys must be token ids")
     return SamplingOptions(

@@ -1,0 +1,153 @@
+"""GrammarCompiler (service/generation/grammar.py) with the real tokenizer of the tiny test model (the
+SmolLM2 tokenizer it is saved with, loaded from its own folder: building the tiny model's folder imports the
+Llama classes, seconds this module does not need): what compiles, what is refused (400, never a crash), the
+layout both engines compile, and a row matcher's masks."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from service.errors import BadRequest
+from service.generation.grammar import JSON_STYLE, MAX_SCHEMA_BYTES, GrammarCompiler
+from tests.models import smollm_tokenizer_dir
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return AutoTokenizer.from_pretrained(smollm_tokenizer_dir(), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer: Any) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, len(tokenizer))
+
+
+def schema_format(schema: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}
+
+
+def tokens(tokenizer: Any, text: str) -> list[int]:
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def test_text_needs_no_grammar(compiler: GrammarCompiler) -> None:
+    assert compiler.compile({"type": "text"}) is None
+
+
+def test_json_object_compiles_to_any_object_in_the_json_dumps_layout(compiler: GrammarCompiler) -> None:
+    compiled = compiler.compile({"type": "json_object"})
+    assert compiled is not None
+    assert (compiled.kind, compiled.schema) == ("json_object", None)
+    assert compiled.styled_schema == {"type": "object", "x-guidance": dict(JSON_STYLE)}
+    assert compiled.grammar
+
+
+def test_json_schema_keeps_the_schema_and_adds_the_layout_rules(compiler: GrammarCompiler) -> None:
+    compiled = compiler.compile(schema_format(SCHEMA))
+    assert compiled is not None
+    assert (compiled.kind, compiled.schema) == ("json_schema", SCHEMA)
+    styled = dict(compiled.styled_schema)
+    assert styled.pop("x-guidance") == {
+        "whitespace_flexible": False,
+        "item_separator": ", ",
+        "key_separator": ": ",
+    }
+    assert styled == SCHEMA
+    assert "x-guidance" not in SCHEMA  # the client's schema is not changed in place
+
+
+@pytest.mark.parametrize(
+    ("response_format", "says"),
+    [
+        ({"type": "yaml"}, "not supported"),
+        ({}, "not supported"),
+        ({"type": "json_schema"}, "needs"),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "needs"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": True}}, "needs"),
+        ({"type": "json_schema", "json_schema": "object"}, "needs"),
+        (schema_format({"type": "nonsense"}), "cannot be used"),
+        (schema_format({"$ref": "#/definitions/missing"}), "cannot be used"),
+        (schema_format({"type": "string", "pattern": "(("}), "cannot be used"),
+        (schema_format({"type": "object", "description": "x" * MAX_SCHEMA_BYTES}), "larger than"),
+    ],
+)
+def test_bad_or_oversized_schemas_are_400(
+    compiler: GrammarCompiler, response_format: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(BadRequest) as info:
+        compiler.compile(response_format)
+    assert info.value.status == 400
+    assert says in info.value.message
+
+
+def test_a_schema_just_under_the_size_limit_compiles(compiler: GrammarCompiler) -> None:
+    schema: dict[str, Any] = {"type": "object", "description": ""}
+    schema["description"] = "x" * (MAX_SCHEMA_BYTES - len(json.dumps(schema)))
+    assert len(json.dumps(schema)) == MAX_SCHEMA_BYTES
+    assert compiler.compile(schema_format(schema)) is not None
+
+
+def test_a_matcher_allows_only_an_opening_brace_first(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    compiled = compiler.compile({"type": "json_object"})
+    assert compiled is not None
+    allowed = compiled.matcher().allowed(compiler.vocab_size)
+    assert allowed.shape == (compiler.vocab_size,) and allowed.dtype == np.bool_
+    ids = np.flatnonzero(allowed)
+    assert len(ids) > 0
+    assert all(tokenizer.decode([int(i)]).startswith("{") for i in ids)
+    (brace,) = tokens(tokenizer, "{")
+    assert allowed[brace]
+    assert not allowed[tokens(tokenizer, "a")[0]] and not allowed[tokens(tokenizer, " ")[0]]
+
+
+def test_ids_past_the_tokenizer_are_never_allowed(compiler: GrammarCompiler) -> None:
+    compiled = compiler.compile({"type": "json_object"})
+    assert compiled is not None
+    allowed = compiled.matcher().allowed(compiler.vocab_size + 64)  # the model's padding rows
+    assert not allowed[compiler.vocab_size :].any()
+
+
+def test_a_matcher_accepts_valid_json_then_only_the_end_of_turn(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    compiled = compiler.compile(schema_format(SCHEMA))
+    assert compiled is not None
+    matcher = compiled.matcher()
+    for token in tokens(tokenizer, json.dumps({"name": "Ada", "age": 36})):
+        assert matcher.allowed(compiler.vocab_size)[token]
+        matcher.accept(token)
+    (end,) = np.flatnonzero(matcher.allowed(compiler.vocab_size))
+    assert int(end) == tokenizer.eos_token_id
+
+
+def test_a_matcher_rejects_json_outside_the_schema_and_the_free_whitespace(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    compiled = compiler.compile(schema_format(SCHEMA))
+    assert compiled is not None
+    for text in ('{"name": "Ada", "age": "old"}', '{ "name": "Ada", "age": 36}', '{"nick": "A"}'):
+        matcher = compiled.matcher()
+        with pytest.raises(ValueError, match="rejected"):
+            for token in tokens(tokenizer, text):
+                matcher.accept(token)
+
+
+def test_each_row_gets_its_own_matcher(compiler: GrammarCompiler, tokenizer: Any) -> None:
+    compiled = compiler.compile({"type": "json_object"})
+    assert compiled is not None
+    first, second = compiled.matcher(), compiled.matcher()
+    for token in tokens(tokenizer, "{}"):
+        first.accept(token)
+    (brace,) = tokens(tokenizer, "{")
+    assert second.allowed(compiler.vocab_size)[brace]  # untouched by the first row
+    assert not first.allowed(compiler.vocab_size)[brace]
