@@ -43,6 +43,9 @@ class _StepState:
     def __init__(self) -> None:
         self.plan: TokenPlan | None = None
         self.decode_idx: torch.Tensor | None = None
+        # The decode rows' slots of the last plan with decode rows: the engine clears the plan after every
+        # step, so comparing with the previous plan alone would re-gather every step.
+        self.decode_slots: tuple[int, ...] = ()
         self.decode_version = 0  # bumped when the decode rows' slots change
         self.weights_version = 0  # bumped when a slot's contents change
 
@@ -228,11 +231,11 @@ class LoraSlots:
         used = set(plan.decode_slots) | {s for *_, s in plan.segments} if plan is not None else set()
         for s in used:
             self._check_slot(s, allow_base=True)
-        previous = st.plan.decode_slots if st.plan is not None else None
         st.plan, self._in_use = plan, frozenset(used)
-        if plan is not None and plan.decode_slots and plan.decode_slots != previous:
+        if plan is not None and plan.decode_slots and plan.decode_slots != st.decode_slots:
             # One host->device copy when the decode rows change; layers re-gather lazily.
             st.decode_idx = torch.tensor(plan.decode_slots, dtype=torch.long, device=self.device)
+            st.decode_slots = plan.decode_slots
             st.decode_version += 1
 
     @property

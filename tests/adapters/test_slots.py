@@ -144,14 +144,25 @@ def test_mixed_rows_and_the_decode_gather_agree(adapters: dict[str, Path]) -> No
     # One token per row through the decode path: the layer of each Linear is checked directly.
     layer = slots.layers["model.layers.0.mlp.up_proj"]
     x = torch.randn(4, layer.in_features)
-    for _ in range(2):  # the second time from the cached gather
+    gathers = []
+    for _ in range(2):  # the second time from the cached gather (the engine clears the plan between steps)
         slots.set_plan(TokenPlan(decode_slots=(1, 0, 3, 1)))
         got = layer(x)
+        gathers.append(layer._gathered)
         slots.set_plan(None)
         for i, s in enumerate((1, 0, 3, 1)):
             r = layer.ranks[s]
             want = layer.base(x[i]) + (x[i] @ layer.A_slots[s, :, :r]) @ layer.B_slots[s, :r]
             torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    assert gathers[0] is not None and gathers[1] is gathers[0]
+    slots.load(3, read_adapter_dir(max_scale=MAX_SCALE, directory=adapters["x"]))  # a slot's weights change
+    slots.set_plan(TokenPlan(decode_slots=(1, 0, 3, 1)))
+    got = layer(x)
+    slots.set_plan(None)
+    assert layer._gathered is not gathers[0]
+    r = layer.ranks[1]
+    want = layer.base(x[2]) + (x[2] @ layer.A_slots[1, :, :r]) @ layer.B_slots[1, :r]  # slot 3 now holds x
+    torch.testing.assert_close(got[2], want, atol=1e-5, rtol=1e-5)
     with slots.batch([0, 0], tokens_per_row=len(PROMPT)):  # no row has weights: bit-identical to the base
         assert torch.equal(logits(model, PROMPT), logits(base, PROMPT))
 

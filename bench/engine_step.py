@@ -1,0 +1,135 @@
+"""Where a builtin-engine step spends its time, against what this machine can do (issue 18 item 2).
+
+On the real default model with 16 LoRA slots (r=8, q/k/v/o), it times:
+- the matmul peak of the box in the chosen dtype (K=576, N=1536; M=16 and M=512), the yardstick;
+- a decode step of `--rows` rows (one token each, every row its own adapter, contexts of ~200 tokens);
+- a mixed step (the decode rows plus a 256-token prompt chunk);
+- a torch.profiler breakdown of the decode step (top ops by self CPU time).
+Model-FLOP utilisation (MFU) = the step's matmul FLOPs (2 x params x tokens, LoRA and attention left out) / time /
+the measured peak at the step's token count. JSON to stdout (and --out). Usage:
+  .venv/bin/python bench/engine_step.py [--dtype bfloat16|float32] [--rows 12] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.machine import machine_record  # noqa: E402
+from service.adapters.slots import LoraSlots  # noqa: E402
+from service.config import Settings  # noqa: E402
+from service.engine.builtin.executor import Chunk, Executor, StepBatch, head_dim  # noqa: E402
+from service.engine.builtin.kv import KVLanes  # noqa: E402
+from service.inference.loader import load_model  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SLOTS = 16
+
+
+def timed(fn: Callable[[], object], repeat: int) -> float:
+    """Median seconds of `repeat` calls after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, m: int) -> float:
+    x, w = torch.randn(m, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+    seconds = timed(lambda: F.linear(x, w), 50)
+    return 2 * m * 576 * 1536 / seconds / 1e9
+
+
+def decode_batch(rows: int, context: int) -> StepBatch:
+    positions = [context + i for i in range(rows)]
+    return StepBatch(
+        [100 + i for i in range(rows)], positions, list(range(rows)), positions, list(range(1, rows + 1)), [],
+        list(range(rows)),
+    )  # fmt: skip
+
+
+def mixed_batch(rows: int, context: int, chunk: int) -> StepBatch:
+    d = decode_batch(rows, context)
+    lane = rows
+    c = Chunk(start=rows, length=chunk, lane=lane, pos=0, slot=SLOTS)
+    return StepBatch(
+        d.token_ids + [200 + i for i in range(chunk)], d.positions + list(range(chunk)),
+        d.lanes + [lane] * chunk, d.stores + list(range(chunk)), d.decode_slots, [c],
+        [*d.logit_rows, rows + chunk - 1],
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    settings = Settings(model_cache_dir=REPO / ".cache" / "models", dtype=args.dtype)
+    loaded = load_model(settings)
+    model, dtype = loaded.model, loaded.dtype
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if getattr(model.config, "tie_word_embeddings", False):
+        params += model.get_input_embeddings().weight.numel()  # the tied vocab projection runs every step
+    slots = LoraSlots(model, SLOTS, 8, TARGETS, device=loaded.device, dtype=dtype)
+    for layer in slots.layers.values():  # every slot a random r=8 adapter
+        for s in range(1, SLOTS + 1):
+            a, b = layer.prepare(s, 8)
+            a.copy_(torch.randn_like(a) * 0.02)
+            b.copy_(torch.randn_like(b) * 0.02)
+    cfg = model.config
+    kv = KVLanes(
+        layers=int(cfg.num_hidden_layers), lanes=SLOTS + 1, kv_heads=int(cfg.num_key_value_heads),
+        head_dim=head_dim(cfg), capacity=1024, device=loaded.device, dtype=dtype,
+    )  # fmt: skip
+    ex = Executor(model, kv, slots)
+    decode, mixed = decode_batch(args.rows, 200), mixed_batch(args.rows, 200, 256)
+    decode_s = timed(lambda: ex.forward(decode), args.repeat)
+    mixed_s = timed(lambda: ex.forward(mixed), max(5, args.repeat // 4))
+    peak_small, peak_large = matmul_peak(dtype, 16), matmul_peak(dtype, 512)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            ex.forward(decode)
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    report: dict[str, Any] = {
+        "bench": "engine_step", "model": loaded.name, "params_in_matmuls": params, "rows": args.rows,
+        "machine": machine_record(args.dtype), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "matmul_peak_gflops": {"m16": round(peak_small, 1), "m512": round(peak_large, 1)},
+        "decode_step_ms": round(decode_s * 1e3, 2),
+        "decode_mfu": round(2 * params * args.rows / decode_s / 1e9 / peak_small, 3),
+        "mixed_step_ms": round(mixed_s * 1e3, 2),
+        "mixed_mfu": round(2 * params * (args.rows + 256) / mixed_s / 1e9 / peak_large, 3),
+        "decode_profile_top": [
+            {"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count // 5}
+            for e in top
+        ],
+    }  # fmt: skip
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
