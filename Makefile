@@ -54,3 +54,16 @@ bench: setup
 
 bench-engine: setup setup-vllm
 	$(BIN)/python bench/engine.py
+
+# Local scale-out in the foreground (README "Scale out"): REPLICAS API processes on PORT+1..PORT+REPLICAS, one
+# worker, nginx on PORT (default 8100) rendered from docker/nginx.conf; needs OPPU_DATABASE_URL (PostgreSQL),
+# OPPU_REDIS_URL and OPPU_ADMIN_KEY. Ctrl-C stops everything it started.
+REPLICAS ?= 2
+CLUSTER_PORT := $(if $(filter file,$(origin PORT)),8100,$(PORT))
+.PHONY: cluster
+cluster: setup
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || [ -n "$$NGINX" ] || { \
+		echo "make cluster needs nginx, which is not installed."; \
+		echo "Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y nginx  (or NGINX=/path/to/nginx)"; \
+		exit 1; } >&2
+	$(BIN)/python scripts/cluster.py --port $(CLUSTER_PORT) --replicas $(REPLICAS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -206,22 +207,24 @@ class Block:
 def _parse_nginx(text: str) -> Block:
     tokens: list[str] = []
     word = ""
+    quoted = False  # a quoted empty string ("") is a word too (a map's empty-value entry)
     i = 0
     while i < len(text):
         ch = text[i]
-        if ch == "#" and not word:
+        if ch == "#" and not word and not quoted:
             while i < len(text) and text[i] != "\n":
                 i += 1
             continue
         if ch in "'\"":
             end = text.index(ch, i + 1)
             word += text[i + 1 : end]
+            quoted = True
             i = end + 1
             continue
         if ch.isspace() or ch in "{};":
-            if word:
+            if word or quoted:
                 tokens.append(word)
-                word = ""
+                word, quoted = "", False
             if ch in "{};":
                 tokens.append(ch)
         else:
@@ -351,3 +354,126 @@ def test_entrypoint_is_valid_shell() -> None:
     text = (ROOT / "docker" / "entrypoint.sh").read_text()
     assert "oppu migrate && exec oppu serve --host 0.0.0.0 --port 8000" in text
     assert "exec oppu worker" in text
+
+
+# --- routing by user (docker/nginx.conf) and `make cluster` (scripts/cluster.py renders the same file) ---------
+
+
+def _maps() -> dict[str, tuple[str, list[list[str]]]]:
+    """Each map's result variable -> (its source variable, [[pattern, value], ...])."""
+    root = _parse_nginx((ROOT / "docker" / "nginx.conf").read_text())
+    return {b.args[2]: (b.args[1], b.directives) for b in root.blocks("map")}
+
+
+def _route_key(uri: str, headers: dict[str, str]) -> str:
+    """What nginx hashes for a request: the maps evaluated as nginx does (exact strings first, then regexes in
+    order, else default; a value may name a capture or another variable)."""
+    maps = _maps()
+    variables = {"$uri": uri, "$request_uri": uri}
+    variables.update({f"$http_{k.lower().replace('-', '_')}": v for k, v in headers.items()})
+
+    def value(name: str) -> str:
+        if name not in maps:
+            return variables.get(name, "")
+        source, entries = maps[name]
+        subject = value(source)
+        exact = {p: v for p, v in entries if not p.startswith("~") and p != "default"}
+        chosen, captures = exact.get(subject), {}
+        for pattern, result in entries if chosen is None else []:
+            if pattern.startswith("~"):
+                match = re.search(pattern[1:].replace("(?<", "(?P<"), subject)  # PCRE named groups in Python
+                if match:
+                    chosen, captures = result, {f"${k}": v for k, v in match.groupdict().items()}
+                    break
+        if chosen is None:
+            chosen = dict(entries).get("default", "")
+        if chosen in captures:
+            return captures[chosen]
+        return value(chosen) if chosen.startswith("$") else chosen
+
+    (upstream,) = _parse_nginx((ROOT / "docker" / "nginx.conf").read_text()).blocks("upstream")
+    ((variable, _consistent),) = upstream.get("hash")
+    return value(variable)
+
+
+@pytest.mark.parametrize(
+    ("uri", "headers", "key"),
+    [
+        ("/users/alice/generate", {"Authorization": "Bearer k1"}, "alice"),
+        ("/users/alice/adapter", {"Authorization": "Bearer k1", "X-User-ID": "bob"}, "alice"),  # the path wins
+        ("/admin/users/alice/retrain", {"Authorization": "Bearer admin"}, "alice"),
+        ("/v1/completions", {"Authorization": "Bearer k1"}, "Bearer k1"),  # no gateway: the key
+        ("/v1/chat/completions", {"Authorization": "Bearer k1", "X-User-ID": "alice"}, "alice"),  # gateway: the id
+        ("/v1/models", {}, ""),
+        ("/healthz", {}, "/healthz"),
+    ],
+)
+def test_nginx_routes_every_route_by_user(uri: str, headers: dict[str, str], key: str) -> None:
+    assert _route_key(uri, headers) == key
+
+
+def test_nginx_rings_are_balanced_and_skip_dead_replicas() -> None:
+    (upstream,) = _parse_nginx((ROOT / "docker" / "nginx.conf").read_text()).blocks("upstream")
+    servers = upstream.get("server")
+    assert len(servers) >= 2
+    for server in servers:
+        options = dict(o.split("=", 1) for o in server[1:])
+        assert int(options["weight"]) >= 10, server  # >= 1,600 ring points per replica
+        assert int(options["max_fails"]) >= 1 and options["fail_timeout"], server
+    assert len({tuple(s[1:]) for s in servers}) == 1  # equal weights: equal shares
+
+
+def test_cluster_renders_the_compose_rules() -> None:
+    from scripts.cluster import render_rules
+
+    template = (ROOT / "docker" / "nginx.conf").read_text()
+    rendered = render_rules(template, 9100, ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"])
+    (upstream,) = _parse_nginx(rendered).blocks("upstream")
+    assert [s[0] for s in upstream.get("server")] == ["127.0.0.1:9101", "127.0.0.1:9102", "127.0.0.1:9103"]
+    ((_compose_server, *options), *_) = _parse_nginx(template).blocks("upstream")[0].get("server")
+    assert all(s[1:] == options for s in upstream.get("server"))
+    (server,) = _parse_nginx(rendered).blocks("server")
+    assert server.get("listen") == [["127.0.0.1:9100"]]
+    # Nothing else differs: the same maps, locations and limits as compose's front.
+    def strip(text: str) -> list[str]:
+        return [ln for ln in text.splitlines() if not re.match(r"\s*(server \S+:\d+|listen )", ln)]
+
+    assert strip(rendered) == strip(template)
+
+
+def _nginx() -> str:
+    from scripts.cluster import find_nginx
+
+    nginx = find_nginx()
+    if nginx is None:
+        pytest.fail("nginx is not installed: apt-get update && apt-get install -y nginx (make cluster needs it)")
+    return nginx
+
+
+def test_the_rendered_config_passes_nginx_t(tmp_path: Path) -> None:
+    from scripts.cluster import write_config
+
+    config = write_config(tmp_path / "run", 9100, [9101, 9102])
+    r = subprocess.run([_nginx(), "-t", "-c", str(config), "-p", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "nginx.conf").write_text(config.read_text().replace("events {", "events {{"))
+    bad = subprocess.run([_nginx(), "-t", "-c", str(broken / "nginx.conf"), "-p", str(broken)], capture_output=True)
+    assert bad.returncode != 0  # the check can fail
+
+
+def test_make_cluster_says_what_is_missing(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "NGINX": str(tmp_path / "no-nginx")}
+    script = [sys.executable, str(ROOT / "scripts" / "cluster.py"), "--run-dir", str(tmp_path / "run")]
+    r = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "apt-get install -y nginx" in r.stderr, r.stderr
+    env = {"PATH": "/usr/bin:/bin", "NGINX": _nginx(), "OPPU_DATABASE_URL": "sqlite:///x.db"}
+    r = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    for name in ("OPPU_DATABASE_URL must name PostgreSQL", "OPPU_REDIS_URL", "OPPU_ADMIN_KEY"):
+        assert name in r.stderr, r.stderr
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^cluster: setup\n(\t.*\n)*\t.*apt-get install -y nginx", makefile, re.M)
+    run = r"^\t\$\(BIN\)/python scripts/cluster.py --port \$\(CLUSTER_PORT\) --replicas \$\(REPLICAS\)"
+    assert re.search(run, makefile, re.M)
