@@ -4,11 +4,24 @@ service collaborators. Each fake implements only what the code under test uses, 
 from __future__ import annotations
 
 import shutil
+from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 from service import users
 from service.db.migrate import upgrade
 from service.db.session import Database, unit_of_work
+from service.engine.base import EngineLimits
+from service.engine.types import (
+    AdapterRef,
+    EngineEvent,
+    EngineRequest,
+    EngineStats,
+    Finished,
+    FinishReason,
+    TokenEvent,
+    TokenLogprob,
+)
 from service.inference.tokens import PromptCodec
 from service.tenancy import UserRef
 
@@ -52,6 +65,68 @@ class FakeCodec(PromptCodec):
         if token_id == self.BOS:
             return "<bos>"
         return self.decode([token_id])
+
+
+class FakeEngine:
+    """An engine that offers `limits` and `model_name` and records every other use in `calls` (so a test can
+    assert that something had no engine effects). `stream` plays `reply`: one token per UTF-8 byte (FakeCodec's
+    ids), each with logprob -0.5 and, when asked for, top logprobs, then Finished(`finish`); its requests are
+    kept in `requests`."""
+
+    def __init__(self, limits: EngineLimits, reply: str = "", finish: FinishReason = "stop") -> None:
+        self._limits = limits
+        self._reply = FakeCodec.ids(reply)
+        self._finish: FinishReason = finish
+        self.calls: list[str] = []
+        self.requests: list[EngineRequest] = []
+
+    @property
+    def model_name(self) -> str:
+        return "fake-base"
+
+    @property
+    def limits(self) -> EngineLimits:
+        return self._limits
+
+    @property
+    def context_length(self) -> int:
+        self.calls.append("context_length")
+        return self._limits.context_length
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    async def stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        self.calls.append("stream")
+        self.requests.append(request)
+        k = request.sampling.logprobs
+        tokens = self._reply[: request.sampling.max_new_tokens]
+        for t in tokens:
+            top = tuple(TokenLogprob(t + i, -0.5 - i) for i in range(k or 0))
+            yield TokenEvent(t, -0.5 if k is not None else None, top)
+        finish = self._finish if len(tokens) == len(self._reply) else "length"
+        yield Finished(finish, len(request.prompt_ids))
+
+    def cancel_tenant(self, tenant: str, error: BaseException) -> int:
+        self.calls.append("cancel_tenant")
+        return 0
+
+    def use_shared(self, adapter: AdapterRef | None) -> None:
+        self.calls.append("use_shared")
+
+    def drop_owner(self, owner_key: str) -> None:
+        self.calls.append("drop_owner")
+
+    def stats(self) -> EngineStats:
+        self.calls.append("stats")
+        return EngineStats(0, 0, 0, 0, 0)
+
+    def __getattr__(self, name: str) -> Any:  # an engine method added later (prefetch, ...): recorded too
+        self.calls.append(name)
+        return lambda *args, **kwargs: None
 
 
 def migrated_sqlite(folder: Path) -> Path:

@@ -6,7 +6,7 @@ preparing has no engine effects at all (the engine applies adapters when a row i
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from service.config import Settings
 from service.db.models import SHARED_OWNER, Adapter
 from service.db.session import Database, unit_of_work
 from service.engine.base import EngineLimits
-from service.engine.types import AdapterRef, EngineEvent, EngineRequest, EngineStats
 from service.errors import Conflict, PromptTooLong
 from service.generation.prepare import (
     BASE_TENANT,
@@ -36,65 +35,16 @@ from service.history.schemas import HistoryAppendIn, HistoryItemIn
 from service.history.service import UserCorpus
 from service.retrieval.bm25 import BM25Cache
 from service.tenancy import UserRef
-from tests.factories import FakeCodec, migrated_sqlite, new_user, sqlite_copy
+from tests.factories import FakeCodec, FakeEngine, migrated_sqlite, new_user, sqlite_copy
 
 CONTEXT = 512
 SPEC = BaseModelSpec("llama", "tiny", "f" * 64, {})
 
 
-class RecordingEngine:
-    """Offers `limits` and `model_name`; every other use is recorded (preparing must not touch the engine)."""
-
-    def __init__(self, limits: EngineLimits) -> None:
-        self._limits = limits
-        self.calls: list[str] = []
-
-    @property
-    def model_name(self) -> str:
-        return "tiny"
-
-    @property
-    def limits(self) -> EngineLimits:
-        return self._limits
-
-    @property
-    def context_length(self) -> int:
-        self.calls.append("context_length")
-        return self._limits.context_length
-
-    def start(self) -> None:
-        self.calls.append("start")
-
-    def stop(self) -> None:
-        self.calls.append("stop")
-
-    def stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
-        self.calls.append("stream")
-        raise AssertionError("preparing must not queue a row")
-
-    def cancel_tenant(self, tenant: str, error: BaseException) -> int:
-        self.calls.append("cancel_tenant")
-        return 0
-
-    def use_shared(self, adapter: AdapterRef | None) -> None:
-        self.calls.append("use_shared")
-
-    def drop_owner(self, owner_key: str) -> None:
-        self.calls.append("drop_owner")
-
-    def stats(self) -> EngineStats:
-        self.calls.append("stats")
-        return EngineStats(0, 0, 0, 0, 0)
-
-    def __getattr__(self, name: str) -> Any:  # an engine method added later (prefetch, ...)
-        self.calls.append(name)
-        return lambda *args, **kwargs: None
-
-
 @dataclass
 class World:
     preparer: Preparer
-    engine: RecordingEngine
+    engine: FakeEngine
     codec: FakeCodec
     db: Database
     settings: Settings
@@ -158,7 +108,7 @@ def world(template: Path, tmp_path: Path) -> Iterator[World]:
         history.append(session, bob, HistoryAppendIn(items=[HistoryItemIn(id="b1", output="pizza pizza pizza")]))
         history.set_profile(session, alice, "Alice likes Italian food and mountains.")
     codec = FakeCodec()
-    engine = RecordingEngine(EngineLimits(context_length=CONTEXT, max_continuation_tokens=16))
+    engine = FakeEngine(EngineLimits(context_length=CONTEXT, max_continuation_tokens=16))
     bm25: BM25Cache[UserCorpus] = BM25Cache()
     store = AdapterStore(settings.adapters_dir)
     preparer = Preparer(settings, db.session_factory, bm25, store, SPEC, codec, engine)

@@ -1,6 +1,7 @@
-"""service/openai_compat/service.py without an engine: refusing unknown parameters, the mapping of OpenAI
+"""service/openai_compat/service.py without a model: refusing unknown parameters, the mapping of OpenAI
 fields to sampling options and personalization, `model` -> whose data (real SQLite, users created as the admin
-API creates them), and the response and SSE shapes (`_Format`) on a byte-level fake codec."""
+API creates them), the response and SSE shapes (`_Format`) on a byte-level fake codec, and the two entry points
+(`chat`, `complete`) over the real preparation step with a scripted fake engine."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ from typing import Any
 
 import pytest
 
+from service.adapters.store import AdapterStore
+from service.adapters.validation import BaseModelSpec
+from service.config import Settings
 from service.db.session import Database, unit_of_work
-from service.engine.types import EngineRequest, SamplingParams, TokenLogprob
+from service.engine.base import EngineLimits
+from service.engine.types import EngineRequest, FinishReason, SamplingParams, TokenLogprob
 from service.errors import Forbidden, NotFound, ServiceError, Timeout, Unprocessable, UnsupportedParameter
-from service.generation.prepare import ChatTurn, PreparedRequest
+from service.generation.prepare import ChatTurn, PreparedRequest, Preparer
 from service.generation.service import Completion, Delta
 from service.generation.text import TokenOut
+from service.history.service import UserCorpus
 from service.openai_compat.schemas import ChatCompletionIn, CommonParams, CompletionIn
 from service.openai_compat.service import (
     DEFAULT_CHAT_RETRIEVAL_K,
@@ -27,12 +33,16 @@ from service.openai_compat.service import (
     _Format,
     _sampling,
     _spec,
+    chat,
+    complete,
     list_models,
     refuse_unsupported,
     resolve_target,
 )
+from service.retrieval.bm25 import BM25Cache
+from service.streams import StreamRegistry
 from service.tenancy import Caller, UserRef, authenticate
-from tests.factories import FakeCodec, migrated_sqlite, new_user, sqlite_copy
+from tests.factories import FakeCodec, FakeEngine, migrated_sqlite, new_user, sqlite_copy
 
 BASE = "tiny-base"
 ADMIN_KEY = "admin-key-for-these-tests-0123456789"
@@ -448,3 +458,97 @@ def test_an_unexpected_error_is_reported_without_its_details(caplog: pytest.LogC
 
 def test_body_types_share_the_common_parameters() -> None:
     assert issubclass(ChatCompletionIn, CommonParams) and issubclass(CompletionIn, CommonParams)
+
+
+# --- the entry points, over the real preparation step and a scripted engine ---
+
+
+def preparer(db: Database, tmp: Path, reply: str, finish: FinishReason = "stop") -> Preparer:
+    settings = Settings(data_dir=tmp / "data", adapters_dir=tmp / "adapters", default_max_new_tokens=32)
+    engine = FakeEngine(EngineLimits(context_length=512, max_continuation_tokens=16), reply, finish)
+    bm25: BM25Cache[UserCorpus] = BM25Cache()
+    spec = BaseModelSpec("llama", engine.model_name, "f" * 64, {})
+    return Preparer(settings, db.session_factory, bm25, AdapterStore(settings.adapters_dir), spec, CODEC, engine)
+
+
+def engine_of(p: Preparer) -> FakeEngine:
+    assert isinstance(p.engine, FakeEngine)
+    return p.engine
+
+
+def test_chat_prefers_max_completion_tokens_maps_top_logprobs_and_cuts_at_a_stop(db: Database, tmp_path: Path) -> None:
+    alice, key = new_user(db, "alice")
+    p = preparer(db, tmp_path, "Hello world")
+    body = chat_body(max_tokens=9, max_completion_tokens=20, logprobs=True, top_logprobs=2, stop=[" w"])
+    out = asyncio.run(chat(p, StreamRegistry(), caller_of(db, key), body))
+    (request,) = engine_of(p).requests
+    assert request.sampling.max_new_tokens == 20  # max_completion_tokens wins over the older max_tokens
+    assert request.sampling.logprobs == 2
+    assert request.tenant == alice.storage_key
+    (choice,) = out["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "Hello"}
+    assert choice["finish_reason"] == "stop"
+    content = choice["logprobs"]["content"]
+    assert [e["token"] for e in content] == list("Hello")  # the stop string's tokens are cut with it
+    assert all(len(e["top_logprobs"]) == 2 for e in content)
+    prompt = len(request.prompt_ids)
+    assert out["usage"] == {"prompt_tokens": prompt, "completion_tokens": 7, "total_tokens": prompt + 7}
+    assert out["id"].startswith("chatcmpl-") and out["model"] == PERSONAL
+
+
+def test_chat_top_logprobs_without_logprobs_asks_for_none(db: Database, tmp_path: Path) -> None:
+    _, key = new_user(db, "alice")
+    p = preparer(db, tmp_path, "Hi", finish="length")
+    out = asyncio.run(chat(p, StreamRegistry(), caller_of(db, key), chat_body(max_tokens=9, top_logprobs=3)))
+    (request,) = engine_of(p).requests
+    assert (request.sampling.max_new_tokens, request.sampling.logprobs) == (9, None)
+    assert out["choices"][0]["logprobs"] is None
+    assert out["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_completion_continues_the_raw_prompt(db: Database, tmp_path: Path) -> None:
+    _, key = new_user(db, "alice")
+    p = preparer(db, tmp_path, "ce upon")
+    body = text_body(prompt=["On"], max_tokens=4, logprobs=0)
+    out = asyncio.run(complete(p, StreamRegistry(), caller_of(db, key), body))
+    (request,) = engine_of(p).requests
+    assert request.prompt_ids == tuple(CODEC.encode_text("On"))  # no context added to a raw completion
+    assert request.sampling.logprobs == 0
+    (choice,) = out["choices"]
+    assert (choice["text"], choice["finish_reason"]) == ("ce u", "length")
+    assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]
+    assert choice["logprobs"]["top_logprobs"] == [{}, {}, {}, {}]
+    assert out["id"].startswith("cmpl-") and out["object"] == "text_completion"
+
+
+def test_a_stream_sends_the_reply_in_deltas_then_usage_and_done(db: Database, tmp_path: Path) -> None:
+    _, key = new_user(db, "alice")
+    p = preparer(db, tmp_path, "Héllo")
+    body = chat_body(stream=True, stream_options={"include_usage": True}, n=2, seed=1)
+
+    async def run() -> list[str]:
+        stream = await chat(p, StreamRegistry(), caller_of(db, key), body)
+        return [e async for e in stream]
+
+    out = payloads(asyncio.run(run()))
+    assert len(engine_of(p).requests) == 2
+    for row in (0, 1):
+        chunks = [o["choices"][0] for o in out if o["choices"] and o["choices"][0]["index"] == row]
+        assert "".join(c["delta"].get("content", "") for c in chunks) == "Héllo"
+        assert chunks[-1]["finish_reason"] == "stop"
+    assert out[-1]["usage"]["completion_tokens"] == 2 * len(CODEC.ids("Héllo"))
+
+
+def test_refusals_come_before_any_engine_call(db: Database, tmp_path: Path) -> None:
+    _, key = new_user(db, "alice")
+    caller = caller_of(db, key)
+    p = preparer(db, tmp_path, "x")
+    for body, error in (
+        (chat_body(tools=[{"type": "function"}]), UnsupportedParameter),
+        (chat_body(model="gpt-4o"), NotFound),
+        (chat_body(model="user:bob"), Forbidden),
+        (chat_body(logit_bias={"--1": 1.0}), UnsupportedParameter),
+    ):
+        with pytest.raises(error):
+            asyncio.run(chat(p, StreamRegistry(), caller, body))
+    assert engine_of(p).calls == []
