@@ -125,6 +125,8 @@ class FakeEngine:
         return EngineStats(0, 0, 0, 0, 0)
 
     def __getattr__(self, name: str) -> Any:  # an engine method added later (prefetch, ...): recorded too
+        if name.startswith("__"):  # copy, pickle and friends probe for these: not engine use
+            raise AttributeError(name)
         self.calls.append(name)
         return lambda *args, **kwargs: None
 
