@@ -31,6 +31,12 @@ setup-vllm:
 	PYTHON=$(PYTHON) VLLM_EXTRA=$(VLLM_EXTRA) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX="$(TORCH_INDEX)" \
 		scripts/setup-vllm-venv.sh $(VLLM_VENV)
 
+# llama.cpp's llama-server + its GGUF converters (bench/llamacpp.py: the CPU reference), built once from the
+# llama-cpp-python sdist on PyPI into ~/.cache/oppu/llama-cpp-<version>-<cpu key> (~30 min on 2 cores).
+.PHONY: setup-llama-cpp
+setup-llama-cpp: setup
+	PYTHON=$(BIN)/python scripts/setup-llama-cpp.sh
+
 serve: setup
 	$(BIN)/oppu serve --host $(HOST) --port $(PORT)
 
