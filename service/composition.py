@@ -180,7 +180,8 @@ class Core:
 def core(settings: Settings, metrics: Metrics | None = None) -> Core:
     db = database(settings)
     store = AdapterStore(settings.adapters_dir)
-    bm25 = BM25Cache[UserCorpus](settings.bm25_cache_users)
+    window = settings.retrieval_max_chars or None
+    bm25 = BM25Cache[UserCorpus](settings.bm25_cache_users, max_bytes=settings.bm25_cache_bytes, window_chars=window)
     loaded = load_model(settings, weights=settings.engine == "builtin")
     spec = BaseModelSpec.from_model(loaded.model, loaded.name)  # before slots wrap the Linears
     engine = (

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
 
     # --- history ---
     bm25_cache_users: int = 64
+    bm25_cache_bytes: int = 1024 * 1024 * 1024  # estimated memory of all cached BM25 indexes (LRU; the newest stays)
+    retrieval_max_chars: int = 16 * 1024 * 1024  # BM25 indexes a user's most recent N characters (0: all of them)
     history_max_items_per_user: int = 100_000
     history_max_chars_per_user: int = 64 * 1024 * 1024  # characters of input + output
 

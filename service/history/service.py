@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -24,8 +25,11 @@ from service.history.schemas import (
     HistoryPage,
     ProfileOut,
 )
-from service.retrieval.bm25 import BM25Cache, BM25Index
+from service.retrieval.bm25 import BM25Cache, BM25Index, doc_chars
 from service.tenancy import UserRef
+
+_BUILD_PAGE = 2_000  # items read per query when an index is built whole
+_DOC_BYTES = 200  # estimated memory of one cached doc besides its text (snapshot object, list slot)
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,25 @@ class DocSnapshot:
 
 @dataclass(frozen=True)
 class UserCorpus:
+    """A user's BM25 index and the docs it keeps (hit i is docs[i]), built from their history up to `stamp`
+    (count, max id): a later stamp whose new items all come after it extends this corpus."""
+
     docs: list[DocSnapshot]
     index: BM25Index
+    stamp: tuple[int, int] = (0, 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Estimated memory: the index plus the kept docs' text."""
+        return self.index.nbytes + sum(_DOC_BYTES + doc_chars(d) for d in self.docs)
+
+    def extended(self, items: list[DocSnapshot], last_id: int) -> UserCorpus:
+        """This corpus with `items` (the next ones in append order, the last with pk `last_id`) added."""
+        if not items:
+            return self
+        index = self.index.extended(items)
+        kept = (self.docs + items)[index.first - self.index.first :]  # those that left the window go
+        return UserCorpus(kept, index, (self.stamp[0] + len(items), last_id))
 
 
 @dataclass(frozen=True)
@@ -158,14 +179,63 @@ def snapshot(item: HistoryItem) -> DocSnapshot:
 
 
 def user_corpus(session: Session, user: UserRef, cache: BM25Cache[UserCorpus]) -> UserCorpus:
-    """The user's BM25 index, rebuilt only when their history changed (in any replica)."""
+    """The user's BM25 index for their current history (in any replica): cached; after appends, the cached
+    index is extended with the new items only; built whole (over the most recent `cache.window_chars`
+    characters) only when none is cached or items were removed."""
     stamp = repo.history_stamp(session, user.pk)
     corpus = cache.get(user.storage_key, stamp)
-    if corpus is None:
-        docs = [snapshot(i) for i in repo.all_items(session, user.pk)]
-        corpus = UserCorpus(docs=docs, index=BM25Index(docs))
-        cache.put(user.storage_key, stamp, corpus)
+    if corpus is not None:
+        return corpus
+    with cache.building(user.storage_key):  # concurrent requests of one user build it once
+        cached = cache.peek(user.storage_key)
+        base = cached[1] if cached is not None else None
+        if base is not None and base.stamp[0] >= stamp[0] and base.stamp[1] >= stamp[1]:
+            return base  # built meanwhile by another request, from this history or a later one
+        if base is not None and _appended_only(session, user, base.stamp, stamp):
+            corpus = base.extended(*_items(session, user, base.stamp[1], stamp))
+        else:
+            corpus = _build_corpus(session, user, stamp, cache.window_chars)
+        cache.put(user.storage_key, corpus.stamp, corpus, corpus.nbytes)
     return corpus
+
+
+def _appended_only(session: Session, user: UserRef, old: tuple[int, int], new: tuple[int, int]) -> bool:
+    """Every item under the `old` stamp is still there and the others came after it: pks are never reused
+    and only an erase removes items, so the count of items past the old max id tells."""
+    (old_count, old_max), (count, max_id) = old, new
+    return (
+        count > old_count
+        and max_id > old_max
+        and repo.count_items_after(session, user.pk, old_max) == count - old_count
+    )
+
+
+def _items(session: Session, user: UserRef, after_id: int, stamp: tuple[int, int]) -> tuple[list[DocSnapshot], int]:
+    """The items after `after_id` up to the stamp's max id (not those committed since it was read), and the
+    pk of the last one."""
+    items = [i for i in repo.list_items(session, user.pk, after_id=after_id, limit=stamp[0]) if i.id <= stamp[1]]
+    return [snapshot(i) for i in items], items[-1].id if items else after_id
+
+
+def _build_corpus(session: Session, user: UserRef, stamp: tuple[int, int], window_chars: int | None) -> UserCorpus:
+    """The index over the user's most recent `window_chars` characters, read in pages so that the older
+    items never all sit in memory. Its stamp says what it really holds (count and max id read)."""
+    kept: deque[DocSnapshot] = deque()
+    chars, count, after = 0, 0, 0
+    while after < stamp[1] and (page := repo.list_items(session, user.pk, after_id=after, limit=_BUILD_PAGE)):
+        for item in page:
+            if item.id > stamp[1]:
+                break
+            after, count = item.id, count + 1
+            kept.append(snapshot(item))
+            chars += doc_chars(kept[-1])
+            while window_chars is not None and len(kept) > 1 and chars > window_chars:
+                chars -= doc_chars(kept.popleft())
+        else:
+            continue
+        break
+    docs = list(kept)
+    return UserCorpus(docs, BM25Index(docs, max_chars=window_chars), (count, after))
 
 
 def retrieve(session: Session, user: UserRef, query: str, k: int, cache: BM25Cache[UserCorpus]) -> list[RetrievedDoc]:

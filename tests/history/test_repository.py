@@ -15,6 +15,7 @@ from service.history import service
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
 from service.history.service import UserCorpus
 from service.retrieval.bm25 import BM25Cache
+from service.retrieval.tokenize import terms
 from service.tenancy import UserRef
 from service.users import create_user, delete_user_rows
 
@@ -203,3 +204,57 @@ def test_bm25_cache_hit_and_invalidation_by_stamp(factory: sessionmaker[Session]
     with unit_of_work(factory) as s:
         a3 = service.user_corpus(s, alice, cache)
         assert a3 is not a2 and [d.id for d in a3.docs] == ["p", "q"]
+
+
+def test_an_append_extends_the_cached_index_with_the_new_items_only(
+    factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an append, the cached index is extended (only the new items are read and tokenized), and it
+    retrieves exactly what an index built from scratch over the whole history does."""
+    import service.retrieval.bm25 as bm25_module
+
+    alice = new_user(factory, "alice")
+    cache = BM25Cache[UserCorpus](8)
+    words = ["green tea", "black tea", "mountain bikes", "red apples", "tea and apples"]
+    with unit_of_work(factory) as s:
+        service.append(s, alice, body(*(f"{words[i % 5]} {i}" for i in range(40))))
+    with unit_of_work(factory) as s:
+        before = service.user_corpus(s, alice, cache)
+    tokenized: list[str] = []
+
+    def counting_terms(text: str) -> list[str]:
+        tokenized.append(text)
+        return terms(text)
+
+    monkeypatch.setattr(bm25_module, "terms", counting_terms)
+    with unit_of_work(factory) as s:
+        service.append(s, alice, body("green apples 40", "tea tea tea 41", ids=["n1", "n2"]))
+    with unit_of_work(factory) as s:
+        after = service.user_corpus(s, alice, cache)
+    assert [t.strip() for t in tokenized] == ["green apples 40", "tea tea tea 41"]
+    assert after.stamp[0] == 42 and len(after.docs) == 42 and after.docs[:40] == before.docs
+    fresh = BM25Cache[UserCorpus](8)
+    with unit_of_work(factory) as s:
+        for query in ("tea", "green apples", "mountain tea 41", "bikes 3"):
+            got = [(h.doc.id, h.score) for h in service.retrieve(s, alice, query, 5, cache)]
+            assert got == [(h.doc.id, h.score) for h in service.retrieve(s, alice, query, 5, fresh)]
+    assert cache.nbytes == after.nbytes > before.nbytes
+
+
+def test_the_index_keeps_the_most_recent_window_chars(factory: sessionmaker[Session]) -> None:
+    """With a window, a cold build and an extended index keep only the newest items whose characters fit;
+    older ones are never retrieved."""
+    alice = new_user(factory, "alice")
+    cache = BM25Cache[UserCorpus](8, window_chars=30)
+    with unit_of_work(factory) as s:  # 10 characters each
+        service.append(s, alice, body("tea  one  ", "tea  two  ", "tea three ", "tea  four ", ids=list("abcd")))
+    with unit_of_work(factory) as s:
+        assert [d.id for d in service.user_corpus(s, alice, cache).docs] == ["b", "c", "d"]
+        assert [h.doc.id for h in service.retrieve(s, alice, "tea one", 5, cache)] == ["d", "c", "b"]
+        service.append(s, alice, body("tea  five ", ids=["e"]))
+    with unit_of_work(factory) as s:
+        corpus = service.user_corpus(s, alice, cache)
+        assert [d.id for d in corpus.docs] == ["c", "d", "e"] and corpus.stamp[0] == 5
+        assert [h.doc.id for h in service.retrieve(s, alice, "two five", 5, cache)] == ["e"]
+        cold = service.user_corpus(s, alice, BM25Cache[UserCorpus](8, window_chars=30))
+        assert cold.docs == corpus.docs and cold.stamp == corpus.stamp

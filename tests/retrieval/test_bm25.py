@@ -1,12 +1,17 @@
-"""Pure retrieval: tokenizer, BM25 top-k (ordering, ties, earlier-items limit) and the per-user LRU."""
+"""Pure retrieval: tokenizer, BM25 top-k (ordering, ties, earlier-items limit), the incremental and windowed
+index (exactly a fresh index's scores), and the per-user LRU bounded by entries and bytes."""
 
 from __future__ import annotations
 
+import math
+import random
+from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
-from service.retrieval.bm25 import BM25Cache, BM25Index, doc_text
+from service.retrieval.bm25 import BM25Cache, BM25Index, doc_chars, doc_terms, doc_text
 from service.retrieval.tokenize import terms
 
 
@@ -146,18 +151,122 @@ def test_cache_evicts_least_recently_used() -> None:
 
 
 def test_scores_match_rank_bm25_formula() -> None:
-    """The postings-based scores equal rank_bm25's BM25Okapi.get_scores on the same statistics."""
-    import random
-
-    import numpy as np
+    """The postings-based scores equal rank_bm25's BM25Okapi.get_scores with Lucene's idf (its loop over every
+    doc is the reference: same k1, b, avgdl and doc lengths)."""
     from rank_bm25 import BM25Okapi
 
     rng = random.Random(1)
     vocab = [f"w{i}" for i in range(60)]
-    idx = index(*(" ".join(rng.choices(vocab, k=rng.randint(1, 30))) for _ in range(300)))
-    bm25 = idx._bm25
-    assert bm25 is not None  # 300 documents: the index is built
+    docs = [D(" ".join(rng.choices(vocab, k=rng.randint(1, 30)))) for _ in range(300)]
+    reference = BM25Okapi(doc_terms(docs))
+    df = Counter(w for freqs in reference.doc_freqs for w in freqs)
+    reference.idf = {w: math.log(1.0 + (300 - f + 0.5) / (f + 0.5)) for w, f in df.items()}
+    idx = BM25Index(docs)
     for _ in range(20):
         query = rng.choices([*vocab, "unknown"], k=rng.randint(1, 6))
-        expected = BM25Okapi.get_scores(bm25, query)
-        assert np.allclose(bm25.get_scores(query), expected, rtol=1e-12, atol=1e-12)
+        assert np.allclose(idx.scores(query), reference.get_scores(query), rtol=1e-12, atol=1e-12)
+
+
+# --- the incremental index ---
+def random_docs(rng: random.Random, n: int) -> list[D]:
+    vocab = [f"w{i}" for i in range(rng.choice((5, 40, 400)))] + ["the", "of"]  # stop words: some docs empty
+    return [D(" ".join(rng.choices(vocab, k=rng.randint(0, 30))), id=str(i)) for i in range(n)]
+
+
+def extended_in_batches(rng: random.Random, docs: list[D], max_chars: int | None = None) -> BM25Index:
+    idx = BM25Index(docs[:1], max_chars=max_chars)
+    i = 1
+    while i < len(docs):
+        j = i + rng.choice((1, 1, 2, 7, 40))
+        idx = idx.extended(docs[i:j])
+        i = j
+    return idx
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_extended_index_scores_exactly_like_a_fresh_one(seed: int) -> None:
+    """Appends in batches (segments built and merged, no old doc tokenized again) give bit-for-bit the scores
+    and hits of one index built over the same docs: doc counts, lengths, avgdl and idf all follow."""
+    rng = random.Random(seed)
+    docs = random_docs(rng, rng.randint(50, 600))
+    fresh, incremental = BM25Index(docs), extended_in_batches(rng, docs)
+    assert incremental.size == fresh.size == len(docs)
+    assert len(incremental._segments) <= 2 * math.log2(len(docs)) + 1  # merged: few segments to query
+    for _ in range(25):
+        query = " ".join(rng.choices([d.output for d in docs] + ["w1 w2", "w3 unknown", "w0"], k=1))
+        assert np.array_equal(incremental.scores(terms(query)), fresh.scores(terms(query)))
+        assert incremental.top_k(query, 5) == fresh.top_k(query, 5)
+        assert incremental.top_k(query, 3, limit=len(docs) // 2) == fresh.top_k(query, 3, limit=len(docs) // 2)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_windowed_extended_index_is_the_fresh_index_over_the_most_recent_chars(seed: int) -> None:
+    """With max_chars, an index extended in batches holds exactly the most recent docs whose characters fit
+    (dropped docs leave every statistic at once, their memory in batches) and scores like a fresh index
+    built over those docs only, after every batch."""
+    rng = random.Random(100 + seed)
+    docs = random_docs(rng, rng.randint(100, 400))
+    max_chars = rng.choice((1, 50, 500, 3_000, 10**9))
+    chars = [doc_chars(d) for d in docs]
+    incremental, end, compacted = BM25Index(docs[:1], max_chars=max_chars), 1, False
+    while end < len(docs):
+        end = min(len(docs), end + rng.choice((1, 2, 7, 40)))
+        incremental = incremental.extended(docs[incremental.end : end])
+        compacted = compacted or incremental._origin > 0
+        first = next(i for i in range(end) if sum(chars[i:end]) <= max_chars or i == end - 1)
+        assert (incremental.first, incremental.end) == (first, end)
+        kept, windowed = BM25Index(docs[first:end]), BM25Index(docs[:end], max_chars=max_chars)
+        for query in [*rng.choices([d.output for d in docs[:end]], k=3), "w1 w2", "w0"]:
+            assert np.array_equal(incremental.scores(terms(query)), kept.scores(terms(query)))
+            assert incremental.top_k(query, 5) == kept.top_k(query, 5) == windowed.top_k(query, 5)
+    assert compacted or max_chars == 10**9  # dropped docs left the memory too
+
+
+def test_window_keeps_the_newest_doc_even_if_larger() -> None:
+    docs = [D("tea " * 10), D("coffee " * 3), D("tea tea")]  # 40, 21, 7 characters
+    assert (BM25Index(docs, max_chars=28).first, BM25Index(docs, max_chars=27).first) == (1, 2)
+    assert BM25Index(docs, max_chars=1).first == 2
+    idx = BM25Index(docs[:1], max_chars=28).extended(docs[1:2]).extended(docs[2:])
+    assert idx.first == 1 and order(idx, "tea", 5) == [1]  # hit 1 = docs[2]: positions count from the first kept
+
+
+def test_extending_tokenizes_only_the_new_docs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.retrieval.bm25 as bm25_module
+
+    docs = random_docs(random.Random(7), 200)
+    idx = BM25Index(docs[:150])
+    seen: list[str] = []
+
+    def counting_terms(text: str) -> list[str]:
+        seen.append(text)
+        return terms(text)
+
+    monkeypatch.setattr(bm25_module, "terms", counting_terms)
+    idx = idx.extended(docs[150:])
+    assert seen == [doc_text(d) for d in docs[150:]]
+
+
+def test_an_old_version_still_answers_after_extension() -> None:
+    """Extending returns a new index sharing the old one's segments: a query running on the old version (a
+    request that read the cache before) is not disturbed."""
+    old = index("tea one", "coffee")
+    new = old.extended([D("tea two")])
+    assert order(old, "tea", 5) == [0] and old.size == 2
+    assert order(new, "tea", 5) == [2, 0] and new.size == 3
+
+
+def test_cache_is_bounded_by_bytes_and_keeps_the_newest() -> None:
+    cache = BM25Cache[str](10, max_bytes=100)
+    cache.put("a", 0, "A", 40)
+    cache.put("b", 0, "B", 40)
+    assert cache.nbytes == 80
+    cache.put("c", 0, "C", 40)  # 120 > 100: the least recently used goes
+    assert cache.get("a", 0) is None and cache.get("b", 0) == "B" and cache.nbytes == 80
+    cache.put("b", 1, "B2", 70)  # a user's new entry replaces its old one (bytes too)
+    assert cache.get("c", 0) is None and cache.get("b", 1) == "B2" and cache.nbytes == 70
+    cache.put("d", 0, "D", 500)  # larger than the budget alone: kept (the newest stays), the others go
+    assert cache.get("d", 0) == "D" and cache.get("b", 1) is None and cache.nbytes == 500
+    cache.invalidate("d")
+    assert cache.nbytes == 0 and cache.peek("d") is None
+    cache.put("e", 3, "E", 1)
+    assert cache.peek("e") == (3, "E") and cache.get("e", 4) is None
