@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from service.deps import StateDep
 from service.inference.loader import serving_dtype
+from service.jobs.queue import queue_checks
 
 router = APIRouter(tags=["health"])
 
@@ -19,8 +20,12 @@ class ReadyOut(BaseModel):
     checks: dict[str, bool]
     dtype: str | None = None  # the served weights' dtype (OPPU_DTYPE; "auto" follows the CPU's bf16 support)
     dtype_reason: str | None = None  # why: "cpu has amx_bf16", "OPPU_DTYPE=float32", ...
+    # Reported, not required (a replica keeps serving without them): {"redis": false} while Redis is down means
+    # retrains wait (the worker re-enqueues them once it is back) and notices reach this replica only.
+    optional: dict[str, bool] = {}
 
 
+@router.get("/health")  # vLLM's name: vllm-router waits for it before it routes to a replica
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -33,4 +38,5 @@ def readyz(state: StateDep) -> JSONResponse:
     dtype = serving_dtype(state.settings)  # the loader's rule on the same settings and machine
     status = "ready" if ok else "not_ready"
     body = {"status": status, "checks": checks, "dtype": dtype.name, "dtype_reason": dtype.reason}
+    body["optional"] = queue_checks(state.queue)
     return JSONResponse(body, 200 if ok else 503)

@@ -36,7 +36,7 @@ from service.training.trainer import LoraTrainConfig, TrainOutput, train_lora
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 2.0
 
-__all__ = ["JobContext", "JobGone", "reap", "reap_stale", "recover_in_process", "run_job"]
+__all__ = ["JobContext", "JobGone", "reap", "reap_lost", "reap_stale", "recover_in_process", "run_job"]
 
 
 class JobGone(Exception):

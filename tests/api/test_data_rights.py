@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
 from service.db.models import Adapter, AdapterHead, ApiKey, HistoryItem, Job, Profile, User
-from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user
+from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user, running_app
 from tests.jobs.test_jobs_api import add_history, wait_job
 
 
@@ -68,3 +69,21 @@ def test_rotate_and_revoke(client: TestClient) -> None:
     r = client.post("/admin/users/finn/keys/revoke", headers=admin_headers())
     assert r.status_code == 200 and r.json()["revoked"] == 1
     assert client.get("/users/finn/history", headers=bearer(new)).status_code == 401
+
+
+def test_no_erased_text_stays_in_the_sqlite_files(tmp_path: Path, tiny_model_path: Path) -> None:
+    """Issue 23 N10: after the 204, neither the database file nor its WAL holds the erased history or profile
+    (secure_delete zeroes the freed bytes; a checkpoint after the erase truncates the WAL)."""
+    canary = "CANARY-erased-zq81x"
+    with running_app(tmp_path, tiny_model_path) as client:
+        key = create_user(client, "wendy")
+        create_user(client, "xena")  # another user's rows share the pages
+        items = [{"id": f"c{i}", "input": f"{canary} q{i}", "output": f"{canary} a{i}"} for i in range(50)]
+        assert client.post("/users/wendy/history", json={"items": items}, headers=bearer(key)).status_code == 201
+        assert client.put("/users/wendy/profile", json={"text": canary}, headers=bearer(key)).status_code == 200
+        files = [tmp_path / "db.sqlite3", tmp_path / "db.sqlite3-wal"]
+        assert any(canary.encode() in f.read_bytes() for f in files if f.exists())  # the check can see it
+        assert client.delete("/users/wendy", headers=bearer(key)).status_code == 204
+        for f in files:
+            if f.exists():
+                assert canary.encode() not in f.read_bytes(), f.name

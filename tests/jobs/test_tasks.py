@@ -26,7 +26,7 @@ from service.history.schemas import HistoryAppendIn
 from service.jobs import service as jobs
 from service.jobs import tasks
 from service.jobs.queue import Listeners
-from service.jobs.tasks import JobContext, reap_stale, run_job
+from service.jobs.tasks import JobContext, reap_lost, reap_stale, run_job
 from service.tenancy import UserRef
 from service.training.examples import TrainExample
 from service.training.trainer import train_lora
@@ -274,6 +274,9 @@ def test_reap_stale_requeues_stale_running_jobs_only(ctx: JobContext) -> None:
     assert queue.enqueued == [(stale, 2)]
     assert job_row(ctx, spent).status == "failed"
     assert job_row(ctx, live).status == "running"
+    assert job_row(ctx, stale).status == "queued" and job_row(ctx, stale).requeued_at is not None  # marked
+    assert reap_stale(ctx) == 0  # the next tick does not enqueue it again (the queue depth stays true)
+    assert queue.enqueued == [(stale, 2)]
     # The re-enqueued attempt takes the job over and completes it.
     run_job(ctx, stale)
     job = job_row(ctx, stale)
@@ -392,3 +395,30 @@ def test_a_cancelled_job_stops_and_publishes_nothing(ctx: JobContext, monkeypatc
     assert (job.status, job.adapter_version) == ("cancelled", None)
     assert adapter_rows(ctx) == [] and not ctx.store.key_dir(user.storage_key).exists()
     assert request(ctx, user) != job_id  # a cancelled job does not block a new one
+
+
+@pytest.mark.parametrize("stale_after_s", [30.0])
+def test_a_queued_job_whose_message_was_lost_is_enqueued_again_once_per_period(ctx: JobContext) -> None:
+    """Redis was down when the job was requested (issue 23 N4): the row is queued, no message exists."""
+    user = add_user(ctx.session_factory, "uma", qa(3))
+    job_id = request(ctx, user)
+    queue = fake_queue(ctx)
+    queue.enqueued.clear()  # the enqueue after the commit was lost
+    assert reap_lost(ctx) == 0  # younger than OPPU_JOB_REQUEUE_AFTER_S: its message may still be on its way
+    with unit_of_work(ctx.session_factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(requeued_at=datetime.now(UTC) - timedelta(hours=1)))
+    assert reap_lost(ctx) == 1 and queue.enqueued == [(job_id, 1)]
+    assert reap_lost(ctx) == 0 and queue.enqueued == [(job_id, 1)]  # marked: once per period
+    run_job(ctx, job_id)
+    assert job_row(ctx, job_id).status == "succeeded"
+    assert reap_lost(ctx) == 0
+
+
+def test_start_up_recovery_requeues_running_jobs_through_the_repository(ctx: JobContext) -> None:
+    user = add_user(ctx.session_factory, "vic", qa(3))
+    job_id = request(ctx, user)
+    set_running(ctx, job_id, heartbeat_age_s=0, attempts=1)
+    queue = fake_queue(ctx)
+    queue.enqueued.clear()
+    assert tasks.recover_in_process(ctx) == 1
+    assert queue.enqueued == [(job_id, 2)] and job_row(ctx, job_id).status == "queued"
