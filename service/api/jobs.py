@@ -1,4 +1,4 @@
-"""Admin training routes: retrain a user's adapter or the shared one, read a job, generate a profile."""
+"""Admin training routes: retrain a user's adapter or the shared one, read or cancel a job, generate a profile."""
 
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def shared_adapter_versions(_: AdminDep, session: SessionDep) -> AdapterVersions
 @router.get("/jobs/{job_id}", response_model=JobOut)
 def get_job(job_id: Annotated[str, PathParam(max_length=64)], _: AdminDep, session: SessionDep) -> JobOut:
     return service.get(session, job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: Annotated[str, PathParam(max_length=64)], _: AdminDep, session: SessionDep) -> JobOut:
+    """A queued or running job ends as `cancelled` (a running attempt stops at its next heartbeat and publishes
+    nothing); a finished job is returned as it is."""
+    return service.cancel(session, job_id)
 
 
 @router.post("/users/{user_id}/profile/generate", response_model=ProfileOut, responses=error_responses(*SERVING_ERRORS))

@@ -90,6 +90,7 @@ ADMIN_ROUTES: list[RouteCase] = [
     RouteCase("POST", "/admin/shared-adapter/retrain"),
     RouteCase("GET", "/admin/shared-adapter"),
     RouteCase("GET", "/admin/jobs/{job_id}"),
+    RouteCase("POST", "/admin/jobs/{job_id}/cancel"),
     RouteCase("POST", "/admin/adapters/retrain-stale"),
 ]
 # (method, path) -> why it is not in the matrix. Read by the coverage test: never skip silently.

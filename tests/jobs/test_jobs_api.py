@@ -96,3 +96,15 @@ def test_auto_retrain_after_new_items(tmp_path: object, tiny_model_path: object)
             assert time.monotonic() < deadline, "auto-retrain did not publish"
             time.sleep(0.2)
         assert client.get("/users/auto/adapter", headers=bearer(key)).json()["metadata"]["cutoff_item_id"] == 5
+
+
+def test_cancel_route(client: TestClient) -> None:
+    key = create_user(client, "dora")
+    add_history(client, "dora", key, n=3)
+    job = client.post("/admin/users/dora/retrain", headers=admin_headers()).json()
+    assert wait_job(client, job["job_id"])["status"] == "succeeded"
+    r = client.post(f"/admin/jobs/{job['job_id']}/cancel", headers=admin_headers())
+    assert r.status_code == 200 and r.json()["status"] == "succeeded"  # a finished job stays as it is
+    assert client.post(f"/admin/jobs/{job['job_id']}/cancel", headers=bearer(key)).status_code == 403
+    r = client.post("/admin/jobs/no-such-job/cancel", headers=admin_headers())
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
