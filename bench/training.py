@@ -1,16 +1,32 @@
-"""Bench: seconds to train one per-user LoRA (user-default config, k=1 retrieval) on 100 history items.
+"""Bench: seconds to train one user's LoRA on MovieLens histories (24 and 100 rating items), the old trainer
+against the new one in the SAME run, in bf16 (where the CPU has native bf16) and fp32; real default model.
 
-Real default model (SmolLM2-135M-Instruct, fp32 weights), CPU. Prints ONE JSON object; the baseline
-(same run, same examples) is the same training with autocast off, i.e. every op in fp32.
+The training is the server's user stage (LoraTrainConfig.from_settings: OPPU_TRAIN_* defaults, k=1
+retrieval over earlier items only, as `oppu eval` and a retrain build it). Users and items are the activity
+preset's (service/evaluation/movielens.py: 20 users with >= 216 ratings, seed 0, dev split: each user's last
+8 ratings dropped unread, the 8 before them scored); the first --users of them are trained.
+
+- old: every prompt token of every row computed, PEFT's own LoRA dropout (share_prefix/fast_dropout off);
+  in the bf16 rows the old trainer runs on fp32 weights under bf16 autocast (the previous default here:
+  OPPU_DTYPE=auto meant fp32 weights on every CPU), the new one on bf16 weights (what auto now serves).
+- new: the defaults: the common prompt start once per step, cheap shared dropout masks.
+
+Dev quality (cheap proxy of `oppu eval`'s oppu_ev readout): with the user's adapter merged into the base
+(no shared LoRA, so absolute values are not the eval's), each dev item's prompt (its title | genres, k=1
+retrieval over the history) scores the ratings 0.5..5.0; the expected rating's MAE against the true one.
+
+Prints ONE JSON object (and writes it with --out). The box may be shared: see machine.load_avg/uptime.
+An AVX2-only box can be emulated on a newer one for the fp32 rows:
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python -m bench.training --dtypes fp32
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import random
+import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,56 +34,24 @@ from typing import Any
 
 import torch
 
-from service.config import Settings
-from service.inference.loader import load_model
-from service.training.examples import TrainExample, build_user_examples
-from service.training.trainer import LoraTrainConfig, train_lora
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `python bench/training.py` from anywhere: bench.* and service.* importable
 
-TARGET_S = 60.0
-PRODUCTS = [
-    "espresso machine",
-    "hiking boots",
-    "noise-cancelling headphones",
-    "cast iron skillet",
-    "mechanical keyboard",
-    "yoga mat",
-    "e-reader",
-    "air fryer",
-    "backpack",
-    "desk lamp",
-]
-OPENERS = [
-    "Honestly,",
-    "After two weeks of daily use,",
-    "I was sceptical at first, but",
-    "For the price,",
-    "Compared to my old one,",
-    "My partner bought this and",
-]
-PRAISE = [
-    "it feels solid and well made",
-    "setup took less than five minutes",
-    "the battery lasts for days",
-    "it is quieter than I expected",
-    "cleaning it is painless",
-    "the design looks great on my desk",
-]
-GRIPES = [
-    "the manual is confusing",
-    "the cable is a bit short",
-    "it scratches easily",
-    "the app keeps asking me to log in",
-    "shipping took far too long",
-    "the buttons feel cheap",
-]
-CLOSERS = [
-    "Would buy again.",
-    "Four stars from me.",
-    "Recommended for beginners.",
-    "Not perfect, but good value.",
-    "I returned my second one.",
-    "Solid choice overall.",
-]
+from bench.machine import machine_record  # noqa: E402
+from service.adapters.peft_format import merge_lora, read_adapter_files, unmerge  # noqa: E402
+from service.config import Settings  # noqa: E402
+from service.evaluation import movielens as ml  # noqa: E402
+from service.inference.cpu import cpu_info  # noqa: E402
+from service.inference.loader import LoadedModel, load_model  # noqa: E402
+from service.inference.tokens import encode_prompt  # noqa: E402
+from service.prompts import build_prompt  # noqa: E402
+from service.retrieval.bm25 import BM25Index, doc_terms  # noqa: E402
+from service.training.examples import build_user_examples  # noqa: E402
+from service.training.trainer import LoraTrainConfig, train_lora  # noqa: E402
+
+DATA = Path("/work/shared/data/movielens-latest-small")
+RATINGS = [0.5 * i for i in range(1, 11)]
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -75,94 +59,139 @@ class Item:
     id: str
     input: str | None
     output: str
-    kind: str | None = "review"
+    kind: str | None = "rating"
 
 
-def synth_history(n: int, seed: int = 0) -> list[Item]:
-    """Deterministic review-like items of about 60 tokens each (request + review)."""
-    rng = random.Random(seed)
-    items = []
-    for i in range(n):
-        product = rng.choice(PRODUCTS)
-        request = f"Write a {rng.randint(1, 5)}-star review of the {product} you bought last month."
-        review = (
-            f"{rng.choice(OPENERS)} this {product} surprised me: {rng.choice(PRAISE)}, and "
-            f"{rng.choice(PRAISE)}. On the downside, {rng.choice(GRIPES)}. {rng.choice(CLOSERS)}"
-        )
-        items.append(Item(f"item-{i}", request, review))
-    return items
+def history(split: ml.UserSplit) -> list[Item]:
+    return [Item(h.item_id, ml.item_input(h), ml.format_rating(h.rating)) for h in split.history]
 
 
-def run(lm: Any, examples: list[TrainExample], config: LoraTrainConfig) -> dict[str, Any]:
-    stamps = [time.perf_counter()]
+def users(n: int, items: int, data: Path) -> list[ml.UserSplit]:
+    """The activity preset's users (same users at every history length), dev split."""
+    task = ml.build_rating_task(
+        ml.load_movielens(data), n_users=20, history_items=items, test_items=8, min_ratings=216, seed=0, holdout=8
+    )
+    return task.users[:n]
+
+
+@torch.no_grad()
+def dev_mae(lm: LoadedModel, files: dict[str, bytes] | None, split: ml.UserSplit, items: list[Item]) -> float:
+    """MAE of the expected rating over the user's dev items, with the adapter (files) merged or the base."""
+    originals = merge_lora(lm.model, read_adapter_files(files, max_scale=256.0)) if files else {}
+    try:
+        index = BM25Index.from_terms(doc_terms(items))
+        errors = []
+        for item in split.test:
+            request = ml.item_input(item)
+            retrieved = [items[h.index] for h in index.top_k(request, 1)]
+            prompt = encode_prompt(lm.tokenizer, build_prompt(request, retrieved))
+            answers = [lm.tokenizer(ml.format_rating(r), add_special_tokens=False)["input_ids"] for r in RATINGS]
+            width = len(prompt) + max(len(a) for a in answers)
+            ids = torch.full((len(answers), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+            for row, answer in enumerate(answers):
+                ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            logprobs = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+            scores = torch.stack(
+                [
+                    sum(logprobs[row, len(prompt) + j - 1, t] for j, t in enumerate(answer))  # type: ignore[misc]
+                    for row, answer in enumerate(answers)
+                ]
+            )
+            expected = float((torch.softmax(scores, 0) * torch.tensor(RATINGS)).sum())
+            errors.append(abs(expected - item.rating))
+        return statistics.fmean(errors)
+    finally:
+        unmerge(lm.model, originals)
+
+
+def train_one(lm: LoadedModel, split: ml.UserSplit, config: LoraTrainConfig, quality: bool) -> dict[str, Any]:
+    items = history(split)
+    examples = build_user_examples(items, k=1)
     cpu_started = time.process_time()
-    out = train_lora(
-        lm.model, lm.tokenizer, examples, config, base_model_name=lm.name,
-        progress=lambda _: stamps.append(time.perf_counter()),
-    )  # fmt: skip
-    cpu_s = time.process_time() - cpu_started
-    steps_s = [b - a for a, b in itertools.pairwise(stamps)]
-    return {
+    out = train_lora(lm.model, lm.tokenizer, examples, config, base_model_name=lm.name)
+    row: dict[str, Any] = {
+        "user": split.user_id,
         "seconds": round(out.seconds, 2),
-        # CPU time of this process: ~threads x seconds on an idle box; wall far above that = shared cores.
-        "cpu_seconds": round(cpu_s, 1),
-        "tokens_per_s": round(out.tokens / out.seconds, 1),
+        # CPU time of this process: ~threads x seconds on an idle box; far below that = shared cores.
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "steps": out.steps,
         "tokens": out.tokens,
-        "padding_fraction": round(1 - out.tokens / out.padded_tokens, 3),
         "final_loss": round(out.final_loss, 4),
-        "epoch_losses": [round(x, 4) for x in out.epoch_losses],
         "compute_dtype": out.compute_dtype,
-        # Per step (the first includes copying the model and wrapping it): spread = contention.
-        "step_seconds": [round(x, 1) for x in steps_s],
     }
+    if quality:
+        row["dev_mae"] = round(dev_mae(lm, out.files, split, items), 4)
+    return row
+
+
+def trainers(dtype: str, models: dict[str, LoadedModel]) -> dict[str, tuple[LoadedModel, LoraTrainConfig]]:
+    """(model, config) of the old and the new trainer for one dtype row."""
+    new = LoraTrainConfig.from_settings(Settings(dtype=dtype), stage="user")  # type: ignore[arg-type]
+    old = replace(new, share_prefix=False, fast_dropout=False)
+    if dtype == "bfloat16":  # the old default here: fp32 weights, bf16 autocast
+        return {"old": (models["float32"], replace(old, mixed_precision="bf16")), "new": (models["bfloat16"], new)}
+    return {"old": (models["float32"], old), "new": (models["float32"], new)}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "seconds_per_user": round(statistics.fmean(r["seconds"] for r in rows), 2),
+        "cpu_seconds_per_user": round(statistics.fmean(r["cpu_seconds"] for r in rows), 1),
+        "steps": rows[0]["steps"],
+        "final_loss": round(statistics.fmean(r["final_loss"] for r in rows), 4),
+        "compute_dtype": rows[0]["compute_dtype"],
+    }
+    if "dev_mae" in rows[0]:
+        out["dev_mae"] = round(statistics.fmean(r["dev_mae"] for r in rows), 4)
+    return out | {"users": rows}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--items", type=int, default=100)
-    parser.add_argument("--no-baseline", action="store_true", help="skip the all-fp32 baseline run")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=3)
+    parser.add_argument("--items", default="24,100", help="history lengths, comma separated")
+    parser.add_argument("--dtypes", default="auto", help="bf16,fp32 (auto: bf16 only where native, and fp32)")
+    parser.add_argument("--trainers", default="old,new")
+    parser.add_argument("--no-quality", action="store_true", help="skip the dev MAE")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-
-    settings = Settings(
-        model_cache_dir=Path(".cache/models"), device="cpu", dtype="float32", torch_threads=args.threads
-    )
-    lm = load_model(settings)
-    config = LoraTrainConfig.user_default()
-    started = time.perf_counter()
-    examples = build_user_examples(synth_history(args.items), k=1)
-    examples_s = time.perf_counter() - started
-    load_before = os.getloadavg()[0]
-    result = run(lm, examples, config)
-    report: dict[str, Any] = {
-        "bench": "training.per_user_lora",
-        "model": lm.name,
-        "device": str(lm.device),
-        "weights_dtype": str(lm.dtype).removeprefix("torch."),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "items": args.items,
-        "k": 1,
-        "config": {
-            "epochs": config.epochs,
-            "batch_size": config.batch_size,
-            "lr": config.lr,
-            "rank": config.rank,
-            "target_modules": list(config.target_modules),
-        },
-        "examples_s": round(examples_s, 3),
-        **result,
-        "target_s": TARGET_S,
-        "within_target": result["seconds"] + examples_s <= TARGET_S,
-        "load_avg_1m_before": round(load_before, 2),  # the machine is shared: contention shows here
+    names = {"bf16": "bfloat16", "fp32": "float32"}
+    wanted = ["bf16", "fp32"] if args.dtypes == "auto" and cpu_info().native_bf16 else ["fp32"]
+    dtypes = [names[d] for d in (args.dtypes.split(",") if args.dtypes != "auto" else wanted)]
+    cache = REPO / ".cache" / "models"
+    models = {
+        d: load_model(Settings(model_cache_dir=cache, device="cpu", dtype=d, torch_threads=args.threads))  # type: ignore[arg-type]
+        for d in {"float32", *dtypes}
     }
-    if not args.no_baseline:
-        baseline = run(lm, examples, replace(config, mixed_precision="no"))
-        report["baseline_fp32"] = baseline
-        report["speedup_vs_fp32"] = round(baseline["seconds"] / result["seconds"], 2)
-    report["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(report))
+    report: dict[str, Any] = {
+        "bench": "training.per_user_lora.movielens",
+        "model": models["float32"].name,
+        "machine_before": machine_record(dtype=",".join(dtypes)),
+        "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
+        "data": {"users": args.users, "split": "dev (activity preset: 20 users, min 216 ratings, seed 0)", "k": 1},
+        "results": {},
+    }
+    base_mae: dict[str, float] = {}
+    for items in (int(x) for x in args.items.split(",")):
+        splits = users(args.users, items, args.data)
+        for dtype in dtypes:
+            if not args.no_quality:
+                mae = [dev_mae(models[dtype], None, s, history(s)) for s in splits]
+                base_mae[f"{items}_{dtype}"] = round(statistics.fmean(mae), 4)
+            for name, (lm, config) in trainers(dtype, models).items():
+                if name in args.trainers.split(","):
+                    rows = [train_one(lm, s, config, not args.no_quality) for s in splits]
+                    report["results"][f"{items}_items/{dtype}/{name}"] = summary(rows)
+                    print(json.dumps({k: v for k, v in summary(rows).items() if k != "users"}), flush=True)
+    if base_mae:
+        report["dev_mae_base_model_no_adapter"] = base_mae
+    report["machine_after"] = machine_record(dtype=",".join(dtypes))
+    text = json.dumps(report, indent=1)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
