@@ -50,19 +50,30 @@ class UserCorpus:
     docs: list[DocSnapshot]
     index: BM25Index
     stamp: tuple[int, int] = (0, 0)
+    text_bytes: int = -1  # estimated memory of the docs (computed when not given)
+
+    def __post_init__(self) -> None:
+        if self.text_bytes < 0:
+            object.__setattr__(self, "text_bytes", _docs_bytes(self.docs))
 
     @property
     def nbytes(self) -> int:
-        """Estimated memory: the index plus the kept docs' text."""
-        return self.index.nbytes + sum(_DOC_BYTES + doc_chars(d) for d in self.docs)
+        """Estimated memory: the index plus the kept docs."""
+        return self.index.nbytes + self.text_bytes
 
     def extended(self, items: list[DocSnapshot], last_id: int) -> UserCorpus:
         """This corpus with `items` (the next ones in append order, the last with pk `last_id`) added."""
         if not items:
             return self
         index = self.index.extended(items)
-        kept = (self.docs + items)[index.first - self.index.first :]  # those that left the window go
-        return UserCorpus(kept, index, (self.stamp[0] + len(items), last_id))
+        both = self.docs + items
+        dropped = index.first - self.index.first  # docs that left the window
+        text_bytes = self.text_bytes + _docs_bytes(items) - _docs_bytes(both[:dropped])
+        return UserCorpus(both[dropped:], index, (self.stamp[0] + len(items), last_id), text_bytes)
+
+
+def _docs_bytes(docs: list[DocSnapshot]) -> int:
+    return sum(_DOC_BYTES + doc_chars(d) for d in docs)
 
 
 @dataclass(frozen=True)
@@ -221,19 +232,18 @@ def _build_corpus(session: Session, user: UserRef, stamp: tuple[int, int], windo
     """The index over the user's most recent `window_chars` characters, read in pages so that the older
     items never all sit in memory. Its stamp says what it really holds (count and max id read)."""
     kept: deque[DocSnapshot] = deque()
-    chars, count, after = 0, 0, 0
-    while after < stamp[1] and (page := repo.list_items(session, user.pk, after_id=after, limit=_BUILD_PAGE)):
+    chars, count, after, done = 0, 0, 0, stamp[1] == 0
+    while not done and (page := repo.list_items(session, user.pk, after_id=after, limit=_BUILD_PAGE)):
         for item in page:
-            if item.id > stamp[1]:
+            if item.id > stamp[1]:  # committed since the stamp was read: left for the next stamp
+                done = True
                 break
             after, count = item.id, count + 1
             kept.append(snapshot(item))
             chars += doc_chars(kept[-1])
             while window_chars is not None and len(kept) > 1 and chars > window_chars:
                 chars -= doc_chars(kept.popleft())
-        else:
-            continue
-        break
+        done = done or after >= stamp[1]
     docs = list(kept)
     return UserCorpus(docs, BM25Index(docs, max_chars=window_chars), (count, after))
 

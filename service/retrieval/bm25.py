@@ -36,7 +36,7 @@ B = 0.75
 EMPTY_DOC = "\x00"  # a doc without terms counts as one token, as it always did (rank_bm25 refused empty docs)
 DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024
 _TERM_BYTES = 120  # estimated bytes of one vocabulary entry besides its characters (str + dict slot + int)
-_DOC_BYTES = 200  # estimated bytes of one cached doc besides its characters (snapshot object, list slot, arrays)
+_BUILD_CHUNK = 2_048  # docs tokenized at once by a whole build
 
 
 class Doc(Protocol):
@@ -130,6 +130,15 @@ def _build(vocab: _Vocab, corpus: Sequence[list[str]], first: int) -> _Segment:
     return _Segment(first, first + n, row_tids, starts, keys % n + first, tfs.astype(np.int32))
 
 
+def _add_segment(segments: list[_Segment], seg: _Segment) -> None:
+    """Append seg, then merge the last two while the older is at most twice the newer: each segment stays
+    more than twice the next one (O(log n) segments to query), and a posting is merged O(log n) times."""
+    segments.append(seg)
+    while len(segments) >= 2 and segments[-2].size <= 2 * segments[-1].size:
+        b, a = segments.pop(), segments.pop()
+        segments.append(_merge(a, b))
+
+
 def _placed(seg: _Segment, row_dest: Ints) -> Ints:
     """Where each entry of `seg` goes when its rows start at row_dest."""
     counts = np.diff(seg.starts)
@@ -177,9 +186,12 @@ class BM25Index:
     def __init__(self, docs: Sequence[Doc], *, max_chars: int | None = None) -> None:
         chars = [doc_chars(d) for d in docs]
         first = _window_start(np.cumsum([0, *chars], dtype=np.int64), max_chars)
-        vocab, corpus = _Vocab(), doc_terms(docs[first:])  # only the kept docs are tokenized
-        segments = (_build(vocab, corpus, first),) if corpus else ()
-        self._init(vocab, segments, 0, first, len(docs), chars, corpus, max_chars)
+        vocab, segments, lens = _Vocab(), list[_Segment](), np.zeros(len(docs), dtype=np.int64)
+        for start in range(first, len(docs), _BUILD_CHUNK):  # in chunks: one chunk's tokens in memory at a time
+            corpus = doc_terms(docs[start : start + _BUILD_CHUNK])  # only the kept docs are tokenized
+            lens[start : start + len(corpus)] = np.fromiter(map(len, corpus), dtype=np.int64, count=len(corpus))
+            _add_segment(segments, _build(vocab, corpus, start))
+        self._init(vocab, tuple(segments), 0, first, len(docs), chars, [], max_chars, lens)
 
     @classmethod
     def from_terms(cls, corpus: list[list[str]]) -> BM25Index:
@@ -238,10 +250,7 @@ class BM25Index:
             return fresh
         corpus = doc_terms(docs)
         segments = [s for s in self._segments if s.end > first]
-        segments.append(_build(self._vocab, corpus, self.end))
-        while len(segments) >= 2 and segments[-2].size <= 2 * segments[-1].size:
-            b, a = segments.pop(), segments.pop()
-            segments.append(_merge(a, b))
+        _add_segment(segments, _build(self._vocab, corpus, self.end))
         lens = np.concatenate([self._lens, np.fromiter(map(len, corpus), dtype=np.int64, count=len(corpus))])
         origin = self._origin
         if first - origin > (end - origin) // 2:  # mostly dead: free their memory (amortized)

@@ -222,6 +222,19 @@ def test_windowed_extended_index_is_the_fresh_index_over_the_most_recent_chars(s
     assert compacted or max_chars == 10**9  # dropped docs left the memory too
 
 
+def test_a_build_in_chunks_scores_like_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.retrieval.bm25 as bm25_module
+
+    rng = random.Random(5)
+    docs = random_docs(rng, 300)
+    whole = BM25Index(docs, max_chars=4_000)
+    monkeypatch.setattr(bm25_module, "_BUILD_CHUNK", 7)
+    chunked = BM25Index(docs, max_chars=4_000)
+    assert len(chunked._segments) > 1 and chunked.first == whole.first > 0
+    for query in [*rng.choices([d.output for d in docs], k=10), "w1 w2"]:
+        assert np.array_equal(chunked.scores(terms(query)), whole.scores(terms(query)))
+
+
 def test_window_keeps_the_newest_doc_even_if_larger() -> None:
     docs = [D("tea " * 10), D("coffee " * 3), D("tea tea")]  # 40, 21, 7 characters
     assert (BM25Index(docs, max_chars=28).first, BM25Index(docs, max_chars=27).first) == (1, 2)
