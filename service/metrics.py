@@ -125,7 +125,8 @@ class FieldCollector(Collector):
                     user_id = account_repo.user_id_by_storage_key(session, key)
                     if user_id is not None:
                         self._names[key] = USER_MODEL_PREFIX + user_id
-        return {k: self._names[k] for k in owner_keys if k in self._names}
+        names = {k: self._names.get(k) for k in owner_keys}  # .get: a concurrent scrape may clear the memo
+        return {k: v for k, v in names.items() if v is not None}
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
