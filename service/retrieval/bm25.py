@@ -191,7 +191,7 @@ class BM25Index:
             corpus = doc_terms(docs[start : start + _BUILD_CHUNK])  # only the kept docs are tokenized
             lens[start : start + len(corpus)] = np.fromiter(map(len, corpus), dtype=np.int64, count=len(corpus))
             _add_segment(segments, _build(vocab, corpus, start))
-        self._init(vocab, tuple(segments), 0, first, len(docs), chars, [], max_chars, lens)
+        self._init(vocab, tuple(segments), 0, first, len(docs), chars, lens, max_chars)
 
     @classmethod
     def from_terms(cls, corpus: list[list[str]]) -> BM25Index:
@@ -199,7 +199,8 @@ class BM25Index:
         index = cls.__new__(cls)
         vocab = _Vocab()
         segments = (_build(vocab, corpus, 0),) if corpus else ()
-        index._init(vocab, segments, 0, 0, len(corpus), [0] * len(corpus), corpus, None)
+        lens = np.fromiter(map(len, corpus), dtype=np.int64, count=len(corpus))
+        index._init(vocab, segments, 0, 0, len(corpus), [0] * len(corpus), lens, None)
         return index
 
     def _init(
@@ -210,19 +211,14 @@ class BM25Index:
         first: int,
         end: int,
         chars: Sequence[int] | Ints,
-        corpus: Sequence[list[str]],
+        lens: Ints,
         max_chars: int | None,
-        lens: Ints | None = None,
     ) -> None:
-        """Arrays cover docs [origin, end) (docs before `first` are out of the window, kept until compaction);
-        `corpus` holds the terms of docs [end - len(corpus), end) when `lens` is not given."""
+        """`chars` and `lens` (characters, terms) cover docs [origin, end); docs before `first` are out of the
+        window (in memory until a compaction drops them)."""
         self._vocab, self._segments, self.max_chars = vocab, segments, max_chars
         self._origin, self.first, self.end = origin, first, end
-        self._chars = np.asarray(chars, dtype=np.int64)
-        if lens is None:
-            lens = np.zeros(end - origin, dtype=np.int64)
-            lens[end - origin - len(corpus) :] = np.fromiter(map(len, corpus), dtype=np.int64, count=len(corpus))
-        self._lens = lens
+        self._chars, self._lens = np.asarray(chars, dtype=np.int64), lens
         self._norm: Floats | None = None
 
     @property
@@ -248,16 +244,19 @@ class BM25Index:
             fresh = BM25Index(docs[first - self.end :], max_chars=self.max_chars)
             fresh._shift(first)
             return fresh
-        corpus = doc_terms(docs)
         segments = [s for s in self._segments if s.end > first]
-        _add_segment(segments, _build(self._vocab, corpus, self.end))
-        lens = np.concatenate([self._lens, np.fromiter(map(len, corpus), dtype=np.int64, count=len(corpus))])
+        lens = np.concatenate([self._lens, np.zeros(len(docs), dtype=np.int64)])
+        for start in range(0, len(docs), _BUILD_CHUNK):  # many appends at once: still one chunk of tokens
+            corpus = doc_terms(docs[start : start + _BUILD_CHUNK])
+            at = self.end + start
+            lens[at - self._origin : at - self._origin + len(corpus)] = list(map(len, corpus))
+            _add_segment(segments, _build(self._vocab, corpus, at))
         origin = self._origin
         if first - origin > (end - origin) // 2:  # mostly dead: free their memory (amortized)
             segments = [t for s in segments if (t := _trimmed(s, first)) is not None]
             chars, lens, origin = chars[first - origin :], lens[first - origin :], first
         index = BM25Index.__new__(BM25Index)
-        index._init(self._vocab, tuple(segments), origin, first, end, chars, [], self.max_chars, lens)
+        index._init(self._vocab, tuple(segments), origin, first, end, chars, lens, self.max_chars)
         return index
 
     def _shift(self, by: int) -> None:

@@ -231,8 +231,11 @@ def test_a_build_in_chunks_scores_like_one_chunk(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(bm25_module, "_BUILD_CHUNK", 7)
     chunked = BM25Index(docs, max_chars=4_000)
     assert len(chunked._segments) > 1 and chunked.first == whole.first > 0
+    extended = BM25Index(docs[:10], max_chars=4_000).extended(docs[10:])  # one append of many docs
+    assert (extended.first, extended.end) == (whole.first, whole.end)
     for query in [*rng.choices([d.output for d in docs], k=10), "w1 w2"]:
         assert np.array_equal(chunked.scores(terms(query)), whole.scores(terms(query)))
+        assert np.array_equal(extended.scores(terms(query)), whole.scores(terms(query)))
 
 
 def test_window_keeps_the_newest_doc_even_if_larger() -> None:
