@@ -61,10 +61,28 @@ def resolve_target(session_factory: sessionmaker[Session], base_name: str, calle
     raise NotFound(f"model {model!r} does not exist; see GET /v1/models")
 
 
+# Fields that routers add to every /v1 body at values asking for what we do anyway (vllm-router 0.1.17
+# re-serialises requests with these; a streaming-off, no-echo, no-reasoning model honours them as given).
+NEUTRAL_DEFAULTS: dict[str, object] = {
+    "echo": False,
+    "no_stop_trim": False,
+    "skip_special_tokens": True,
+    "return_hidden_states": False,
+    "continue_final_message": False,
+    "include_reasoning": True,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+}
+
+
+def _neutral(name: str, value: object) -> bool:
+    return name in NEUTRAL_DEFAULTS and value is NEUTRAL_DEFAULTS[name]
+
+
 def refuse_unsupported(body: CommonParams) -> None:
     """Unknown parameters with a value are refused by name (tools, functions, echo, best_of, ...), in the
-    body and in chat messages (tool_calls, ...)."""
-    extra = sorted(k for k, v in (body.model_extra or {}).items() if v is not None)
+    body and in chat messages (tool_calls, ...); the router-added fields at their neutral values pass."""
+    extra = sorted(k for k, v in (body.model_extra or {}).items() if v is not None and not _neutral(k, v))
     for m in getattr(body, "messages", ()):
         extra += sorted(f"messages[].{k}" for k, v in (m.model_extra or {}).items() if v is not None and k != "name")
     if extra:

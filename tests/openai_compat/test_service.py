@@ -96,6 +96,22 @@ def test_known_parameters_pass() -> None:
     refuse_unsupported(text_body(logprobs=2, echo=None))
 
 
+def test_fields_a_router_adds_at_their_neutral_values_pass_and_other_values_do_not() -> None:
+    """vllm-router 0.1.17 re-serialises every /v1 body with these (captured from the real router)."""
+    chat_added = {
+        "no_stop_trim": False, "continue_final_message": False, "skip_special_tokens": True,
+        "separate_reasoning": True, "stream_reasoning": True, "return_hidden_states": False,
+        "include_reasoning": True,
+    }  # fmt: skip
+    refuse_unsupported(chat_body(**chat_added))
+    refuse_unsupported(text_body(echo=False, no_stop_trim=False, skip_special_tokens=True, return_hidden_states=False))
+    with pytest.raises(UnsupportedParameter) as info:
+        refuse_unsupported(text_body(echo=True, skip_special_tokens=False, return_hidden_states=True))
+    assert info.value.details["unsupported"] == ["echo", "return_hidden_states", "skip_special_tokens"]
+    with pytest.raises(UnsupportedParameter):
+        refuse_unsupported(text_body(echo=0))  # falsy is not the neutral value
+
+
 # --- OpenAI fields -> sampling options ---
 
 
