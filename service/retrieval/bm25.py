@@ -336,7 +336,7 @@ class BM25Cache(Generic[T]):
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, tuple[Hashable, T, int]] = OrderedDict()
         self._bytes = 0
-        self._build_locks = [threading.Lock() for _ in range(16)]
+        self._builders: dict[Hashable, tuple[threading.Lock, int]] = {}  # user -> (lock, holders and waiters)
 
     @property
     def nbytes(self) -> int:
@@ -372,7 +372,18 @@ class BM25Cache(Generic[T]):
 
     @contextmanager
     def building(self, user_key: Hashable) -> Iterator[None]:
-        """Held while a user's entry is built or extended, so concurrent requests of one user build it once
-        (the others then find it); users hash onto a few locks."""
-        with self._build_locks[hash(user_key) % len(self._build_locks)]:
-            yield
+        """Held while a user's entry is built or extended, so that concurrent requests of one user build it
+        once (the others then find it); other users' builds do not wait on it."""
+        with self._lock:
+            lock, users = self._builders.get(user_key, (threading.Lock(), 0))
+            self._builders[user_key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users = self._builders[user_key][1] - 1
+                if users:
+                    self._builders[user_key] = (lock, users)
+                else:
+                    del self._builders[user_key]

@@ -286,3 +286,26 @@ def test_cache_is_bounded_by_bytes_and_keeps_the_newest() -> None:
     assert cache.nbytes == 0 and cache.peek("d") is None
     cache.put("e", 3, "E", 1)
     assert cache.peek("e") == (3, "E") and cache.get("e", 4) is None
+
+
+def test_builds_wait_only_for_the_same_user() -> None:
+    """One user's slow build does not hold another user's; a second build of the same user waits for it."""
+    import threading
+
+    cache = BM25Cache[str](4)
+    entered: dict[str, threading.Event] = {"alice": threading.Event(), "bob": threading.Event()}
+
+    def build(user: str) -> None:
+        with cache.building(user):
+            entered[user].set()
+
+    with cache.building("alice"):
+        threads = {u: threading.Thread(target=build, args=(u,)) for u in ("alice", "bob")}
+        for t in threads.values():
+            t.start()
+        assert entered["bob"].wait(5)
+        assert not entered["alice"].wait(0.2)  # still held by the first build
+    assert entered["alice"].wait(5)
+    for t in threads.values():
+        t.join(5)
+    assert cache._builders == {}  # no lock left behind per user
