@@ -23,6 +23,7 @@ from service.adapters.store import AdapterStore
 from service.adapters.uploads import UploadGate
 from service.adapters.validation import BaseModelSpec, ValidationLimits
 from service.config import Settings, get_settings
+from service.data_rights import UserErased
 from service.db.models import SHARED_OWNER
 from service.db.session import Database, unit_of_work
 from service.engine.base import Engine
@@ -263,7 +264,11 @@ def start(state: AppState) -> None:
     if isinstance(state.queue, InProcessJobQueue):
         state.queue.attach(lambda job_id: run_job(state.jobs, job_id))
         recover_in_process(state.jobs)
-    listeners = Listeners(lambda owner, version: on_adapter_change(state, owner, version), state.streams.revoke)
+    listeners = Listeners(
+        lambda owner, version: on_adapter_change(state, owner, version),
+        state.streams.revoke,
+        lambda storage_key: state.engine.cancel_tenant(storage_key, UserErased("the user was erased")),
+    )
     state.queue.subscribe(listeners, state.stopping)
 
 

@@ -84,7 +84,7 @@ class EraseHooks:
     """What an erase ends outside SQL, right after the commit (the API wires them from its state)."""
 
     revoke: Callable[[list[str]], None]  # the user's key hashes: streams end here first, then on every replica
-    cancel_rows: Callable[[str, BaseException], int]  # a tenant's (storage key's) queued and running engine rows
+    erased: Callable[[str], None]  # the storage key: the tenant's engine rows end here first, then on every replica
     checkpoint: Callable[[], object]  # SQLite: the erased rows leave the WAL file
 
 
@@ -100,14 +100,10 @@ def erase_user(session: Session, ctx: AdapterContext, user: UserRef, hooks: Eras
     # runs after that job committed and sees its contributor rows.
     adapter_repo.flag_trained_on(session, user.storage_key)
     if hooks is not None:
-        after_commit(session, lambda: _cancel_rows(hooks, user.storage_key))
+        after_commit(session, lambda: hooks.erased(user.storage_key))
     adapter_service.forget_after_commit(session, ctx, user.storage_key)
     if hooks is not None:
         after_commit(session, lambda: _checkpoint(hooks))
-
-
-def _cancel_rows(hooks: EraseHooks, storage_key: str) -> None:
-    hooks.cancel_rows(storage_key, UserErased("the user was erased"))
 
 
 def _checkpoint(hooks: EraseHooks) -> None:

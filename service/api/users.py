@@ -11,6 +11,7 @@ from service import data_rights, users
 from service.adapters.uploads import gated_file
 from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
 from service.errors import AUTH_ERRORS, error_responses
+from service.jobs.queue import erased_notice
 from service.tenancy import authorize_user
 
 router = APIRouter(tags=["users"], responses=error_responses(*AUTH_ERRORS))
@@ -47,7 +48,7 @@ def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, state
 def get_erase_hooks(state: StateDep) -> data_rights.EraseHooks:
     """An erase ends the user's keys (this replica first, then every replica), engine rows and WAL frames."""
     return data_rights.EraseHooks(
-        revoke=state.queue.publish_revoked, cancel_rows=state.engine.cancel_tenant, checkpoint=state.db.checkpoint
+        revoke=state.queue.publish_revoked, erased=erased_notice(state.queue), checkpoint=state.db.checkpoint
     )
 
 

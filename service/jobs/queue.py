@@ -28,9 +28,11 @@ REDIS_CONNECT_TIMEOUT_S = 2.0  # a request that publishes or enqueues never hang
 REDIS_SOCKET_TIMEOUT_S = 5.0
 ADAPTER_CHANNEL = "oppu:adapters"  # pub/sub: "<owner_key> <version>" after every publish or delete
 REVOKED_CHANNEL = "oppu:revoked"  # pub/sub: "<key hash>,<key hash>..." after keys are revoked or rotated
+ERASED_CHANNEL = "oppu:erased"  # pub/sub: "<storage key>" after a user is erased (their engine rows end)
 
 AdapterListener = Callable[[str, int | None], None]
 RevokedListener = Callable[[list[str]], object]
+ErasedListener = Callable[[str], object]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Listeners:
 
     adapter: AdapterListener
     revoked: RevokedListener
+    erased: ErasedListener | None = None  # a user's storage key: their queued and running engine rows end
 
 
 class JobQueue(Protocol):
@@ -119,6 +122,12 @@ class RedisJobQueue:
             _apply(listeners.revoked, key_hashes)
         self._publish(REVOKED_CHANNEL, ",".join(key_hashes))
 
+    def publish_erased(self, storage_key: str) -> None:
+        for listeners in list(self._local):
+            if listeners.erased is not None:
+                _apply(listeners.erased, storage_key)
+        self._publish(ERASED_CHANNEL, storage_key)
+
     def _publish(self, channel: str, data: str) -> None:
         """Other replicas hear it when Redis is up; this one has acted already (it hears it twice: harmless)."""
         try:
@@ -136,7 +145,7 @@ class RedisJobQueue:
         while not stop.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                pubsub.subscribe(ADAPTER_CHANNEL, REVOKED_CHANNEL)
+                pubsub.subscribe(ADAPTER_CHANNEL, REVOKED_CHANNEL, ERASED_CHANNEL)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and isinstance(message.get("data"), bytes):
@@ -190,6 +199,11 @@ class InProcessJobQueue:
         for listeners in list(self._listeners):
             listeners.revoked(key_hashes)
 
+    def publish_erased(self, storage_key: str) -> None:
+        for listeners in list(self._listeners):
+            if listeners.erased is not None:
+                listeners.erased(storage_key)
+
     def subscribe(self, listeners: Listeners, stop: threading.Event) -> None:
         self._listeners.append(listeners)
 
@@ -204,6 +218,13 @@ def _apply(action: Callable[..., object], *args: object) -> None:
         log.exception("a local notice listener failed")
 
 
+def erased_notice(queue: JobQueue) -> Callable[[str], None]:
+    """How an erase tells every replica (this one first) to end the user's engine rows."""
+    if isinstance(queue, RedisJobQueue | InProcessJobQueue):
+        return queue.publish_erased
+    return lambda _storage_key: None  # a queue nobody serves behind (`oppu train`, test fakes)
+
+
 def queue_checks(queue: JobQueue) -> dict[str, bool]:
     """What readiness reports about the queue: Redis reachable (only when Redis is used)."""
     return {"redis": queue.ping()} if isinstance(queue, RedisJobQueue) else {}
@@ -213,6 +234,9 @@ def _dispatch(listeners: Listeners, channel: bytes | str, data: str) -> None:
     name = channel.decode() if isinstance(channel, bytes) else channel
     if name == REVOKED_CHANNEL:
         listeners.revoked([h for h in data.split(",") if h])
+    elif name == ERASED_CHANNEL:
+        if listeners.erased is not None:
+            listeners.erased(data)
     else:
         owner, _, version = data.partition(" ")
         listeners.adapter(owner, int(version) if version.isdigit() and int(version) > 0 else None)

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +206,46 @@ def test_compose_keeps_redis_on_a_volume_with_aof() -> None:
     data_dir = command[command.index("--dir") + 1]
     volumes = [v.split(":") for v in redis["volumes"]]
     assert any(target == data_dir and name in compose["volumes"] for name, target, *_ in volumes), volumes
+
+
+def slow_down(state: AppState) -> None:
+    tick = state.engine._tick  # type: ignore[attr-defined]
+
+    def slow_tick() -> bool:
+        time.sleep(SLOW_TICK_S)
+        return bool(tick())
+
+    state.engine._tick = slow_tick  # type: ignore[attr-defined]
+
+
+def test_an_erase_on_one_replica_ends_the_users_request_on_another(
+    tmp_path: Path, tiny_model_path: Path, own_redis: OwnRedis
+) -> None:
+    """Issue 23 N2 across replicas: a non-streaming request running on replica B ends with user_erased within a
+    second of the erase on replica A (the erased notice; B's streams end on the revoked-keys notice)."""
+    db = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade(db)
+    apps = [
+        create_app(make_settings(tmp_path / name, db, str(tiny_model_path), redis_url=own_redis.url))
+        for name in ("a", "b")
+    ]
+    with live_server(apps[0]) as base_a, live_server(apps[1]) as base_b:
+        state_b: AppState = apps[1].state.oppu
+        slow_down(state_b)
+        r = httpx.post(f"{base_a}/admin/users", json={"user_id": "zoe"}, headers=admin_headers(), timeout=30)
+        key = r.json()["api_key"]
+        answer: list[httpx.Response] = []
+        body = {"prompt": "hi", "max_new_tokens": 500, "temperature": 0}
+        worker = threading.Thread(
+            target=lambda: answer.append(
+                httpx.post(f"{base_b}/users/zoe/generate", json=body, headers=bearer(key), timeout=60)
+            )
+        )
+        worker.start()
+        until(lambda: state_b.engine.stats().running == 1, 30, "the request did not start on replica B")
+        assert httpx.delete(f"{base_a}/admin/users/zoe", headers=admin_headers(), timeout=30).status_code == 204
+        erased_at = time.monotonic()
+        worker.join(30)
+        took = time.monotonic() - erased_at
+    assert took < 1.0, took
+    assert answer[0].status_code == 401 and answer[0].json()["code"] == "user_erased", answer[0].text
