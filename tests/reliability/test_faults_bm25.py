@@ -83,3 +83,27 @@ def test_append_at_8m_chars_keeps_generate_p50_within_1_5x_of_a_small_history(
         cached_mb = app_state(client).bm25.nbytes / 1e6
         print(f"generate after an append, p50: 8 M chars {big:.1f} ms, small {small:.1f} ms; cache {cached_mb:.0f} MB")
         assert big <= 1.5 * small, (timings, "an append must not rebuild the index whole on the request path")
+
+
+def test_the_budget_settings_reach_the_index(tmp_path: Path, tiny_model_path: Path) -> None:
+    """OPPU_RETRIEVAL_MAX_CHARS: generate retrieves from the most recent characters only (older items, even the
+    best match, are out of the index); OPPU_BM25_CACHE_BYTES bounds the cache (the newest entry stays)."""
+    with running_app(tmp_path, tiny_model_path, retrieval_max_chars=100, bm25_cache_bytes=1) as client:
+        keys = {}
+        for user in ("ann", "ben"):
+            r = client.post("/admin/users", json={"user_id": user}, headers=ADMIN)
+            keys[user] = r.json()["api_key"]
+            # 20 characters each: the window holds the last five
+            items = [{"id": f"{user}{i}", "output": f"green tea item {i:05d}"} for i in range(8)]
+            items[0]["output"] = "pizza pizza pizza 00"
+            append(client, user, keys[user], items)
+        for user in ("ann", "ben"):
+            r = client.post(
+                f"/users/{user}/generate",
+                json={"prompt": "pizza green", "max_new_tokens": 1, "retrieval_k": 10},
+                headers=bearer(keys[user]),
+            )
+            assert r.status_code == 200, r.text
+            assert sorted(h["id"] for h in r.json()["retrieved"]) == [f"{user}{i}" for i in range(3, 8)]
+        state = app_state(client)
+        assert state.bm25.window_chars == 100 and len(state.bm25._entries) == 1  # 1 byte: only the newest
