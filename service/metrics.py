@@ -156,13 +156,15 @@ class FieldCollector(Collector):
         in_slots = sum(1 for level in (lv for _, lv in loaded) if level == "gpu")
         yield GaugeMetricFamily("vllm:num_gpu_loaded_lora_adapters", "adapters in device slots", in_slots)
         yield GaugeMetricFamily("vllm:max_gpu_lora_adapters", "device adapter slots", stats.adapter_slots)
-        running = sorted({name for (name, level), (pinned, _) in loaded.items() if level == "gpu" and pinned})
+        rows = self._adapter_names(set(stats.running_adapters | stats.waiting_adapters))
+        running = sorted({rows[k] for k in stats.running_adapters if k in rows})
+        waiting = sorted({rows[k] for k in stats.waiting_adapters if k in rows})
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "running/waiting LoRA adapters (value: the time of this sample)",
             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
         )
-        info.add_metric([str(stats.adapter_slots), ",".join(running), ""], self._clock())
+        info.add_metric([str(stats.adapter_slots), ",".join(running), ",".join(waiting)], self._clock())
         yield info
 
 

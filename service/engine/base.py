@@ -265,6 +265,12 @@ class EngineFront(Generic[R]):
         while (left := self._waiting.get(timeout=0)) is not None:
             left[1].sink(gone)
 
+    def _adapter_owners(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Owners of the adapters of the running rows and of the waiting rows."""
+        running = frozenset(r.request.adapter.owner_key for r in list(self._running) if r.request.adapter)
+        waiting = frozenset(r.request.adapter.owner_key for r in self._waiting.snapshot() if r.request.adapter)
+        return running, waiting
+
     @property
     def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -162,3 +162,6 @@ class EngineStats:
     slots_pinned: int
     healthy: bool = True
     extra: Mapping[str, float] = field(default_factory=dict)
+    # Owners (storage keys) of the adapters of running and of waiting rows (vLLM's lora_requests_info).
+    running_adapters: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()

@@ -100,8 +100,8 @@ def test_field_series_follow_engine_stats() -> None:
 
 
 def test_field_series_read_planted_states(tmp_path: Path, tiny_model_path: Path) -> None:
-    """One adapter slot. c, then a are served (c falls to the host tier, a holds the slot); a is pinned, as
-    a running batch pins it; b's request then queues (no free slot) with b's adapter prefetched to host RAM.
+    """One adapter slot. c, then a are served (c falls to the host tier, a holds the slot); a long row of a's
+    runs and pins it; b's request then queues (no free slot) with b's adapter prefetched to host RAM.
     /metrics shows each state in vLLM's series, adapters named as a router names them (user:<id>)."""
     base = load_base(tiny_model_path)
     data = lora_zip(make_lora(base, tmp_path / "lora", seed=5, r=4, targets=("q_proj", "v_proj")))
@@ -112,28 +112,45 @@ def test_field_series_read_planted_states(tmp_path: Path, tiny_model_path: Path)
             assert upload(client, user, key, data).status_code == 201
         for user in ("c", "a"):
             assert client.post(f"/users/{user}/generate", json=body, headers=bearer(keys[user])).status_code == 200
-        cache = builtin_engine(client).cache
+        engine = builtin_engine(client)
+        cache = engine.cache
         (ref_a,) = cache.slot_keys()
-        cache.acquire([ref_a])  # what the batch does for a running row of a's
+        tick = engine._tick
+
+        def slow_tick() -> bool:  # a's long row below runs for seconds
+            time.sleep(0.05)
+            return tick()
+
+        engine._tick = slow_tick  # type: ignore[method-assign]
         result: dict[str, Any] = {}
+        long_a = {**body, "max_new_tokens": 200}
+        running = threading.Thread(
+            target=lambda: result.update(a=client.post("/users/a/generate", json=long_a, headers=bearer(keys["a"])))
+        )
         queued = threading.Thread(
             target=lambda: result.update(r=client.post("/users/b/generate", json=body, headers=bearer(keys["b"])))
         )
-        queued.start()
         try:
+            running.start()
             deadline = time.monotonic() + 30
-            while builtin_engine(client).stats().waiting == 0:
+            while engine.stats().running == 0:  # a's row runs and pins a's slot
+                assert time.monotonic() < deadline and running.is_alive(), "a's row never ran"
+                time.sleep(0.02)
+            queued.start()
+            while engine.stats().waiting == 0:  # b's row waits for the one slot
                 assert time.monotonic() < deadline and queued.is_alive(), "b's row never queued"
                 time.sleep(0.02)
             assert client.get("/metrics").status_code == 401  # the new series stay behind the token
             page = samples(client.get("/metrics", headers=bearer("tok")).text)
         finally:
-            cache.release([ref_a])
+            del engine._tick
+            running.join(60)
             queued.join(60)
         assert result["r"].status_code == 200, result["r"].text
+        assert result["a"].status_code == 200, result["a"].text
         after = samples(client.get("/metrics", headers=bearer("tok")).text)
 
-    assert one(page, "vllm:num_requests_waiting") == 1 and one(page, "vllm:num_requests_running") == 0
+    assert one(page, "vllm:num_requests_waiting") == 1 and one(page, "vllm:num_requests_running") == 1
     assert one(page, "vllm:max_gpu_lora_adapters") == 1 and one(page, "vllm:num_gpu_loaded_lora_adapters") == 1
     assert 0 <= one(page, "vllm:kv_cache_usage_perc") <= 1
     loaded = {(s["adapter_name"], s["level"], s["pinned"]): v for s, v in page["vllm:lora_adapter_loaded"]}
@@ -146,6 +163,7 @@ def test_field_series_read_planted_states(tmp_path: Path, tiny_model_path: Path)
     assert {s["rank"] for s, _ in page["vllm:lora_adapter_loaded"]} == {"4"}
     ((info, stamp),) = page["vllm:lora_requests_info"]
     assert info["max_lora"] == "1" and info["running_lora_adapters"] == "user:a"
+    assert info["waiting_lora_adapters"] == "user:b"
     assert abs(stamp - time.time()) < 60
     field = "\n".join(str(s) for name, series in page.items() if name.startswith("vllm:") for s in series)
     assert ref_a.owner_key not in field and str(tmp_path) not in field  # no storage key or path in a label
@@ -154,4 +172,4 @@ def test_field_series_read_planted_states(tmp_path: Path, tiny_model_path: Path)
     gpu = [s for s, _ in after["vllm:lora_adapter_loaded"] if s["level"] == "gpu"]
     assert [(s["adapter_name"], s["pinned"]) for s in gpu] == [("user:b", "false")]
     ((info, _),) = after["vllm:lora_requests_info"]
-    assert info["running_lora_adapters"] == ""
+    assert info["running_lora_adapters"] == "" and info["waiting_lora_adapters"] == ""

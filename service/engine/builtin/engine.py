@@ -110,6 +110,7 @@ class BuiltinEngine(EngineFront[Row]):
         return self._cache
 
     def stats(self) -> EngineStats:
+        running_adapters, waiting_adapters = self._adapter_owners()
         return EngineStats(
             waiting=len(self._waiting),
             running=len(self._running),
@@ -117,6 +118,8 @@ class BuiltinEngine(EngineFront[Row]):
             slots_in_use=len(self._cache.slot_keys()),
             slots_pinned=len(self._cache.pinned()),
             healthy=self.healthy,
+            running_adapters=running_adapters,
+            waiting_adapters=waiting_adapters,
             extra={"kv_lanes": self.kv.lanes, "kv_lanes_free": self.kv.free, "kv_bytes": self.kv.bytes},
         )
 

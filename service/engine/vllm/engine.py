@@ -152,6 +152,7 @@ class VllmEngine(EngineFront[VllmRow]):
         return EngineLimits(self.config.max_model_len, self.config.max_model_len - 1)
 
     def stats(self) -> EngineStats:
+        running_adapters, waiting_adapters = self._adapter_owners()
         loras = {r.lora.lora_id for r in self._running if r.lora is not None}
         return EngineStats(
             waiting=len(self._waiting),
@@ -160,6 +161,8 @@ class VllmEngine(EngineFront[VllmRow]):
             slots_in_use=len(loras),
             slots_pinned=len(loras),
             healthy=self.healthy,
+            running_adapters=running_adapters,
+            waiting_adapters=waiting_adapters,
             extra={"vllm_requests": float(self._llm.get_num_unfinished_requests())},
         )
 
