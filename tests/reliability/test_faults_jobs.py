@@ -125,20 +125,25 @@ def worker_listening(server: OwnRedis, worker: subprocess.Popen[bytes], tmp: Pat
         return bool(redis.scard("rq:workers"))
 
 
+@pytest.mark.parametrize("worker_starts", ["before_the_outage", "during_the_outage"])
 def test_a_retrain_requested_while_redis_is_down_runs_once_it_is_back(
-    tmp_path: Path, tiny_model_path: Path, own_redis: OwnRedis
+    tmp_path: Path, tiny_model_path: Path, own_redis: OwnRedis, worker_starts: str
 ) -> None:
     db = f"sqlite:///{tmp_path / 'db.sqlite3'}"
     upgrade(db)
+    if worker_starts == "during_the_outage":
+        own_redis.stop()
     worker = start_worker(tmp_path, db, own_redis.url, tiny_model_path)
     try:
         with running_app(tmp_path, tiny_model_path, db, redis_url=own_redis.url) as client:
             key = create_user(client, "ola")
             items = [{"id": f"i{i}", "input": f"question {i}", "output": f"answer {i}"} for i in range(4)]
             assert client.post("/users/ola/history", json={"items": items}, headers=bearer(key)).status_code == 201
-            assert client.get("/readyz").json()["optional"] == {"redis": True}
-            until(lambda: worker_listening(own_redis, worker, tmp_path), 60, "the worker did not start")
-            own_redis.stop()
+            if worker_starts == "before_the_outage":
+                assert client.get("/readyz").json()["optional"] == {"redis": True}
+                until(lambda: worker_listening(own_redis, worker, tmp_path), 60, "the worker did not start")
+                own_redis.stop()
+            time.sleep(2.0)  # the worker is up (or waiting for Redis) when the retrain is requested
             ready = client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["optional"] == {"redis": False}  # reported, serving on
             r = client.post("/admin/users/ola/retrain", headers=admin_headers())
