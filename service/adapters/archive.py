@@ -17,7 +17,10 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Collection, Iterable, Mapping
-from typing import IO
+from typing import IO, TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 MAX_RATIO = 200
 _CHUNK = 64 * 1024
@@ -169,22 +172,27 @@ def unpack_upload_zip(
         raise ArchiveError(f"unsupported zip archive: {e}") from e
 
 
+class _Reads(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
 class _CappedReader(io.RawIOBase):
     """A read-only stream that fails once more than `cap` bytes were read through it (a gzip bomb stops
     there, whatever the archive claims)."""
 
-    def __init__(self, inner: IO[bytes], cap: int) -> None:
+    def __init__(self, inner: _Reads, cap: int) -> None:
         self._inner, self._left = inner, cap
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self._inner.read(min(len(buffer), self._left + 1))
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._inner.read(min(len(view), self._left + 1))
         if len(data) > self._left:
             raise ArchiveError("archive decompresses to more than the size limit")
         self._left -= len(data)
-        buffer[: len(data)] = data
+        view[: len(data)] = data
         return len(data)
 
 
@@ -242,7 +250,7 @@ def unpack_upload_targz(
     members: list[tuple[str, bool]] = []
     contents: dict[str, bytes] = {}
     try:
-        raw = _CappedReader(gzip.GzipFile(fileobj=f, mode="rb"), cap)  # type: ignore[arg-type]
+        raw = _CappedReader(gzip.GzipFile(fileobj=f, mode="rb"), cap)
         with tarfile.open(fileobj=io.BufferedReader(raw), mode="r|") as tf:
             for info in tf:
                 if len(members) >= max_members:
