@@ -190,7 +190,7 @@ def bench_generate(http: httpx.Client, state: AppState, runs: int, new_tokens: i
     body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "temperature": 0, "retrieval_k": 0, "use_profile": False}
     with unit_of_work(state.session_factory) as session:
         user = authorize_user(session, Caller(is_admin=True), "writer")
-    spec = GenerateIn(**{k: v for k, v in body.items()}).spec(user)  # type: ignore[arg-type]
+    spec = GenerateIn(**{k: v for k, v in body.items()}).spec(user)
     prepared = state.preparer.prepare(spec)  # the HTTP path's prompt is the bare request (no context)
 
     def via_http() -> tuple[float, str, int]:
@@ -258,7 +258,7 @@ def main() -> None:
             adapters_dir=Path(tmp) / "adapters",
             model=args.model,
             model_cache_dir=cache if cache.is_dir() else None,
-            admin_key=ADMIN_KEY,  # type: ignore[arg-type]
+            admin_key=ADMIN_KEY,
         )
         app = create_app(settings)
         state: AppState = app.state.oppu

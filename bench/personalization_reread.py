@@ -40,7 +40,7 @@ def main() -> None:
         pairs = [tuple(p.split(":", 1)) for p in args.pair]
         rows = analysis.Rows.from_report(report["predictions"])
         rows.preds.update(result["baseline_predictions"])
-        result["post_hoc"] = analysis.compare(rows, pairs, resamples=args.resamples, seed=0)  # type: ignore[arg-type]
+        result["post_hoc"] = analysis.compare(rows, pairs, resamples=args.resamples, seed=0)
         result["readouts_chosen_on"] = str(args.dev) if args.dev and report["config"]["holdout"] == 0 else str(path)
         out[path.name] = result
         print(f"## {path.name}\n\n{result['markdown']}\n")

@@ -126,7 +126,7 @@ def train_one(lm: LoadedModel, split: ml.UserSplit, config: LoraTrainConfig, qua
 
 def trainers(dtype: str, models: dict[str, LoadedModel]) -> dict[str, tuple[LoadedModel, LoraTrainConfig]]:
     """(model, config) of the old and the new trainer for one dtype row."""
-    new = LoraTrainConfig.from_settings(Settings(dtype=dtype), stage="user")  # type: ignore[arg-type]
+    new = LoraTrainConfig.from_settings(Settings(dtype=dtype), stage="user")
     old = replace(new, share_prefix=False, fast_dropout=False)
     if dtype == "bfloat16":  # the old default here: fp32 weights, bf16 autocast
         return {"old": (models["float32"], replace(old, mixed_precision="bf16")), "new": (models["bfloat16"], new)}
@@ -162,7 +162,7 @@ def main() -> None:
     dtypes = [names[d] for d in (args.dtypes.split(",") if args.dtypes != "auto" else wanted)]
     cache = REPO / ".cache" / "models"
     models = {
-        d: load_model(Settings(model_cache_dir=cache, device="cpu", dtype=d, torch_threads=args.threads))  # type: ignore[arg-type]
+        d: load_model(Settings(model_cache_dir=cache, device="cpu", dtype=d, torch_threads=args.threads))
         for d in {"float32", *dtypes}
     }
     report: dict[str, Any] = {

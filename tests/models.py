@@ -85,7 +85,7 @@ def _saved_tiny(version: str, config: object) -> Path:
     with _lock("tiny"):
         if not (out / "config.json").is_file():
             torch.manual_seed(0)
-            model = LlamaForCausalLM(config)  # type: ignore[arg-type]
+            model = LlamaForCausalLM(config)
             # Larger random weights than the init so that greedy outputs differ between adapters.
             tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR))
             model.save_pretrained(tmp)

@@ -144,7 +144,7 @@ class RedisJobQueue:
     def _listen(self, listeners: Listeners, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(ADAPTER_CHANNEL, REVOKED_CHANNEL, ERASED_CHANNEL)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)

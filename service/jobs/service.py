@@ -26,7 +26,7 @@ def to_out(job: Job) -> JobOut:
     return JobOut(
         job_id=job.id,
         kind=job.kind,
-        status=job.status,  # type: ignore[arg-type]  # one of JobStatus: only repository.py writes it
+        status=job.status,  # one of JobStatus: only repository.py writes it
         progress=round(job.progress, 4),
         adapter_version=job.adapter_version,
         error=job.error,

@@ -4,7 +4,7 @@ items it asks for into the prompt."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from service.db.session import Database, unit_of_work
 from service.engine.types import EngineEvent, EngineRequest
 from tests.adapters.test_adapter_api import load_base, make_lora, peft_files
 from tests.api.test_tenancy import PromptRecorder
-from tests.conftest import ADMIN_KEY, app_state, bearer, create_user, make_settings, running_app
+from tests.conftest import ADMIN_KEY, app_state, bearer, builtin_engine, create_user, make_settings, running_app
 
 
 def chat(client: TestClient, key: str, model: str, text: str = "Tell me about zebras.") -> Any:
@@ -53,7 +53,7 @@ def test_a_v1_only_replica_serves_the_new_shared_version(tmp_path: Path, tiny_mo
         before = chat(replica, ADMIN_KEY, base_name)
         version = publish_shared(tmp_path, db, tiny_model_path, lora)
         after = chat(replica, ADMIN_KEY, base_name)  # the first /v1 request after the commit
-        assert app_state(replica).engine.shared_version == version
+        assert builtin_engine(replica).shared_version == version
     with running_app(tmp_path, tiny_model_path, db=db) as fresh:  # starts with the shared LoRA merged
         expected = chat(fresh, ADMIN_KEY, base_name)
     assert after == expected and after != before
@@ -75,7 +75,7 @@ class TenantRecorder:
         self._original = self.engine.stream
 
     def __enter__(self) -> TenantRecorder:
-        def stream(request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        def stream(request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
             self.tenants.append(request.tenant)
             return self._original(request)
 

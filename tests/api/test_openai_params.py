@@ -211,7 +211,7 @@ def test_constrained_and_free_rows_batch_together_with_their_solo_tokens(env: tu
     async def together() -> list[str]:
         import httpx
 
-        transport = httpx.ASGITransport(app=client.app)  # type: ignore[arg-type]
+        transport = httpx.ASGITransport(app=client.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             rs = await asyncio.gather(
                 *(http.post("/v1/completions", json=b, headers=bearer(ADMIN_KEY)) for b in bodies)

@@ -127,6 +127,6 @@ def test_training_autocast_follows_the_same_rule(
 def test_training_mixed_precision_follows_oppu_dtype() -> None:
     expected = {"auto": "auto", "float32": "no", "bfloat16": "bf16", "float16": "auto"}
     for setting, mixed in expected.items():
-        settings = Settings(dtype=setting)  # type: ignore[arg-type]
+        settings = Settings(dtype=setting)
         for stage in ("user", "shared"):
-            assert LoraTrainConfig.from_settings(settings, stage=stage).mixed_precision == mixed  # type: ignore[arg-type]
+            assert LoraTrainConfig.from_settings(settings, stage=stage).mixed_precision == mixed
