@@ -12,7 +12,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
 from service.adapters import service as adapter_service
@@ -75,8 +74,7 @@ def ensure_admin_key(settings: Settings) -> Settings:
         with os.fdopen(fd, "w") as fh:
             fh.write(key + "\n")
         print(f"OPPU admin key (shown once, stored in {path}): {key}", flush=True)
-    # model_copy does not validate: the value must already be the field's type
-    return settings.model_copy(update={"admin_key": SecretStr(admin_key(settings))})
+    return settings.with_overrides(admin_key=admin_key(settings))
 
 
 # --- parts ---
@@ -124,6 +122,7 @@ def builtin_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics | N
         window_s=settings.batch_window_ms / 1000.0,
         queue_max=settings.queue_max,
         queue_per_tenant=settings.queue_per_user_max,
+        fair_share=settings.fair_share,
         max_scale=settings.adapter_max_scale,
         on_step=metrics.on_step if metrics is not None else None,
     )
@@ -151,6 +150,7 @@ def vllm_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics | None
         prefix_caching=settings.vllm_prefix_caching,
         queue_max=settings.queue_max,
         queue_per_tenant=settings.queue_per_user_max,
+        fair_share=settings.fair_share,
         work_dir=settings.data_dir / "vllm-loras",
         target_modules=tuple(settings.adapter_target_modules),
         seed=0,

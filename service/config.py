@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_model_len: int = 2048  # prompt + new tokens of one row (capped by the model's context)
     queue_max: int = 256  # queued generate requests in all (full -> 503)
     queue_per_user_max: int = 32  # queued per user (full -> 429): one user cannot take the whole queue
+    # While other users wait or run, a user at its share of the running rows (rows / active users) lets the
+    # next user's row go first; it still fills rows nobody else can use, and running rows are never preempted.
+    fair_share: bool = True
     request_timeout_s: float = 120.0
     # Concurrent HTTP requests per process (uvicorn answers 503 beyond). The worker-thread pool is sized
     # above it, so a request holding a DB connection/lock can always get a thread to finish (no deadlock).
@@ -126,6 +129,12 @@ class Settings(BaseSettings):
         if self.max_batch_tokens < self.batch_max_size:
             raise ValueError("max_batch_tokens must be >= batch_max_size (one token per running row)")
         return self
+
+    def with_overrides(self, **changes: object) -> Settings:
+        """A copy with some fields changed, validated like values from the environment (types coerced,
+        bounds checked). `model_copy(update=...)` validates nothing: a str where a SecretStr belongs once
+        broke `make serve`; tests/test_architecture.py keeps it out of service/."""
+        return type(self).model_validate({**self.model_dump(), **changes})
 
     @property
     def resolved_database_url(self) -> str:
