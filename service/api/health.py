@@ -26,7 +26,6 @@ class ReadyOut(BaseModel):
 
 
 @router.get("/health")  # vLLM's name: vllm-router waits for it before it routes to a replica
-@router.get("/health")  # vLLM's name: vllm-router waits for it before it routes to a replica
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
