@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from service.config import Settings
 from service.jobs.context import JobContext
@@ -46,7 +47,19 @@ def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> N
     import transformers  # noqa: F401
 
     try:
-        worker = Worker([QUEUE_NAME], connection=queue.worker_connection(), serializer=JSONSerializer)
-        worker.work(burst=burst, with_scheduler=False)
+        while True:
+            while not queue.ping():  # Redis down: wait for it (jobs requested meanwhile wait in SQL, queued)
+                log.warning("Redis is unreachable; the worker starts once it is back")
+                time.sleep(1.0)
+            try:
+                worker = Worker([QUEUE_NAME], connection=queue.worker_connection(), serializer=JSONSerializer)
+                worker.work(burst=burst, with_scheduler=False)
+                return  # asked to stop, or a burst is done
+            except Exception as exc:
+                # RQ retries a lost connection while it waits for a job, not in every step (heartbeat,
+                # teardown): Redis going away may end work() with an error. A fresh worker once it is back.
+                if queue.ping():
+                    raise
+                log.warning("the worker lost Redis (%s); it starts again once Redis is back", type(exc).__name__)
     finally:
         stop.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -117,6 +118,16 @@ def start_worker(tmp: Path, db: str, redis_url: str, model: Path) -> subprocess.
         )
 
 
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (RQ's warm shutdown), then SIGKILL for the whole group if it lingers (its backoff sleep)."""
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+
+
 def worker_listening(server: OwnRedis, worker: subprocess.Popen[bytes], tmp: Path) -> bool:
     from redis import Redis
 
@@ -163,8 +174,7 @@ def test_a_retrain_requested_while_redis_is_down_runs_once_it_is_back(
             assert client.get("/users/ola/adapter", headers=bearer(key)).json()["version"] == 1
             assert client.get("/readyz").json()["optional"] == {"redis": True}
     finally:
-        os.killpg(worker.pid, 15)
-        worker.wait(30)
+        stop_worker(worker)
 
 
 def test_rotation_during_a_redis_outage_still_ends_the_local_stream(
