@@ -26,7 +26,7 @@ from typing import Generic, Literal, Protocol, TypeVar
 
 from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
 from service.engine.types import AdapterRef, EngineEvent, EngineRequest, EngineStats, Finished, TokenEvent
-from service.errors import PromptTooLong, Timeout, TooManyRequests, Unavailable
+from service.errors import PromptTooLong, Timeout, TooManyRequests, Unavailable, Unprocessable
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,10 @@ class EngineLimits:
 
 def check_fits(request: EngineRequest, limits: EngineLimits) -> None:
     """422 prompt_too_long unless the prompt plus its new (or scored) tokens fit a row; the same rule and
-    error for every engine and every route."""
+    error for every engine and every route. An empty prompt (text that tokenizes to nothing, e.g. a control
+    character) is 422 too: a row needs one token to predict from."""
+    if not request.prompt_ids:
+        raise Unprocessable("the prompt is empty once tokenized; send at least one token of text")
     conts = request.continuations
     if conts and (any(not c for c in conts) or max(map(len, conts)) > limits.max_continuation_tokens):
         raise PromptTooLong(

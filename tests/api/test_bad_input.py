@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +150,16 @@ def test_prompt_longer_than_the_context(app_client: TestClient, key: str) -> Non
     r = app_client.post("/users/u1/generate", json={"prompt": prompt, "max_new_tokens": 2}, headers=bearer(key))
     body = assert_error(r, 413, 422)
     assert body["code"] == "prompt_too_long"
+
+
+def test_a_raw_prompt_that_tokenizes_to_nothing_is_422_at_once(app_client: TestClient, key: str) -> None:
+    """Found by schemathesis: a control character alone tokenizes to no token (a raw completion adds no
+    template); the row could never be scheduled and waited for its deadline (504 after 120 s)."""
+    started = time.monotonic()
+    body = {"prompt": "\x1d", "max_tokens": 2, "model": "personal"}
+    r = app_client.post("/v1/completions", json=body, headers=bearer(key))
+    assert assert_error(r, 422)["code"] == "invalid_request"
+    assert time.monotonic() - started < 10
 
 
 RAW_BODIES: list[tuple[str, bytes, str | None]] = [

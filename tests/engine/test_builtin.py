@@ -22,7 +22,7 @@ from service.engine.builtin import sampler
 from service.engine.builtin.engine import SLOT_WAIT_STEPS, BuiltinEngine
 from service.engine.builtin.scheduler import Row
 from service.engine.types import AdapterRef, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
-from service.errors import AdapterUnavailable, GenerationFailed, PromptTooLong, TooManyRequests
+from service.errors import AdapterUnavailable, GenerationFailed, PromptTooLong, TooManyRequests, Unprocessable
 from service.inference.loader import LoadedModel
 from tests.adapters.test_slots import ALL, make_adapter, peft_model, tiny_model
 
@@ -490,6 +490,12 @@ def test_scoring_continuations_equal_a_direct_forward(setup: Setup, adapter: int
             lp = torch.log_softmax(model(input_ids=torch.tensor([ids + list(cont)])).logits[0].float(), dim=-1)
         want = [float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(cont)]
         assert all(abs(a - b) < 1e-4 for a, b in zip(values, want, strict=True)), (values, want)
+
+
+def test_an_empty_prompt_is_refused_not_left_waiting(setup: Setup) -> None:
+    """A prompt that tokenizes to nothing could never be scheduled: it waited for its deadline (504)."""
+    out = run(consume(setup.engine, request([], 4)))
+    assert isinstance(out.error, Unprocessable) and out.error.status == 422
 
 
 def test_scoring_requests_that_cannot_fit_are_refused(setup: Setup) -> None:
