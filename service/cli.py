@@ -68,19 +68,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-class _NoQueue:
-    """`oppu train` runs the job in the foreground: nothing is enqueued or published."""
-
-    def enqueue(self, job_id: str, attempt: int) -> None: ...
-    def depth(self) -> int:
-        return 0
-
-    def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
-    def publish_revoked(self, key_hashes: list[str]) -> None: ...
-    def subscribe(self, listeners: object, stop: object) -> None: ...
-    def close(self) -> None: ...
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -89,11 +76,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from service.db.models import SHARED_OWNER
     from service.db.session import unit_of_work
     from service.jobs import service as jobs
+    from service.jobs.queue import NoQueue
     from service.jobs.tasks import run_job
 
     settings = get_settings()
     db = database(settings)
-    ctx = job_context(settings, _NoQueue(), db)
+    ctx = job_context(settings, NoQueue(), db)
     with unit_of_work(db.session_factory) as session:
         if args.shared:
             out, _ = jobs.request_job(session, ctx.queue, "shared_retrain", SHARED_OWNER, None)

@@ -92,7 +92,6 @@ class Settings(BaseSettings):
     upload_body_timeout_s: float = 300.0  # an upload body must arrive within this (408 after; holds no gate)
     download_concurrency: int = 8  # adapter downloads and exports being sent at once (each streamed from disk)
     download_concurrency_per_user: int = 2
-    adapter_version_check_s: float = 2.0
 
     # --- training jobs ---
     job_max_attempts: int = 3

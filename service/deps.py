@@ -83,6 +83,15 @@ def get_user(user_id: UserIdPath, caller: CallerDep, state: StateDep) -> UserRef
 UserDep = Annotated[UserRef, Depends(get_user)]
 
 
+def get_admin_user(user_id: UserIdPath, caller: AdminDep, state: StateDep) -> UserRef:
+    """The user an admin-only route acts on (the admin key first: 401/403; then 404 for no such user)."""
+    with unit_of_work(state.session_factory) as session:
+        return authorize_user(session, caller, user_id)
+
+
+AdminUserDep = Annotated[UserRef, Depends(get_admin_user)]
+
+
 def get_adapters(state: StateDep) -> AdapterContext:
     return state.adapters
 

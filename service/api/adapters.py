@@ -10,9 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from service.adapters import service
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut, RollbackIn
 from service.adapters.uploads import gated_file, spool
-from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
+from service.deps import AdaptersDep, AdminUserDep, SessionDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, error_responses
-from service.tenancy import authorize_user
 
 router = APIRouter(tags=["adapters"], responses=error_responses(*AUTH_ERRORS))
 
@@ -83,6 +82,5 @@ def delete_adapter(user: UserDep, session: SessionDep, adapters: AdaptersDep) ->
 
 
 @router.post("/admin/users/{user_id}/adapter/rollback", response_model=AdapterOut)
-def rollback_adapter(user_id: UserIdPath, body: RollbackIn, caller: AdminDep, session: SessionDep) -> AdapterOut:
-    user = authorize_user(session, caller, user_id)
+def rollback_adapter(body: RollbackIn, user: AdminUserDep, session: SessionDep) -> AdapterOut:
     return service.rollback(session, user.storage_key, body.version)

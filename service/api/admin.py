@@ -7,9 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import data_rights, users
 from service.api.users import EraseHooksDep
-from service.deps import AdaptersDep, AdminDep, SessionDep, UserIdPath
+from service.deps import AdaptersDep, AdminDep, AdminUserDep, SessionDep
 from service.errors import AUTH_ERRORS, error_responses
-from service.tenancy import USER_ID_MAX, USER_ID_PATTERN, authorize_user
+from service.tenancy import USER_ID_MAX, USER_ID_PATTERN
 
 router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(*AUTH_ERRORS))
 
@@ -31,9 +31,6 @@ def create_user(body: CreateUserIn, _: AdminDep, session: SessionDep) -> CreateU
 
 
 @router.delete("/users/{user_id}", status_code=204)
-def delete_user(
-    user_id: UserIdPath, caller: AdminDep, session: SessionDep, adapters: AdaptersDep, hooks: EraseHooksDep
-) -> Response:
-    user = authorize_user(session, caller, user_id)
+def delete_user(user: AdminUserDep, session: SessionDep, adapters: AdaptersDep, hooks: EraseHooksDep) -> Response:
     data_rights.erase_user(session, adapters, user, hooks)
     return Response(status_code=204)

@@ -11,20 +11,18 @@ from pydantic import BaseModel
 from service.adapters import service as adapter_service
 from service.adapters.schemas import AdapterVersionsOut
 from service.db.models import SHARED_OWNER
-from service.deps import AdminDep, PreparerDep, QueueDep, SessionDep, UserIdPath
+from service.deps import AdminDep, AdminUserDep, PreparerDep, QueueDep, SessionDep, UserIdPath
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.history.schemas import ProfileOut
 from service.jobs import service
 from service.jobs.profile import generate_profile
 from service.jobs.schemas import JobOut
-from service.tenancy import authorize_user
 
 router = APIRouter(prefix="/admin", tags=["training"], responses=error_responses(*AUTH_ERRORS))
 
 
 @router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut)
-def retrain_user(user_id: UserIdPath, caller: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
-    user = authorize_user(session, caller, user_id)
+def retrain_user(user: AdminUserDep, session: SessionDep, queue: QueueDep) -> JobOut:
     job, _created = service.request_job(session, queue, "user_retrain", user.storage_key, user.pk)
     return job
 

@@ -9,10 +9,9 @@ from pydantic import BaseModel
 
 from service import data_rights, users
 from service.adapters.uploads import gated_file
-from service.deps import AdaptersDep, AdminDep, SessionDep, StateDep, UserDep, UserIdPath
+from service.deps import AdaptersDep, AdminUserDep, SessionDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, error_responses
 from service.jobs.queue import erased_notice
-from service.tenancy import authorize_user
 
 router = APIRouter(tags=["users"], responses=error_responses(*AUTH_ERRORS))
 
@@ -67,6 +66,5 @@ def rotate_key(user: UserDep, session: SessionDep, state: StateDep) -> KeyOut:
 
 
 @router.post("/admin/users/{user_id}/keys/revoke", response_model=RevokedOut)
-def revoke_keys(user_id: UserIdPath, caller: AdminDep, session: SessionDep, state: StateDep) -> RevokedOut:
-    user = authorize_user(session, caller, user_id)
+def revoke_keys(user: AdminUserDep, session: SessionDep, state: StateDep) -> RevokedOut:
     return RevokedOut(user_id=user.user_id, revoked=users.revoke_keys(session, user, state.queue.publish_revoked))

@@ -55,6 +55,7 @@ from service.generation.sampling import SamplingOptions
 from service.history import repository as history_repo
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
+from service.jobs.queue import NoQueue
 from service.jobs.tasks import JobContext
 from service.prompts import build_profile_prompt
 from service.tenancy import UserRef
@@ -74,17 +75,6 @@ class _Bench:
     @property
     def settings(self) -> Settings:
         return self.core.settings
-
-
-class _NoQueue:
-    def enqueue(self, job_id: str, attempt: int) -> None: ...
-    def depth(self) -> int:
-        return 0
-
-    def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
-    def publish_revoked(self, key_hashes: list[str]) -> None: ...
-    def subscribe(self, listeners: object, stop: object) -> None: ...
-    def close(self) -> None: ...
 
 
 def _settings(base: Settings, workdir: Path, config: EvalConfig, extra_users: int = 0) -> Settings:
@@ -115,7 +105,7 @@ def _settings(base: Settings, workdir: Path, config: EvalConfig, extra_users: in
 def _open_bench(config: EvalConfig, settings: Settings) -> _Bench:
     upgrade(settings.resolved_database_url)
     core = composition.core(settings)
-    jobs = composition.job_context(settings, _NoQueue(), core.db, core.store)
+    jobs = composition.job_context(settings, NoQueue(), core.db, core.store)
     core.engine.start()
     return _Bench(config, core, jobs, {})
 

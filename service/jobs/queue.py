@@ -246,3 +246,21 @@ def make_queue(settings: Settings) -> JobQueue:
     if settings.redis_url:
         return RedisJobQueue(settings.redis_url, settings.job_timeout_s)
     return InProcessJobQueue()
+
+
+class NoQueue:
+    """Jobs run in the foreground (`oppu train`, the evaluation): nothing is enqueued or published."""
+
+    def enqueue(self, job_id: str, attempt: int) -> None: ...
+
+    def depth(self) -> int:
+        return 0
+
+    def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
+
+    def publish_revoked(self, key_hashes: list[str]) -> None: ...
+
+    def subscribe(self, listeners: Listeners, stop: threading.Event) -> None: ...
+
+    def close(self) -> None: ...
+
