@@ -68,12 +68,13 @@ def ensure_admin_key(settings: Settings) -> Settings:
         raise RuntimeError("OPPU_ADMIN_KEY must be set when OPPU_DATABASE_URL is not SQLite")
     path = Path(settings.data_dir) / ADMIN_KEY_FILE
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = "oppu_admin_" + secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(key + "\n")
-        print(f"OPPU admin key (shown once, stored in {path}): {key}", flush=True)
+        # The path, never the key: stdout ends up in logs that others read.
+        print(f"OPPU admin key generated: {path} (mode 0600; `cat` it to use it)", flush=True)
     return settings.with_overrides(admin_key=admin_key(settings))
 
 

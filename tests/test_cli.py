@@ -55,7 +55,8 @@ def test_migrate_create_user_and_train(tmp_path: Path, tiny_model_path: Path) ->
 
 def test_serve_on_the_embedded_default_generates_and_uses_the_admin_key(tmp_path: Path, tiny_model_path: Path) -> None:
     """What `make serve` runs: no OPPU_ADMIN_KEY, no database URL. The first start writes the admin key into
-    the data dir, prints it once, and serves with it."""
+    the data dir (0600, in a 0700 folder), prints where (never the key itself), and serves with it; the SQLite
+    file and the adapter store are owner-only too."""
     import socket
     import time
 
@@ -85,8 +86,13 @@ def test_serve_on_the_embedded_default_generates_and_uses_the_admin_key(tmp_path
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        key = (tmp_path / "data" / "admin_key").read_text().strip()
-        assert key in log.read_text()  # printed once at the first start
+        key_file = tmp_path / "data" / "admin_key"
+        key = key_file.read_text().strip()
+        assert key not in log.read_text() and str(key_file) in log.read_text()  # the path is printed, not the key
+        assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.parent.stat().st_mode & 0o777 == 0o700
+        database = tmp_path / "data" / "oppu.sqlite3"
+        assert database.stat().st_mode & 0o777 == 0o600, oct(database.stat().st_mode)
+        assert (tmp_path / "adapters").stat().st_mode & 0o777 == 0o700
         headers = {"Authorization": f"Bearer {key}"}
         r = httpx.post(f"http://127.0.0.1:{port}/admin/users", json={"user_id": "alice"}, headers=headers)
         assert r.status_code == 201, r.text

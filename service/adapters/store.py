@@ -83,8 +83,9 @@ class AdapterStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self._tmp = self.root / "tmp"
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner-only: users' adapters
         for d in (self.root / "users", self.root / "shared", self._tmp):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, exist_ok=True)
 
     # --- paths (every one goes through _inside) ---
     def _inside(self, path: Path) -> Path:

@@ -5,6 +5,7 @@ file and truncates it, so no erased text stays on disk in either file."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only: the folder and the file (SQLite gives its -wal and -shm files the file's mode).
+            Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(parsed.database, os.O_CREAT | os.O_RDWR, 0o600))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
