@@ -300,6 +300,17 @@ def test_nginx_passes_the_client_address() -> None:
         assert not loc.get("proxy_set_header"), loc.args
 
 
+def test_nginx_sends_security_headers_on_every_answer() -> None:
+    server = _server()
+    headers = {h[0]: h[1:] for h in server.get("add_header")}
+    assert headers["X-Content-Type-Options"] == ["nosniff", "always"]
+    assert headers["X-Frame-Options"] == ["DENY", "always"]
+    assert headers["Referrer-Policy"] == ["no-referrer", "always"]
+    # add_header in a location would drop every server-level one there (nginx does not merge them either).
+    for loc in server.blocks("location"):
+        assert not loc.get("add_header"), loc.args
+
+
 def test_nginx_keeps_streaming_and_hashing() -> None:
     server = _server()
     (upstream,) = _parse_nginx((ROOT / "docker" / "nginx.conf").read_text()).blocks("upstream")
