@@ -12,6 +12,7 @@ from typing import IO
 
 from sqlalchemy.orm import Session
 
+from service.accounts import repository as account_repo
 from service.adapters import repository as adapter_repo
 from service.adapters import service as adapter_service
 from service.adapters.peft_format import PEFT_FILES
@@ -20,6 +21,7 @@ from service.db.session import after_commit
 from service.errors import Unauthorized
 from service.history import repository as history_repo
 from service.history.service import as_utc
+from service.jobs import repository as job_repo
 from service.tenancy import UserRef
 from service.users import delete_user_rows, revoke_keys
 
@@ -30,7 +32,8 @@ def _iso(value: datetime | None) -> str | None:
 
 def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO[bytes]) -> None:
     """Writes the zip to `out` (a temp file: never the whole archive in memory): manifest.json,
-    history.jsonl, profile.json, adapters/v<N>/{PEFT files} for kept versions."""
+    history.jsonl, profile.json, keys.json (key prefixes and dates), jobs.json (training jobs),
+    adapters/v<N>/{PEFT files} for kept versions."""
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         lines = 0
         with zf.open("history.jsonl", "w") as fh:
@@ -63,12 +66,27 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
             except FileNotFoundError:  # pruned by another replica meanwhile: listed, files noted as gone
                 entry["files_missing"] = True
             versions.append(entry)
+        keys = [
+            {"prefix": k.prefix, "created_at": _iso(k.created_at), "revoked_at": _iso(k.revoked_at)}
+            for k in account_repo.keys_of(session, user.pk)
+        ]  # metadata only: the key itself is never stored, its hash stays with us
+        zf.writestr("keys.json", json.dumps(keys, indent=2))
+        jobs = [
+            {
+                "job_id": j.id, "kind": j.kind, "status": j.status, "adapter_version": j.adapter_version,
+                "error": j.error, "created_at": _iso(j.created_at), "finished_at": _iso(j.finished_at),
+            }
+            for j in job_repo.of_owner(session, user.storage_key)
+        ]  # fmt: skip
+        zf.writestr("jobs.json", json.dumps(jobs, indent=2))
         manifest = {
             "user_id": user.user_id,
             "exported_at": datetime.now(UTC).isoformat(),
             "history_items": lines,
             "has_profile": profile is not None,
             "adapter_versions": versions,
+            "api_keys": len(keys),
+            "training_jobs": len(jobs),
         }
         zf.writestr("manifest.json", json.dumps(manifest, indent=2))
 

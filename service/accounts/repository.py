@@ -92,3 +92,9 @@ def user_by_key_hash(session: Session, key_hash: str) -> tuple[str, int, str] | 
 def user_id_by_storage_key(session: Session, owner_key: str) -> str | None:
     """The public id of the user owning this storage key (/metrics names resident adapters by it)."""
     return session.execute(select(User.user_id).where(User.storage_key == owner_key)).scalar_one_or_none()
+
+
+def keys_of(session: Session, user_pk: int) -> list[ApiKey]:
+    """Every key of a user, revoked ones too, oldest first (for the export: metadata, never the hash)."""
+    return list(session.scalars(select(ApiKey).where(ApiKey.user_pk == user_pk).order_by(ApiKey.id)))
+
