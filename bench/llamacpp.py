@@ -159,6 +159,10 @@ def llama_server(
     # max batch; no prompt cache (vLLM runs without prefix caching, ours has none).
     cmd += ["--parallel", str(clients), "--ctx-size", str(clients * CTX_PER_CLIENT), "--no-kv-unified"]
     cmd += ["--no-cache-prompt", "--cache-ram", "0"]
+    # No repacking: the repack/AMX buffer type runs Q4_1 matmuls in AMX tiles, which dies with SIGILL (tilezero in
+    # an OpenMP worker, tinygemm_kernel_amx<block_q8_1, block_q4_1>) on the Xeon boxes this project runs on
+    # (upstream ggml-org/llama.cpp PR #26954: tile permission/config per thread); f32/bf16/f16 never use it.
+    cmd += ["--no-repack"]
     cmd += ["--lora-init-without-apply", *[arg for lora in loras for arg in ("--lora", str(lora))]]
     log = work / f"llamacpp-{DTYPES[dtype]}.log"
     with open(log, "wb") as f:
@@ -174,9 +178,111 @@ def llama_server(
 
         yield url, lambda k: {"Authorization": f"Bearer {API_KEY}"}, lambda k: MODEL_NAME, extra
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return  # it died by itself (its exit code is in the SystemExit raised while waiting)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _complete(url: str, prompt: str, tokens: int, headers: dict[str, str], extra: dict[str, Any]) -> str:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/completions", json=body | extra, headers=headers, timeout=600)
+    r.raise_for_status()
+    data = r.json()
+    assert data["usage"]["completion_tokens"] == tokens, data["usage"]
+    return str(data["choices"][0]["text"])
+
+
+def _hf_greedy(base_model_dir: Path, adapter: Path | None, prompt: str, tokens: int) -> str:
+    """The same greedy continuation through transformers (+ PEFT), fp32: what a correct conversion reproduces."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=False))
+
+
+def _stronger(adapters: list[Path], factor: float) -> list[Path]:
+    """Copies of the PEFT adapter folders with lora_B scaled by `factor` (safetensors in, safetensors out)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = []
+    for a in adapters:
+        dst = a.with_name(f"{a.name}-x{factor:g}")
+        shutil.copytree(a, dst, dirs_exist_ok=True)
+        weights = load_file(a / "adapter_model.safetensors")
+        scaled = {k: v * factor if "lora_B" in k else v for k, v in weights.items()}
+        save_file(scaled, dst / "adapter_model.safetensors")
+        out.append(dst)
+    return out
+
+
+def main() -> None:
+    """Proof run (too slow for CI: needs `make setup-llama-cpp`): start llama-server with a few of bench/engine.py's
+    adapters and check that the per-request `lora` field selects them: user texts differ from each other and from
+    the base model's, concurrent requests of different users give their sequential texts, and (f32) llama.cpp
+    matches transformers + PEFT greedy text."""
+    import argparse
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(REPO))
+    import bench.engine as engine
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--users", type=int, default=3)
+    parser.add_argument("--dtypes", default="f32,q4_1")
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--work", type=Path)
+    # The bench's adapters (lora_B x 0.05) move greedy text little: 2 of 3 users give the base model's first 16
+    # tokens on a plain prompt (so does transformers + PEFT). Their lora_B times this makes the check decisive.
+    parser.add_argument("--strength", type=float, default=10.0)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="oppu-llamacpp-"))
+    base = engine.model_dir()
+    engine.USERS = args.users  # make_adapters makes engine.USERS seeded adapters: only a few for this check
+    adapters = _stronger(engine.make_adapters(base, work / "adapters"), args.strength)
+    prompt = "The three most important things to remember when you cook pasta are"
+    users = [-1, *range(args.users)]  # -1: every adapter at scale 0, the bare base model
+    report: dict[str, Any] = {"prompt": prompt, "tokens": args.tokens}
+    for dtype in args.dtypes.split(","):
+        with llama_server(base, adapters, work, clients=4, dtype=dtype) as (url, headers, _, extra):
+            seq = {k: _complete(url, prompt, args.tokens, headers(k), extra(k)) for k in users}
+            with ThreadPoolExecutor(len(users)) as pool:  # different users' adapters in flight at once
+                n = len(users)
+                texts = pool.map(_complete, [url] * n, [prompt] * n, [args.tokens] * n, map(headers, users),
+                                 map(extra, users))  # fmt: skip
+                conc = dict(zip(users, texts, strict=True))
+        report[dtype] = {
+            "texts": {str(k): seq[k] for k in users},
+            "all_distinct": len(set(seq.values())) == len(users),
+            "concurrent_equal_sequential": conc == seq,
+        }
+    if "f32" in args.dtypes.split(","):
+        hf = {k: _hf_greedy(base, adapters[k] if k >= 0 else None, prompt, args.tokens) for k in users}
+        report["transformers_f32"] = {str(k): hf[k] for k in users}
+        report["f32"]["equal_to_transformers"] = {str(k): hf[k] == report["f32"]["texts"][str(k)] for k in users}
+    print(json.dumps(report, indent=2))
+    ok = all(report[d]["all_distinct"] and report[d]["concurrent_equal_sequential"] for d in args.dtypes.split(","))
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
