@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python bench/soak.py` from anywhere: tests.* and service.* importable
 
 from service.config import Settings  # noqa: E402
+from tests.factories import random_lora_zip  # noqa: E402
 from tests.models import MODEL_CACHE_DIR, tiny_model_dir  # noqa: E402
-from tests.reliability import random_lora_zip  # noqa: E402
 
 PROMPT = "Tell me what I should cook tonight, in one sentence."
 WORDS = "apple river blue quiet engine garden paper silver window orange music forest candle number".split()

@@ -1,4 +1,5 @@
-"""Test models: a tiny random Llama (unit tests) and the real default model (e2e), both local only."""
+"""Test models: a tiny random Llama (unit tests) and the real default model (e2e), both local only, and Hugging
+Face references (load a saved model, greedy generate) that the server's outputs are checked against."""
 
 from __future__ import annotations
 
@@ -94,3 +95,44 @@ def _saved_tiny(version: str, config: object) -> Path:
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
     return out
+
+
+def tiny_model(dtype: torch.dtype = torch.float32) -> Any:
+    """An in-memory random tiny Llama (seed 0, vocabulary 512, no tokenizer) for slot and engine tests."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config: Any = tiny_llama_config(vocab_size=512)
+    config.initializer_range = 0.2  # larger than the default so greedy outputs are not one repeated token
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def load_base(model_dir: Path) -> Any:
+    """A saved model (e.g. tiny_model_dir()) loaded by Hugging Face in float32: the reference for adapters."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def reference_tokens(model: Any, tokenizer: Any, prompt: str, n: int) -> list[int]:
+    """What `model` generates alone (HF generate, greedy) for the chat-templated prompt, cut at a stop."""
+    from service.inference.tokens import encode_prompt, stop_token_ids
+
+    ids = encode_prompt(tokenizer, prompt)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = [int(t) for t in out[0, len(ids) :]]
+    stops = stop_token_ids(tokenizer, model.config)
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return new[:cut]
+
+
+def reference_text(model: Any, tokenizer: Any, prompt: str, n: int) -> tuple[str, int]:
+    tokens = reference_tokens(model, tokenizer, prompt, n)
+    return str(tokenizer.decode(tokens, skip_special_tokens=True)), len(tokens)

@@ -320,3 +320,50 @@ def test_type_ignores_stay_few_and_unused_ones_are_errors() -> None:
     assert len(ignores) <= MAX_TYPE_IGNORES, ignores
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
     assert config["strict"] is True and config["warn_unused_ignores"] is True
+
+
+# Test modules never import from each other (issue 21): a helper two modules share lives in tests/factories.py
+# (fakes, adapters, archives, HTTP helpers) or tests/models.py (the models), a shared fixture in conftest.py.
+TESTS = ROOT / "tests"
+TEST_HELPERS = frozenset({"tests.conftest", "tests.factories", "tests.models"})
+
+
+def cross_test_import_violations(path: str, source: str) -> list[str]:
+    """`path` is relative to the repository root (tests/... or bench/...)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            out.append(f"{path}:{node.lineno} imports relatively; import shared helpers from {sorted(TEST_HELPERS)}")
+            continue
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [a.name for a in node.names]  # `from tests import factories` names the module it imports
+            modules = [f"{node.module}.{n}" for n in names] if node.module == "tests" else [node.module]
+        else:
+            continue
+        for module in modules:
+            if (module == "tests" or module.startswith("tests.")) and module not in TEST_HELPERS:
+                out.append(
+                    f"{path}:{node.lineno} imports {module}: test modules share helpers only through"
+                    f" {sorted(TEST_HELPERS)}"
+                )
+    return out
+
+
+def test_no_test_module_imports_another() -> None:
+    modules = sorted([*TESTS.rglob("*.py"), *(ROOT / "bench").rglob("*.py")])
+    problems = [
+        p for path in modules for p in cross_test_import_violations(path.relative_to(ROOT).as_posix(), path.read_text())
+    ]
+    assert not problems, "\n".join(problems)
+    assert cross_test_import_violations("tests/api/test_x.py", "from tests.adapters.test_slots import make_adapter\n")
+    assert cross_test_import_violations(
+        "tests/api/test_x.py", "def f():\n    from tests.jobs.test_jobs_api import wait_job\n"
+    )
+    assert cross_test_import_violations("tests/api/test_x.py", "import tests.api.test_tenancy\n")
+    assert cross_test_import_violations("tests/api/test_x.py", "from tests.reliability import random_lora_zip\n")
+    assert cross_test_import_violations("tests/api/test_x.py", "from tests.api import test_tenancy\n")
+    assert cross_test_import_violations("tests/api/test_x.py", "from .test_tenancy import PromptRecorder\n")
+    allowed = "from tests.factories import FakeCodec\nfrom tests.models import tiny_model\nfrom tests import conftest\n"
+    assert not cross_test_import_violations("tests/api/test_x.py", allowed)

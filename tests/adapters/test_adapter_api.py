@@ -1,11 +1,8 @@
 """Adapter routes through HTTP on the tiny model: versions, download -> plain PEFT, rollback, keep-N,
-delete, tenancy, and malicious uploads refused while other users' traffic keeps succeeding.
-
-Also holds the helpers the other adapter HTTP tests share (PEFT adapters, uploads, PEFT references)."""
+delete, tenancy, and malicious uploads refused while other users' traffic keeps succeeding."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -14,109 +11,21 @@ import tarfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from sqlalchemy import select
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from service.adapters.archive import pack_zip
 from service.adapters.peft_format import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
-from service.db.models import User
-from service.db.session import unit_of_work
-from service.inference.tokens import encode_prompt, stop_token_ids
-from service.state import AppState
-from tests.conftest import admin_headers, bearer, builtin_engine, create_user, running_app
-from tests.models import tiny_llama_config
-
-if TYPE_CHECKING:  # as in starlette.testclient: at run time it falls back to httpx when httpx2 is missing
-    import httpx2
-
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-# --- helpers shared by the adapter HTTP tests ---
-def load_base(model_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def make_lora(
-    base: Any, out: Path, *, seed: int, r: int, targets: Sequence[str], b_scale: float = 6.0, save_kw: Any = None
-) -> Path:
-    """A random PEFT LoRA on a copy of `base` (lora_B scaled up so greedy outputs visibly change)."""
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
-    model = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(b_scale)
-    model.save_pretrained(out, **(save_kw or {}))
-    return out
-
-
-def peft_files(adapter_dir: Path) -> dict[str, bytes]:
-    return {name: (adapter_dir / name).read_bytes() for name in sorted(PEFT_FILES)}
-
-
-def lora_zip(adapter_dir: Path) -> bytes:
-    return pack_zip(peft_files(adapter_dir))
-
-
-# TestClient is typed as an httpx2.Client (starlette's testclient), so its responses are httpx2 Responses.
-def upload(client: TestClient, user: str, key: str, data: bytes) -> httpx2.Response:
-    headers = {**bearer(key), "Content-Type": "application/zip"}
-    return client.put(f"/users/{user}/adapter", content=data, headers=headers)
-
-
-def greedy(prompt: str, n: int, **extra: Any) -> dict[str, Any]:
-    """A generate body whose prompt is exactly `prompt` (no retrieval, no profile), greedy."""
-    return {"prompt": prompt, "max_new_tokens": n, "temperature": 0, "retrieval_k": 0, "use_profile": False, **extra}
-
-
-def peft_model(base: Any, adapter_dir: Path) -> Any:
-    return PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
-
-
-def reference_tokens(model: Any, tokenizer: Any, prompt: str, n: int) -> list[int]:
-    """What `model` generates alone (HF generate, greedy) for the chat-templated prompt, cut at a stop."""
-    ids = encode_prompt(tokenizer, prompt)
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=n,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new = [int(t) for t in out[0, len(ids) :]]
-    stops = stop_token_ids(tokenizer, model.config)
-    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-    return new[:cut]
-
-
-def reference_text(model: Any, tokenizer: Any, prompt: str, n: int) -> tuple[str, int]:
-    tokens = reference_tokens(model, tokenizer, prompt, n)
-    return str(tokenizer.decode(tokens, skip_special_tokens=True)), len(tokens)
-
-
-def app_state(client: TestClient) -> AppState:
-    return cast(AppState, cast(Any, client.app).state.oppu)
-
-
-def storage_key(client: TestClient, user_id: str) -> str:
-    state = app_state(client)
-    with unit_of_work(state.session_factory) as session:
-        key = session.scalar(select(User.storage_key).where(User.user_id == user_id))
-    assert key is not None
-    return key
-
+from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user, running_app
+from tests.factories import ALL, greedy, lora_zip, make_lora, peft_model, storage_key, upload
+from tests.models import load_base, reference_text, tiny_llama_config
 
 # --- fixtures of this module ---
 MAX_FILE_BYTES = 2 * 1024 * 1024

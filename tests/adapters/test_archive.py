@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from service.adapters.archive import ArchiveError, _read_capped, pack_zip, unpack_upload, unpack_upload_zip
+from tests.factories import GIB, pax_sparse_bomb, sparse_bomb
 
 FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": bytes(range(256)) * 40}
 CAP = 10 * 1024 * 1024
@@ -224,40 +225,6 @@ def test_targz_bombs_stop_at_the_cap() -> None:
 
 
 # --- members that cost more than they weigh (issue 23 N1): refused before anything is read ---
-
-GIB = 1 << 30
-
-
-def _octal(n: int, width: int) -> bytes:
-    return b"%0*o" % (width - 1, n) + b"\0"
-
-
-def gnu_sparse_member(name: str, realsize: int) -> bytes:
-    """A GNU sparse ('S') header: `realsize` bytes that are all hole, no data stored (tarfile would fill the
-    hole with NULs in memory without reading the stream, so no stream cap sees it)."""
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.GNUTYPE_SPARSE
-    block = bytearray(info.tobuf(format=tarfile.GNU_FORMAT)[:512])
-    block[386:398] = _octal(realsize, 12)  # sparse map: one empty data block at the end of the file
-    block[398:410] = _octal(0, 12)
-    block[483:495] = _octal(realsize, 12)  # the real size
-    block[148:156] = b" " * 8
-    block[148:156] = b"%06o\0 " % sum(block)
-    return bytes(block)
-
-
-def sparse_bomb(realsize: int = GIB) -> bytes:
-    """~90 bytes of .tar.gz declaring a `realsize` file."""
-    return gzip.compress(gnu_sparse_member("adapter_model.safetensors", realsize) + bytes(1024), 9, mtime=0)
-
-
-def pax_sparse_bomb(realsize: int = GIB) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        info = tarfile.TarInfo("adapter_model.safetensors")
-        info.pax_headers = {"GNU.sparse.map": f"{realsize},0", "GNU.sparse.realsize": str(realsize)}
-        tf.addfile(info)
-    return gzip.compress(buf.getvalue(), 9, mtime=0)
 
 
 def declared_only(name: str, size: int) -> bytes:

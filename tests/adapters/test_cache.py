@@ -20,16 +20,9 @@ from service.adapters.cache import AdapterCache, AdapterKey
 from service.adapters.peft_format import read_adapter_dir
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
-from tests.adapters.test_adapter_api import (
-    greedy,
-    load_base,
-    lora_zip,
-    make_lora,
-    peft_files,
-    upload,
-)
-from tests.adapters.test_slots import ALL, tiny_model
 from tests.conftest import app_state, bearer, builtin_engine, create_user, running_app
+from tests.factories import ALL, greedy, lora_zip, make_lora, peft_files, upload
+from tests.models import load_base, tiny_model
 
 MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
 

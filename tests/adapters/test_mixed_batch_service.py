@@ -23,17 +23,9 @@ from service.engine.types import StepInfo
 from service.generation.prepare import ChatTurn, GenerationSpec, Personalization
 from service.generation.sampling import SamplingOptions
 from service.tenancy import UserRef
-from tests.adapters.test_adapter_api import (
-    ALL,
-    greedy,
-    load_base,
-    lora_zip,
-    make_lora,
-    peft_model,
-    reference_text,
-    upload,
-)
 from tests.conftest import app_state, bearer, builtin_engine, create_user, running_app
+from tests.factories import ALL, greedy, lora_zip, make_lora, peft_model, upload
+from tests.models import load_base, reference_text
 
 NEW_TOKENS = 16
 SPECS: list[tuple[int, tuple[str, ...]]] = [  # (rank, target modules) of users u0..u7

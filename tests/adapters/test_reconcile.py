@@ -9,8 +9,9 @@ from pathlib import Path
 
 from service.adapters import service as adapter_service
 from service.db.session import unit_of_work
-from tests.adapters.test_adapter_api import load_base, lora_zip, make_lora, storage_key, upload
 from tests.conftest import app_state, bearer, create_user, running_app
+from tests.factories import lora_zip, make_lora, storage_key, upload
+from tests.models import load_base
 
 
 def _age(path: Path, seconds: float) -> None:

@@ -1,67 +1,20 @@
-"""LoraSlots and adapter weights against PEFT on a tiny random Llama (helpers reused by engine tests)."""
+"""LoraSlots and adapter weights against PEFT on a tiny random Llama."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaForCausalLM
 
 from service.adapters.peft_format import read_adapter_dir, read_adapter_files
 from service.adapters.slots import LoraSlots, TokenPlan
-from tests.models import tiny_llama_config
+from tests.factories import ALL, make_adapter, peft_model
+from tests.models import tiny_model
 
 MAX_SCALE = 256.0  # the default OPPU_ADAPTER_MAX_SCALE
-
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def tiny_model(dtype: torch.dtype = torch.float32) -> Any:
-    torch.manual_seed(0)
-    config: Any = tiny_llama_config(vocab_size=512)
-    config.initializer_range = 0.2  # larger than the default so greedy outputs are not one repeated token
-    return LlamaForCausalLM(config).to(dtype).eval()
-
-
-def make_adapter(
-    base: Any,
-    out: Path,
-    *,
-    seed: int,
-    r: int,
-    targets: Sequence[str],
-    rslora: bool = False,
-    rank_pattern: dict[str, int] | None = None,
-    alpha_pattern: dict[str, int] | None = None,
-    b_scale: float = 2.0,
-) -> Path:
-    """A random PEFT LoRA (B non-zero and scaled up so it visibly changes outputs), saved by PEFT."""
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        target_modules=list(targets),
-        use_rslora=rslora,
-        rank_pattern=rank_pattern or {},
-        alpha_pattern=alpha_pattern or {},
-        init_lora_weights=False,
-    )
-    model = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(b_scale)
-    model.save_pretrained(out)
-    return out
-
-
-def peft_model(base: Any, adapter_dir: Path) -> Any:
-    return PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir).eval()
 
 
 def logits(model: Any, ids: list[int]) -> torch.Tensor:

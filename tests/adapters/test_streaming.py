@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.adapters.test_adapter_api import greedy, load_base, lora_zip, make_lora, upload
 from tests.conftest import bearer, builtin_engine, create_user, running_app
+from tests.factories import greedy, lora_zip, make_lora, upload
+from tests.models import load_base
 
 KEYS: dict[str, str] = {}  # user -> API key, filled by the module's app fixture
 

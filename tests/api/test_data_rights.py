@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, func, select
 
 from service.db.models import Adapter, AdapterHead, ApiKey, HistoryItem, Job, Profile, User
 from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user, running_app
-from tests.jobs.test_jobs_api import add_history, wait_job
+from tests.factories import add_history, wait_job
 
 
 def test_export_then_erase_leaves_nothing(client: TestClient, db_url: str) -> None:
@@ -34,6 +34,12 @@ def test_export_then_erase_leaves_nothing(client: TestClient, db_url: str) -> No
     assert {"manifest.json", "history.jsonl", "profile.json", "adapters/v1/adapter_model.safetensors"} <= names
     assert len(zf.read("history.jsonl").decode().splitlines()) == 4
     assert json.loads(zf.read("profile.json"))["text"] == "likes zebras"
+    (exported_key,) = json.loads(zf.read("keys.json"))  # metadata only: neither the key nor its hash
+    assert key.startswith(exported_key["prefix"]) and exported_key["revoked_at"] is None
+    assert all(key not in zf.read(name).decode("latin-1") for name in zf.namelist())
+    (exported_job,) = json.loads(zf.read("jobs.json"))
+    assert exported_job["job_id"] == job["job_id"] and exported_job["status"] == "succeeded"
+    assert exported_job["adapter_version"] == 1
 
     other = create_user(client, "eve")
     assert client.delete("/users/dana", headers=bearer(other)).status_code == 403

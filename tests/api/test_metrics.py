@@ -9,15 +9,13 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import sessionmaker
 
 from service.engine.types import EngineStats
 from service.metrics import FieldCollector
-from tests.adapters.test_adapter_api import load_base, lora_zip, make_lora, upload
 from tests.conftest import bearer, builtin_engine, create_user, running_app
-
-Samples = dict[str, list[tuple[dict[str, str], float]]]
+from tests.factories import Samples, lora_zip, make_lora, samples, upload
+from tests.models import load_base
 
 
 def test_metrics_after_traffic(sqlite_client: TestClient) -> None:
@@ -62,15 +60,6 @@ def test_metrics_token(tmp_path: Path, tiny_model_path: Path) -> None:
         assert client.get("/metrics", headers=bearer("wrong")).status_code == 401
         r = client.get("/metrics", headers=bearer("s3cret-metrics"))
         assert r.status_code == 200 and "oppu_http_requests_total" in r.text
-
-
-def samples(text: str) -> Samples:
-    """Every sample of a Prometheus text page, by sample name: [(labels, value)]."""
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
-    return out
 
 
 def one(page: Samples, name: str) -> float:

@@ -18,9 +18,9 @@ from service.adapters.validation import BaseModelSpec
 from service.db.models import SHARED_OWNER
 from service.db.session import Database, unit_of_work
 from service.engine.types import EngineEvent, EngineRequest
-from tests.adapters.test_adapter_api import load_base, make_lora, peft_files
-from tests.api.test_tenancy import PromptRecorder
 from tests.conftest import ADMIN_KEY, app_state, bearer, builtin_engine, create_user, make_settings, running_app
+from tests.factories import PromptRecorder, make_lora, peft_files
+from tests.models import load_base
 
 
 def chat(client: TestClient, key: str, model: str, text: str = "Tell me about zebras.") -> Any:

@@ -18,8 +18,8 @@ from transformers import AutoTokenizer
 
 from service.engine.types import EngineRequest
 from service.inference.tokens import encode_prompt
-from tests.adapters.test_adapter_api import load_base
 from tests.conftest import ADMIN_KEY, app_state, bearer, create_user, running_app
+from tests.models import load_base
 
 PROMPT = "Once upon a time in a small village"
 

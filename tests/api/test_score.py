@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from service.inference.tokens import encode_prompt
-from tests.adapters.test_adapter_api import load_base, lora_zip, make_lora, peft_model, upload
 from tests.conftest import bearer, create_user, running_app
+from tests.factories import lora_zip, make_lora, peft_model, upload
+from tests.models import load_base
 
 CANDIDATES = ["1.0", "2.5", "5.0", "a much longer answer with several tokens"]
 

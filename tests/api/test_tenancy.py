@@ -8,7 +8,6 @@ reason in NOT_IN_MATRIX.
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tests.conftest import admin_headers, bearer, create_user
+from tests.factories import PromptRecorder
 
 CANARY = "zanzibarcanary"
 # Bob's secret items: every word of Alice's generate prompt below appears in them, so a BM25 index that
@@ -172,33 +172,6 @@ def setup_users(client: TestClient) -> dict[str, str]:
 def seed_bob_profile(client: TestClient) -> None:
     r = client.put("/users/bob/profile", json={"text": f"{CANARY} profile of bob"}, headers=admin_headers())
     assert r.status_code == 200, r.text
-
-
-class PromptRecorder:
-    """Wraps the prompt encoders of the one preparation step to see every prompt the model is given."""
-
-    ENCODERS = ("encode_chat", "encode_text")
-
-    def __init__(self, client: TestClient) -> None:
-        self.runtime = client.app.state.oppu.preparer.codec  # type: ignore[attr-defined]
-        self.originals = {n: getattr(self.runtime, n) for n in self.ENCODERS}
-        self.prompts: list[str] = []
-
-    def __enter__(self) -> PromptRecorder:
-        for name, original in self.originals.items():
-            setattr(self.runtime, name, self._recording(original))
-        return self
-
-    def _recording(self, original: Any) -> Any:
-        def encode(prompt: Any, *args: Any, **kwargs: Any) -> Any:
-            self.prompts.append(json.dumps(prompt) if not isinstance(prompt, str) else prompt)
-            return original(prompt, *args, **kwargs)
-
-        return encode
-
-    def __exit__(self, *exc: object) -> None:
-        for name in self.originals:
-            delattr(self.runtime, name)  # back to the class's method
 
 
 def response_bytes(r: Any) -> bytes:

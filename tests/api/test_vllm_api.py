@@ -14,9 +14,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.adapters.test_adapter_api import lora_zip
-from tests.adapters.test_slots import make_adapter
 from tests.conftest import admin_headers, bearer, running_app
+from tests.factories import lora_zip, make_adapter
 from tests.models import tiny_vllm_model_dir
 
 pytestmark = [

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.adapters.test_adapter_api import greedy, load_base, lora_zip, make_lora, storage_key
-from tests.adapters.test_adapter_api import upload as upload_adapter
 from tests.conftest import app_state, bearer, builtin_engine, create_user, running_app
+from tests.factories import greedy, lora_zip, make_lora, storage_key
+from tests.factories import upload as upload_adapter
+from tests.models import load_base
 
 
 @dataclass

@@ -24,7 +24,8 @@ from service.engine.builtin.scheduler import Row
 from service.engine.types import AdapterRef, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
 from service.errors import AdapterUnavailable, GenerationFailed, PromptTooLong, TooManyRequests, Unprocessable
 from service.inference.loader import LoadedModel
-from tests.adapters.test_slots import ALL, make_adapter, peft_model, tiny_model
+from tests.factories import ALL, make_adapter, peft_model
+from tests.models import tiny_model
 
 EOS = 2
 BUDGET = 48  # tokens per step: small, so that long prompts are chunked across steps

@@ -25,7 +25,7 @@ from service.engine.builtin.engine import BuiltinEngine
 from service.engine.types import AdapterRef, EngineRequest, SamplingParams
 from service.errors import AdapterUnavailable, PromptTooLong, ServiceError, Timeout
 from service.inference.loader import LoadedModel
-from tests.adapters.test_slots import make_adapter
+from tests.factories import make_adapter
 from tests.models import tiny_vllm_model_dir
 
 pytestmark = [

@@ -10,22 +10,7 @@ from sqlalchemy import create_engine, func, select
 
 from service.db.models import Job
 from tests.conftest import admin_headers, bearer, create_user
-
-
-def wait_job(client: TestClient, job_id: str, timeout: float = 120.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job: dict[str, object] = client.get(f"/admin/jobs/{job_id}", headers=admin_headers()).json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
-
-
-def add_history(client: TestClient, user: str, key: str, n: int = 6) -> None:
-    items = [{"id": f"i{i}", "input": f"question {i}", "output": f"answer number {i} zebracorn"} for i in range(n)]
-    r = client.post(f"/users/{user}/history", json={"items": items}, headers=bearer(key))
-    assert r.status_code == 201, r.text
+from tests.factories import add_history, wait_job
 
 
 def test_retrain_publishes_and_serves_new_version(client: TestClient) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,13 +20,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import ADMIN_KEY, PG_SERVER_URL, REDIS_URL
+from tests.conftest import ADMIN_KEY, PG_SERVER_URL
+from tests.factories import free_port, redis_url
 from tests.models import MODEL_CACHE_DIR, tiny_model_dir
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
@@ -38,17 +37,6 @@ STALE_AFTER_S = 3
 EPOCHS = 40  # ~4 s of training on the tiny model (more under load): a kill lands mid-job
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 GEN = {"prompt": "hello there", "max_new_tokens": 1, "temperature": 0, "retrieval_k": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_url(db: int) -> str:
-    parts = urlsplit(REDIS_URL)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
 
 
 def descendants(pid: int) -> list[int]:

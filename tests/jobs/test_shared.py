@@ -12,7 +12,7 @@ from service.accounts import repository as accounts
 from service.adapters.peft_format import base_linear
 from service.db.session import unit_of_work
 from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user
-from tests.jobs.test_jobs_api import add_history, wait_job
+from tests.factories import add_history, wait_job
 
 
 def test_shared_retrain_merges_and_flags_stale(client: TestClient) -> None:

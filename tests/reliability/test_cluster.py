@@ -34,11 +34,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.adapters.test_adapter_api import load_base, lora_zip, make_lora
-from tests.api.test_metrics import samples
 from tests.conftest import ADMIN_KEY, PG_SERVER_URL
-from tests.jobs.test_multiprocess import free_port
-from tests.models import MODEL_CACHE_DIR, tiny_model_dir
+from tests.factories import free_port, lora_zip, make_lora, samples
+from tests.models import MODEL_CACHE_DIR, load_base, tiny_model_dir
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -103,7 +101,7 @@ class Running:
 def cluster(tmp_path: Path) -> Iterator[Running]:
     from redis import Redis
 
-    from tests.jobs.test_multiprocess import redis_url
+    from tests.factories import redis_url
 
     nginx = subprocess.run(["sh", "-c", "command -v nginx || ls /usr/sbin/nginx"], capture_output=True, text=True)
     if nginx.returncode != 0:

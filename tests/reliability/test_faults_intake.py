@@ -41,9 +41,8 @@ from service.db.models import User
 from service.db.session import AFTER_ROLLBACK
 from service.main import create_app
 from service.state import AppState
-from tests.adapters.test_archive import pax_sparse_bomb, sparse_bomb
 from tests.conftest import ADMIN_KEY, app_state, bearer, create_user, live_server, make_settings, running_app
-from tests.reliability import random_lora_zip
+from tests.factories import pax_sparse_bomb, random_lora_zip, sparse_bomb
 
 if TYPE_CHECKING:  # TestClient's responses (starlette's testclient uses httpx2 where installed)
     import httpx2

@@ -26,6 +26,7 @@ from service.db.migrate import upgrade
 from service.main import create_app
 from service.state import AppState
 from tests.conftest import ADMIN_KEY, admin_headers, bearer, create_user, live_server, make_settings, running_app
+from tests.factories import free_port
 from tests.models import MODEL_CACHE_DIR
 
 pytestmark = [pytest.mark.redis]
@@ -33,12 +34,6 @@ pytestmark = [pytest.mark.redis]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SLOW_TICK_S = 0.03
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class OwnRedis:

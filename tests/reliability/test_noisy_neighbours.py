@@ -27,8 +27,8 @@ from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from service.db.migrate import upgrade
 from service.main import create_app
 from service.state import AppState
-from tests.adapters.test_slots import make_adapter
 from tests.conftest import ADMIN_KEY, live_server, make_settings
+from tests.factories import make_adapter
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 TENANTS = 8

@@ -34,7 +34,7 @@ from service.db.session import unit_of_work
 from service.state import AppState
 from service.tenancy import USER_ID_RE
 from tests.conftest import ADMIN_KEY, bearer, create_user, running_app
-from tests.reliability import random_lora_zip
+from tests.factories import random_lora_zip
 
 OWNER = "owner1"
 W = WEIGHTS_NAME

@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from service.jobs.queue import Listeners
 from service.state import AppState
 from tests.conftest import ADMIN_KEY, running_app
-from tests.reliability import random_lora_zip
+from tests.factories import random_lora_zip
 
 OWNER, OTHER = "fuzz-owner", "fuzz-other"
 POSITIVE_EXAMPLES = 150  # per operation (hypothesis stops earlier for operations with few distinct inputs)
