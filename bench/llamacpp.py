@@ -136,11 +136,13 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @contextmanager
 def llama_server(
-    base_model_dir: Path, adapters: list[Path], work: Path, clients: int, dtype: str
+    base_model_dir: Path, adapters: list[Path], work: Path, clients: int, dtype: str, threads: int | None = None
 ) -> Iterator[tuple[str, Callable[[int], dict[str, str]], Callable[[int], str], Callable[[int], dict[str, Any]]]]:
     """Convert, start llama-server on a free 127.0.0.1 port, and yield (base url, headers for user k, model name
     for user k, extra request-body fields for user k). The extra fields give user k's adapter scale 1 and every
-    other adapter scale 0; a k outside the adapters (e.g. -1) gets the bare base model. Kills it on exit."""
+    other adapter scale 0; a k outside the adapters (e.g. -1) gets the bare base model. Kills it on exit.
+    `threads` defaults to every core: right on an idle box; on a box whose cores other processes also use, ggml's
+    per-op thread barriers make -t 2 ~10x slower than -t 1 (measured on the 2-core dev box under load)."""
     if dtype not in DTYPES:
         raise SystemExit(f"llama.cpp dtype {dtype!r}: one of {sorted(DTYPES)}")
     cache = cache_dir()
@@ -154,7 +156,7 @@ def llama_server(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(cache / "bin" / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--api-key", API_KEY, "--alias", MODEL_NAME, "--no-webui", "-t", str(os.cpu_count() or 2)]
+    cmd += ["--api-key", API_KEY, "--alias", MODEL_NAME, "--no-webui", "-t", str(threads or os.cpu_count() or 2)]
     # One slot per client, each with its own 512-token context (not the unified KV), like the other servers'
     # max batch; no prompt cache (vLLM runs without prefix caching, ours has none).
     cmd += ["--parallel", str(clients), "--ctx-size", str(clients * CTX_PER_CLIENT), "--no-kv-unified"]
