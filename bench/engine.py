@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench.llamacpp, bench.machine
 USERS, CLIENTS, RANK = 16, 16, 8
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ADMIN_KEY = "bench-admin-key-0123456789abcdef"
@@ -180,6 +181,23 @@ def server(
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@contextmanager
+def any_server(
+    kind: str, base: Path, adapters: list[Path], work: Path, args: argparse.Namespace
+) -> Iterator[tuple[str, Callable[[int], dict[str, str]], Callable[[int], str], Extra]]:
+    """Our servers, vLLM's, or llama.cpp's `llama-server` ("llama.cpp" or "llama.cpp:<dtype>": f32, bf16, q4_1;
+    built once by `make setup-llama-cpp`; it batches only requests with the same LoRA settings)."""
+    if kind.startswith("llama.cpp"):
+        from bench.llamacpp import llama_server
+
+        dtype = kind.partition(":")[2] or "f32"
+        with llama_server(base, adapters, work, CLIENTS, dtype) as served:
+            yield served
+        return
+    with server(kind, base, adapters, work, args.baseline_repo, args.dtype) as (url, headers, model):
+        yield url, headers, model, no_extra
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -214,8 +232,11 @@ def upload_users(url: str, adapters: list[Path]) -> list[str]:
 
 
 # --- load ---
-def one(http: httpx.Client, url: str, headers: dict[str, str], model: str, req: Req, stream: bool) -> Result:
+def one(
+    http: httpx.Client, url: str, headers: dict[str, str], model: str, req: Req, stream: bool, extra: dict[str, Any]
+) -> Result:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0, "ignore_eos": True}
+    body |= extra  # llama.cpp: the user's LoRA selected per request
     started = time.perf_counter()
     if not stream:
         r = http.post(f"{url}/v1/completions", json=body, headers=headers)
@@ -242,8 +263,20 @@ def one(http: httpx.Client, url: str, headers: dict[str, str], model: str, req: 
                   time.perf_counter() - started, ttft)  # fmt: skip
 
 
+Extra = Callable[[int], dict[str, Any]]
+
+
+def no_extra(_user: int) -> dict[str, Any]:
+    return {}
+
+
 def drive(
-    url: str, headers: Callable[[int], dict[str, str]], model: Callable[[int], str], reqs: list[Req], stream: bool
+    url: str,
+    headers: Callable[[int], dict[str, str]],
+    model: Callable[[int], str],
+    reqs: list[Req],
+    stream: bool,
+    extra: Extra = no_extra,
 ) -> tuple[list[Result], float]:
     """CLIENTS threads, each sending its share of the requests one after the other."""
     results: list[Result | None] = [None] * len(reqs)
@@ -251,7 +284,8 @@ def drive(
     def client(c: int) -> None:
         with httpx.Client(timeout=1800) as http:
             for i in range(c, len(reqs), CLIENTS):
-                results[i] = one(http, url, headers(reqs[i].user), model(reqs[i].user), reqs[i], stream)
+                u = reqs[i].user
+                results[i] = one(http, url, headers(u), model(u), reqs[i], stream, extra(u))
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
@@ -295,6 +329,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
+    from bench.machine import machine_record
+
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     base = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -303,17 +339,17 @@ def main() -> None:
     reqs = {w: requests(w, tokenizer, args.per_client) for w in workloads}
     report: dict[str, Any] = {
         "bench": "engine", "model": base.name, "users": USERS, "clients": CLIENTS, "lora_rank": RANK,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_record(args.dtype) | {"platform": platform.platform()}, "date": time.strftime("%Y-%m-%d"),
         "workloads": {w: WORKLOADS[w] | {"requests": len(reqs[w])} for w in workloads}, "servers": {},
     }  # fmt: skip
     texts: dict[str, dict[str, list[str]]] = {}
     for kind in args.servers.split(","):
-        with server(kind, base, adapters, work, args.baseline_repo, args.dtype) as (url, headers, model):
-            drive(url, headers, model, reqs[workloads[0]][:CLIENTS], False)  # warm-up: every adapter loaded once
+        with any_server(kind, base, adapters, work, args) as (url, headers, model, extra):
+            drive(url, headers, model, reqs[workloads[0]][:CLIENTS], False, extra)  # warm-up: every adapter once
             report["servers"][kind] = {}
             texts[kind] = {}
             for w in workloads:
-                results, wall = drive(url, headers, model, reqs[w], WORKLOADS[w]["stream"])
+                results, wall = drive(url, headers, model, reqs[w], WORKLOADS[w]["stream"], extra)
                 report["servers"][kind][w] = summarize(results, wall)
                 texts[kind][w] = [r.text for r in results]
                 print(f"[{kind}] {w}: {report['servers'][kind][w]}", file=sys.stderr)
