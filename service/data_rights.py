@@ -30,6 +30,24 @@ def _iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
+def _write_keys_and_jobs(session: Session, user: UserRef, zf: zipfile.ZipFile) -> tuple[list[object], list[object]]:
+    """keys.json (metadata only: the key is never stored, its hash stays with us) and jobs.json."""
+    keys: list[object] = [
+        {"prefix": k.prefix, "created_at": _iso(k.created_at), "revoked_at": _iso(k.revoked_at)}
+        for k in account_repo.keys_of(session, user.pk)
+    ]
+    zf.writestr("keys.json", json.dumps(keys, indent=2))
+    jobs: list[object] = [
+        {
+            "job_id": j.id, "kind": j.kind, "status": j.status, "adapter_version": j.adapter_version,
+            "error": j.error, "created_at": _iso(j.created_at), "finished_at": _iso(j.finished_at),
+        }
+        for j in job_repo.of_owner(session, user.storage_key)
+    ]  # fmt: skip
+    zf.writestr("jobs.json", json.dumps(jobs, indent=2))
+    return keys, jobs
+
+
 def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO[bytes]) -> None:
     """Writes the zip to `out` (a temp file: never the whole archive in memory): manifest.json,
     history.jsonl, profile.json, keys.json (key prefixes and dates), jobs.json (training jobs),
@@ -66,19 +84,7 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
             except FileNotFoundError:  # pruned by another replica meanwhile: listed, files noted as gone
                 entry["files_missing"] = True
             versions.append(entry)
-        keys = [
-            {"prefix": k.prefix, "created_at": _iso(k.created_at), "revoked_at": _iso(k.revoked_at)}
-            for k in account_repo.keys_of(session, user.pk)
-        ]  # metadata only: the key itself is never stored, its hash stays with us
-        zf.writestr("keys.json", json.dumps(keys, indent=2))
-        jobs = [
-            {
-                "job_id": j.id, "kind": j.kind, "status": j.status, "adapter_version": j.adapter_version,
-                "error": j.error, "created_at": _iso(j.created_at), "finished_at": _iso(j.finished_at),
-            }
-            for j in job_repo.of_owner(session, user.storage_key)
-        ]  # fmt: skip
-        zf.writestr("jobs.json", json.dumps(jobs, indent=2))
+        keys, jobs = _write_keys_and_jobs(session, user, zf)
         manifest = {
             "user_id": user.user_id,
             "exported_at": datetime.now(UTC).isoformat(),
