@@ -148,7 +148,8 @@ def server(
         env["OPPU_DTYPE"] = dtype
     if kind == "vllm":
         cmd = [str(vllm_python()), str(REPO / "bench" / "vllm_server.py"), "--model", str(base), "--port", str(port)]
-        cmd += ["--api-key", VLLM_KEY, "--dtype", "float32", "--max-model-len", "2048", "--no-enable-prefix-caching"]
+        vllm_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(dtype or "", "float32")  # --dtype, else fp32
+        cmd += ["--api-key", VLLM_KEY, "--dtype", vllm_dtype, "--max-model-len", "2048", "--no-enable-prefix-caching"]
         cmd += ["--enable-lora", "--max-loras", str(USERS), "--max-cpu-loras", str(USERS), "--max-lora-rank", str(RANK)]
         cmd += ["--max-num-seqs", str(CLIENTS), "--served-model-name", "base", "--lora-modules"]
         cmd += [f"user{k}={d}" for k, d in enumerate(adapters)]
