@@ -162,8 +162,8 @@ Started = Literal["started", "keep", "dropped"]
 
 
 class EngineFront(Generic[R]):
-    """The request side of every engine. Subclasses implement `_new_row`, `_start`, `_step`, `_release` and
-    `_has_room`."""
+    """The request side of every engine. Subclasses implement `limits`, `_new_row`, `_start`, `_step` and
+    `_release`; they may override `_has_room` (default: fewer than `capacity` rows run) and `_tick`."""
 
     idle_wait_s = 0.1
 

@@ -162,17 +162,13 @@ class BuiltinEngine(EngineFront[Row]):
         self._shared_version = version
 
     # --- adapters ---
-    def prefetch(self, adapter: AdapterRef) -> None:
-        """Warm the adapter from a request thread (AdapterUnavailable if it cannot be read)."""
-        self._cache.prefetch(adapter)
-
     def drop_owner(self, owner_key: str) -> None:
         self._cache.drop_owner(owner_key)
 
     # --- rows ---
     def _new_row(self, request: EngineRequest, sink: Callable[[object], None]) -> Row:
         if request.adapter is not None:
-            self.prefetch(request.adapter)  # disk -> host here, not on the engine's thread
+            self._cache.prefetch(request.adapter)  # disk -> host here, not on the engine's thread (503 if unreadable)
         self.use_shared(request.shared)  # applied before this row runs
         return Row(request, sink, RowDecoder.for_params(request.sampling, self._loaded.device))
 
