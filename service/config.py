@@ -118,6 +118,18 @@ class Settings(BaseSettings):
     train_batch_size: int = 8
     train_seed: int = 0
     retrain_after_new_items: int | None = None  # auto-retrain once a user has N items past the cutoff
+    # When an erased user's history trained the CURRENT shared task LoRA: `flag` only marks the version
+    # (`trained_on_erased`; it stays served), `retire` takes it out of service at the erase's commit (the newest
+    # kept shared version not trained on an erased user is served instead, or none), `retrain` retires it and
+    # enqueues a shared retrain. Default retire: the erasure takes effect at once and costs nothing, while a
+    # retrain on every erase would let anyone who can create and erase users keep the trainer busy.
+    shared_on_erase: Literal["flag", "retire", "retrain"] = "retire"
+
+    # --- notices (key revoked, user erased, adapter changed) between replicas ---
+    # Written to SQL in the transaction that causes them (an outbox) and polled by every replica this often,
+    # besides the Redis pub/sub fast path: a notice sent while Redis is down still arrives within this time.
+    notice_poll_s: float = 2.0
+    notice_keep_s: float = 3600.0  # notices older than this are deleted (a replica down longer resyncs at start)
 
     @model_validator(mode="after")
     def _bounds(self) -> Settings:

@@ -57,6 +57,20 @@ def revoke_keys(session: Session, user_pk: int, now: datetime) -> list[str]:
     return hashes
 
 
+def recovery_hash(session: Session, user_pk: int, *, for_update: bool = False) -> str | None:
+    """The hash of the user's recovery code (None: none issued); locked for the rotation that checks it."""
+    stmt = select(User.recovery_hash).where(User.id == user_pk)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def set_recovery_hash(session: Session, user_pk: int, digest: str) -> None:
+    session.execute(
+        update(User).where(User.id == user_pk).values(recovery_hash=digest).execution_options(synchronize_session=False)
+    )
+
+
 def lock_owner(session: Session, user_pk: int, owner_key: str) -> bool:
     """The user with this pk AND storage key still exists, and (PostgreSQL) cannot be deleted until this
     transaction ends (FOR SHARE): a job publishing for them either sees their erase or holds it back."""

@@ -55,6 +55,9 @@ class User(Base):
     # What the user's history holds (items; characters of input + output): the quotas are checked on these.
     history_items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     history_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # sha256 of the user's recovery code (shown once, at creation and at each rotation): an owner's own key
+    # rotation needs it besides the key, so a stolen key alone cannot rotate the owner out. NULL: admin only.
+    recovery_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ApiKey(Base):
@@ -183,3 +186,18 @@ class Job(Base):
     # When the job was last put on the queue (request, retry, reaper): the reaper re-enqueues a queued job
     # only once this is older than OPPU_JOB_REQUEUE_AFTER_S, so one lost message costs one re-enqueue.
     requeued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Notice(Base):
+    """The outbox of notices between replicas (key revoked, user erased, adapter changed): written in the
+    transaction that causes it, polled by every replica besides the Redis pub/sub fast path. The id is the
+    order (never reused: a replica remembers the ids it has applied)."""
+
+    __tablename__ = "notices"
+    __table_args__ = (NO_PK_REUSE,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # adapter | revoked | erased
+    owner_key: Mapped[str] = mapped_column(String(40))  # the storage key it concerns (or the shared owner)
+    payload: Mapped[str] = mapped_column(Text)  # what the pub/sub message carries
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
