@@ -34,8 +34,10 @@ from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import PromptCodec
 from service.jobs import entry
 from service.jobs.queue import InProcessJobQueue, JobQueue, Listeners, make_queue
+from service.jobs.service import shared_retrainer
 from service.jobs.tasks import JobContext, recover_in_process, run_job
 from service.metrics import FieldCollector, Metrics, SqlStateCollector
+from service.notices.outbox import start_polling
 from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
 from service.state import AppState
@@ -94,6 +96,8 @@ def adapter_context(
         limits=ValidationLimits.from_settings(settings),
         keep_versions=settings.adapter_keep_versions,
         notify=notify.publish_adapter if notify is not None else None,
+        shared_on_erase=settings.shared_on_erase,
+        retrain_shared=shared_retrainer(notify) if notify is not None else None,
     )
 
 
@@ -270,7 +274,15 @@ def start(state: AppState) -> None:
         state.streams.revoke,
         lambda storage_key: state.engine.cancel_tenant(storage_key, UserErased("the user was erased")),
     )
-    state.queue.subscribe(listeners, state.stopping)
+    # Pub/sub is the fast path; the SQL outbox, polled, brings what it lost while Redis was down.
+    state.notices = start_polling(
+        state.session_factory,
+        listeners,
+        poll_s=state.settings.notice_poll_s,
+        keep_s=state.settings.notice_keep_s,
+        stop=state.stopping,
+        subscribe=lambda fast: state.queue.subscribe(fast, state.stopping),
+    )
 
 
 def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> None:

@@ -117,12 +117,14 @@ def erase_user(session: Session, ctx: AdapterContext, user: UserRef, hooks: Eras
     the user's keys are revoked like a rotation (their streams end, here and on every replica), their queued and
     running engine rows are cancelled, the adapter files go and every replica's caches on the notice that
     follows, and (SQLite) a checkpoint truncates the WAL. A running retrain finds its job row gone and publishes
-    nothing. Shared adapter versions trained on their history are flagged `trained_on_erased`."""
+    nothing. Shared adapter versions trained on their history are flagged `trained_on_erased`; a flagged
+    current one is retired (or retired and retrained) as OPPU_SHARED_ON_ERASE says."""
     revoke_keys(session, user, hooks.revoke if hooks is not None else None)
     delete_user_rows(session, user)
     # After the delete: on PostgreSQL a shared job publishing now holds the user row (FOR SHARE), so this flag
     # runs after that job committed and sees its contributor rows.
     adapter_repo.flag_trained_on(session, user.storage_key)
+    adapter_service.retire_shared_trained_on_erased(session, ctx)  # as OPPU_SHARED_ON_ERASE says
     if hooks is not None:
         after_commit(session, lambda: hooks.erased(user.storage_key))
     adapter_service.forget_after_commit(session, ctx, user.storage_key)

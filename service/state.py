@@ -18,6 +18,7 @@ from service.history.service import UserCorpus
 from service.jobs.queue import JobQueue
 from service.jobs.tasks import JobContext
 from service.metrics import Metrics
+from service.notices.outbox import NoticePoller
 from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
 from service.streams import StreamRegistry
@@ -41,6 +42,7 @@ class AppState:
     downloads: UploadGate  # adapter downloads and exports (the same gate class, its own counts)
     streams: StreamRegistry  # streams in flight per key: revoking a key ends them
     stopping: threading.Event  # set at shutdown: background listeners end
+    notices: NoticePoller | None = None  # the outbox poller (started with the state)
 
     @property
     def session_factory(self) -> sessionmaker[Session]:

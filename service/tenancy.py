@@ -1,4 +1,4 @@
-"""API keys -> caller. The only place keys are generated, hashed and checked."""
+"""API keys -> caller. The only place keys (and recovery codes) are generated, hashed and checked."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 USER_ID_MAX = 64
 USER_ID_RE = re.compile(USER_ID_PATTERN)
 KEY_PREFIX = "oppu_"
+RECOVERY_PREFIX = "oppurc_"  # not a key: authenticate() finds no user for it
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,20 @@ def new_api_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def new_recovery_code() -> str:
+    """The second secret of an owner's key rotation (see users.py); never a bearer key."""
+    return RECOVERY_PREFIX + secrets.token_urlsafe(32)
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def recovery_code_matches(stored_hash: str | None, code: str | None) -> bool:
+    """The code hashes to the stored hash (constant time); no stored hash or no code: False."""
+    if stored_hash is None or code is None:
+        return False
+    return hmac.compare_digest(stored_hash.encode(), hash_key(code).encode())
 
 
 def check_user_id(user_id: str) -> str:

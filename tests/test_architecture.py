@@ -93,6 +93,11 @@ GLOBAL_QUERIES = {
         "count_by_status": "/metrics",
         "finished_durations": "/metrics",
     },
+    "notices/repository.py": {
+        "after": "every replica applies every owner's notices (the outbox poller)",
+        "last_id": "where a starting replica's poller begins",
+        "prune": "old notices of all owners go (maintenance)",
+    },
 }
 MAX_FUNCTION_LINES = 50
 

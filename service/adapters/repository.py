@@ -125,6 +125,25 @@ def flag_version_trained_on_erased(session: Session, owner_key: str, version: in
     )
 
 
+def current_version(session: Session, owner_key: str, *, for_update: bool = False) -> int | None:
+    """The owner's current version read from the row (never a stale ORM copy); locked if asked."""
+    stmt = select(AdapterHead.current_version).where(AdapterHead.owner_key == owner_key)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def is_trained_on_erased(session: Session, owner_key: str, version: int) -> bool:
+    stmt = select(Adapter.trained_on_erased).where(Adapter.owner_key == owner_key, Adapter.version == version)
+    return bool(session.execute(stmt).scalar_one_or_none())
+
+
+def newest_clean_version(session: Session, owner_key: str) -> int | None:
+    """The newest kept version not trained on an erased user's history (None: there is none)."""
+    stmt = select(func.max(Adapter.version)).where(Adapter.owner_key == owner_key, Adapter.trained_on_erased.is_(False))
+    return session.scalar(stmt)
+
+
 def by_job(session: Session, job_id: str) -> Adapter | None:
     return session.execute(select(Adapter).where(Adapter.job_id == job_id)).scalar_one_or_none()
 

@@ -27,6 +27,7 @@ from service.db.models import SHARED_OWNER, Adapter
 from service.db.session import after_commit, after_rollback
 from service.engine.types import AdapterRef
 from service.errors import Conflict, InsufficientStorage, NotFound, Unprocessable, is_storage_full
+from service.notices import outbox
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class AdapterContext:
     # Tell every replica (pub/sub, this one included) that an owner's adapters changed or went: they drop
     # what they cache for it. Called after the commit; None where nobody serves (a worker, the eval).
     notify: Callable[[str, int | None], None] | None = None
+    # OPPU_SHARED_ON_ERASE (flag | retire | retrain), and how to request a shared retrain in the caller's
+    # transaction (None where no job can be requested).
+    shared_on_erase: str = "flag"
+    retrain_shared: Callable[[Session], object] | None = None
 
 
 def to_out(row: Adapter, current_version: int | None) -> AdapterOut:
@@ -132,6 +137,7 @@ def publish(
     repo.add_contributors(session, row.id, contributors)
     repo.set_current(session, owner_key, version)
     _prune(session, ctx, owner_key, current=version)
+    outbox.record_adapter(session, owner_key, version)  # replicas that miss the pub/sub notice poll it
     after_commit(session, lambda: _notify(ctx, owner_key, version))  # replicas free the old versions early
     return row
 
@@ -263,6 +269,7 @@ def delete(session: Session, ctx: AdapterContext, owner_key: str) -> None:
     if not repo.list_versions(session, owner_key):
         raise NotFound("no adapter for this user")
     repo.delete_all(session, owner_key)
+    outbox.record_adapter(session, owner_key, None)
     after_commit(session, lambda: _forget(ctx, owner_key))
 
 
@@ -279,6 +286,27 @@ def _notify(ctx: AdapterContext, owner_key: str, version: int | None) -> None:
 def forget_after_commit(session: Session, ctx: AdapterContext, owner_key: str) -> None:
     """Used when a user is erased: rows go by cascade, files and cache entries after the commit."""
     after_commit(session, lambda: _forget(ctx, owner_key))
+
+
+def retire_shared_trained_on_erased(session: Session, ctx: AdapterContext) -> bool:
+    """OPPU_SHARED_ON_ERASE, after a contributor's erasure (or a shared publish that found one erased): `flag`
+    does nothing more. `retire` and `retrain`: if the CURRENT shared version is trained on an erased user, the
+    newest kept version that is not becomes current (none if there is none), in this transaction (every request
+    reads it from SQL) and on every replica's engine after the commit; `retrain` also requests a shared retrain
+    (enqueued after the commit; an active shared job is reused). True if the current version was retired."""
+    if ctx.shared_on_erase == "flag":
+        return False
+    current = repo.current_version(session, SHARED_OWNER, for_update=True)
+    if current is None or not repo.is_trained_on_erased(session, SHARED_OWNER, current):
+        return False
+    clean = repo.newest_clean_version(session, SHARED_OWNER)
+    repo.set_current(session, SHARED_OWNER, clean)
+    outbox.record_adapter(session, SHARED_OWNER, clean)
+    after_commit(session, lambda: _notify(ctx, SHARED_OWNER, clean))
+    log.info("shared adapter v%d retired (trained on an erased user); now serving %s", current, clean)
+    if ctx.shared_on_erase == "retrain" and ctx.retrain_shared is not None:
+        ctx.retrain_shared(session)
+    return True
 
 
 def rollback(session: Session, owner_key: str, version: int) -> AdapterOut:

@@ -22,12 +22,13 @@ class CreateUserIn(BaseModel):
 class CreateUserOut(BaseModel):
     user_id: str
     api_key: str
+    recovery_code: str = Field(description="shown once: the owner's own key rotation needs it besides the key")
 
 
 @router.post("/users", status_code=201, response_model=CreateUserOut, responses=error_responses(409))
 def create_user(body: CreateUserIn, _: AdminDep, session: SessionDep) -> CreateUserOut:
     user, key = users.create_user(session, body.user_id)
-    return CreateUserOut(user_id=user.user_id, api_key=key)
+    return CreateUserOut(user_id=user.user_id, api_key=key, recovery_code=users.issue_recovery_code(session, user))
 
 
 @router.delete("/users/{user_id}", status_code=204)

@@ -1,15 +1,15 @@
-"""A user's own account routes: export, erase, rotate key; admin revoke."""
+"""A user's own account routes: export, erase, rotate key (the rule: ROTATE_RULE); admin revoke."""
 
 from __future__ import annotations
 
 from typing import IO, Annotated
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from service import data_rights, users
 from service.adapters.uploads import gated_file
-from service.deps import AdaptersDep, AdminUserDep, SessionDep, StateDep, UserDep
+from service.deps import AdaptersDep, AdminUserDep, CallerDep, SessionDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, error_responses
 from service.jobs.queue import erased_notice
 
@@ -19,6 +19,23 @@ router = APIRouter(tags=["users"], responses=error_responses(*AUTH_ERRORS))
 class KeyOut(BaseModel):
     user_id: str
     api_key: str
+    recovery_code: str = Field(description="the new recovery code (shown once): your next own rotation needs it")
+
+
+class RotateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    recovery_code: str | None = Field(
+        default=None, max_length=256, description="the owner's current recovery code (the admin needs none)"
+    )
+
+
+ROTATE_RULE = """A new API key and a new recovery code for the user; every older key stops working at once (its
+streams end on every replica) and the old recovery code stops working.
+
+**Who may rotate.** The owner, with the current key as the bearer AND a re-authentication: the body's
+`recovery_code`, the code returned when the user was created or at the last rotation. A stolen key alone cannot
+rotate the owner out: without the valid code the answer is 403 `reauth_required` and nothing changes. The admin
+key rotates without a code: that is the recovery path for an owner who lost the code (or whose key leaked)."""
 
 
 class RevokedOut(BaseModel):
@@ -60,9 +77,13 @@ def erase_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, hooks:
     return Response(status_code=204)
 
 
-@router.post("/users/{user_id}/keys/rotate", response_model=KeyOut)
-def rotate_key(user: UserDep, session: SessionDep, state: StateDep) -> KeyOut:
-    return KeyOut(user_id=user.user_id, api_key=users.rotate_key(session, user, state.queue.publish_revoked))
+@router.post("/users/{user_id}/keys/rotate", response_model=KeyOut, description=ROTATE_RULE)
+def rotate_key(
+    user: UserDep, caller: CallerDep, session: SessionDep, state: StateDep, body: RotateIn | None = None
+) -> KeyOut:
+    code = body.recovery_code if body is not None else None
+    new = users.rotate_key(session, user, state.queue.publish_revoked, by_admin=caller.is_admin, recovery_code=code)
+    return KeyOut(user_id=user.user_id, api_key=new.api_key, recovery_code=new.recovery_code)
 
 
 @router.post("/admin/users/{user_id}/keys/revoke", response_model=RevokedOut)

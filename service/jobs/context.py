@@ -20,6 +20,7 @@ from service.config import Settings
 from service.engine.types import AdapterRef
 from service.inference.loader import LoadedModel, load_model
 from service.jobs.queue import JobQueue
+from service.jobs.service import shared_retrainer
 
 
 @dataclass
@@ -49,6 +50,8 @@ class JobContext:
             spec=spec,
             limits=ValidationLimits.from_settings(self.settings),
             keep_versions=self.settings.adapter_keep_versions,
+            shared_on_erase=self.settings.shared_on_erase,
+            retrain_shared=shared_retrainer(self.queue),
         )
 
     def training_model(self, shared: AdapterRef | None) -> Any:

@@ -4,13 +4,14 @@ Services never commit; enqueueing happens after the commit."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from sqlalchemy.orm import Session
 
 from service.adapters import repository as adapter_repo
-from service.db.models import Job
+from service.db.models import SHARED_OWNER, Job
 from service.db.session import after_commit
 from service.errors import NotFound
 from service.history import repository as history_repo
@@ -63,6 +64,11 @@ def request_job(
     job_id = job.id
     after_commit(session, lambda: queue.enqueue(job_id, 1))
     return to_out(job), True
+
+
+def shared_retrainer(queue: JobQueue) -> Callable[[Session], object]:
+    """How an erase (OPPU_SHARED_ON_ERASE=retrain) requests a shared retrain in its own transaction."""
+    return lambda session: request_job(session, queue, "shared_retrain", SHARED_OWNER, None)
 
 
 def get(session: Session, job_id: str) -> JobOut:

@@ -209,7 +209,7 @@ def _publish(ctx: JobContext, job: ClaimedJob, plan: TrainingPlan, out: TrainOut
     }
     with unit_of_work(ctx.session_factory) as session:
         _hold(session, job)  # before any file is written
-        done = adapter_repo.by_job(session, job.job_id)
+        done, erased = adapter_repo.by_job(session, job.job_id), set[str]()
         if done is None:
             erased = set(plan.contributors) - account_repo.existing_storage_keys(session, plan.contributors)
             done = adapter_service.publish(
@@ -227,6 +227,8 @@ def _publish(ctx: JobContext, job: ClaimedJob, plan: TrainingPlan, out: TrainOut
             if erased:  # a contributor was erased while this job trained on their history
                 adapter_repo.flag_version_trained_on_erased(session, job.owner_key, done.version)
         jobs.finish(session, job.job_id, adapter_version=done.version, attempt=job.attempt)
+        if erased:  # after finish: OPPU_SHARED_ON_ERASE=retrain requests the next job (this one is done)
+            adapter_service.retire_shared_trained_on_erased(session, ctx.adapter_context())
         return done.version
 
 

@@ -64,10 +64,16 @@ def test_export_then_erase_leaves_nothing(client: TestClient, db_url: str) -> No
     assert all(k.owner_key != storage_key for k in cache.slot_keys())
 
 
+def _create(client: TestClient, user_id: str) -> tuple[str, str]:
+    r = client.post("/admin/users", json={"user_id": user_id}, headers=admin_headers())
+    assert r.status_code == 201, r.text
+    return r.json()["api_key"], r.json()["recovery_code"]
+
+
 def test_rotate_and_revoke(client: TestClient) -> None:
-    old = create_user(client, "finn")
-    r = client.post("/users/finn/keys/rotate", headers=bearer(old))
-    assert r.status_code == 200
+    old, code = _create(client, "finn")
+    r = client.post("/users/finn/keys/rotate", json={"recovery_code": code}, headers=bearer(old))
+    assert r.status_code == 200, r.text
     new = r.json()["api_key"]
     assert client.get("/users/finn/history", headers=bearer(old)).status_code == 401
     assert client.get("/users/finn/history", headers=bearer(new)).status_code == 200
@@ -75,6 +81,43 @@ def test_rotate_and_revoke(client: TestClient) -> None:
     r = client.post("/admin/users/finn/keys/revoke", headers=admin_headers())
     assert r.status_code == 200 and r.json()["revoked"] == 1
     assert client.get("/users/finn/history", headers=bearer(new)).status_code == 401
+
+
+def test_a_stolen_key_alone_cannot_rotate_the_owner_out(client: TestClient) -> None:
+    """The owner's rotation needs the key AND the recovery code; the admin's needs neither (recovery path)."""
+    key, code = _create(client, "gale")
+    _, other_code = _create(client, "hugo")
+    for body in (None, {}, {"recovery_code": None}, {"recovery_code": "oppurc_wrong"}, {"recovery_code": key},
+                 {"recovery_code": other_code}):  # fmt: skip
+        r = client.post("/users/gale/keys/rotate", json=body, headers=bearer(key))
+        assert r.status_code == 403 and r.json()["code"] == "reauth_required", (body, r.text)
+    assert client.get("/users/gale/history", headers=bearer(key)).status_code == 200  # nothing changed
+    assert client.get("/users/gale/history", headers=bearer(code)).status_code == 401  # a code is no bearer key
+    r = client.post("/users/gale/keys/rotate", json={"recovery_code": code}, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    key2, code2 = r.json()["api_key"], r.json()["recovery_code"]
+    assert code2 != code and key2 != key
+    # The old code is spent: the owner's next rotation takes the new one.
+    r = client.post("/users/gale/keys/rotate", json={"recovery_code": code}, headers=bearer(key2))
+    assert r.status_code == 403 and r.json()["code"] == "reauth_required"
+    # The admin rotates without a code (the owner lost it, or their key leaked): a fresh key and code.
+    r = client.post("/users/gale/keys/rotate", headers=admin_headers())
+    assert r.status_code == 200, r.text
+    key3, code3 = r.json()["api_key"], r.json()["recovery_code"]
+    assert client.get("/users/gale/history", headers=bearer(key2)).status_code == 401
+    r = client.post("/users/gale/keys/rotate", json={"recovery_code": code2}, headers=bearer(key3))
+    assert r.status_code == 403  # the admin's rotation replaced the code too
+    r = client.post("/users/gale/keys/rotate", json={"recovery_code": code3}, headers=bearer(key3))
+    assert r.status_code == 200, r.text
+    described = client.get("/openapi.json").json()["paths"]["/users/{user_id}/keys/rotate"]["post"]["description"]
+    assert "recovery_code" in described and "reauth_required" in described
+
+
+def test_another_users_key_cannot_rotate_even_with_the_code(client: TestClient) -> None:
+    _, code = _create(client, "ivy")
+    mallory, _ = _create(client, "mal")
+    r = client.post("/users/ivy/keys/rotate", json={"recovery_code": code}, headers=bearer(mallory))
+    assert r.status_code == 403 and r.json()["code"] == "forbidden"
 
 
 def test_no_erased_text_stays_in_the_sqlite_files(tmp_path: Path, tiny_model_path: Path) -> None:

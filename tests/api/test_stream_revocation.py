@@ -45,9 +45,13 @@ def server(tmp_path: Path, tiny_model_path: Path) -> Iterator[tuple[str, AppStat
         yield base, state
 
 
+RECOVERY: dict[str, str] = {}  # user id -> recovery code (an owner's own rotation needs it)
+
+
 def new_user(base: str, user_id: str) -> str:
     r = httpx.post(f"{base}/admin/users", json={"user_id": user_id}, headers=ADMIN, timeout=30)
     assert r.status_code == 201, r.text
+    RECOVERY[user_id] = str(r.json()["recovery_code"])
     return str(r.json()["api_key"])
 
 
@@ -62,7 +66,9 @@ def read_after_revoke(base: str, path: str, body: dict[str, object], key: str, r
                 break
         if revoke == "rotate":
             user = path.split("/")[2] if path.startswith("/users/") else "alice"
-            assert httpx.post(f"{base}/users/{user}/keys/rotate", headers=_bearer(key), timeout=30).status_code == 200
+            body = {"recovery_code": RECOVERY[user]}
+            rotated = httpx.post(f"{base}/users/{user}/keys/rotate", json=body, headers=_bearer(key), timeout=30)
+            assert rotated.status_code == 200, rotated.text
         else:
             assert httpx.post(f"{base}/admin/users/alice/keys/revoke", headers=ADMIN, timeout=30).status_code == 200
         revoked_at = time.monotonic()
@@ -153,9 +159,10 @@ def _until(check: object, timeout: float = 10.0) -> None:
 
 def first_token_then(base: str, key: str, act: Callable[[], None]) -> tuple[list[str], float]:
     body = {"prompt": "hi", "stream": True, **LONG}
-    with httpx.Client(timeout=60) as http, http.stream(
-        "POST", f"{base}/users/alice/generate", json=body, headers=_bearer(key)
-    ) as r:
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", f"{base}/users/alice/generate", json=body, headers=_bearer(key)) as r,
+    ):
         assert r.status_code == 200, r.read()
         lines = r.iter_lines()
         for line in lines:

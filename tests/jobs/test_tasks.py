@@ -17,12 +17,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import data_rights
+from service.adapters import repository as adapter_repo
 from service.adapters.store import AdapterStore
 from service.db.models import SHARED_OWNER, Adapter, AdapterContributor, Job
 from service.db.session import make_engine, make_session_factory, unit_of_work
 from service.engine.types import AdapterRef
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn
+from service.jobs import repository as jobs_repo
 from service.jobs import service as jobs
 from service.jobs import tasks
 from service.jobs.queue import Listeners
@@ -377,6 +379,42 @@ def test_a_shared_retrain_flags_a_contributor_erased_while_it_trained(
     assert [(o, v, flag) for o, v, _, flag in adapter_rows(ctx)] == [(SHARED_OWNER, 1, True)]
     with unit_of_work(ctx.session_factory) as session:
         assert set(session.scalars(select(AdapterContributor.storage_key))) == {stays.storage_key}
+        # OPPU_SHARED_ON_ERASE=retire (the default): published flagged, so retired in the same transaction.
+        assert adapter_repo.current_version(session, SHARED_OWNER) is None
+        assert jobs_repo.active(session, SHARED_OWNER) is None  # retire asks for no retrain
+
+
+@pytest.mark.parametrize("policy", ["flag", "retrain"])
+def test_a_shared_version_published_after_a_contributor_left_follows_the_setting(
+    ctx: JobContext, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """flag: served although flagged; retrain: retired at its publish, and the next shared job is queued."""
+    ctx.settings = ctx.settings.with_overrides(shared_on_erase=policy)
+    add_user(ctx.session_factory, "uli", qa(3))
+    goes = add_user(ctx.session_factory, "vera", qa(3))
+    with unit_of_work(ctx.session_factory) as session:
+        out, _ = jobs.request_job(session, ctx.queue, "shared_retrain", SHARED_OWNER, None)
+
+    def erase_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        result = train_lora(*args, **kwargs)
+        erase(ctx, goes)
+        return result
+
+    monkeypatch.setattr(tasks, "train_lora", erase_meanwhile)
+    run_job(ctx, out.job_id)
+    assert job_row(ctx, out.job_id).status == "succeeded"
+    with unit_of_work(ctx.session_factory) as session:
+        current = adapter_repo.current_version(session, SHARED_OWNER)
+        following = jobs_repo.active(session, SHARED_OWNER)
+        assert (current, following is not None) == ((1, False) if policy == "flag" else (None, True))
+        following_id = following.id if following is not None else None
+    if following_id is not None:  # queued after the commit, then trained on the users there are now
+        assert following_id != out.job_id and fake_queue(ctx).enqueued[-1] == (following_id, 1)
+        monkeypatch.setattr(tasks, "train_lora", train_lora)
+        run_job(ctx, following_id)
+        with unit_of_work(ctx.session_factory) as session:
+            assert adapter_repo.current_version(session, SHARED_OWNER) == 2
+            assert not adapter_repo.is_trained_on_erased(session, SHARED_OWNER, 2)
 
 
 def test_a_cancelled_job_stops_and_publishes_nothing(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -188,18 +188,21 @@ def test_rotation_during_a_redis_outage_still_ends_the_local_stream(
 
         state.engine._tick = slow_tick  # type: ignore[attr-defined]
         r = httpx.post(f"{base}/admin/users", json={"user_id": "rob"}, headers=admin_headers(), timeout=30)
-        key = r.json()["api_key"]
+        key, code = r.json()["api_key"], r.json()["recovery_code"]
         own_redis.stop()
         body = {"prompt": "hi", "stream": True, "max_new_tokens": 500, "temperature": 0}
-        with httpx.Client(timeout=60) as http, http.stream(
-            "POST", f"{base}/users/rob/generate", json=body, headers=bearer(key)
-        ) as stream:
+        with (
+            httpx.Client(timeout=60) as http,
+            http.stream("POST", f"{base}/users/rob/generate", json=body, headers=bearer(key)) as stream,
+        ):
             assert stream.status_code == 200
             lines = stream.iter_lines()
             for line in lines:
                 if line.startswith("data:") and '"text": "' in line and '""' not in line:
                     break
-            rotated = httpx.post(f"{base}/users/rob/keys/rotate", headers=bearer(key), timeout=30)
+            rotated = httpx.post(
+                f"{base}/users/rob/keys/rotate", json={"recovery_code": code}, headers=bearer(key), timeout=30
+            )
             assert rotated.status_code == 200, rotated.text
             rotated_at = time.monotonic()
             rest = [line for line in lines if line]

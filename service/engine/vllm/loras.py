@@ -10,7 +10,10 @@ Every served LoRA is a derived folder (the PEFT pair written by `peft_format.sav
 patterns resolved as our parser reads them), named by the sha256 of the versions in it: content-addressed, so
 a retrain or a new shared version is a new folder and a new id, never a stale vLLM cache entry. Ids are
 never reused within the process. Folders live under the engine's work dir (never a raw user id in a path) and
-go when their owner is dropped (erase, delete, rollback) or when evicted.
+go when their owner is dropped (erase, delete, rollback) or when evicted. A folder being built while its
+owner is dropped is checked before it is registered: if its version left the store meanwhile (an erase or a
+delete removes the files before its notice), the folder is deleted and the request fails (503), so a request
+resolved before an erase never re-adds the erased user's weights.
 
 Knows PEFT files and our AdapterRef; nothing of HTTP, SQL or vLLM's engine loop.
 """
@@ -23,6 +26,8 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +55,7 @@ class LoraFolders:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._served: OrderedDict[str, ServedLora] = OrderedDict()  # digest -> served, least recent first
+        self._inflight: dict[str, set[threading.Event]] = {}  # owner -> folders being built (set: dropped since)
         shutil.rmtree(work_dir, ignore_errors=True)  # derived data of an earlier process
         work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -66,25 +72,49 @@ class LoraFolders:
             if digest in self._served:
                 self._served.move_to_end(digest)
                 return self._served[digest]
-        parts = [self._read(ref) for ref in (shared, user) if ref is not None]
-        weights = concat_lora(parts) if len(parts) > 1 else parts[0]
-        if weights.rank > self._max_rank:
-            raise AdapterUnavailable(
-                f"LoRA rank {weights.rank} (user + shared) is above the vLLM engine's OPPU_VLLM_MAX_LORA_RANK "
-                f"{self._max_rank}"
-            )
-        path = self._dir / digest
-        # One temp folder per call: two requests of the same user may build the same folder at once.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=self._dir))
-        save_adapter_dir(weights, tmp, self._base)
+        owner = user.owner_key if user is not None else None
+        with self._building(owner) as dropped:  # from the first read of the store to the folder's registration
+            parts = [self._read(ref) for ref in (shared, user) if ref is not None]
+            weights = concat_lora(parts) if len(parts) > 1 else parts[0]
+            if weights.rank > self._max_rank:
+                raise AdapterUnavailable(
+                    f"LoRA rank {weights.rank} (user + shared) is above the vLLM engine's OPPU_VLLM_MAX_LORA_RANK "
+                    f"{self._max_rank}"
+                )
+            path = self._dir / digest
+            # One temp folder per call: two requests of the same user may build the same folder at once.
+            tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=self._dir))
+            try:
+                save_adapter_dir(weights, tmp, self._base)
+                with self._lock:
+                    if dropped.is_set() and not all(r.directory.is_dir() for r in (user, shared) if r is not None):
+                        # The owner was dropped while this folder was built, and its version has left the store
+                        # (erased or deleted): never served, never left on disk (N11).
+                        raise AdapterUnavailable("the adapter was removed meanwhile")
+                    if digest not in self._served:
+                        tmp.replace(path) if not path.exists() else None
+                        self._served[digest] = ServedLora(next(self._ids), digest, path, owner, weights.rank)
+                    return self._served[digest]
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # renamed into place already, or not wanted
+
+    @contextmanager
+    def _building(self, owner: str | None) -> Iterator[threading.Event]:
+        """While a request thread builds a folder holding this owner's weights: an event `drop_owner` sets."""
+        dropped = threading.Event()
+        if owner is None:
+            yield dropped
+            return
         with self._lock:
-            if digest not in self._served:
-                tmp.replace(path) if not path.exists() else shutil.rmtree(tmp, ignore_errors=True)
-                owner = user.owner_key if user is not None else None
-                self._served[digest] = ServedLora(next(self._ids), digest, path, owner, weights.rank)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-            return self._served[digest]
+            self._inflight.setdefault(owner, set()).add(dropped)
+        try:
+            yield dropped
+        finally:
+            with self._lock:
+                left = self._inflight.get(owner, set())
+                left.discard(dropped)
+                if not left:
+                    self._inflight.pop(owner, None)
 
     def _read(self, ref: AdapterRef) -> AdapterWeights:
         try:
@@ -108,6 +138,8 @@ class LoraFolders:
         """Forget every LoRA holding this user's weights (erase, delete, retrain): the caller removes them from
         vLLM and deletes the folders."""
         with self._lock:
+            for building in self._inflight.get(owner_key, ()):
+                building.set()  # a folder being built now is checked before it is registered
             gone = [d for d, s in self._served.items() if s.owner_key == owner_key]
             return [self._served.pop(d) for d in gone]
 

@@ -1,0 +1,1 @@
+"""Notices between replicas (key revoked, user erased, adapter changed): the SQL outbox and its poller."""
