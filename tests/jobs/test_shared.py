@@ -4,14 +4,17 @@ and bulk-retrained on top of it (tiny model, in-process runner)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from fastapi.testclient import TestClient
 
 from service.accounts import repository as accounts
 from service.adapters.peft_format import base_linear
+from service.db.models import SHARED_OWNER
 from service.db.session import unit_of_work
-from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user
+from service.jobs import repository as jobs_repo
+from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user, running_app
 from tests.factories import add_history, wait_job
 
 
@@ -81,3 +84,71 @@ def test_erasing_a_contributor_flags_the_shared_versions_trained_on_them(client:
     assert wait_job(client, job["job_id"])["status"] == "succeeded"
     versions = client.get("/admin/shared-adapter", headers=admin_headers()).json()["versions"]
     assert [(v["version"], v["trained_on_erased"]) for v in versions] == [(2, False), (1, True)]
+
+
+# --- OPPU_SHARED_ON_ERASE: the shared LoRA trained on an erased user is taken out of service (and retrained) ---
+
+
+def _shared(client: TestClient) -> tuple[int | None, list[tuple[int, bool]]]:
+    body = client.get("/admin/shared-adapter", headers=admin_headers()).json()
+    return body["current_version"], [(v["version"], v["trained_on_erased"]) for v in body["versions"]]
+
+
+def _retrain_shared(client: TestClient) -> None:
+    job = client.post("/admin/shared-adapter/retrain", headers=admin_headers()).json()
+    assert wait_job(client, job["job_id"])["status"] == "succeeded"
+
+
+def _two_shared_versions(client: TestClient) -> dict[str, str]:
+    """v1 trained on cleo alone, v2 on cleo and dora."""
+    keys = {"cleo": create_user(client, "cleo")}
+    add_history(client, "cleo", keys["cleo"], n=3)
+    _retrain_shared(client)
+    keys["dora"] = create_user(client, "dora")
+    add_history(client, "dora", keys["dora"], n=3)
+    _retrain_shared(client)
+    assert _shared(client) == (2, [(2, False), (1, False)])
+    return keys
+
+
+def test_erasing_a_contributor_retires_the_shared_version_they_trained(client: TestClient) -> None:
+    """retire (the default): at the erase's commit the newest kept version not trained on an erased user is
+    served (requests read it from SQL; the engine takes it on the notice); none once every version is."""
+    keys = _two_shared_versions(client)
+    engine = builtin_engine(client)
+    assert client.delete("/users/dora", headers=bearer(keys["dora"])).status_code == 204
+    assert _shared(client) == (1, [(2, True), (1, False)])
+    assert engine.shared_version == 1  # the erase's notice, applied on this replica before the 204
+    gen = {"prompt": "x", "max_new_tokens": 1}
+    assert client.post("/users/cleo/generate", json=gen, headers=bearer(keys["cleo"])).status_code == 200
+    assert engine.applied_shared[0] == 1
+    assert client.delete("/users/cleo", headers=bearer(keys["cleo"])).status_code == 204
+    assert _shared(client) == (None, [(2, True), (1, True)])
+    assert engine.shared_version is None
+    with unit_of_work(app_state(client).session_factory) as session:
+        assert jobs_repo.active(session, SHARED_OWNER) is None  # retire asks for no retrain
+    create_user(client, "eli")
+    assert client.post("/users/eli/generate", json=gen, headers=admin_headers()).status_code == 200
+    assert engine.applied_shared == (None, {})  # the base model alone: nothing of an erased user is served
+
+
+def test_retrain_policy_retires_then_trains_a_new_shared_version(
+    tmp_path: Path, tiny_model_path: Path, db_url: str
+) -> None:
+    with running_app(tmp_path, tiny_model_path, db_url, shared_on_erase="retrain") as client:
+        keys = _two_shared_versions(client)
+        assert client.delete("/users/dora", headers=bearer(keys["dora"])).status_code == 204
+        current, _ = _shared(client)
+        assert current in (1, 3)  # retired to v1 at once; v3 once the queued retrain has run
+        deadline = time.monotonic() + 180
+        while _shared(client)[0] != 3:
+            assert time.monotonic() < deadline, _shared(client)
+            time.sleep(0.5)
+        assert _shared(client) == (3, [(3, False), (2, True), (1, False)])
+
+
+def test_flag_policy_keeps_serving_the_flagged_version(tmp_path: Path, tiny_model_path: Path, db_url: str) -> None:
+    with running_app(tmp_path, tiny_model_path, db_url, shared_on_erase="flag") as client:
+        keys = _two_shared_versions(client)
+        assert client.delete("/users/dora", headers=bearer(keys["dora"])).status_code == 204
+        assert _shared(client) == (2, [(2, True), (1, False)])
