@@ -6,10 +6,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
 
 from service.config import get_settings
+
+if TYPE_CHECKING:
+    from service.adapters.store import AdapterStore
+    from service.db.session import Database
+    from service.sealing.service import Sealer
 
 
 def _is_sqlite(url: str) -> bool:
@@ -130,6 +136,95 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Encryption at rest, for the operator: status, master-key rotation, sealing an existing deployment,
+    one user's data-key rotation. Each is resumable: run it again after an interruption."""
+    from service.adapters.store import AdapterStore
+    from service.composition import database, sealer
+
+    settings = get_settings()
+    seals = sealer(settings)
+    db = database(settings, seals)
+    store = AdapterStore(settings.adapters_dir, seals)
+    if args.keys_command == "rotate-master":
+        return _rotate_master(args)
+    commands = {"status": _keys_status, "seal-existing": _seal_existing, "rotate-user": _rotate_user}
+    return commands[args.keys_command](args, db, store, seals)
+
+
+def _keys_status(_: argparse.Namespace, db: Database, _store: AdapterStore, seals: Sealer) -> int:
+    import json
+
+    from service.db.session import unit_of_work
+    from service.sealing import operations
+
+    with unit_of_work(db.session_factory) as session:
+        plaintext = operations.plaintext_counts(session)
+    print(json.dumps({**seals.status(), "plaintext": plaintext}, indent=2))
+    return 0
+
+
+def _seal_existing(_: argparse.Namespace, db: Database, store: AdapterStore, _seals: Sealer) -> int:
+    from tqdm import tqdm
+
+    from service.db.session import unit_of_work
+    from service.sealing import operations
+
+    with unit_of_work(db.session_factory) as session:
+        todo = sum(operations.plaintext_counts(session).values())
+    with tqdm(total=todo, unit="row", desc="sealing") as bar:
+        done = operations.seal_existing(db.session_factory, store, progress=bar.update)
+    print(f"sealed {done} rows and adapter versions; nothing is left in plaintext")
+    return 0
+
+
+def _rotate_user(args: argparse.Namespace, db: Database, store: AdapterStore, seals: Sealer) -> int:
+    from service.accounts import repository as accounts
+    from service.db.session import unit_of_work
+    from service.history.repository import OwnerRef
+    from service.sealing import operations
+
+    with unit_of_work(db.session_factory) as session:
+        user = accounts.by_user_id(session, args.user_id)
+        owner = OwnerRef(user.id, user.storage_key) if user is not None else None
+    if owner is None:
+        print(f"no such user: {args.user_id}", file=sys.stderr)
+        return 2
+    done = operations.rotate_user(db.session_factory, store, seals, owner)
+    print(f"{args.user_id}: new data key; {done} rows and files re-sealed; the old key is destroyed")
+    return 0
+
+
+def _rotate_master(args: argparse.Namespace) -> int:
+    """A new primary KEK in the keyset file (old ones kept), every data key re-wrapped under it, then
+    (--retire-old) the keys no data key uses leave the file. Running replicas re-read the file when it changes."""
+    from tqdm import tqdm
+
+    from service.composition import sealer
+    from service.sealing import operations
+    from service.sealing.kek import LocalKeyset, write_keyset
+
+    settings = get_settings()
+    if settings.master_key is not None:
+        print("rotate-master needs OPPU_MASTER_KEY_FILE (an inline OPPU_MASTER_KEY is not rewritten)", file=sys.stderr)
+        return 2
+    path = settings.resolved_master_key_file
+    keyset = LocalKeyset(path=path).keyset()
+    if not args.resume and set(sealer(settings).kek_counts()) <= {keyset.primary}:
+        keyset = keyset.with_new_primary()
+        write_keyset(path, keyset)
+        print(f"new primary master key {keyset.primary} written to {path}; old keys kept until --retire-old")
+    seals = sealer(settings)  # reads the file again: wraps under the new primary
+    with tqdm(unit="key", desc="re-wrapping") as bar:
+        done = operations.rotate_master(seals, progress=bar.update, settle_s=args.settle_s)
+    print(f"re-wrapped {done} data keys under {keyset.primary}")
+    if args.retire_old:
+        retired = set(keyset.keys) - set(seals.kek_counts()) - {keyset.primary}
+        write_keyset(path, keyset.without(retired))
+        print(f"retired master keys: {sorted(retired) or 'none'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oppu", description="Personal LLM server (one PEFT per user)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,7 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="any EvalConfig field, e.g. user_lr=3e-3"
     )
     ev.set_defaults(func=cmd_eval)
+    _add_keys_parser(sub)
     return parser
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = sub.add_parser("keys", help="encryption at rest: status, rotate-master, seal-existing, rotate-user")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub.add_parser("status", help="users sealed, master keys in use, what is still plaintext")
+    rotate = keys_sub.add_parser("rotate-master", help="new master key; re-wrap every data key online")
+    rotate.add_argument("--resume", action="store_true", help="finish an interrupted rotation (no new key)")
+    rotate.add_argument("--retire-old", action="store_true", help="then drop master keys no data key uses")
+    rotate.add_argument("--settle-s", type=float, default=5.0, help="wait, then one more pass (running replicas)")
+    keys_sub.add_parser("seal-existing", help="seal a plaintext deployment in place (resumable)")
+    rotate_user = keys_sub.add_parser("rotate-user", help="a new data key for one user; re-seal their data")
+    rotate_user.add_argument("user_id")
+    keys.set_defaults(func=cmd_keys)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from service.adapters import service as adapter_service
 from service.adapters.cache import AdapterCache
@@ -40,6 +43,12 @@ from service.metrics import FieldCollector, Metrics, SqlStateCollector
 from service.notices.outbox import start_polling
 from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
+from service.sealing import operations as sealing_ops
+from service.sealing import repository as keyring_repo
+from service.sealing.kek import KeyEncryptionKeys, Keyset, LocalKeyset, MasterKeyError, write_keyset
+from service.sealing.models import KeyringBase
+from service.sealing.service import Sealer
+from service.sealing.session import INFO_KEY, PLAINTEXT, session_info
 from service.state import AppState
 from service.streams import StreamRegistry
 
@@ -83,8 +92,82 @@ def ensure_admin_key(settings: Settings) -> Settings:
 # --- parts ---
 
 
-def database(settings: Settings) -> Database:
-    return Database.open(settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous)
+def database(settings: Settings, seals: Sealer | None = None) -> Database:
+    """The main database; every session carries the sealer (its repositories seal and open user data)."""
+    seals = seals if seals is not None else sealer(settings)
+    return Database.open(
+        settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous, info=session_info(seals)
+    )
+
+
+def sealer_of(db: Database) -> Sealer:
+    found = (db.session_factory.kw.get("info") or {}).get(INFO_KEY)
+    return found if isinstance(found, Sealer) else PLAINTEXT
+
+
+def sealer(settings: Settings) -> Sealer:
+    """The keyring (its own database) and the master key(s). Nothing is overwritten: a keyring that holds keys
+    without the master key that wrapped them refuses to start (MasterKeyError), never makes a new one."""
+    keyring = Database.open(settings.resolved_keyring_url, sqlite_synchronous=settings.sqlite_synchronous)
+    try:
+        KeyringBase.metadata.create_all(keyring.engine)
+    except DBAPIError:  # processes starting together: another one created the tables meanwhile
+        KeyringBase.metadata.create_all(keyring.engine)
+    if not settings.keyring_url and make_url(settings.resolved_database_url).get_backend_name() != "sqlite":
+        log.warning(
+            "the keyring is a SQLite file in OPPU_DATA_DIR (%s) while the database is shared: every replica and "
+            "worker must share it; on several hosts set OPPU_KEYRING_URL to one keyring database",
+            settings.resolved_keyring_url,
+        )
+    keks = master_keys(settings, keyring)
+    return Sealer(keyring.session_factory, keks, enabled=settings.seal_at_rest and keks is not None)
+
+
+def check_sealed(settings: Settings, db: Database) -> None:
+    """Sealing on: refuse to serve a half-sealed deployment (rows or adapter files still plaintext) unless
+    OPPU_SEAL_ALLOW_PLAINTEXT says so; `oppu keys seal-existing` seals them."""
+    if not settings.seal_at_rest or settings.seal_allow_plaintext or not sealer_of(db).enabled:
+        return
+    with unit_of_work(db.session_factory) as session:
+        plain = sealing_ops.plaintext_counts(session)
+    if any(plain.values()):
+        raise MasterKeyError(
+            f"sealing is on but some stored data is still plaintext ({plain}): run `oppu keys seal-existing`, "
+            "or set OPPU_SEAL_ALLOW_PLAINTEXT=true to serve meanwhile"
+        )
+
+
+def master_keys(settings: Settings, keyring: Database) -> KeyEncryptionKeys | None:
+    """OPPU_MASTER_KEY, else OPPU_MASTER_KEY_FILE; the embedded default generates its file once (while the
+    keyring is empty); elsewhere one must be given (every replica needs the same one)."""
+    if settings.master_key is not None and settings.master_key.get_secret_value():
+        keyset = Keyset.parse(settings.master_key.get_secret_value())
+        return LocalKeyset(inline=keyset.keys[keyset.primary])
+    path = settings.resolved_master_key_file
+    if path.is_file() or settings.master_key_file is not None:
+        return LocalKeyset(path=path)
+    with keyring.session_factory() as session:
+        in_use = keyring_repo.kek_counts(session)
+    if in_use:
+        raise MasterKeyError(
+            f"the keyring holds data keys but the master key file {path} is gone: set OPPU_MASTER_KEY_FILE to "
+            "the right file (nothing was generated, nothing was overwritten)"
+        )
+    if not settings.seal_at_rest:
+        return None
+    if make_url(settings.resolved_database_url).get_backend_name() != "sqlite":
+        raise MasterKeyError("set OPPU_MASTER_KEY_FILE (or OPPU_MASTER_KEY) when OPPU_DATABASE_URL is not SQLite")
+    try:
+        write_keyset(path, Keyset.single(os.urandom(32)), exclusive=True)
+        print(
+            f"OPPU master key generated: {path} (mode 0600). Every user's data is sealed under keys it wraps: "
+            "BACK IT UP apart from the database and the keyring; without it nothing can be read.",
+            file=sys.stderr,
+            flush=True,
+        )
+    except (MasterKeyError, FileExistsError):
+        pass  # another process made it first
+    return LocalKeyset(path=path)
 
 
 def adapter_context(
@@ -156,11 +239,20 @@ def vllm_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics | None
         queue_max=settings.queue_max,
         queue_per_tenant=settings.queue_per_user_max,
         fair_share=settings.fair_share,
-        work_dir=settings.data_dir / "vllm-loras",
+        work_dir=vllm_lora_dir(settings),
         target_modules=tuple(settings.adapter_target_modules),
         seed=0,
     )
     return VllmEngine(config, on_step=metrics.on_step if metrics is not None else None)
+
+
+def vllm_lora_dir(settings: Settings) -> Path:
+    """vLLM reads LoRAs from folders, in plaintext: with sealing they live in memory-backed storage (/dev/shm,
+    a folder of this process), removed on eviction and at stop, never on disk."""
+    shm = Path("/dev/shm")
+    if settings.seal_at_rest and shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="oppu-vllm-loras-", dir=shm))
+    return settings.data_dir / "vllm-loras"
 
 
 def max_model_len(settings: Settings, loaded: LoadedModel) -> int:
@@ -184,8 +276,11 @@ class Core:
 
 
 def core(settings: Settings, metrics: Metrics | None = None) -> Core:
-    db = database(settings)
-    store = AdapterStore(settings.adapters_dir)
+    seals = sealer(settings)
+    seals.check_keks()  # a wrong or missing master key stops the start here, before anything is written
+    db = database(settings, seals)
+    check_sealed(settings, db)
+    store = AdapterStore(settings.adapters_dir, seals)
     window = settings.retrieval_max_chars or None
     bm25 = BM25Cache[UserCorpus](settings.bm25_cache_users, max_bytes=settings.bm25_cache_bytes, window_chars=window)
     loaded = load_model(settings, weights=settings.engine == "builtin")
@@ -208,7 +303,7 @@ def job_context(
     settings: Settings, queue: JobQueue, db: Database | None = None, store: AdapterStore | None = None
 ) -> JobContext:
     db = db or database(settings)
-    return JobContext(settings, db.session_factory, store or AdapterStore(settings.adapters_dir), queue)
+    return JobContext(settings, db.session_factory, store or AdapterStore(settings.adapters_dir, sealer_of(db)), queue)
 
 
 def worker_job_context(*, reconcile_store: bool = False) -> JobContext:
@@ -295,6 +390,8 @@ def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> 
     else:
         state.engine.drop_owner(owner_key)
         state.bm25.invalidate(owner_key)  # an erased user's index leaves memory on every replica
+        if _version is None:  # deleted or erased: their opened data keys leave memory too
+            sealer_of(state.db).forget(owner_key)
 
 
 def stop(state: AppState) -> None:

@@ -26,6 +26,18 @@ class Settings(BaseSettings):
     # faster in WAL mode but may lose the last commits on a power loss (not on a process crash).
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
+    # --- encryption at rest (service/sealing/) ---
+    seal_at_rest: bool = True  # history, profiles, adapter files and exports sealed under per-user data keys
+    # The key-encryption key: a keyset file (JSON, 0600; `oppu keys rotate-master` adds keys to it) or one
+    # base64 key inline. Embedded default: generated into data_dir/master_key on first start (keyring empty).
+    master_key_file: Path | None = None
+    master_key: SecretStr | None = None
+    # The wrapped data keys, in their own database apart from OPPU_DATABASE_URL (default: SQLite in data_dir).
+    # Several replicas must share one keyring: set it whenever OPPU_DATABASE_URL is shared.
+    keyring_url: str | None = None
+    # Serve although some stored data is still plaintext (an `oppu keys seal-existing` in progress).
+    seal_allow_plaintext: bool = False
+
     # --- model ---
     model: str = DEFAULT_MODEL  # the default GGUF, a local HF folder, or an id already in the HF cache
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -152,6 +164,16 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'oppu.sqlite3').resolve()}"
+
+    @property
+    def resolved_keyring_url(self) -> str:
+        if self.keyring_url:
+            return self.keyring_url
+        return f"sqlite:///{(self.data_dir / 'keyring.sqlite3').resolve()}"
+
+    @property
+    def resolved_master_key_file(self) -> Path:
+        return self.master_key_file if self.master_key_file is not None else self.data_dir / "master_key"
 
     @property
     def resolved_model_cache_dir(self) -> Path:

@@ -22,6 +22,7 @@ from service.errors import Unauthorized
 from service.history import repository as history_repo
 from service.history.service import as_utc
 from service.jobs import repository as job_repo
+from service.sealing.session import sealer_of
 from service.tenancy import UserRef
 from service.users import delete_user_rows, revoke_keys
 
@@ -55,7 +56,7 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         lines = 0
         with zf.open("history.jsonl", "w") as fh:
-            for item in history_repo.all_items(session, user.pk):
+            for item in history_repo.all_items(session, user):
                 record = {
                     "id": item.client_id,
                     "input": item.input,
@@ -67,7 +68,7 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
                 }
                 fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
                 lines += 1
-        profile = history_repo.get_profile(session, user.pk)
+        profile = history_repo.get_profile(session, user)
         if profile is not None:
             zf.writestr(
                 "profile.json",
@@ -119,6 +120,9 @@ def erase_user(session: Session, ctx: AdapterContext, user: UserRef, hooks: Eras
     follows, and (SQLite) a checkpoint truncates the WAL. A running retrain finds its job row gone and publishes
     nothing. Shared adapter versions trained on their history are flagged `trained_on_erased`; a flagged
     current one is retired (or retired and retrained) as OPPU_SHARED_ON_ERASE says."""
+    # Crypto-shredding first: once the user's data key is gone, no copy of their data opens again (backups,
+    # a replica's disk), even if this transaction then fails; the rows go next.
+    sealer_of(session).shred(user.storage_key)
     revoke_keys(session, user, hooks.revoke if hooks is not None else None)
     delete_user_rows(session, user)
     # After the delete: on PostgreSQL a shared job publishing now holds the user row (FOR SHARE), so this flag

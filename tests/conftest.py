@@ -63,6 +63,9 @@ def tiny_model_path() -> Path:
     return tiny_model_dir()
 
 
+TEST_MASTER_KEY = "dGVzdC1tYXN0ZXIta2V5LW9mLTMyLWJ5dGVzLWxvbmc="  # base64 of 32 fixed bytes (tests only)
+
+
 def make_settings(tmp_path: Path, db: str, model: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "data_dir": tmp_path / "data",
@@ -73,6 +76,7 @@ def make_settings(tmp_path: Path, db: str, model: str, **overrides: object) -> S
         "admin_key": ADMIN_KEY,
         "batch_window_ms": 2.0,
         "dtype": "float32",  # auto follows the CPU (bf16 on AMX boxes): tests must not change with the box
+        "master_key": TEST_MASTER_KEY,  # a fixed KEK: PostgreSQL settings need one (SQLite would generate it)
         "auth_max_failures": 0,  # matrices send many bad keys from one address; test_auth_limit turns it on
         **overrides,
     }

@@ -8,6 +8,7 @@ import copy
 import gzip
 import io
 import json
+import os
 import shutil
 import socket
 import tarfile
@@ -41,6 +42,9 @@ from service.engine.types import (
     TokenLogprob,
 )
 from service.inference.tokens import PromptCodec
+from service.sealing.kek import LocalKeyset
+from service.sealing.models import KeyringBase
+from service.sealing.service import Sealer
 from service.tenancy import UserRef
 from tests.conftest import REDIS_URL, admin_headers, app_state, bearer
 
@@ -389,3 +393,11 @@ def redis_url(db: int) -> str:
     """The test Redis server's URL with database number `db`."""
     parts = urlsplit(REDIS_URL)
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+def make_sealer(folder: Path, *, enabled: bool = True) -> Sealer:
+    """A sealer on a fresh SQLite keyring in `folder` under a fresh master key (what composition builds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keyring = Database.open(f"sqlite:///{folder / 'keyring.sqlite3'}")
+    KeyringBase.metadata.create_all(keyring.engine)
+    return Sealer(keyring.session_factory, LocalKeyset(inline=os.urandom(32)), enabled=enabled)

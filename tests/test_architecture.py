@@ -72,13 +72,27 @@ SQL_NAMES = frozenset(
 SQL_ALLOWED = ("db/",)
 API_FORBIDDEN = ("torch", "sqlalchemy", "peft", "redis", "rq", "transformers", "safetensors")
 # Repository functions must name whose rows they touch; these few are global on purpose (admin/maintenance).
-SCOPE_PARAMS = frozenset({"user_pk", "owner_key", "user_id", "key_hash", "job_id"})
+SCOPE_PARAMS = frozenset({"user_pk", "owner_key", "user_id", "key_hash", "job_id", "owner"})
 GLOBAL_QUERIES = {
     "accounts/repository.py": {
         "all_user_keys": "the shared task LoRA trains on every user (admin job)",
         "existing_storage_keys": "a shared job's contributors (storage keys it trained on), checked at publish",
     },
+    "history/repository.py": {
+        "count_plaintext": "`oppu keys status` / start-up: rows not yet sealed, all users",
+        "seal_plaintext": "`oppu keys seal-existing` seals every user's plaintext rows, each under its owner's key",
+    },
+    "sealing/repository.py": {
+        "kek_counts": "operator status and the start-up master-key check",
+        "owner_count": "operator status",
+        "shredded_count": "operator status",
+        "one_per_kek": "start-up: one wrapped key per master key is opened",
+        "not_under": "master-key rotation re-wraps every user's key",
+        "rewrap": "the row carries its owner",
+    },
     "adapters/repository.py": {
+        "unsealed_versions": "`oppu keys seal-existing`: every owner's plaintext adapter files",
+        "count_unsealed": "`oppu keys status` / start-up",
         "stale_current": "retrain-stale (admin) and /metrics count every user",
         "all_versions": "start-up reconciliation of the store with SQL (maintenance)",
         "add_contributors": "rows of one adapter version (its id)",

@@ -111,4 +111,3 @@ def user_id_by_storage_key(session: Session, owner_key: str) -> str | None:
 def keys_of(session: Session, user_pk: int) -> list[ApiKey]:
     """Every key of a user, revoked ones too, oldest first (for the export: metadata, never the hash)."""
     return list(session.scalars(select(ApiKey).where(ApiKey.user_pk == user_pk).order_by(ApiKey.id)))
-

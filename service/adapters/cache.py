@@ -104,7 +104,7 @@ class AdapterCache:
     # --- host tier ---
     def _load_disk(self, key: AdapterKey) -> AdapterWeights:
         start = time.perf_counter()
-        weights = read_adapter_dir(key.directory, max_scale=self._max_scale)
+        weights = read_adapter_dir(key.directory, max_scale=self._max_scale, seal=key.seal)
         self._event("load", "host", time.perf_counter() - start)
         return weights
 

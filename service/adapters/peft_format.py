@@ -14,13 +14,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
+
+from service.sealing.cipher import MAGIC, is_sealed_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -159,10 +161,76 @@ def _config_object(data: bytes | str) -> dict[str, Any]:
     return config
 
 
-def read_adapter_dir(directory: Path, *, max_scale: float) -> AdapterWeights:
-    """Reads the PEFT pair (never a pickle) from a folder."""
-    config = _config_object((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-    return parse_peft(config, load_safetensors_file(str(directory / WEIGHTS_NAME)), max_scale=max_scale)
+class FileOpener(Protocol):
+    """Opens an owner's sealed file (service.sealing.service.UserSeal)."""
+
+    def open_bytes(self, purpose: str, blob: bytes | bytearray) -> bytearray: ...
+
+
+def file_purpose(name: str) -> str:
+    """What a sealed adapter file is bound to besides its owner: its role."""
+    return f"adapter-file/{name}"
+
+
+def read_adapter_dir(directory: Path, *, max_scale: float, seal: FileOpener | None = None) -> AdapterWeights:
+    """Reads the PEFT pair (never a pickle) from a folder; sealed files (service.sealing) through `seal`, the
+    owner's, plaintext ones as they are."""
+    config = _config_object(bytes(_file_bytes(directory, CONFIG_NAME, seal)).decode("utf-8"))
+    weights_path = directory / WEIGHTS_NAME
+    with open(weights_path, "rb") as fh:
+        sealed = is_sealed_file(fh.read(len(MAGIC)))
+    if not sealed:
+        return parse_peft(config, load_safetensors_file(str(weights_path)), max_scale=max_scale)
+    return parse_peft(config, tensors_in(_file_bytes(directory, WEIGHTS_NAME, seal)), max_scale=max_scale)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def tensors_in(buffer: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in `buffer`, as views of it (no copy): the cold load of a sealed
+    adapter decrypts into one buffer and reads its tensors in place. Only float dtypes (a LoRA's); every
+    offset and size is checked against the header and the buffer (AdapterFormatError otherwise)."""
+    view = memoryview(buffer)
+    if len(view) < 8:
+        raise AdapterFormatError("weights file too short")
+    header_len = int.from_bytes(view[:8], "little")
+    if header_len > len(view) - 8 or header_len > 100 * 1024 * 1024:
+        raise AdapterFormatError("weights header out of bounds")
+    try:
+        header = json.loads(bytes(view[8 : 8 + header_len]))
+    except ValueError as exc:
+        raise AdapterFormatError(f"weights header is not JSON: {exc}") from exc
+    base, out = 8 + header_len, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(str(info.get("dtype"))) if isinstance(info, dict) else None
+        if dtype is None:
+            raise AdapterFormatError(f"tensor {name!r}: unsupported dtype")
+        shape, (start, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+        numel = math.prod(shape)
+        if not 0 <= start <= end <= len(view) - base or end - start != numel * dtype.itemsize:
+            raise AdapterFormatError(f"tensor {name!r}: offsets out of bounds")
+        flat = (
+            torch.frombuffer(buffer, dtype=dtype, count=numel, offset=base + start)
+            if numel
+            else torch.empty(0, dtype=dtype)
+        )
+        out[name] = flat.reshape(shape)
+    return out
+
+
+def _file_bytes(directory: Path, name: str, seal: FileOpener | None) -> bytearray:
+    path = directory / name
+    blob = bytearray(path.stat().st_size)
+    with open(path, "rb") as fh:
+        fh.readinto(blob)
+    if not is_sealed_file(blob):
+        return blob
+    if seal is None:
+        raise AdapterFormatError(f"{name} is sealed and its owner's key was not given")
+    return seal.open_bytes(file_purpose(name), blob)
 
 
 def read_adapter_files(files: Mapping[str, bytes], *, max_scale: float) -> AdapterWeights:

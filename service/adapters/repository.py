@@ -176,3 +176,12 @@ def count_stale_current(session: Session) -> int:
 
 def is_current_stale(session: Session, owner_key: str) -> bool:
     return session.scalar(_current_stale().where(Adapter.owner_key == owner_key).limit(1)) is not None
+
+
+def unsealed_versions(session: Session, limit: int) -> list[Adapter]:
+    """Versions whose files are still plaintext (sealing an existing deployment, all owners)."""
+    return list(session.scalars(select(Adapter).where(Adapter.sealed.is_(False)).order_by(Adapter.id).limit(limit)))
+
+
+def count_unsealed(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Adapter).where(Adapter.sealed.is_(False))) or 0)

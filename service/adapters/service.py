@@ -69,7 +69,8 @@ def to_out(row: Adapter, current_version: int | None) -> AdapterOut:
 
 
 def _ref(store: AdapterStore, row: Adapter) -> AdapterRef:
-    return AdapterRef(row.owner_key, row.version, row.sha256, store.version_dir(row.owner_key, row.version))
+    directory = store.version_dir(row.owner_key, row.version)
+    return AdapterRef(row.owner_key, row.version, row.sha256, directory, store.seal(row.owner_key))
 
 
 def serving_ref(session: Session, store: AdapterStore, owner_key: str, spec: BaseModelSpec) -> AdapterRef | None:
@@ -132,6 +133,7 @@ def publish(
             shared_version=shared_version,
             meta=meta,
             job_id=job_id,
+            sealed=ctx.store.sealing,
         ),
     )
     repo.add_contributors(session, row.id, contributors)
@@ -147,7 +149,7 @@ def _write_version(
 ) -> int:
     """Stage the files (fsynced, outside any lock), take the next version number (the SQL write lock starts
     here) and move the files into place; they are deleted again if the transaction rolls back."""
-    staged = ctx.store.stage(files)
+    staged = ctx.store.stage(files, owner_key)
     try:
         version = repo.allocate_version(session, owner_key, user_pk)
         try:

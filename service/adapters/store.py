@@ -2,7 +2,10 @@
 
 Layout: ``root/users/<storage_key>/v<version:06d>/`` and ``root/shared/v<version:06d>/`` (the shared
 task LoRA), each holding exactly the PEFT pair. Versions are immutable and published atomically
-(temp dir in ``root/tmp`` -> fsync -> rename). It knows nothing of users, SQL or what the weights mean.
+(temp dir in ``root/tmp`` -> fsync -> rename). With a sealer, every file is written sealed under its owner's
+data key and bound to (owner, file name) (service.sealing: a segmented format, read and streamed in chunks);
+reads open sealed and plaintext files alike (a store sealed in place by `oppu keys seal-existing` holds both
+for a while). It knows nothing of users, SQL or what the weights mean.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import tempfile
 import time
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
-from service.adapters.peft_format import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
+from service.adapters.peft_format import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME, file_purpose
+from service.sealing import cipher
 
 SHARED_KEY = "_shared"  # reserved key of the shared task LoRA; user keys are hex and never collide
 
@@ -77,10 +81,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class FileSeal(Protocol):
+    """One owner's file sealing (service.sealing.service.UserSeal)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def seal_bytes(self, purpose: str, data: bytes) -> bytes: ...
+
+    def open_bytes(self, purpose: str, blob: bytes | bytearray) -> bytearray: ...
+
+    def reader(self, purpose: str, raw: IO[bytes]) -> IO[bytes]: ...
+
+
+class FileSealer(Protocol):
+    def user(self, owner_key: str) -> FileSeal: ...
+
+
+def open_file_bytes(seal: FileSeal | None, name: str, blob: bytes) -> bytes:
+    """A stored file's plaintext: sealed ones through the owner's seal, plaintext ones as they are."""
+    if not cipher.is_sealed_file(blob):
+        return blob
+    if seal is None:
+        raise cipher.SealBroken("a sealed adapter file met without its owner's key")
+    return bytes(seal.open_bytes(file_purpose(name), blob))
+
+
 class AdapterStore:
     """Immutable, atomically published adapter versions under one root directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sealer: FileSealer | None = None) -> None:
+        self._sealer = sealer
         self.root = Path(root).resolve()
         self._tmp = self.root / "tmp"
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner-only: users' adapters
@@ -102,6 +133,15 @@ class AdapterStore:
 
     def version_dir(self, storage_key: str, version: int) -> Path:
         return self._inside(self.key_dir(storage_key) / f"v{_check_version(version):06d}")
+
+    def seal(self, storage_key: str) -> FileSeal | None:
+        """The owner's file seal (None: this store has no sealer)."""
+        return self._sealer.user(validate_storage_key(storage_key)) if self._sealer is not None else None
+
+    @property
+    def sealing(self) -> bool:
+        """Whether new files are written sealed."""
+        return self._sealer is not None and self._sealer.user(SHARED_KEY).enabled
 
     # --- reads ---
     def exists(self, storage_key: str, version: int) -> bool:
@@ -134,7 +174,7 @@ class AdapterStore:
     def read_files(self, storage_key: str, version: int) -> dict[str, bytes]:
         d = self.version_dir(storage_key, version)
         try:
-            return self._read_dir(d)
+            return self._read_dir(d, storage_key)
         except FileNotFoundError as e:
             raise VersionNotFoundError(f"adapter {storage_key} v{version} not found") from e
 
@@ -150,35 +190,44 @@ class AdapterStore:
                 }
             except FileNotFoundError as e:
                 raise VersionNotFoundError(f"adapter {storage_key} v{version} not found") from e
-            yield files
+            yield {name: self._plain_reader(storage_key, name, fh) for name, fh in files.items()}
+
+    def _plain_reader(self, storage_key: str, name: str, fh: IO[bytes]) -> IO[bytes]:
+        if not cipher.is_sealed_file(fh.read(len(cipher.MAGIC))):
+            fh.seek(0)
+            return fh
+        seal = self.seal(storage_key)
+        if seal is None:
+            raise cipher.SealBroken("a sealed adapter file met without its owner's key")
+        return seal.reader(file_purpose(name), fh)
 
     def sha256(self, storage_key: str, version: int) -> str:
-        path = self._inside(self.version_dir(storage_key, version) / WEIGHTS_NAME)
+        """Of the weights' plaintext (what the SQL row records, sealed or not)."""
         h = hashlib.sha256()
-        try:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        except FileNotFoundError as e:
-            raise VersionNotFoundError(f"adapter {storage_key} v{version} not found") from e
+        with self.open_files(storage_key, version) as files:
+            for chunk in iter(lambda: files[WEIGHTS_NAME].read(1 << 20), b""):
+                h.update(chunk)
         return h.hexdigest()
 
     # --- writes ---
     def publish(self, storage_key: str, version: int, files: Mapping[str, bytes]) -> Path:
         """Write a version atomically; idempotent for identical content, else VersionExistsError."""
-        staged = self.stage(files)
+        staged = self.stage(files, storage_key)
         try:
             return self.commit_staged(staged, storage_key, version)
         finally:
             self.discard(staged)
 
-    def stage(self, files: Mapping[str, bytes]) -> Path:
-        """Write and fsync the PEFT pair in a temp dir of the store (slow: do it before taking any lock)."""
+    def stage(self, files: Mapping[str, bytes], storage_key: str) -> Path:
+        """Write (sealed for `storage_key` when sealing) and fsync the PEFT pair in a temp dir of the store
+        (slow: do it before taking any lock)."""
         _check_files(files)
+        seal = self.seal(storage_key) if self.sealing else None
         tmp = Path(tempfile.mkdtemp(prefix="staged-", dir=self._tmp))
         try:
             for name in PEFT_FILES:
-                _write_fsync(tmp / name, bytes(files[name]))
+                data = bytes(files[name])
+                _write_fsync(tmp / name, seal.seal_bytes(file_purpose(name), data) if seal is not None else data)
             _fsync_dir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -190,13 +239,13 @@ class AdapterStore:
         staged = self._inside(staged)
         target = self.version_dir(storage_key, version)
         if target.exists():
-            return self._same_or_raise(storage_key, version, self._read_dir(staged))
+            return self._same_or_raise(storage_key, version, self._read_dir(staged, storage_key))
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(staged, target)  # fails on Linux if target exists and is non-empty
         except OSError:
             if target.exists():  # a concurrent publisher won the race
-                return self._same_or_raise(storage_key, version, self._read_dir(staged))
+                return self._same_or_raise(storage_key, version, self._read_dir(staged, storage_key))
             raise
         _fsync_dir(target.parent)
         _fsync_dir(target.parent.parent)
@@ -208,8 +257,35 @@ class AdapterStore:
         if staged.parent == self._tmp and staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
 
-    def _read_dir(self, directory: Path) -> dict[str, bytes]:
-        return {name: (directory / name).read_bytes() for name in sorted(PEFT_FILES)}
+    def _read_dir(self, directory: Path, storage_key: str) -> dict[str, bytes]:
+        seal = self.seal(storage_key)
+        return {name: open_file_bytes(seal, name, (directory / name).read_bytes()) for name in sorted(PEFT_FILES)}
+
+    def reseal_version(self, storage_key: str, version: int, current: int | None = None) -> bool:
+        """Seal a version's plaintext files in place (`oppu keys seal-existing`), and with `current` also the
+        files sealed under an older data-key version (a per-user key rotation): each file is replaced whole
+        (temp file + fsync + rename), so a reader sees one or the other. False: nothing to do."""
+        seal = self.seal(storage_key)
+        if seal is None or not seal.enabled:
+            return False
+        d = self.version_dir(storage_key, version)
+        changed = False
+        for name in sorted(PEFT_FILES):
+            path = self._inside(d / name)
+            blob = path.read_bytes()
+            if cipher.is_sealed_file(blob) and (current is None or cipher.file_version(blob) == current):
+                continue
+            plain = open_file_bytes(seal, name, blob)
+            tmp = Path(tempfile.mkdtemp(prefix="reseal-", dir=self._tmp))
+            try:
+                _write_fsync(tmp / name, seal.seal_bytes(file_purpose(name), plain))
+                os.replace(tmp / name, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            changed = True
+        if changed:
+            _fsync_dir(d)
+        return changed
 
     def _same_or_raise(self, storage_key: str, version: int, data: Mapping[str, bytes]) -> Path:
         try:

@@ -2,7 +2,8 @@
 
 - a gate: at most N at once per user and M in all (429 beyond, with Retry-After); one instance for uploads,
   one for downloads and exports;
-- an upload body spooled to a temp file as it arrives, under a deadline (a stalled body ends with 408): the
+- an upload body spooled to a temp file as it arrives (sealed under a key only that object holds: no
+  plaintext on disk), under a deadline (a stalled body ends with 408): the
   upload gate is taken only once the body is in, so stalled bodies cannot hold it; while its body arrives a
   user has at most N uploads receiving;
 - a file streamed back in chunks from disk (a download never sits in memory whole), holding its gate slot
@@ -14,7 +15,6 @@ Knows nothing of what is transferred, of users (an opaque owner key) or of SQL.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import threading
 import weakref
 from collections import Counter
@@ -28,8 +28,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.errors import ClientDisconnected, InsufficientStorage, RequestTimeout, TooManyRequests, is_storage_full
+from service.sealing.tempfiles import SealedTempFile
 
-SPOOL_IN_MEMORY = 1 << 20  # bodies up to this stay in memory; larger ones go to disk
 CHUNK = 256 * 1024  # what a streamed file holds in memory at a time (per download)
 
 
@@ -101,11 +101,13 @@ class UploadGate:
 async def spool(chunks: AsyncIterator[bytes], timeout_s: float | None = None) -> IO[bytes]:
     """The request body in a temp file (its size is capped by the middleware as it arrives), within
     `timeout_s` seconds in all (None: no deadline)."""
-    out: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - returned
+    sealed = SealedTempFile()  # on disk, sealed under a key only this object holds
+    out = sealed.as_io()
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in chunks:
                 out.write(chunk)
+        sealed.done_writing()
         out.seek(0)
     except TimeoutError:
         out.close()
@@ -154,10 +156,11 @@ def gated_file(
     """Take a slot of `gate` (429 if none), let `write` fill a temp file on disk and name it, and send that file
     in chunks: a download or export costs a chunk of memory, whatever its size."""
     release = gate.acquire(owner_key)
-    file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the response once sent
+    sealed = SealedTempFile()  # the archive on disk is sealed under a key only this object holds
+    file = sealed.as_io()
     try:
         filename = write(file)
-        file.flush()
+        sealed.done_writing()
     except BaseException:
         _close_all(file, release)
         raise

@@ -81,11 +81,14 @@ class HistoryItem(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_pk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    client_id: Mapped[str] = mapped_column(String(128))  # client's id, or a generated one
+    # The client's id (or a generated one); sealed rows keep only a keyed hash of it here (idempotency).
+    client_id: Mapped[str] = mapped_column(String(128))
+    # Plaintext columns, empty in a sealed row: its id, input, output, kind and metadata are in `sealed`.
     input: Mapped[str | None] = mapped_column(Text, nullable=True)
     output: Mapped[str] = mapped_column(Text)
     kind: Mapped[str | None] = mapped_column(String(64), nullable=True)
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    sealed: Mapped[str | None] = mapped_column(Text, nullable=True)  # service.sealing token, or NULL: plaintext
     timestamp: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -94,8 +97,9 @@ class Profile(Base):
     __tablename__ = "profiles"
 
     user_pk: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
-    text: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)  # "" when sealed
     source: Mapped[str] = mapped_column(String(16), default="user")  # user | generated
+    sealed: Mapped[str | None] = mapped_column(Text, nullable=True)  # the text, sealed; NULL: plaintext
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
@@ -139,6 +143,8 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # A shared adapter trained on the history of a user who has since been erased (retrain to drop it).
     trained_on_erased: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Its files in the store are sealed under the owner's data key (service.sealing); false: plaintext files.
+    sealed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class AdapterContributor(Base):

@@ -52,8 +52,9 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_session_factory(engine: Engine, info: dict[str, Any] | None = None) -> sessionmaker[Session]:
+    """`info` rides on every session (the composition root puts the sealer there: service.sealing.session)."""
+    return sessionmaker(engine, expire_on_commit=False, info=info)
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ class Database:
     session_factory: sessionmaker[Session]
 
     @classmethod
-    def open(cls, url: str, *, sqlite_synchronous: str = "FULL") -> Database:
+    def open(cls, url: str, *, sqlite_synchronous: str = "FULL", info: dict[str, Any] | None = None) -> Database:
         engine = make_engine(url, sqlite_synchronous=sqlite_synchronous)
-        return cls(engine, make_session_factory(engine))
+        return cls(engine, make_session_factory(engine, info))
 
     def ping(self) -> bool:
         """Readiness: can a connection run a query now?"""

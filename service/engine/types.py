@@ -25,6 +25,12 @@ class AdapterRef:
     version: int
     sha256: str
     directory: Path = field(compare=False)
+    # Opens the owner's sealed files (service.sealing); None: the files are plaintext.
+    seal: FileOpener | None = field(default=None, compare=False, repr=False)
+
+
+class FileOpener(Protocol):
+    def open_bytes(self, purpose: str, blob: bytes | bytearray) -> bytearray: ...
 
 
 class GrammarMatcher(Protocol):

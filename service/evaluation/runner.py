@@ -119,8 +119,7 @@ def _store_histories(bench: _Bench, splits: Sequence[ml.UserSplit]) -> dict[str,
             bench.users[split.user_id] = ref
     with unit_of_work(bench.core.db.session_factory) as session:  # read back: training sees what SQL holds
         return {
-            uid: [history.snapshot(i) for i in history_repo.all_items(session, ref.pk)]
-            for uid, ref in bench.users.items()
+            uid: [history.snapshot(i) for i in history_repo.all_items(session, ref)] for uid, ref in bench.users.items()
         }
 
 

@@ -1,10 +1,17 @@
-"""ALL SQL for history items and profiles. Every function takes the user first; nothing commits."""
+"""ALL SQL for history items and profiles. Every function takes the user first; nothing commits.
+
+Sealing happens here, at the boundary of SQL (service.sealing): a row is written sealed under its owner's data
+key (the client id kept only as a keyed hash, for idempotency; id, input, output, kind and metadata in one
+token bound to the owner) and read back as a plain record, never as an ORM object holding plaintext (an
+autoflush could write it back). Rows written before sealing (`sealed` NULL) read as they are."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -12,41 +19,124 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from service.db.models import HistoryItem, Profile, User
+from service.sealing.cipher import token_version
+from service.sealing.service import SealedDataUnreadable, UserSeal
+from service.sealing.session import seal_of
+
+_ITEMS, _PROFILE = "history_items", "profiles"  # purposes the sealed values are bound to
 
 
-def existing_client_ids(session: Session, user_pk: int, client_ids: Sequence[str]) -> set[str]:
-    found: set[str] = set()
-    for start in range(0, len(client_ids), 500):  # bounded IN lists
-        chunk = client_ids[start : start + 500]
-        found.update(
-            session.scalars(
-                select(HistoryItem.client_id).where(HistoryItem.user_pk == user_pk, HistoryItem.client_id.in_(chunk))
-            )
+class Owner(Protocol):
+    """Whose rows: the user's pk (SQL) and storage key (their data key)."""
+
+    @property
+    def pk(self) -> int: ...
+
+    @property
+    def storage_key(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class OwnerRef:
+    pk: int
+    storage_key: str
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """A history item as read: plaintext, detached from any session."""
+
+    id: int
+    client_id: str
+    input: str | None
+    output: str
+    kind: str | None
+    meta: dict[str, Any] | None
+    timestamp: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    text: str
+    source: str
+    updated_at: datetime
+
+
+def _record(seal: UserSeal, item: HistoryItem) -> HistoryRecord:
+    if item.sealed is None:
+        return HistoryRecord(
+            item.id, item.client_id, item.input, item.output, item.kind, item.meta, item.timestamp, item.created_at
         )
+    try:
+        v = json.loads(seal.open_text(_ITEMS, item.sealed))
+        fields = v["id"], v["input"], v["output"], v["kind"], v["meta"]
+        return HistoryRecord(item.id, *fields, item.timestamp, item.created_at)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SealedDataUnreadable("a stored history item of this user is damaged") from exc
+
+
+def _sealed_row(seal: UserSeal, row: dict[str, Any]) -> dict[str, Any]:
+    """The row as stored: every user-written field in one token; the client id only as a keyed hash."""
+    payload = {k: row[k] for k in ("input", "output", "kind", "meta")} | {"id": row["client_id"]}
+    token = seal.seal_text(_ITEMS, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+    return {
+        **row, "client_id": seal.tag(row["client_id"]), "input": None, "output": "", "kind": None, "meta": None,
+        "sealed": token,
+    }  # fmt: skip
+
+
+def _lookup_ids(seal: UserSeal, client_ids: Sequence[str]) -> dict[str, str]:
+    """What the client_id column holds for each client id (a keyed hash when sealing) -> the client id."""
+    return {seal.tag(c) if seal.enabled else c: c for c in client_ids}
+
+
+def existing_client_ids(session: Session, owner: Owner, client_ids: Sequence[str]) -> set[str]:
+    seal = seal_of(session, owner.storage_key)
+    stored = _lookup_ids(seal, client_ids)
+    if seal.enabled:  # rows written before sealing hold the client id itself
+        stored |= {c: c for c in client_ids}
+    keys = list(stored)
+    found: set[str] = set()
+    for start in range(0, len(keys), 500):  # bounded IN lists
+        chunk = keys[start : start + 500]
+        hits = session.scalars(
+            select(HistoryItem.client_id).where(HistoryItem.user_pk == owner.pk, HistoryItem.client_id.in_(chunk))
+        )
+        found.update(stored[h] for h in hits)
     return found
 
 
-def insert_items_ignore_duplicates(session: Session, user_pk: int, rows: Sequence[dict[str, Any]]) -> set[str]:
+def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequence[dict[str, Any]]) -> set[str]:
     """Insert rows; a (user, client_id) that already exists is skipped by the database itself, so
     concurrent appends of the same ids cannot both succeed. Returns the client ids really inserted."""
     if not rows:
         return set()
-    values = [{**row, "user_pk": user_pk} for row in rows]
+    seal = seal_of(session, owner.storage_key)
+    user_pk = owner.pk
+    if seal.enabled:
+        known = existing_client_ids(session, owner, [r["client_id"] for r in rows])  # plaintext-era rows too
+        tags = _lookup_ids(seal, [r["client_id"] for r in rows])
+        values = [{**_sealed_row(seal, r), "user_pk": user_pk} for r in rows if r["client_id"] not in known]
+    else:
+        tags = {r["client_id"]: r["client_id"] for r in rows}
+        values = [{**row, "user_pk": user_pk} for row in rows]
+    if not values:
+        return set()
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         stmt: Any = pg_insert(HistoryItem).on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
     elif dialect == "sqlite":
         stmt = sqlite_insert(HistoryItem).on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
     else:  # pragma: no cover - other databases: fall back to check-then-insert
-        known = existing_client_ids(session, user_pk, [r["client_id"] for r in rows])
-        fresh = [HistoryItem(**v) for v in values if v["client_id"] not in known]
+        fresh = [HistoryItem(**v) for v in values]
         session.add_all(fresh)
         session.flush()
-        return {item.client_id for item in fresh}
+        return {tags[item.client_id] for item in fresh}
     # Executemany form: SQLAlchemy batches it as multi-row INSERTs ("insertmanyvalues") with a cached
     # compiled statement (4-15x faster than .values(list), which compiles 8 binds per row every call).
     # RETURNING tells what was really inserted (rowcount is -1 on some drivers for multi-row inserts).
-    return set(session.scalars(stmt.returning(HistoryItem.client_id), values).all())
+    return {tags[c] for c in session.scalars(stmt.returning(HistoryItem.client_id), values).all()}
 
 
 def charge_quota(session: Session, user_pk: int, items: int, nbytes: int, max_items: int, max_bytes: int) -> bool:
@@ -70,23 +160,24 @@ def quota_use(session: Session, user_pk: int) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def list_items(session: Session, user_pk: int, *, after_id: int, limit: int) -> list[HistoryItem]:
-    return list(
-        session.scalars(
-            select(HistoryItem)
-            .where(HistoryItem.user_pk == user_pk, HistoryItem.id > after_id)
-            .order_by(HistoryItem.id)
-            .limit(limit)
-        )
+def list_items(session: Session, owner: Owner, *, after_id: int, limit: int) -> list[HistoryRecord]:
+    seal = seal_of(session, owner.storage_key)
+    rows = session.scalars(
+        select(HistoryItem)
+        .where(HistoryItem.user_pk == owner.pk, HistoryItem.id > after_id)
+        .order_by(HistoryItem.id)
+        .limit(limit)
     )
+    return [_record(seal, r) for r in rows]
 
 
-def all_items(session: Session, user_pk: int, *, up_to_id: int | None = None) -> list[HistoryItem]:
+def all_items(session: Session, owner: Owner, *, up_to_id: int | None = None) -> list[HistoryRecord]:
     """The user's items in append order (the order retrieval and training see)."""
-    stmt = select(HistoryItem).where(HistoryItem.user_pk == user_pk)
+    seal = seal_of(session, owner.storage_key)
+    stmt = select(HistoryItem).where(HistoryItem.user_pk == owner.pk)
     if up_to_id is not None:
         stmt = stmt.where(HistoryItem.id <= up_to_id)
-    return list(session.scalars(stmt.order_by(HistoryItem.id)))
+    return [_record(seal, r) for r in session.scalars(stmt.order_by(HistoryItem.id))]
 
 
 def count_items(session: Session, user_pk: int) -> int:
@@ -101,20 +192,28 @@ def delete_items(session: Session, user_pk: int) -> None:
     session.execute(delete(HistoryItem).where(HistoryItem.user_pk == user_pk))
 
 
-def get_profile(session: Session, user_pk: int) -> Profile | None:
-    return session.get(Profile, user_pk)
+def get_profile(session: Session, owner: Owner) -> ProfileRecord | None:
+    profile = session.get(Profile, owner.pk)
+    if profile is None:
+        return None
+    text = profile.text
+    if profile.sealed is not None:
+        text = seal_of(session, owner.storage_key).open_text(_PROFILE, profile.sealed)
+    return ProfileRecord(text, profile.source, profile.updated_at)
 
 
-def upsert_profile(session: Session, user_pk: int, text: str, source: str) -> Profile:
-    profile = session.get(Profile, user_pk)
+def upsert_profile(session: Session, owner: Owner, text: str, source: str) -> ProfileRecord:
+    seal = seal_of(session, owner.storage_key)
+    stored, sealed = ("", seal.seal_text(_PROFILE, text)) if seal.enabled else (text, None)
+    profile = session.get(Profile, owner.pk)
     now = datetime.now(UTC)
     if profile is None:
-        profile = Profile(user_pk=user_pk, text=text, source=source, updated_at=now)
+        profile = Profile(user_pk=owner.pk, text=stored, source=source, updated_at=now, sealed=sealed)
         session.add(profile)
     else:
-        profile.text, profile.source, profile.updated_at = text, source, now
+        profile.text, profile.source, profile.updated_at, profile.sealed = stored, source, now, sealed
     session.flush()
-    return profile
+    return ProfileRecord(text, source, profile.updated_at)
 
 
 def history_stamp(session: Session, user_pk: int) -> tuple[int, int]:
@@ -129,3 +228,68 @@ def count_items_after(session: Session, user_pk: int, after_id: int) -> int:
     return int(
         session.scalar(select(func.count()).where(HistoryItem.user_pk == user_pk, HistoryItem.id > after_id)) or 0
     )
+
+
+# --- sealing an existing plaintext deployment (operator, all users) ---
+
+
+def count_plaintext(session: Session) -> tuple[int, int]:
+    """(history items, profiles) still stored as plaintext."""
+    items = session.scalar(select(func.count()).select_from(HistoryItem).where(HistoryItem.sealed.is_(None))) or 0
+    profiles = session.scalar(select(func.count()).select_from(Profile).where(Profile.sealed.is_(None))) or 0
+    return int(items), int(profiles)
+
+
+def seal_plaintext(session: Session, limit: int) -> int:
+    """Seal up to `limit` plaintext history items and profiles under their owners' keys (resumable: a row is
+    sealed in place, once). Returns how many rows were sealed."""
+    done = 0
+    rows = session.execute(
+        select(HistoryItem, User.storage_key)
+        .join(User, User.id == HistoryItem.user_pk)
+        .where(HistoryItem.sealed.is_(None))
+        .order_by(HistoryItem.id)
+        .limit(limit)
+    ).all()
+    for item, storage_key in rows:
+        seal = seal_of(session, storage_key)
+        row = {"client_id": item.client_id, "input": item.input, "output": item.output, "kind": item.kind}
+        sealed = _sealed_row(seal, {**row, "meta": item.meta})
+        item.client_id, item.input, item.output = sealed["client_id"], None, ""
+        item.kind, item.meta, item.sealed = None, None, sealed["sealed"]
+        done += 1
+    profiles = session.execute(
+        select(Profile, User.storage_key)
+        .join(User, User.id == Profile.user_pk)
+        .where(Profile.sealed.is_(None))
+        .limit(max(0, limit - done))
+    ).all()
+    for profile, storage_key in profiles:
+        profile.sealed, profile.text = seal_of(session, storage_key).seal_text(_PROFILE, profile.text), ""
+        done += 1
+    session.flush()
+    return done
+
+
+def reseal(session: Session, owner: Owner) -> int:
+    """Re-seal the owner's rows under their current data key (a per-user key rotation); plaintext rows are
+    sealed too. Returns how many rows changed."""
+    seal = seal_of(session, owner.storage_key)
+    current = seal.version()
+    done = 0
+    for item in session.scalars(select(HistoryItem).where(HistoryItem.user_pk == owner.pk)):
+        if item.sealed is not None and token_version(item.sealed) == current:
+            continue
+        r = _record(seal, item)
+        row = {"client_id": r.client_id, "input": r.input, "output": r.output, "kind": r.kind, "meta": r.meta}
+        sealed = _sealed_row(seal, row)
+        item.client_id, item.input, item.output = sealed["client_id"], None, ""
+        item.kind, item.meta, item.sealed = None, None, sealed["sealed"]
+        done += 1
+    profile = session.get(Profile, owner.pk)
+    if profile is not None and (profile.sealed is None or token_version(profile.sealed) != current):
+        text = profile.text if profile.sealed is None else seal.open_text(_PROFILE, profile.sealed)
+        profile.sealed, profile.text = seal.seal_text(_PROFILE, text), ""
+        done += 1
+    session.flush()
+    return done

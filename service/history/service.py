@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.db.models import HistoryItem
 from service.errors import NotFound, QuotaExceeded, Unprocessable
 from service.history import repository as repo
+from service.history.repository import HistoryRecord
 from service.history.schemas import (
     HistoryAppendIn,
     HistoryAppendOut,
@@ -101,7 +101,7 @@ def append(session: Session, user: UserRef, body: HistoryAppendIn, quota: Histor
     """Insert the new items (a client id already there is a duplicate, skipped) within the user's quota:
     409 quota_exceeded and nothing stored when they would not fit."""
     ids, rows, chars = _rows(body)
-    inserted = repo.insert_items_ignore_duplicates(session, user.pk, rows)
+    inserted = repo.insert_items_ignore_duplicates(session, user, rows)
     _charge(session, user, len(inserted), sum(chars[i] for i in inserted), quota)
     return HistoryAppendOut(added=len(inserted), duplicates=len(body.items) - len(inserted), ids=ids)
 
@@ -165,7 +165,7 @@ def _decode_cursor(cursor: str | None) -> int:
         raise Unprocessable("invalid cursor") from exc
 
 
-def _item_out(item: HistoryItem) -> HistoryItemOut:
+def _item_out(item: HistoryRecord) -> HistoryItemOut:
     return HistoryItemOut(
         id=item.client_id,
         input=item.input,
@@ -178,14 +178,14 @@ def _item_out(item: HistoryItem) -> HistoryItemOut:
 
 
 def page(session: Session, user: UserRef, *, limit: int, cursor: str | None) -> HistoryPage:
-    items = repo.list_items(session, user.pk, after_id=_decode_cursor(cursor), limit=limit + 1)
+    items = repo.list_items(session, user, after_id=_decode_cursor(cursor), limit=limit + 1)
     more = len(items) > limit
     items = items[:limit]
     next_cursor = _encode_cursor(items[-1].id) if more and items else None
     return HistoryPage(items=[_item_out(i) for i in items], next_cursor=next_cursor)
 
 
-def snapshot(item: HistoryItem) -> DocSnapshot:
+def snapshot(item: HistoryRecord) -> DocSnapshot:
     return DocSnapshot(id=item.client_id, input=item.input, output=item.output, kind=item.kind)
 
 
@@ -224,7 +224,7 @@ def _appended_only(session: Session, user: UserRef, old: tuple[int, int], new: t
 def _items(session: Session, user: UserRef, after_id: int, stamp: tuple[int, int]) -> tuple[list[DocSnapshot], int]:
     """The items after `after_id` up to the stamp's max id (not those committed since it was read), and the
     pk of the last one."""
-    items = [i for i in repo.list_items(session, user.pk, after_id=after_id, limit=stamp[0]) if i.id <= stamp[1]]
+    items = [i for i in repo.list_items(session, user, after_id=after_id, limit=stamp[0]) if i.id <= stamp[1]]
     return [snapshot(i) for i in items], items[-1].id if items else after_id
 
 
@@ -233,7 +233,7 @@ def _build_corpus(session: Session, user: UserRef, stamp: tuple[int, int], windo
     items never all sit in memory. Its stamp says what it really holds (count and max id read)."""
     kept: deque[DocSnapshot] = deque()
     chars, count, after, done = 0, 0, 0, stamp[1] == 0
-    while not done and (page := repo.list_items(session, user.pk, after_id=after, limit=_BUILD_PAGE)):
+    while not done and (page := repo.list_items(session, user, after_id=after, limit=_BUILD_PAGE)):
         for item in page:
             if item.id > stamp[1]:  # committed since the stamp was read: left for the next stamp
                 done = True
@@ -256,17 +256,17 @@ def retrieve(session: Session, user: UserRef, query: str, k: int, cache: BM25Cac
 
 
 def get_profile(session: Session, user: UserRef) -> ProfileOut:
-    profile = repo.get_profile(session, user.pk)
+    profile = repo.get_profile(session, user)
     if profile is None:
         raise NotFound("no profile for this user")
     return ProfileOut(text=profile.text, source=profile.source, updated_at=as_utc(profile.updated_at))
 
 
 def profile_text(session: Session, user: UserRef) -> str | None:
-    profile = repo.get_profile(session, user.pk)
+    profile = repo.get_profile(session, user)
     return profile.text if profile is not None and profile.text.strip() else None
 
 
 def set_profile(session: Session, user: UserRef, text: str, source: str = "user") -> ProfileOut:
-    profile = repo.upsert_profile(session, user.pk, text, source)
+    profile = repo.upsert_profile(session, user, text, source)
     return ProfileOut(text=profile.text, source=profile.source, updated_at=as_utc(profile.updated_at))

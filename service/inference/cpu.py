@@ -88,4 +88,3 @@ def choose_dtype(
     if flag is not None:
         return DtypeChoice(torch.bfloat16, f"cpu has {flag}")
     return DtypeChoice(torch.float32, "cpu has no native bf16 matmul (neither amx_bf16 nor avx512_bf16)")
-

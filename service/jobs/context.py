@@ -61,7 +61,9 @@ class JobContext:
             unmerge(loaded.model, self._shared_originals)
             self._shared_originals = {}
             if shared is not None:
-                weights = read_adapter_dir(shared.directory, max_scale=self.settings.adapter_max_scale)
+                weights = read_adapter_dir(
+                    shared.directory, max_scale=self.settings.adapter_max_scale, seal=shared.seal
+                )
                 self._shared_originals = merge_lora(loaded.model, weights)
             self._shared = shared
         return loaded.model

@@ -26,7 +26,7 @@ async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> 
     def read() -> tuple[UserRef, str]:
         with unit_of_work(factory) as session:
             user = authorize_user(session, caller, user_id)
-            items = history_repo.all_items(session, user.pk)[-PROFILE_SAMPLE:]
+            items = history_repo.all_items(session, user)[-PROFILE_SAMPLE:]
             if not items:
                 raise Unprocessable("the user has no history to profile")
             return user, build_profile_prompt([history.snapshot(i) for i in items])

@@ -166,4 +166,3 @@ def finished_durations(session: Session) -> dict[str, list[float]]:
 def of_owner(session: Session, owner_key: str) -> list[Job]:
     """Every training job of one owner, oldest first (the user's export)."""
     return list(session.scalars(select(Job).where(Job.owner_key == owner_key).order_by(Job.created_at)))
-

@@ -26,10 +26,12 @@ from service.db.session import after_commit, unit_of_work
 from service.engine.types import AdapterRef
 from service.errors import safe_error_text
 from service.history import repository as history_repo
-from service.history.service import snapshot
+from service.history.repository import OwnerRef
+from service.history.service import DocSnapshot, snapshot
 from service.jobs import service as jobs
 from service.jobs.context import JobContext
 from service.jobs.queue import JobQueue
+from service.sealing.service import UserDataErased
 from service.training.examples import TrainExample, build_shared_examples, build_user_examples
 from service.training.trainer import LoraTrainConfig, TrainOutput, train_lora
 
@@ -131,8 +133,9 @@ def _user_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPl
     """Stage 2: one user's history up to the job's cutoff, on top of the current shared LoRA."""
     s = ctx.settings
     assert job.user_pk is not None
-    items = [snapshot(i) for i in history_repo.all_items(session, job.user_pk, up_to_id=job.cutoff)]
-    profile = history_repo.get_profile(session, job.user_pk) if s.train_use_profile else None
+    owner = OwnerRef(job.user_pk, job.owner_key)
+    items = [snapshot(i) for i in history_repo.all_items(session, owner, up_to_id=job.cutoff)]
+    profile = history_repo.get_profile(session, owner) if s.train_use_profile else None
     examples = build_user_examples(
         items,
         k=s.train_retrieval_k,
@@ -144,11 +147,19 @@ def _user_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPl
     return TrainingPlan(examples, config, adapter_service.shared_ref(session, ctx.store))
 
 
+def _history_of(session: Session, owner: OwnerRef) -> list[DocSnapshot]:
+    """A contributor's history; none for one erased meanwhile (their data key is gone: nothing to read)."""
+    try:
+        return [snapshot(i) for i in history_repo.all_items(session, owner)]
+    except UserDataErased:
+        return []
+
+
 def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPlan:
     """Stage 1: a sample of every user's history, on the plain base model."""
     s = ctx.settings
     users = account_repo.all_user_keys(session)
-    per_user = {key: [snapshot(i) for i in history_repo.all_items(session, pk)] for pk, key in users}
+    per_user = {key: _history_of(session, OwnerRef(pk, key)) for pk, key in users}
     examples = build_shared_examples(
         {k: v for k, v in per_user.items() if v},
         k=s.train_retrieval_k,

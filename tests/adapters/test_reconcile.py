@@ -33,7 +33,7 @@ def test_reconcile_and_missing_files(tmp_path: Path, tiny_model_path: Path) -> N
         orphan_old = store.publish(owner, 9, store.read_files(owner, 2))  # files no row names
         orphan_young = store.publish(owner, 10, store.read_files(owner, 2))
         _age(orphan_old, 7200)
-        stale_tmp = store.stage(store.read_files(owner, 2))
+        stale_tmp = store.stage(store.read_files(owner, 2), owner)
         _age(stale_tmp, 7200)
         with unit_of_work(state.session_factory) as session:
             done = adapter_service.reconcile(session, store, older_than_s=3600)

@@ -124,7 +124,7 @@ def test_no_erased_text_stays_in_the_sqlite_files(tmp_path: Path, tiny_model_pat
     """Issue 23 N10: after the 204, neither the database file nor its WAL holds the erased history or profile
     (secure_delete zeroes the freed bytes; a checkpoint after the erase truncates the WAL)."""
     canary = "CANARY-erased-zq81x"
-    with running_app(tmp_path, tiny_model_path) as client:
+    with running_app(tmp_path, tiny_model_path, seal_at_rest=False) as client:  # plaintext rows: what is zeroed
         key = create_user(client, "wendy")
         create_user(client, "xena")  # another user's rows share the pages
         items = [{"id": f"c{i}", "input": f"{canary} q{i}", "output": f"{canary} a{i}"} for i in range(50)]

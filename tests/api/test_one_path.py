@@ -16,7 +16,7 @@ from service.adapters import service as adapter_service
 from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec
 from service.db.models import SHARED_OWNER
-from service.db.session import Database, unit_of_work
+from service.db.session import unit_of_work
 from service.engine.types import EngineEvent, EngineRequest
 from tests.conftest import ADMIN_KEY, app_state, bearer, builtin_engine, create_user, make_settings, running_app
 from tests.factories import PromptRecorder, make_lora, peft_files
@@ -34,10 +34,12 @@ def publish_shared(tmp: Path, db_url: str, model: Path, lora: Path) -> int:
     """A worker's commit of a new shared task LoRA, from outside the replica (no message reaches it)."""
     settings = make_settings(tmp, db_url, str(model))
     base = load_base(model)
+    db = composition.database(settings)  # the worker's: its sessions and store seal
     ctx = composition.adapter_context(
-        settings, AdapterStore(settings.adapters_dir), BaseModelSpec.from_model(base, model.name)
+        settings,
+        AdapterStore(settings.adapters_dir, composition.sealer_of(db)),
+        BaseModelSpec.from_model(base, model.name),
     )
-    db = Database.open(db_url)
     with unit_of_work(db.session_factory) as session:
         row = adapter_service.publish(session, ctx, SHARED_OWNER, None, peft_files(lora), source="trained")
         version = row.version

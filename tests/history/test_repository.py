@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,14 +17,17 @@ from service.history.schemas import HistoryAppendIn, HistoryItemIn
 from service.history.service import UserCorpus
 from service.retrieval.bm25 import BM25Cache
 from service.retrieval.tokenize import terms
+from service.sealing.session import session_info
 from service.tenancy import UserRef
 from service.users import create_user, delete_user_rows
+from tests.factories import make_sealer
 
 
 @pytest.fixture
-def factory(db_url: str) -> Iterator[sessionmaker[Session]]:
+def factory(db_url: str, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """Sessions that seal, as the composition root builds them (the repository's sealed path)."""
     engine = make_engine(db_url)
-    yield make_session_factory(engine)
+    yield make_session_factory(engine, session_info(make_sealer(tmp_path / "keyring")))
     engine.dispose()
 
 
@@ -57,26 +61,26 @@ def body(*outputs: str, ids: list[str | None] | None = None) -> HistoryAppendIn:
 def test_insert_ignores_duplicates_per_user(factory: sessionmaker[Session]) -> None:
     alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
     with unit_of_work(factory) as s:
-        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, rows("a", "b", "c"))) == 3
-        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, rows("b", "c", "d"))) == 1
-        assert len(repo.insert_items_ignore_duplicates(s, bob.pk, rows("a"))) == 1  # other user: not a duplicate
-        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, [])) == 0
+        assert len(repo.insert_items_ignore_duplicates(s, alice, rows("a", "b", "c"))) == 3
+        assert len(repo.insert_items_ignore_duplicates(s, alice, rows("b", "c", "d"))) == 1
+        assert len(repo.insert_items_ignore_duplicates(s, bob, rows("a"))) == 1  # other user: not a duplicate
+        assert len(repo.insert_items_ignore_duplicates(s, alice, [])) == 0
     with unit_of_work(factory) as s:
         assert repo.count_items(s, alice.pk) == 4 and repo.count_items(s, bob.pk) == 1
-        assert [i.client_id for i in repo.all_items(s, alice.pk)] == ["a", "b", "c", "d"]
-        assert [i.client_id for i in repo.all_items(s, bob.pk)] == ["a"]
+        assert [i.client_id for i in repo.all_items(s, alice)] == ["a", "b", "c", "d"]
+        assert [i.client_id for i in repo.all_items(s, bob)] == ["a"]
 
 
 def test_insert_a_full_batch_with_repeats(factory: sessionmaker[Session]) -> None:
     alice = new_user(factory, "alice")
     ids = [f"id{i}" for i in range(1000)]
     with unit_of_work(factory) as s:
-        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, rows(*ids))) == 1000
+        assert len(repo.insert_items_ignore_duplicates(s, alice, rows(*ids))) == 1000
         # Repeats inside one call count once; the first row wins.
-        assert len(repo.insert_items_ignore_duplicates(s, alice.pk, rows("new", "new", "id5", text="again"))) == 1
+        assert len(repo.insert_items_ignore_duplicates(s, alice, rows("new", "new", "id5", text="again"))) == 1
     with unit_of_work(factory) as s:
         assert repo.count_items(s, alice.pk) == 1001
-        items = {i.client_id: i.output for i in repo.all_items(s, alice.pk)}
+        items = {i.client_id: i.output for i in repo.all_items(s, alice)}
         assert items["new"] == "again new" and items["id5"] == "output id5"
 
 
@@ -84,27 +88,27 @@ def test_existing_client_ids_in_chunks(factory: sessionmaker[Session]) -> None:
     alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
     ids = [f"id{i}" for i in range(1200)]
     with unit_of_work(factory) as s:
-        repo.insert_items_ignore_duplicates(s, alice.pk, rows(*ids[::2]))
-        repo.insert_items_ignore_duplicates(s, bob.pk, rows(*ids[1::2]))
+        repo.insert_items_ignore_duplicates(s, alice, rows(*ids[::2]))
+        repo.insert_items_ignore_duplicates(s, bob, rows(*ids[1::2]))
     with unit_of_work(factory) as s:
-        assert repo.existing_client_ids(s, alice.pk, ids) == set(ids[::2])
-        assert repo.existing_client_ids(s, bob.pk, ids[:10]) == set(ids[1:10:2])
-        assert repo.existing_client_ids(s, alice.pk, []) == set()
+        assert repo.existing_client_ids(s, alice, ids) == set(ids[::2])
+        assert repo.existing_client_ids(s, bob, ids[:10]) == set(ids[1:10:2])
+        assert repo.existing_client_ids(s, alice, []) == set()
 
 
 def test_list_items_pages_by_id(factory: sessionmaker[Session]) -> None:
     alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
     with unit_of_work(factory) as s:
-        repo.insert_items_ignore_duplicates(s, alice.pk, rows("a", "b"))
-        repo.insert_items_ignore_duplicates(s, bob.pk, rows("x"))  # interleaved ids of another user
-        repo.insert_items_ignore_duplicates(s, alice.pk, rows("c", "d", "e"))
+        repo.insert_items_ignore_duplicates(s, alice, rows("a", "b"))
+        repo.insert_items_ignore_duplicates(s, bob, rows("x"))  # interleaved ids of another user
+        repo.insert_items_ignore_duplicates(s, alice, rows("c", "d", "e"))
     with unit_of_work(factory) as s:
-        first = repo.list_items(s, alice.pk, after_id=0, limit=2)
+        first = repo.list_items(s, alice, after_id=0, limit=2)
         assert [i.client_id for i in first] == ["a", "b"]
-        rest = repo.list_items(s, alice.pk, after_id=first[-1].id, limit=10)
+        rest = repo.list_items(s, alice, after_id=first[-1].id, limit=10)
         assert [i.client_id for i in rest] == ["c", "d", "e"]
-        assert repo.list_items(s, alice.pk, after_id=rest[-1].id, limit=10) == []
-        upto = repo.all_items(s, alice.pk, up_to_id=rest[0].id)
+        assert repo.list_items(s, alice, after_id=rest[-1].id, limit=10) == []
+        upto = repo.all_items(s, alice, up_to_id=rest[0].id)
         assert [i.client_id for i in upto] == ["a", "b", "c"]
         assert repo.max_item_id(s, alice.pk) == rest[-1].id
         assert repo.max_item_id(s, new_user(factory, "nobody").pk) is None
@@ -113,28 +117,28 @@ def test_list_items_pages_by_id(factory: sessionmaker[Session]) -> None:
 def test_delete_items_and_user_rows(factory: sessionmaker[Session]) -> None:
     alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
     with unit_of_work(factory) as s:
-        repo.insert_items_ignore_duplicates(s, alice.pk, rows("a", "b"))
-        repo.insert_items_ignore_duplicates(s, bob.pk, rows("a"))
-        repo.upsert_profile(s, alice.pk, "p", "user")
+        repo.insert_items_ignore_duplicates(s, alice, rows("a", "b"))
+        repo.insert_items_ignore_duplicates(s, bob, rows("a"))
+        repo.upsert_profile(s, alice, "p", "user")
     with unit_of_work(factory) as s:
         repo.delete_items(s, alice.pk)
     with unit_of_work(factory) as s:
         assert repo.count_items(s, alice.pk) == 0 and repo.count_items(s, bob.pk) == 1
-        assert repo.get_profile(s, alice.pk) is not None
+        assert repo.get_profile(s, alice) is not None
         delete_user_rows(s, alice)
     with unit_of_work(factory) as s:
-        assert repo.get_profile(s, alice.pk) is None  # cascaded
+        assert repo.get_profile(s, alice) is None  # cascaded
         assert repo.count_items(s, bob.pk) == 1
 
 
 def test_profile_upsert(factory: sessionmaker[Session]) -> None:
     alice = new_user(factory, "alice")
     with unit_of_work(factory) as s:
-        assert repo.get_profile(s, alice.pk) is None
+        assert repo.get_profile(s, alice) is None
         assert service.profile_text(s, alice) is None
-        repo.upsert_profile(s, alice.pk, "first", "user")
+        repo.upsert_profile(s, alice, "first", "user")
     with unit_of_work(factory) as s:
-        repo.upsert_profile(s, alice.pk, "second", "generated")
+        repo.upsert_profile(s, alice, "second", "generated")
     with unit_of_work(factory) as s:
         out = service.get_profile(s, alice)
         assert (out.text, out.source) == ("second", "generated")

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import ADMIN_KEY, PG_SERVER_URL
+from tests.conftest import ADMIN_KEY, PG_SERVER_URL, TEST_MASTER_KEY
 from tests.factories import free_port, redis_url
 from tests.models import MODEL_CACHE_DIR, tiny_model_dir
 
@@ -146,6 +146,7 @@ def cluster(tmp_path: Path, pg_schema_url: str) -> Iterator[Cluster]:
         OPPU_ADAPTERS_DIR=str(tmp_path / "adapters"),
         OPPU_DATA_DIR=str(tmp_path / "data"),
         OPPU_ADMIN_KEY=ADMIN_KEY,
+        OPPU_MASTER_KEY=TEST_MASTER_KEY,  # every process seals under one master key (keyring: the shared data dir)
         OPPU_MODEL=str(tiny_model_dir()),
         OPPU_MODEL_CACHE_DIR=str(MODEL_CACHE_DIR),
         OPPU_DEVICE="cpu",

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import data_rights
 from service.adapters import repository as adapter_repo
 from service.adapters.store import AdapterStore
+from service.composition import database, sealer_of
 from service.db.models import SHARED_OWNER, Adapter, AdapterContributor, Job
-from service.db.session import make_engine, make_session_factory, unit_of_work
+from service.db.session import unit_of_work
 from service.engine.types import AdapterRef
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn
@@ -78,9 +79,9 @@ def ctx(tmp_path: Path, db_url: str, tiny_model_path: Path, stale_after_s: float
         job_stale_after_s=stale_after_s,
         torch_threads=1,
     )
-    engine = make_engine(db_url)
-    yield JobContext(settings, make_session_factory(engine), AdapterStore(settings.adapters_dir), FakeQueue())
-    engine.dispose()
+    db = database(settings)  # sessions that seal, as the composition root builds them
+    yield JobContext(settings, db.session_factory, AdapterStore(settings.adapters_dir, sealer_of(db)), FakeQueue())
+    db.dispose()
 
 
 def fake_queue(ctx: JobContext) -> FakeQueue:

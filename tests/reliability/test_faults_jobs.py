@@ -25,7 +25,16 @@ import yaml
 from service.db.migrate import upgrade
 from service.main import create_app
 from service.state import AppState
-from tests.conftest import ADMIN_KEY, admin_headers, bearer, create_user, live_server, make_settings, running_app
+from tests.conftest import (
+    ADMIN_KEY,
+    TEST_MASTER_KEY,
+    admin_headers,
+    bearer,
+    create_user,
+    live_server,
+    make_settings,
+    running_app,
+)
 from tests.factories import free_port
 from tests.models import MODEL_CACHE_DIR
 
@@ -101,6 +110,7 @@ def start_worker(tmp: Path, db: str, redis_url: str, model: Path) -> subprocess.
         OPPU_ADAPTERS_DIR=str(tmp / "adapters"),
         OPPU_DATA_DIR=str(tmp / "data"),
         OPPU_ADMIN_KEY=ADMIN_KEY,
+        OPPU_MASTER_KEY=TEST_MASTER_KEY,  # every process seals under one master key (keyring: the shared data dir)
         OPPU_MODEL=str(model),
         OPPU_MODEL_CACHE_DIR=str(MODEL_CACHE_DIR),
         OPPU_DEVICE="cpu",

@@ -146,7 +146,9 @@ class BuiltinEngine(EngineFront[Row]):
         version = adapter.version if adapter is not None else None
         if version == self.shared_version:
             return
-        weights = read_adapter_dir(adapter.directory, max_scale=self._max_scale) if adapter is not None else None
+        weights = None
+        if adapter is not None:
+            weights = read_adapter_dir(adapter.directory, max_scale=self._max_scale, seal=adapter.seal)
         with self._shared_lock:
             self._pending = (weights, version)
         self._wake.set()

@@ -16,6 +16,7 @@ Knows vLLM's Python API; nothing of users, SQL or HTTP.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -173,6 +174,7 @@ class VllmEngine(EngineFront[VllmRow]):
             self._llm.engine_core.shutdown()  # frees the KV cache and the weights now, not at exit
         except Exception:
             log.exception("vLLM shutdown failed")
+        shutil.rmtree(self.config.work_dir, ignore_errors=True)  # the LoRA folders are plaintext: gone with us
 
     # --- adapters ---
     def use_shared(self, adapter: AdapterRef | None) -> None:

@@ -118,7 +118,7 @@ class LoraFolders:
 
     def _read(self, ref: AdapterRef) -> AdapterWeights:
         try:
-            return read_adapter_dir(ref.directory, max_scale=self._max_scale)
+            return read_adapter_dir(ref.directory, max_scale=self._max_scale, seal=ref.seal)
         except Exception as exc:
             raise AdapterUnavailable(exc) from exc
 

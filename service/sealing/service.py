@@ -1,0 +1,300 @@
+"""Envelope encryption at rest: one random data key per user (by storage key), kept only wrapped by a KEK in a
+keyring apart from the data (`Sealer`), and the per-user handle that seals and opens that user's values and
+files (`UserSeal`). Erasing a user shreds their keys: every copy of their ciphertext, backups included, stays
+closed for good.
+
+The keyring is its own store, like a KMS: its writes commit at once (a key made for a transaction that then
+rolls back is an unused key, never a lost one). Plaintext keys live only in this process's memory (an LRU).
+Knows nothing of tables, routes or what the sealed values mean; callers name the purpose of each value, and
+every ciphertext is bound to (owner, purpose): copied to another user's row or file, it does not open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.errors import ServiceError
+from service.sealing import cipher
+from service.sealing import repository as repo
+from service.sealing.cipher import SealBroken
+from service.sealing.kek import KeyEncryptionKeys, MasterKeyError
+
+CACHE_OWNERS = 4096  # opened data keys kept in memory (32 bytes each per version)
+
+
+class UserDataErased(ServiceError):
+    """The user's data key was destroyed (an erase): what is left of their data, e.g. in a restored backup,
+    cannot be opened."""
+
+    status, code = 410, "user_data_erased"
+
+
+class SealedDataUnreadable(ServiceError):
+    """A stored value or file does not open under its owner's key: damaged, or copied from another owner."""
+
+    status, code = 409, "sealed_data_unreadable"
+
+
+def _wrap_ad(owner_key: str, version: int) -> bytes:
+    return f"oppu-data-key|{owner_key}|{version}".encode()
+
+
+def _ad(owner_key: str, purpose: str) -> bytes:
+    return f"{owner_key}|{purpose}".encode()
+
+
+def _tag_key(data_key: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"oppu-tag-v1").derive(data_key)
+
+
+class Sealer:
+    """Owns the data keys: made on first use, opened through the KEKs, cached, shredded on erase, re-wrapped
+    on a master-key rotation. `enabled=False` (OPPU_SEAL_AT_REST=false) makes every handle a plaintext one."""
+
+    def __init__(
+        self, keyring: sessionmaker[Session] | None, keks: KeyEncryptionKeys | None, *, enabled: bool = True
+    ) -> None:
+        if enabled and (keyring is None or keks is None):
+            raise ValueError("sealing needs a keyring and a master key")
+        self.enabled = enabled
+        self._keyring_factory, self._kek_source = keyring, keks
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, dict[int, bytes]] = OrderedDict()
+
+    def user(self, owner_key: str) -> UserSeal:
+        """The handle for one owner (cheap: keys are read when a value is sealed or opened)."""
+        return UserSeal(self, owner_key)
+
+    @property
+    def _keks(self) -> KeyEncryptionKeys:
+        if self._kek_source is None:
+            raise SealedDataUnreadable("sealed data met, but no master key is configured (OPPU_MASTER_KEY_FILE)")
+        return self._kek_source
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        if self._keyring_factory is None:
+            raise SealedDataUnreadable("sealed data met, but no keyring is configured (OPPU_KEYRING_URL)")
+        session = self._keyring_factory()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    # --- keys ---
+
+    def _load(self, owner_key: str) -> dict[int, bytes]:
+        with self._lock:
+            keys = self._cache.get(owner_key)
+            if keys is not None:
+                self._cache.move_to_end(owner_key)
+                return keys
+        with self._session() as session:
+            rows = repo.keys_of(session, owner_key)
+            if not rows and repo.is_shredded(session, owner_key):
+                raise UserDataErased("this user's data was erased; what remains of it cannot be opened")
+            try:
+                keys = {r.version: self._keks.unwrap(r.kek_id, r.wrapped, _wrap_ad(owner_key, r.version)) for r in rows}
+            except MasterKeyError as exc:
+                raise SealedDataUnreadable(f"a data key of this user cannot be opened: {exc}") from exc
+        if keys:
+            self._remember(owner_key, keys)
+        return keys
+
+    def _remember(self, owner_key: str, keys: dict[int, bytes]) -> None:
+        with self._lock:
+            self._cache[owner_key] = keys
+            self._cache.move_to_end(owner_key)
+            while len(self._cache) > CACHE_OWNERS:
+                self._cache.popitem(last=False)
+
+    def current(self, owner_key: str) -> tuple[int, bytes]:
+        """The newest data key of the owner, made now if they have none (never for a shredded owner)."""
+        keys = self._load(owner_key)
+        if not keys:
+            keys = self._create(owner_key, 1)
+        version = max(keys)
+        return version, keys[version]
+
+    def key(self, owner_key: str, version: int) -> bytes:
+        keys = self._load(owner_key)
+        if version not in keys:  # a newer version made by another process (a per-user rotation)
+            self.forget(owner_key)
+            keys = self._load(owner_key)
+        if version not in keys:
+            with self._session() as session:
+                shredded = repo.is_shredded(session, owner_key)
+            if shredded or not keys:
+                raise UserDataErased("this user's data was erased; what remains of it cannot be opened")
+            raise SealedDataUnreadable(f"this user's data key version {version} is gone")
+        return keys[version]
+
+    def _create(self, owner_key: str, version: int) -> dict[int, bytes]:
+        data_key = cipher.new_key()
+        kek, wrapped = self._keks.wrap(data_key, _wrap_ad(owner_key, version))
+        with self._session() as session:
+            if repo.is_shredded(session, owner_key):
+                raise UserDataErased("this user's data was erased")
+            made = repo.insert_key(session, owner_key, version, kek, wrapped)
+        if not made:  # another process made it first: use theirs
+            self.forget(owner_key)
+            return self._load(owner_key)
+        self.forget(owner_key)
+        return self._load(owner_key)
+
+    def rotate_user(self, owner_key: str) -> int:
+        """A new data-key version for the owner (new values use it; old ones open until re-sealed)."""
+        keys = self._load(owner_key) or self._create(owner_key, 1)
+        return max(self._create(owner_key, max(keys) + 1))
+
+    def drop_versions_below(self, owner_key: str, version: int) -> None:
+        with self._session() as session:
+            repo.delete_versions_below(session, owner_key, version)
+        self.forget(owner_key)
+
+    def forget(self, owner_key: str) -> None:
+        """Drop the owner's opened keys from memory (erase notices reach every replica through this)."""
+        with self._lock:
+            self._cache.pop(owner_key, None)
+
+    def shred(self, owner_key: str) -> None:
+        """Crypto-shredding: the owner's wrapped keys leave the keyring (a tombstone stays)."""
+        with self._session() as session:
+            repo.shred(session, owner_key)
+        self.forget(owner_key)
+
+    def is_shredded(self, owner_key: str) -> bool:
+        with self._session() as session:
+            return repo.is_shredded(session, owner_key)
+
+    # --- operator ---
+
+    def check_keks(self) -> None:
+        """Start-up: every KEK the keyring uses is here and opens its keys; MasterKeyError (refuse to start)
+        otherwise. Nothing is written."""
+        if self._keyring_factory is None:
+            return
+        with self._session() as session:
+            used = repo.kek_counts(session)
+            if self._kek_source is None and not used:
+                return  # sealing off and nothing ever sealed: no master key needed
+            missing = sorted(set(used) - self._keks.ids())
+            if missing:
+                raise MasterKeyError(
+                    f"the keyring holds data keys wrapped under master key(s) {missing} that are not configured "
+                    "(wrong OPPU_MASTER_KEY_FILE / OPPU_MASTER_KEY?); refusing to start"
+                )
+            for row in repo.one_per_kek(session):
+                self._keks.unwrap(row.kek_id, row.wrapped, _wrap_ad(row.owner_key, row.version))
+
+    def rewrap_batch(self, limit: int = 500) -> int:
+        """Master-key rotation, one resumable step: re-wrap up to `limit` keys not under the primary KEK.
+        Returns how many were re-wrapped (0: done)."""
+        primary = self._keks.primary_id()
+        done = 0
+        with self._session() as session:
+            for row in repo.not_under(session, primary, limit):
+                ad = _wrap_ad(row.owner_key, row.version)
+                data_key = self._keks.unwrap(row.kek_id, row.wrapped, ad)
+                kek, wrapped = self._keks.wrap(data_key, ad)
+                done += repo.rewrap(session, row, row.kek_id, kek, wrapped)
+        return done
+
+    def kek_counts(self) -> dict[str, int]:
+        """Data keys per master-key id."""
+        with self._session() as session:
+            return repo.kek_counts(session)
+
+    def status(self) -> dict[str, object]:
+        with self._session() as session:
+            return {
+                "enabled": self.enabled,
+                "primary_kek": self._keks.primary_id(),
+                "keks_configured": sorted(self._keks.ids()),
+                "data_keys_by_kek": repo.kek_counts(session),
+                "users_with_keys": repo.owner_count(session),
+                "users_shredded": repo.shredded_count(session),
+            }
+
+
+@dataclass(frozen=True)
+class UserSeal:
+    """One owner's values and files, sealed under their current data key and opened under the version they
+    were sealed with. A plaintext handle (sealing off) returns None from seal_* so callers store plaintext."""
+
+    sealer: Sealer
+    owner_key: str
+
+    @property
+    def enabled(self) -> bool:
+        return self.sealer.enabled
+
+    def version(self) -> int:
+        """The owner's current data-key version (made now if they have none)."""
+        return self.sealer.current(self.owner_key)[0]
+
+    def seal_text(self, purpose: str, value: str) -> str:
+        version, key = self.sealer.current(self.owner_key)
+        return cipher.seal_token(key, version, value.encode("utf-8"), _ad(self.owner_key, purpose))
+
+    def open_text(self, purpose: str, token: str) -> str:
+        try:
+            key = self.sealer.key(self.owner_key, cipher.token_version(token))
+            return cipher.open_token(key, token, _ad(self.owner_key, purpose)).decode("utf-8")
+        except SealBroken as exc:
+            raise SealedDataUnreadable(f"stored {purpose} of this user does not open: {exc}") from exc
+
+    def tag(self, value: str) -> str:
+        """A keyed hash of user content the server must look up by (e.g. a client's idempotency id): equal
+        values give equal tags for this owner; nothing about the value shows without their key."""
+        version, key = self.sealer.current(self.owner_key)
+        return f"t{version}." + hmac.new(_tag_key(key), value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def seal_bytes(self, purpose: str, data: bytes) -> bytes:
+        version, key = self.sealer.current(self.owner_key)
+        return cipher.seal_bytes(key, version, data, _ad(self.owner_key, purpose))
+
+    def open_bytes(self, purpose: str, blob: bytes | bytearray) -> bytearray:
+        try:
+            key = self.sealer.key(self.owner_key, cipher.file_version(blob[: cipher.HEADER]))
+            return cipher.open_bytes(key, blob, _ad(self.owner_key, purpose))
+        except SealBroken as exc:
+            raise SealedDataUnreadable(f"the stored {purpose} of this user does not open: {exc}") from exc
+
+    def reader(self, purpose: str, raw: IO[bytes]) -> IO[bytes]:
+        """A sealed file's plaintext, read in segments (seekable) from `raw`."""
+        try:
+            raw.seek(0)
+            key = self.sealer.key(self.owner_key, cipher.file_version(raw.read(cipher.HEADER)))
+            return _OwnedReader(raw, key, _ad(self.owner_key, purpose), purpose).as_io()
+        except SealBroken as exc:
+            raise SealedDataUnreadable(f"the stored {purpose} of this user does not open: {exc}") from exc
+
+
+class _OwnedReader(cipher.SealedReader):
+    """A sealed file read in segments: a segment that does not open is the request's clean error too."""
+
+    def __init__(self, raw: IO[bytes], key: bytes, ad: bytes, purpose: str) -> None:
+        super().__init__(raw, key, ad)
+        self._purpose = purpose
+
+    def _segment(self, index: int) -> bytes:
+        try:
+            return super()._segment(index)
+        except SealBroken as exc:
+            raise SealedDataUnreadable(f"the stored {self._purpose} of this user does not open: {exc}") from exc
