@@ -96,6 +96,16 @@ def test_serve_on_the_embedded_default_generates_and_uses_the_admin_key(tmp_path
         headers = {"Authorization": f"Bearer {key}"}
         r = httpx.post(f"http://127.0.0.1:{port}/admin/users", json={"user_id": "alice"}, headers=headers)
         assert r.status_code == 201, r.text
+        # Sealing is on by default: the master key was generated beside it (0600, path printed, never the key),
+        # the keyring is its own file, and a user's history is not in the database file.
+        master, keyring = tmp_path / "data" / "master_key", tmp_path / "data" / "keyring.sqlite3"
+        assert master.stat().st_mode & 0o777 == 0o600 and str(master) in log.read_text()
+        assert master.read_text().strip() not in log.read_text() and keyring.stat().st_mode & 0o777 == 0o600
+        alice = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        items = {"items": [{"output": "canary-of-make-serve"}]}
+        assert httpx.post(f"http://127.0.0.1:{port}/users/alice/history", json=items, headers=alice).status_code == 201
+        on_disk = b"".join(p.read_bytes() for p in (tmp_path / "data").glob("oppu.sqlite3*"))
+        assert b"canary-of-make-serve" not in on_disk
     finally:
         proc.terminate()
         proc.wait(30)

@@ -62,7 +62,7 @@ def test_env_matches_settings_and_secrets_come_from_secrets(name: str) -> None:
     for var in env:
         assert var.startswith("OPPU_") and var.removeprefix("OPPU_").lower() in fields, f"{name}: {var} is no setting"
     secret = docs[("Secret", "oppu-secrets")]
-    for var in ("OPPU_DATABASE_URL", "OPPU_REDIS_URL", "OPPU_ADMIN_KEY"):
+    for var in ("OPPU_DATABASE_URL", "OPPU_REDIS_URL", "OPPU_ADMIN_KEY", "OPPU_MASTER_KEY", "OPPU_KEYRING_URL"):
         ref = env[var]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "oppu-secrets" and ref["key"] in secret["stringData"], (name, var)
     for var, entry in env.items():

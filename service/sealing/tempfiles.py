@@ -89,3 +89,10 @@ class SealedTempFile:
             self._raw.close()
             self._key = b""
             self.closed = True
+
+
+def memory_dir() -> str | None:
+    """A memory-backed folder for plaintext that a library insists on writing to files (PEFT's save): /dev/shm
+    where it is writable, else None (the system temp dir)."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None

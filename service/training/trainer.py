@@ -23,6 +23,7 @@ from service.adapters.peft_format import PEFT_FILES
 from service.config import Settings
 from service.inference.cpu import choose_dtype
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
+from service.sealing.tempfiles import memory_dir
 from service.training.examples import TrainExample
 
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
@@ -338,7 +339,8 @@ def _fast_dropouts(peft_model: Any, config: LoraTrainConfig, autocast: bool) -> 
 
 def _save(peft_model: Any, base_model_name: str) -> dict[str, bytes]:
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name
-    with tempfile.TemporaryDirectory(prefix="oppu-lora-") as tmp:
+    # PEFT writes the files to a folder: a memory-backed one where there is (the weights are user data).
+    with tempfile.TemporaryDirectory(prefix="oppu-lora-", dir=memory_dir()) as tmp:
         # False: we never train embeddings, and "auto" would look the base model up on the Hub.
         peft_model.save_pretrained(tmp, save_embedding_layers=False)
         return {name: (Path(tmp) / name).read_bytes() for name in sorted(PEFT_FILES)}
