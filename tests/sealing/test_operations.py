@@ -1,0 +1,87 @@
+"""The operator's commands (`oppu keys ...`) on a real deployment's files: status, a master-key rotation that
+leaves every user readable under the new key alone, and one user's data-key rotation (rows and adapter files
+re-sealed, the old key destroyed, idempotency kept)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service import cli
+from service.composition import sealer_of
+from service.config import Settings, get_settings
+from service.main import create_app
+from service.sealing import cipher
+from service.sealing.kek import Keyset, write_keyset
+from tests.conftest import app_state, bearer, create_user, make_settings
+from tests.factories import add_history, random_lora_zip, storage_key, upload
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """An embedded deployment with a master key FILE (what rotate-master rewrites), visible to the CLI."""
+    from service.db.migrate import upgrade
+
+    db = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade(db)
+    key_file = tmp_path / "master_key"
+    write_keyset(key_file, Keyset.single(bytes(range(32))), exclusive=True)
+    settings = make_settings(tmp_path, db, str(tiny_model_path), master_key=None, master_key_file=key_file)
+    for name, value in {
+        "OPPU_DATA_DIR": settings.data_dir, "OPPU_DATABASE_URL": db, "OPPU_ADAPTERS_DIR": settings.adapters_dir,
+        "OPPU_MASTER_KEY_FILE": key_file, "OPPU_MODEL": tiny_model_path,
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, str(value))
+    get_settings.cache_clear()
+    yield settings
+    get_settings.cache_clear()
+
+
+def test_rotate_master_then_retire_leaves_everyone_readable_under_the_new_key(
+    deployment: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with TestClient(create_app(deployment)) as client:
+        keys = {u: create_user(client, u) for u in ("ann", "ben")}
+        for user, key in keys.items():
+            add_history(client, user, key, n=3)
+    old = Keyset.parse(Path(str(deployment.master_key_file)).read_text())
+    assert cli.main(["keys", "rotate-master", "--settle-s", "0", "--retire-old"]) == 0
+    new = Keyset.parse(Path(str(deployment.master_key_file)).read_text())
+    assert new.primary != old.primary and set(new.keys) == {new.primary}  # the old key is gone from the file
+    capsys.readouterr()
+    assert cli.main(["keys", "status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["data_keys_by_kek"] == {new.primary: 2} and status["plaintext"] == {
+        "history_items": 0, "profiles": 0, "adapter_versions": 0,
+    }  # fmt: skip
+    with TestClient(create_app(deployment)) as client:
+        for user, key in keys.items():
+            assert "zebracorn" in client.get(f"/users/{user}/history", headers=bearer(key)).text
+
+
+def test_rotate_user_reseals_rows_and_files_and_destroys_the_old_key(deployment: Settings) -> None:
+    with TestClient(create_app(deployment)) as client:
+        key = create_user(client, "ann")
+        add_history(client, "ann", key, n=3)
+        client.put("/users/ann/profile", json={"text": "likes zebras"}, headers=bearer(key))
+        shapes = app_state(client).adapters.spec.linear_shapes
+        assert upload(client, "ann", key, random_lora_zip(shapes, None, seed=1)).status_code in (200, 201)
+        owner = storage_key(client, "ann")
+        before = client.get("/users/ann/adapter/download", headers=bearer(key)).content
+    assert cli.main(["keys", "rotate-user", "ann"]) == 0
+    weights = next((deployment.adapters_dir / "users" / owner).rglob("adapter_model.safetensors")).read_bytes()
+    assert cipher.file_version(weights) == 2
+    with TestClient(create_app(deployment)) as client:
+        items = client.get("/users/ann/history", headers=bearer(key)).json()["items"]
+        assert [i["id"] for i in items] == ["i0", "i1", "i2"]
+        again = {"items": [{"id": "i1", "output": "dup"}]}  # the keyed hashes were re-made under the new key
+        assert client.post("/users/ann/history", json=again, headers=bearer(key)).json()["duplicates"] == 1
+        assert client.get("/users/ann/profile", headers=bearer(key)).json()["text"] == "likes zebras"
+        after = client.get("/users/ann/adapter/download", headers=bearer(key)).content
+        seals = sealer_of(app_state(client).db)
+        assert len(after) == len(before)
+        assert set(seals._load(owner)) == {2}  # version 1 is destroyed
