@@ -35,6 +35,7 @@ from service.config import Settings
 from service.main import create_app
 from service.sealing import operations
 from service.sealing.kek import Keyset, MasterKeyError, write_keyset
+from service.state import AppState
 from tests.conftest import admin_headers, app_state, bearer, create_user, live_server, make_settings
 
 CANARY = "zebracorn-canary-7731"
@@ -172,24 +173,41 @@ def composition_key(client: TestClient, user_id: str) -> str:
     return storage_key(client, user_id)
 
 
-def test_a_backup_restored_after_an_erase_does_not_open_the_erased_user(tmp_path: Path, tiny_model_path: Path) -> None:
-    db = tmp_path / "db.sqlite3"
-    from service.db.migrate import upgrade
+def _schema(db_url: str) -> str:
+    return unquote(db_url).rsplit("search_path=", 1)[1]
 
-    upgrade(f"sqlite:///{db}")
-    settings = make_settings(tmp_path, f"sqlite:///{db}", str(tiny_model_path))
-    backup = tmp_path / "backup"
+
+def backup_database(db_url: str, folder: Path, live: AppState) -> None:
+    """The operator's nightly backup of the database (`pg_dump -Fc`, or a copy of the checkpointed SQLite file)."""
+    if db_url.startswith("postgresql"):
+        dump = ["pg_dump", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-n", _schema(db_url), "-Fc"]
+        subprocess.run([*dump, "-f", str(folder / "db.dump")], check=True, timeout=60)
+    else:
+        live.db.checkpoint()
+        shutil.copyfile(db_url.removeprefix("sqlite:///"), folder / "db.sqlite3")
+
+
+def restore_database(db_url: str, folder: Path) -> None:
+    if db_url.startswith("postgresql"):
+        restore = ["pg_restore", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "--clean", "--if-exists"]
+        subprocess.run([*restore, "-n", _schema(db_url), str(folder / "db.dump")], check=True, timeout=60)
+    else:
+        db = Path(db_url.removeprefix("sqlite:///"))
+        shutil.copyfile(folder / "db.sqlite3", db)
+        for f in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+            f.unlink(missing_ok=True)
+
+
+def test_a_backup_restored_after_an_erase_does_not_open_the_erased_user(settings: Settings, db_url: str) -> None:
+    backup = settings.data_dir.parent / "backup"
+    backup.mkdir()
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         alice, _ = seed_user(client, "alice")
         bob, _ = seed_user(client, "bob")
-        app_state(client).db.checkpoint()
-        backup.mkdir()
-        shutil.copyfile(db, backup / "db.sqlite3")  # the operator's nightly backup: database and store
+        backup_database(db_url, backup, app_state(client))  # database and store; the keyring is not in it
         shutil.copytree(settings.adapters_dir, backup / "adapters")
         assert client.delete("/users/alice", headers=bearer(alice)).status_code == 204
-    shutil.copyfile(backup / "db.sqlite3", db)  # restored (the keyring is not part of the backup)
-    for f in (Path(f"{db}-wal"), Path(f"{db}-shm")):
-        f.unlink(missing_ok=True)
+    restore_database(db_url, backup)
     shutil.rmtree(settings.adapters_dir)
     shutil.copytree(backup / "adapters", settings.adapters_dir)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
