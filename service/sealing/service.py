@@ -71,6 +71,7 @@ class Sealer:
         self._keyring_factory, self._kek_source = keyring, keks
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, dict[int, bytes]] = OrderedDict()
+        self._tag_keys: dict[tuple[str, int], bytes] = {}  # one HKDF per key version, not per tagged value
 
     def user(self, owner_key: str) -> UserSeal:
         """The handle for one owner (cheap: keys are read when a value is sealed or opened)."""
@@ -121,7 +122,9 @@ class Sealer:
             self._cache[owner_key] = keys
             self._cache.move_to_end(owner_key)
             while len(self._cache) > CACHE_OWNERS:
-                self._cache.popitem(last=False)
+                gone, _ = self._cache.popitem(last=False)
+                for k in [k for k in self._tag_keys if k[0] == gone]:
+                    del self._tag_keys[k]
 
     def current(self, owner_key: str) -> tuple[int, bytes]:
         """The newest data key of the owner, made now if they have none (never for a shredded owner)."""
@@ -167,10 +170,24 @@ class Sealer:
             repo.delete_versions_below(session, owner_key, version)
         self.forget(owner_key)
 
+    def tag_key(self, owner_key: str) -> tuple[int, bytes]:
+        """(version, the key of keyed hashes) of the owner's current data key."""
+        version, key = self.current(owner_key)
+        with self._lock:
+            tag = self._tag_keys.get((owner_key, version))
+        if tag is None:
+            tag = _tag_key(key)
+            with self._lock:
+                if owner_key in self._cache:  # not for an owner forgotten meanwhile
+                    self._tag_keys[(owner_key, version)] = tag
+        return version, tag
+
     def forget(self, owner_key: str) -> None:
         """Drop the owner's opened keys from memory (erase notices reach every replica through this)."""
         with self._lock:
             self._cache.pop(owner_key, None)
+            for k in [k for k in self._tag_keys if k[0] == owner_key]:
+                del self._tag_keys[k]
 
     def shred(self, owner_key: str) -> None:
         """Crypto-shredding: the owner's wrapped keys leave the keyring (a tombstone stays)."""
@@ -262,8 +279,8 @@ class UserSeal:
     def tag(self, value: str) -> str:
         """A keyed hash of user content the server must look up by (e.g. a client's idempotency id): equal
         values give equal tags for this owner; nothing about the value shows without their key."""
-        version, key = self.sealer.current(self.owner_key)
-        return f"t{version}." + hmac.new(_tag_key(key), value.encode("utf-8"), hashlib.sha256).hexdigest()
+        version, tag_key = self.sealer.tag_key(self.owner_key)
+        return f"t{version}." + hmac.new(tag_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
     def seal_bytes(self, purpose: str, data: bytes) -> bytes:
         version, key = self.sealer.current(self.owner_key)
