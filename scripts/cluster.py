@@ -35,6 +35,15 @@ NGINX_MISSING = (
 )
 UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+\S+:\d+(\s+[^;]*)?;\s*$", re.M)
 LISTEN = re.compile(r"^(\s*)listen\s+80;\s*$", re.M)
+HASH_RULE = re.compile(r"^(\s*)hash\s+\$oppu_user\s+consistent;\s*$", re.M)
+# The upstream's balancing rule, for measuring policies (bench/routing_policy.py): "hash" is the template as is
+# (consistent hash by user, the deployment's rule); the others replace its one `hash` line.
+POLICIES = {
+    "hash": None,
+    "round_robin": "",  # nginx's default when the upstream names no method
+    "least_conn": "least_conn;",
+    "random_two": "random two least_conn;",  # power of two choices, the less busy of two random replicas
+}
 
 
 def find_nginx() -> str | None:
@@ -44,11 +53,19 @@ def find_nginx() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
 
 
-def render_rules(template: str, port: int, upstreams: Sequence[str]) -> str:
-    """docker/nginx.conf with its upstream servers and listen port replaced: nothing else may differ."""
+def render_rules(template: str, port: int, upstreams: Sequence[str], policy: str = "hash") -> str:
+    """docker/nginx.conf with its upstream servers and listen port replaced: nothing else may differ (but the
+    balancing rule, when a policy other than the default "hash" is asked for)."""
     servers = UPSTREAM_SERVER.findall(template)
     if not servers or len(LISTEN.findall(template)) != 1:
         raise ValueError(f"{TEMPLATE}: expected upstream `server host:port ...;` lines and one `listen 80;`")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
+    rule = POLICIES[policy]
+    if rule is not None:
+        if len(HASH_RULE.findall(template)) != 1:
+            raise ValueError(f"{TEMPLATE}: expected one `hash $oppu_user consistent;` line to replace")
+        template = HASH_RULE.sub(rf"\g<1>{rule}" if rule else "", template)
     indent, options = servers[0]
     lines = "\n".join(f"{indent}server {u}{options};" for u in upstreams)
     out, seen = [], False
@@ -81,13 +98,13 @@ http {{
 """
 
 
-def write_config(run_dir: Path, port: int, replica_ports: Sequence[int]) -> Path:
+def write_config(run_dir: Path, port: int, replica_ports: Sequence[int], policy: str = "hash") -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o755)  # nginx's workers (nobody, when started as root) create their temp dirs below it
     (run_dir / "tmp").mkdir(exist_ok=True)
     (run_dir / "tmp").chmod(0o755)
     rules = run_dir / "oppu-rules.conf"
-    rules.write_text(render_rules(TEMPLATE.read_text(), port, [f"127.0.0.1:{p}" for p in replica_ports]))
+    rules.write_text(render_rules(TEMPLATE.read_text(), port, [f"127.0.0.1:{p}" for p in replica_ports], policy))
     main = run_dir / "nginx.conf"
     main.write_text(render_main(run_dir, rules))
     return main
@@ -184,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=None, help="logs, pids, nginx config (default: a temp dir)")
     parser.add_argument("--no-worker", action="store_true", help="API replicas and nginx only")
     parser.add_argument("--ready-timeout", type=float, default=180.0)
+    parser.add_argument(
+        "--policy", choices=list(POLICIES), default="hash", help="nginx balancing rule (default: the template's hash)"
+    )
     args = parser.parse_args(argv)
     nginx = find_nginx()
     if nginx is None:
@@ -200,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="oppu-cluster-"))).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     ports = [args.port + i for i in range(1, args.replicas + 1)]
-    config = write_config(run_dir, args.port, ports)
+    config = write_config(run_dir, args.port, ports, args.policy)
     test = subprocess.run([nginx, "-t", "-q", "-c", str(config), "-p", str(run_dir)], capture_output=True, text=True)
     if test.returncode != 0:
         print(f"nginx rejected {config}:\n{test.stderr}", file=sys.stderr)
