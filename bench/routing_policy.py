@@ -367,6 +367,9 @@ def summary_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The measured phase over the rounds: medians of the rates and percentiles, totals of the cold loads."""
     measured = [r["measured"] for r in runs]
 
+    def med_of(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
     def med(key: str) -> float | None:
         values = [m[key] for m in measured if m[key] is not None]
         return round(statistics.median(values), 3) if values else None
@@ -379,6 +382,10 @@ def summary_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
             t: round(statistics.fmean(m["cold_loads"][t] for m in measured), 1) for t in ("host", "slot")
         },
         "share": {n: round(statistics.fmean(m["share"][n] for m in measured), 3) for n in replicas},
+        # each cluster start picks new ports, so the ring (built from the replicas' addresses) and the replica
+        # the Zipf head hashes to change from round to round: the mean share hides the skew, the busiest does not
+        "share_each_round": [m["share"] for m in measured],
+        "busiest_share": med_of([max(m["share"].values()) for m in measured]),
         "errors": sum(m["requests"] - m["ok"] for m in measured),
         "tok_s_each_round": [m["tok_s"] for m in measured],
     }  # fmt: skip
