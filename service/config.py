@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -140,8 +140,8 @@ class Settings(BaseSettings):
     # --- notices (key revoked, user erased, adapter changed) between replicas ---
     # Written to SQL in the transaction that causes them (an outbox) and polled by every replica this often,
     # besides the Redis pub/sub fast path: a notice sent while Redis is down still arrives within this time.
-    notice_poll_s: float = 2.0
-    notice_keep_s: float = 3600.0  # notices older than this are deleted (a replica down longer resyncs at start)
+    notice_poll_s: float = Field(2.0, gt=0)  # 0 would poll in a tight loop
+    notice_keep_s: float = Field(3600.0, ge=0)  # older notices are deleted (a replica down longer resyncs at start)
 
     @model_validator(mode="after")
     def _bounds(self) -> Settings:
