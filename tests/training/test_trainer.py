@@ -1,4 +1,5 @@
 import copy
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -201,6 +202,51 @@ def test_fast_paths_train_like_the_plain_path(lm: LoadedModel) -> None:
     fast, slow = runs[True, True, 0.05].epoch_losses, runs[False, False, 0.05].epoch_losses
     assert fast[-1] < fast[0] and slow[-1] < slow[0]
     assert abs(fast[-1] - slow[-1]) < 0.1 * slow[0]
+
+
+def _wrapped_pair(lm: LoadedModel, config: LoraTrainConfig) -> tuple[Any, Any]:
+    """The same LoRA model twice (same seed, same init): PEFT's forward and the fast LoRA forward."""
+    from service.training.trainer import _wrap
+
+    cpu = torch.device("cpu")
+    out = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model, _ = _wrap(lm.model, replace(config, fast_lora=fast), cpu)
+        with torch.no_grad():  # B is zero at init: a random B makes every LoRA term count in the comparison
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        out.append(model.train())
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize(("share", "dropout"), [(False, 0.0), (True, 0.1)])
+def test_fast_lora_forward_gives_peft_loss_and_gradients(lm: LoadedModel, share: bool, dropout: float) -> None:
+    """The fused LoRA forward (scale on the rank-r intermediate, the add inside addmm, the shared dropout's
+    1/(1-p) folded into that scale) gives PEFT's own loss and LoRA gradients: with dropout off, and with the
+    shared dropout on (the same masks: the RNG is reseeded before each run)."""
+    config = LoraTrainConfig(
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), dropout=dropout, fast_dropout=share,
+        share_prefix=share, mixed_precision="no",
+    )  # fmt: skip
+    plain, fast = _wrapped_pair(lm, config)
+    layers = lm.model.config.num_hidden_layers
+    assert sum(isinstance(m.forward, functools.partial) for m in fast.modules()) == 4 * layers
+    assert not any(isinstance(m.forward, functools.partial) for m in plain.modules())
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    rows = [encode_example(lm.tokenizer, ex, stop, 512) for ex in _shaped_examples()]
+    batch, prefix = collate(rows, pad_id=2), shared_prefix(rows) if share else 0
+    results = []
+    for model in (plain, fast):
+        torch.manual_seed(1)
+        loss = target_loss(model, batch, prefix)
+        torch.autograd.backward(loss)
+        results.append((loss.detach(), _lora_grads(model)))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert grad_a.abs().max() > 1e-3  # the comparison is not between zeros
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
