@@ -60,7 +60,8 @@ def cmd_create_user(args: argparse.Namespace) -> int:
     db = database(get_settings())
     with unit_of_work(db.session_factory) as session:
         user, key = users.create_user(session, args.user_id)
-    print(f"user_id={user.user_id}\napi_key={key}")
+        code = users.issue_recovery_code(session, user)  # the owner's re-auth for rotating their own key
+    print(f"user_id={user.user_id}\napi_key={key}\nrecovery_code={code}")
     return 0
 
 

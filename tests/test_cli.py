@@ -31,7 +31,7 @@ def test_migrate_create_user_and_train(tmp_path: Path, tiny_model_path: Path) ->
     }
     assert oppu(env, "migrate").returncode == 0
     made = oppu(env, "create-user", "cli-user")
-    assert made.returncode == 0 and "api_key=oppu_" in made.stdout
+    assert made.returncode == 0 and "api_key=oppu_" in made.stdout and "recovery_code=" in made.stdout
     engine = create_engine(f"sqlite:///{db}")
     with engine.begin() as conn:
         pk = conn.execute(text("SELECT id FROM users WHERE user_id = 'cli-user'")).scalar_one()
