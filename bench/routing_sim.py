@@ -15,9 +15,11 @@ Policies (the router sees each replica's state at the arrival, no scrape lag):
 - `chash_bounded`: consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018): walk the ring
   from the user's point to the first replica whose in-flight requests are below ceil(c * (m + 1) / R), c = 1.25;
 - `least_loaded`: the replica with the fewest in-flight (queued + running) requests;
-- `residency`: llm-d's scorers summed with weights: queue depth (min-max normalised, weight 2), running rows
-  (1 - running / rows, weight 1) and LoRA affinity (1 adapter in a slot, 0.5 in host memory, 0.25 a free slot,
-  else 0; weight 2).
+- `residency`: llm-d's scorers summed with deploy/k8s/router.yaml's weights: queue depth (min-max normalised,
+  weight 2), running rows (1 - running / rows, the KV-cache utilisation scorer, weight 1) and LoRA affinity
+  (1 adapter in a slot, 0.5 in host memory, 0.25 a free slot, else 0; weight 3);
+- `residency_a2`: the same with the affinity weight at 2 (= the queue's);
+- `load_only`: the same without the affinity term (what the queue and KV scorers alone do).
 
 Per (replicas, users, policy): at a reference load (a share of the measured capacity) cold loads/s per tier,
 TTFT p50/p99, utilisation skew (max / mean busy time over replicas); and the break rate: the highest arrival rate
@@ -51,7 +53,15 @@ REPO = Path(__file__).resolve().parent.parent
 # bench.machine, bench.engine_step, bench.scale; appended, so PYTHONPATH=<a checkout> measures that code instead
 sys.path.append(str(REPO))
 RESULTS = REPO / "bench" / "results" / "routing_sim.json"
-POLICIES = ("chash", "chash_bounded", "least_loaded", "residency")
+POLICIES = ("chash", "chash_bounded", "least_loaded", "load_only", "residency", "residency_a2")
+# llm-d's scorers with the weights of deploy/k8s/router.yaml: lora-affinity 3, queue 2, kv-cache utilisation 1
+# (our vllm:kv_cache_usage_perc is running rows / KV lanes). `load_only` drops the affinity term (the ablation),
+# `residency_a2` weighs affinity like the queue (2).
+SCORER_WEIGHTS = {  # queue, running, affinity
+    "residency": (2.0, 1.0, 3.0),
+    "residency_a2": (2.0, 1.0, 2.0),
+    "load_only": (2.0, 1.0, 0.0),
+}
 RING_POINTS = 160
 LOOKAHEAD = 64
 MASK = (1 << 64) - 1
@@ -188,6 +198,8 @@ def make_router(policy: str, ring: Ring, starts: dict[int, int], c: float, shape
         ties = [r for r, v in enumerate(load) if v == low]
         return ties[int(rng.integers(len(ties)))]
 
+    w_queue, w_running, w_affinity = SCORER_WEIGHTS.get(policy, (0.0, 0.0, 0.0))
+
     def residency(_req: int, user: int, reps: list[Replica], load: list[int]) -> int:
         queues = [len(rep.waiting) for rep in reps]
         qmin, qmax = min(queues), max(queues)
@@ -203,7 +215,7 @@ def make_router(policy: str, ring: Ring, starts: dict[int, int], c: float, shape
                 affinity = 0.25
             else:
                 affinity = 0.0
-            score = 2.0 * queue + 1.0 * running + 2.0 * affinity
+            score = w_queue * queue + w_running * running + w_affinity * affinity
             if score > best_score + 1e-12:
                 best, best_score, ties = r, score, 1
             elif abs(score - best_score) <= 1e-12:
@@ -216,7 +228,9 @@ def make_router(policy: str, ring: Ring, starts: dict[int, int], c: float, shape
         "chash": chash,
         "chash_bounded": bounded,
         "least_loaded": least,
+        "load_only": residency,
         "residency": residency,
+        "residency_a2": residency,
     }
     return routers[policy]
 
@@ -654,7 +668,9 @@ def main() -> None:
         "zipf_s": 1.1,
         "bounded_loads_c": 1.25,
         "ring_points_per_replica": RING_POINTS,
-        "residency_weights": {"queue": 2.0, "running": 1.0, "lora_affinity": 2.0},
+        "scorer_weights": {
+            p: dict(zip(("queue", "running", "lora_affinity"), w, strict=True)) for p, w in SCORER_WEIGHTS.items()
+        },
         "capacity_rps_per_replica": round(capacity(costs, shape), 2),
         "ref_load": args.ref_load,
         "ttft_bound_s": args.ttft_bound,

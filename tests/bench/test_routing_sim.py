@@ -80,7 +80,9 @@ def test_least_loaded_spreads_the_skew_that_hashing_concentrates() -> None:
 def test_residency_scoring_keeps_more_adapters_warm_than_least_loaded() -> None:
     least = simulate("least_loaded", REPLICAS, USERS, rate(0.5), COSTS, SHAPE, REQUESTS)
     aware = simulate("residency", REPLICAS, USERS, rate(0.5), COSTS, SHAPE, REQUESTS)
+    blind = simulate("load_only", REPLICAS, USERS, rate(0.5), COSTS, SHAPE, REQUESTS)  # the same scorers but affinity
     assert aware.slot_hit_rate > least.slot_hit_rate
+    assert aware.slot_hit_rate > blind.slot_hit_rate
     assert aware.disk_loads_per_s < least.disk_loads_per_s
 
 
