@@ -26,6 +26,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -506,6 +507,7 @@ def main() -> None:
     out = args.out or (None if args.quick else REPO / "bench" / "results" / "routing_policy.json")
     if out is not None:
         out.write_text(text_out + "\n")
+    shutil.rmtree(work, ignore_errors=True)  # ~200 MB of adapters; kept (with the logs) only when a run fails
 
 
 if __name__ == "__main__":
