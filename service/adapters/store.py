@@ -17,9 +17,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from service.adapters.peft_format import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME, file_purpose
 from service.sealing import cipher
@@ -90,6 +90,8 @@ class FileSeal(Protocol):
     def seal_bytes(self, purpose: str, data: bytes) -> bytes: ...
 
     def open_bytes(self, purpose: str, blob: bytes | bytearray) -> bytearray: ...
+
+    def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = ...) -> Any: ...
 
     def reader(self, purpose: str, raw: IO[bytes]) -> IO[bytes]: ...
 

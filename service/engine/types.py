@@ -5,7 +5,7 @@ deadline) going in, token events and a finish coming out. Plain data: no torch, 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -30,7 +30,7 @@ class AdapterRef:
 
 
 class FileOpener(Protocol):
-    def open_bytes(self, purpose: str, blob: bytes | bytearray) -> bytearray: ...
+    def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = ...) -> Any: ...
 
 
 class GrammarMatcher(Protocol):

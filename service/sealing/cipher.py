@@ -20,7 +20,8 @@ import binascii
 import io
 import os
 import struct
-from typing import IO, cast
+from collections.abc import Callable
+from typing import IO, Any, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -139,6 +140,29 @@ def seal_bytes(key: bytes, version: int, data: bytes, ad: bytes) -> bytes:
     writer.write(data)
     writer.close()
     return out.getvalue()
+
+
+def open_file(key: bytes, path: str | os.PathLike[str], ad: bytes, allocate: Callable[[int], Any] = bytearray) -> Any:
+    """A sealed file's plaintext read from disk segment by segment through one small buffer and decrypted
+    straight into the result: one pass over the data and one large allocation, like reading a plaintext file.
+    `allocate(n)` makes the result (any writable buffer of n bytes: e.g. a tensor's memory, which the
+    tensors are then views of)."""
+    with open(path, "rb") as fh:
+        header = fh.read(HEADER)
+        file_version(header)
+        body = os.fstat(fh.fileno()).st_size - HEADER
+        count = max(1, -(-body // _SEALED_SEGMENT))
+        size = body - count * TAG
+        if size < 0:
+            raise SealBroken("a sealed file is truncated")
+        segments = _Segments(key, header, ad)
+        out = allocate(size)
+        target, chunk = memoryview(out).cast("B"), memoryview(bytearray(_SEALED_SEGMENT))
+        for index in range(count):
+            n = fh.readinto(chunk)
+            plain = target[index * SEGMENT : index * SEGMENT + n - TAG]
+            segments.open_into(index, chunk[:n], plain, last=index == count - 1)
+    return out
 
 
 def open_bytes(key: bytes, blob: bytes | bytearray | memoryview, ad: bytes) -> bytearray:

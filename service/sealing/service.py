@@ -15,10 +15,11 @@ import hashlib
 import hmac
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -290,6 +291,16 @@ class UserSeal:
         try:
             key = self.sealer.key(self.owner_key, cipher.file_version(blob[: cipher.HEADER]))
             return cipher.open_bytes(key, blob, _ad(self.owner_key, purpose))
+        except SealBroken as exc:
+            raise SealedDataUnreadable(f"the stored {purpose} of this user does not open: {exc}") from exc
+
+    def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = bytearray) -> Any:
+        """A sealed file's plaintext, read and opened in one pass into `allocate(n)` (an adapter's cold load)."""
+        try:
+            with open(path, "rb") as fh:
+                version = cipher.file_version(fh.read(cipher.HEADER))
+            key = self.sealer.key(self.owner_key, version)
+            return cipher.open_file(key, path, _ad(self.owner_key, purpose), allocate)
         except SealBroken as exc:
             raise SealedDataUnreadable(f"the stored {purpose} of this user does not open: {exc}") from exc
 
