@@ -11,6 +11,7 @@ command, the OPPU_* names it checks, and /readyz.
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
 import json
 import os
@@ -219,6 +220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     env.setdefault("OPPU_FORWARDED_ALLOW_IPS", "127.0.0.1")  # nginx (local) sets X-Forwarded-For
     run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="oppu-cluster-"))).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not env.get("OPPU_MASTER_KEY") and not env.get("OPPU_MASTER_KEY_FILE"):
+        # Every process must seal under the same master key: one for this local cluster, in its run dir.
+        key_file = run_dir / "master_key"
+        if not key_file.exists():
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        env["OPPU_MASTER_KEY_FILE"] = str(key_file)
+        print(f"master key for this cluster: {key_file} (set OPPU_MASTER_KEY_FILE to keep your own)", flush=True)
     ports = [args.port + i for i in range(1, args.replicas + 1)]
     config = write_config(run_dir, args.port, ports, args.policy)
     test = subprocess.run([nginx, "-t", "-q", "-c", str(config), "-p", str(run_dir)], capture_output=True, text=True)
