@@ -9,7 +9,10 @@ preset's (service/evaluation/movielens.py: 20 users with >= 216 ratings, seed 0,
 - old: every prompt token of every row computed, PEFT's own LoRA dropout (share_prefix/fast_dropout off);
   in the bf16 rows the old trainer runs on fp32 weights under bf16 autocast (the previous default here:
   OPPU_DTYPE=auto meant fp32 weights on every CPU), the new one on bf16 weights (what auto now serves).
-- new: the defaults: the common prompt start once per step, cheap shared dropout masks.
+- new: the defaults: the common prompt start once per step, cheap shared dropout masks, the fused LoRA
+  forward, base weights shared with the caller's model, fused AdamW.
+- before (with --baseline-trainer FILE, e.g. `git show REV:service/training/trainer.py > FILE`): that
+  trainer module's own defaults, run in the same process on the same models: a before/after in one run.
 
 Dev quality (cheap proxy of `oppu eval`'s oppu_ev readout): with the user's adapter merged into the base
 (no shared LoRA, so absolute values are not the eval's), each dev item's prompt (its title | genres, k=1
@@ -23,6 +26,7 @@ ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 py
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -104,11 +108,13 @@ def dev_mae(lm: LoadedModel, files: dict[str, bytes] | None, split: ml.UserSplit
         unmerge(lm.model, originals)
 
 
-def train_one(lm: LoadedModel, split: ml.UserSplit, config: LoraTrainConfig, quality: bool) -> dict[str, Any]:
+def train_one(
+    lm: LoadedModel, split: ml.UserSplit, config: Any, quality: bool, train: Any = train_lora
+) -> dict[str, Any]:
     items = history(split)
     examples = build_user_examples(items, k=1)
     cpu_started = time.process_time()
-    out = train_lora(lm.model, lm.tokenizer, examples, config, base_model_name=lm.name)
+    out = train(lm.model, lm.tokenizer, examples, config, base_model_name=lm.name)
     row: dict[str, Any] = {
         "user": split.user_id,
         "seconds": round(out.seconds, 2),
@@ -124,13 +130,37 @@ def train_one(lm: LoadedModel, split: ml.UserSplit, config: LoraTrainConfig, qua
     return row
 
 
-def trainers(dtype: str, models: dict[str, LoadedModel]) -> dict[str, tuple[LoadedModel, LoraTrainConfig]]:
-    """(model, config) of the old and the new trainer for one dtype row."""
+def load_trainer(path: Path) -> Any:
+    """Another trainer module (an earlier revision's service/training/trainer.py) under its own name."""
+    spec = importlib.util.spec_from_file_location("baseline_trainer", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+Trainer = tuple[LoadedModel, Any, Any]  # (model, config, train function)
+
+
+def trainers(dtype: str, models: dict[str, LoadedModel], baseline: Any = None) -> dict[str, Trainer]:
+    """(model, config, train function) of the old, the baseline (if given) and the new trainer for one dtype."""
     new = LoraTrainConfig.from_settings(Settings(dtype=dtype), stage="user")
-    old = replace(new, share_prefix=False, fast_dropout=False)
+    old = replace(new, share_prefix=False, fast_dropout=False, fast_lora=False)
+    served = models["bfloat16"] if dtype == "bfloat16" else models["float32"]
+    out: dict[str, Trainer] = {}
     if dtype == "bfloat16":  # the old default here: fp32 weights, bf16 autocast
-        return {"old": (models["float32"], replace(old, mixed_precision="bf16")), "new": (models["bfloat16"], new)}
-    return {"old": (models["float32"], old), "new": (models["float32"], new)}
+        out["old"] = (models["float32"], replace(old, mixed_precision="bf16"), train_lora)
+    else:
+        out["old"] = (models["float32"], old, train_lora)
+    if baseline is not None:
+        out["before"] = (
+            served,
+            baseline.LoraTrainConfig.from_settings(Settings(dtype=dtype), stage="user"),
+            baseline.train_lora,
+        )
+    out["new"] = (served, new, train_lora)
+    return out
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,11 +181,14 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=3)
     parser.add_argument("--items", default="24,100", help="history lengths, comma separated")
     parser.add_argument("--dtypes", default="auto", help="bf16,fp32 (auto: bf16 only where native, and fp32)")
-    parser.add_argument("--trainers", default="old,new")
+    parser.add_argument("--trainers", default="old,new", help="old, before (needs --baseline-trainer), new")
+    parser.add_argument("--baseline-trainer", type=Path, default=None, help="an earlier trainer.py: the 'before' rows")
     parser.add_argument("--no-quality", action="store_true", help="skip the dev MAE")
+    parser.add_argument("--warmup", action="store_true", help="one untimed training per row before the timed ones")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--earlier", type=Path, default=None, help="an earlier JSON of this bench, kept as earlier_run")
     args = parser.parse_args()
     names = {"bf16": "bfloat16", "fp32": "float32"}
     wanted = ["bf16", "fp32"] if args.dtypes == "auto" and cpu_info().native_bf16 else ["fp32"]
@@ -169,10 +202,17 @@ def main() -> None:
         "bench": "training.per_user_lora.movielens",
         "model": models["float32"].name,
         "machine_before": machine_record(dtype=",".join(dtypes)),
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "warmup": args.warmup,
         "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
         "data": {"users": args.users, "split": "dev (activity preset: 20 users, min 216 ratings, seed 0)", "k": 1},
         "results": {},
     }
+    baseline = load_trainer(args.baseline_trainer) if args.baseline_trainer else None
+    if baseline is not None:
+        report["baseline_trainer"] = str(args.baseline_trainer)
+    if args.earlier and args.earlier.is_file():  # the figures this run replaces, kept beside it, labelled
+        report["earlier_run"] = json.loads(args.earlier.read_text())
     base_mae: dict[str, float] = {}
     for items in (int(x) for x in args.items.split(",")):
         splits = users(args.users, items, args.data)
@@ -180,9 +220,14 @@ def main() -> None:
             if not args.no_quality:
                 mae = [dev_mae(models[dtype], None, s, history(s)) for s in splits]
                 base_mae[f"{items}_{dtype}"] = round(statistics.fmean(mae), 4)
-            for name, (lm, config) in trainers(dtype, models).items():
+            options = trainers(dtype, models, baseline)
+            if args.warmup:  # one untimed run: the trainers below all find a warm process (kernels, allocator)
+                lm, config, train = options["new"]
+                examples = build_user_examples(history(splits[0]), k=1)
+                train(lm.model, lm.tokenizer, examples, config, base_model_name=lm.name)
+            for name, (lm, config, train) in options.items():
                 if name in args.trainers.split(","):
-                    rows = [train_one(lm, s, config, not args.no_quality) for s in splits]
+                    rows = [train_one(lm, s, config, not args.no_quality, train) for s in splits]
                     report["results"][f"{items}_items/{dtype}/{name}"] = summary(rows)
                     print(json.dumps({k: v for k, v in summary(rows).items() if k != "users"}), flush=True)
     if base_mae:
