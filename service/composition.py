@@ -48,7 +48,7 @@ from service.sealing import repository as keyring_repo
 from service.sealing.kek import KeyEncryptionKeys, Keyset, LocalKeyset, MasterKeyError, write_keyset
 from service.sealing.models import KeyringBase
 from service.sealing.service import Sealer
-from service.sealing.session import INFO_KEY, PLAINTEXT, session_info
+from service.sealing.session import sealer_of_factory, session_info
 from service.state import AppState
 from service.streams import StreamRegistry
 
@@ -101,8 +101,7 @@ def database(settings: Settings, seals: Sealer | None = None) -> Database:
 
 
 def sealer_of(db: Database) -> Sealer:
-    found = (db.session_factory.kw.get("info") or {}).get(INFO_KEY)
-    return found if isinstance(found, Sealer) else PLAINTEXT
+    return sealer_of_factory(db.session_factory)
 
 
 def sealer(settings: Settings) -> Sealer:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -22,6 +22,7 @@ from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
 
+from service.engine.types import FileOpener
 from service.sealing.cipher import MAGIC, is_sealed_file
 
 CONFIG_NAME = "adapter_config.json"
@@ -159,12 +160,6 @@ def _config_object(data: bytes | str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{CONFIG_NAME} is not a JSON object")
     return config
-
-
-class FileOpener(Protocol):
-    """Opens an owner's sealed file (service.sealing.service.UserSeal)."""
-
-    def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = ...) -> Any: ...
 
 
 def file_purpose(name: str) -> str:

@@ -104,9 +104,13 @@ def open_file_bytes(seal: FileSeal | None, name: str, blob: bytes) -> bytes:
     """A stored file's plaintext: sealed ones through the owner's seal, plaintext ones as they are."""
     if not cipher.is_sealed_file(blob):
         return blob
+    return bytes(_required(seal).open_bytes(file_purpose(name), blob))
+
+
+def _required(seal: FileSeal | None) -> FileSeal:
     if seal is None:
         raise cipher.SealBroken("a sealed adapter file met without its owner's key")
-    return bytes(seal.open_bytes(file_purpose(name), blob))
+    return seal
 
 
 class AdapterStore:
@@ -198,10 +202,7 @@ class AdapterStore:
         if not cipher.is_sealed_file(fh.read(len(cipher.MAGIC))):
             fh.seek(0)
             return fh
-        seal = self.seal(storage_key)
-        if seal is None:
-            raise cipher.SealBroken("a sealed adapter file met without its owner's key")
-        return seal.reader(file_purpose(name), fh)
+        return _required(self.seal(storage_key)).reader(file_purpose(name), fh)
 
     def sha256(self, storage_key: str, version: int) -> str:
         """Of the weights' plaintext (what the SQL row records, sealed or not)."""

@@ -30,6 +30,8 @@ class AdapterRef:
 
 
 class FileOpener(Protocol):
+    """Opens an owner's sealed file (service.sealing.service.UserSeal; read by adapters/peft_format.py)."""
+
     def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = ...) -> Any: ...
 
 

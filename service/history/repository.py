@@ -76,32 +76,49 @@ def _record(seal: UserSeal, item: HistoryItem) -> HistoryRecord:
         raise SealedDataUnreadable("a stored history item of this user is damaged") from exc
 
 
-def _sealed_row(seal: UserSeal, row: dict[str, Any]) -> dict[str, Any]:
-    """The row as stored: every user-written field in one token; the client id only as a keyed hash."""
+_SEALED_COLUMNS = ("client_id", "input", "output", "kind", "meta", "sealed")
+
+
+def _sealed_row(seal: UserSeal, row: dict[str, Any], tag: str) -> dict[str, Any]:
+    """The row as stored: every user-written field in one token; the client id only as its keyed hash `tag`."""
     payload = {k: row[k] for k in ("input", "output", "kind", "meta")} | {"id": row["client_id"]}
     token = seal.seal_text(_ITEMS, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
-    return {
-        **row, "client_id": seal.tag(row["client_id"]), "input": None, "output": "", "kind": None, "meta": None,
-        "sealed": token,
-    }  # fmt: skip
+    return {**row, "client_id": tag, "input": None, "output": "", "kind": None, "meta": None, "sealed": token}
 
 
-def _lookup_ids(seal: UserSeal, client_ids: Sequence[str]) -> dict[str, str]:
-    """What the client_id column holds for each client id (a keyed hash when sealing) -> the client id."""
-    return {seal.tag(c) if seal.enabled else c: c for c in client_ids}
+def _seal_in_place(seal: UserSeal, item: HistoryItem) -> None:
+    """Seal a stored row under the owner's current key, whatever it holds now (plaintext, or an older key)."""
+    r = _record(seal, item)
+    row = {"client_id": r.client_id, "input": r.input, "output": r.output, "kind": r.kind, "meta": r.meta}
+    sealed = _sealed_row(seal, row, seal.tag(r.client_id))
+    for column in _SEALED_COLUMNS:
+        setattr(item, column, sealed[column])
+
+
+def _seal_profile_in_place(seal: UserSeal, profile: Profile) -> None:
+    text = profile.text if profile.sealed is None else seal.open_text(_PROFILE, profile.sealed)
+    profile.sealed, profile.text = seal.seal_text(_PROFILE, text), ""
+
+
+def _tags(seal: UserSeal, client_ids: Sequence[str]) -> dict[str, str]:
+    """The client_id column's value for each client id: its keyed hash when sealing, else the id itself."""
+    return {c: seal.tag(c) if seal.enabled else c for c in client_ids}
 
 
 def existing_client_ids(session: Session, owner: Owner, client_ids: Sequence[str]) -> set[str]:
-    seal = seal_of(session, owner.storage_key)
-    stored = _lookup_ids(seal, client_ids)
-    if seal.enabled:  # rows written before sealing hold the client id itself
-        stored |= {c: c for c in client_ids}
+    return _existing(session, owner.pk, _tags(seal_of(session, owner.storage_key), client_ids))
+
+
+def _existing(session: Session, user_pk: int, tags: dict[str, str]) -> set[str]:
+    """The client ids (keys of `tags`) the user has a row for: under their tag, or as themselves (rows
+    written before sealing hold the client id itself)."""
+    stored = {t: c for c, t in tags.items()} | {c: c for c in tags}
     keys = list(stored)
     found: set[str] = set()
     for start in range(0, len(keys), 500):  # bounded IN lists
         chunk = keys[start : start + 500]
         hits = session.scalars(
-            select(HistoryItem.client_id).where(HistoryItem.user_pk == owner.pk, HistoryItem.client_id.in_(chunk))
+            select(HistoryItem.client_id).where(HistoryItem.user_pk == user_pk, HistoryItem.client_id.in_(chunk))
         )
         found.update(stored[h] for h in hits)
     return found
@@ -114,15 +131,19 @@ def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequenc
         return set()
     seal = seal_of(session, owner.storage_key)
     user_pk = owner.pk
+    tags = _tags(seal, [r["client_id"] for r in rows])
     if seal.enabled:
-        known = existing_client_ids(session, owner, [r["client_id"] for r in rows])  # plaintext-era rows too
-        tags = _lookup_ids(seal, [r["client_id"] for r in rows])
-        values = [{**_sealed_row(seal, r), "user_pk": user_pk} for r in rows if r["client_id"] not in known]
+        known = _existing(session, user_pk, tags)  # plaintext-era rows hold the id itself: the index cannot see them
+        values = [
+            {**_sealed_row(seal, r, tags[r["client_id"]]), "user_pk": user_pk}
+            for r in rows
+            if r["client_id"] not in known
+        ]
     else:
-        tags = {r["client_id"]: r["client_id"] for r in rows}
         values = [{**row, "user_pk": user_pk} for row in rows]
     if not values:
         return set()
+    client_id_of = {t: c for c, t in tags.items()}
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         stmt: Any = pg_insert(HistoryItem).on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
@@ -132,11 +153,11 @@ def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequenc
         fresh = [HistoryItem(**v) for v in values]
         session.add_all(fresh)
         session.flush()
-        return {tags[item.client_id] for item in fresh}
+        return {client_id_of[item.client_id] for item in fresh}
     # Executemany form: SQLAlchemy batches it as multi-row INSERTs ("insertmanyvalues") with a cached
     # compiled statement (4-15x faster than .values(list), which compiles 8 binds per row every call).
     # RETURNING tells what was really inserted (rowcount is -1 on some drivers for multi-row inserts).
-    return {tags[c] for c in session.scalars(stmt.returning(HistoryItem.client_id), values).all()}
+    return {client_id_of[c] for c in session.scalars(stmt.returning(HistoryItem.client_id), values).all()}
 
 
 def charge_quota(session: Session, user_pk: int, items: int, nbytes: int, max_items: int, max_bytes: int) -> bool:
@@ -252,11 +273,7 @@ def seal_plaintext(session: Session, limit: int) -> int:
         .limit(limit)
     ).all()
     for item, storage_key in rows:
-        seal = seal_of(session, storage_key)
-        row = {"client_id": item.client_id, "input": item.input, "output": item.output, "kind": item.kind}
-        sealed = _sealed_row(seal, {**row, "meta": item.meta})
-        item.client_id, item.input, item.output = sealed["client_id"], None, ""
-        item.kind, item.meta, item.sealed = None, None, sealed["sealed"]
+        _seal_in_place(seal_of(session, storage_key), item)
         done += 1
     profiles = session.execute(
         select(Profile, User.storage_key)
@@ -265,7 +282,7 @@ def seal_plaintext(session: Session, limit: int) -> int:
         .limit(max(0, limit - done))
     ).all()
     for profile, storage_key in profiles:
-        profile.sealed, profile.text = seal_of(session, storage_key).seal_text(_PROFILE, profile.text), ""
+        _seal_profile_in_place(seal_of(session, storage_key), profile)
         done += 1
     session.flush()
     return done
@@ -280,16 +297,11 @@ def reseal(session: Session, owner: Owner) -> int:
     for item in session.scalars(select(HistoryItem).where(HistoryItem.user_pk == owner.pk)):
         if item.sealed is not None and token_version(item.sealed) == current:
             continue
-        r = _record(seal, item)
-        row = {"client_id": r.client_id, "input": r.input, "output": r.output, "kind": r.kind, "meta": r.meta}
-        sealed = _sealed_row(seal, row)
-        item.client_id, item.input, item.output = sealed["client_id"], None, ""
-        item.kind, item.meta, item.sealed = None, None, sealed["sealed"]
+        _seal_in_place(seal, item)
         done += 1
     profile = session.get(Profile, owner.pk)
     if profile is not None and (profile.sealed is None or token_version(profile.sealed) != current):
-        text = profile.text if profile.sealed is None else seal.open_text(_PROFILE, profile.sealed)
-        profile.sealed, profile.text = seal.seal_text(_PROFILE, text), ""
+        _seal_profile_in_place(seal, profile)
         done += 1
     session.flush()
     return done

@@ -142,49 +142,42 @@ def seal_bytes(key: bytes, version: int, data: bytes, ad: bytes) -> bytes:
     return out.getvalue()
 
 
-def open_file(key: bytes, path: str | os.PathLike[str], ad: bytes, allocate: Callable[[int], Any] = bytearray) -> Any:
-    """A sealed file's plaintext read from disk segment by segment through one small buffer and decrypted
-    straight into the result: one pass over the data and one large allocation, like reading a plaintext file.
-    `allocate(n)` makes the result (any writable buffer of n bytes: e.g. a tensor's memory, which the
-    tensors are then views of)."""
-    with open(path, "rb") as fh:
-        header = fh.read(HEADER)
-        file_version(header)
-        body = os.fstat(fh.fileno()).st_size - HEADER
-        count = max(1, -(-body // _SEALED_SEGMENT))
-        size = body - count * TAG
-        if size < 0:
-            raise SealBroken("a sealed file is truncated")
-        segments = _Segments(key, header, ad)
-        out = allocate(size)
-        target, chunk = memoryview(out).cast("B"), memoryview(bytearray(_SEALED_SEGMENT))
-        for index in range(count):
-            n = fh.readinto(chunk)
-            plain = target[index * SEGMENT : index * SEGMENT + n - TAG]
-            segments.open_into(index, chunk[:n], plain, last=index == count - 1)
+def _layout(sealed_body: int) -> tuple[int, int]:
+    """(segments, plaintext size) of a sealed file whose body (after the header) is `sealed_body` bytes."""
+    count = max(1, -(-sealed_body // _SEALED_SEGMENT))
+    size = sealed_body - count * TAG
+    if size < 0:
+        raise SealBroken("a sealed file is truncated")
+    return count, size
+
+
+def open_stream(key: bytes, fh: io.BufferedIOBase, ad: bytes, allocate: Callable[[int], Any] = bytearray) -> Any:
+    """A whole sealed file's plaintext, read from `fh` (at its start) segment by segment through one small buffer
+    and decrypted straight into the result: one pass over the data and one large allocation, like reading a
+    plaintext file. `allocate(n)` makes the result (any writable buffer of n bytes: e.g. a tensor's memory,
+    which the tensors are then views of)."""
+    header = fh.read(HEADER)
+    file_version(header)
+    count, size = _layout(fh.seek(0, os.SEEK_END) - HEADER)
+    fh.seek(HEADER)
+    segments = _Segments(key, header, ad)
+    out = allocate(size)
+    target, chunk = memoryview(out).cast("B"), memoryview(bytearray(_SEALED_SEGMENT))
+    for index in range(count):
+        n = fh.readinto(chunk)
+        plain = target[index * SEGMENT : index * SEGMENT + n - TAG]
+        segments.open_into(index, chunk[:n], plain, last=index == count - 1)
     return out
+
+
+def open_file(key: bytes, path: str | os.PathLike[str], ad: bytes, allocate: Callable[[int], Any] = bytearray) -> Any:
+    with open(path, "rb") as fh:
+        return open_stream(key, fh, ad, allocate)
 
 
 def open_bytes(key: bytes, blob: bytes | bytearray | memoryview, ad: bytes) -> bytearray:
-    """A whole sealed file's plaintext, each segment decrypted straight into one buffer (no copies between:
-    an adapter's cold load pays the AES-GCM pass, about 5 GB/s with AES-NI, and little else)."""
-    view = memoryview(blob).cast("B")
-    header = bytes(view[:HEADER])
-    file_version(header)
-    body = len(view) - HEADER
-    count = max(1, -(-body // _SEALED_SEGMENT))
-    size = body - count * TAG
-    if size < 0:
-        raise SealBroken("a sealed file is truncated")
-    segments = _Segments(key, header, ad)
-    out = bytearray(size)
-    target = memoryview(out)
-    for index in range(count):
-        start = HEADER + index * _SEALED_SEGMENT
-        sealed = view[start : min(len(view), start + _SEALED_SEGMENT)]
-        plain = target[index * SEGMENT : index * SEGMENT + len(sealed) - TAG]
-        segments.open_into(index, sealed, plain, last=index == count - 1)
-    return out
+    result: bytearray = open_stream(key, io.BytesIO(blob), ad)
+    return result
 
 
 class SealedWriter:
@@ -231,11 +224,7 @@ class SealedReader:
         header = raw.read(HEADER)
         file_version(header)  # SealBroken when it is no sealed file
         self._raw, self._segments = raw, _Segments(key, header, ad)
-        total = raw.seek(0, os.SEEK_END) - HEADER
-        self._count = max(1, -(-total // _SEALED_SEGMENT))
-        self.size = total - self._count * TAG
-        if self.size < 0:
-            raise SealBroken("a sealed file is truncated")
+        self._count, self.size = _layout(raw.seek(0, os.SEEK_END) - HEADER)
         self._pos = 0
         self._cached: tuple[int, bytes] | None = None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.sealing.service import Sealer, UserSeal
 
@@ -19,7 +19,16 @@ def session_info(sealer: Sealer) -> dict[str, Any]:
 
 
 def sealer_of(session: Session) -> Sealer:
-    sealer = session.info.get(INFO_KEY)
+    return _sealer_in(session.info)
+
+
+def sealer_of_factory(factory: sessionmaker[Session]) -> Sealer:
+    """The sealer every session of `factory` carries (what `session_info` attached)."""
+    return _sealer_in(factory.kw.get("info") or {})
+
+
+def _sealer_in(info: dict[str, Any]) -> Sealer:
+    sealer = info.get(INFO_KEY)
     return sealer if isinstance(sealer, Sealer) else PLAINTEXT
 
 
