@@ -154,12 +154,9 @@ class Sealer:
         with self._session() as session:
             if repo.is_shredded(session, owner_key):
                 raise UserDataErased("this user's data was erased")
-            made = repo.insert_key(session, owner_key, version, kek, wrapped)
-        if not made:  # another process made it first: use theirs
-            self.forget(owner_key)
-            return self._load(owner_key)
+            repo.insert_key(session, owner_key, version, kek, wrapped)  # False: another process made it first
         self.forget(owner_key)
-        return self._load(owner_key)
+        return self._load(owner_key)  # the keyring's keys: ours, or theirs if they won the race
 
     def rotate_user(self, owner_key: str) -> int:
         """A new data-key version for the owner (new values use it; old ones open until re-sealed)."""
