@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -117,6 +119,8 @@ class _Segments:
         return self._aead.encrypt(self._nonce(index, last), chunk, self._ad)
 
     def open_into(self, index: int, blob: memoryview, out: memoryview, last: bool) -> None:
+        if len(blob) < TAG:
+            raise SealBroken("a sealed file is truncated")
         try:
             self._aead.decrypt_into(self._nonce(index, last), blob, self._ad, out)
         except InvalidTag as exc:
@@ -146,7 +150,7 @@ def _layout(sealed_body: int) -> tuple[int, int]:
     """(segments, plaintext size) of a sealed file whose body (after the header) is `sealed_body` bytes."""
     count = max(1, -(-sealed_body // _SEALED_SEGMENT))
     size = sealed_body - count * TAG
-    if size < 0:
+    if sealed_body - (count - 1) * _SEALED_SEGMENT < TAG:  # the last segment is shorter than its tag
         raise SealBroken("a sealed file is truncated")
     return count, size
 
@@ -158,21 +162,61 @@ def open_stream(key: bytes, fh: io.BufferedIOBase, ad: bytes, allocate: Callable
     which the tensors are then views of)."""
     header = fh.read(HEADER)
     file_version(header)
-    count, size = _layout(fh.seek(0, os.SEEK_END) - HEADER)
+    body = fh.seek(0, os.SEEK_END) - HEADER
     fh.seek(HEADER)
-    segments = _Segments(key, header, ad)
-    out = allocate(size)
-    target, chunk = memoryview(out).cast("B"), memoryview(bytearray(_SEALED_SEGMENT))
-    for index in range(count):
-        n = fh.readinto(chunk)
-        plain = target[index * SEGMENT : index * SEGMENT + n - TAG]
-        segments.open_into(index, chunk[:n], plain, last=index == count - 1)
-    return out
+    chunk = memoryview(bytearray(_SEALED_SEGMENT))
+
+    def segment(_: int) -> memoryview:
+        return chunk[: fh.readinto(chunk)]
+
+    return _open_segments(key, header, body, segment, ad, allocate)
 
 
 def open_file(key: bytes, path: str | os.PathLike[str], ad: bytes, allocate: Callable[[int], Any] = bytearray) -> Any:
+    """open_stream for a file on disk, decrypted straight from its pages in the page cache (mapped read-only,
+    private): no copy of the ciphertext is made (an adapter's cold load: ~20% less time than reading it)."""
     with open(path, "rb") as fh:
-        return open_stream(key, fh, ad, allocate)
+        size = os.fstat(fh.fileno()).st_size
+        if size <= HEADER:
+            return open_stream(key, cast(io.BufferedIOBase, fh), ad, allocate)  # too short: its error
+        mapped = mmap.mmap(fh.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    view = memoryview(mapped)
+    try:
+        header = bytes(view[:HEADER])
+        file_version(header)
+
+        def segment(index: int) -> memoryview:
+            start = HEADER + index * _SEALED_SEGMENT
+            return view[start : start + _SEALED_SEGMENT]
+
+        return _open_segments(key, header, size - HEADER, segment, ad, allocate)
+    finally:
+        with contextlib.suppress(BufferError):  # a slice held by an exception's frames: unmapped when collected
+            view.release()
+            mapped.close()
+
+
+def _open_segments(
+    key: bytes,
+    header: bytes,
+    body: int,
+    segment: Callable[[int], memoryview],
+    ad: bytes,
+    allocate: Callable[[int], Any],
+) -> Any:
+    """The one decryption loop of sealed files: `segment(i)` gives the i-th sealed segment (ciphertext | tag), each
+    is opened into its place in `allocate(plaintext size)`."""
+    count, size = _layout(body)
+    segments = _Segments(key, header, ad)
+    out = allocate(size)
+    target = memoryview(out).cast("B")
+    for index in range(count):
+        blob = segment(index)
+        plain = target[index * SEGMENT : index * SEGMENT + len(blob) - TAG]
+        if len(plain) != len(blob) - TAG:  # a short read
+            raise SealBroken("a sealed file is truncated")
+        segments.open_into(index, blob, plain, last=index == count - 1)
+    return out
 
 
 def open_bytes(key: bytes, blob: bytes | bytearray | memoryview, ad: bytes) -> bytearray:

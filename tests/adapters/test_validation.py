@@ -17,7 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, make_peft_config
+from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError, make_peft_config, parse_peft
 from service.adapters.validation import (
     AdapterValidationError,
     BaseModelSpec,
@@ -177,6 +177,38 @@ def test_nan_weights_refused(spec: BaseModelSpec, good: Files) -> None:
         return t
 
     assert "'model.layers.1.mlp.up_proj': weights contain NaN or Inf" in problems_of(edit_tensors(good, poison), spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("half", "value", "alpha", "finite"),
+    [
+        ("A", float("nan"), 4.0, False),
+        ("A", float("inf"), 4.0, False),
+        ("B", float("-inf"), 4.0, False),
+        ("B", float("nan"), 4.0, False),
+        ("B", 3e38, 4.0, True),  # finite at scale 1
+        ("B", -3e38, 8.0, False),  # finite, but not once scaled by 2 (fp32 overflows)
+        ("A", 3e38, 8.0, True),  # only B is scaled
+    ],
+)
+def test_weights_must_be_finite_once_scaled(
+    dtype: torch.dtype, half: str, value: float, alpha: float, finite: bool
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight": torch.randn(*shape, generator=gen)
+        for ab, shape in (("A", (4, 16)), ("B", (16, 4)))
+    }
+    target = tensors[f"base_model.model.model.layers.0.self_attn.q_proj.lora_{half}.weight"]
+    target[3, 1] = value
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    config = make_peft_config(4, alpha, ("q_proj",), None)
+    if finite:
+        assert parse_peft(config, tensors, max_scale=256.0).rank == 4
+    else:
+        with pytest.raises(AdapterFormatError, match="NaN or Inf"):
+            parse_peft(config, tensors, max_scale=256.0)
 
 
 def test_huge_rank_refused(spec: BaseModelSpec, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -17,12 +18,14 @@ KEY = bytes(range(32))
 
 
 @pytest.mark.parametrize("size", [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 3 * SEGMENT + 7])
-def test_a_sealed_file_opens_to_its_plaintext_and_hides_it(size: int) -> None:
+def test_a_sealed_file_opens_to_its_plaintext_and_hides_it(size: int, tmp_path: Path) -> None:
     data = (b"canary-" * (size // 7 + 1))[:size]
     blob = cipher.seal_bytes(KEY, 3, data, b"alice|adapter")
     assert len(blob) == cipher.sealed_size(size)
     assert cipher.file_version(blob) == 3
     assert cipher.open_bytes(KEY, blob, b"alice|adapter") == data
+    (tmp_path / "sealed").write_bytes(blob)  # from disk: decrypted from the mapped file
+    assert cipher.open_file(KEY, tmp_path / "sealed", b"alice|adapter") == data
     if size >= 7:
         assert b"canary-" not in blob
     reader = cipher.SealedReader(io.BytesIO(blob), KEY, b"alice|adapter")
@@ -50,6 +53,21 @@ def test_a_sealed_file_moved_truncated_or_spliced_does_not_open() -> None:
         cipher.open_bytes(KEY, bytes(flipped), b"alice|weights")
     with pytest.raises(SealBroken):
         cipher.open_bytes(bytes(32), blob, b"alice|weights")  # another key
+
+
+@pytest.mark.parametrize("cut", [1, cipher.TAG - 1, cipher.TAG, SEGMENT])
+def test_a_file_cut_anywhere_fails_cleanly_from_disk_and_from_memory(cut: int, tmp_path: Path) -> None:
+    """Also a last segment shorter than its tag: SealBroken (the request's 409), never another error."""
+    blob = cipher.seal_bytes(KEY, 1, os.urandom(2 * SEGMENT + 100), b"alice|weights")
+    path = tmp_path / "cut"
+    path.write_bytes(blob[: cipher.HEADER + SEGMENT + cipher.TAG + cut])
+    with pytest.raises(SealBroken):
+        cipher.open_file(KEY, path, b"alice|weights")
+    with pytest.raises(SealBroken):
+        cipher.open_bytes(KEY, path.read_bytes(), b"alice|weights")
+    path.write_bytes(blob[: cipher.HEADER - 1])
+    with pytest.raises(SealBroken):
+        cipher.open_file(KEY, path, b"alice|weights")
 
 
 def test_tokens_are_bound_to_their_owner_and_carry_their_key_version() -> None:
