@@ -193,15 +193,16 @@ def read_adapter_dir(directory: Path, *, max_scale: float, seal: FileOpener | No
     return parse_peft(config, tensors_in(torch.from_numpy(memory)), max_scale=max_scale)
 
 
-_HUGE_PAGE = 2 * 1024 * 1024
+_FRESH_MEMORY = 32 * 1024 * 1024  # glibc's largest mmap threshold: smaller blocks are reused from its heap
 
 
 def _tensor_memory(n: int) -> Any:
-    """n bytes of fresh memory for a sealed file's plaintext (the decryption writes into it, the tensors are views
-    of it and keep it alive). Large ones are anonymous memory on transparent huge pages where the kernel offers
-    them: the first touch of 70 MB then costs ~4 ms instead of ~18 ms on 4 KiB pages, which is most of what a
-    sealed cold load adds over a plaintext one (whose tensors map the page cache). Elsewhere, torch's allocator."""
-    if n < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+    """n bytes for a sealed file's plaintext (the decryption writes into it, the tensors are views of it and keep
+    it alive). Up to 32 MiB: torch's allocator, whose freed blocks glibc hands out again (no fresh pages). Above
+    that every allocation is fresh memory mapped for it, so it is asked for on transparent huge pages where the
+    kernel offers them: the first touch of 70 MB then costs ~4 ms instead of ~18 ms on 4 KiB pages, which was
+    most of what a sealed cold load added over a plaintext one (whose tensors map the page cache)."""
+    if n <= _FRESH_MEMORY or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(n, dtype=torch.uint8).numpy()
     memory = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory.madvise(mmap.MADV_HUGEPAGE)
