@@ -180,9 +180,12 @@ def _seal_existing(_: argparse.Namespace, db: Database, store: AdapterStore, _se
 
 
 def _rotate_user(args: argparse.Namespace, db: Database, store: AdapterStore, seals: Sealer) -> int:
+    """The same body as the background job (`user_key_rotation`), run here in the foreground."""
     from service.accounts import repository as accounts
     from service.db.session import unit_of_work
     from service.history.repository import OwnerRef
+    from service.jobs.queue import keys_notice, make_queue
+    from service.notices import outbox
     from service.sealing import operations
 
     with unit_of_work(db.session_factory) as session:
@@ -191,8 +194,24 @@ def _rotate_user(args: argparse.Namespace, db: Database, store: AdapterStore, se
     if owner is None:
         print(f"no such user: {args.user_id}", file=sys.stderr)
         return 2
-    done = operations.rotate_user(db.session_factory, store, seals, owner)
-    print(f"{args.user_id}: new data key; {done} rows and files re-sealed; the old key is destroyed")
+    if not seals.enabled:
+        print("sealing is off (OPPU_SEAL_AT_REST=false): no data key to rotate", file=sys.stderr)
+        return 2
+    queue = make_queue(get_settings())
+    publish = keys_notice(queue)
+
+    def notify(storage_key: str) -> None:  # running replicas forget the user's cached keys
+        with unit_of_work(db.session_factory) as session:
+            outbox.record_keys(session, storage_key)
+        publish(storage_key)
+
+    settle_s = operations.settle_seconds(get_settings().key_recheck_s)
+    print(f"{args.user_id}: new data key; waiting {settle_s:.1f} s for every process to seal under it")
+    try:
+        done = operations.rotate_user(db.session_factory, store, seals, owner, settle_s=settle_s, notify=notify)
+    finally:
+        queue.close()
+    print(f"{args.user_id}: {done} rows and files re-sealed; the old key is destroyed")
     return 0
 
 

@@ -119,7 +119,8 @@ def sealer(settings: Settings) -> Sealer:
             settings.resolved_keyring_url,
         )
     keks = master_keys(settings, keyring)
-    return Sealer(keyring.session_factory, keks, enabled=settings.seal_at_rest and keks is not None)
+    enabled = settings.seal_at_rest and keks is not None
+    return Sealer(keyring.session_factory, keks, enabled=enabled, recheck_s=settings.key_recheck_s)
 
 
 def check_sealed(settings: Settings, db: Database) -> None:

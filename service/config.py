@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     keyring_url: str | None = None
     # Serve although some stored data is still plaintext (an `oppu keys seal-existing` in progress).
     seal_allow_plaintext: bool = False
+    # How stale a process's cached data keys may be when it picks the key new values are sealed under: after a
+    # per-user key rotation every process seals under the new key within this (a rotation waits it out).
+    key_recheck_s: float = Field(5.0, gt=0)
 
     # --- model ---
     model: str = DEFAULT_MODEL  # the default GGUF, a local HF folder, or an id already in the HF cache

@@ -1,4 +1,5 @@
-"""A user's own account routes: export, erase, rotate key (the rule: ROTATE_RULE); admin revoke."""
+"""A user's own account routes: export, erase, rotate key (the rule: ROTATE_RULE), rotate the data key (a
+background job); admin revoke."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import data_rights, users
 from service.adapters.uploads import gated_file
-from service.deps import AdaptersDep, AdminUserDep, CallerDep, SessionDep, StateDep, UserDep
-from service.errors import AUTH_ERRORS, error_responses
+from service.deps import AdaptersDep, AdminUserDep, CallerDep, QueueDep, SessionDep, StateDep, UserDep
+from service.errors import AUTH_ERRORS, Forbidden, error_responses
+from service.jobs import service as jobs
 from service.jobs.queue import erased_notice
+from service.jobs.schemas import JobOut
+from service.tenancy import UserRef, authorize_user
 
 router = APIRouter(tags=["users"], responses=error_responses(*AUTH_ERRORS))
 
@@ -89,3 +93,44 @@ def rotate_key(
 @router.post("/admin/users/{user_id}/keys/revoke", response_model=RevokedOut)
 def revoke_keys(user: AdminUserDep, session: SessionDep, state: StateDep) -> RevokedOut:
     return RevokedOut(user_id=user.user_id, revoked=users.revoke_keys(session, user, state.queue.publish_revoked))
+
+
+DATA_KEY_RULE = """A new data key for the user (encryption at rest), in the background: 202 with the job (kind
+`user_key_rotation`; poll `GET /admin/jobs/{job_id}`). The job makes the new key, waits until every replica seals
+new values under it (OPPU_KEY_RECHECK_S plus a margin), re-seals the user's history, profile and adapter files,
+then destroys the old key. The user's data stays readable throughout. 409 `job_active` (naming the job) while
+another job of the user (a retrain) is active; 409 `sealing_off` when the server does not seal; a rotation
+already under way is returned as is."""
+
+
+def get_me(caller: CallerDep, session: SessionDep) -> UserRef:
+    """The user whose key calls (any of their keys); the admin key has no user of its own."""
+    if caller.user_id is None:
+        raise Forbidden("this route acts on the calling user's own data: use a user's key")
+    return authorize_user(session, caller, caller.user_id)
+
+
+MeDep = Annotated[UserRef, Depends(get_me)]
+DATA_KEY_ERRORS = error_responses(404, 409)
+
+
+@router.post(
+    "/admin/users/{user_id}/keys/rotate-data-key",
+    status_code=202,
+    response_model=JobOut,
+    description=DATA_KEY_RULE,
+    responses=DATA_KEY_ERRORS,
+)
+def rotate_data_key(user: AdminUserDep, session: SessionDep, queue: QueueDep) -> JobOut:
+    return jobs.request_key_rotation(session, queue, user.storage_key, user.pk)
+
+
+@router.post(
+    "/users/me/keys/rotate-data-key",
+    status_code=202,
+    response_model=JobOut,
+    description=DATA_KEY_RULE,
+    responses=DATA_KEY_ERRORS,
+)
+def rotate_own_data_key(user: MeDep, session: SessionDep, queue: QueueDep) -> JobOut:
+    return jobs.request_key_rotation(session, queue, user.storage_key, user.pk)

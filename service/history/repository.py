@@ -105,14 +105,23 @@ def _tags(seal: UserSeal, client_ids: Sequence[str]) -> dict[str, str]:
     return {c: seal.tag(c) if seal.enabled else c for c in client_ids}
 
 
+def _lookup(seal: UserSeal, client_ids: Sequence[str]) -> dict[str, str]:
+    """What a row of each client id may hold in its client_id column -> that client id: the id itself (rows
+    written before sealing) and, sealing, its keyed hash under every live data-key version of the owner (during
+    a key rotation a row not yet re-sealed holds its hash under the old version)."""
+    stored = {c: c for c in client_ids}
+    if seal.enabled:
+        for c, tags in seal.tags(client_ids).items():
+            stored.update((t, c) for t in tags)
+    return stored
+
+
 def existing_client_ids(session: Session, owner: Owner, client_ids: Sequence[str]) -> set[str]:
-    return _existing(session, owner.pk, _tags(seal_of(session, owner.storage_key), client_ids))
+    return _existing(session, owner.pk, _lookup(seal_of(session, owner.storage_key), client_ids))
 
 
-def _existing(session: Session, user_pk: int, tags: dict[str, str]) -> set[str]:
-    """The client ids (keys of `tags`) the user has a row for: under their tag, or as themselves (rows
-    written before sealing hold the client id itself)."""
-    stored = {t: c for c, t in tags.items()} | {c: c for c in tags}
+def _existing(session: Session, user_pk: int, stored: dict[str, str]) -> set[str]:
+    """The client ids (values of `stored`, see `_lookup`) the user has a row for."""
     keys = list(stored)
     found: set[str] = set()
     for start in range(0, len(keys), 500):  # bounded IN lists
@@ -133,7 +142,8 @@ def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequenc
     user_pk = owner.pk
     tags = _tags(seal, [r["client_id"] for r in rows])
     if seal.enabled:
-        known = _existing(session, user_pk, tags)  # plaintext-era rows hold the id itself: the index cannot see them
+        # Rows of the plaintext era or hashed under an older key version: the unique index cannot see them.
+        known = _existing(session, user_pk, _lookup(seal, [r["client_id"] for r in rows]))
         values = [
             {**_sealed_row(seal, r, tags[r["client_id"]]), "user_pk": user_pk}
             for r in rows

@@ -30,6 +30,8 @@ class JobContext:
     store: AdapterStore
     queue: JobQueue
     on_progress: Callable[[float], None] | None = None  # e.g. a progress bar for `oppu train`
+    # A data-key rotation's wait before re-sealing; None: OPPU_KEY_RECHECK_S + a margin (tests shorten it).
+    key_settle_s: float | None = None
     _loaded: LoadedModel | None = None
     _spec: BaseModelSpec | None = None
     _shared: AdapterRef | None = None  # the shared version merged into the training model

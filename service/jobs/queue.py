@@ -1,6 +1,7 @@
 """The job queue: RQ on Redis when OPPU_REDIS_URL is set, else an in-process runner. The only importer
 of rq and redis (with jobs/worker.py). Queues carry job ids only; the job's state lives in SQL. It also
-carries the adapter-change notices ("<owner_key> <version>") every replica subscribes to.
+carries the adapter-change notices ("<owner_key> <version>") every replica subscribes to, and the revoked,
+erased and data-key-rotated ones.
 
 Redis may be down: an enqueue that fails is logged (the worker's reaper enqueues the queued job again once
 Redis is back), and a notice is applied to this replica's own listeners FIRST, then published (a failed
@@ -29,10 +30,12 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 ADAPTER_CHANNEL = "oppu:adapters"  # pub/sub: "<owner_key> <version>" after every publish or delete
 REVOKED_CHANNEL = "oppu:revoked"  # pub/sub: "<key hash>,<key hash>..." after keys are revoked or rotated
 ERASED_CHANNEL = "oppu:erased"  # pub/sub: "<storage key>" after a user is erased (their engine rows end)
+KEYS_CHANNEL = "oppu:keys"  # pub/sub: "<storage key>" after a user's data key rotated (cached keys forgotten)
 
 AdapterListener = Callable[[str, int | None], None]
 RevokedListener = Callable[[list[str]], object]
 ErasedListener = Callable[[str], object]
+KeysListener = Callable[[str], object]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Listeners:
     adapter: AdapterListener
     revoked: RevokedListener
     erased: ErasedListener | None = None  # a user's storage key: their queued and running engine rows end
+    keys: KeysListener | None = None  # a user's storage key: their data key rotated, cached keys are forgotten
 
 
 class JobQueue(Protocol):
@@ -128,6 +132,12 @@ class RedisJobQueue:
                 _apply(listeners.erased, storage_key)
         self._publish(ERASED_CHANNEL, storage_key)
 
+    def publish_keys(self, storage_key: str) -> None:
+        for listeners in list(self._local):
+            if listeners.keys is not None:
+                _apply(listeners.keys, storage_key)
+        self._publish(KEYS_CHANNEL, storage_key)
+
     def _publish(self, channel: str, data: str) -> None:
         """Other replicas hear it when Redis is up; this one has acted already (it hears it twice: harmless)."""
         try:
@@ -145,7 +155,7 @@ class RedisJobQueue:
         while not stop.is_set():
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(ADAPTER_CHANNEL, REVOKED_CHANNEL, ERASED_CHANNEL)
+                pubsub.subscribe(ADAPTER_CHANNEL, REVOKED_CHANNEL, ERASED_CHANNEL, KEYS_CHANNEL)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and isinstance(message.get("data"), bytes):
@@ -204,6 +214,11 @@ class InProcessJobQueue:
             if listeners.erased is not None:
                 listeners.erased(storage_key)
 
+    def publish_keys(self, storage_key: str) -> None:
+        for listeners in list(self._listeners):
+            if listeners.keys is not None:
+                listeners.keys(storage_key)
+
     def subscribe(self, listeners: Listeners, stop: threading.Event) -> None:
         self._listeners.append(listeners)
 
@@ -225,6 +240,14 @@ def erased_notice(queue: JobQueue) -> Callable[[str], None]:
     return lambda _storage_key: None  # a queue nobody serves behind (`oppu train`, test fakes)
 
 
+def keys_notice(queue: JobQueue) -> Callable[[str], None]:
+    """How a data-key rotation tells every replica (this one first) to forget the user's cached keys at once
+    (the SQL outbox carries it too: `notices.outbox.record_keys`)."""
+    if isinstance(queue, RedisJobQueue | InProcessJobQueue):
+        return queue.publish_keys
+    return lambda _storage_key: None
+
+
 def queue_checks(queue: JobQueue) -> dict[str, bool]:
     """What readiness reports about the queue: Redis reachable (only when Redis is used)."""
     return {"redis": queue.ping()} if isinstance(queue, RedisJobQueue) else {}
@@ -237,6 +260,9 @@ def _dispatch(listeners: Listeners, channel: bytes | str, data: str) -> None:
     elif name == ERASED_CHANNEL:
         if listeners.erased is not None:
             listeners.erased(data)
+    elif name == KEYS_CHANNEL:
+        if listeners.keys is not None:
+            listeners.keys(data)
     else:
         owner, _, version = data.partition(" ")
         listeners.adapter(owner, int(version) if version.isdigit() and int(version) > 0 else None)

@@ -13,14 +13,28 @@ from sqlalchemy.orm import Session
 from service.adapters import repository as adapter_repo
 from service.db.models import SHARED_OWNER, Job
 from service.db.session import after_commit
-from service.errors import NotFound
+from service.errors import Conflict, NotFound
 from service.history import repository as history_repo
 from service.jobs import repository as repo
 from service.jobs.queue import JobQueue
 from service.jobs.schemas import JobOut
+from service.sealing.session import sealer_of
 
-Kind = Literal["user_retrain", "shared_retrain"]
+Kind = Literal["user_retrain", "shared_retrain", "user_key_rotation"]
+KEY_ROTATION: Kind = "user_key_rotation"
 MAX_ERROR_CHARS = 2000
+
+
+class OtherJobActive(Conflict):
+    """The owner has an active job of another kind (one active job per owner): this one is not made."""
+
+    code = "job_active"
+
+
+class SealingOff(Conflict):
+    """A data-key rotation asked of a server that does not seal (OPPU_SEAL_AT_REST=false)."""
+
+    code = "sealing_off"
 
 
 def to_out(job: Job) -> JobOut:
@@ -41,11 +55,13 @@ def request_job(
     session: Session, queue: JobQueue, kind: Kind, owner_key: str, user_pk: int | None
 ) -> tuple[JobOut, bool]:
     """The owner's active job if there is one, else a new queued job. Dedupe is a partial unique
-    index in SQL, so concurrent requests (any replica) produce exactly one job."""
+    index in SQL, so concurrent requests (any replica) produce exactly one job. A key rotation is never
+    answered with another kind of job: OtherJobActive (409) names the active one instead."""
     existing = repo.active(session, owner_key)
     if existing is not None:
-        return to_out(existing), False
-    cutoff = history_repo.max_item_id(session, user_pk) if user_pk is not None else None
+        return _same_kind(existing, kind), False
+    training = kind != KEY_ROTATION
+    cutoff = history_repo.max_item_id(session, user_pk) if user_pk is not None and training else None
     job = Job(
         id=str(uuid.uuid4()),
         kind=kind,
@@ -60,10 +76,30 @@ def request_job(
     )
     stored = repo.add_unless_active(session, job)
     if stored is not job:
-        return to_out(stored), False
+        return _same_kind(stored, kind), False
     job_id = job.id
     after_commit(session, lambda: queue.enqueue(job_id, 1))
     return to_out(job), True
+
+
+def _same_kind(active: Job, kind: Kind) -> JobOut:
+    if kind == KEY_ROTATION and active.kind != kind:
+        out = to_out(active)
+        raise OtherJobActive(
+            f"this user has an active {out.kind} job ({out.job_id}, {out.status}); rotate the data key once it "
+            "has finished",
+            details={"active_job": out.model_dump(mode="json")},
+        )
+    return to_out(active)
+
+
+def request_key_rotation(session: Session, queue: JobQueue, owner_key: str, user_pk: int) -> JobOut:
+    """A background rotation of the user's data key (job kind `user_key_rotation`; its body is
+    `sealing.operations.rotate_user`); the active one if one is under way."""
+    if not sealer_of(session).enabled:
+        raise SealingOff("this server does not seal data at rest (OPPU_SEAL_AT_REST=false): no data key to rotate")
+    job, _created = request_job(session, queue, KEY_ROTATION, owner_key, user_pk)
+    return job
 
 
 def shared_retrainer(queue: JobQueue) -> Callable[[Session], object]:

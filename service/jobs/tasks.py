@@ -1,9 +1,11 @@
-"""Job bodies: train a user's (or the shared) LoRA on a recorded history snapshot and publish it.
+"""Job bodies: train a user's (or the shared) LoRA on a recorded history snapshot and publish it; rotate a
+user's data key (`user_key_rotation`: the body is `sealing.operations.rotate_user`, finished with no adapter
+version). One claim / heartbeat / retry / finish for every kind (`run_job`), one body per kind (`BODIES`).
 
 Idempotent: a job claims itself in SQL (queued -> running), and its publish is keyed by the job id,
 so a retried or replayed job never creates a second version. Runs in an RQ work horse (service.jobs.entry)
 or in the API process's in-process runner; the model is loaded lazily in the process that trains (CUDA is
-never touched by the RQ parent). One body per job kind (`PLANNERS`).
+never touched by the RQ parent). One training plan per training kind (`PLANNERS`).
 
 The publishing transaction re-checks that the job is still this attempt's and that its owner still exists
 (locked against an erase until the commit) BEFORE any file is written: a job whose user was erased while it
@@ -30,8 +32,11 @@ from service.history.repository import OwnerRef
 from service.history.service import DocSnapshot, snapshot
 from service.jobs import service as jobs
 from service.jobs.context import JobContext
-from service.jobs.queue import JobQueue
+from service.jobs.queue import JobQueue, keys_notice
+from service.notices import outbox
+from service.sealing import operations as sealing_ops
 from service.sealing.service import UserDataErased
+from service.sealing.session import sealer_of_factory
 from service.training.examples import TrainExample, build_shared_examples, build_user_examples
 from service.training.trainer import LoraTrainConfig, TrainOutput, train_lora
 
@@ -75,8 +80,9 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         job = ClaimedJob(row.id, row.kind, row.owner_key, row.user_pk, row.cutoff_item_id, row.attempts)
     try:
         with ctx._lock, _Heartbeat(ctx, job_id, job.attempt) as beat:
-            version = _train_and_publish(ctx, job, beat)
-        ctx.queue.publish_adapter(job.owner_key, version)
+            version = BODIES[job.kind](ctx, job, beat)
+        if version is not None:
+            ctx.queue.publish_adapter(job.owner_key, version)
     except JobGone:
         log.info("job %s attempt %d ended: the job was cancelled, taken over or erased", job_id, job.attempt)
     except Exception as exc:
@@ -241,6 +247,44 @@ def _publish(ctx: JobContext, job: ClaimedJob, plan: TrainingPlan, out: TrainOut
         if erased:  # after finish: OPPU_SHARED_ON_ERASE=retrain requests the next job (this one is done)
             adapter_service.retire_shared_trained_on_erased(session, ctx.adapter_context())
         return done.version
+
+
+def _rotate_data_key(ctx: JobContext, job: ClaimedJob, beat: _Heartbeat) -> None:
+    """A user's data-key rotation (`sealing.operations.rotate_user`), then finished with no adapter version in a
+    transaction that holds the owner. An owner erased meanwhile ends the job quietly (JobGone): their keys and
+    rows are gone, there is nothing left to rotate."""
+    assert job.user_pk is not None
+    owner = OwnerRef(job.user_pk, job.owner_key)
+    sealer = sealer_of_factory(ctx.session_factory)
+    if not sealer.enabled:
+        raise RuntimeError("this server does not seal data at rest (OPPU_SEAL_AT_REST=false)")
+    publish = keys_notice(ctx.queue)
+
+    def notify(storage_key: str) -> None:
+        with unit_of_work(ctx.session_factory) as session:
+            outbox.record_keys(session, storage_key)  # replicas that miss the fast path poll it
+        publish(storage_key)
+
+    settle_s = ctx.key_settle_s
+    if settle_s is None:
+        settle_s = sealing_ops.settle_seconds(ctx.settings.key_recheck_s)
+    try:
+        done = sealing_ops.rotate_user(
+            ctx.session_factory, ctx.store, sealer, owner, settle_s=settle_s, notify=notify, progress=beat.report
+        )
+    except UserDataErased:
+        raise JobGone(job.job_id) from None
+    with unit_of_work(ctx.session_factory) as session:
+        _hold(session, job)
+        jobs.finish(session, job.job_id, adapter_version=None, attempt=job.attempt)
+    log.info("job %s: data key of %s rotated, %d rows and adapter versions re-sealed", job.job_id, job.owner_key, done)
+
+
+BODIES: dict[str, Callable[[JobContext, ClaimedJob, _Heartbeat], int | None]] = {
+    "user_retrain": _train_and_publish,
+    "shared_retrain": _train_and_publish,
+    "user_key_rotation": _rotate_data_key,
+}
 
 
 def reap_stale(ctx: JobContext) -> int:

@@ -1,8 +1,8 @@
-"""The notices outbox: a notice (key revoked, user erased, adapter changed) is written to SQL in the transaction
-that causes it, and every API replica polls the table every OPPU_NOTICE_POLL_S, besides the Redis pub/sub fast
-path (`jobs/queue.py`). A notice sent while Redis is down (its publish is lost) still reaches every replica
-within the poll interval; correctness never waited on a message (requests read SQL), but ending a revoked key's
-streams, an erased user's engine rows and their cached adapters and indexes did.
+"""The notices outbox: a notice (key revoked, user erased, adapter changed, data key rotated) is written to SQL in the
+transaction that causes it, and every API replica polls the table every OPPU_NOTICE_POLL_S, besides the Redis
+pub/sub fast path (`jobs/queue.py`). A notice sent while Redis is down (its publish is lost) still reaches every
+replica within the poll interval; correctness never waited on a message (requests read SQL), but ending a revoked
+key's streams, an erased user's engine rows and their cached adapters and indexes did.
 
 Each replica applies each notice once: the poller remembers the ids it applied, and skips what the fast path
 (this replica's own local-first application, or pub/sub) applied already. PostgreSQL hands out ids at insert
@@ -23,9 +23,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.session import unit_of_work
 from service.jobs.queue import Listeners
 from service.notices import repository as repo
+from service.sealing.session import sealer_of_factory
 
 log = logging.getLogger(__name__)
-ADAPTER, REVOKED, ERASED = "adapter", "revoked", "erased"
+ADAPTER, REVOKED, ERASED, KEYS = "adapter", "revoked", "erased", "keys"
 COMMIT_LAG_S = 60.0  # longest gap between a notice's insert and its transaction's commit that is covered
 PRUNE_EVERY_S = 60.0
 
@@ -48,6 +49,11 @@ def record_revoked(session: Session, owner_key: str, key_hashes: Iterable[str]) 
 def record_erased(session: Session, storage_key: str) -> None:
     """The user was erased: their queued and running engine rows end on every replica."""
     repo.add(session, storage_key, ERASED, storage_key)
+
+
+def record_keys(session: Session, storage_key: str) -> None:
+    """The user's data key rotated: every replica forgets their cached keys (and re-reads the keyring)."""
+    repo.add(session, storage_key, KEYS, storage_key)
 
 
 # --- reading (every API replica) ---
@@ -84,13 +90,15 @@ class NoticePoller:
         self._factory = session_factory
         self._listeners = listeners
         self._keep_s = keep_s
+        # A data-key notice: the listener given, else the sealer every session of this factory carries forgets.
+        self._forget_keys = listeners.keys if listeners.keys is not None else sealer_of_factory(session_factory).forget
         self._recent = _Recent(COMMIT_LAG_S + 30.0)
         self._seen: set[int] = set()
         self._marks: deque[tuple[float, int]] = deque()  # (when, newest id seen then): the floor trails them
         self._pruned_at = 0.0
         with unit_of_work(session_factory) as session:
             self._floor = repo.last_id(session)  # a process that just started has nothing to drop or end
-        self.fast_path = Listeners(self._fast_adapter, self._fast_revoked, self._fast_erased)
+        self.fast_path = Listeners(self._fast_adapter, self._fast_revoked, self._fast_erased, self._fast_keys)
 
     def _fast_adapter(self, owner_key: str, version: int | None) -> None:
         self._recent.note(ADAPTER, [f"{owner_key} {version if version is not None else 0}"])
@@ -103,6 +111,9 @@ class NoticePoller:
     def _fast_erased(self, storage_key: str) -> object:
         self._recent.note(ERASED, [storage_key])
         return self._listeners.erased(storage_key) if self._listeners.erased is not None else None
+
+    def _fast_keys(self, storage_key: str) -> object:
+        return self._forget_keys(storage_key)  # not noted: forgetting twice is harmless (the poller does it again)
 
     def poll_once(self) -> int:
         """Apply the notices not applied here yet; returns how many were applied."""
@@ -124,6 +135,9 @@ class NoticePoller:
                 if hashes:
                     self._listeners.revoked(hashes)
                 return int(bool(hashes))
+            if kind == KEYS:  # always: a second rotation's notice within the dedupe window must not be skipped
+                self._forget_keys(payload)
+                return 1
             if not self._recent.fresh(kind, [payload]):
                 return 0
             if kind == ERASED and self._listeners.erased is not None:

@@ -1,6 +1,7 @@
 """The operator's side of sealing (`oppu keys ...`): how much is still plaintext, sealing an existing deployment
-in place (resumable batches, each its own transaction), and the master-key rotation's loop. The SQL is in the
-repositories; this module only sequences them."""
+in place (resumable batches, each its own transaction), the master-key rotation's loop, and THE body of a
+per-user data-key rotation (`rotate_user`: the background job `user_key_rotation` and `oppu keys rotate-user`).
+The SQL is in the repositories; this module only sequences them."""
 
 from __future__ import annotations
 
@@ -68,10 +69,71 @@ def rotate_master(sealer: Sealer, *, batch: int = 500, progress: Progress, settl
             settle_s = 0.0
 
 
-def rotate_user(factory: sessionmaker[Session], store: AdapterStore, sealer: Sealer, owner: OwnerRef) -> int:
-    """A new data key for one user: their rows and adapter files re-sealed under it (rows in one transaction,
-    so a concurrent append waits and its keyed hash matches), then the old key versions are destroyed."""
+SETTLE_MARGIN_S = 1.0  # beyond OPPU_KEY_RECHECK_S: a write that picked the old key just before the recheck commits
+MAX_SWEEPS = 20  # sweeps that keep finding values under an old key: something still seals under it; stop, keep it
+
+
+class RotationStalled(RuntimeError):
+    """Values kept appearing under an old data-key version sweep after sweep: the old version is kept."""
+
+
+def settle_seconds(recheck_s: float) -> float:
+    """How long a rotation waits between making the new version and re-sealing: every process re-checks its
+    cached keys within `recheck_s` (Sealer's rule), plus a margin for writes in flight."""
+    return recheck_s + SETTLE_MARGIN_S
+
+
+def rotate_user(
+    factory: sessionmaker[Session],
+    store: AdapterStore,
+    sealer: Sealer,
+    owner: OwnerRef,
+    *,
+    settle_s: float,
+    notify: Callable[[str], None] = lambda _storage_key: None,
+    progress: Callable[[float], None] = lambda _fraction: None,
+) -> int:
+    """A new data key for one user, their data re-sealed under it, the old versions destroyed; safe with
+    several processes sealing for the user meanwhile (API replicas, workers):
+
+    1. make version v+1; `notify` tells every replica to forget the owner's cached keys (the outbox notice);
+    2. wait `settle_s` (>= OPPU_KEY_RECHECK_S + a margin): by then no process seals under v any more, even one
+       that missed the notice (Sealer re-checks its cached versions at least that often);
+    3. re-seal every history row, the profile and every adapter file still under an older version, sweep after
+       sweep until one finds none (a write picked the old key before the recheck may commit late);
+    4. destroy the versions below v+1, and notify again (the old key leaves every replica's memory).
+
+    Interrupted anywhere, it is simply run again (a fresh version; nothing is destroyed before step 4).
+    `progress(fraction)` is called between steps (a job's heartbeat check may raise there to stop). Raises
+    UserDataErased when the user is erased meanwhile, RotationStalled when values keep appearing under an old
+    version. Returns how many rows and adapter versions were re-sealed."""
     new_version = sealer.rotate_user(owner.storage_key)
+    notify(owner.storage_key)
+    progress(0.05)
+    deadline = time.monotonic() + settle_s
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.5))
+        progress(0.05 + 0.45 * (1 - max(0.0, deadline - time.monotonic()) / settle_s))
+    done = 0
+    for sweep in range(MAX_SWEEPS):
+        found = _reseal_once(factory, store, owner, new_version)
+        done += found
+        progress(min(0.95, 0.5 + 0.05 * (sweep + 1)))
+        if found == 0:
+            break
+    else:
+        raise RotationStalled(
+            f"values kept appearing under an old data key after {MAX_SWEEPS} sweeps (a process that does not "
+            "re-check its keys?); the old key is kept, run the rotation again"
+        )
+    sealer.drop_versions_below(owner.storage_key, new_version)
+    notify(owner.storage_key)
+    return done
+
+
+def _reseal_once(factory: sessionmaker[Session], store: AdapterStore, owner: OwnerRef, new_version: int) -> int:
+    """One sweep: the owner's rows (one transaction, so a concurrent append waits and its keyed hash matches)
+    and adapter files not under `new_version` re-sealed. Returns how many rows and versions changed."""
     with unit_of_work(factory) as session:
         done = history_repo.reseal(session, owner)
         versions = [row.version for row in adapter_repo.list_versions(session, owner.storage_key)]
@@ -80,5 +142,4 @@ def rotate_user(factory: sessionmaker[Session], store: AdapterStore, sealer: Sea
             done += store.reseal_version(owner.storage_key, version, current=new_version)
         except (VersionNotFoundError, FileNotFoundError):
             pass  # pruned meanwhile
-    sealer.drop_versions_below(owner.storage_key, new_version)
     return done

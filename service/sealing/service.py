@@ -5,6 +5,13 @@ closed for good.
 
 The keyring is its own store, like a KMS: its writes commit at once (a key made for a transaction that then
 rolls back is an unused key, never a lost one). Plaintext keys live only in this process's memory (an LRU).
+
+THE rule for several processes (API replicas, workers) and a per-user key rotation: the key a process seals NEW
+values under (`current`, and the keyed hashes of `tag`) comes from a cache entry re-checked against the keyring
+at most `recheck_s` (OPPU_KEY_RECHECK_S) old, so `recheck_s` after a rotation made version v+1 no process seals
+under v any more (a rotation's notice makes them forget sooner; `sealing/operations.rotate_user` waits it out
+before it re-seals and destroys v). Opening needs no recheck: a version not in the cache is read on demand.
+Idempotency lookups match a value's keyed hash under every live version (`UserSeal.tags`).
 Knows nothing of tables, routes or what the sealed values mean; callers name the purpose of each value, and
 every ciphertext is bound to (owner, purpose): copied to another user's row or file, it does not open.
 """
@@ -14,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +40,7 @@ from service.sealing.cipher import SealBroken
 from service.sealing.kek import KeyEncryptionKeys, MasterKeyError
 
 CACHE_OWNERS = 4096  # opened data keys kept in memory (32 bytes each per version)
+RECHECK_S = 5.0  # default of OPPU_KEY_RECHECK_S
 
 
 class UserDataErased(ServiceError):
@@ -55,6 +64,10 @@ def _ad(owner_key: str, purpose: str) -> bytes:
     return f"{owner_key}|{purpose}".encode()
 
 
+def _tag(version: int, tag_key: bytes, value: str) -> str:
+    return f"t{version}." + hmac.new(tag_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def _tag_key(data_key: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"oppu-tag-v1").derive(data_key)
 
@@ -64,14 +77,23 @@ class Sealer:
     on a master-key rotation. `enabled=False` (OPPU_SEAL_AT_REST=false) makes every handle a plaintext one."""
 
     def __init__(
-        self, keyring: sessionmaker[Session] | None, keks: KeyEncryptionKeys | None, *, enabled: bool = True
+        self,
+        keyring: sessionmaker[Session] | None,
+        keks: KeyEncryptionKeys | None,
+        *,
+        enabled: bool = True,
+        recheck_s: float = RECHECK_S,
     ) -> None:
         if enabled and (keyring is None or keks is None):
             raise ValueError("sealing needs a keyring and a master key")
+        if recheck_s <= 0:
+            raise ValueError("recheck_s must be > 0")
         self.enabled = enabled
+        self.recheck_s = recheck_s
         self._keyring_factory, self._kek_source = keyring, keks
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, dict[int, bytes]] = OrderedDict()
+        self._checked_at: dict[str, float] = {}  # when each cached owner's versions were read from the keyring
         self._tag_keys: dict[tuple[str, int], bytes] = {}  # one HKDF per key version, not per tagged value
 
     def user(self, owner_key: str) -> UserSeal:
@@ -100,36 +122,55 @@ class Sealer:
 
     # --- keys ---
 
-    def _load(self, owner_key: str) -> dict[int, bytes]:
+    def _load(self, owner_key: str, *, max_age_s: float | None = None) -> dict[int, bytes]:
+        """The owner's opened keys by version: cached, or (none cached, or cached more than `max_age_s` ago)
+        read from the keyring (versions already open are not unwrapped again)."""
         with self._lock:
             keys = self._cache.get(owner_key)
             if keys is not None:
                 self._cache.move_to_end(owner_key)
-                return keys
+                checked = self._checked_at.get(owner_key, 0.0)
+                if max_age_s is None or time.monotonic() - checked <= max_age_s:
+                    return keys
+        known = keys or {}
+        checked_at = time.monotonic()
         with self._session() as session:
             rows = repo.keys_of(session, owner_key)
             if not rows and repo.is_shredded(session, owner_key):
+                self.forget(owner_key)
                 raise UserDataErased("this user's data was erased; what remains of it cannot be opened")
             try:
-                keys = {r.version: self._keks.unwrap(r.kek_id, r.wrapped, _wrap_ad(owner_key, r.version)) for r in rows}
+                keys = {
+                    r.version: known.get(r.version)
+                    or self._keks.unwrap(r.kek_id, r.wrapped, _wrap_ad(owner_key, r.version))
+                    for r in rows
+                }
             except MasterKeyError as exc:
                 raise SealedDataUnreadable(f"a data key of this user cannot be opened: {exc}") from exc
         if keys:
-            self._remember(owner_key, keys)
+            self._remember(owner_key, keys, checked_at)
+        else:
+            self.forget(owner_key)
         return keys
 
-    def _remember(self, owner_key: str, keys: dict[int, bytes]) -> None:
+    def _remember(self, owner_key: str, keys: dict[int, bytes], checked_at: float) -> None:
         with self._lock:
             self._cache[owner_key] = keys
+            self._checked_at[owner_key] = checked_at
             self._cache.move_to_end(owner_key)
+            for k in [k for k in self._tag_keys if k[0] == owner_key and k[1] not in keys]:
+                del self._tag_keys[k]  # a version destroyed by a rotation
             while len(self._cache) > CACHE_OWNERS:
                 gone, _ = self._cache.popitem(last=False)
+                self._checked_at.pop(gone, None)
                 for k in [k for k in self._tag_keys if k[0] == gone]:
                     del self._tag_keys[k]
 
     def current(self, owner_key: str) -> tuple[int, bytes]:
-        """The newest data key of the owner, made now if they have none (never for a shredded owner)."""
-        keys = self._load(owner_key)
+        """The newest data key of the owner (what new values are sealed under), made now if they have none
+        (never for a shredded owner). Re-checked against the keyring once the cached versions are older than
+        `recheck_s`: a rotation by another process is seen within that."""
+        keys = self._load(owner_key, max_age_s=self.recheck_s)
         if not keys:
             keys = self._create(owner_key, 1)
         version = max(keys)
@@ -160,8 +201,14 @@ class Sealer:
 
     def rotate_user(self, owner_key: str) -> int:
         """A new data-key version for the owner (new values use it; old ones open until re-sealed)."""
+        self.forget(owner_key)  # from the keyring itself: never a version number another process took already
         keys = self._load(owner_key) or self._create(owner_key, 1)
         return max(self._create(owner_key, max(keys) + 1))
+
+    def live_versions(self, owner_key: str) -> list[int]:
+        """The owner's data-key versions in the keyring now, oldest first (none: no key yet)."""
+        with self._session() as session:
+            return [row.version for row in repo.keys_of(session, owner_key)]
 
     def drop_versions_below(self, owner_key: str, version: int) -> None:
         with self._session() as session:
@@ -171,6 +218,18 @@ class Sealer:
     def tag_key(self, owner_key: str) -> tuple[int, bytes]:
         """(version, the key of keyed hashes) of the owner's current data key."""
         version, key = self.current(owner_key)
+        return version, self._tag_key_of(owner_key, version, key)
+
+    def tag_keys(self, owner_key: str) -> list[tuple[int, bytes]]:
+        """(version, tag key) of every live data-key version of the owner this process knows, the current
+        one first: a value hashed before a rotation re-sealed its row is still matched."""
+        version, _ = self.current(owner_key)  # re-checks the versions as `current` does
+        with self._lock:
+            keys = dict(self._cache.get(owner_key) or {})
+        versions = sorted({version, *keys}, reverse=True)
+        return [(v, self._tag_key_of(owner_key, v, keys[v] if v in keys else self.key(owner_key, v))) for v in versions]
+
+    def _tag_key_of(self, owner_key: str, version: int, key: bytes) -> bytes:
         with self._lock:
             tag = self._tag_keys.get((owner_key, version))
         if tag is None:
@@ -178,12 +237,13 @@ class Sealer:
             with self._lock:
                 if owner_key in self._cache:  # not for an owner forgotten meanwhile
                     self._tag_keys[(owner_key, version)] = tag
-        return version, tag
+        return tag
 
     def forget(self, owner_key: str) -> None:
         """Drop the owner's opened keys from memory (erase notices reach every replica through this)."""
         with self._lock:
             self._cache.pop(owner_key, None)
+            self._checked_at.pop(owner_key, None)
             for k in [k for k in self._tag_keys if k[0] == owner_key]:
                 del self._tag_keys[k]
 
@@ -278,7 +338,13 @@ class UserSeal:
         """A keyed hash of user content the server must look up by (e.g. a client's idempotency id): equal
         values give equal tags for this owner; nothing about the value shows without their key."""
         version, tag_key = self.sealer.tag_key(self.owner_key)
-        return f"t{version}." + hmac.new(tag_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+        return _tag(version, tag_key, value)
+
+    def tags(self, values: Sequence[str]) -> dict[str, list[str]]:
+        """Each value's keyed hash under every live data-key version of the owner, the current one (what `tag`
+        gives) first: a lookup during a key rotation matches a row hashed before it was re-sealed."""
+        keys = self.sealer.tag_keys(self.owner_key)
+        return {value: [_tag(version, tag_key, value) for version, tag_key in keys] for value in values}
 
     def seal_bytes(self, purpose: str, data: bytes) -> bytes:
         version, key = self.sealer.current(self.owner_key)

@@ -1,6 +1,6 @@
 """The operator's commands (`oppu keys ...`) on a real deployment's files: status, a master-key rotation that
 leaves every user readable under the new key alone, and one user's data-key rotation (rows and adapter files
-re-sealed, the old key destroyed, idempotency kept)."""
+re-sealed, the old key destroyed, idempotency kept; the background job's body, run in the foreground)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,11 @@ def test_rotate_master_then_retire_leaves_everyone_readable_under_the_new_key(
             assert "zebracorn" in client.get(f"/users/{user}/history", headers=bearer(key)).text
 
 
-def test_rotate_user_reseals_rows_and_files_and_destroys_the_old_key(deployment: Settings) -> None:
+def test_rotate_user_reseals_rows_and_files_and_destroys_the_old_key(
+    deployment: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OPPU_KEY_RECHECK_S", "0.05")  # the CLI waits OPPU_KEY_RECHECK_S + 1 s before re-sealing
+    get_settings.cache_clear()
     with TestClient(create_app(deployment)) as client:
         key = create_user(client, "ann")
         add_history(client, "ann", key, n=3)
@@ -72,7 +76,10 @@ def test_rotate_user_reseals_rows_and_files_and_destroys_the_old_key(deployment:
         assert upload(client, "ann", key, random_lora_zip(shapes, None, seed=1)).status_code in (200, 201)
         owner = storage_key(client, "ann")
         before = client.get("/users/ann/adapter/download", headers=bearer(key)).content
+    capsys.readouterr()
     assert cli.main(["keys", "rotate-user", "ann"]) == 0
+    out = capsys.readouterr().out
+    assert "waiting 1.1 s" in out and "the old key is destroyed" in out, out
     weights = next((deployment.adapters_dir / "users" / owner).rglob("adapter_model.safetensors")).read_bytes()
     assert cipher.file_version(weights) == 2
     with TestClient(create_app(deployment)) as client:
