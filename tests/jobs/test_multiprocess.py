@@ -4,7 +4,10 @@
 request reads the current version from SQL: the bound is 0 s after the publish commit);
 (b) SIGKILL of the worker mid-job: a new worker retries the job, which ends with exactly one new version,
 while generate calls against both APIs all succeed and never go back to the old version once the new
-one was seen.
+one was seen;
+(c) a data-key rotation run by the worker while the second API (which opened the user's key before) keeps
+appending through it and right after: every row opens on both APIs, one key version is left, and the same client
+id appended before and during the rotation stays one row.
 """
 
 from __future__ import annotations
@@ -404,6 +407,58 @@ def test_erase_across_two_apis_and_a_worker(cluster: Cluster, pg_schema_url: str
     assert r.status_code == 200, r.text
     versions = r.json()["versions"]
     assert versions and all(v["trained_on_erased"] for v in versions), versions
+
+
+def test_rotation_by_the_worker_while_another_api_writes(cluster: Cluster, pg_schema_url: str) -> None:
+    cluster.env["OPPU_KEY_RECHECK_S"] = "0.2"  # the rotation waits 1.2 s before re-sealing
+    ports = [free_port(), free_port()]
+    bases = [f"http://127.0.0.1:{p}" for p in ports]
+    for i, port in enumerate(ports):
+        cluster.start(f"api{i + 1}", "serve", "--port", str(port), "--log-level", "warning")
+    cluster.start("worker1", "worker")
+    wait_ready(cluster, bases)
+    r = httpx.post(f"{bases[0]}/admin/users", json={"user_id": "ann"}, headers=ADMIN, timeout=10)
+    assert r.status_code == 201, r.text
+    key = r.json()["api_key"]
+
+    def append(base: str, item_id: str) -> httpx.Response:
+        item = {"id": item_id, "input": "q", "output": f"zebracorn {item_id}"}
+        return httpx.post(f"{base}/users/ann/history", json={"items": [item]}, headers=bearer(key), timeout=10)
+
+    assert append(bases[1], "before").json()["added"] == 1  # api2 opened (and cached) ann's version-1 key
+    r = httpx.post(f"{bases[0]}/admin/users/ann/keys/rotate-data-key", headers=ADMIN, timeout=10)
+    assert r.status_code == 202 and r.json()["kind"] == "user_key_rotation", r.text
+    job_id = r.json()["job_id"]
+    n = 0
+    while httpx.get(f"{bases[0]}/admin/jobs/{job_id}", headers=ADMIN, timeout=10).json()["status"] in (
+        "queued",
+        "running",
+    ):
+        assert append(bases[1], f"d{n}").status_code == 201
+        if n == 3:  # the same client id again, during the rotation
+            again = append(bases[1], "before")
+            assert again.status_code == 201 and again.json()["duplicates"] == 1, again.text
+        n += 1
+        time.sleep(0.05)
+    job = wait_job(cluster, bases[0], job_id, until=("succeeded", "failed"))
+    assert job["status"] == "succeeded" and job["adapter_version"] is None, (job, cluster.logs())
+    assert n >= 5  # appends went on through the settle time and the sweeps
+    for i in range(3):  # right after the old key is destroyed
+        assert append(bases[1], f"a{i}").status_code == 201
+    for base in bases:
+        r = httpx.get(f"{base}/users/ann/history", params={"limit": 1000}, headers=bearer(key), timeout=10)
+        assert r.status_code == 200, r.text
+        ids = [i["id"] for i in r.json()["items"]]
+        assert len(ids) == len(set(ids)) == 1 + n + 3, ids
+    keyring = create_engine(f"sqlite:///{cluster.tmp / 'data' / 'keyring.sqlite3'}")
+    main = create_engine(pg_schema_url)
+    with main.connect() as conn:
+        owner = conn.execute(text("SELECT storage_key FROM users WHERE user_id = 'ann'")).scalar_one()
+    with keyring.connect() as conn:
+        versions = conn.execute(text("SELECT version FROM data_keys WHERE owner_key = :k"), {"k": owner}).scalars()
+        assert list(versions) == [2]
+    keyring.dispose()
+    main.dispose()
 
 
 def bearer(key: str) -> dict[str, str]:
