@@ -21,7 +21,7 @@ import platform
 import random
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -123,20 +123,29 @@ def _store_histories(bench: _Bench, splits: Sequence[ml.UserSplit]) -> dict[str,
         }
 
 
-def _generate(bench: _Bench, specs: Sequence[GenerationSpec], desc: str) -> tuple[list[str], list[PreparedRequest]]:
+def _generate(
+    bench: _Bench,
+    specs: Sequence[GenerationSpec],
+    desc: str,
+    on_done: Callable[[int, str], None] | None = None,
+) -> tuple[list[str], list[PreparedRequest]]:
     """Answers in request order. Every request goes through the server's own preparation step and engine,
-    all queued at once: the engine batches them across users (adapters disk -> host -> slot as served)."""
+    all queued at once: the engine batches them across users (adapters disk -> host -> slot as served).
+    `on_done(i, text)` hears each answer as it finishes (a resumable stage keeps it at once)."""
     preparer = bench.core.preparer
     prepared = [preparer.prepare(spec) for spec in specs]
     bar = tqdm(total=len(prepared), desc=desc, unit="req", disable=not bench.config.progress)
 
-    async def one(p: PreparedRequest) -> str:
+    async def one(i: int, p: PreparedRequest) -> str:
         done = await collect(preparer.engine, p.request)
         bar.update(1)
-        return preparer.codec.decode(done.token_ids).strip()
+        text = preparer.codec.decode(done.token_ids).strip()
+        if on_done is not None:
+            on_done(i, text)
+        return text
 
     async def run_all() -> list[str]:
-        return list(await asyncio.gather(*(one(p) for p in prepared)))
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prepared))))
 
     try:
         return asyncio.run(run_all()), prepared
@@ -153,15 +162,28 @@ def _spec(bench: _Bench, user: UserRef, text: str, method: LlmMethod, max_new: i
     )
 
 
-def _generate_profiles(bench: _Bench, docs: Mapping[str, Sequence[history.DocSnapshot]]) -> dict[str, str]:
-    """PAG: the BASE model (no shared LoRA yet) writes a profile from each user's recent history."""
+def _generate_profiles(
+    bench: _Bench, docs: Mapping[str, Sequence[history.DocSnapshot]], state: RunState
+) -> dict[str, str]:
+    """PAG: the BASE model (no shared LoRA yet) writes a profile from each user's recent history. Each profile
+    is kept in the run folder as it finishes (profiles.partial.json), so an interrupted stage resumes with the
+    missing ones only; with one row per engine step (the resumable presets) a profile does not depend on which
+    others were generated with it."""
     n = bench.config.profile_items
     uids = [u for u in bench.users if docs[u]]
+    kept: dict[str, str] = dict(state.load(PARTIAL_PROFILES) or {})
+    todo = [u for u in uids if u not in kept]
     base = LlmMethod("profile", 0, False, False)
     max_new = bench.config.profile_new_tokens
-    specs = [_spec(bench, bench.users[u], build_profile_prompt(list(docs[u])[-n:]), base, max_new) for u in uids]
-    texts, _ = _generate(bench, specs, "profiles")
-    return dict(zip(uids, texts, strict=True))
+    specs = [_spec(bench, bench.users[u], build_profile_prompt(list(docs[u])[-n:]), base, max_new) for u in todo]
+
+    def keep(i: int, text: str) -> None:
+        kept[todo[i]] = text
+        state.save(PARTIAL_PROFILES, kept)
+
+    if specs:
+        _generate(bench, specs, "profiles", keep)
+    return {u: kept[u] for u in uids}
 
 
 def _apply_profiles(bench: _Bench, texts: Mapping[str, str]) -> dict[str, str | None]:
@@ -444,6 +466,9 @@ def _read_dev_report(config: EvalConfig, dev_task: ml.RatingTask) -> dict[str, A
     return dict(dev)
 
 
+PARTIAL_PROFILES = "profiles.partial.json"  # the profiles written so far by an unfinished profile stage
+
+
 class RunState:
     """The run folder: run.json (what the run is, so a resume cannot mix two configurations), profiles.json,
     shared/ (stage-1 files and summary), users/NNNN.json (one per finished user, named by position, never by
@@ -480,7 +505,7 @@ class RunState:
                 for f in path.iterdir():
                     if f.is_file() and (f.suffix in (".json", ".tmp") or folder == "shared/files"):
                         f.unlink()
-        for name in ("profiles.json", "run.json"):
+        for name in ("profiles.json", PARTIAL_PROFILES, "run.json"):
             (self.root / name).unlink(missing_ok=True)
         for folder in ("shared/files", "shared", "users", ""):
             path = self.root / folder
@@ -568,9 +593,10 @@ def _profiles_stage(
     saved = state.load("profiles.json")
     if saved is None:
         t = time.perf_counter()
-        generated = _generate_profiles(bench, docs)
+        generated = _generate_profiles(bench, docs, state)
         _timed(timing, "profiles_s", t)
         state.save("profiles.json", {"texts": generated, "seconds": timing["profiles_s"]})
+        (state.root / PARTIAL_PROFILES).unlink(missing_ok=True)
     else:
         generated, timing["profiles_s"] = saved["texts"], saved["seconds"]
     return _apply_profiles(bench, generated)

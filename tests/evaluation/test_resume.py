@@ -96,3 +96,39 @@ def test_resume_gives_the_same_report(tmp_path: Path, monkeypatch: pytest.Monkey
     assert _without_wall_times(resumed) == _without_wall_times(whole)
     assert not (tmp_path / "parts").exists() and not (tmp_path / "whole").exists()  # finished: folders cleared
 
+
+def test_an_interrupted_profile_stage_resumes_with_the_missing_profiles_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Profiles are kept as they finish: a run stopped after the first one generates only the others on resume,
+    and reports what an uninterrupted run reports."""
+    data = _dataset(tmp_path / "ml")
+    settings = Settings(model_cache_dir=tmp_path / "models")
+    whole = runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "whole")
+
+    real_generate = runner._generate
+    asked: list[int] = []  # how many profiles each profile stage generated
+    stop = [True]
+
+    def generate(bench: Any, specs: Any, desc: str, on_done: Any = None) -> Any:
+        if desc != "profiles":
+            return real_generate(bench, specs, desc, on_done)
+        asked.append(len(specs))
+
+        def keep_then_stop(i: int, text: str) -> None:
+            on_done(i, text)
+            if stop[0]:
+                raise Interrupted
+
+        return real_generate(bench, specs, desc, keep_then_stop)
+
+    monkeypatch.setattr(runner, "_generate", generate)
+    with pytest.raises(Interrupted):
+        runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts")
+    kept = json.loads((tmp_path / "parts" / runner.PARTIAL_PROFILES).read_text())
+    assert len(kept) == 1 and not (tmp_path / "parts" / "profiles.json").exists()
+
+    stop[0] = False
+    resumed = runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts", resume=True)
+    assert asked[0] >= 2 and asked[1:] == [asked[0] - 1]  # the resumed stage: only the missing profiles
+    assert _without_wall_times(resumed) == _without_wall_times(whole)
