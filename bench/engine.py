@@ -339,7 +339,8 @@ def main() -> None:
     workloads = args.workloads.split(",")
     reqs = {w: requests(w, tokenizer, args.per_client) for w in workloads}
     report: dict[str, Any] = {
-        "bench": "engine", "model": base.name, "users": USERS, "clients": CLIENTS, "lora_rank": RANK,
+        "bench": "engine", "command": " ".join(["python", *sys.argv]),
+        "model": base.name, "users": USERS, "clients": CLIENTS, "lora_rank": RANK,
         "machine": machine_record(args.dtype) | {"platform": platform.platform()}, "date": time.strftime("%Y-%m-%d"),
         "workloads": {w: WORKLOADS[w] | {"requests": len(reqs[w])} for w in workloads}, "servers": {},
     }  # fmt: skip
