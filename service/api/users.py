@@ -11,11 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import data_rights, users
 from service.adapters.uploads import gated_file
 from service.deps import AdaptersDep, AdminUserDep, CallerDep, QueueDep, SessionDep, StateDep, UserDep
-from service.errors import AUTH_ERRORS, Forbidden, error_responses
+from service.errors import AUTH_ERRORS, error_responses
 from service.jobs import service as jobs
 from service.jobs.queue import erased_notice
 from service.jobs.schemas import JobOut
-from service.tenancy import UserRef, authorize_user
 
 router = APIRouter(tags=["users"], responses=error_responses(*AUTH_ERRORS))
 
@@ -103,14 +102,6 @@ another job of the user (a retrain) is active; 409 `sealing_off` when the server
 already under way is returned as is."""
 
 
-def get_me(caller: CallerDep, session: SessionDep) -> UserRef:
-    """The user whose key calls (any of their keys); the admin key has no user of its own."""
-    if caller.user_id is None:
-        raise Forbidden("this route acts on the calling user's own data: use a user's key")
-    return authorize_user(session, caller, caller.user_id)
-
-
-MeDep = Annotated[UserRef, Depends(get_me)]
 DATA_KEY_ERRORS = error_responses(404, 409)
 
 
@@ -126,11 +117,11 @@ def rotate_data_key(user: AdminUserDep, session: SessionDep, queue: QueueDep) ->
 
 
 @router.post(
-    "/users/me/keys/rotate-data-key",
+    "/users/{user_id}/keys/rotate-data-key",
     status_code=202,
     response_model=JobOut,
     description=DATA_KEY_RULE,
     responses=DATA_KEY_ERRORS,
 )
-def rotate_own_data_key(user: MeDep, session: SessionDep, queue: QueueDep) -> JobOut:
+def rotate_own_data_key(user: UserDep, session: SessionDep, queue: QueueDep) -> JobOut:
     return jobs.request_key_rotation(session, queue, user.storage_key, user.pk)

@@ -90,7 +90,7 @@ def test_the_job_reseals_everything_and_destroys_the_old_key(rot_client: TestCli
     assert c.get("/users/ann/profile", headers=bearer(key)).json()["text"] == "likes zebras"
     assert c.get("/users/ann/adapter/download", headers=bearer(key)).content == before
     # the owner's own route: a second rotation, any of their keys
-    r = c.post("/users/me/keys/rotate-data-key", headers=bearer(key))
+    r = c.post("/users/ann/keys/rotate-data-key", headers=bearer(key))
     assert r.status_code == 202 and r.json()["kind"] == "user_key_rotation", r.text
     assert wait_job(c, r.json()["job_id"])["status"] == "succeeded"
     assert sealer_of(app_state(c).db).live_versions(owner) == [3]
@@ -203,7 +203,7 @@ def test_answers_409_404_403(rot_client: TestClient) -> None:
     assert retrain["kind"] == "user_retrain" and retrain["status"] == "queued", retrain
     for path, headers in (
         ("/admin/users/ann/keys/rotate-data-key", admin_headers()),
-        ("/users/me/keys/rotate-data-key", bearer(ann)),
+        ("/users/ann/keys/rotate-data-key", bearer(ann)),
     ):
         r = c.post(path, headers=headers)
         assert r.status_code == 409 and r.json()["code"] == "job_active", r.text
@@ -211,8 +211,8 @@ def test_answers_409_404_403(rot_client: TestClient) -> None:
         assert r.json()["details"]["active_job"]["job_id"] == retrain["job_id"]
     assert c.post("/admin/users/nobody/keys/rotate-data-key", headers=admin_headers()).status_code == 404
     assert c.post("/admin/users/bob/keys/rotate-data-key", headers=bearer(ann)).status_code == 403
-    assert c.post("/users/me/keys/rotate-data-key", headers=admin_headers()).status_code == 403
-    assert c.post("/users/me/keys/rotate-data-key").status_code == 401
+    assert c.post("/users/bob/keys/rotate-data-key", headers=bearer(ann)).status_code == 403  # another user's
+    assert c.post("/users/ann/keys/rotate-data-key").status_code == 401
     c.post(f"/admin/jobs/{retrain['job_id']}/cancel", headers=admin_headers())
     assert wait_job(c, str(bob_job["job_id"]))["status"] == "succeeded"
 
@@ -223,7 +223,7 @@ def test_sealing_off_answers_409(tmp_path: Path, db_url: str, tiny_model_path: P
         key = create_user(c, "ann")
         for path, headers in (
             ("/admin/users/ann/keys/rotate-data-key", admin_headers()),
-            ("/users/me/keys/rotate-data-key", bearer(key)),
+            ("/users/ann/keys/rotate-data-key", bearer(key)),
         ):
             r = c.post(path, headers=headers)
             assert r.status_code == 409 and r.json()["code"] == "sealing_off", r.text
