@@ -449,6 +449,7 @@ def run_eval(
         state = RunState.open(Path(run_dir) if run_dir is not None else Path(tmp) / "run", config, root, resume)
         bench = _open_bench(config, _settings(settings or Settings(), Path(tmp), config, len(outside)))
         try:
+            state.pin_dtype(str(bench.core.loaded.dtype).removeprefix("torch."))
             report = _run(bench, data, task, dev_task, outside, root, timing, started, state, dev_report)
             state.clear()  # a finished run leaves only its report (the folder holds adapter files)
             return report
@@ -496,6 +497,21 @@ class RunState:
         state = cls(root, manifest)
         state.save("run.json", manifest)
         return state
+
+    def pin_dtype(self, dtype: str) -> None:
+        """A run is made in one dtype: resumed on a machine whose default is another (sessions run on different
+        CPUs; OPPU_DTYPE=auto follows the CPU), it stops here instead of mixing profiles and stage 1 made in one
+        dtype with users scored in the other."""
+        made_in = self.manifest.get("dtype")
+        if made_in is not None and made_in != dtype:
+            raise ValueError(
+                f"{self.root} was run in {made_in}; this machine would continue it in {dtype}. Set "
+                f"OPPU_DTYPE={made_in} to continue it (bfloat16 wants a CPU with native bf16: AMX or AVX512-BF16), "
+                "or start a new run"
+            )
+        if made_in is None:
+            self.manifest["dtype"] = dtype
+            self.save("run.json", self.manifest)
 
     def clear(self) -> None:
         """Remove what this class wrote (never anything else a user's folder may hold)."""

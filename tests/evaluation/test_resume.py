@@ -132,3 +132,16 @@ def test_an_interrupted_profile_stage_resumes_with_the_missing_profiles_only(
     resumed = runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts", resume=True)
     assert asked[0] >= 2 and asked[1:] == [asked[0] - 1]  # the resumed stage: only the missing profiles
     assert _without_wall_times(resumed) == _without_wall_times(whole)
+
+
+def test_a_run_is_resumed_only_in_the_dtype_it_was_made_in(tmp_path: Path) -> None:
+    """Sessions run on different CPUs (OPPU_DTYPE=auto: bf16 on some, fp32 on others): a resume in another
+    dtype stops with what to set, never mixes the two."""
+    data = _dataset(tmp_path / "ml")
+    first = runner.RunState.open(tmp_path / "run", _config(), data, resume=False)
+    first.pin_dtype("bfloat16")
+    again = runner.RunState.open(tmp_path / "run", _config(), data, resume=True)
+    with pytest.raises(ValueError, match="OPPU_DTYPE=bfloat16"):
+        again.pin_dtype("float32")
+    again.pin_dtype("bfloat16")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bfloat16"
