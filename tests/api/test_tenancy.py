@@ -8,6 +8,7 @@ reason in NOT_IN_MATRIX.
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -16,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.conftest import admin_headers, bearer, create_user
+from tests.conftest import admin_headers, app_state, bearer, create_user
 from tests.factories import PromptRecorder
 
 CANARY = "zanzibarcanary"
@@ -208,8 +209,18 @@ def check_response(case: RouteCase, kind: str, r: Any, label: str) -> list[str]:
     return failures
 
 
+def drain_jobs(client: TestClient) -> None:
+    """Wait for the jobs the matrix started (a data-key rotation returns 202 and runs on): none may outlive the
+    app and its database (a job left running holds a connection past the test)."""
+    queue = app_state(client).queue
+    deadline = time.monotonic() + 60
+    while getattr(queue, "depth", lambda: 0)() > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_tenancy_matrix(client: TestClient) -> None:
     """Every user route x every caller, on both databases; nothing of Bob's ever reaches Alice."""
+    app_state(client).jobs.key_settle_s = 0.0  # the rotations it starts: no settle wait (one process)
     keys = setup_users(client)
     failures: list[str] = []
     with PromptRecorder(client) as recorder:
@@ -235,6 +246,7 @@ def test_tenancy_matrix(client: TestClient) -> None:
                             ids = {h["id"] for h in r.json()["retrieved"]}
                             if not ids <= set(_history_ids(client, owner)):
                                 failures.append(f"{label}: retrieved someone else's items: {ids}")
+    drain_jobs(client)
     assert not failures, "\n".join(failures)
 
 
