@@ -338,16 +338,22 @@ def metric(base: str, name: str) -> float:
     return values[0]
 
 
-def test_erase_across_two_apis_and_a_worker(cluster: Cluster, pg_schema_url: str) -> None:
-    """DELETE /admin/users/{id} on one API while the user's adapter sits in both APIs' slots and a retrain of
-    theirs was just queued: nothing of them remains in SQL, the store, either API's adapter slots, or the
-    queue (the queued job publishes nothing), and the shared version trained on their history is flagged."""
+def two_apis_and_a_worker(cluster: Cluster) -> list[str]:
+    """Two API processes and one `oppu worker` on the cluster's database; their base URLs once ready."""
     ports = [free_port(), free_port()]
     bases = [f"http://127.0.0.1:{p}" for p in ports]
     for i, port in enumerate(ports):
         cluster.start(f"api{i + 1}", "serve", "--port", str(port), "--log-level", "warning")
     cluster.start("worker1", "worker")
     wait_ready(cluster, bases)
+    return bases
+
+
+def test_erase_across_two_apis_and_a_worker(cluster: Cluster, pg_schema_url: str) -> None:
+    """DELETE /admin/users/{id} on one API while the user's adapter sits in both APIs' slots and a retrain of
+    theirs was just queued: nothing of them remains in SQL, the store, either API's adapter slots, or the
+    queue (the queued job publishes nothing), and the shared version trained on their history is flagged."""
+    bases = two_apis_and_a_worker(cluster)
     keys = {}
     for user in ("eve", "other"):
         r = httpx.post(f"{bases[0]}/admin/users", json={"user_id": user}, headers=ADMIN, timeout=10)
@@ -411,12 +417,7 @@ def test_erase_across_two_apis_and_a_worker(cluster: Cluster, pg_schema_url: str
 
 def test_rotation_by_the_worker_while_another_api_writes(cluster: Cluster, pg_schema_url: str) -> None:
     cluster.env["OPPU_KEY_RECHECK_S"] = "0.2"  # the rotation waits 1.2 s before re-sealing
-    ports = [free_port(), free_port()]
-    bases = [f"http://127.0.0.1:{p}" for p in ports]
-    for i, port in enumerate(ports):
-        cluster.start(f"api{i + 1}", "serve", "--port", str(port), "--log-level", "warning")
-    cluster.start("worker1", "worker")
-    wait_ready(cluster, bases)
+    bases = two_apis_and_a_worker(cluster)
     r = httpx.post(f"{bases[0]}/admin/users", json={"user_id": "ann"}, headers=ADMIN, timeout=10)
     assert r.status_code == 201, r.text
     key = r.json()["api_key"]
