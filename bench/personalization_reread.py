@@ -5,6 +5,8 @@ item, the baselines are recomputed from the data.
 
 Usage: .venv/bin/python bench/personalization_reread.py REPORT.json [--dev DEV.json] [--out FILE.json] [--data DIR]
 Prints the Markdown tables; --out writes the analysis as JSON. Several REPORTs share one --dev.
+A REPORT (or DEV) may be a run folder (OUT.run/) of an unfinished run: it is read as an INTERIM report of the
+users finished so far (labelled so in the output), with baselines and dev choices on those users only.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from typing import Any
 from service.evaluation import analysis
 from service.evaluation import movielens as ml
 from service.evaluation.protocol import default_data_dir
-from service.evaluation.reread import reread
+from service.evaluation.reread import interim_report, reread
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        return interim_report(path)
+    report: dict[str, Any] = json.loads(path.read_text())
+    return report
 
 
 def main() -> None:
@@ -32,22 +41,28 @@ def main() -> None:
     )
     args = parser.parse_args()
     data = ml.load_movielens(args.data or default_data_dir())
-    dev = json.loads(args.dev.read_text()) if args.dev else None
+    dev = _read(args.dev) if args.dev else None
     out: dict[str, Any] = {}
     for path in args.reports:
-        report = json.loads(path.read_text())
+        report = _read(path)
         result = reread(report, data, dev_report=dev, resamples=args.resamples)
+        if "interim" in report:
+            result["interim"] = report["interim"]
         pairs = [tuple(p.split(":", 1)) for p in args.pair]
         rows = analysis.Rows.from_report(report["predictions"])
         rows.preds.update(result["baseline_predictions"])
         result["post_hoc"] = analysis.compare(rows, pairs, resamples=args.resamples, seed=0)
         result["readouts_chosen_on"] = str(args.dev) if args.dev and report["config"]["holdout"] == 0 else str(path)
         out[path.name] = result
-        print(f"## {path.name}\n\n{result['markdown']}\n")
+        interim = report.get("interim")
+        label = f" (INTERIM: {interim['users_finished']} of {interim['users_planned']} users)" if interim else ""
+        print(f"## {path.name}{label}\n\n{result['markdown']}\n")
         for c in result["post_hoc"]:
             u, i = c["user_ci"], c["item_ci"]
-            print(f"post hoc {c['a']} vs {c['b']}: {c['mean_diff']:+.3f} users [{u[0]:+.3f}, {u[1]:+.3f}] "
-                  f"items [{i[0]:+.3f}, {i[1]:+.3f}]")
+            print(
+                f"post hoc {c['a']} vs {c['b']}: {c['mean_diff']:+.3f} users [{u[0]:+.3f}, {u[1]:+.3f}] "
+                f"items [{i[0]:+.3f}, {i[1]:+.3f}]"
+            )
     if args.out:
         args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 

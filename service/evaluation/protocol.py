@@ -1,11 +1,13 @@
-"""The MovieLens personalization protocol: which methods are compared, the presets, and the leakage checks
-that every run asserts (no test item in any stored history, training example or retrieved prompt item).
+"""The MovieLens personalization protocol: which methods are compared, the presets, the splits a run scores
+(`build_tasks`, also what a re-read rebuilds), and the leakage checks that every run asserts (no test item in
+any stored history, training example or retrieved prompt item).
 
 Pure data and checks; `runner` drives the real components with it, `report` scores what they answered.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -197,6 +199,58 @@ def _typed(name: str, current: Any, text: str) -> Any:
 def default_data_dir() -> Path:
     """`../shared/data/movielens-latest-small` next to the repository (never copied into it)."""
     return Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
+
+
+def outside_splits(data: ml.MovieLens, config: EvalConfig, task: ml.RatingTask) -> list[ml.UserSplit]:
+    """Stage-1 users OUTSIDE the evaluated set: eligible by the same rule, split the same way (their scored
+    items are never read), at most shared_users of them (seeded)."""
+    evaluated = {ml.user_number(s.user_id) for s in task.users}
+    need = max(config.min_ratings_for_split, config.test_items + 1) + config.holdout
+    others = sorted(u for u, rs in data.ratings.items() if len(rs) >= need and u not in evaluated)
+    if config.shared_users is not None:
+        others = sorted(random.Random(config.seed + 1).sample(others, min(config.shared_users, len(others))))
+    if not others:
+        raise ValueError("shared_pool='outside' needs users outside the evaluated set; none is eligible")
+    kw = {"history_items": config.history_items, "test_items": config.test_items, "holdout": config.holdout}
+    splits = [ml.split_user(data, u, **kw) for u in others]
+    return [replace(s, test=[]) for s in splits]
+
+
+def build_tasks(data: ml.MovieLens, config: EvalConfig) -> tuple[ml.RatingTask, ml.RatingTask, list[ml.UserSplit]]:
+    """(the scored task, its dev task for the baselines' choices, the stage-1 users outside the evaluated set)."""
+    kw = {
+        "n_users": config.users,
+        "history_items": config.history_items,
+        "test_items": config.test_items,
+        "min_ratings": config.min_ratings_for_split,
+        "seed": config.seed,
+    }
+    task = ml.build_rating_task(data, **kw, holdout=config.holdout)
+    dev_holdout = config.holdout if config.split == "dev" else config.test_items
+    dev_kw = dict(kw)
+    if config.eligibility_includes_holdout and config.split == "test":
+        dev_kw["min_ratings"] = kw["min_ratings"] - dev_holdout
+    dev = task if config.split == "dev" else ml.build_rating_task(data, **dev_kw, holdout=dev_holdout)
+    outside = outside_splits(data, config, task) if config.shared_pool == "outside" else []
+    if config.item_context:
+        task = ml.with_item_context(task, data)
+        dev = task if config.split == "dev" else ml.with_item_context(dev, data)
+        outside = ml.with_item_context(ml.RatingTask(outside), data).users
+    return task, dev, outside
+
+
+def config_of(report_config: Mapping[str, Any]) -> EvalConfig:
+    """The EvalConfig a report (its "config") or a run folder (run.json's "config") was made with. A report
+    writes its split as prose and its holdout as a number: the split is read back from the holdout."""
+    known = {f.name: f for f in fields(EvalConfig)}
+    values = {k: v for k, v in report_config.items() if k in known and k not in ("split", "progress", "model")}
+    if isinstance(values.get("shared_ks"), list):
+        values["shared_ks"] = tuple(values["shared_ks"])
+    written = report_config.get("split")
+    split: Literal["test", "dev"] = "dev" if int(report_config.get("holdout", 0)) > 0 else "test"
+    if written in ("dev", "test"):
+        split = "dev" if written == "dev" else "test"
+    return EvalConfig(**values, split=split)
 
 
 # --- leakage checks (raise AssertionError) ---

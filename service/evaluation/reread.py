@@ -7,27 +7,27 @@ Pure data code over report dicts and `movielens` records; no models, no server.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
-from service.evaluation import analysis, baselines
+from service.evaluation import analysis, baselines, protocol
 from service.evaluation import movielens as ml
 from service.evaluation.metrics import score_predictions
 from service.evaluation.protocol import REFERENCE
 
 
-def task_of(data: ml.MovieLens, config: Mapping[str, Any], *, holdout: int) -> ml.RatingTask:
-    """The split a report was run on (or its dev split, with holdout = test_items), from the report config."""
-    history, test = int(config["history_items"]), int(config["test_items"])
-    return ml.build_rating_task(
-        data,
-        n_users=int(config["users"]),
-        history_items=history,
-        test_items=test,
-        min_ratings=int(config.get("min_ratings") or history + test),
-        seed=int(config["seed"]),
-        holdout=holdout,
-    )
+def tasks_of(data: ml.MovieLens, config: Mapping[str, Any]) -> tuple[ml.RatingTask, ml.RatingTask]:
+    """(the split a report or run folder was scored on, its dev split), rebuilt by the run's own rule."""
+    run = replace(protocol.config_of(config), item_context=False, shared_pool="evaluated")  # only the splits
+    task, dev_task, _ = protocol.build_tasks(data, run)
+    return task, dev_task
+
+
+def _only(task: ml.RatingTask, users: set[str]) -> ml.RatingTask:
+    return ml.RatingTask([s for s in task.users if s.user_id in users])
 
 
 def baseline_block(
@@ -64,11 +64,12 @@ def reread(
     """The analysis of `report` (a test or dev run), with LLM readouts chosen on `dev_report` (None: on the
     report itself when it is a dev run, else a priori) and baselines chosen on the rebuilt dev split."""
     config = report["config"]
-    holdout = int(config.get("holdout", 0))
-    task = task_of(data, config, holdout=holdout)
+    task, dev_task = tasks_of(data, config)
+    if report.get("interim"):  # a run folder read before its last user: the users finished so far
+        done = {str(r["user"]) for r in report["predictions"]}
+        task, dev_task = _only(task, done), _only(dev_task, done)
     check_rows(task, report["predictions"])
-    is_dev = holdout > 0
-    dev_task = task if is_dev else task_of(data, config, holdout=int(config["test_items"]))
+    is_dev = int(config.get("holdout", 0)) > 0
     base, dev_mae, shrinkage = baseline_block(data, task, dev_task)
     rows = analysis.Rows.from_report(report["predictions"])
     for name, preds in base.items():
@@ -90,3 +91,26 @@ def reread(
     out["baseline_predictions"] = base
     out["baseline_shrinkage"] = {"value": shrinkage, "chosen_on": "dev split (rebuilt from the data)"}
     return out
+
+
+def interim_report(run_dir: Path) -> dict[str, Any]:
+    """A run folder (OUT.run/) read as a report before its run has finished: the prediction rows of the users
+    finished so far, under the run's config, marked `interim` so `reread` scores those users only (baselines
+    and the dev choices on the same users). For a look at a long run while it runs, or a partial result
+    committed honestly as partial; the run's own report is the result."""
+    manifest = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    config = protocol.config_of(manifest["config"])
+    files = sorted((run_dir / "users").glob("[0-9]*.json")) if (run_dir / "users").is_dir() else []
+    results = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+    return {
+        "interim": {"users_finished": len(results), "users_planned": config.users, "run_dir": str(run_dir)},
+        "config": {
+            **{k: v for k, v in asdict(config).items() if k != "progress"},
+            "holdout": config.holdout,
+            "dtype": manifest.get("dtype"),
+            "methods": {m.name: asdict(m) for m in config.methods()},
+        },
+        "training": [r["training"] for r in results],
+        "timing": {"per_user_s": [round(r["timing"]["train_s"] + r["timing"]["methods_s"], 2) for r in results]},
+        "predictions": [row for r in results for row in r["rows"]],
+    }

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import random
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -388,44 +387,6 @@ def _config_report(config: EvalConfig, bench: _Bench, task: ml.RatingTask, data_
     }
 
 
-def _outside_splits(data: ml.MovieLens, config: EvalConfig, task: ml.RatingTask) -> list[ml.UserSplit]:
-    """Stage-1 users OUTSIDE the evaluated set: eligible by the same rule, split the same way (their scored
-    items are never read), at most shared_users of them (seeded)."""
-    evaluated = {ml.user_number(s.user_id) for s in task.users}
-    need = max(config.min_ratings_for_split, config.test_items + 1) + config.holdout
-    others = sorted(u for u, rs in data.ratings.items() if len(rs) >= need and u not in evaluated)
-    if config.shared_users is not None:
-        others = sorted(random.Random(config.seed + 1).sample(others, min(config.shared_users, len(others))))
-    if not others:
-        raise ValueError("shared_pool='outside' needs users outside the evaluated set; none is eligible")
-    kw = {"history_items": config.history_items, "test_items": config.test_items, "holdout": config.holdout}
-    splits = [ml.split_user(data, u, **kw) for u in others]
-    return [replace(s, test=[]) for s in splits]
-
-
-def build_tasks(data: ml.MovieLens, config: EvalConfig) -> tuple[ml.RatingTask, ml.RatingTask, list[ml.UserSplit]]:
-    """(the scored task, its dev task for the baselines' choices, the stage-1 users outside the evaluated set)."""
-    kw = {
-        "n_users": config.users,
-        "history_items": config.history_items,
-        "test_items": config.test_items,
-        "min_ratings": config.min_ratings_for_split,
-        "seed": config.seed,
-    }
-    task = ml.build_rating_task(data, **kw, holdout=config.holdout)
-    dev_holdout = config.holdout if config.split == "dev" else config.test_items
-    dev_kw = dict(kw)
-    if config.eligibility_includes_holdout and config.split == "test":
-        dev_kw["min_ratings"] = kw["min_ratings"] - dev_holdout
-    dev = task if config.split == "dev" else ml.build_rating_task(data, **dev_kw, holdout=dev_holdout)
-    outside = _outside_splits(data, config, task) if config.shared_pool == "outside" else []
-    if config.item_context:
-        task = ml.with_item_context(task, data)
-        dev = task if config.split == "dev" else ml.with_item_context(dev, data)
-        outside = ml.with_item_context(ml.RatingTask(outside), data).users
-    return task, dev, outside
-
-
 def run_eval(
     config: EvalConfig,
     *,
@@ -442,7 +403,7 @@ def run_eval(
     timing: dict[str, Any] = {}
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     data = ml.load_movielens(root)
-    task, dev_task, outside = build_tasks(data, config)
+    task, dev_task, outside = protocol.build_tasks(data, config)
     dev_report = _read_dev_report(config, dev_task) if config.split == "test" and config.dev_report else None
     timing["data_s"] = round(time.perf_counter() - started, 2)
     with tempfile.TemporaryDirectory(prefix="oppu-eval-") as tmp:

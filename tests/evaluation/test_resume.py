@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from service.config import Settings
+from service.evaluation import movielens as ml
 from service.evaluation import runner
 from service.evaluation.protocol import EvalConfig
+from service.evaluation.reread import interim_report, reread
 from service.training.trainer import train_lora
 from tests.models import tiny_model_dir
 
@@ -82,6 +84,15 @@ def test_resume_gives_the_same_report(tmp_path: Path, monkeypatch: pytest.Monkey
         runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts")
     assert sorted(p.name for p in (tmp_path / "parts" / "users").iterdir()) == ["0000.json"]
     assert len(trained) == 3  # stage 1, user 1, user 2 (interrupted during its answers)
+    # Read before it ends, the folder is an interim report of its first user, scored on that user only.
+    interim = interim_report(tmp_path / "parts")
+    assert interim["interim"] == {"users_finished": 1, "users_planned": 2, "run_dir": str(tmp_path / "parts")}
+    first = [r for r in whole["predictions"] if r["user"] == whole["predictions"][0]["user"]]
+    assert [r["item"] for r in interim["predictions"]] == [r["item"] for r in first]
+    for row, full in zip(interim["predictions"], first, strict=True):
+        assert row["pred"].items() <= full["pred"].items() and row["dist"] == full["dist"]
+    read = reread(interim, ml.load_movielens(data), dev_report=None, resamples=50)
+    assert {c["n_users"] for c in read["comparisons"]} == {1}
     with pytest.raises(ValueError, match="--resume"):
         runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts")
     other = EvalConfig(**{**_config().__dict__, "seed": 1})

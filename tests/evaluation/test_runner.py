@@ -17,6 +17,7 @@ from service.evaluation.protocol import (
     parse_settings,
     preset_config,
 )
+from service.evaluation.reread import reread
 from service.history.service import DocSnapshot
 from service.training.examples import TrainExample
 from tests.models import tiny_model_dir
@@ -156,3 +157,6 @@ def test_large_preset_dev_then_test_on_a_tiny_configuration(tmp_path: Path) -> N
     assert config["shared_pool"] == "outside" and config["leakage_check"]["shared_examples_from_evaluated_users"] == 0
     assert config["served_with_training_shape"] == {m: m == REFERENCE for m in LLM}
     assert not (tmp_path / "test.json.run").exists()  # a finished run leaves only its report
+    # The page's re-read command rebuilds the same splits (eligibility counting the dev holdout) and comparisons.
+    again = reread(t, ml.load_movielens(ML_DIR), dev_report=d, resamples=100)
+    assert again["comparisons"] == t["comparisons"] and again["readouts"] == t["readouts"]
