@@ -18,6 +18,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -428,6 +430,34 @@ def _read_dev_report(config: EvalConfig, dev_task: ml.RatingTask) -> dict[str, A
     return dict(dev)
 
 
+def code_version() -> dict[str, Any]:
+    """The commit this checkout is at and the git tree of its service/ (what decides the numbers; None outside
+    a git checkout), and whether service/ has uncommitted changes."""
+    root = Path(__file__).resolve().parents[2]
+    git = shutil.which("git")
+
+    def ask(*args: str) -> str | None:
+        if git is None:
+            return None
+        done = subprocess.run([git, "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    return {
+        "commit": ask("rev-parse", "HEAD"),
+        "service_tree": ask("rev-parse", "HEAD:service"),
+        "service_modified": bool(ask("status", "--porcelain", "--", "service")),
+    }
+
+
+def _code_changed(code: Sequence[Mapping[str, Any]], sessions: int) -> bool | None:
+    """True: service/ differed between sessions; None: unknown (a session not recorded, or uncommitted changes)."""
+    if len({c["service_tree"] for c in code}) > 1:
+        return True
+    if len(code) < sessions or any(c["service_modified"] or c["service_tree"] is None for c in code):
+        return None
+    return False
+
+
 PARTIAL_PROFILES = "profiles.partial.json"  # the profiles written so far by an unfinished profile stage
 
 
@@ -452,9 +482,13 @@ class RunState:
             if manifest.get("fingerprint") != fingerprint:
                 raise ValueError(f"{root} holds a run of another configuration; it cannot be resumed with this one")
             manifest["sessions"] = int(manifest.get("sessions", 1)) + 1
+            manifest.setdefault("code", [])
         else:
             root.mkdir(parents=True, exist_ok=True)
-            manifest = {"fingerprint": fingerprint, "config": ident, "sessions": 1, "wall_s_before": 0.0}
+            manifest = {"fingerprint": fingerprint, "config": ident, "sessions": 1, "wall_s_before": 0.0, "code": []}
+        # A long run spans sessions: each records the code it ran, so a report says if the code that made its
+        # numbers changed between them (the config's fingerprint cannot see an engine or trainer change).
+        manifest["code"].append(code_version())
         state = cls(root, manifest)
         state.save("run.json", manifest)
         return state
@@ -555,6 +589,8 @@ def _run(
     _timed(timing, "analysis_s", t)
     timing["this_session_s"] = round(time.perf_counter() - started, 2)
     timing["sessions"] = state.manifest["sessions"]
+    timing["code_per_session"] = state.manifest["code"]
+    timing["code_changed_between_sessions"] = _code_changed(state.manifest["code"], state.manifest["sessions"])
     timing["total_s"] = round(float(state.manifest["wall_s_before"]) + timing["this_session_s"], 2)
     state.manifest["wall_s_before"] = timing["total_s"]
     state.save("run.json", state.manifest)

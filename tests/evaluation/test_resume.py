@@ -104,6 +104,8 @@ def test_resume_gives_the_same_report(tmp_path: Path, monkeypatch: pytest.Monkey
     resumed = runner.run_eval(_config(), data_dir=data, settings=settings, run_dir=tmp_path / "parts", resume=True)
     assert len(trained) == 1  # only the unfinished user: neither stage 1 nor user 1 is trained again
     assert resumed["timing"]["sessions"] == 2
+    code = resumed["timing"]["code_per_session"]
+    assert len(code) == 2 and code[0]["service_tree"] == code[1]["service_tree"]
     assert _without_wall_times(resumed) == _without_wall_times(whole)
     assert not (tmp_path / "parts").exists() and not (tmp_path / "whole").exists()  # finished: folders cleared
 
@@ -156,3 +158,15 @@ def test_a_run_is_resumed_only_in_the_dtype_it_was_made_in(tmp_path: Path) -> No
         again.pin_dtype("float32")
     again.pin_dtype("bfloat16")
     assert json.loads((tmp_path / "run" / "run.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_the_report_says_whether_the_code_changed_between_sessions() -> None:
+    """A run spans sessions and the fingerprint sees only its config: each session records service/'s git tree."""
+    here = runner.code_version()
+    assert here["commit"] is not None and len(here["commit"]) == 40  # the tests run in a git checkout
+    a = {"commit": "1" * 40, "service_tree": "a", "service_modified": False}
+    b = {**a, "service_tree": "b"}
+    assert runner._code_changed([a, a], sessions=2) is False
+    assert runner._code_changed([a, b], sessions=2) is True
+    assert runner._code_changed([a], sessions=2) is None  # a session from before the record
+    assert runner._code_changed([a, {**a, "service_modified": True}], sessions=2) is None
