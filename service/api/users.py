@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import IO, Annotated
 
 from fastapi import APIRouter, Depends, Response
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import data_rights, users
@@ -95,11 +96,11 @@ def revoke_keys(user: AdminUserDep, session: SessionDep, state: StateDep) -> Rev
 
 
 DATA_KEY_RULE = """A new data key for the user (encryption at rest), in the background: 202 with the job (kind
-`user_key_rotation`; poll `GET /admin/jobs/{job_id}`). The job makes the new key, waits until every replica seals
-new values under it (OPPU_KEY_RECHECK_S plus a margin), re-seals the user's history, profile and adapter files,
-then destroys the old key. The user's data stays readable throughout. 409 `job_active` (naming the job) while
-another job of the user (a retrain) is active; 409 `sealing_off` when the server does not seal; a rotation
-already under way is returned as is."""
+`user_key_rotation`; the user polls `GET /users/{user_id}/jobs/{job_id}`, the admin also `GET /admin/jobs/{job_id}`).
+The job makes the new key, waits until every replica seals new values under it (OPPU_KEY_RECHECK_S plus a margin),
+re-seals the user's history, profile and adapter files, then destroys the old key. The user's data stays readable
+throughout. 409 `job_active` (naming the job) while another job of the user (a retrain) is active; 409 `sealing_off`
+when the server does not seal; a rotation already under way is returned as is."""
 
 
 DATA_KEY_ERRORS = error_responses(404, 409)
@@ -125,3 +126,9 @@ def rotate_data_key(user: AdminUserDep, session: SessionDep, queue: QueueDep) ->
 )
 def rotate_own_data_key(user: UserDep, session: SessionDep, queue: QueueDep) -> JobOut:
     return jobs.request_key_rotation(session, queue, user.storage_key, user.pk)
+
+
+@router.get("/users/{user_id}/jobs/{job_id}", response_model=JobOut, responses=error_responses(404))
+def get_own_job(user: UserDep, job_id: Annotated[str, PathParam(max_length=64)], session: SessionDep) -> JobOut:
+    """One of the user's jobs (a retrain, a data-key rotation); another user's job id answers 404, as none does."""
+    return jobs.get_owned(session, user.storage_key, job_id)

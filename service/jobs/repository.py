@@ -47,6 +47,15 @@ def get(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id, populate_existing=True) if len(job_id) <= MAX_JOB_ID else None
 
 
+def get_owned(session: Session, owner_key: str, job_id: str) -> Job | None:
+    """The owner's job by id; another owner's job is None, as no job is (the user route's 404 tells nothing)."""
+    if len(job_id) > MAX_JOB_ID:
+        return None
+    return session.execute(
+        select(Job).where(Job.owner_key == owner_key, Job.id == job_id).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
 def _cas(session: Session, job_id: str, where: ColumnElement[bool], **values: Any) -> bool:
     """THE state write: only a row matching `where` changes; True if it did."""
     result = session.execute(

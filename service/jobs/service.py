@@ -114,6 +114,14 @@ def get(session: Session, job_id: str) -> JobOut:
     return to_out(job)
 
 
+def get_owned(session: Session, owner_key: str, job_id: str) -> JobOut:
+    """A job of the owner's (their retrain, their data-key rotation); 404 for another owner's as for none."""
+    job = repo.get_owned(session, owner_key, job_id)
+    if job is None:
+        raise NotFound("no such job")
+    return to_out(job)
+
+
 # --- transitions used by job bodies and the reaper (each in its own short unit of work; the SQL is in
 # repository.py, every one a compare-and-set) ---
 
