@@ -10,7 +10,6 @@ import os
 import secrets
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,7 +342,7 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
         uploads=UploadGate(settings.upload_concurrency, settings.upload_concurrency_per_user),
         downloads=UploadGate(settings.download_concurrency, settings.download_concurrency_per_user, "download"),
         streams=StreamRegistry(),
-        stopping=threading.Event(),
+        stopping=jobs.stopping,  # one shutdown signal: listeners end, the running job stops at its next step
     )
 
 

@@ -32,6 +32,9 @@ class JobContext:
     on_progress: Callable[[float], None] | None = None  # e.g. a progress bar for `oppu train`
     # A data-key rotation's wait before re-sealing; None: OPPU_KEY_RECHECK_S + a margin (tests shorten it).
     key_settle_s: float | None = None
+    # Set when the process shuts down: the running job stops at its next progress check (a training step, a
+    # rotation's settle tick) and is left as it was; embedded mode runs it again at the next start.
+    stopping: threading.Event = field(default_factory=threading.Event)
     _loaded: LoadedModel | None = None
     _spec: BaseModelSpec | None = None
     _shared: AdapterRef | None = None  # the shared version merged into the training model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -30,6 +31,9 @@ REDIS_SOCKET_TIMEOUT_S = 5.0
 ADAPTER_CHANNEL = "oppu:adapters"  # pub/sub: "<owner_key> <version>" after every publish or delete
 REVOKED_CHANNEL = "oppu:revoked"  # pub/sub: "<key hash>,<key hash>..." after keys are revoked or rotated
 ERASED_CHANNEL = "oppu:erased"  # pub/sub: "<storage key>" after a user is erased (their engine rows end)
+# How long an embedded queue's close waits for the running job to stop at its next progress check (a
+# training step is seconds; loading the model has no check).
+CLOSE_WAIT_S = 60.0
 KEYS_CHANNEL = "oppu:keys"  # pub/sub: "<storage key>" after a user's data key rotated (cached keys forgotten)
 
 AdapterListener = Callable[[str, int | None], None]
@@ -178,6 +182,7 @@ class InProcessJobQueue:
         self._pending = 0
         self._lock = threading.Lock()
         self._listeners: list[Listeners] = []
+        self._futures: set[futures.Future[None]] = set()
 
     def attach(self, runner: Callable[[str], None]) -> None:
         self._runner = runner
@@ -185,7 +190,13 @@ class InProcessJobQueue:
     def enqueue(self, job_id: str, attempt: int) -> None:
         with self._lock:
             self._pending += 1
-        self._pool.submit(self._run, job_id)
+            future = self._pool.submit(self._run, job_id)
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+
+    def _forget(self, future: futures.Future[None]) -> None:
+        with self._lock:
+            self._futures.discard(future)
 
     def _run(self, job_id: str) -> None:
         try:
@@ -222,8 +233,15 @@ class InProcessJobQueue:
     def subscribe(self, listeners: Listeners, stop: threading.Event) -> None:
         self._listeners.append(listeners)
 
-    def close(self) -> None:
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Queued jobs are dropped (the next start re-queues them from SQL); the running one is waited for a
+        while: the shutdown signal (JobContext.stopping, set first) stops it at its next progress check, so it
+        never outlives the database it writes to."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            running = list(self._futures)
+        if running and wait_s > 0:
+            futures.wait(running, timeout=wait_s)
 
 
 def _apply(action: Callable[..., object], *args: object) -> None:

@@ -43,11 +43,16 @@ from service.training.trainer import LoraTrainConfig, TrainOutput, train_lora
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 2.0
 
-__all__ = ["JobContext", "JobGone", "reap", "reap_lost", "reap_stale", "recover_in_process", "run_job"]
+__all__ = ["JobContext", "JobGone", "JobStopped", "reap", "reap_lost", "reap_stale", "recover_in_process", "run_job"]
 
 
 class JobGone(Exception):
     """This attempt no longer owns its job: cancelled, taken over, or the row went with its erased owner."""
+
+
+class JobStopped(Exception):
+    """The process is shutting down: this attempt stops and leaves the job as it is (a rotation and a training
+    are safe to run again from the start; nothing was published)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,8 @@ def run_job(ctx: JobContext, job_id: str) -> None:
             ctx.queue.publish_adapter(job.owner_key, version)
     except JobGone:
         log.info("job %s attempt %d ended: the job was cancelled, taken over or erased", job_id, job.attempt)
+    except JobStopped:
+        log.info("job %s attempt %d stopped by the shutdown; it runs again at the next start", job_id, job.attempt)
     except Exception as exc:
         log.error("job %s failed: %s", job_id, safe_error_text(exc))
         _fail_or_retry(ctx, job, exc)
@@ -113,6 +120,8 @@ class _Heartbeat:
     def report(self, fraction: float) -> None:
         if self.lost:
             raise JobGone(self._job_id)
+        if self._ctx.stopping.is_set():
+            raise JobStopped(self._job_id)
         self.progress = min(0.99, fraction)
         if self._ctx.on_progress is not None:
             self._ctx.on_progress(fraction)

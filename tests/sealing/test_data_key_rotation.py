@@ -6,6 +6,7 @@ keeps its writes readable), idempotent appends across the rotation, and the 409/
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,6 +103,28 @@ def test_the_job_reseals_everything_and_destroys_the_old_key(rot_client: TestCli
     assert c.get(f"/users/ann/jobs/{job_id}", headers=bearer(bob)).status_code == 403
     assert sealer_of(app_state(c).db).live_versions(owner) == [3]
     assert _stored_versions(rot_settings, owner) == {3}
+
+
+def test_a_shutdown_stops_the_running_rotation_and_the_next_start_finishes_it(rot_settings: Settings) -> None:
+    """Embedded mode: the app's exit stops the running job at its next settle tick instead of leaving it running
+    past the database it writes to; the next start runs it again from the start, and it succeeds."""
+    with TestClient(create_app(rot_settings), raise_server_exceptions=False) as c:
+        app_state(c).jobs.key_settle_s = 600.0  # a rotation that would outlast the app by far
+        key = create_user(c, "ann")
+        add_history(c, "ann", key, n=2)
+        job_id = str(_rotate(c, "ann")["job_id"])
+        deadline = time.monotonic() + 30
+        while c.get(f"/admin/jobs/{job_id}", headers=admin_headers()).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the rotation never started"
+            time.sleep(0.05)
+        exiting = time.monotonic()
+    assert time.monotonic() - exiting < 15
+    assert not [t for t in threading.enumerate() if t.name.startswith("oppu-jobs") and t.is_alive()]
+    with TestClient(create_app(rot_settings), raise_server_exceptions=False) as c:  # re-queued at start
+        assert wait_job(c, job_id)["status"] == "succeeded"
+        owner = storage_key(c, "ann")
+        assert sealer_of(app_state(c).db).live_versions(owner) == [3]  # the stopped attempt's v2 went with v1
+        assert [i["id"] for i in c.get("/users/ann/history", headers=bearer(key)).json()["items"]] == ["i0", "i1"]
 
 
 @contextmanager
