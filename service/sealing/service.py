@@ -11,7 +11,8 @@ values under (`current`, and the keyed hashes of `tag`) comes from a cache entry
 at most `recheck_s` (OPPU_KEY_RECHECK_S) old, so `recheck_s` after a rotation made version v+1 no process seals
 under v any more (a rotation's notice makes them forget sooner; `sealing/operations.rotate_user` waits it out
 before it re-seals and destroys v). Opening needs no recheck: a version not in the cache is read on demand.
-Idempotency lookups match a value's keyed hash under every live version (`UserSeal.tags`).
+Idempotency lookups match a value's keyed hash under every live version, read from the keyring at each lookup
+(`UserSeal.tags`).
 Knows nothing of tables, routes or what the sealed values mean; callers name the purpose of each value, and
 every ciphertext is bound to (owner, purpose): copied to another user's row or file, it does not open.
 """
@@ -221,9 +222,13 @@ class Sealer:
         return version, self._tag_key_of(owner_key, version, key)
 
     def tag_keys(self, owner_key: str) -> list[tuple[int, bytes]]:
-        """(version, tag key) of every live data-key version of the owner this process knows, the current
-        one first: a value hashed before a rotation re-sealed its row is still matched."""
-        version, _ = self.current(owner_key)  # re-checks the versions as `current` does
+        """(version, tag key) of every live data-key version of the owner, the current one first: a value hashed
+        before a rotation re-sealed its row is still matched. The versions are read from the keyring on every
+        call, not within `recheck_s`: a replica that has not yet heard of a rotation must still find a row another
+        replica hashed under the new version (a retried append would be stored twice). One small read per
+        lookup; versions already open are not unwrapped again."""
+        self._load(owner_key, max_age_s=0.0)
+        version, _ = self.current(owner_key)
         with self._lock:
             keys = dict(self._cache.get(owner_key) or {})
         versions = sorted({version, *keys}, reverse=True)

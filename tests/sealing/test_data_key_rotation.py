@@ -161,13 +161,13 @@ def _write_through_the_second_replica(c1: TestClient, c2: TestClient) -> None:
                     headers=bearer(key))  # fmt: skip
         assert r.status_code == 201, r.text
         n += 1
-        if n == 5 and not uploaded:  # an adapter upload through replica 2 in the middle of the rotation
+        if n == 2 and not uploaded:  # an adapter upload through replica 2 in the middle of the rotation
             assert upload(c2, "ann", key, random_lora_zip(shapes, None, seed=2)).status_code in (200, 201)
             uploaded = True
         time.sleep(0.03)
     assert wait_job(c1, job_id)["status"] == "succeeded"
     # writes before, around and after the mid-rotation upload (a count, not a rate: a loaded box writes slower)
-    assert uploaded and n >= 6
+    assert uploaded and n >= 3
     # right after the old key is destroyed, replica 2 writes again
     after = [{"id": f"a{i}", "input": "q", "output": "after"} for i in range(3)]
     assert c2.post("/users/ann/history", json={"items": after}, headers=bearer(key)).status_code == 201
@@ -187,7 +187,8 @@ def _write_through_the_second_replica(c1: TestClient, c2: TestClient) -> None:
 
 def test_without_the_recheck_a_stale_replica_seals_under_a_destroyed_key(tmp_path: Path, tiny_model_path: Path) -> None:
     """The control (SQLite is enough): replica 2 never re-checks its cached keys (what every process did before
-    OPPU_KEY_RECHECK_S) and writes under the version the rotation destroyed: its rows do not open."""
+    OPPU_KEY_RECHECK_S) and writes under the version the rotation destroyed: what it wrote does not open. (It
+    writes the profile: a history append re-reads the key versions for its idempotency lookup anyway.)"""
     db_url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
     upgrade(db_url)
     with _two_replicas(tmp_path, db_url, tiny_model_path, 1e9) as (c1, c2):
@@ -198,10 +199,8 @@ def _stale_replica_writes(c1: TestClient, c2: TestClient) -> None:
     key = create_user(c1, "ann")
     add_history(c2, "ann", key, n=2)
     assert wait_job(c1, str(_rotate(c1, "ann")["job_id"]))["status"] == "succeeded"
-    r = c2.post("/users/ann/history", json={"items": [{"id": "late", "input": "q", "output": "x"}]},
-                headers=bearer(key))  # fmt: skip
-    assert r.status_code == 201
-    r = c1.get("/users/ann/history", headers=bearer(key))
+    assert c2.put("/users/ann/profile", json={"text": "late"}, headers=bearer(key)).status_code == 200
+    r = c1.get("/users/ann/profile", headers=bearer(key))
     assert r.status_code == 409 and r.json()["code"] == "sealed_data_unreadable", r.text
 
 

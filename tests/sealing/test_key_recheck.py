@@ -54,6 +54,18 @@ def test_tags_match_under_every_live_version(tmp_path: Path) -> None:
     assert a.user("ann").tags(["client-1"])["client-1"] == [tags[0]]
 
 
+def test_a_replica_that_has_not_heard_of_a_rotation_still_matches_the_new_versions_tags(tmp_path: Path) -> None:
+    """A client retries an append on replica b after replica a stored it under the new version: b's lookup must
+    match a's tag, even though b may still seal under the old version for up to recheck_s."""
+    a, b = _replicas(tmp_path, recheck_s=3600.0)
+    assert b.user("ann").version() == 1  # b caches version 1 and would keep it an hour
+    a.rotate_user("ann")
+    stored_by_a = a.user("ann").tag("client-1")
+    assert stored_by_a in b.user("ann").tags(["client-1"])["client-1"]
+    a.drop_versions_below("ann", 2)
+    assert b.user("ann").tags(["client-1"])["client-1"] == [stored_by_a]  # the destroyed version is not asked
+
+
 def test_recheck_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         _replicas(tmp_path, recheck_s=0)
