@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 BIN = Path(sys.executable).parent
 REDIS_DB = 7  # flushed before and after: the test owns this database number
 STALE_AFTER_S = 3
-EPOCHS = 40  # ~4 s of training on the tiny model (more under load): a kill lands mid-job
+EPOCHS = 80  # ~8 s of training on the tiny model (more under load): the poll sees it running, a kill lands mid-job
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 GEN = {"prompt": "hello there", "max_new_tokens": 1, "temperature": 0, "retrieval_k": 0}
 

@@ -92,6 +92,7 @@ class Fuzzer:
         self.adapter = random_lora_zip(spec.linear_shapes, spec.base_model_name, seed=1)
         self.base_model = spec.base_model_name
         self.owner_version = 0
+        self.owner_job = ""
         self.keys: dict[str, str] = {}
         self.sent: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
@@ -113,6 +114,17 @@ class Fuzzer:
         self.keys[user] = r.json()["api_key"]
         if user == OWNER:
             self.upload_adapter()
+            self.owner_job = self.finished_job(user)
+
+    def finished_job(self, user: str) -> str:
+        """A job of the user's that has ended (retrain requested, then cancelled): their job route answers 200,
+        and no active job blocks their other routes (a data-key rotation is 409 while one is queued)."""
+        r = self._admin("POST", f"/admin/users/{user}/retrain")
+        assert r.status_code == 202, r.text
+        job_id = str(r.json()["job_id"])
+        r = self._admin("POST", f"/admin/jobs/{job_id}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        return job_id
 
     def upload_adapter(self) -> None:
         headers = {"Authorization": f"Bearer {self.keys[OWNER]}", "Content-Type": "application/zip"}
@@ -198,7 +210,9 @@ def strategy_for(operation: Operation, mode: GenerationMode, fuzzer: Fuzzer, job
     free = operation.as_strategy(generation_mode=mode)
     label = f"{operation.method.upper()} {operation.path}"
     names = {p.name for p in operation.path_parameters}
-    fixed = {"user_id": OWNER} if "user_id" in names else {"job_id": job_id} if "job_id" in names else {}
+    fixed = {"user_id": OWNER} if "user_id" in names else {}
+    if "job_id" in names:  # the owner's own job on their route, the shared job on the admin's
+        fixed["job_id"] = fuzzer.owner_job if "user_id" in names else job_id
     if mode is GenerationMode.NEGATIVE:
         return free
     owned = operation.as_strategy(generation_mode=mode, path_parameters=fixed) if fixed else free
