@@ -20,9 +20,13 @@ from service.composition import sealer_of
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.db.models import HistoryItem, Profile, User
+from service.db.session import unit_of_work
+from service.history import service as history
+from service.history.schemas import HistoryAppendIn, HistoryItemIn
 from service.main import create_app
 from service.sealing import cipher
-from tests.conftest import admin_headers, app_state, bearer, create_user, make_settings
+from service.tenancy import Caller, authorize_user
+from tests.conftest import _pg_fresh_schema_url, admin_headers, app_state, bearer, create_user, make_settings
 from tests.factories import add_history, random_lora_zip, storage_key, upload, wait_job
 
 RECHECK_S = 0.1
@@ -125,6 +129,38 @@ def test_a_shutdown_stops_the_running_rotation_and_the_next_start_finishes_it(ro
         owner = storage_key(c, "ann")
         assert sealer_of(app_state(c).db).live_versions(owner) == [3]  # the stopped attempt's v2 went with v1
         assert [i["id"] for i in c.get("/users/ann/history", headers=bearer(key)).json()["items"]] == ["i0", "i1"]
+
+
+@pytest.fixture
+def pg_rot_settings(tmp_path: Path, tiny_model_path: Path) -> Iterator[Settings]:
+    for url in _pg_fresh_schema_url():  # row locks: what SQLite's single writer makes moot
+        upgrade(url)
+        yield _settings(tmp_path, url, tiny_model_path)
+
+
+def test_an_append_sealed_before_the_rotation_and_committed_late_is_resealed_not_lost(
+    pg_rot_settings: Settings,
+) -> None:
+    """An append seals under version 1 and is slow to commit; the rotation starts meanwhile. Its re-seal sweep
+    waits for the append (the owner's row lock), sees the row, re-seals it; only then is version 1 destroyed.
+    Without the lock the sweep found nothing, version 1 went, and the late row could never be read again."""
+    with TestClient(create_app(pg_rot_settings), raise_server_exceptions=False) as c:
+        state = app_state(c)
+        state.jobs.key_settle_s = 0.0
+        key = create_user(c, "ann")
+        add_history(c, "ann", key, n=2)
+        with unit_of_work(state.db.session_factory) as session:
+            ann = authorize_user(session, Caller(is_admin=True), "ann")
+        with unit_of_work(state.db.session_factory) as slow:
+            body = HistoryAppendIn(items=[HistoryItemIn(id="late", input="q", output="sealed before, committed after")])
+            assert history.append(slow, ann, body).added == 1  # sealed under version 1, not committed
+            job_id = str(_rotate(c, "ann")["job_id"])
+            time.sleep(1.5)  # the job has made version 2 and reached its sweep
+        assert wait_job(c, job_id)["status"] == "succeeded"
+        assert sealer_of(state.db).live_versions(ann.storage_key) == [2]
+        r = c.get("/users/ann/history", headers=bearer(key))
+        assert r.status_code == 200, r.text
+        assert [i["id"] for i in r.json()["items"]] == ["i0", "i1", "late"]
 
 
 @contextmanager
