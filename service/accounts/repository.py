@@ -78,6 +78,16 @@ def lock_owner(session: Session, user_pk: int, owner_key: str) -> bool:
     return session.execute(stmt).first() is not None
 
 
+def hold_for_sealed_write(session: Session, user_pk: int) -> None:
+    """Row-lock the user (PostgreSQL; SQLite has one writer at a time anyway) until the transaction ends. Every
+    write of the user's sealed data takes it before it seals or commits (history, profile, adapter files), and a
+    data-key rotation's re-seal sweep takes it before it reads: a write that picked its data key before the
+    rotation's settle time ended and commits late is either seen by the sweep or waits for it, so it never lands
+    under a version the rotation is about to destroy. NO KEY UPDATE: the level of the quota UPDATE an append
+    makes anyway (nothing to upgrade between two appends), and it still lets rows referencing the user in."""
+    session.execute(select(User.id).where(User.id == user_pk).with_for_update(key_share=True))
+
+
 def existing_storage_keys(session: Session, keys: Iterable[str]) -> set[str]:
     """Which of these storage keys still belong to a user, locked FOR SHARE (PostgreSQL) like lock_owner:
     a shared job publishing knows which of its contributors were erased while it trained."""

@@ -12,6 +12,7 @@ from typing import IO, Any
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from service.accounts.repository import hold_for_sealed_write
 from service.adapters import repository as repo
 from service.adapters.archive import ArchiveError, pack_zip_to, unpack_upload
 from service.adapters.peft_format import PEFT_FILES
@@ -151,6 +152,11 @@ def _write_version(
     here) and move the files into place; they are deleted again if the transaction rolls back."""
     staged = ctx.store.stage(files, owner_key)
     try:
+        if user_pk is not None:  # a data-key rotation may have passed since the files were sealed
+            hold_for_sealed_write(session, user_pk)
+            if ctx.store.staged_is_stale(staged, owner_key):
+                ctx.store.discard(staged)
+                staged = ctx.store.stage(files, owner_key)  # under the newest version (rare: holds the lock)
         version = repo.allocate_version(session, owner_key, user_pk)
         try:
             ctx.store.commit_staged(staged, owner_key, version)

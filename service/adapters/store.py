@@ -91,6 +91,8 @@ class FileSeal(Protocol):
 
     def open_bytes(self, purpose: str, blob: bytes | bytearray) -> bytearray: ...
 
+    def newest_version(self) -> int: ...
+
     def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = ...) -> Any: ...
 
     def reader(self, purpose: str, raw: IO[bytes]) -> IO[bytes]: ...
@@ -98,6 +100,11 @@ class FileSeal(Protocol):
 
 class FileSealer(Protocol):
     def user(self, owner_key: str) -> FileSeal: ...
+
+
+def _head(path: Path, size: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(size)
 
 
 def open_file_bytes(seal: FileSeal | None, name: str, blob: bytes) -> bytes:
@@ -236,6 +243,20 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return tmp
+
+    def staged_is_stale(self, staged: Path, storage_key: str) -> bool:
+        """Whether staged files are sealed under a data-key version older than the owner's newest, read from the
+        keyring now. Staging happens outside any lock, possibly before a rotation's settle time ended, and the
+        rotation destroys the old version once its sweeps find nothing under it: a publisher asks this holding
+        the owner's lock (accounts.hold_for_sealed_write) and stages again if so (the old key may be gone
+        already, so the files cannot be re-sealed from what was staged)."""
+        if not self.sealing:
+            return False
+        seal = self.seal(storage_key)
+        assert seal is not None
+        newest = seal.newest_version()
+        staged = self._inside(staged)
+        return any(cipher.file_version(_head(staged / name, cipher.HEADER)) != newest for name in PEFT_FILES)
 
     def commit_staged(self, staged: Path, storage_key: str, version: int) -> Path:
         """Move a staged pair into place as `version` (a rename: fast); idempotent for identical content."""

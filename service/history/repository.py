@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from service.accounts.repository import hold_for_sealed_write
 from service.db.models import HistoryItem, Profile, User
 from service.sealing.cipher import token_version
 from service.sealing.service import SealedDataUnreadable, UserSeal
@@ -133,21 +134,12 @@ def _existing(session: Session, user_pk: int, stored: dict[str, str]) -> set[str
     return found
 
 
-def hold_owner(session: Session, user_pk: int) -> None:
-    """Row-lock the owner (PostgreSQL; SQLite has one writer at a time anyway) until the transaction ends: every
-    sealed write of the owner's rows takes it BEFORE it seals, and a re-seal sweep takes it before it reads. So a
-    write that picked its data key before a rotation's settle time ended, and commits late, is either seen by the
-    sweep or waits for it: it never lands under a version the rotation is about to destroy. The same lock level
-    as the quota UPDATE an append makes anyway (NO KEY UPDATE): nothing to upgrade, no deadlock between two."""
-    session.execute(select(User.id).where(User.id == user_pk).with_for_update(key_share=True))
-
-
 def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequence[dict[str, Any]]) -> set[str]:
     """Insert rows; a (user, client_id) that already exists is skipped by the database itself, so
     concurrent appends of the same ids cannot both succeed. Returns the client ids really inserted."""
     if not rows:
         return set()
-    hold_owner(session, owner.pk)
+    hold_for_sealed_write(session, owner.pk)
     seal = seal_of(session, owner.storage_key)
     user_pk = owner.pk
     tags = _tags(seal, [r["client_id"] for r in rows])
@@ -244,7 +236,7 @@ def get_profile(session: Session, owner: Owner) -> ProfileRecord | None:
 
 
 def upsert_profile(session: Session, owner: Owner, text: str, source: str) -> ProfileRecord:
-    hold_owner(session, owner.pk)
+    hold_for_sealed_write(session, owner.pk)
     seal = seal_of(session, owner.storage_key)
     stored, sealed = ("", seal.seal_text(_PROFILE, text)) if seal.enabled else (text, None)
     profile = session.get(Profile, owner.pk)
@@ -312,7 +304,7 @@ def seal_plaintext(session: Session, limit: int) -> int:
 def reseal(session: Session, owner: Owner) -> int:
     """Re-seal the owner's rows under their current data key (a per-user key rotation); plaintext rows are
     sealed too. Returns how many rows changed."""
-    hold_owner(session, owner.pk)  # a write still in flight commits first, and is seen here
+    hold_for_sealed_write(session, owner.pk)  # a write still in flight commits first, and is seen here
     seal = seal_of(session, owner.storage_key)
     current = seal.version()
     done = 0

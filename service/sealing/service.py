@@ -227,12 +227,16 @@ class Sealer:
         call, not within `recheck_s`: a replica that has not yet heard of a rotation must still find a row another
         replica hashed under the new version (a retried append would be stored twice). One small read per
         lookup; versions already open are not unwrapped again."""
-        self._load(owner_key, max_age_s=0.0)
+        self.refresh(owner_key)
         version, _ = self.current(owner_key)
         with self._lock:
             keys = dict(self._cache.get(owner_key) or {})
         versions = sorted({version, *keys}, reverse=True)
         return [(v, self._tag_key_of(owner_key, v, keys[v] if v in keys else self.key(owner_key, v))) for v in versions]
+
+    def refresh(self, owner_key: str) -> None:
+        """Re-read the owner's key versions from the keyring now (one small read; open versions stay open)."""
+        self._load(owner_key, max_age_s=0.0)
 
     def _tag_key_of(self, owner_key: str, version: int, key: bytes) -> bytes:
         with self._lock:
@@ -327,6 +331,12 @@ class UserSeal:
     def version(self) -> int:
         """The owner's current data-key version (made now if they have none)."""
         return self.sealer.current(self.owner_key)[0]
+
+    def newest_version(self) -> int:
+        """The owner's newest data-key version in the keyring NOW (not as cached within recheck_s): what a value
+        sealed earlier must be under when it is committed after a rotation's settle time."""
+        self.sealer.refresh(self.owner_key)
+        return self.version()
 
     def seal_text(self, purpose: str, value: str) -> str:
         version, key = self.sealer.current(self.owner_key)

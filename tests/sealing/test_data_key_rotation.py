@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -161,6 +162,42 @@ def test_an_append_sealed_before_the_rotation_and_committed_late_is_resealed_not
         r = c.get("/users/ann/history", headers=bearer(key))
         assert r.status_code == 200, r.text
         assert [i["id"] for i in r.json()["items"]] == ["i0", "i1", "late"]
+
+
+def test_an_upload_staged_before_the_rotation_and_committed_after_it_is_resealed(
+    pg_rot_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload's files are sealed under version 1 (staged, outside any lock); the whole rotation runs and
+    destroys version 1; then the upload commits. Under the owner's lock it re-seals what it staged under the
+    newest version, so the adapter still opens (it used to come back 409 sealed_data_unreadable for good)."""
+    with TestClient(create_app(pg_rot_settings), raise_server_exceptions=False) as c:
+        state = app_state(c)
+        state.jobs.key_settle_s = 0.0
+        key = create_user(c, "ann")
+        add_history(c, "ann", key, n=1)
+        assert state.adapters is not None
+        store, staged, go = state.adapters.store, threading.Event(), threading.Event()
+        real_stage = store.stage
+
+        def stage_then_wait(files: Any, storage_key: str) -> Path:
+            path = real_stage(files, storage_key)
+            staged.set()
+            assert go.wait(30)
+            return path
+
+        monkeypatch.setattr(store, "stage", stage_then_wait)
+        answers: list[Any] = []
+        archive = random_lora_zip(state.adapters.spec.linear_shapes, None, seed=4)
+        uploader = threading.Thread(target=lambda: answers.append(upload(c, "ann", key, archive)))
+        uploader.start()
+        assert staged.wait(30)  # sealed under version 1, nothing committed yet
+        assert wait_job(c, str(_rotate(c, "ann")["job_id"]))["status"] == "succeeded"  # version 1 destroyed
+        go.set()
+        uploader.join(30)
+        assert answers and answers[0].status_code in (200, 201), answers[0].text
+        r = c.get("/users/ann/adapter/download", headers=bearer(key))
+        assert r.status_code == 200, r.text
+        assert _stored_versions(pg_rot_settings, storage_key(c, "ann")) == {2}
 
 
 @contextmanager
