@@ -10,6 +10,7 @@ import os
 import secrets
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,6 +347,7 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
     )
 
 
+_SHARED_APPLY = threading.Lock()  # on_adapter_change: one shared-version read-and-apply at a time
 RECONCILE_OLDER_THAN_S = 3600.0  # an in-flight publish of another process is younger than this
 
 
@@ -384,7 +386,9 @@ def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> 
     current version now (requests would notice it anyway). A user's: old cache entries are freed early;
     correctness does not depend on it (every request reads the current version from SQL)."""
     if owner_key == SHARED_OWNER:
-        with unit_of_work(state.session_factory) as session:
+        # Read and apply as one step: notices arrive on several threads (the request that committed, pub/sub,
+        # the outbox poll), and a read made before an erase retired a version must not land after it.
+        with _SHARED_APPLY, unit_of_work(state.session_factory) as session:
             state.engine.use_shared(adapter_service.shared_ref(session, state.store))
     else:
         state.engine.drop_owner(owner_key)
