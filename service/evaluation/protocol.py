@@ -242,7 +242,7 @@ def build_tasks(data: ml.MovieLens, config: EvalConfig) -> tuple[ml.RatingTask, 
 def config_of(report_config: Mapping[str, Any]) -> EvalConfig:
     """The EvalConfig a report (its "config") or a run folder (run.json's "config") was made with. A report
     writes its split as prose and its holdout as a number: the split is read back from the holdout."""
-    known = {f.name: f for f in fields(EvalConfig)}
+    known = {f.name for f in fields(EvalConfig)}
     values = {k: v for k, v in report_config.items() if k in known and k not in ("split", "progress", "model")}
     if isinstance(values.get("shared_ks"), list):
         values["shared_ks"] = tuple(values["shared_ks"])

@@ -179,17 +179,15 @@ class InProcessJobQueue:
     def __init__(self) -> None:
         self._runner: Callable[[str], None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-jobs")
-        self._pending = 0
         self._lock = threading.Lock()
         self._listeners: list[Listeners] = []
-        self._futures: set[futures.Future[None]] = set()
+        self._futures: set[futures.Future[None]] = set()  # queued or running; a cancelled one leaves too
 
     def attach(self, runner: Callable[[str], None]) -> None:
         self._runner = runner
 
     def enqueue(self, job_id: str, attempt: int) -> None:
         with self._lock:
-            self._pending += 1
             future = self._pool.submit(self._run, job_id)
             self._futures.add(future)
         future.add_done_callback(self._forget)
@@ -205,12 +203,10 @@ class InProcessJobQueue:
             self._runner(job_id)
         except Exception:
             log.exception("job %s failed", job_id)
-        finally:
-            with self._lock:
-                self._pending -= 1
 
     def depth(self) -> int:
-        return self._pending
+        with self._lock:
+            return len(self._futures)
 
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
         for listeners in list(self._listeners):
