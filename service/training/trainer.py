@@ -70,12 +70,13 @@ class LoraTrainConfig:
     # The prompt start that all examples of a step share (chat template, system prompt, the retrieval
     # header) runs through the model ONCE per step, its keys/values repeated for every row: the same loss
     # (causal attention, the prefix sees nothing after it), a quarter fewer tokens on MovieLens prompts.
-    # None ("auto"): on under bf16 autocast only. In fp32 both made steps SLOWER on the shared bench box
-    # (bench/results/training.json), not yet explained; True forces them on (tests), False off.
-    share_prefix: bool | None = None
+    # On in every dtype: on a quiet 2-vCPU Xeon without native bf16 (fp32) it took 100 MovieLens items from
+    # 49.6 to 42.3 s, and with fast_dropout to 38.3 s (bench/results/training-fp32.json). An earlier fp32
+    # figure that had them slower came from a box shared with other work. False: every row whole (tests).
+    share_prefix: bool = True
     # LoRA dropout masks from 16-bit random integers (p rounded to 1/32768), one mask per layer input that
     # several adapted projections read (q/k/v, gate/up): bernoulli_ per projection was ~30% of a step.
-    fast_dropout: bool | None = None
+    fast_dropout: bool = True
     # LoRA projections as y = base(x) + ((dropout(x) A^T) * s) B^T with the add fused into one addmm: the
     # scale (and the dropout's 1/(1-p)) multiply the rank-r intermediate, not the (tokens x out) output, and
     # PEFT's per-call checks go. The same function, rounding aside. None: on wherever it can run (under
@@ -394,8 +395,7 @@ def _fast_dropouts(peft_model: Any, config: LoraTrainConfig, autocast: bool) -> 
     """Swaps PEFT's dropouts for SharedInputDropout, one per parent module (an attention or MLP block).
     Under autocast the LoRA input is no longer cast to fp32 first (autocast runs the LoRA matmuls in bf16
     anyway): the cast cost a copy per projection and gave each projection a different input tensor."""
-    on = autocast if config.fast_dropout is None else config.fast_dropout
-    if not on or config.dropout == 0.0:
+    if not config.fast_dropout or config.dropout == 0.0:
         return []
     shared: dict[str, SharedInputDropout] = {}
     for name, module in peft_model.named_modules():
@@ -497,8 +497,7 @@ def _optimise(
                 raise TrainingCancelled(f"stopped after {step} of {total} steps")
             chosen = [rows[i] for i in idx]
             packed = collate_packed(chosen, config.max_seq_len, pad_id) if config.pack else collate(chosen, pad_id)
-            share = amp is not None if config.share_prefix is None else config.share_prefix
-            prefix = shared_prefix(chosen) if share and not config.pack else 0
+            prefix = shared_prefix(chosen) if config.share_prefix and not config.pack else 0
             batch = {k: v.to(device) for k, v in packed.items()}
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                 loss = target_loss(peft_model, batch, prefix)

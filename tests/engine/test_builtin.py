@@ -401,11 +401,13 @@ def test_fair_share_one_user_with_3x_the_rows_delays_another_by_at_most_one_turn
         assert all(o.error is None for o in outcomes)
     finally:
         engine.stop()
-    assert order[:4] == ["A0", "A1", "A2", "A3"]
+    # Rows reach the queue in the order their stream() calls finish preparing them (a worker thread each):
+    # which A rows run first, and whether B0 or B1 comes first, is not the engine's choice.
+    assert [r[0] for r in order[:4]] == ["A"] * 4, order
     if fair_share:
-        assert order[4:6] == ["B0", "B1"], order
+        assert sorted(order[4:6]) == ["B0", "B1"], order
     else:  # the test can tell: without the share rule an A row runs between B's two
-        assert order[4:6] != ["B0", "B1"], order
+        assert sorted(order[4:6]) != ["B0", "B1"], order
 
 
 def test_fair_share_a_lone_user_gets_every_row(setup: Setup) -> None:

@@ -385,10 +385,11 @@ def test_adapter_trained_under_bf16_autocast_serves_in_fp32_and_bf16(
         assert not r.json()["text"].startswith("zebracorn")
 
 
-def test_fast_paths_default_to_bf16_autocast_only(lm: LoadedModel) -> None:
+def test_fast_dropout_is_the_default_in_every_dtype_and_can_be_turned_off(lm: LoadedModel) -> None:
     from service.training.trainer import _wrap
 
     cpu = torch.device("cpu")
-    assert _wrap(lm.model, LoraTrainConfig(mixed_precision="no"), cpu)[1] == []
+    assert len(_wrap(lm.model, LoraTrainConfig(mixed_precision="no"), cpu)[1]) > 0
     assert len(_wrap(lm.model, LoraTrainConfig(mixed_precision="bf16"), cpu)[1]) > 0
-    assert len(_wrap(lm.model, LoraTrainConfig(mixed_precision="no", fast_dropout=True), cpu)[1]) > 0
+    assert _wrap(lm.model, LoraTrainConfig(mixed_precision="no", fast_dropout=False), cpu)[1] == []
+    assert _wrap(lm.model, LoraTrainConfig(mixed_precision="no", dropout=0.0), cpu)[1] == []
