@@ -70,9 +70,10 @@ class LoraTrainConfig:
     # The prompt start that all examples of a step share (chat template, system prompt, the retrieval
     # header) runs through the model ONCE per step, its keys/values repeated for every row: the same loss
     # (causal attention, the prefix sees nothing after it), a quarter fewer tokens on MovieLens prompts.
-    # On in every dtype: on a quiet 2-vCPU Xeon without native bf16 (fp32) it took 100 MovieLens items from
-    # 49.6 to 42.3 s, and with fast_dropout to 38.3 s (bench/results/training-fp32.json). An earlier fp32
-    # figure that had them slower came from a box shared with other work. False: every row whole (tests).
+    # On in every dtype: with fast_dropout, on a quiet 2-vCPU Xeon without native bf16 (fp32) it took 100
+    # MovieLens items from 52.7 to 36.8 s a user (bench/results/training-fp32.json; 62-92 to 45.0 s capped at
+    # AVX2). An earlier measurement on the AMX box had both slower in fp32; not reproduced here. False: every
+    # row whole (tests).
     share_prefix: bool = True
     # LoRA dropout masks from 16-bit random integers (p rounded to 1/32768), one mask per layer input that
     # several adapted projections read (q/k/v, gate/up): bernoulli_ per projection was ~30% of a step.
