@@ -6,8 +6,11 @@ On the real default model with 16 LoRA slots (r=8, q/k/v/o), it times:
 - a mixed step (the decode rows plus a 256-token prompt chunk);
 - a torch.profiler breakdown of the decode step (top ops by self CPU time).
 Model-FLOP utilisation (MFU) = the step's matmul FLOPs (2 x params x tokens, LoRA and attention left out) / time /
-the measured peak at the step's token count. JSON to stdout (and --out). Usage:
-  .venv/bin/python bench/engine_step.py [--dtype bfloat16|float32] [--rows 12] [--out FILE]
+the measured peak at the step's token count. `--thread` says where the steps run: `main`, `worker` (a thread of
+its own, as the server's engine thread), or `worker-idle-pool` (the same while the main thread keeps an idle
+OpenMP pool, as a thread that loaded the model did before service/inference/threads.py). JSON to stdout (and
+--out). Usage:
+  .venv/bin/python bench/engine_step.py [--dtype bfloat16|float32] [--rows 12] [--thread main] [--out FILE]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,8 +84,31 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--thread", default="main", choices=["main", "worker", "worker-idle-pool"])
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.thread == "main":
+        measure(args)
+        return
+    if args.thread == "worker-idle-pool":
+        a = torch.randn(1024, 1024)
+        torch.mm(a, a)  # the main thread builds its OpenMP pool and keeps it, idle
+    failed: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            measure(args)
+        except BaseException as exc:  # re-raised on the main thread
+            failed.append(exc)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+
+
+def measure(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     settings = Settings(model_cache_dir=REPO / ".cache" / "models", dtype=args.dtype)
     loaded = load_model(settings)
@@ -114,6 +141,7 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     report: dict[str, Any] = {
         "bench": "engine_step", "model": loaded.name, "params_in_matmuls": params, "rows": args.rows,
+        "thread": args.thread,
         "machine": machine_record(args.dtype), "date": time.strftime("%Y-%m-%d %H:%M"),
         "matmul_peak_gflops": {"m16": round(peak_small, 1), "m512": round(peak_large, 1)},
         "decode_step_ms": round(decode_s * 1e3, 2),

@@ -34,6 +34,7 @@ from service.generation.grammar import GrammarCompiler
 from service.generation.prepare import Preparer
 from service.history.service import UserCorpus
 from service.inference.loader import LoadedModel, load_model
+from service.inference.threads import release_pool
 from service.inference.tokens import PromptCodec
 from service.jobs import entry
 from service.jobs.queue import InProcessJobQueue, JobQueue, Listeners, make_queue
@@ -296,6 +297,7 @@ def core(settings: Settings, metrics: Metrics | None = None) -> Core:
     preparer = Preparer(settings, db.session_factory, bm25, store, spec, codec, engine, grammars)
     with unit_of_work(db.session_factory) as session:
         engine.use_shared(adapter_service.shared_ref(session, store))  # start-up: the current shared LoRA
+    release_pool()  # the loading thread is done with torch
     return Core(settings, db, store, bm25, loaded, adapters, engine, preparer)
 
 
@@ -390,6 +392,7 @@ def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> 
         # the outbox poll), and a read made before an erase retired a version must not land after it.
         with _SHARED_APPLY, unit_of_work(state.session_factory) as session:
             state.engine.use_shared(adapter_service.shared_ref(session, state.store))
+        release_pool()  # the read ran on this notice's thread
     else:
         state.engine.drop_owner(owner_key)
         state.bm25.invalidate(owner_key)  # an erased user's index leaves memory on every replica

@@ -27,6 +27,7 @@ from typing import Generic, Literal, Protocol, TypeVar
 from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
 from service.engine.types import AdapterRef, EngineEvent, EngineRequest, EngineStats, Finished, TokenEvent
 from service.errors import PromptTooLong, Timeout, TooManyRequests, Unavailable, Unprocessable
+from service.inference.threads import release_pool
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +205,15 @@ class EngineFront(Generic[R]):
     def _on_admission_round(self) -> None:
         """Called before each admission round (per-round state of `_start`)."""
 
+    def _went_idle(self) -> None:
+        """Called on the engine thread when it has just run out of work."""
+
     # --- the request side ---
     async def stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         check_fits(request, self.limits)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[object] = asyncio.Queue()
-        row = await asyncio.to_thread(self._new_row, request, event_sink(loop, events))
+        row = await asyncio.to_thread(self._prepared_row, request, event_sink(loop, events))
         self.submit(row)
         ended = False
         try:
@@ -226,6 +230,13 @@ class EngineFront(Generic[R]):
         finally:
             if not ended:
                 self.cancel(row)
+
+    def _prepared_row(self, request: EngineRequest, sink: Callable[[object], None]) -> R:
+        """`_new_row` on a request thread, which then gives back any OpenMP pool its adapter reads built."""
+        try:
+            return self._new_row(request, sink)
+        finally:
+            release_pool()
 
     def submit(self, row: R) -> None:
         """Queue a row (any thread): 429 when its tenant's queue share is used up, 503 when the server's is."""
@@ -279,11 +290,17 @@ class EngineFront(Generic[R]):
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        busy = False
         while not self._stopping.is_set():
             try:
-                if not self._tick():
-                    self._wake.wait(self.idle_wait_s)
-                    self._wake.clear()
+                if self._tick():
+                    busy = True
+                    continue
+                if busy:
+                    self._went_idle()
+                    busy = False
+                self._wake.wait(self.idle_wait_s)
+                self._wake.clear()
             except Exception:  # the loop itself must survive anything a step throws
                 log.exception("engine iteration failed")
 

@@ -18,6 +18,7 @@ import torch
 
 from service.config import DEFAULT_MODEL, Settings
 from service.inference.cpu import DtypeChoice, choose_dtype
+from service.inference.threads import release_pool
 
 log = logging.getLogger(__name__)
 
@@ -146,4 +147,5 @@ def load_model(settings: Settings, *, weights: bool = True) -> LoadedModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     path = Path(where) if isinstance(where, Path) else None
+    release_pool()  # this thread is done with torch for now: its idle OpenMP pool would slow the engine's
     return LoadedModel(model, tokenizer, device, dtype, name, path, choice.reason)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from service.adapters.peft_format import PEFT_FILES
 from service.config import Settings
 from service.inference.cpu import choose_dtype
+from service.inference.threads import release_pool
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
 from service.sealing.tempfiles import memory_dir
 from service.training.examples import TrainExample
@@ -454,6 +455,7 @@ def train_lora(
             files = _save(peft_model, base_model_name)
         finally:
             del peft_model  # the copy and its optimiser state go now, not at the next gc
+            release_pool()  # an idle OpenMP pool of this thread would slow the engine's steps
     return TrainOutput(
         files=files,
         steps=total,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -15,9 +16,11 @@ import pytest
 import torch
 
 from service.adapters.cache import AdapterCache
-from service.adapters.peft_format import AdapterWeights, read_adapter_dir
+from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_dir
 from service.adapters.slots import LoraSlots
+from service.engine import base as engine_base
 from service.engine.base import Started
+from service.engine.builtin import engine as builtin_engine
 from service.engine.builtin import sampler
 from service.engine.builtin.engine import SLOT_WAIT_STEPS, BuiltinEngine
 from service.engine.builtin.scheduler import Row
@@ -174,6 +177,59 @@ def test_mixed_rows_joining_and_leaving_equal_peft_row_by_row(setup: Setup) -> N
     assert any(s.decode_rows and s.prefill_tokens for s in setup.steps), "prefill was never interleaved with decode"
     assert max(s.tokens for s in setup.steps) <= BUDGET
     assert setup.engine.stats().running == 0 and setup.engine.stats().slots_pinned == 0
+
+
+def test_the_engine_and_request_threads_give_back_their_openmp_pools(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle thread's OpenMP pool stops libgomp spin-waiting in every pool (service/inference/threads.py):
+    the engine thread gives its pool back once each time it goes idle (not at every idle wait), and the
+    request thread that prepared a row (adapter reads) gives back its own."""
+    calls: list[str] = []
+    monkeypatch.setattr(engine_base, "release_pool", lambda: calls.append(threading.current_thread().name))
+    monkeypatch.setattr(builtin_engine, "release_pool", lambda: calls.append(threading.current_thread().name))
+    engine_thread = "oppu-BuiltinEngine"
+    for k in range(2):
+        got = run(consume(setup.engine, request(prompt(k, 9), 6, setup.refs[k])))
+        assert got.error is None and len(got.ids) > 0
+        deadline = time.monotonic() + 10
+        while calls.count(engine_thread) < k + 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(5 * setup.engine.idle_wait_s)  # idle: several idle waits, no further release
+        assert calls.count(engine_thread) == k + 1, calls
+    assert len([c for c in calls if c != engine_thread]) == 2, calls  # one per prepared row
+
+
+def test_the_shared_version_never_reads_as_the_old_one_while_the_new_one_is_merged(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the engine thread taking a pending shared LoRA and the end of its merge, `shared_version` answers
+    with the new version (a request that has just published it reads it back), never with the one replaced."""
+    engine = make_engine(setup.base, slots=2, rows=2)
+    merging, done = threading.Event(), threading.Event()
+    real_merge = merge_lora
+
+    def slow_merge(model: Any, weights: AdapterWeights) -> dict[str, torch.Tensor]:
+        merging.set()
+        done.wait(10)
+        return real_merge(model, weights)
+
+    monkeypatch.setattr(builtin_engine, "merge_lora", slow_merge)
+    engine.start()
+    try:
+        engine.use_shared(replace(setup.refs[0], version=7))
+        assert merging.wait(10), "the engine thread never merged"
+        seen: list[int | None] = []
+        reader = threading.Thread(target=lambda: seen.append(engine.shared_version))
+        reader.start()
+        reader.join(0.2)  # mid-merge
+        done.set()
+        reader.join(10)
+        assert seen == [7]
+        assert engine.applied_shared[0] == 7
+    finally:
+        done.set()
+        engine.stop()
 
 
 def test_every_adapter_changes_its_row(setup: Setup) -> None:

@@ -35,6 +35,7 @@ from service.engine.types import (
 )
 from service.errors import AdapterUnavailable, GenerationFailed
 from service.inference.loader import LoadedModel
+from service.inference.threads import release_pool
 
 log = logging.getLogger(__name__)
 # How many steps rows for resident adapters may overtake a row that waits for a free adapter slot.
@@ -126,6 +127,7 @@ class BuiltinEngine(EngineFront[Row]):
     # --- lifecycle ---
     def start(self) -> None:
         self._apply_shared()  # start-up: no row can run yet
+        release_pool()  # the merge ran on the caller's thread: its OpenMP pool goes
         super().start()
 
     # --- shared task LoRA ---
@@ -154,14 +156,15 @@ class BuiltinEngine(EngineFront[Row]):
         self._wake.set()
 
     def _apply_shared(self) -> None:
+        # Under the lock from start to end: until the merge is done, `shared_version` must keep answering with
+        # the pending version, never with the one being replaced.
         with self._shared_lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        weights, version = pending
-        unmerge(self._loaded.model, self._shared_originals)
-        self._shared_originals = merge_lora(self._loaded.model, weights) if weights is not None else {}
-        self._shared_version = version
+            if self._pending is None:
+                return
+            weights, version = self._pending
+            unmerge(self._loaded.model, self._shared_originals)
+            self._shared_originals = merge_lora(self._loaded.model, weights) if weights is not None else {}
+            self._shared_version, self._pending = version, None
 
     # --- adapters ---
     def drop_owner(self, owner_key: str) -> None:
@@ -213,6 +216,11 @@ class BuiltinEngine(EngineFront[Row]):
 
     def _on_admission_round(self) -> None:
         self._slot_blocked = False
+
+    def _went_idle(self) -> None:
+        # Its OpenMP pool must not slow another thread's torch work (a training) while it waits. Not done by
+        # the vLLM engine: vLLM may have pinned its pool's threads to CPUs, and a new pool would lose that.
+        release_pool()
 
     def _start(self, row: Row) -> Started:
         """A row joins with a KV lane and its adapter pinned in a slot.

@@ -1,6 +1,7 @@
 """One engine step on the model: the tokens of every scheduled row flattened into one (T, d) stream, so that
 each Linear (and its LoRA slots) is one matmul for the whole step; attention per row group over the KV lanes
-(all decode rows in one batched call, each prompt chunk in one call of its own); logits only where sampled.
+(all decode rows in one pair of batched matmuls, each prompt chunk in one SDPA call of its own, its mask built
+once per step); logits only where sampled.
 
 Owns the forward pass of llama-style decoders (llama, mistral, qwen2, qwen3): it reuses the model's own
 modules (embeddings, norms, projections, MLP, rotary embedding) and replaces only attention and the cache.
@@ -103,6 +104,7 @@ class Executor:
         stores = torch.tensor(batch.stores, dtype=torch.long, device=dev)
         lanes = torch.tensor(batch.lanes, dtype=torch.long, device=dev)
         decode = self._decode_view(batch)
+        masks = [self._chunk_mask(c) for c in batch.chunks]  # the same for every layer
         if self.slots is not None:
             segments = tuple((c.start, c.start + c.length, c.slot) for c in batch.chunks)
             self.slots.set_plan(TokenPlan(tuple(batch.decode_slots), segments))
@@ -112,7 +114,8 @@ class Executor:
             cos, sin = inner.rotary_emb(x.unsqueeze(0), positions.unsqueeze(0))
             rope = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # (T, 1, head_dim)
             for i, layer in enumerate(inner.layers):
-                x = x + self._attention(i, layer, layer.input_layernorm(x), rope, lanes, stores, batch, decode)
+                h = layer.input_layernorm(x)
+                x = x + self._attention(i, layer, h, rope, lanes, stores, batch, decode, masks)
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
             rows = torch.tensor(batch.logit_rows, dtype=torch.long, device=dev)
             logits: torch.Tensor = self.model.lm_head(inner.norm(x.index_select(0, rows)))
@@ -129,7 +132,7 @@ class Executor:
             self.kv.mark_written(c.lane, c.store_at + c.length)
 
     def _decode_view(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
-        """For the decode rows: (lane index, key mask over lanes [0, hi) x keys [0, L)), and their lanes."""
+        """For the decode rows: (lane index, fp32 key bias over lanes [0, hi) x keys [0, L): 0 or -inf), their lanes."""
         n = batch.n_decode
         if n == 0:
             return None
@@ -142,9 +145,10 @@ class Executor:
         self.kv.ensure_clean(hi, width)
         # A lane in the slice that is not decoding attends to its (finite) position 0; its output is dropped.
         length = torch.tensor([max(1, n) for n in lengths], dtype=torch.long, device=self.device)
-        mask = torch.arange(width, device=self.device)[None, :] < length[:, None]  # (hi, width)
+        outside = torch.arange(width, device=self.device)[None, :] >= length[:, None]  # (hi, width)
+        bias = torch.zeros(hi, width, dtype=torch.float32, device=self.device).masked_fill_(outside, float("-inf"))
         lane_idx = torch.tensor(lanes, dtype=torch.long, device=self.device)
-        return lane_idx, mask[:, None, None, :], lanes
+        return lane_idx, bias[:, None, None, :], lanes
 
     def _qkv(self, attn: Any, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         t = h.shape[0]
@@ -168,6 +172,7 @@ class Executor:
         stores: torch.Tensor,
         batch: StepBatch,
         decode: tuple[torch.Tensor, torch.Tensor, list[int]] | None,
+        masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
         attn = layer.self_attn
         q, k, v = self._qkv(attn, h, rope)
@@ -176,38 +181,53 @@ class Executor:
         scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         if decode is not None:
             out[: batch.n_decode] = self._decode_attention(i, q[: batch.n_decode], decode, scale)
-        for c in batch.chunks:
-            out[c.start : c.start + c.length] = self._chunk_attention(i, q[c.start : c.start + c.length], c, scale)
+        for c, mask in zip(batch.chunks, masks, strict=True):
+            rows = slice(c.start, c.start + c.length)
+            out[rows] = self._chunk_attention(i, q[rows], c, mask, scale)
         result: torch.Tensor = attn.o_proj(out.view(out.shape[0], -1))
         return result
 
     def _decode_attention(
         self, i: int, q: torch.Tensor, decode: tuple[torch.Tensor, torch.Tensor, list[int]], scale: float
     ) -> torch.Tensor:
-        """One batched call over the lane slice [0, hi): each decode row attends to its own lane only."""
-        lane_idx, mask, _ = decode
-        hi, width = mask.shape[0], mask.shape[-1]
-        qs = q.new_zeros((hi, self.heads, 1, self.head_dim))
-        qs[lane_idx] = q.unsqueeze(2)
-        k = self.kv.k[i][:hi, :, :width]
-        v = self.kv.v[i][:hi, :, :width]
-        o = F.scaled_dot_product_attention(
-            qs, k, v, attn_mask=mask, scale=scale, enable_gqa=self.kv_heads != self.heads
-        )
-        return o[lane_idx, :, 0]
+        """Two batched matmuls over the lane slice [0, hi): each decode row attends to its own lane only.
 
-    def _chunk_attention(self, i: int, q: torch.Tensor, c: Chunk, scale: float) -> torch.Tensor:
+        Not F.scaled_dot_product_attention: with one query per lane its CPU kernel in bf16 took 2.2 ms a layer
+        for 16 rows on an AVX512-BF16 EPYC, these matmuls 0.36 ms (fp32: both ~0.25 ms). The query heads that
+        share a KV head (GQA) are one group of rows against that head's keys, so K/V are never expanded;
+        softmax in fp32."""
+        lane_idx, bias, _ = decode
+        hi, width = bias.shape[0], bias.shape[-1]
+        groups = self.heads // self.kv_heads
+        qs = q.new_zeros((hi, self.heads, self.head_dim))
+        qs[lane_idx] = q
+        k = self.kv.k[i][:hi, :, :width]  # (hi, kv_heads, width, head_dim)
+        v = self.kv.v[i][:hi, :, :width]
+        scores = torch.matmul(qs.view(hi, self.kv_heads, groups, self.head_dim), k.transpose(-1, -2))
+        probs = torch.softmax(scores.float().mul_(scale).add_(bias), dim=-1).to(v.dtype)
+        o = torch.matmul(probs, v)  # (hi, kv_heads, groups, head_dim)
+        return o.view(hi, self.heads, self.head_dim)[lane_idx]
+
+    def _chunk_mask(self, c: Chunk) -> torch.Tensor | None:
+        """The chunk's (length, store+length) key mask; None for a prompt's first chunk (plain causal)."""
+        start = c.store_at
+        if start == 0 and c.prefix is None:
+            return None
+        mask = torch.ones(c.length, start + c.length, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        if c.prefix is not None:
+            mask[:, c.prefix : start] = False
+        return mask
+
+    def _chunk_attention(
+        self, i: int, q: torch.Tensor, c: Chunk, mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
         """A chunk stored at [store, store+length) attends causally to its lane's [0, store+length) (with a
         prefix: to [0, prefix) and to itself)."""
-        start = c.store_at
-        end = start + c.length
+        end = c.store_at + c.length
         k = self.kv.k[i][c.lane : c.lane + 1, :, :end]
         v = self.kv.v[i][c.lane : c.lane + 1, :, :end]
         qc = q.transpose(0, 1).unsqueeze(0)  # (1, heads, length, head_dim)
-        mask = torch.ones(c.length, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        if c.prefix is not None:
-            mask[:, c.prefix : start] = False
         o = F.scaled_dot_product_attention(
-            qc, k, v, attn_mask=mask, scale=scale, enable_gqa=self.kv_heads != self.heads
+            qc, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=self.kv_heads != self.heads
         )
         return o[0].transpose(0, 1)
