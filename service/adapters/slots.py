@@ -54,7 +54,7 @@ class _StepState:
         self.decode_slots: tuple[int, ...] = ()
         self.decode_version = 0  # bumped when the decode rows' slots change
         self.weights_version = 0  # bumped when a slot's contents change
-        self._masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # of the current decode rows, by rank/dtype
 
     def set_decode_slots(self, slots: tuple[int, ...], device: torch.device) -> None:
         unique = sorted(set(slots))
@@ -66,7 +66,7 @@ class _StepState:
 
     def decode_mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
         """(rows, unique*rank): 1 on each decode row's own slot block, 0 elsewhere (built once per rows/rank)."""
-        key = (self.decode_version, rank, dtype)
+        key = (rank, dtype)
         mask = self._masks.get(key)
         if mask is None:
             assert self.decode_unique is not None
