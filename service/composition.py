@@ -351,6 +351,7 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
 
 _SHARED_APPLY = threading.Lock()  # on_adapter_change: one shared-version read-and-apply at a time
 RECONCILE_OLDER_THAN_S = 3600.0  # an in-flight publish of another process is younger than this
+NOTICES_JOIN_S = 10.0  # stop: a poll in progress ends before the database is disposed
 
 
 def reconcile(db: Database, store: AdapterStore) -> None:
@@ -403,5 +404,8 @@ def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> 
 def stop(state: AppState) -> None:
     state.stopping.set()
     state.queue.close()
+    if state.notices is not None:
+        state.notices.join(NOTICES_JOIN_S)
     state.engine.stop()
+    sealer_of(state.db).close()
     state.db.dispose()

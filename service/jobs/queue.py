@@ -34,6 +34,7 @@ ERASED_CHANNEL = "oppu:erased"  # pub/sub: "<storage key>" after a user is erase
 # How long an embedded queue's close waits for the running job to stop at its next progress check (a
 # training step is seconds; loading the model has no check).
 CLOSE_WAIT_S = 60.0
+LISTENER_JOIN_S = 5.0  # a pub/sub listener wakes every second (get_message's timeout) to see its stop
 KEYS_CHANNEL = "oppu:keys"  # pub/sub: "<storage key>" after a user's data key rotated (cached keys forgotten)
 
 AdapterListener = Callable[[str, int | None], None]
@@ -76,6 +77,7 @@ class RedisJobQueue:
         self.queue = Queue(QUEUE_NAME, connection=self.redis, serializer=JSONSerializer)
         self.job_timeout_s = job_timeout_s
         self._local: list[Listeners] = []  # this replica's listeners: notices reach them before Redis
+        self._listening: list[threading.Thread] = []
 
     def enqueue(self, job_id: str, attempt: int) -> None:
         # One RQ job per attempt: a retry after a killed worker is a fresh RQ job for the same SQL job. The
@@ -153,7 +155,9 @@ class RedisJobQueue:
         """Calls the listeners for every notice (every replica's, this one's included), on a daemon thread,
         until `stop` is set."""
         self._local.append(listeners)
-        threading.Thread(target=self._listen, args=(listeners, stop), name="oppu-pubsub", daemon=True).start()
+        thread = threading.Thread(target=self._listen, args=(listeners, stop), name="oppu-pubsub", daemon=True)
+        self._listening.append(thread)
+        thread.start()
 
     def _listen(self, listeners: Listeners, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -169,6 +173,10 @@ class RedisJobQueue:
                 stop.wait(1.0)
 
     def close(self) -> None:
+        """After the subscription's `stop` is set: the listener threads end within a get_message timeout; a
+        notice being applied (it may hold a database connection) finishes before the database goes."""
+        for thread in self._listening:
+            thread.join(LISTENER_JOIN_S)
         self.redis.close()
 
 

@@ -99,6 +99,7 @@ class NoticePoller:
         with unit_of_work(session_factory) as session:
             self._floor = repo.last_id(session)  # a process that just started has nothing to drop or end
         self.fast_path = Listeners(self._fast_adapter, self._fast_revoked, self._fast_erased, self._fast_keys)
+        self._thread: threading.Thread | None = None
 
     def _fast_adapter(self, owner_key: str, version: int | None) -> None:
         self._recent.note(ADAPTER, [f"{owner_key} {version if version is not None else 0}"])
@@ -162,6 +163,16 @@ class NoticePoller:
         with unit_of_work(self._factory) as session:
             return repo.prune(session, datetime.now(UTC) - timedelta(seconds=self._keep_s))
 
+    def start(self, poll_s: float, stop: threading.Event) -> None:
+        self._thread = threading.Thread(target=self.run, args=(poll_s, stop), name="oppu-notices", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        """After `stop` is set: wait for a poll in progress, so no connection of the pool is still checked out
+        when the database is disposed (one would be closed by the garbage collector, not by us)."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
     def run(self, poll_s: float, stop: threading.Event) -> None:
         """Poll until `stop` is set (a daemon thread); a database fault is logged and retried next tick."""
         while not stop.wait(poll_s):
@@ -186,5 +197,5 @@ def start_polling(
     """Subscribe the fast path (noting what it applies) and start the poller's daemon thread."""
     poller = NoticePoller(session_factory, listeners, keep_s)
     subscribe(poller.fast_path)
-    threading.Thread(target=poller.run, args=(poll_s, stop), name="oppu-notices", daemon=True).start()
+    poller.start(poll_s, stop)
     return poller

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import ServiceError
@@ -96,6 +97,13 @@ class Sealer:
         self._cache: OrderedDict[str, dict[int, bytes]] = OrderedDict()
         self._checked_at: dict[str, float] = {}  # when each cached owner's versions were read from the keyring
         self._tag_keys: dict[tuple[str, int], bytes] = {}  # one HKDF per key version, not per tagged value
+
+    def close(self) -> None:
+        """Shutdown: the keyring's connections are closed (its database is its own pool)."""
+        if self._keyring_factory is not None:
+            bind = self._keyring_factory.kw.get("bind")
+            if isinstance(bind, Engine):
+                bind.dispose()
 
     def user(self, owner_key: str) -> UserSeal:
         """The handle for one owner (cheap: keys are read when a value is sealed or opened)."""
