@@ -10,7 +10,8 @@ the measured peak at the step's token count. `--thread` says where the steps run
 its own, as the server's engine thread), or `worker-idle-pool` (the same while the main thread keeps an idle
 OpenMP pool, as a thread that loaded the model did before service/inference/threads.py). JSON to stdout (and
 --out). Usage:
-  .venv/bin/python bench/engine_step.py [--dtype bfloat16|float32] [--rows 12] [--thread main] [--out FILE]
+  .venv/bin/python bench/engine_step.py [--dtype bfloat16|float32] [--rows 12] [--thread main] [--packed auto|off]
+      [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from service.adapters.slots import LoraSlots  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine.builtin.executor import Chunk, Executor, StepBatch, head_dim  # noqa: E402
 from service.engine.builtin.kv import KVLanes  # noqa: E402
+from service.engine.builtin.packed import PackedLinears, can_pack  # noqa: E402
 from service.inference.loader import load_model  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--thread", default="main", choices=["main", "worker", "worker-idle-pool"])
+    parser.add_argument("--packed", default="auto", choices=["auto", "off"], help="OPPU_PACKED_WEIGHTS")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.thread == "main":
@@ -128,6 +131,9 @@ def measure(args: argparse.Namespace) -> None:
         head_dim=head_dim(cfg), capacity=1024, device=loaded.device, dtype=dtype,
     )  # fmt: skip
     ex = Executor(model, kv, slots)
+    packed = args.packed == "auto" and can_pack(loaded.device, dtype)
+    if packed:  # as BuiltinEngine does: after the slots wrapped their Linears
+        PackedLinears(model)
     decode, mixed = decode_batch(args.rows, 200), mixed_batch(args.rows, 200, 256)
     decode_s = timed(lambda: ex.forward(decode), args.repeat)
     mixed_s = timed(lambda: ex.forward(mixed), max(5, args.repeat // 4))
@@ -141,7 +147,7 @@ def measure(args: argparse.Namespace) -> None:
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     report: dict[str, Any] = {
         "bench": "engine_step", "model": loaded.name, "params_in_matmuls": params, "rows": args.rows,
-        "thread": args.thread,
+        "thread": args.thread, "packed_weights": packed,
         "machine": machine_record(args.dtype), "date": time.strftime("%Y-%m-%d %H:%M"),
         "matmul_peak_gflops": {"m16": round(peak_small, 1), "m512": round(peak_large, 1)},
         "decode_step_ms": round(decode_s * 1e3, 2),

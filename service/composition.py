@@ -30,6 +30,7 @@ from service.db.models import SHARED_OWNER
 from service.db.session import Database, unit_of_work
 from service.engine.base import Engine
 from service.engine.builtin.engine import BuiltinEngine
+from service.engine.builtin.packed import can_pack
 from service.generation.grammar import GrammarCompiler
 from service.generation.prepare import Preparer
 from service.history.service import UserCorpus
@@ -213,6 +214,7 @@ def builtin_engine(settings: Settings, loaded: LoadedModel, metrics: Metrics | N
         queue_per_tenant=settings.queue_per_user_max,
         fair_share=settings.fair_share,
         max_scale=settings.adapter_max_scale,
+        packed_weights=settings.packed_weights == "auto" and can_pack(loaded.device, loaded.dtype),
         on_step=metrics.on_step if metrics is not None else None,
     )
 

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = None
+    # The builtin engine's Linears on weights packed once for oneDNN: "auto" where it was measured to pay (a CPU
+    # with native bf16 matmul, bf16 or fp32: engine/builtin/packed.py); "off": plain weights (half the memory).
+    packed_weights: Literal["auto", "off"] = "auto"
 
     # --- auth / http ---
     admin_key: SecretStr | None = None

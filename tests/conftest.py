@@ -76,6 +76,7 @@ def make_settings(tmp_path: Path, db: str, model: str, **overrides: object) -> S
         "admin_key": ADMIN_KEY,
         "batch_window_ms": 2.0,
         "dtype": "float32",  # auto follows the CPU (bf16 on AMX boxes): tests must not change with the box
+        "packed_weights": "off",  # auto follows it too; tests/engine/test_packed.py and test_builtin.py pack
         "master_key": TEST_MASTER_KEY,  # a fixed KEK: PostgreSQL settings need one (SQLite would generate it)
         "auth_max_failures": 0,  # matrices send many bad keys from one address; test_auth_limit turns it on
         **overrides,

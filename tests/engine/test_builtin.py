@@ -74,7 +74,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 
 def make_engine(
-    base: Any, *, slots: int, rows: int, max_scale: float = 256.0, queue_per_tenant: int = 64
+    base: Any, *, slots: int, rows: int, max_scale: float = 256.0, queue_per_tenant: int = 64, packed: bool = False
 ) -> BuiltinEngine:
     model = copy.deepcopy(base)
     lora = LoraSlots(model, slots, 16, ALL, device="cpu", dtype=torch.float32)
@@ -91,6 +91,7 @@ def make_engine(
         queue_max=256,
         queue_per_tenant=queue_per_tenant,
         max_scale=max_scale,
+        packed_weights=packed,
     )
 
 
@@ -158,25 +159,60 @@ def check_against(model: Any, ids: list[int], new: int, got: Outcome) -> None:
         assert event.top[0].token_id == event.token_id  # greedy: the top token is the chosen one
 
 
-def test_mixed_rows_joining_and_leaving_equal_peft_row_by_row(setup: Setup) -> None:
-    """Rows of 6 adapters and the base, prompts of 3..90 tokens (the long ones chunked over steps), arriving
-    while others run and leaving at different lengths: each row's tokens and logprobs are its solo ones."""
-    rows = [(prompt(k, 3 + 7 * k), 4 + 3 * k, setup.refs[k % 6] if k % 7 else None) for k in range(14)]
+def _mixed_rows_equal_peft(s: Setup, engine: BuiltinEngine) -> None:
+    rows = [(prompt(k, 3 + 7 * k), 4 + 3 * k, s.refs[k % 6] if k % 7 else None) for k in range(14)]
 
     async def main() -> list[Outcome]:
         tasks = []
         for k, (ids, new, ref) in enumerate(rows):
             req = request(ids, new, ref, tenant=f"u{k % 5}", logprobs=1)
-            tasks.append(asyncio.ensure_future(consume(setup.engine, req)))
+            tasks.append(asyncio.ensure_future(consume(engine, req)))
             await asyncio.sleep(0.002 * (k % 4))  # arrivals spread over the running steps
         return list(await asyncio.gather(*tasks))
 
     outs = run(main())
     for (ids, new, ref), got in zip(rows, outs, strict=True):
-        check_against(setup.base if ref is None else peft_model(setup.base, ref.directory), ids, new, got)
+        check_against(s.base if ref is None else peft_model(s.base, ref.directory), ids, new, got)
+    assert engine.stats().running == 0 and engine.stats().slots_pinned == 0
+
+
+def test_mixed_rows_joining_and_leaving_equal_peft_row_by_row(setup: Setup) -> None:
+    """Rows of 6 adapters and the base, prompts of 3..90 tokens (the long ones chunked over steps), arriving
+    while others run and leaving at different lengths: each row's tokens and logprobs are its solo ones."""
+    _mixed_rows_equal_peft(setup, setup.engine)
     assert any(s.decode_rows and s.prefill_tokens for s in setup.steps), "prefill was never interleaved with decode"
     assert max(s.tokens for s in setup.steps) <= BUDGET
-    assert setup.engine.stats().running == 0 and setup.engine.stats().slots_pinned == 0
+
+
+def test_on_packed_weights_mixed_rows_equal_peft_row_by_row(setup: Setup) -> None:
+    """The same on Linears packed for oneDNN (engine/builtin/packed.py) in fp32: the eager path's greedy
+    tokens, and its logprobs within 1e-4 (the packed kernel sums in another order)."""
+    engine = make_engine(setup.base, slots=8, rows=16, packed=True)
+    assert engine.packed is not None and len(engine.packed) > 0
+    engine.start()
+    try:
+        _mixed_rows_equal_peft(setup, engine)
+    finally:
+        engine.stop()
+
+
+def test_on_packed_weights_the_merged_shared_lora_is_served(setup: Setup) -> None:
+    """The shared LoRA's merge changes the weights in place: the packed copies follow it (and its unmerge)."""
+    engine = make_engine(setup.base, slots=2, rows=2, packed=True)
+    merged = copy.deepcopy(setup.base)
+    merge_lora(merged, read_adapter_dir(setup.refs[3].directory, max_scale=256.0))
+    ids = prompt(3, 12)
+    shared = replace(setup.refs[3], version=1)
+    engine.start()
+    try:
+        got = run(consume(engine, replace(request(ids, 8), shared=shared)))  # the row asks for the shared LoRA
+        assert engine.applied_shared[0] == 1
+        assert got.ids == reference(merged, ids, 8)[0]
+        assert got.ids != reference(setup.base, ids, 8)[0]  # the merge changes this row's tokens
+        assert run(consume(engine, request(ids, 8))).ids == reference(setup.base, ids, 8)[0]  # none: unmerged
+        assert engine.applied_shared == (None, {})
+    finally:
+        engine.stop()
 
 
 def test_the_engine_and_request_threads_give_back_their_openmp_pools(

@@ -22,6 +22,7 @@ from service.adapters.slots import LoraSlots
 from service.engine.base import EngineFront, EngineLimits, Started
 from service.engine.builtin.executor import Executor, head_dim
 from service.engine.builtin.kv import KVLanes
+from service.engine.builtin.packed import PackedLinears
 from service.engine.builtin.sampler import Choice, RowDecoder, choose
 from service.engine.builtin.scheduler import Row, Step, plan_step
 from service.engine.types import (
@@ -57,6 +58,7 @@ class BuiltinEngine(EngineFront[Row]):
         queue_per_tenant: int,
         max_scale: float,
         fair_share: bool = True,
+        packed_weights: bool = False,
         on_step: Callable[[StepInfo], None] | None = None,
     ) -> None:
         if max_batch_tokens < max_rows:
@@ -77,6 +79,8 @@ class BuiltinEngine(EngineFront[Row]):
             dtype=loaded.dtype,
         )
         self._executor = Executor(loaded.model, self.kv, slots)
+        # After the slots wrapped their Linears: the base Linears inside them are packed too.
+        self.packed = PackedLinears(loaded.model) if packed_weights else None
         self.max_batch_tokens = max_batch_tokens
         self._window_s = window_s
         self._max_scale = max_scale
@@ -164,6 +168,8 @@ class BuiltinEngine(EngineFront[Row]):
             weights, version = self._pending
             unmerge(self._loaded.model, self._shared_originals)
             self._shared_originals = merge_lora(self._loaded.model, weights) if weights is not None else {}
+            if self.packed is not None:  # the merge changed weights in place
+                self.packed.refresh()
             self._shared_version, self._pending = version, None
 
     # --- adapters ---
