@@ -37,7 +37,7 @@ from service.adapters.slots import LoraSlots  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.engine.builtin.executor import Chunk, Executor, StepBatch, head_dim  # noqa: E402
 from service.engine.builtin.kv import KVLanes  # noqa: E402
-from service.engine.builtin.packed import PackedLinears, can_pack  # noqa: E402
+from service.engine.builtin.packed import ROWS_HINT, PackedLinears, can_pack  # noqa: E402
 from service.inference.loader import load_model  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -60,6 +60,19 @@ def matmul_peak(dtype: torch.dtype, m: int) -> float:
     x, w = torch.randn(m, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
     seconds = timed(lambda: F.linear(x, w), 50)
     return 2 * m * 576 * 1536 / seconds / 1e9
+
+
+def linear_us(dtype: torch.dtype, out_f: int, rows: int = 16, weights: int = 60) -> dict[str, float]:
+    """Microseconds of one (rows x 576) x (576 x out_f) Linear, over `weights` distinct weights (not cache-hot,
+    as in a step), from the plain weight and from the weight packed once for oneDNN (packed.py's op)."""
+    ws = [torch.randn(out_f, 576, dtype=dtype) for _ in range(weights)]
+    x = torch.randn(rows, 576, dtype=dtype)
+    out = {"plain": timed(lambda: [F.linear(x, w) for w in ws], 5) / weights * 1e6}
+    if can_pack(torch.device("cpu"), dtype):
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, ROWS_HINT) for w in ws]
+        op = torch.ops.mkldnn._linear_pointwise
+        out["packed"] = timed(lambda: [op(x, p, None, "none", [], "") for p in packed], 5) / weights * 1e6
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def decode_batch(rows: int, context: int) -> StepBatch:
@@ -150,6 +163,7 @@ def measure(args: argparse.Namespace) -> None:
         "thread": args.thread, "packed_weights": packed,
         "machine": machine_record(args.dtype), "date": time.strftime("%Y-%m-%d %H:%M"),
         "matmul_peak_gflops": {"m16": round(peak_small, 1), "m512": round(peak_large, 1)},
+        "linear_16_rows_us": {"576x1536": linear_us(dtype, 1536), "576x49152": linear_us(dtype, 49152, weights=2)},
         "decode_step_ms": round(decode_s * 1e3, 2),
         "decode_mfu": round(2 * params * args.rows / decode_s / 1e9 / peak_small, 3),
         "mixed_step_ms": round(mixed_s * 1e3, 2),

@@ -2,10 +2,10 @@
 
 A plain CPU matmul in bf16 reorders its weight into the kernel's layout on every call. An engine step reads
 each of the model's ~200 weights once, with few rows (a decode step has one token per row), so that reorder
-is a large part of the step: on a 2-vCPU AVX512-BF16 EPYC a (16 x 576) x (576 x 1536) matmul took 237 us from
-the plain weight and 139 us from the packed one, the (16 x 576) x (576 x 49152) vocab projection 6.8 vs 3.5 ms;
-the outputs are bit-identical in bf16 (the same kernel and accumulation order). In fp32 the packed kernel was
-~2x faster too, but its sums come in another order (differences ~1e-4).
+is a large part of the step: on a 2-vCPU AVX512-BF16 EPYC a (16 x 576) x (576 x 1536) matmul took 229-296 us
+from the plain weight and 128-178 us from the packed one, the (16 x 576) x (576 x 49152) vocab projection 6.4-9.4
+vs 3.3-5.4 ms (bench/engine_step.py). In bf16 the engine's step logits are bit-identical (checked at 3 to 272
+tokens); in fp32 the packed kernel was ~2x faster too, but its sums come in another order (differences ~1e-4).
 
 Owns the packed copies and keeping them equal to the weights (`refresh` after an in-place change, such as the
 shared LoRA's merge); knows nothing of adapters, rows or settings. Packing is chosen only where it was measured
