@@ -226,7 +226,23 @@ def pure_prepare_violations(path: str, source: str) -> list[str]:
     ]
 
 
+PACKED_OWNER = "engine/builtin/packed.py"
+
+
+def private_op_violations(path: str, source: str) -> list[str]:
+    """torch's private oneDNN ops (packed weights) are reached in one place, the owner of the packed copies: a
+    second user would hold weights that a merge does not re-pack."""
+    if path == PACKED_OWNER:
+        return []
+    return [
+        f"{path}:{n} uses torch.ops.mkldnn: only {PACKED_OWNER} may (it keeps packed weights equal to the model's)"
+        for n, line in enumerate(source.splitlines(), 1)
+        if "torch.ops.mkldnn" in line
+    ]
+
+
 CHECKS = (
+    private_op_violations,
     import_violations,
     scope_violations,
     length_violations,
@@ -262,6 +278,12 @@ def test_an_unscoped_repository_function_is_caught() -> None:
     source = "def everything(session, limit):\n    ...\ndef mine(session, user_pk):\n    ...\n"
     (problem,) = scope_violations("history/repository.py", source)
     assert "everything" in problem
+
+
+def test_a_private_onednn_op_outside_the_packed_weights_owner_is_caught() -> None:
+    source = "y = torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], '')\n"
+    assert private_op_violations("engine/builtin/executor.py", source)
+    assert not private_op_violations(PACKED_OWNER, source)
 
 
 def test_a_long_function_and_an_env_read_are_caught() -> None:

@@ -92,3 +92,14 @@ def test_rewrap_moves_every_key_under_the_new_primary_and_values_still_open(tmp_
     assert sealer.kek_counts() == {rotated.primary: 7}
     fresh = Sealer(db.session_factory, LocalKeyset(inline=rotated.keys[rotated.primary]))  # only the new key
     assert all(fresh.user(u).open_text("p", t) == f"value {u[1:]}" for u, t in tokens.items())
+
+
+def test_close_closes_the_keyrings_connections(tmp_path: Path) -> None:
+    """Shutdown (composition.stop): the keyring is its own pool, closed with the sealer, not left to the GC."""
+    db = keyring(tmp_path)
+    sealer = Sealer(db.session_factory, LocalKeyset(inline=os.urandom(32)))
+    sealer.user("alice").seal_text("p", "hi")
+    pool = db.engine.pool
+    assert pool.checkedin() > 0  # type: ignore[attr-defined]
+    sealer.close()
+    assert pool.checkedin() == 0  # type: ignore[attr-defined]
