@@ -130,6 +130,30 @@ def train_one(
     return row
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_", "aten::baddbmm")
+
+
+def profile_one(lm: LoadedModel, split: ml.UserSplit, config: Any, train: Any) -> dict[str, Any]:
+    """One more training under torch.profiler: how much of it is matmul (self time of the ops above) and the
+    top ops. The matmul time alone bounds how fast this trainer can get on this box at these FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    examples = build_user_examples(history(split), k=1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train(lm.model, lm.tokenizer, examples, config, base_model_name=lm.name)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "user": split.user_id,
+        "profiled_seconds": round(total / 1e6, 2),
+        "matmul_seconds": round(matmul / 1e6, 2),
+        "matmul_share": round(matmul / total, 3),
+        "top_ops": [{"op": e.key, "seconds": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count} for e in top],
+    }
+
+
 def load_trainer(path: Path) -> Any:
     """Another trainer module (an earlier revision's service/training/trainer.py) under its own name."""
     spec = importlib.util.spec_from_file_location("baseline_trainer", path)
@@ -185,6 +209,7 @@ def main() -> None:
     parser.add_argument("--baseline-trainer", type=Path, default=None, help="an earlier trainer.py: the 'before' rows")
     parser.add_argument("--no-quality", action="store_true", help="skip the dev MAE")
     parser.add_argument("--warmup", action="store_true", help="one untimed training per row before the timed ones")
+    parser.add_argument("--profile", action="store_true", help="one more training of the first user, profiled")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=None)
@@ -230,6 +255,10 @@ def main() -> None:
                     rows = [train_one(lm, s, config, not args.no_quality, train) for s in splits]
                     report["results"][f"{items}_items/{dtype}/{name}"] = summary(rows)
                     print(json.dumps({k: v for k, v in summary(rows).items() if k != "users"}), flush=True)
+                    if args.profile and name == "new":
+                        report["results"][f"{items}_items/{dtype}/{name}"]["profile"] = profile_one(
+                            lm, splits[0], config, train
+                        )
     if base_mae:
         report["dev_mae_base_model_no_adapter"] = base_mae
     report["machine_after"] = machine_record(dtype=",".join(dtypes))
