@@ -74,4 +74,3 @@ class PackedLinears:
         with torch.inference_mode():
             for packed in self._forwards:
                 packed.repack()
-
