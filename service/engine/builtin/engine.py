@@ -81,7 +81,7 @@ class BuiltinEngine(EngineFront[Row]):
         self._executor = Executor(loaded.model, self.kv, slots)
         # After the slots wrapped their Linears: the base Linears inside them are packed too.
         self.packed = PackedLinears(loaded.model) if packed_weights else None
-        log.info("builtin engine: %s", f"{len(self.packed)} Linears on packed weights" if self.packed else "plain weights")
+        log.info("builtin engine: %s", f"{len(self.packed)} Linears packed" if self.packed else "plain weights")
         self.max_batch_tokens = max_batch_tokens
         self._window_s = window_s
         self._max_scale = max_scale
