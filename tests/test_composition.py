@@ -3,6 +3,7 @@ connection when the pools are disposed (on PostgreSQL the garbage collector woul
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -18,10 +19,12 @@ def test_stop_waits_for_a_notice_poll_in_progress(
     tmp_path: Path, db_url: str, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_poll = outbox.NoticePoller.poll_once
+    polling = threading.Event()
 
     def slow_poll(self: outbox.NoticePoller) -> int:  # a poll that holds its connection for a while
         with unit_of_work(self._factory) as session:
             session.execute(text("SELECT 1"))
+            polling.set()
             time.sleep(0.5)
         return real_poll(self)
 
@@ -35,5 +38,6 @@ def test_stop_waits_for_a_notice_poll_in_progress(
     monkeypatch.setattr(outbox.NoticePoller, "poll_once", slow_poll)
     monkeypatch.setattr(Database, "dispose", dispose)
     with running_app(tmp_path, tiny_model_path, db_url, notice_poll_s=0.01):
-        time.sleep(0.3)  # a poll is under way
+        polling.clear()
+        assert polling.wait(10)  # the app stops while a poll holds its connection
     assert checked_out_at_dispose == [0]

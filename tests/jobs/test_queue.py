@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from service.jobs.queue import Listeners, RedisJobQueue
 from tests.factories import redis_url
+
+pytestmark = pytest.mark.redis
 
 
 def test_close_waits_for_the_pubsub_listener_to_end() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from service.adapters.cache import AdapterCache, SlotsBusy
-from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_dir, unmerge
+from service.adapters.peft_format import AdapterWeights, base_linear, merge_lora, read_adapter_dir, unmerge
 from service.adapters.slots import LoraSlots
 from service.engine.base import EngineFront, EngineLimits, Started
 from service.engine.builtin.executor import Executor, head_dim
@@ -167,10 +167,13 @@ class BuiltinEngine(EngineFront[Row]):
             if self._pending is None:
                 return
             weights, version = self._pending
+            touched = set(self._shared_originals)
             unmerge(self._loaded.model, self._shared_originals)
             self._shared_originals = merge_lora(self._loaded.model, weights) if weights is not None else {}
-            if self.packed is not None:  # the merge changed weights in place
-                self.packed.refresh()
+            if self.packed is not None:  # the unmerge and the merge changed these weights in place
+                touched |= set(self._shared_originals)
+                self.packed.refresh(base_linear(self._loaded.model, path) for path in touched)
+            # Should any of it raise, _pending stays set: no row joins, and the next tick redoes it all.
             self._shared_version, self._pending = version, None
 
     # --- adapters ---

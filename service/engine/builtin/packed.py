@@ -15,6 +15,8 @@ memory a second time (the plain weights stay: merges and the trainer's reference
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -69,8 +71,10 @@ class PackedLinears:
     def __len__(self) -> int:
         return len(self._forwards)
 
-    def refresh(self) -> None:
-        """Re-pack every weight (after weights changed in place)."""
+    def refresh(self, linears: Iterable[nn.Linear] | None = None) -> None:
+        """Re-pack the weights of `linears` (all: None) after they changed in place."""
+        wanted = None if linears is None else {id(m) for m in linears}
         with torch.inference_mode():
             for packed in self._forwards:
-                packed.repack()
+                if wanted is None or id(packed.linear) in wanted:
+                    packed.repack()
