@@ -281,12 +281,16 @@ def drive(
 ) -> tuple[list[Result], float]:
     """CLIENTS threads, each sending its share of the requests one after the other."""
     results: list[Result | None] = [None] * len(reqs)
+    failed: list[Exception] = []
 
     def client(c: int) -> None:
-        with httpx.Client(timeout=1800) as http:
-            for i in range(c, len(reqs), CLIENTS):
-                u = reqs[i].user
-                results[i] = one(http, url, headers(u), model(u), reqs[i], stream, extra(u))
+        try:
+            with httpx.Client(timeout=1800) as http:
+                for i in range(c, len(reqs), CLIENTS):
+                    u = reqs[i].user
+                    results[i] = one(http, url, headers(u), model(u), reqs[i], stream, extra(u))
+        except Exception as exc:  # re-raised below: a workload with a failed request has no figure
+            failed.append(exc)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
@@ -295,6 +299,8 @@ def drive(
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    if failed:
+        raise RuntimeError(f"{len(failed)} client(s) failed, first: {failed[0]!r}") from failed[0]
     assert all(r is not None for r in results)
     return [r for r in results if r is not None], wall
 
@@ -346,22 +352,32 @@ def main() -> None:
     }  # fmt: skip
     texts: dict[str, dict[str, list[str]]] = {}
     for kind in args.servers.split(","):
-        with any_server(kind, base, adapters, work, args) as (url, headers, model, extra):
-            drive(url, headers, model, reqs[workloads[0]][:CLIENTS], False, extra)  # warm-up: every adapter once
-            report["servers"][kind] = {}
-            texts[kind] = {}
-            for w in workloads:
-                results, wall = drive(url, headers, model, reqs[w], WORKLOADS[w]["stream"], extra)
-                report["servers"][kind][w] = summarize(results, wall)
-                texts[kind][w] = [r.text for r in results]
-                print(f"[{kind}] {w}: {report['servers'][kind][w]}", file=sys.stderr)
-    report["ratios"] = ratios(report["servers"])
-    report["identical_completions"] = identical(texts)
+        report["servers"][kind] = {}
+        texts[kind] = {}
+        try:
+            with any_server(kind, base, adapters, work, args) as (url, headers, model, extra):
+                drive(url, headers, model, reqs[workloads[0]][:CLIENTS], False, extra)  # warm-up: every adapter once
+                for w in workloads:
+                    results, wall = drive(url, headers, model, reqs[w], WORKLOADS[w]["stream"], extra)
+                    report["servers"][kind][w] = summarize(results, wall)
+                    texts[kind][w] = [r.text for r in results]
+                    print(f"[{kind}] {w}: {report['servers'][kind][w]}", file=sys.stderr)
+                    write(report, texts, args.out, partial=True)  # a later failure loses nothing measured
+        except (Exception, SystemExit) as exc:  # one server's failure is recorded; the others still run
+            report["servers"][kind]["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"[{kind}] failed: {exc!r}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(write(report, texts, args.out, partial=False))
+
+
+def write(report: dict[str, Any], texts: dict[str, dict[str, list[str]]], out: str | None, *, partial: bool) -> str:
+    """The report with its ratios and agreement, written to `out` (if given); `partial` while servers remain."""
+    done = {kind: {w: m for w, m in runs.items() if w != "error"} for kind, runs in report["servers"].items()}
+    full = report | {"partial": partial, "ratios": ratios(done), "identical_completions": identical(texts)}
+    text = json.dumps(full, indent=2)
+    if out:
+        Path(out).write_text(text + "\n")
+    return text
 
 
 def ratios(servers: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -376,6 +392,7 @@ def ratios(servers: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
             w: {"tok_s": round(m["tok_s"] / ref[w]["tok_s"], 3)}
             | ({"ttft_p50": round(m["ttft_p50_s"] / ref[w]["ttft_p50_s"], 3)} if "ttft_p50_s" in m else {})
             for w, m in workloads.items()
+            if w in ref
         }
     return out
 
@@ -389,6 +406,7 @@ def identical(texts: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
                 out[f"{a}=={b}"] = {
                     w: f"{sum(x == y for x, y in zip(texts[a][w], texts[b][w], strict=True))}/{len(texts[a][w])}"
                     for w in texts[a]
+                    if w in texts[b]
                 }
     return out
 

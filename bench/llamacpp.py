@@ -178,7 +178,10 @@ def llama_server(
         def extra(k: int) -> dict[str, Any]:
             return {"lora": [{"id": i, "scale": 1.0 if i == k else 0.0} for i in range(n)]}
 
-        yield url, lambda k: {"Authorization": f"Bearer {API_KEY}"}, lambda k: MODEL_NAME, extra
+        # A new connection per request: llama-server (cpp-httplib) closed reused keep-alive connections under
+        # the streamed workload ("Server disconnected without sending a response", 2 of 32 requests).
+        headers = {"Authorization": f"Bearer {API_KEY}", "Connection": "close"}
+        yield url, lambda k: headers, lambda k: MODEL_NAME, extra
     finally:
         _stop(proc)
 

@@ -1,4 +1,4 @@
-"""engine/builtin/packed.py: packing is chosen only where it pays (a CPU with native bf16 matmul, bf16 or fp32);
+"""engine/builtin/packed.py: packing is chosen only where it pays (fp32 on x86 with AVX2 or more, bf16 where native);
 packed Linears give the plain ones' outputs (bf16 bit for bit, fp32 to rounding); their packed copies follow an
 in-place weight change only through `refresh` (the engine calls it after the shared LoRA's merge)."""
 
@@ -18,12 +18,14 @@ CPU = torch.device("cpu")
 AMX = CpuInfo("amx box", amx_bf16=True, avx512_bf16=True, avx2=True)
 AVX512_BF16 = CpuInfo("avx512-bf16 box", amx_bf16=False, avx512_bf16=True, avx2=True)
 AVX2 = CpuInfo("avx2 box", amx_bf16=False, avx512_bf16=False, avx2=True)
+NO_AVX2 = CpuInfo("arm or old x86 box", amx_bf16=False, avx512_bf16=False, avx2=False)
 
 
-def test_packing_is_chosen_only_on_a_cpu_with_native_bf16() -> None:
+def test_packing_is_chosen_in_fp32_from_avx2_and_in_bf16_only_where_bf16_is_native() -> None:
     for cpu in (AMX, AVX512_BF16):
         assert can_pack(CPU, torch.bfloat16, cpu) and can_pack(CPU, torch.float32, cpu)
-    assert not can_pack(CPU, torch.float32, AVX2) and not can_pack(CPU, torch.bfloat16, AVX2)
+    assert can_pack(CPU, torch.float32, AVX2) and not can_pack(CPU, torch.bfloat16, AVX2)
+    assert not can_pack(CPU, torch.float32, NO_AVX2) and not can_pack(CPU, torch.bfloat16, NO_AVX2)
     assert not can_pack(CPU, torch.float16, AVX512_BF16)
     assert not can_pack(torch.device("cuda"), torch.bfloat16, AMX)
 
