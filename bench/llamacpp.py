@@ -178,8 +178,8 @@ def llama_server(
         def extra(k: int) -> dict[str, Any]:
             return {"lora": [{"id": i, "scale": 1.0 if i == k else 0.0} for i in range(n)]}
 
-        # A new connection per request: llama-server (cpp-httplib) closed reused keep-alive connections under
-        # the streamed workload ("Server disconnected without sending a response", 2 of 32 requests).
+        # A new connection per request: under the streamed workload 2 of 32 requests sent on reused keep-alive
+        # connections got "Server disconnected without sending a response" from llama-server (cpp-httplib).
         headers = {"Authorization": f"Bearer {API_KEY}", "Connection": "close"}
         yield url, lambda k: headers, lambda k: MODEL_NAME, extra
     finally:
