@@ -8,9 +8,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
-from service.config import get_settings
+from service.config import Settings, describe_invalid, get_settings
 
 if TYPE_CHECKING:
     from service.adapters.store import AdapterStore
@@ -308,7 +309,13 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:  # only the environment's settings are the operator's input here
+            raise
+        print(describe_invalid(exc), file=sys.stderr)
+        return 2
     return result
 
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -45,97 +45,103 @@ class Settings(BaseSettings):
     model: str = DEFAULT_MODEL  # the default GGUF, a local HF folder, or an id already in the HF cache
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    torch_threads: int | None = None
+    torch_threads: int | None = Field(None, ge=1)
     # The builtin engine's Linears on weights packed once for oneDNN: "auto" where it was measured to pay (a CPU
     # with native bf16 matmul, bf16 or fp32: engine/builtin/packed.py); "off": plain weights (half the memory).
     packed_weights: Literal["auto", "off"] = "auto"
 
     # --- auth / http ---
     admin_key: SecretStr | None = None
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
     docs_enabled: bool = True
-    auth_max_failures: int = 20  # bad keys per client address per window before 429 (0 = off)
-    auth_failure_window_s: float = 60.0
+    auth_max_failures: int = Field(20, ge=0)  # bad keys per client address per window before 429 (0 = off)
+    auth_failure_window_s: float = Field(60.0, gt=0)
     # Peers whose X-Forwarded-For / X-Forwarded-Proto are believed (the reverse proxy's address, comma
     # separated, "*" for any); empty: none, the client is the TCP peer.
     forwarded_allow_ips: str = ""
     metrics_token: SecretStr | None = None  # when set, GET /metrics needs "Authorization: Bearer <token>"
 
     # --- generation limits ---
-    max_new_tokens_cap: int = 512
-    default_max_new_tokens: int = 64
-    retrieval_item_chars: int = 600  # each retrieved item is clipped to this in the prompt
-    profile_max_chars: int = 4_000
+    max_new_tokens_cap: int = Field(512, ge=1)
+    default_max_new_tokens: int = Field(64, ge=1)
+    retrieval_item_chars: int = Field(600, ge=1)  # each retrieved item is clipped to this in the prompt
+    profile_max_chars: int = Field(4_000, ge=0)
 
     # --- history ---
-    bm25_cache_users: int = 64
-    bm25_cache_bytes: int = 1024 * 1024 * 1024  # estimated memory of all cached BM25 indexes (LRU; the newest stays)
-    retrieval_max_chars: int = 16 * 1024 * 1024  # BM25 indexes a user's most recent N characters (0: all of them)
-    history_max_items_per_user: int = 100_000
-    history_max_chars_per_user: int = 64 * 1024 * 1024  # characters of input + output
+    bm25_cache_users: int = Field(64, ge=0)
+    # estimated memory of all cached BM25 indexes (LRU; the newest stays)
+    bm25_cache_bytes: int = Field(1024 * 1024 * 1024, ge=0)
+    # BM25 indexes a user's most recent N characters (0: all of them)
+    retrieval_max_chars: int = Field(16 * 1024 * 1024, ge=0)
+    history_max_items_per_user: int = Field(100_000, ge=1)
+    history_max_chars_per_user: int = Field(64 * 1024 * 1024, ge=1)  # characters of input + output
 
     # --- engine ---
     engine: Literal["builtin", "vllm"] = "builtin"
-    batch_max_size: int = 16  # rows running at once (builtin: KV lanes)
-    batch_window_ms: float = 5.0  # an idle engine waits this long for more rows before its first step
-    max_batch_tokens: int = 512  # tokens per engine step (decode rows + prompt chunks)
-    max_model_len: int = 2048  # prompt + new tokens of one row (capped by the model's context)
-    queue_max: int = 256  # queued generate requests in all (full -> 503)
-    queue_per_user_max: int = 32  # queued per user (full -> 429): one user cannot take the whole queue
+    batch_max_size: int = Field(16, ge=1)  # rows running at once (builtin: KV lanes)
+    batch_window_ms: float = Field(5.0, ge=0)  # an idle engine waits this long for more rows before its first step
+    max_batch_tokens: int = Field(512, ge=1)  # tokens per engine step (decode rows + prompt chunks)
+    max_model_len: int = Field(2048, ge=2)  # prompt + new tokens of one row (capped by the model's context)
+    queue_max: int = Field(256, ge=0)  # queued generate requests in all (full -> 503)
+    queue_per_user_max: int = Field(32, ge=0)  # queued per user (full -> 429): one user cannot take the whole queue
     # While other users wait or run, a user at its share of the running rows (rows / active users) lets the
     # next user's row go first; it still fills rows nobody else can use, and running rows are never preempted.
     fair_share: bool = True
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = Field(120.0, gt=0)
     # Concurrent HTTP requests per process (uvicorn answers 503 beyond). The worker-thread pool is sized
     # above it, so a request holding a DB connection/lock can always get a thread to finish (no deadlock).
-    max_concurrency: int = 256
+    max_concurrency: int = Field(256, ge=1)
     # vLLM engine (OPPU_ENGINE=vllm, the [vllm] extra). Slots and queues come from the settings above.
-    vllm_max_lora_rank: int = 16  # the largest (user + shared) rank a row may use; vLLM allots it per slot
-    vllm_max_cpu_loras: int | None = None  # LoRAs kept in host memory (default: 4 x adapter_slots)
-    vllm_kv_cache_gib: float = 2.0  # CPU: the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)
-    vllm_gpu_memory_utilization: float = 0.85  # CUDA: the share of GPU memory vLLM may take
+    vllm_max_lora_rank: int = Field(16, ge=1)  # the largest (user + shared) rank a row may use; vLLM allots it per slot
+    vllm_max_cpu_loras: int | None = Field(None, ge=1)  # LoRAs kept in host memory (default: 4 x adapter_slots)
+    vllm_kv_cache_gib: float = Field(2.0, gt=0)  # CPU: the KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # CUDA: the share of GPU memory vLLM may take
     vllm_prefix_caching: bool = True
 
     # --- adapters ---
-    adapter_slots: int = 16
-    adapter_max_rank: int = 64
+    adapter_slots: int = Field(16, ge=1)
+    adapter_max_rank: int = Field(64, ge=1)
     adapter_target_modules: tuple[str, ...] = ALL_TARGET_MODULES
-    adapter_host_budget_bytes: int = 512 * 1024 * 1024
-    adapter_max_file_bytes: int = 256 * 1024 * 1024
-    adapter_max_tensors: int = 4096
-    adapter_max_scale: float = 256.0  # per-module LoRA scale alpha/r (rslora: alpha/sqrt(r)); above only yields inf
-    adapter_keep_versions: int = 5
-    upload_concurrency: int = 2  # adapter uploads being received/validated at once (each may need ~2x its size)
-    upload_concurrency_per_user: int = 1
-    upload_body_timeout_s: float = 300.0  # an upload body must arrive within this (408 after; holds no gate)
-    download_concurrency: int = 8  # adapter downloads and exports being sent at once (each streamed from disk)
-    download_concurrency_per_user: int = 2
+    adapter_host_budget_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    adapter_max_file_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    adapter_max_tensors: int = Field(4096, ge=1)
+    # per-module LoRA scale alpha/r (rslora: alpha/sqrt(r)); above only yields inf
+    adapter_max_scale: float = Field(256.0, gt=0)
+    adapter_keep_versions: int = Field(5, ge=1)
+    # adapter uploads being received/validated at once (each may need ~2x its size)
+    upload_concurrency: int = Field(2, ge=1)
+    upload_concurrency_per_user: int = Field(1, ge=1)
+    # an upload body must arrive within this (408 after; holds no gate)
+    upload_body_timeout_s: float = Field(300.0, gt=0)
+    # adapter downloads and exports being sent at once (each streamed from disk)
+    download_concurrency: int = Field(8, ge=1)
+    download_concurrency_per_user: int = Field(2, ge=1)
 
     # --- training jobs ---
-    job_max_attempts: int = 3
-    job_stale_after_s: float = 60.0  # a running job without a heartbeat for this long is retried
+    job_max_attempts: int = Field(3, ge=1)
+    job_stale_after_s: float = Field(60.0, gt=0)  # a running job without a heartbeat for this long is retried
     # A queued job put on the queue this long ago is enqueued again by the worker's reaper (its message may be
     # lost: Redis was down at the enqueue or restarted empty); an attempt still in the queue is not doubled.
-    job_requeue_after_s: float = 60.0
-    job_timeout_s: int = 3600
+    job_requeue_after_s: float = Field(60.0, gt=0)
+    job_timeout_s: int = Field(3600, ge=1)
     # Stage 2 (a user's LoRA) and stage 1 (the shared task LoRA). Chosen for the default model on dev data
     # only (docs/eval/defaults.md): the paper's 1e-4 barely moves a 135M model in a few dozen steps.
-    train_user_epochs: int = 1
-    train_user_lr: float = 3e-3
-    train_user_rank: int = 8
-    train_user_alpha: float = 16.0
-    train_user_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    train_user_min_steps: int = 12  # small histories repeat epochs until this many optimizer steps
-    train_shared_epochs: int = 1
-    train_shared_lr: float = 1e-3
-    train_shared_min_steps: int = 16
-    train_shared_max_per_user: int = 200
-    train_retrieval_k: int = 1
+    train_user_epochs: int = Field(1, ge=1)
+    train_user_lr: float = Field(3e-3, gt=0)
+    train_user_rank: int = Field(8, ge=1)
+    train_user_alpha: float = Field(16.0, gt=0)
+    train_user_target_modules: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1)
+    train_user_min_steps: int = Field(12, ge=0)  # small histories repeat epochs until this many optimizer steps
+    train_shared_epochs: int = Field(1, ge=1)
+    train_shared_lr: float = Field(1e-3, gt=0)
+    train_shared_min_steps: int = Field(16, ge=0)
+    train_shared_max_per_user: int = Field(200, ge=1)
+    train_retrieval_k: int = Field(1, ge=0)
     train_use_profile: bool = True
-    train_max_seq_len: int = 512
-    train_batch_size: int = 8
+    train_max_seq_len: int = Field(512, ge=2)
+    train_batch_size: int = Field(8, ge=1)
     train_seed: int = 0
-    retrain_after_new_items: int | None = None  # auto-retrain once a user has N items past the cutoff
+    retrain_after_new_items: int | None = Field(None, ge=1)  # auto-retrain once a user has N items past the cutoff
     # When an erased user's history trained the CURRENT shared task LoRA: `flag` only marks the version
     # (`trained_on_erased`; it stays served), `retire` takes it out of service at the erase's commit (the newest
     # kept shared version not trained on an erased user is served instead, or none), `retrain` retires it and
@@ -184,6 +190,17 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return self.model_cache_dir if self.model_cache_dir is not None else self.data_dir / "models"
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """A settings error as lines naming the environment variables (OPPU_...), without the input values:
+    a bad OPPU_MASTER_KEY must not be echoed to a log."""
+    lines = ["invalid settings:"]
+    for error in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        where = f"OPPU_{field.upper()}: " if field else ""
+        lines.append(f"  {where}{error['msg']}")
+    return "\n".join(lines)
 
 
 @lru_cache(maxsize=1)

@@ -92,13 +92,15 @@ class LoraTrainConfig:
     def __post_init__(self) -> None:
         if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_seq_len < 2 or self.min_steps < 0:
             raise ValueError("rank, epochs, batch_size must be >= 1, min_steps >= 0 and max_seq_len >= 2")
+        if not self.target_modules or not 0.0 <= self.warmup_ratio < 1.0 or self.lr <= 0:
+            raise ValueError("need target modules, 0 <= warmup_ratio < 1 and lr > 0")
+        if not 0.0 <= self.dropout < 1.0 or self.alpha <= 0 or self.max_grad_norm <= 0:
+            raise ValueError("need 0 <= dropout < 1, alpha > 0 and max_grad_norm > 0")
 
     def epochs_for(self, examples: int) -> int:
         """Epochs actually run: `epochs`, or more until `min_steps` optimizer steps are reached."""
         per_epoch = math.ceil(examples / self.batch_size)
         return max(self.epochs, math.ceil(self.min_steps / per_epoch)) if per_epoch else self.epochs
-        if not self.target_modules or not 0.0 <= self.warmup_ratio < 1.0 or self.lr <= 0:
-            raise ValueError("need target modules, 0 <= warmup_ratio < 1 and lr > 0")
 
     @classmethod
     def from_settings(cls, settings: Settings, *, stage: Literal["user", "shared"]) -> LoraTrainConfig:

@@ -353,6 +353,23 @@ def test_paper_defaults() -> None:
         LoraTrainConfig(epochs=0)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lr": 0.0},
+        {"target_modules": ()},
+        {"warmup_ratio": 1.0},
+        {"dropout": 1.0},
+        {"alpha": 0.0},
+        {"max_grad_norm": 0.0},
+        {"batch_size": 0},
+    ],
+)
+def test_a_config_that_cannot_train_is_refused_when_made(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        LoraTrainConfig(**bad)
+
+
 @pytest.fixture(scope="module")
 def memorised_bf16(lm: LoadedModel) -> TrainOutput:
     return train_lora(

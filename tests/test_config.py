@@ -1,0 +1,81 @@
+"""Settings (service/config.py): every size and duration has a bound, a value outside it stops start-up with a
+message naming the environment variable, and the command line says so without a traceback or the value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import annotated_types
+import pytest
+from pydantic import ValidationError
+
+from service.config import Settings, describe_invalid
+
+# Numbers whose every value is meaningful (a seed).
+UNBOUNDED = {"train_seed"}
+
+
+def _is_number(annotation: object) -> bool:
+    if annotation in (int, float):
+        return True
+    return isinstance(annotation, types.UnionType) and any(a in (int, float) for a in annotation.__args__)
+
+
+def test_every_numeric_setting_has_a_lower_bound() -> None:
+    unbounded = [
+        name
+        for name, field in Settings.model_fields.items()
+        if _is_number(field.annotation)
+        and name not in UNBOUNDED
+        and not any(isinstance(m, (annotated_types.Ge, annotated_types.Gt)) for m in field.metadata)
+    ]
+    assert unbounded == []
+
+
+def test_the_defaults_are_within_their_bounds() -> None:
+    Settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OPPU_BATCH_MAX_SIZE", "0"),
+        ("OPPU_MAX_BODY_BYTES", "-1"),
+        ("OPPU_REQUEST_TIMEOUT_S", "0"),
+        ("OPPU_TORCH_THREADS", "0"),
+        ("OPPU_VLLM_GPU_MEMORY_UTILIZATION", "1.5"),
+        ("OPPU_TRAIN_USER_LR", "0"),
+        ("OPPU_TRAIN_BATCH_SIZE", "0"),
+        ("OPPU_TRAIN_USER_TARGET_MODULES", "[]"),
+        ("OPPU_RETRAIN_AFTER_NEW_ITEMS", "0"),
+    ],
+)
+def test_a_value_out_of_bounds_is_named_by_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as exc:
+        Settings()
+    assert f"  {variable}: " in describe_invalid(exc.value)
+
+
+def test_a_rule_between_settings_is_described_without_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPPU_MAX_BATCH_TOKENS", "4")  # below batch_max_size (16)
+    with pytest.raises(ValidationError) as exc:
+        Settings()
+    assert "max_batch_tokens must be >= batch_max_size" in describe_invalid(exc.value)
+
+
+def test_the_command_line_names_the_variable_without_a_traceback_or_the_value(tmp_path: Path) -> None:
+    env = {**os.environ, "OPPU_DATA_DIR": str(tmp_path / "data"), "OPPU_QUEUE_MAX": "s3cret-looking-value"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "migrate"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "invalid settings:" in done.stderr and "OPPU_QUEUE_MAX: " in done.stderr
+    assert "Traceback" not in done.stderr and "s3cret-looking-value" not in done.stderr + done.stdout
+    assert not (tmp_path / "data").exists()  # nothing was started or created
