@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 MAX_SCHEMA_BYTES = 64 * 1024
+# llguidance expands counted repetition: {"minItems": 10**7} is 90 bytes of schema and GBs of grammar (at 10**8
+# its allocation fails and the Rust side aborts the process). No output of max_new_tokens_cap tokens comes near
+# these counts, so the sum of all of a schema's item/property counts is capped (4096: compile + first mask
+# ~0.1-0.4 s here); string lengths compile to a lexer and cost nothing.
+COUNT_KEYWORDS = frozenset({"minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains"})
+MAX_SCHEMA_COUNTS = 4096
 # JSON laid out as json.dumps does: small models otherwise loop on the whitespace the grammar allows.
 JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -113,4 +119,27 @@ def _schema_of(kind: Any, response_format: Mapping[str, Any]) -> Mapping[str, An
         raise BadRequest("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
     if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
         raise BadRequest(f"response_format: the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    if _counts(schema) > MAX_SCHEMA_COUNTS:
+        raise BadRequest(
+            f"response_format: the JSON schema's {', '.join(sorted(COUNT_KEYWORDS))} add up to more than "
+            f"{MAX_SCHEMA_COUNTS}"
+        )
     return schema
+
+
+def _counts(schema: Mapping[str, Any]) -> float:
+    """The sum of every numeric COUNT_KEYWORDS value anywhere in the schema (iterative: any nesting depth).
+    Conservative: the same key inside a const/enum value counts too."""
+    total: float = 0
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if key in COUNT_KEYWORDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    total += abs(value)
+                else:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total

@@ -9,16 +9,37 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 MAX_FIELD = 20_000
 MAX_META_BYTES = 16_384
+# Deeper metadata was stored, then every page of the user's history failed to serialise (pydantic stops at a
+# depth of ~255): refused at the append instead, far below that.
+MAX_META_DEPTH = 32
 
 
-def _no_nul(value: str) -> str:
+def _storable(value: str) -> str:
     # PostgreSQL text cannot hold U+0000 (SQLite can): reject it on both so that they answer alike.
     if "\x00" in value:
         raise ValueError("text must not contain NUL (U+0000) characters")
+    # A lone surrogate ("\ud800" in JSON) is no Unicode character: it cannot be encoded (sealed or stored) as UTF-8.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("text must be valid Unicode (no lone surrogates such as \\ud800)") from exc
     return value
 
 
-SafeStr = Annotated[str, AfterValidator(_no_nul)]
+def _depth(value: Any) -> int:
+    """How deeply JSON objects/arrays nest in `value` (a scalar: 0), iteratively."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+SafeStr = Annotated[str, AfterValidator(_storable)]
 ClientId = Annotated[SafeStr, Field(min_length=1, max_length=128)]
 
 
@@ -48,9 +69,14 @@ class HistoryItemIn(BaseModel):
     def _meta_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         import json
 
+        if value is None:
+            return None
+        if _depth(value) > MAX_META_DEPTH:
+            raise ValueError(f"metadata nests deeper than {MAX_META_DEPTH} levels")
         # allow_nan=False: NaN/Infinity are not JSON (PostgreSQL rejects them, SQLite turns them into null).
-        if value is not None and len(json.dumps(value, default=str, allow_nan=False)) > MAX_META_BYTES:
+        if len(json.dumps(value, default=str, allow_nan=False)) > MAX_META_BYTES:
             raise ValueError(f"metadata is larger than {MAX_META_BYTES} bytes as JSON")
+        _storable(json.dumps(value, default=str, ensure_ascii=False))  # keys and strings: no lone surrogates
         return value
 
 

@@ -31,7 +31,9 @@ from service.tenancy import Caller, UserRef, authorize_user
 PERSONAL = "personal"
 DEFAULT_CHAT_RETRIEVAL_K = 3  # chat with the personal model: the user's history grounds the answer
 OPENAI_DEFAULT_TEMPERATURE = 1.0
-TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # a logit_bias key (not str.isdigit: "²" is a digit that int() refuses)
+# A logit_bias key (not str.isdigit: "²" is a digit that int() refuses; at most 10 digits: int() refuses
+# strings over 4300 digits with a ValueError, and no vocabulary has 10**10 tokens).
+TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,10}")
 
 
 def list_models(caller: Caller, base_name: str) -> ModelList:
@@ -95,9 +97,12 @@ def refuse_unsupported(body: CommonParams) -> None:
 
 def _sampling(body: CommonParams, max_tokens: int | None, logprobs: int | None) -> SamplingOptions:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    bias = {int(k): v for k, v in (body.logit_bias or {}).items() if TOKEN_ID_KEY.fullmatch(k)}
-    if len(bias) != len(body.logit_bias or {}):
+    given = body.logit_bias or {}
+    if not all(TOKEN_ID_KEY.fullmatch(k) for k in given):
         raise UnsupportedParameter("logit_bias keys must be token ids")
+    bias = {int(k): v for k, v in given.items()}
+    if len(bias) != len(given):  # "42" and "042"
+        raise UnsupportedParameter("logit_bias names a token id more than once")
     return SamplingOptions(
         max_new_tokens=max_tokens,
         temperature=OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,

@@ -273,3 +273,45 @@ def test_only_kept_names_are_read() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, peak
+
+
+def _no_zipfile(*_: object, **__: object) -> zipfile.ZipFile:
+    raise AssertionError("zipfile.ZipFile was opened: the end record's counts were not checked first")
+
+
+def test_too_many_members_are_refused_from_the_end_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _zip({f"f{i}": b"x" for i in range(17)})
+    monkeypatch.setattr(zipfile, "ZipFile", _no_zipfile)  # before the central directory is parsed
+    with pytest.raises(ArchiveError, match="declares 17 members"):
+        unpack_upload_zip(data, CAP)
+
+
+def test_an_oversized_central_directory_is_refused_before_it_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 400k members listed in 19 MB of central directory took ~1.7 s and +125 MB inside zipfile; here 2 members
+    # whose directory entries carry 40 KB comments each.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in FILES:
+            info = zipfile.ZipInfo(name)
+            info.comment = b"c" * 40_000
+            zf.writestr(info, FILES[name])
+    monkeypatch.setattr(zipfile, "ZipFile", _no_zipfile)
+    with pytest.raises(ArchiveError, match="central directory is"):
+        unpack_upload_zip(buf.getvalue(), CAP)
+
+
+def test_a_zip64_end_record_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.BytesIO()
+    with monkeypatch.context() as m:
+        m.setattr(zipfile, "ZIP64_LIMIT", 16)  # forces the zip64 end record (and extras) on a small archive
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, content in FILES.items():
+                zf.writestr(name, content)
+    data = bytearray(buf.getvalue())
+    # As archivers that always write zip64 do: the classic end record holds only the "see zip64" sentinels.
+    struct.pack_into("<HHI", data, data.rfind(b"PK\x05\x06") + 8, 0xFFFF, 0xFFFF, 0xFFFFFFFF)
+    assert unpack_upload_zip(bytes(data), CAP) == FILES
+    locator = data.rfind(b"PK\x06\x07")
+    data[locator : locator + 4] = b"XXXX"
+    with pytest.raises(ArchiveError, match="zip64 end record missing"):
+        unpack_upload_zip(bytes(data), CAP)

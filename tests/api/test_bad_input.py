@@ -387,3 +387,50 @@ def test_database_sensitive_values(client: TestClient) -> None:
         "min-ts-east": 422,
         "bigint-meta": 201,
     }
+
+
+# Raw JSON: httpx cannot encode a lone surrogate itself, and "\ud800" is valid JSON that decodes to one.
+LONE_SURROGATE_BODIES = {
+    "output": '{"items": [{"output": "a\\ud800b"}]}',
+    "input": '{"items": [{"output": "x", "input": "\\udfff"}]}',
+    "id": '{"items": [{"output": "x", "id": "i\\ud800"}]}',
+    "kind": '{"items": [{"output": "x", "kind": "\\ud800"}]}',
+    "metadata-key": '{"items": [{"output": "x", "metadata": {"\\ud800": 1}}]}',
+    "metadata-value": '{"items": [{"output": "x", "metadata": {"k": ["\\ud800"]}}]}',
+}
+
+
+@pytest.mark.parametrize("field", sorted(LONE_SURROGATE_BODIES))
+def test_a_lone_surrogate_is_refused_not_a_500(app_client: TestClient, key: str, field: str) -> None:
+    # It used to pass the schema and fail in sealing (UnicodeEncodeError: 500).
+    headers = {**bearer(key), "content-type": "application/json"}
+    r = app_client.post("/users/u1/history", content=LONE_SURROGATE_BODIES[field], headers=headers)
+    assert "surrogate" in json.dumps(assert_error(r, 422))
+    assert app_client.get("/users/u1/history", headers=bearer(key)).status_code == 200
+
+
+def test_a_lone_surrogate_in_the_profile_is_refused(app_client: TestClient, key: str) -> None:
+    headers = {**bearer(key), "content-type": "application/json"}
+    assert_error(app_client.put("/users/u1/profile", content='{"text": "a\\ud800"}', headers=headers), 422)
+    # A pair written as two escapes is one character: stored and read back.
+    r = app_client.put("/users/u1/profile", content='{"text": "\\ud83d\\ude00"}', headers=headers)
+    assert r.status_code == 200, r.text
+    assert app_client.get("/users/u1/profile", headers=bearer(key)).json()["text"] == "\U0001f600"
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth - 1):
+        value = [value]
+    return {"k": value}
+
+
+def test_metadata_nesting_is_capped_and_what_is_stored_can_be_listed(app_client: TestClient) -> None:
+    # 260 levels used to be stored, then every page of the user's history was a 500 (pydantic's depth limit).
+    key = create_user(app_client, "deep")
+    too_deep = app_client.post("/users/deep/history", json={"items": [item(metadata=_nested(33))]}, headers=bearer(key))
+    assert "deeper than 32" in json.dumps(assert_error(too_deep, 422))
+    ok = app_client.post("/users/deep/history", json={"items": [item(metadata=_nested(32))]}, headers=bearer(key))
+    assert ok.status_code == 201, ok.text
+    page = app_client.get("/users/deep/history", headers=bearer(key))
+    assert page.status_code == 200 and page.json()["items"][0]["metadata"] == _nested(32)

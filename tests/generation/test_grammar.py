@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.errors import BadRequest
-from service.generation.grammar import JSON_STYLE, MAX_SCHEMA_BYTES, GrammarCompiler
+from service.generation.grammar import JSON_STYLE, MAX_SCHEMA_BYTES, MAX_SCHEMA_COUNTS, GrammarCompiler
 from tests.models import smollm_tokenizer_dir
 
 SCHEMA = {
@@ -81,6 +81,19 @@ def test_json_schema_keeps_the_schema_and_adds_the_layout_rules(compiler: Gramma
         (schema_format({"$ref": "#/definitions/missing"}), "cannot be used"),
         (schema_format({"type": "string", "pattern": "(("}), "cannot be used"),
         (schema_format({"type": "object", "description": "x" * MAX_SCHEMA_BYTES}), "larger than"),
+        # 90 bytes that would compile to GBs of grammar (10**8: llguidance's allocation fails and aborts the process)
+        (schema_format({"type": "array", "items": {"type": "integer"}, "minItems": 10**8}), "add up to more than"),
+        (schema_format({"type": "array", "maxItems": 10**7}), "add up to more than"),
+        (schema_format({"type": "object", "minProperties": float("inf")}), "add up to more than"),
+        # many small counts add up; nested anywhere (inside anyOf, items, $defs)
+        (
+            schema_format(
+                {
+                    "anyOf": [{"type": "array", "items": {"type": "array", "maxItems": 100}, "maxItems": 100}] * 21,
+                }
+            ),
+            "add up to more than",
+        ),
     ],
 )
 def test_bad_or_oversized_schemas_are_400(
@@ -96,6 +109,12 @@ def test_a_schema_just_under_the_size_limit_compiles(compiler: GrammarCompiler) 
     schema: dict[str, Any] = {"type": "object", "description": ""}
     schema["description"] = "x" * (MAX_SCHEMA_BYTES - len(json.dumps(schema)))
     assert len(json.dumps(schema)) == MAX_SCHEMA_BYTES
+    assert compiler.compile(schema_format(schema)) is not None
+
+
+def test_counts_up_to_the_limit_compile(compiler: GrammarCompiler) -> None:
+    half = MAX_SCHEMA_COUNTS // 2
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": half, "maxItems": MAX_SCHEMA_COUNTS - half}
     assert compiler.compile(schema_format(schema)) is not None
 
 

@@ -155,11 +155,31 @@ def test_logit_bias_keys_are_token_ids() -> None:
     assert dict(options.logit_bias) == {50: 2.0, -3: -1.0, 7: 0.5}  # -3 is refused later: not in the vocabulary
 
 
-@pytest.mark.parametrize("key", ["abc", "", "1.5", " 5", "+5", "--5", "5-", "\u00b2", "\u0663"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "abc",
+        "",
+        "1.5",
+        " 5",
+        "+5",
+        "--5",
+        "5-",
+        "\u00b2",
+        "\u0663",
+        pytest.param("1" * 5000, id="5000-digits"),
+        "1" * 11,
+    ],
+)
 def test_a_logit_bias_key_that_is_not_a_token_id_is_400(key: str) -> None:
-    # "--5" and "²" (a digit to str.isdigit, not to int) used to crash the request with a 500.
+    # "--5", "²" (a digit to str.isdigit, not to int) and 5000 digits (over int()'s 4300) used to be a 500.
     with pytest.raises(UnsupportedParameter, match="logit_bias keys must be token ids"):
         _sampling(text_body(logit_bias={key: 1.0}), None, None)
+
+
+def test_a_token_id_named_twice_in_logit_bias_is_400() -> None:
+    with pytest.raises(UnsupportedParameter, match="more than once"):
+        _sampling(text_body(logit_bias={"42": 1.0, "0042": 2.0}), None, None)
 
 
 # --- personalization: chat with the personal model is grounded, raw completions are not ---
