@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # BM25 indexes a user's most recent N characters (0: all of them)
     retrieval_max_chars: int = Field(16 * 1024 * 1024, ge=0)
     history_max_items_per_user: int = Field(100_000, ge=1)
-    history_max_chars_per_user: int = Field(64 * 1024 * 1024, ge=1)  # characters of input + output
+    history_max_chars_per_user: int = Field(64 * 1024 * 1024, ge=1)  # characters of input + output + metadata JSON
 
     # --- engine ---
     engine: Literal["builtin", "vllm"] = "builtin"
@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     train_shared_min_steps: int = Field(16, ge=0)
     train_shared_max_per_user: int = Field(200, ge=1)
     train_retrieval_k: int = Field(1, ge=0)
+    # A user's retrain learns from their most recent N items (retrieval still sees every earlier one): without a
+    # cap one user's 100k-item history held the job runner for hours (12.5k steps), ahead of everyone's jobs.
+    train_max_examples: int = Field(1000, ge=1)
     train_use_profile: bool = True
     train_max_seq_len: int = Field(512, ge=2)
     train_batch_size: int = Field(8, ge=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -117,7 +118,9 @@ def _rows(body: HistoryAppendIn) -> tuple[list[str], list[dict[str, object]], di
         ids.append(client_id)
         if client_id in chars:
             continue
-        chars[client_id] = len(item.input or "") + len(item.output)
+        # Metadata counts too: up to 16 KiB an item, uncounted it let 100k one-character items take ~2 GiB.
+        meta = len(json.dumps(item.metadata, ensure_ascii=False, default=str)) if item.metadata is not None else 0
+        chars[client_id] = len(item.input or "") + len(item.output) + meta
         rows.append(
             {
                 "client_id": client_id,

@@ -157,6 +157,7 @@ def _user_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPl
         profile=profile.text if profile is not None else None,
         item_chars=s.retrieval_item_chars,
         profile_chars=s.profile_max_chars,
+        max_examples=s.train_max_examples,
     )
     config = LoraTrainConfig.from_settings(s, stage="user")
     return TrainingPlan(examples, config, adapter_service.shared_ref(session, ctx.store))

@@ -320,3 +320,23 @@ def test_history_quota_per_user(tmp_path: Path, tiny_model_path: Path) -> None:
         r = add("quota2", other, ["big"], size=201)
         assert r.status_code == 409 and r.json()["details"]["max_chars"] == 200
         assert add("quota2", other, ["ok"], size=200).status_code == 201
+
+
+def test_metadata_counts_against_the_character_quota(tmp_path: Path, tiny_model_path: Path) -> None:
+    # Uncounted, 100k one-character items with 16 KiB of metadata each took ~2 GiB under a 64 Mi quota.
+    with running_app(tmp_path, tiny_model_path, history_max_chars_per_user=1000) as client:
+        key = create_user(client, "meta")
+        heavy = {"items": [{"id": "m1", "output": "x", "metadata": {"blob": "y" * 2000}}]}
+        r = client.post("/users/meta/history", json=heavy, headers=bearer(key))
+        assert r.status_code == 409 and r.json()["code"] == "quota_exceeded", r.text
+        light = {"items": [{"id": "m2", "output": "x", "metadata": {"é": "ü" * 10}}]}
+        assert client.post("/users/meta/history", json=light, headers=bearer(key)).status_code == 201
+        # characters, not bytes or ASCII escapes: 1 + len('{"é": "üüüüüüüüüü"}') = 1 + 19
+        assert (
+            client.post("/users/meta/history", json={"items": [{"output": "z" * 980}]}, headers=bearer(key)).status_code
+            == 201
+        )
+        assert (
+            client.post("/users/meta/history", json={"items": [{"output": "z"}]}, headers=bearer(key)).status_code
+            == 409
+        )

@@ -86,6 +86,25 @@ def test_erasing_a_contributor_flags_the_shared_versions_trained_on_them(client:
     assert [(v["version"], v["trained_on_erased"]) for v in versions] == [(2, False), (1, True)]
 
 
+def test_a_users_index_survives_their_adapter_changes(client: TestClient) -> None:
+    # It used to be dropped on every adapter notice: each upload or delete cost a rebuild from the whole history.
+    key = create_user(client, "cal")
+    add_history(client, "cal", key, n=3)
+    gen = {"prompt": "x", "max_new_tokens": 1, "retrieval_k": 3}
+    assert client.post("/users/cal/generate", json=gen, headers=bearer(key)).status_code == 200
+    state = app_state(client)
+    with unit_of_work(state.session_factory) as session:
+        cal = accounts.by_user_id(session, "cal")
+        assert cal is not None
+        cal_key = cal.storage_key
+    index = state.bm25._entries[cal_key]
+    job = client.post("/admin/users/cal/retrain", headers=admin_headers()).json()
+    assert wait_job(client, job["job_id"])["status"] == "succeeded"
+    assert client.delete("/users/cal/adapter", headers=bearer(key)).status_code == 204
+    assert state.bm25._entries[cal_key] is index
+    assert client.post("/users/cal/generate", json=gen, headers=bearer(key)).status_code == 200
+
+
 # --- OPPU_SHARED_ON_ERASE: the shared LoRA trained on an erased user is taken out of service (and retrained) ---
 
 

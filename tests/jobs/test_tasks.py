@@ -321,6 +321,26 @@ def test_training_uses_only_own_items_up_to_the_cutoff(ctx: JobContext, monkeypa
     assert meta is not None and meta["examples"] == 6 and meta["cutoff_item_id"] == job_row(ctx, job_id).cutoff_item_id
 
 
+def test_a_retrain_learns_from_the_most_recent_train_max_examples_items(
+    ctx: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captured: list[TrainExample] = []
+    real_train = train_lora
+
+    def capture(model: Any, tokenizer: Any, examples: list[TrainExample], *args: Any, **kwargs: Any) -> Any:
+        captured.extend(examples)
+        return real_train(model, tokenizer, examples, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "train_lora", capture)
+    ctx.settings = ctx.settings.with_overrides(train_max_examples=3)
+    user = add_user(ctx.session_factory, "long-history", qa(8, "beta"))
+    job_id = request(ctx, user)
+    run_job(ctx, job_id)
+    assert job_row(ctx, job_id).status == "succeeded"
+    assert [ex.item_id for ex in captured] == ["i5", "i6", "i7"]
+    assert all("beta" in ex.prompt for ex in captured)  # each still retrieves from the earlier, uncapped items
+
+
 # --- a retrain racing an erase (issue 23 N3) ---
 
 

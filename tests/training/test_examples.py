@@ -1,6 +1,8 @@
+import random
 from dataclasses import dataclass
 
 from service.prompts import CONTINUATION_PROMPT, build_prompt, training_request
+from service.retrieval.bm25 import BM25Index
 from service.training.examples import (
     TrainExample,
     build_shared_examples,
@@ -29,7 +31,8 @@ def test_first_item_has_no_context_and_later_items_only_earlier() -> None:
     items = _history("u")
     plan = retrieval_plan(items, k=3)
     assert plan[0] == []
-    for i, ids in enumerate(plan):
+    assert sorted(plan) == list(range(len(items)))
+    for i, ids in plan.items():
         assert all(j < i for j in ids)
         assert len(ids) == min(i, 3)
     examples = build_user_examples(items, k=3)
@@ -97,5 +100,32 @@ def test_later_items_do_not_change_earlier_rankings() -> None:
     ]
     later = [Item(f"z{i}", "dogs", "dogs everywhere dogs") for i in range(20)]
     short, long = retrieval_plan(base, k=2), retrieval_plan(base + later, k=2)
-    assert long[: len(base)] == short
-    assert all(all(j < i for j in hits) for i, hits in enumerate(long))
+    assert {i: long[i] for i in range(len(base))} == short
+    assert all(all(j < i for j in hits) for i, hits in long.items())
+
+
+def _naive_plan(items: list[Item], k: int) -> dict[int, list[int]]:
+    """The definition: item i retrieves from a fresh index over items[:i] only."""
+    return {
+        i: [hit.index for hit in BM25Index(items[:i]).top_k(training_request(item), k)] for i, item in enumerate(items)
+    }
+
+
+def test_the_growing_index_plans_exactly_what_a_fresh_index_per_item_would() -> None:
+    rng = random.Random(3)
+    words = [f"w{j}" for j in range(40)]
+    items = [
+        Item(f"u-{i}", " ".join(rng.choices(words, k=rng.randint(1, 8))), " ".join(rng.choices(words, k=5)))
+        for i in range(150)  # past several segment merges of the growing index
+    ]
+    for k in (1, 4):
+        assert retrieval_plan(items, k=k) == _naive_plan(items, k)
+    assert retrieval_plan(items, k=4, positions=[149, 7, 7, 80]) == {i: _naive_plan(items, 4)[i] for i in (7, 80, 149)}
+
+
+def test_max_examples_keeps_the_most_recent_items_with_retrieval_over_all_earlier_ones() -> None:
+    items = _history("u", 12)
+    every = build_user_examples(items, k=3)
+    assert build_user_examples(items, k=3, max_examples=5) == every[-5:]
+    assert build_user_examples(items, k=3, max_examples=50) == every
+    assert build_user_examples(items, k=3, max_examples=0) == []
