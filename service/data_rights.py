@@ -56,7 +56,7 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         lines = 0
         with zf.open("history.jsonl", "w") as fh:
-            for item in history_repo.all_items(session, user):
+            for item in history_repo.iter_items(session, user):
                 record = {
                     "id": item.client_id,
                     "input": item.input,

@@ -8,7 +8,7 @@ autoflush could write it back). Rows written before sealing (`sealed` NULL) read
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -202,6 +202,15 @@ def list_items(session: Session, owner: Owner, *, after_id: int, limit: int) -> 
         .limit(limit)
     )
     return [_record(seal, r) for r in rows]
+
+
+def iter_items(session: Session, owner: Owner, *, page: int = 500) -> Iterator[HistoryRecord]:
+    """The user's items in append order, read and opened a page at a time (an export of 100k items with
+    metadata held ~3.8 GB when read whole)."""
+    after = 0
+    while rows := list_items(session, owner, after_id=after, limit=page):
+        yield from rows
+        after = rows[-1].id
 
 
 def all_items(session: Session, owner: Owner, *, up_to_id: int | None = None) -> list[HistoryRecord]:

@@ -114,6 +114,18 @@ def test_list_items_pages_by_id(factory: sessionmaker[Session]) -> None:
         assert repo.max_item_id(s, new_user(factory, "nobody").pk) is None
 
 
+def test_iter_items_reads_every_item_of_the_user_a_page_at_a_time(factory: sessionmaker[Session]) -> None:
+    alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
+    with unit_of_work(factory) as s:
+        repo.insert_items_ignore_duplicates(s, alice, rows("a", "b"))
+        repo.insert_items_ignore_duplicates(s, bob, rows("x", "y", "z"))  # interleaved ids of another user
+        repo.insert_items_ignore_duplicates(s, alice, rows("c", "d", "e"))
+    with unit_of_work(factory) as s:
+        for page in (1, 2, 5, 500):
+            assert list(repo.iter_items(s, alice, page=page)) == repo.all_items(s, alice)
+        assert list(repo.iter_items(s, new_user(factory, "nobody"))) == []
+
+
 def test_delete_items_and_user_rows(factory: sessionmaker[Session]) -> None:
     alice, bob = new_user(factory, "alice"), new_user(factory, "bob")
     with unit_of_work(factory) as s:
