@@ -47,7 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        limit_concurrency=settings.max_concurrency,
+        # No connection cap here: uvicorn's counts idle connections (see middleware.InFlightLimit, which caps
+        # requests instead). Idle sockets are then bounded by the process's file limit; put a proxy with a
+        # header timeout in front of a public port (deploy/: nginx).
+        limit_concurrency=None,
         proxy_headers=False,  # the app applies OPPU_FORWARDED_ALLOW_IPS itself (create_app), once
     )
     return 0

@@ -88,8 +88,9 @@ class Settings(BaseSettings):
     # next user's row go first; it still fills rows nobody else can use, and running rows are never preempted.
     fair_share: bool = True
     request_timeout_s: float = Field(120.0, gt=0)
-    # Concurrent HTTP requests per process (uvicorn answers 503 beyond). The worker-thread pool is sized
-    # above it, so a request holding a DB connection/lock can always get a thread to finish (no deadlock).
+    # HTTP requests in flight per process (middleware.InFlightLimit answers 503 beyond; idle connections do not
+    # count). The worker-thread pool is sized above it, so a request holding a DB connection/lock can always
+    # get a thread to finish (no deadlock).
     max_concurrency: int = Field(256, ge=1)
     # vLLM engine (OPPU_ENGINE=vllm, the [vllm] extra). Slots and queues come from the settings above.
     vllm_max_lora_rank: int = Field(16, ge=1)  # the largest (user + shared) rank a row may use; vLLM allots it per slot

@@ -11,7 +11,7 @@ from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.lifespan import lifespan
 from service.metrics import HttpMetrics, Metrics
-from service.middleware import BodySizeLimit, CancelOnDisconnect
+from service.middleware import BodySizeLimit, CancelOnDisconnect, InFlightLimit
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,7 +35,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.adapter_max_file_bytes + (1 << 20),
     )
-    app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # counts 413s too
+    app.add_middleware(InFlightLimit, max_requests=settings.max_concurrency)  # 503 beyond OPPU_MAX_CONCURRENCY
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # counts 413s and 503s too
     app.add_middleware(CancelOnDisconnect)  # every route: a client that leaves ends its engine rows
     if settings.forwarded_allow_ips:  # outermost: every layer sees the real client address
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.forwarded_allow_ips)

@@ -1,5 +1,5 @@
-"""ASGI middleware: request body size cap (413 before the body is parsed), and the end of every request
-whose client went away (its engine rows are cancelled)."""
+"""ASGI middleware: the cap on requests in flight (503 beyond), the request body size cap (413 before the body
+is parsed), and the end of every request whose client went away (its engine rows are cancelled)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,31 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
+
+
+class InFlightLimit:
+    """At most `max_requests` HTTP requests in the app at once; the next one is answered 503 with Retry-After
+    at once. Counted here, not by uvicorn's limit_concurrency, which counts open connections: 256 idle sockets
+    that never sent a byte (uvicorn has no header timeout) made it answer 503 to everyone, unauthenticated."""
+
+    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.in_flight = 0  # one event loop: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_requests:
+            busy = error_body("unavailable", "the server is at its request limit; retry later")
+            await _answer(send, 503, busy, retry_after=1)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class BodyTooLarge(HTTPException):
@@ -65,16 +90,17 @@ class BodySizeLimit:
 
 
 async def _reject(send: Send) -> None:
+    await _answer(send, 413, error_body("payload_too_large", "request body is too large"))
+
+
+async def _answer(send: Send, status: int, error: dict[str, object], retry_after: int | None = None) -> None:
     import json
 
-    body = json.dumps(error_body("payload_too_large", "request body is too large")).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+    body = json.dumps(error).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -109,3 +109,47 @@ def test_serve_on_the_embedded_default_generates_and_uses_the_admin_key(tmp_path
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_idle_connections_do_not_lock_out_requests(tmp_path: Path, tiny_model_path: Path) -> None:
+    """uvicorn's limit_concurrency counted open connections: OPPU_MAX_CONCURRENCY idle sockets (no byte sent,
+    no timeout) made every request a 503. The cap is on requests in flight now."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPPU_")}
+    env |= {
+        "OPPU_DATA_DIR": str(tmp_path / "data"), "OPPU_ADAPTERS_DIR": str(tmp_path / "adapters"),
+        "OPPU_MODEL": str(tiny_model_path), "OPPU_MODEL_CACHE_DIR": str(MODEL_CACHE_DIR),
+        "OPPU_MAX_CONCURRENCY": "2",
+    }  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=out, stderr=out
+        )
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+        time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.terminate()
+        proc.wait(timeout=30)

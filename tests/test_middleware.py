@@ -1,15 +1,16 @@
 """CancelOnDisconnect at the ASGI level: a client that leaves cancels the handler (read a body or not), a
 client that stays gets its whole answer, the body reaches the handler intact, and the disconnect that a
-server reports after a complete response cancels nothing."""
+server reports after a complete response cancels nothing. InFlightLimit: requests beyond the cap get 503."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 
 from starlette.types import Message, Receive, Scope, Send
 
-from service.middleware import CancelOnDisconnect
+from service.middleware import CancelOnDisconnect, InFlightLimit
 
 SCOPE: Scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
 
@@ -94,3 +95,39 @@ def test_a_streaming_handler_is_cancelled_when_the_client_leaves_mid_stream() ->
     receive, send, _ = _client([{"type": "http.request", "body": b"", "more_body": False}], 0.1)
     _run(app, receive, send)
     assert 0 < len(chunks_sent) < 100
+
+
+def test_requests_beyond_the_in_flight_limit_get_503_and_a_finished_one_frees_its_place() -> None:
+    release = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limited = InFlightLimit(app, max_requests=2)
+
+    async def call() -> list[Message]:
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await limited(SCOPE, receive, send)
+        return sent
+
+    async def scenario() -> None:
+        held = [asyncio.ensure_future(call()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        refused = await asyncio.wait_for(call(), timeout=1)  # answered at once, not queued
+        assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+        assert json.loads(refused[1]["body"])["code"] == "unavailable"
+        release.set()
+        assert [m[0]["status"] for m in await asyncio.gather(*held)] == [200, 200]
+        assert limited.in_flight == 0
+        assert (await call())[0]["status"] == 200
+
+    asyncio.run(scenario())
