@@ -11,6 +11,7 @@ import secrets
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +111,7 @@ def sealer(settings: Settings) -> Sealer:
     """The keyring (its own database) and the master key(s). Nothing is overwritten: a keyring that holds keys
     without the master key that wrapped them refuses to start (MasterKeyError), never makes a new one."""
     keyring = Database.open(settings.resolved_keyring_url, sqlite_synchronous=settings.sqlite_synchronous)
-    try:
-        KeyringBase.metadata.create_all(keyring.engine)
-    except DBAPIError:  # processes starting together: another one created the tables meanwhile
-        KeyringBase.metadata.create_all(keyring.engine)
+    _create_keyring_tables(keyring)
     if not settings.keyring_url and make_url(settings.resolved_database_url).get_backend_name() != "sqlite":
         log.warning(
             "the keyring is a SQLite file in OPPU_DATA_DIR (%s) while the database is shared: every replica and "
@@ -123,6 +121,23 @@ def sealer(settings: Settings) -> Sealer:
     keks = master_keys(settings, keyring)
     enabled = settings.seal_at_rest and keks is not None
     return Sealer(keyring.session_factory, keks, enabled=enabled, recheck_s=settings.key_recheck_s)
+
+
+KEYRING_CREATE_ATTEMPTS = 10
+
+
+def _create_keyring_tables(keyring: Database) -> None:
+    """create_all checks, then creates, table by table: processes starting together on one keyring each find a
+    table missing and one of them fails on every table another created meanwhile (an API of three processes
+    once exited on `table shredded_owners already exists` after one retry). Retried until none is missing."""
+    for attempt in range(1, KEYRING_CREATE_ATTEMPTS + 1):
+        try:
+            KeyringBase.metadata.create_all(keyring.engine)
+            return
+        except DBAPIError:
+            if attempt == KEYRING_CREATE_ATTEMPTS:
+                raise
+            time.sleep(0.05 * attempt)
 
 
 def check_sealed(settings: Settings, db: Database) -> None:

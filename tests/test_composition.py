@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
+from service import composition
 from service.db.session import Database, unit_of_work
 from service.notices import outbox
+from service.sealing.models import KeyringBase
 from tests.conftest import running_app
 
 
@@ -41,3 +44,49 @@ def test_stop_waits_for_a_notice_poll_in_progress(
         polling.clear()
         assert polling.wait(10)  # the app stops while a poll holds its connection
     assert checked_out_at_dispose == [0]
+
+
+def test_keyring_tables_are_created_by_processes_starting_together(tmp_path: Path) -> None:
+    # Each starter checks, then creates, table by table: one of them fails on every table another made
+    # meanwhile. Three processes once needed more than the single retry there was.
+    url = f"sqlite:///{tmp_path / 'keyring.sqlite3'}"
+    start, errors = threading.Barrier(6), list[BaseException]()
+
+    def starter() -> None:
+        keyring = Database.open(url)
+        try:
+            start.wait()
+            composition._create_keyring_tables(keyring)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            keyring.dispose()
+
+    threads = [threading.Thread(target=starter) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_keyring_creation_retries_while_other_starters_create_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keyring = Database.open(f"sqlite:///{tmp_path / 'keyring.sqlite3'}")
+    real, calls = KeyringBase.metadata.create_all, [0]
+
+    def raced(*args: object, **kwargs: object) -> None:
+        calls[0] += 1
+        if calls[0] <= 2:  # two tables, each created by another process between check and create
+            raise OperationalError("CREATE TABLE", {}, Exception("table already exists"))
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KeyringBase.metadata, "create_all", raced)
+    monkeypatch.setattr(time, "sleep", lambda _: None)  # the same module object composition uses
+    composition._create_keyring_tables(keyring)
+    assert calls[0] == 3
+    with keyring.engine.connect() as conn:
+        tables = {row[0] for row in conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))}
+    assert set(KeyringBase.metadata.tables) <= tables
+    keyring.dispose()
