@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -16,6 +18,45 @@ def oppu(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, timeout=300
     )
+
+
+@contextmanager
+def serving(tmp_path: Path, model: Path, **env_extra: str) -> Iterator[tuple[int, Path]]:
+    """`oppu serve` on the embedded default (no OPPU_ variable but these) on a free port, until /readyz answers
+    200: (port, log file). Terminated on exit."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPPU_")}
+    env |= {
+        "OPPU_DATA_DIR": str(tmp_path / "data"), "OPPU_ADAPTERS_DIR": str(tmp_path / "adapters"),
+        "OPPU_MODEL": str(model), "OPPU_MODEL_CACHE_DIR": str(MODEL_CACHE_DIR), **env_extra,
+    }  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield port, log
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_migrate_create_user_and_train(tmp_path: Path, tiny_model_path: Path) -> None:
@@ -57,35 +98,9 @@ def test_serve_on_the_embedded_default_generates_and_uses_the_admin_key(tmp_path
     """What `make serve` runs: no OPPU_ADMIN_KEY, no database URL. The first start writes the admin key into
     the data dir (0600, in a 0700 folder), prints where (never the key itself), and serves with it; the SQLite
     file and the adapter store are owner-only too."""
-    import socket
-    import time
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPPU_")}
-    env |= {
-        "OPPU_DATA_DIR": str(tmp_path / "data"), "OPPU_ADAPTERS_DIR": str(tmp_path / "adapters"),
-        "OPPU_MODEL": str(tiny_model_path), "OPPU_MODEL_CACHE_DIR": str(MODEL_CACHE_DIR),
-    }  # fmt: skip
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=out, stderr=out
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    with serving(tmp_path, tiny_model_path) as (port, log):
         key_file = tmp_path / "data" / "admin_key"
         key = key_file.read_text().strip()
         assert key not in log.read_text() and str(key_file) in log.read_text()  # the path is printed, not the key
@@ -106,9 +121,6 @@ def test_serve_on_the_embedded_default_generates_and_uses_the_admin_key(tmp_path
         assert httpx.post(f"http://127.0.0.1:{port}/users/alice/history", json=items, headers=alice).status_code == 201
         on_disk = b"".join(p.read_bytes() for p in (tmp_path / "data").glob("oppu.sqlite3*"))
         assert b"canary-of-make-serve" not in on_disk
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_idle_connections_do_not_lock_out_requests(tmp_path: Path, tiny_model_path: Path) -> None:
@@ -119,37 +131,12 @@ def test_idle_connections_do_not_lock_out_requests(tmp_path: Path, tiny_model_pa
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPPU_")}
-    env |= {
-        "OPPU_DATA_DIR": str(tmp_path / "data"), "OPPU_ADAPTERS_DIR": str(tmp_path / "adapters"),
-        "OPPU_MODEL": str(tiny_model_path), "OPPU_MODEL_CACHE_DIR": str(MODEL_CACHE_DIR),
-        "OPPU_MAX_CONCURRENCY": "2",
-    }  # fmt: skip
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=out, stderr=out
-        )
     idle: list[socket.socket] = []
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
-        time.sleep(0.5)
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
-    finally:
-        for sock in idle:
-            sock.close()
-        proc.terminate()
-        proc.wait(timeout=30)
+    with serving(tmp_path, tiny_model_path, OPPU_MAX_CONCURRENCY="2") as (port, _):
+        try:
+            idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+            time.sleep(0.5)
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        finally:
+            for sock in idle:
+                sock.close()
