@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,6 +49,11 @@ __all__ = ["JobContext", "JobGone", "JobStopped", "reap", "reap_lost", "reap_sta
 
 class JobGone(Exception):
     """This attempt no longer owns its job: cancelled, taken over, or the row went with its erased owner."""
+
+
+class JobTimedOut(TimeoutError):
+    """The attempt ran past OPPU_JOB_TIMEOUT_S (checked at every progress report, so in-process jobs too, not
+    only RQ's work horse): it fails like any error, and is retried up to OPPU_JOB_MAX_ATTEMPTS."""
 
 
 class JobStopped(Exception):
@@ -114,6 +120,7 @@ class _Heartbeat:
         self.progress = 0.0
         self.lost = False  # the job is no longer this attempt's: training stops at its next step
         self._every = min(HEARTBEAT_EVERY_S, ctx.settings.job_stale_after_s / 3)
+        self._deadline = time.monotonic() + ctx.settings.job_timeout_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="oppu-job-heartbeat", daemon=True)
 
@@ -122,6 +129,8 @@ class _Heartbeat:
             raise JobGone(self._job_id)
         if self._ctx.stopping.is_set():
             raise JobStopped(self._job_id)
+        if time.monotonic() > self._deadline:
+            raise JobTimedOut(f"the job ran past OPPU_JOB_TIMEOUT_S ({self._ctx.settings.job_timeout_s} s)")
         self.progress = min(0.99, fraction)
         if self._ctx.on_progress is not None:
             self._ctx.on_progress(fraction)
@@ -204,6 +213,7 @@ def _train_and_publish(ctx: JobContext, job: ClaimedJob, beat: _Heartbeat) -> in
         plan = PLANNERS[job.kind](ctx, session, job)
     if not plan.examples:
         raise ValueError("no history to train on")
+    beat.report(0.0)  # planning has no progress of its own: a cancel, shutdown or timeout meanwhile ends it here
     model = ctx.training_model(plan.base_shared)
     loaded, _ = ctx.base()
     out = train_lora(

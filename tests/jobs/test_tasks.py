@@ -207,6 +207,32 @@ def test_failures_retry_until_max_attempts_then_fail(ctx: JobContext, monkeypatc
     assert request(ctx, user) != job_id
 
 
+def test_an_attempt_past_the_job_timeout_fails_and_is_retried(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OPPU_JOB_TIMEOUT_S holds for every queue (RQ enforces it in its work horse; the in-process runner did
+    not): the attempt stops at its next progress report and publishes nothing."""
+    ctx.settings = ctx.settings.model_copy(update={"job_timeout_s": 1})
+    reports: list[float] = []
+
+    def slow_training(*args: Any, progress: Any, **kwargs: Any) -> Any:
+        progress(0.1)
+        reports.append(0.1)
+        time.sleep(1.2)
+        progress(0.5)  # past the deadline: raises
+        reports.append(0.5)
+        return train_lora(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr(tasks, "train_lora", slow_training)
+    user = add_user(ctx.session_factory, "tim", qa(3))
+    job_id = request(ctx, user)
+    run_job(ctx, job_id)
+    job = job_row(ctx, job_id)
+    assert reports == [0.1]
+    assert (job.status, job.attempts) == ("queued", 1)
+    assert job.error is not None and "OPPU_JOB_TIMEOUT_S (1 s)" in job.error
+    assert fake_queue(ctx).enqueued[-1] == (job_id, 2)
+    assert version_count(ctx, user.storage_key) == 0 and fake_queue(ctx).published == []
+
+
 def test_fail_or_retry_is_bounded_by_max_attempts(ctx: JobContext) -> None:
     user = add_user(ctx.session_factory, "erin", qa(2))
     job_id = request(ctx, user)
