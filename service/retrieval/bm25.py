@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
@@ -35,7 +36,7 @@ K1 = 1.5
 B = 0.75
 EMPTY_DOC = "\x00"  # a doc without terms counts as one token, as it always did (rank_bm25 refused empty docs)
 DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024
-_TERM_BYTES = 120  # estimated bytes of one vocabulary entry besides its characters (str + dict slot + int)
+_TERM_BYTES = 72  # estimated bytes of one vocabulary entry besides the str object (dict slot + the int id)
 _BUILD_CHUNK = 2_048  # docs tokenized at once by a whole build
 
 
@@ -84,7 +85,8 @@ class _Vocab:
             ids = self._ids
             for term in sorted(set(words).difference(ids)):  # sorted: ids do not depend on hash seeds
                 ids[term] = len(ids)
-                self.nbytes += _TERM_BYTES + len(term)
+                # The str's real size: 1, 2 or 4 bytes a character (CPython), not len(term).
+                self.nbytes += _TERM_BYTES + sys.getsizeof(term)
             return np.fromiter(map(ids.__getitem__, words), dtype=np.int64, count=len(words))
 
 

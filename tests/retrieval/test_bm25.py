@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -269,6 +270,18 @@ def test_an_old_version_still_answers_after_extension() -> None:
     new = old.extended([D("tea two")])
     assert order(old, "tea", 5) == [0] and old.size == 2
     assert order(new, "tea", 5) == [2, 0] and new.size == 3
+
+
+def test_an_index_counts_its_vocabulary_at_the_strings_real_size() -> None:
+    """CPython stores a str at 1, 2 or 4 bytes a character: 2,000 distinct terms of 200 astral letters each
+    hold ~1.6 MB of characters, and the cache budget must see that, not 400k characters."""
+    ascii_terms = [f"w{n:04d}" + "x" * 195 for n in range(2000)]
+    astral_terms = [f"w{n:04d}" + "\U0001d41a" * 195 for n in range(2000)]  # MATHEMATICAL BOLD SMALL A: \w
+    assert terms(astral_terms[0]) == [astral_terms[0]]
+    ascii_index, astral_index = index(" ".join(ascii_terms)), index(" ".join(astral_terms))
+    real = sum(sys.getsizeof(t) for t in astral_terms) - sum(sys.getsizeof(t) for t in ascii_terms)
+    assert real > 2000 * 195 * 3
+    assert astral_index.nbytes - ascii_index.nbytes == real
 
 
 def test_cache_is_bounded_by_bytes_and_keeps_the_newest() -> None:
