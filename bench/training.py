@@ -18,7 +18,9 @@ Dev quality (cheap proxy of `oppu eval`'s oppu_ev readout): with the user's adap
 (no shared LoRA, so absolute values are not the eval's), each dev item's prompt (its title | genres, k=1
 retrieval over the history) scores the ratings 0.5..5.0; the expected rating's MAE against the true one.
 
-Prints ONE JSON object (and writes it with --out). The box may be shared: see machine.load_avg/uptime.
+Prints ONE JSON object (and writes it with --out). The box may be shared: see machine.load_avg/uptime. On a box
+whose speed drifts, --rounds N trains every user with every trainer N times, alternating the trainers' order
+(seconds_median beside the mean; the dev MAE is the first round's).
 An AVX2-only box can be emulated on a newer one for the fp32 rows:
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python -m bench.training --dtypes fp32
 """
@@ -190,13 +192,15 @@ def trainers(dtype: str, models: dict[str, LoadedModel], baseline: Any = None) -
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "seconds_per_user": round(statistics.fmean(r["seconds"] for r in rows), 2),
+        "seconds_median": round(statistics.median(r["seconds"] for r in rows), 2),
+        "trainings": len(rows),
         "cpu_seconds_per_user": round(statistics.fmean(r["cpu_seconds"] for r in rows), 1),
         "steps": rows[0]["steps"],
         "final_loss": round(statistics.fmean(r["final_loss"] for r in rows), 4),
         "compute_dtype": rows[0]["compute_dtype"],
     }
-    if "dev_mae" in rows[0]:
-        out["dev_mae"] = round(statistics.fmean(r["dev_mae"] for r in rows), 4)
+    if scored := [r["dev_mae"] for r in rows if "dev_mae" in r]:  # the first round's
+        out["dev_mae"] = round(statistics.fmean(scored), 4)
     return out | {"users": rows}
 
 
@@ -210,6 +214,12 @@ def main() -> None:
     parser.add_argument("--no-quality", action="store_true", help="skip the dev MAE")
     parser.add_argument("--warmup", action="store_true", help="one untimed training per row before the timed ones")
     parser.add_argument("--profile", action="store_true", help="one more training of the first user, profiled")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="train every user with every trainer this many times, odd rounds in reverse",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=None)
@@ -250,15 +260,21 @@ def main() -> None:
                 lm, config, train = options["new"]
                 examples = build_user_examples(history(splits[0]), k=1)
                 train(lm.model, lm.tokenizer, examples, config, base_model_name=lm.name)
-            for name, (lm, config, train) in options.items():
-                if name in args.trainers.split(","):
-                    rows = [train_one(lm, s, config, not args.no_quality, train) for s in splits]
-                    report["results"][f"{items}_items/{dtype}/{name}"] = summary(rows)
-                    print(json.dumps({k: v for k, v in summary(rows).items() if k != "users"}), flush=True)
-                    if args.profile and name == "new":
-                        report["results"][f"{items}_items/{dtype}/{name}"]["profile"] = profile_one(
-                            lm, splits[0], config, train
-                        )
+            chosen = [name for name in options if name in args.trainers.split(",")]
+            trained: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
+            for round_ in range(args.rounds):  # odd rounds in reverse order: a box's drift hits every trainer
+                for name in chosen if round_ % 2 == 0 else chosen[::-1]:
+                    lm, config, train = options[name]
+                    quality = not args.no_quality and round_ == 0
+                    trained[name] += [train_one(lm, s, config, quality, train) | {"round": round_} for s in splits]
+            for name in chosen:
+                lm, config, train = options[name]
+                report["results"][f"{items}_items/{dtype}/{name}"] = summary(trained[name])
+                print(json.dumps({k: v for k, v in summary(trained[name]).items() if k != "users"}), flush=True)
+                if args.profile and name == "new":
+                    report["results"][f"{items}_items/{dtype}/{name}"]["profile"] = profile_one(
+                        lm, splits[0], config, train
+                    )
     if base_mae:
         report["dev_mae_base_model_no_adapter"] = base_mae
     report["machine_after"] = machine_record(dtype=",".join(dtypes))

@@ -26,6 +26,7 @@ from service.inference.cpu import choose_dtype
 from service.inference.threads import release_pool
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
 from service.sealing.tempfiles import memory_dir
+from service.training import llama_forward
 from service.training.examples import TrainExample
 
 IGNORE = -100  # label of positions that carry no loss (prompt and padding)
@@ -88,6 +89,10 @@ class LoraTrainConfig:
     # "auto": eager attention on CPU for rows up to 1024 tokens. SDPA's CPU flash kernel is slow for
     # training (measured: a bf16 step 1.5x slower); eager's score matrices are small at these lengths.
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+    # The loss through llama_forward (the prefix and the rows in one matrix per projection, the last layer on
+    # the answer positions only, LoRA A matmuls shared) instead of HF's modules: the same loss and gradients.
+    # None: on for the models it supports, unpacked rows, and dropout off or shared (fast_dropout).
+    fused_forward: bool | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_seq_len < 2 or self.min_steps < 0:
@@ -472,6 +477,14 @@ def train_lora(
     )
 
 
+def _fused(peft_model: Any, config: LoraTrainConfig) -> bool:
+    """Whether the step's loss goes through llama_forward (see LoraTrainConfig.fused_forward)."""
+    usable = not config.pack and (config.dropout == 0.0 or config.fast_dropout)
+    if config.fused_forward is False or not usable:
+        return False
+    return llama_forward.supports(peft_model.get_base_model())
+
+
 def _optimise(
     peft_model: Any,
     rows: Sequence[tuple[list[int], list[int]]],
@@ -493,6 +506,7 @@ def _optimise(
     gen = torch.Generator().manual_seed(config.seed)
     lengths = [len(ids) for ids, _ in rows]
     amp = autocast_dtype(config, device)
+    loss_of = llama_forward.target_loss if _fused(peft_model, config) else target_loss
     peft_model.train()
     step, tokens, padded, epoch_losses = 0, 0, 0, []
     for _ in range(config.epochs):
@@ -505,7 +519,7 @@ def _optimise(
             prefix = shared_prefix(chosen) if config.share_prefix and not config.pack else 0
             batch = {k: v.to(device) for k, v in packed.items()}
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-                loss = target_loss(peft_model, batch, prefix)
+                loss = loss_of(peft_model, batch, prefix)
             torch.autograd.backward(loss)
             for dropout in dropouts:
                 dropout.clear()

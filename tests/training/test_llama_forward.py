@@ -1,0 +1,134 @@
+import copy
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from service.config import ALL_TARGET_MODULES, Settings
+from service.inference.loader import LoadedModel, load_model
+from service.inference.tokens import stop_token_ids
+from service.training import llama_forward
+from service.training.examples import TrainExample
+from service.training.trainer import (
+    LoraTrainConfig,
+    _wrap,
+    collate,
+    encode_example,
+    shared_prefix,
+    target_loss,
+    train_lora,
+)
+from tests.models import tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    settings = Settings(model=str(tiny_model_dir()), data_dir=tmp_path_factory.mktemp("data"), dtype="float32")
+    return load_model(settings)
+
+
+def _shaped_examples(n: int = 6) -> list[TrainExample]:
+    """MovieLens-shaped prompts: a long common start, then each its own, answers of different lengths."""
+    head = "Here are some of this user's past items:\n- [rating] "
+    return [
+        TrainExample(str(i), f"{head}Movie {i} ({1990 + i}) | drama{' x' * i}", f"{i % 5}.5{' really' * (i % 3)}")
+        for i in range(n)
+    ]
+
+
+def _batch(lm: LoadedModel, n: int = 6) -> tuple[dict[str, torch.Tensor], int]:
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    rows = [encode_example(lm.tokenizer, ex, stop, 512) for ex in _shaped_examples(n)]
+    return collate(rows, pad_id=2), shared_prefix(rows)
+
+
+def _model(lm: LoadedModel, targets: tuple[str, ...], dropout: float = 0.0) -> Any:
+    """A wrapped training model with random LoRA B (zero at init would hide every LoRA term)."""
+    config = LoraTrainConfig(target_modules=targets, dropout=dropout, mixed_precision="no")
+    torch.manual_seed(0)
+    model, _ = _wrap(lm.model, config, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.train()
+
+
+def _loss_and_grads(
+    loss_fn: Any, model: Any, batch: dict[str, torch.Tensor], prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad()
+    loss = loss_fn(model, batch, prefix)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "targets", [("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj"), ALL_TARGET_MODULES]
+)
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_the_fused_forward_gives_the_hf_loss_and_lora_gradients(
+    lm: LoadedModel, targets: tuple[str, ...], with_prefix: bool
+) -> None:
+    """Same loss and same gradient for every LoRA weight as trainer.target_loss (HF's modules) in fp32: padded
+    rows, answers of several tokens, the shared prompt start once or every row whole, GQA (4 heads, 2 KV)."""
+    batch, prefix = _batch(lm)
+    assert prefix >= 10 and bool((batch["attention_mask"] == 0).any())  # a real shared start, padded rows
+    prefix = prefix if with_prefix else 0
+    model = _model(lm, targets)
+    assert llama_forward.supports(model.get_base_model())
+    want_loss, want = _loss_and_grads(target_loss, model, batch, prefix)
+    assert want.abs().max() > 1e-3 and int((want != 0).sum()) > 0.5 * want.numel()  # not a comparison of zeros
+    got_loss, got = _loss_and_grads(llama_forward.target_loss, model, batch, prefix)
+    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_prefix_of_its_own_row_count_and_a_single_row(lm: LoadedModel) -> None:
+    """One row (nothing shared) and a batch whose rows are all the same length (no padding)."""
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    model = _model(lm, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    one = collate([encode_example(lm.tokenizer, _shaped_examples(1)[0], stop, 512)], pad_id=2)
+    same = [TrainExample(str(i), f"Rate movie {i}", "4.5") for i in range(3)]
+    rows = [encode_example(lm.tokenizer, ex, stop, 512) for ex in same]
+    for batch, prefix in ((one, 0), (collate(rows, pad_id=2), shared_prefix(rows))):
+        want_loss, want = _loss_and_grads(target_loss, model, batch, prefix)
+        got_loss, got = _loss_and_grads(llama_forward.target_loss, model, batch, prefix)
+        torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_models_it_cannot_reproduce_are_not_supported(lm: LoadedModel) -> None:
+    model = copy.deepcopy(lm.model)
+    assert llama_forward.supports(model)
+    for key, value in (
+        ("attention_bias", True),
+        ("hidden_act", "gelu"),
+        ("attention_dropout", 0.1),
+        ("model_type", "qwen2"),
+    ):
+        other = copy.deepcopy(model)
+        setattr(other.config, key, value)
+        assert not llama_forward.supports(other), key
+
+
+def test_training_with_it_matches_training_without_it(lm: LoadedModel) -> None:
+    """The trainer uses the fused forward by default where supported: with dropout off the adapters it trains
+    match the HF-module path's step for step; with dropout on both learn the same amount."""
+    examples = _shaped_examples(8)
+    base = LoraTrainConfig(lr=1e-3, epochs=3, batch_size=4, mixed_precision="no")
+    runs = {
+        (fused, p): train_lora(
+            lm.model, lm.tokenizer, examples, replace(base, fused_forward=fused, dropout=p), base_model_name="t"
+        )
+        for fused in (False, None)
+        for p in (0.0, 0.05)
+    }
+    torch.testing.assert_close(
+        torch.tensor(runs[None, 0.0].epoch_losses), torch.tensor(runs[False, 0.0].epoch_losses), rtol=1e-4, atol=0
+    )
+    fused, plain = runs[None, 0.05].epoch_losses, runs[False, 0.05].epoch_losses
+    assert fused[-1] < fused[0] and plain[-1] < plain[0]
+    assert abs(fused[-1] - plain[-1]) < 0.1 * plain[0]
