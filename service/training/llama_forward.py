@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+IGNORE = -100  # the label of positions that carry no loss (prompt and padding), in both losses' batches
 _CONFIG_REQUIREMENTS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 
 

@@ -28,8 +28,8 @@ from service.inference.tokens import encode_prompt, encode_target, stop_token_id
 from service.sealing.tempfiles import memory_dir
 from service.training import llama_forward
 from service.training.examples import TrainExample
+from service.training.llama_forward import IGNORE
 
-IGNORE = -100  # label of positions that carry no loss (prompt and padding)
 # Architectures whose logits are exactly lm_head(decoder hidden state), so the head can be applied to the
 # target positions only (no logit scaling/softcapping to reproduce). Others take the plain forward.
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})

@@ -15,8 +15,8 @@ from service.config import ALL_TARGET_MODULES, Settings
 from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
 from service.training.examples import TrainExample
+from service.training.llama_forward import IGNORE
 from service.training.trainer import (
-    IGNORE,
     LoraTrainConfig,
     SharedInputDropout,
     TrainingCancelled,
