@@ -91,8 +91,8 @@ class LoraTrainConfig:
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     # The loss through llama_forward (the prefix and the rows in one matrix per projection, the last layer on
     # the answer positions only, LoRA A matmuls shared) instead of HF's modules: the same loss and gradients.
-    # None: on for the models it supports, unpacked rows, and dropout off or shared (fast_dropout).
-    fused_forward: bool | None = None
+    # On where it can run: the models it supports, unpacked rows, and dropout off or shared (fast_dropout).
+    fused_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_seq_len < 2 or self.min_steps < 0:
@@ -480,7 +480,7 @@ def train_lora(
 def _fused(peft_model: Any, config: LoraTrainConfig) -> bool:
     """Whether the step's loss goes through llama_forward (see LoraTrainConfig.fused_forward)."""
     usable = not config.pack and (config.dropout == 0.0 or config.fast_dropout)
-    if config.fused_forward is False or not usable:
+    if not config.fused_forward or not usable:
         return False
     return llama_forward.supports(peft_model.get_base_model())
 
