@@ -132,3 +132,42 @@ def test_training_with_it_matches_training_without_it(lm: LoadedModel) -> None:
     fused, plain = runs[True, 0.05].epoch_losses, runs[False, 0.05].epoch_losses
     assert fused[-1] < fused[0] and plain[-1] < plain[0]
     assert abs(fused[-1] - plain[-1]) < 0.1 * plain[0]
+
+
+def test_rms_norm_keeps_hf_fp32_variance_under_bf16_autocast(lm: LoadedModel) -> None:
+    """Under bf16 autocast (how bf16 training runs) the norm's variance stays fp32, as in HF's LlamaRMSNorm:
+    autocast would otherwise run its vecdot in bf16. Output and input gradient match HF's module in bf16."""
+    norm = copy.deepcopy(lm.model.get_decoder().layers[0].input_layernorm).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5)
+    torch.manual_seed(0)
+    x = (torch.randn(64, norm.weight.shape[0]) * 3 + 1).to(torch.bfloat16)
+    grad = torch.randn(64, norm.weight.shape[0]).to(torch.bfloat16)
+    outs, grads = [], []
+    for fn in (norm, lambda h: llama_forward._rms_norm(norm, h)):
+        h = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(h)
+        out.backward(grad)
+        assert out.dtype == torch.bfloat16 and h.grad is not None
+        outs.append(out.float())
+        grads.append(h.grad.float())
+    torch.testing.assert_close(outs[1], outs[0], rtol=2**-8, atol=1e-3)
+    torch.testing.assert_close(grads[1], grads[0], rtol=2**-7, atol=1e-2)
+
+
+def test_the_fused_forward_in_bf16_follows_the_hf_loss(lm: LoadedModel) -> None:
+    """bf16 weights under bf16 autocast, as the trainer runs where bf16 is native: the loss and the LoRA
+    gradients follow HF's modules within bf16 rounding (the exact match is the fp32 test's)."""
+    batch, prefix = _batch(lm)
+    model = _model(lm, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    model.get_base_model().to(torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # LoRA weights stay fp32 (trainer: fp32 LoRA and AdamW state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want = _loss_and_grads(target_loss, model, batch, prefix)
+        got_loss, got = _loss_and_grads(llama_forward.target_loss, model, batch, prefix)
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(got.float(), want.float(), dim=0)
+    assert cosine > 0.99, cosine
