@@ -116,12 +116,11 @@ _apply_rms_norm: Callable[..., torch.Tensor] = _RMSNorm.apply
 
 
 def _rms_norm(module: Any, h: torch.Tensor) -> torch.Tensor:
-    """LlamaRMSNorm's own arithmetic; through _RMSNorm while its weight is frozen (always, in LoRA training)."""
+    """Through _RMSNorm while the norm's weight is frozen (always, in LoRA training); a trainable weight needs
+    its gradient, which _RMSNorm does not compute, so the module's own forward runs then."""
     if not module.weight.requires_grad:
         return _apply_rms_norm(h, module.weight, module.variance_epsilon)
-    x = h.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    out: torch.Tensor = module.weight * x.to(h.dtype)
+    out: torch.Tensor = module(h)
     return out
 
 

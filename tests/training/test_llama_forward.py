@@ -156,6 +156,19 @@ def test_rms_norm_keeps_hf_fp32_variance_under_bf16_autocast(lm: LoadedModel) ->
     torch.testing.assert_close(grads[1], grads[0], rtol=2**-7, atol=1e-2)
 
 
+def test_rms_norm_with_a_trainable_weight_gives_the_weight_its_gradient(lm: LoadedModel) -> None:
+    """_RMSNorm treats the weight as frozen (no gradient for it); a trainable norm weight takes the module's
+    own forward, so the weight's gradient is HF's."""
+    norm = copy.deepcopy(lm.model.get_decoder().layers[0].input_layernorm).requires_grad_(True)
+    x = torch.randn(16, norm.weight.shape[0])
+    torch.autograd.backward(llama_forward._rms_norm(norm, x).square().sum())
+    got = norm.weight.grad
+    assert got is not None and got.abs().sum() > 0
+    norm.weight.grad = None
+    norm(x).square().sum().backward()
+    torch.testing.assert_close(got, norm.weight.grad)
+
+
 def test_the_fused_forward_in_bf16_follows_the_hf_loss(lm: LoadedModel) -> None:
     """bf16 weights under bf16 autocast, as the trainer runs where bf16 is native: the loss and the LoRA
     gradients follow HF's modules within bf16 rounding (the exact match is the fp32 test's)."""
