@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 from service.accounts import repository as account_repo
 from service.adapters import repository as adapter_repo
 from service.adapters import service as adapter_service
-from service.adapters.peft_format import PEFT_FILES
+from service.adapters.archive import add_files
 from service.adapters.service import AdapterContext
+from service.adapters.store import VersionNotFoundError
 from service.db.session import after_commit
 from service.errors import Unauthorized
 from service.history import repository as history_repo
@@ -78,11 +79,11 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
         for row in adapter_repo.list_versions(session, user.storage_key):
             entry: dict[str, object] = {"version": row.version, "sha256": row.sha256, "source": row.source}
             try:
-                for name in sorted(PEFT_FILES):
-                    zf.write(
-                        ctx.store.version_dir(user.storage_key, row.version) / name, f"adapters/v{row.version}/{name}"
-                    )
-            except FileNotFoundError:  # pruned by another replica meanwhile: listed, files noted as gone
+                # Through the store's readers: the files as they are served and downloaded (opened if sealed at
+                # rest), streamed in chunks.
+                with ctx.store.open_files(user.storage_key, row.version) as files:
+                    add_files(zf, files, f"adapters/v{row.version}")
+            except VersionNotFoundError:  # pruned by another replica meanwhile: listed, files noted as gone
                 entry["files_missing"] = True
             versions.append(entry)
         keys, jobs = _write_keys_and_jobs(session, user, zf)

@@ -51,9 +51,9 @@ def pack_zip(files: Mapping[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _zip_info(name: str, size: int) -> zipfile.ZipInfo:
+def _zip_info(name: str, size: int, folder: str = "") -> zipfile.ZipInfo:
     _check_bare(name)
-    info = zipfile.ZipInfo(name, date_time=_FIXED_DATE)
+    info = zipfile.ZipInfo(f"{folder}/{name}" if folder else name, date_time=_FIXED_DATE)
     info.compress_type = zipfile.ZIP_DEFLATED
     info.external_attr = (stat.S_IFREG | 0o644) << 16
     info.file_size = size  # known up front: the same bytes as pack_zip (zip64 only where needed)
@@ -64,13 +64,18 @@ def pack_zip_to(out: IO[bytes], files: Mapping[str, IO[bytes]]) -> None:
     """pack_zip's archive written to `out` from open files, in chunks: neither the files nor the archive are
     ever whole in memory (a download of a large adapter costs a chunk, not its size)."""
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name in sorted(files):
-            src = files[name]
-            size = src.seek(0, io.SEEK_END)
-            src.seek(0)
-            with zf.open(_zip_info(name, size), "w") as dest:
-                while chunk := src.read(_CHUNK):
-                    dest.write(chunk)
+        add_files(zf, files)
+
+
+def add_files(zf: zipfile.ZipFile, files: Mapping[str, IO[bytes]], folder: str = "") -> None:
+    """Open files written into an archive being written (at its root, or under `folder/`), in chunks."""
+    for name in sorted(files):
+        src = files[name]
+        size = src.seek(0, io.SEEK_END)
+        src.seek(0)
+        with zf.open(_zip_info(name, size, folder), "w") as dest:
+            while chunk := src.read(_CHUNK):
+                dest.write(chunk)
 
 
 def _parts(name: str) -> list[str]:

@@ -23,11 +23,12 @@ from service.config import Settings
 from service.db.session import unit_of_work
 from service.engine.base import Engine, check_fits
 from service.engine.types import AdapterRef, EngineRequest, SamplingParams
+from service.errors import BadRequest
 from service.generation.grammar import GrammarCompiler
 from service.generation.sampling import Resolved, SamplingOptions, resolve_sampling
 from service.history import service as history
 from service.history.service import UserCorpus
-from service.inference.tokens import PromptCodec
+from service.inference.tokens import ChatTemplateRefused, PromptCodec
 from service.prompts import build_prompt
 from service.retrieval.bm25 import BM25Cache
 from service.tenancy import UserRef
@@ -164,7 +165,10 @@ class Preparer:
         )
         if isinstance(spec.prompt, str):
             return self.codec.encode_text(request)
-        return self.codec.encode_chat(_with_request(spec.prompt, request))
+        try:
+            return self.codec.encode_chat(_with_request(spec.prompt, request))
+        except ChatTemplateRefused as exc:
+            raise BadRequest(str(exc)) from exc
 
 
 def _with_request(turns: Sequence[ChatTurn], request: str) -> list[dict[str, str]]:

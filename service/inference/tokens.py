@@ -10,10 +10,20 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return encode_messages(tokenizer, [{"role": "user", "content": text}])
 
 
+class ChatTemplateRefused(ValueError):
+    """The model's chat template refused the turns (its own `raise_exception`, e.g. roles that must alternate
+    or no system role): the caller's messages, not a server fault."""
+
+
 def encode_messages(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a chat (system/user/assistant turns), ending where the assistant's answer starts."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:
+            raise ChatTemplateRefused(f"the model's chat template refused these messages: {exc}") from exc
         if not isinstance(ids, list):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,14 +17,29 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 MAX_CHAT_CHARS = 64_000
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content list. Only text parts are served; any other `type` (image_url,
+    input_audio, file, ...) and any extra field are refused by name by the service, never dropped."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Annotated[str, Field(min_length=1, max_length=64)]
+    text: Text | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text content part needs its `text`")
+        return self
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # extras (tool_calls, ...) are refused by name by the service
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Text | list[dict[str, Any]] | None = None
+    content: Text | Annotated[list[ContentPart], Field(max_length=256)] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+        if isinstance(self.content, list):  # other part types never reach here: the service refuses them
+            return "".join(p.text or "" for p in self.content)
         return self.content or ""
 
 

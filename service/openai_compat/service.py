@@ -87,6 +87,12 @@ def refuse_unsupported(body: CommonParams) -> None:
     extra = sorted(k for k, v in (body.model_extra or {}).items() if v is not None and not _neutral(k, v))
     for m in getattr(body, "messages", ()):
         extra += sorted(f"messages[].{k}" for k, v in (m.model_extra or {}).items() if v is not None and k != "name")
+        for part in m.content if isinstance(m.content, list) else ():
+            if part.type != "text":  # images, audio, files: a text-only model would answer without them
+                extra.append(f"messages[].content[].type={part.type}")
+            else:
+                given = (part.model_extra or {}).items()
+                extra += sorted(f"messages[].content[].{k}" for k, v in given if v is not None)
     if extra:
         accepted = sorted(name for name in type(body).model_fields)
         unique = list(dict.fromkeys(extra))

@@ -33,6 +33,11 @@ def test_export_then_erase_leaves_nothing(client: TestClient, db_url: str) -> No
     names = set(zf.namelist())
     assert {"manifest.json", "history.jsonl", "profile.json", "adapters/v1/adapter_model.safetensors"} <= names
     assert len(zf.read("history.jsonl").decode().splitlines()) == 4
+    # The adapter as the user downloads it (opened, not the sealed bytes at rest): a PEFT folder that loads.
+    download = zipfile.ZipFile(io.BytesIO(client.get("/users/dana/adapter/download", headers=bearer(key)).content))
+    for name in download.namelist():
+        assert zf.read(f"adapters/v1/{name}") == download.read(name)
+    assert json.loads(zf.read("adapters/v1/adapter_config.json"))["peft_type"] == "LORA"
     assert json.loads(zf.read("profile.json"))["text"] == "likes zebras"
     (exported_key,) = json.loads(zf.read("keys.json"))  # metadata only: neither the key nor its hash
     assert key.startswith(exported_key["prefix"]) and exported_key["revoked_at"] is None

@@ -20,7 +20,7 @@ from service.config import Settings
 from service.db.models import SHARED_OWNER, Adapter
 from service.db.session import Database, unit_of_work
 from service.engine.base import EngineLimits
-from service.errors import Conflict, PromptTooLong
+from service.errors import BadRequest, Conflict, PromptTooLong
 from service.generation.prepare import (
     BASE_TENANT,
     ChatTurn,
@@ -33,6 +33,7 @@ from service.generation.sampling import SamplingOptions
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
 from service.history.service import UserCorpus
+from service.inference.tokens import ChatTemplateRefused
 from service.retrieval.bm25 import BM25Cache
 from service.tenancy import UserRef
 from tests.factories import FakeCodec, FakeEngine, migrated_sqlite, new_user, sqlite_copy
@@ -205,6 +206,17 @@ def test_retrieved_items_and_the_profile_frame_the_last_user_turn_of_a_chat(worl
     assert text == (
         "<system>Be brief.\n<user>first question\n<assistant>first answer\n" + last_turn + "<assistant>"
     )
+
+
+def test_a_chat_the_models_template_refuses_is_400_not_a_server_error(world: World) -> None:
+    def refuse(messages: list[dict[str, str]]) -> list[int]:
+        raise ChatTemplateRefused("the model's chat template refused these messages: System role not supported")
+
+    world.codec.encode_chat = refuse  # type: ignore[method-assign]
+    with pytest.raises(BadRequest) as info:
+        world.prepare(world.alice, (ChatTurn("system", "Be brief."), ChatTurn("user", "hi")))
+    assert info.value.status == 400 and "System role not supported" in info.value.message
+    assert world.engine.calls == []
 
 
 def test_a_prompt_too_long_is_422_before_any_engine_call(world: World) -> None:

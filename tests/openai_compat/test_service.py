@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec
@@ -82,6 +83,28 @@ def test_unknown_fields_of_chat_messages_are_refused_once_each() -> None:
         refuse_unsupported(body)
     # `name` is accepted (and not used); each unknown field is named once, however many messages hold it.
     assert info.value.details["unsupported"] == ["messages[].tool_calls", "messages[].audio"]
+
+
+def test_content_parts_other_than_text_are_refused_by_name_not_dropped() -> None:
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    text = {"type": "text", "text": "what is this?", "cache_control": {"type": "ephemeral"}}
+    body = chat_body(messages=[{"role": "user", "content": [text, image, {"type": "input_audio"}]}])
+    with pytest.raises(UnsupportedParameter) as info:
+        refuse_unsupported(body)
+    assert info.value.details["unsupported"] == [
+        "messages[].content[].cache_control", "messages[].content[].type=image_url",
+        "messages[].content[].type=input_audio",
+    ]  # fmt: skip
+
+
+def test_text_content_parts_are_joined_and_must_carry_text() -> None:
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]
+    body = chat_body(messages=[{"role": "user", "content": parts}])
+    refuse_unsupported(body)
+    assert body.messages[0].text() == "Hello, world"
+    for bad in ({"type": "text"}, {"type": "text", "text": {"a": 1}}, {"text": "no type"}):
+        with pytest.raises(ValidationError):
+            chat_body(messages=[{"role": "user", "content": [bad]}])
 
 
 def test_legacy_completion_parameters_are_refused() -> None:
