@@ -42,6 +42,7 @@ from service.jobs import entry
 from service.jobs.queue import InProcessJobQueue, JobQueue, Listeners, make_queue
 from service.jobs.service import shared_retrainer
 from service.jobs.tasks import JobContext, recover_in_process, run_job
+from service.jobs.worker import run_reaper
 from service.metrics import FieldCollector, Metrics, SqlStateCollector
 from service.notices.outbox import start_polling
 from service.ratelimit import FailedAuthLimiter
@@ -385,6 +386,12 @@ def start(state: AppState) -> None:
     if isinstance(state.queue, InProcessJobQueue):
         state.queue.attach(lambda job_id: run_job(state.jobs, job_id))
         recover_in_process(state.jobs)
+        # The reaper the worker runs, here too: a job whose claim or failure record hit a database error is
+        # retried within job_stale_after_s instead of holding its owner's one active job until a restart.
+        state.reaper = threading.Thread(
+            target=run_reaper, args=(state.settings, state.jobs, state.stopping), name="oppu-reaper", daemon=True
+        )
+        state.reaper.start()
     listeners = Listeners(
         lambda owner, version: on_adapter_change(state, owner, version),
         state.streams.revoke,
@@ -431,6 +438,8 @@ def stop(state: AppState) -> None:
     state.queue.close()
     if state.notices is not None:
         state.notices.join(NOTICES_JOIN_S)
+    if state.reaper is not None:  # a tick in progress ends before the database is disposed
+        state.reaper.join(NOTICES_JOIN_S)
     state.engine.stop()
     sealer_of(state.db).close()
     state.db.dispose()

@@ -43,6 +43,7 @@ class AppState:
     streams: StreamRegistry  # streams in flight per key: revoking a key ends them
     stopping: threading.Event  # set at shutdown: background listeners end
     notices: NoticePoller | None = None  # the outbox poller (started with the state)
+    reaper: threading.Thread | None = None  # embedded default: the job reaper (service/jobs/worker.run_reaper)
 
     @property
     def session_factory(self) -> sessionmaker[Session]:

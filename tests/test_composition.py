@@ -1,5 +1,6 @@
-"""The composition root's shutdown (service.composition.stop): no background thread still holds a database
-connection when the pools are disposed (on PostgreSQL the garbage collector would close it, with a warning)."""
+"""The composition root: its shutdown (service.composition.stop: no background thread still holds a database
+connection when the pools are disposed; on PostgreSQL the garbage collector would close it, with a warning),
+and what `start` runs in the embedded default (the job reaper)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from sqlalchemy.exc import OperationalError
 
 from service import composition
 from service.db.session import Database, unit_of_work
+from service.jobs import service as jobs_service
+from service.jobs import tasks
 from service.notices import outbox
 from service.sealing.models import KeyringBase
-from tests.conftest import running_app
+from tests.conftest import admin_headers, create_user, running_app
+from tests.factories import add_history, wait_job
 
 
 def test_stop_waits_for_a_notice_poll_in_progress(
@@ -90,3 +94,35 @@ def test_keyring_creation_retries_while_other_starters_create_tables(
         tables = {row[0] for row in conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))}
     assert set(KeyringBase.metadata.tables) <= tables
     keyring.dispose()
+
+
+def test_embedded_jobs_whose_failure_could_not_be_recorded_are_retried_without_a_restart(
+    tmp_path: Path, db_url: str, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails during an attempt AND while its failure is recorded: the job stays `running` with no
+    heartbeat. The in-process reaper (started by composition.start) requeues it; it then succeeds, and the
+    owner's next retrain is a new job, not the stuck one."""
+    real_body = tasks.BODIES["user_retrain"]
+    recording_failed = threading.Event()
+
+    def down(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("UPDATE jobs", {}, Exception("database unreachable"))
+
+    def record_failure(*_args: object, **_kwargs: object) -> None:
+        recording_failed.set()
+        down()
+
+    monkeypatch.setitem(tasks.BODIES, "user_retrain", down)
+    monkeypatch.setattr(jobs_service, "fail_or_retry", record_failure)
+    with running_app(tmp_path, tiny_model_path, db_url, job_stale_after_s=2.0, job_requeue_after_s=2.0) as client:
+        key = create_user(client, "ann")
+        add_history(client, "ann", key, n=3)
+        job = client.post("/admin/users/ann/retrain", headers=admin_headers()).json()
+        assert recording_failed.wait(30)
+        time.sleep(0.2)  # the attempt's thread leaves run_job: the job is `running` with no heartbeat
+        assert client.get(f"/admin/jobs/{job['job_id']}", headers=admin_headers()).json()["status"] == "running"
+        monkeypatch.undo()  # the database is back
+        assert tasks.BODIES["user_retrain"] is real_body
+        assert wait_job(client, job["job_id"], timeout=60)["status"] == "succeeded"
+        again = client.post("/admin/users/ann/retrain", headers=admin_headers()).json()
+        assert again["job_id"] != job["job_id"]
