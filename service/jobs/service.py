@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.adapters import repository as adapter_repo
@@ -74,7 +75,12 @@ def request_job(
         created_at=_now(),
         requeued_at=_now(),
     )
-    stored = repo.add_unless_active(session, job)
+    try:
+        stored = repo.add_unless_active(session, job)
+    except IntegrityError as exc:
+        if user_pk is None:
+            raise
+        raise NotFound("this user no longer exists") from exc  # erased after the caller was resolved
     if stored is not job:
         return _same_kind(stored, kind), False
     job_id = job.id

@@ -23,6 +23,7 @@ from service.composition import database, sealer_of
 from service.db.models import SHARED_OWNER, Adapter, AdapterContributor, Job
 from service.db.session import unit_of_work
 from service.engine.types import AdapterRef
+from service.errors import NotFound
 from service.history import service as history
 from service.history.schemas import HistoryAppendIn
 from service.jobs import repository as jobs_repo
@@ -377,6 +378,18 @@ def adapter_rows(ctx: JobContext) -> list[tuple[str, int, int | None, bool]]:
     with unit_of_work(ctx.session_factory) as session:
         rows = session.execute(select(Adapter.owner_key, Adapter.version, Adapter.user_pk, Adapter.trained_on_erased))
         return [(o, v, pk, flag) for o, v, pk, flag in rows]
+
+
+def test_a_job_requested_for_a_user_erased_after_being_resolved_is_404_not_a_server_error(ctx: JobContext) -> None:
+    """The route resolved the user, then an erase committed before the job row went in (its FK has no user)."""
+    user = add_user(ctx.session_factory, "gil", qa(3))
+    erase(ctx, user)
+    for kind in ("user_retrain", "user_key_rotation"):
+        with pytest.raises(NotFound), unit_of_work(ctx.session_factory) as session:
+            jobs.request_job(session, ctx.queue, kind, user.storage_key, user.pk)
+    with unit_of_work(ctx.session_factory) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+    assert fake_queue(ctx).enqueued == []
 
 
 def test_a_retrain_whose_user_is_erased_mid_training_publishes_nothing(
