@@ -80,9 +80,13 @@ def delete_versions(session: Session, owner_key: str, versions: list[int]) -> No
         session.execute(delete(Adapter).where(Adapter.owner_key == owner_key, Adapter.version.in_(versions)))
 
 
-def delete_all(session: Session, owner_key: str) -> None:
-    session.execute(delete(Adapter).where(Adapter.owner_key == owner_key))
+def delete_all(session: Session, owner_key: str) -> list[int]:
+    """Every version row of the owner deleted (the head, with its never-reused counter, stays); returns the
+    versions this statement deleted: their files, and no others, are the caller's to remove."""
+    deleted = session.scalars(delete(Adapter).where(Adapter.owner_key == owner_key).returning(Adapter.version))
+    versions = sorted(deleted.all())
     set_current(session, owner_key, None)
+    return versions
 
 
 def all_versions(session: Session) -> list[tuple[str, int, int | None]]:

@@ -274,11 +274,19 @@ def upload(session: Session, ctx: AdapterContext, owner_key: str, user_pk: int, 
 
 
 def delete(session: Session, ctx: AdapterContext, owner_key: str) -> None:
-    if not repo.list_versions(session, owner_key):
+    """The owner's versions deleted; after the commit, the files of exactly those versions go. Not the whole
+    folder: a version published (a retrain, an upload) between this commit and that removal is the user's
+    current adapter, and keeps its files."""
+    versions = repo.delete_all(session, owner_key)
+    if not versions:
         raise NotFound("no adapter for this user")
-    repo.delete_all(session, owner_key)
     outbox.record_adapter(session, owner_key, None)
-    after_commit(session, lambda: _forget(ctx, owner_key))
+
+    def forget_versions() -> None:
+        ctx.store.delete_versions(owner_key, versions)
+        _notify(ctx, owner_key, None)
+
+    after_commit(session, forget_versions)
 
 
 def _forget(ctx: AdapterContext, owner_key: str) -> None:

@@ -267,6 +267,12 @@ class AdapterStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(staged, target)  # fails on Linux if target exists and is non-empty
+        except FileNotFoundError:
+            if not staged.exists():
+                raise
+            # A delete removed the owner's empty folder between the mkdir and the rename (delete_versions).
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staged, target)
         except OSError:
             if target.exists():  # a concurrent publisher won the race
                 return self._same_or_raise(storage_key, version, self._read_dir(staged, storage_key))
@@ -333,6 +339,15 @@ class AdapterStore:
 
     def delete_version(self, storage_key: str, version: int) -> bool:
         return self._remove(self.version_dir(storage_key, version))
+
+    def delete_versions(self, storage_key: str, versions: Collection[int]) -> None:
+        """Remove these versions, then the owner's folder if nothing is left in it: a version committed
+        meanwhile (not among these) keeps the folder and its files."""
+        for version in versions:
+            self.delete_version(storage_key, version)
+        if storage_key != SHARED_KEY:
+            with contextlib.suppress(OSError):  # not empty, or gone already
+                self.key_dir(storage_key).rmdir()
 
     def delete_all(self, storage_key: str) -> bool:
         """Remove every version of one key (a deleted user). Returns whether anything was there."""

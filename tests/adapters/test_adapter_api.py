@@ -350,3 +350,34 @@ def test_targz_upload_serves_the_same_tokens_as_the_zip(
     assert meta["zip"]["sha256"] == meta["tar"]["sha256"]
     texts = {k: _generate(client, u, keys[k], "Tell me about zebras.", n=8)["text"] for k, u in users.items()}
     assert texts["zip"] == texts["tar"]
+
+
+def test_a_version_published_while_a_delete_removes_files_keeps_its_files(
+    client: TestClient, loras: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload (or a retrain's publish) commits v2 between the DELETE's commit and its removal of files:
+    the delete removes v1's files only; v2 is current and serves, downloads."""
+    key = create_user(client, "delia")
+    auth = bearer(key)
+    assert upload(client, "delia", key, lora_zip(loras["a"])).status_code == 201
+    store = app_state(client).store
+    real_remove = type(store)._remove
+    published: list[int] = []
+
+    def publish_first(self: Any, path: Path) -> bool:  # the store's one removal of files (versions, folders)
+        if not published:
+            r = upload(client, "delia", key, lora_zip(loras["b"]))
+            assert r.status_code == 201, r.text
+            published.append(r.json()["version"])
+        return bool(real_remove(self, path))
+
+    monkeypatch.setattr(type(store), "_remove", publish_first)
+    assert client.delete("/users/delia/adapter", headers=auth).status_code == 204
+    monkeypatch.undo()
+    assert published == [2]
+    skey = storage_key(client, "delia")
+    assert not store.exists(skey, 1) and store.exists(skey, 2)
+    assert client.get("/users/delia/adapter", headers=auth).json()["version"] == 2
+    assert client.get("/users/delia/adapter/download", headers=auth).status_code == 200
+    r = client.post("/users/delia/generate", json={"prompt": "hi", "max_new_tokens": 2}, headers=auth)
+    assert r.status_code == 200, r.text

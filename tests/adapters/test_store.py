@@ -106,6 +106,35 @@ def test_list_prune_delete(store: AdapterStore) -> None:
     assert list((store.root / "tmp").iterdir()) == []
 
 
+def test_delete_versions_keeps_the_folder_of_a_version_committed_meanwhile(store: AdapterStore) -> None:
+    store.publish(KEY, 1, _files(1))
+    store.publish(KEY, 2, _files(2))  # committed after the delete listed v1
+    store.delete_versions(KEY, [1])
+    assert store.list_versions(KEY) == [2] and store.read_files(KEY, 2) == _files(2)
+    store.delete_versions(KEY, [2])
+    assert not (store.root / "users" / KEY).exists()  # nothing left: the folder goes too
+    store.delete_versions(KEY, [2])  # again: nothing to do
+
+
+def test_a_publish_whose_folder_a_delete_removed_before_its_rename_still_lands(
+    store: AdapterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staged = store.stage(_files(3), KEY)
+    real_rename = os.rename
+    calls: list[str] = []
+
+    def folder_removed_first(src: str, dst: str) -> None:
+        if not calls:  # delete_versions emptied and removed the owner's folder after commit_staged's mkdir
+            os.rmdir(Path(dst).parent)
+        calls.append(str(dst))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", folder_removed_first)
+    store.commit_staged(staged, KEY, 3)
+    monkeypatch.undo()
+    assert len(calls) == 2 and store.read_files(KEY, 3) == _files(3)
+
+
 def test_shared_key_has_its_own_folder(store: AdapterStore) -> None:
     path = store.publish(SHARED_KEY, 1, _files())
     assert path == store.root / "shared" / "v000001"
