@@ -23,7 +23,9 @@ router = APIRouter(prefix="/admin", tags=["training"], responses=error_responses
 
 @router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut)
 def retrain_user(user: AdminUserDep, session: SessionDep, queue: QueueDep) -> JobOut:
-    job, _created = service.request_job(session, queue, "user_retrain", user.storage_key, user.pk)
+    job, _created = service.request_job(
+        session, queue, "user_retrain", user.storage_key, user.pk, require_history=True
+    )
     return job
 
 

@@ -32,6 +32,12 @@ class OtherJobActive(Conflict):
     code = "job_active"
 
 
+class NoHistory(Conflict):
+    """A user retrain asked for a user with no history: there is nothing to train on (a job would fail)."""
+
+    code = "no_history"
+
+
 class SealingOff(Conflict):
     """A data-key rotation asked of a server that does not seal (OPPU_SEAL_AT_REST=false)."""
 
@@ -53,7 +59,7 @@ def to_out(job: Job) -> JobOut:
 
 
 def request_job(
-    session: Session, queue: JobQueue, kind: Kind, owner_key: str, user_pk: int | None
+    session: Session, queue: JobQueue, kind: Kind, owner_key: str, user_pk: int | None, *, require_history: bool = False
 ) -> tuple[JobOut, bool]:
     """The owner's active job if there is one, else a new queued job. Dedupe is a partial unique
     index in SQL, so concurrent requests (any replica) produce exactly one job. A key rotation is never
@@ -63,6 +69,8 @@ def request_job(
         return _same_kind(existing, kind), False
     training = kind != KEY_ROTATION
     cutoff = history_repo.max_item_id(session, user_pk) if user_pk is not None and training else None
+    if require_history and training and user_pk is not None and cutoff is None:
+        raise NoHistory("this user has no history to train on; add items first (POST /users/{id}/history)")
     job = Job(
         id=str(uuid.uuid4()),
         kind=kind,

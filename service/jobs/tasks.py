@@ -103,10 +103,16 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         _fail_or_retry(ctx, job, exc)
 
 
+class NothingToTrain(ValueError):
+    """The job's examples are empty (the history was deleted meanwhile): every retry would end the same."""
+
+
 def _fail_or_retry(ctx: JobContext, job: ClaimedJob, exc: Exception) -> None:
+    # A failure that a retry cannot change fails the job at this attempt.
+    max_attempts = job.attempt if isinstance(exc, NothingToTrain) else ctx.settings.job_max_attempts
     with unit_of_work(ctx.session_factory) as session:
         error = safe_error_text(exc)
-        if jobs.fail_or_retry(session, job.job_id, error, ctx.settings.job_max_attempts, attempt=job.attempt):
+        if jobs.fail_or_retry(session, job.job_id, error, max_attempts, attempt=job.attempt):
             after_commit(session, _enqueue_later(ctx.queue, job.job_id, job.attempt + 1))
 
 
@@ -212,7 +218,7 @@ def _train_and_publish(ctx: JobContext, job: ClaimedJob, beat: _Heartbeat) -> in
             return done.version
         plan = PLANNERS[job.kind](ctx, session, job)
     if not plan.examples:
-        raise ValueError("no history to train on")
+        raise NothingToTrain("no history to train on")
     beat.report(0.0)  # planning has no progress of its own: a cancel, shutdown or timeout meanwhile ends it here
     model = ctx.training_model(plan.base_shared)
     loaded, _ = ctx.base()

@@ -93,3 +93,9 @@ def test_cancel_route(client: TestClient) -> None:
     assert client.post(f"/admin/jobs/{job['job_id']}/cancel", headers=bearer(key)).status_code == 403
     r = client.post("/admin/jobs/no-such-job/cancel", headers=admin_headers())
     assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+def test_a_retrain_of_a_user_without_history_is_409_no_history(client: TestClient) -> None:
+    create_user(client, "hal")
+    r = client.post("/admin/users/hal/retrain", headers=admin_headers())
+    assert r.status_code == 409 and r.json()["code"] == "no_history", r.text

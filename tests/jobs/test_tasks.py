@@ -380,6 +380,17 @@ def adapter_rows(ctx: JobContext) -> list[tuple[str, int, int | None, bool]]:
         return [(o, v, pk, flag) for o, v, pk, flag in rows]
 
 
+def test_a_job_with_nothing_to_train_fails_at_once_instead_of_retrying(ctx: JobContext) -> None:
+    """The history went between the request and the run (or a bulk retrain named a user without one)."""
+    with unit_of_work(ctx.session_factory) as session:
+        user, _ = create_user(session, "ida")
+    job_id = request(ctx, user)
+    run_job(ctx, job_id)
+    row = job_row(ctx, job_id)
+    assert (row.status, row.attempts) == ("failed", 1) and "no history to train on" in (row.error or "")
+    assert fake_queue(ctx).enqueued == [(job_id, 1)]  # the request's enqueue only: no retry
+
+
 def test_a_job_requested_for_a_user_erased_after_being_resolved_is_404_not_a_server_error(ctx: JobContext) -> None:
     """The route resolved the user, then an erase committed before the job row went in (its FK has no user)."""
     user = add_user(ctx.session_factory, "gil", qa(3))
