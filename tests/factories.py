@@ -136,6 +136,9 @@ class FakeEngine:
         finish = self._finish if len(tokens) == len(self._reply) else "length"
         yield Finished(finish, len(request.prompt_ids))
 
+    def check_room(self, tenant: str, rows: int) -> None:
+        """Always room: a check changes nothing, so it is not recorded in `calls` (preparing has no effects)."""
+
     def cancel_tenant(self, tenant: str, error: BaseException) -> int:
         self.calls.append("cancel_tenant")
         return 0

@@ -43,6 +43,16 @@ class FairQueue(Generic[T]):
             self._size += 1
             self._cond.notify()
 
+    def check_room(self, tenant: Hashable, items: int) -> None:
+        """Raises what `put` of `items` more items of the tenant would raise now; changes nothing (a put a
+        moment later may still find the queue full)."""
+        with self._cond:
+            if self._size + items > self.max_total:
+                raise QueueFull("generation queue is full")
+            mine = self._queues.get(tenant)
+            if (len(mine) if mine is not None else 0) + items > self.max_per_tenant:
+                raise TenantQueueFull("too many queued requests for this user")
+
     def put_back(self, items: Iterable[tuple[Hashable, T]]) -> None:
         """Return items taken but not run (their adapter did not fit) to the FRONT of the queue, in the order
         they were taken, ignoring the caps: they were admitted already. Their tenants move to the front even

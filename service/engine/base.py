@@ -16,11 +16,12 @@ Knows no users, SQL or HTTP; rows carry plain data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Hashable
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -53,6 +54,12 @@ class Engine(Protocol):
         cannot fit (`check_fits`), 429/503 when the tenant's share or the server is full, 503
         adapter_unavailable, 504 past the deadline, generation_failed for this row only. The engine applies
         the request's adapter and shared task LoRA itself. Closing the iterator early cancels the row."""
+        ...
+
+    def check_room(self, tenant: str, rows: int) -> None:
+        """Raises now the 429/503 (with Retry-After) that queueing `rows` more rows of the tenant would raise:
+        a stream checks before its response starts, so that overload is a plain JSON error. Changes nothing
+        (`stream` still decides: a queue that fills a moment later is reported in-band)."""
         ...
 
     def cancel_tenant(self, tenant: str, error: BaseException) -> int:
@@ -162,6 +169,17 @@ R = TypeVar("R", bound=EngineRow)
 Started = Literal["started", "keep", "dropped"]
 
 
+@contextlib.contextmanager
+def _queue_errors() -> Iterator[None]:
+    """The queue's refusals as the HTTP errors every engine answers (submit and check_room: one rule)."""
+    try:
+        yield
+    except TenantQueueFull as exc:
+        raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
+    except QueueFull as exc:
+        raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
+
+
 class EngineFront(Generic[R]):
     """The request side of every engine. Subclasses implement `limits`, `_new_row`, `_start`, `_step` and
     `_release`; they may override `_has_room` (default: fewer than `capacity` rows run) and `_tick`."""
@@ -241,13 +259,13 @@ class EngineFront(Generic[R]):
     def submit(self, row: R) -> None:
         """Queue a row (any thread): 429 when its tenant's queue share is used up, 503 when the server's is."""
         check_fits(row.request, self.limits)
-        try:
+        with _queue_errors():
             self._waiting.put(row.request.tenant, row)
-        except TenantQueueFull as exc:
-            raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
-        except QueueFull as exc:
-            raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
         self._wake.set()
+
+    def check_room(self, tenant: str, rows: int) -> None:
+        with _queue_errors():
+            self._waiting.check_room(tenant, rows)
 
     def cancel(self, row: R, error: BaseException | None = None) -> None:
         """The requester went away, or the row must end (any thread): dropped before the next step."""

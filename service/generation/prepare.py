@@ -139,7 +139,9 @@ class Preparer:
             )
             for i in range(resolved.n)
         )
-        check_fits(rows[0], self.engine.limits)  # here too: a stream's errors must come before its first byte
+        # Here too (the engine checks again): a stream's errors must come before its first byte.
+        check_fits(rows[0], self.engine.limits)
+        self.engine.check_room(tenant, len(rows))
         shared_version = ctx.shared.version if ctx.shared is not None else None
         retrieved = tuple(Retrieved(h.doc.id, round(h.score, 6)) for h in ctx.retrieved)
         adapter_version = ctx.adapter.version if ctx.adapter is not None else None

@@ -1,5 +1,5 @@
-"""Overload behaviour through HTTP (tiny model): bounded queue -> 429/503 with Retry-After, per-user fair
-share, recovery, and cancelled streams free their rows and pins."""
+"""Overload behaviour through HTTP (tiny model): bounded queue -> 429/503 with Retry-After (streamed requests
+too, before their first byte), per-user fair share, recovery, and cancelled streams free their rows and pins."""
 
 from __future__ import annotations
 
@@ -97,3 +97,20 @@ def test_cancelled_streams_free_rows_and_pins(small_queue_app: TestClient) -> No
     while (engine.stats().waiting or engine.stats().slots_pinned) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.stats().waiting == 0 and engine.stats().slots_pinned == 0
+
+
+@pytest.mark.parametrize(("limits", "status"), [({"queue_max": 0}, 503), ({"queue_per_user_max": 0}, 429)])
+def test_a_streamed_request_that_cannot_be_queued_is_a_plain_json_error_with_retry_after(
+    tmp_path: Path, tiny_model_path: Path, limits: dict[str, int], status: int
+) -> None:
+    """As a non-streamed one: the status a client or router can act on (not a 200 then an error event)."""
+    with running_app(tmp_path, tiny_model_path, **limits) as client:  # type: ignore[arg-type]
+        key = create_user(client, "sia")
+        own = {"prompt": "hi", "max_new_tokens": 2, "stream": True}
+        openai = {"model": "personal", "prompt": "hi", "max_tokens": 2, "stream": True}
+        chat = {"model": "personal", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+        for path, body in (("/users/sia/generate", own), ("/v1/completions", openai), ("/v1/chat/completions", chat)):
+            for stream in (True, False):
+                r = client.post(path, json={**body, "stream": stream}, headers=bearer(key))
+                assert r.status_code == status, (path, stream, r.text)
+                assert r.headers["content-type"] == "application/json" and int(r.headers["Retry-After"]) >= 1

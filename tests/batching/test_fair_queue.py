@@ -52,3 +52,19 @@ def test_put_back_keeps_its_turn_when_its_tenant_sent_a_newer_item_meanwhile() -
     q.put_back([item for item in taken if item is not None])
     order = [q.get(timeout=0)[1] for _ in range(4)]  # type: ignore[index]
     assert order == ["t-old", "u0", "v0", "t-new"]
+
+
+def test_check_room_raises_what_put_would_and_changes_nothing() -> None:
+    q: FairQueue[str] = FairQueue(max_total=3, max_per_tenant=2)
+    q.check_room("a", 2)
+    with pytest.raises(TenantQueueFull):
+        q.check_room("a", 3)  # n rows of one request count together
+    q.put("a", "a1")
+    q.put("a", "a2")
+    with pytest.raises(TenantQueueFull):
+        q.check_room("a", 1)
+    q.check_room("b", 1)
+    with pytest.raises(QueueFull) as info:
+        q.check_room("b", 2)
+    assert not isinstance(info.value, TenantQueueFull)  # the server's share: 503, not the user's 429
+    assert len(q) == 2
