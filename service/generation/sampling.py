@@ -63,7 +63,11 @@ def resolve_sampling(
 ) -> Resolved:
     n = options.max_new_tokens if options.max_new_tokens is not None else settings.default_max_new_tokens
     if not 1 <= n <= settings.max_new_tokens_cap:
-        raise Unprocessable(f"max_new_tokens must be in 1..{settings.max_new_tokens_cap}")
+        cap = settings.max_new_tokens_cap
+        raise Unprocessable(  # one message for every route: name each route's field
+            f"the new-token limit (max_new_tokens; on /v1: max_tokens or max_completion_tokens) must be in 1..{cap}",
+            details={"max_new_tokens_cap": cap},
+        )
     _check_options(options, n, vocab_size)
     grammar = None
     if options.response_format is not None:

@@ -70,6 +70,12 @@ class CommonParams(BaseModel):
     retrieval_k: Annotated[int, Field(ge=0, le=10)] | None = None
     use_profile: bool | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> CommonParams:
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM: not silently ignored
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
 
 class ChatCompletionIn(CommonParams):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]

@@ -66,6 +66,7 @@ def test_max_new_tokens_outside_1_to_the_cap_is_422(n: int) -> None:
     error = refused(max_new_tokens=n)
     assert isinstance(error, Unprocessable)
     assert str(SETTINGS.max_new_tokens_cap) in error.message
+    assert "max_tokens" in error.message and error.details == {"max_new_tokens_cap": SETTINGS.max_new_tokens_cap}
 
 
 def test_max_new_tokens_at_the_cap_is_taken() -> None:

@@ -107,6 +107,13 @@ def test_text_content_parts_are_joined_and_must_carry_text() -> None:
             chat_body(messages=[{"role": "user", "content": [bad]}])
 
 
+def test_stream_options_without_stream_are_refused_not_ignored() -> None:
+    for stream in (None, False):
+        with pytest.raises(ValidationError, match="stream_options"):
+            chat_body(stream=stream, stream_options={"include_usage": True})
+    assert chat_body(stream=True, stream_options={"include_usage": True}).stream_options is not None
+
+
 def test_legacy_completion_parameters_are_refused() -> None:
     with pytest.raises(UnsupportedParameter) as info:
         refuse_unsupported(text_body(echo=True, best_of=2, suffix="!"))
@@ -115,7 +122,9 @@ def test_legacy_completion_parameters_are_refused() -> None:
 
 
 def test_known_parameters_pass() -> None:
-    refuse_unsupported(chat_body(temperature=0.5, user="end-user-7", stream_options={"include_usage": True}))
+    refuse_unsupported(
+        chat_body(temperature=0.5, user="end-user-7", stream=True, stream_options={"include_usage": True})
+    )
     refuse_unsupported(text_body(logprobs=2, echo=None))
 
 
