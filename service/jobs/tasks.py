@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -186,20 +186,43 @@ def _history_of(session: Session, owner: OwnerRef) -> list[DocSnapshot]:
         return []
 
 
+class _Histories(Mapping[str, list[DocSnapshot]]):
+    """Every user's history, each read when build_shared_examples asks for it (once per user, in turn) and
+    not kept: one user's whole history in memory at a time, not everyone's (only the sampled examples stay).
+    Remembers who had any (the shared version's contributors)."""
+
+    def __init__(self, session: Session, users: list[tuple[int, str]]) -> None:
+        self._session = session
+        self._owners = {key: OwnerRef(pk, key) for pk, key in users}
+        self.nonempty: set[str] = set()
+
+    def __getitem__(self, key: str) -> list[DocSnapshot]:
+        items = _history_of(self._session, self._owners[key])
+        if items:
+            self.nonempty.add(key)
+        return items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owners)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+
 def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPlan:
     """Stage 1: a sample of every user's history, on the plain base model."""
     s = ctx.settings
     users = account_repo.all_user_keys(session)
-    per_user = {key: _history_of(session, OwnerRef(pk, key)) for pk, key in users}
+    histories = _Histories(session, users)
     examples = build_shared_examples(
-        {k: v for k, v in per_user.items() if v},
+        histories,  # a user without history adds no example and draws nothing from the sampling RNG
         k=s.train_retrieval_k,
         max_per_user=s.train_shared_max_per_user,
         seed=s.train_seed,
         item_chars=s.retrieval_item_chars,
         profile_chars=s.profile_max_chars,
     )
-    contributors = tuple(key for _, key in users if per_user[key])
+    contributors = tuple(key for _, key in users if key in histories.nonempty)
     return TrainingPlan(examples, LoraTrainConfig.from_settings(s, stage="shared"), None, contributors)
 
 

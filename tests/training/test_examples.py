@@ -80,6 +80,15 @@ def test_shared_examples_never_mix_users_and_are_deterministic() -> None:
     assert examples != build_shared_examples(users, k=3, max_per_user=None, seed=2)
 
 
+def test_users_without_history_change_nothing_in_the_shared_examples() -> None:
+    """jobs/tasks passes every user, those without history too (their histories are read one at a time)."""
+    users = {"alice": _history("alice", 20), "bob": _history("bob", 12)}
+    with_empty = {"aaron": [], **users, "carl": []}
+    assert build_shared_examples(with_empty, k=2, max_per_user=5, seed=3) == build_shared_examples(
+        users, k=2, max_per_user=5, seed=3
+    )
+
+
 def test_shared_max_per_user_samples_but_keeps_full_earlier_retrieval() -> None:
     users = {"alice": _history("alice", 20), "bob": _history("bob", 3)}
     examples = build_shared_examples(users, k=2, max_per_user=5, seed=0)
