@@ -21,7 +21,7 @@ from service.jobs.schemas import JobOut
 router = APIRouter(prefix="/admin", tags=["training"], responses=error_responses(*AUTH_ERRORS))
 
 
-@router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut)
+@router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut, responses=error_responses(409))
 def retrain_user(user: AdminUserDep, session: SessionDep, queue: QueueDep) -> JobOut:
     job, _created = service.request_job(
         session, queue, "user_retrain", user.storage_key, user.pk, require_history=True

@@ -119,6 +119,10 @@ class Fuzzer:
     def finished_job(self, user: str) -> str:
         """A job of the user's that has ended (retrain requested, then cancelled): their job route answers 200,
         and no active job blocks their other routes (a data-key rotation is 409 while one is queued)."""
+        item = {"items": [{"id": "seed", "input": "q", "output": "a"}]}  # a retrain needs history (else 409)
+        headers = {"Authorization": f"Bearer {self.keys[user]}"}
+        r = self.client.post(f"/users/{user}/history", json=item, headers=headers)
+        assert r.status_code in (200, 201), r.text
         r = self._admin("POST", f"/admin/users/{user}/retrain")
         assert r.status_code == 202, r.text
         job_id = str(r.json()["job_id"])
