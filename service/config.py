@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # --- auth / http ---
     admin_key: SecretStr | None = None
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    # every other request body must arrive within this (408 after): a stalled body holds a request slot
+    body_timeout_s: float = Field(30.0, gt=0)
     docs_enabled: bool = True
     auth_max_failures: int = Field(20, ge=0)  # bad keys per client address per window before 429 (0 = off)
     auth_failure_window_s: float = Field(60.0, gt=0)

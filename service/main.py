@@ -34,6 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.adapter_max_file_bytes + (1 << 20),
+        timeout_s=settings.body_timeout_s,
+        upload_timeout_s=settings.upload_body_timeout_s,
     )
     app.add_middleware(InFlightLimit, max_requests=settings.max_concurrency)  # 503 beyond OPPU_MAX_CONCURRENCY
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # counts 413s and 503s too

@@ -6,6 +6,7 @@ which engine runs, and never puts a storage key or path in a label (adapters are
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,9 @@ class FieldCollector(Collector):
         yield info
 
 
+CLIENT_CLOSED = 499  # the status a request gets in the metrics when its client left before the answer started
+
+
 class HttpMetrics:
     """Counts every request by its route template (never the raw path: user ids stay out of labels)."""
 
@@ -180,15 +184,21 @@ class HttpMetrics:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = [500]
+        status, started = [500], [False]
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = int(message["status"])
+                status[0], started[0] = int(message["status"]), True
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            # The client left before an answer started (middleware.CancelOnDisconnect ended the handler):
+            # nginx's 499, not a server error on the 5xx panels.
+            if status[0] == 500 and not started[0]:
+                status[0] = CLIENT_CLOSED
+            raise
         finally:
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"

@@ -1,5 +1,6 @@
-"""ASGI middleware: the cap on requests in flight (503 beyond), the request body size cap (413 before the body
-is parsed), and the end of every request whose client went away (its engine rows are cancelled)."""
+"""ASGI middleware: the cap on requests in flight (503 beyond), the request body's size cap (413 before the body
+is parsed) and deadline (408), and the end of every request whose client went away (its engine rows are
+cancelled)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
 
+# Cheap routes that a saturated replica must still answer (liveness and readiness probes, the scrape).
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
 
 class InFlightLimit:
     """At most `max_requests` HTTP requests in the app at once; the next one is answered 503 with Retry-After
     at once. Counted here, not by uvicorn's limit_concurrency, which counts open connections: 256 idle sockets
     that never sent a byte (uvicorn has no header timeout) made it answer 503 to everyone, unauthenticated."""
 
-    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+    def __init__(self, app: ASGIApp, max_requests: int, exempt_paths: frozenset[str] = PROBE_PATHS) -> None:
         self.app = app
         self.max_requests = max_requests
+        self.exempt_paths = exempt_paths
         self.in_flight = 0  # one event loop: no lock needed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_requests:
@@ -45,14 +50,27 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, "request body is too large")
 
 
-class BodySizeLimit:
-    """Caps every request body at max_bytes, except adapter uploads (PUT .../adapter), capped at
-    upload_max_bytes."""
+class BodyTimedOut(HTTPException):
+    """Raised by receive() once a body has not arrived within its deadline (as BodyTooLarge: FastAPI re-raises
+    it from body parsing, the JSON handler answers 408)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int) -> None:
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s")
+
+
+class BodySizeLimit:
+    """Caps every request body at max_bytes within timeout_s, except adapter uploads (PUT .../adapter), capped
+    at upload_max_bytes within upload_timeout_s. The deadline runs from the request's start until its body is
+    complete; reads after that (a stream listening for the disconnect) wait as long as they like."""
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, upload_max_bytes: int, timeout_s: float, upload_timeout_s: float
+    ) -> None:
         self.app = app
         self.default_max = max_bytes
         self.upload_max = upload_max_bytes
+        self.timeout_s = timeout_s
+        self.upload_timeout_s = upload_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,6 +78,10 @@ class BodySizeLimit:
             return
         is_upload = scope.get("method") == "PUT" and str(scope.get("path", "")).endswith("/adapter")
         max_bytes = self.upload_max if is_upload else self.default_max
+        timeout_s = self.upload_timeout_s if is_upload else self.timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        complete = False
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
             await _reject(send)
@@ -68,12 +90,18 @@ class BodySizeLimit:
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise BodyTimedOut(timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > max_bytes:
                     raise BodyTooLarge()
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -87,6 +115,9 @@ class BodySizeLimit:
         except BodyTooLarge:
             if not started:
                 await _reject(send)
+        except BodyTimedOut as exc:
+            if not started:
+                await _answer(send, 408, error_body("request_timeout", str(exc.detail)))
 
 
 async def _reject(send: Send) -> None:

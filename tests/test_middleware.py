@@ -1,6 +1,7 @@
 """CancelOnDisconnect at the ASGI level: a client that leaves cancels the handler (read a body or not), a
 client that stays gets its whole answer, the body reaches the handler intact, and the disconnect that a
-server reports after a complete response cancels nothing. InFlightLimit: requests beyond the cap get 503."""
+server reports after a complete response cancels nothing. InFlightLimit: requests beyond the cap get 503 (the
+probes pass). BodySizeLimit's deadline: a stalled body is 408, a complete one is never cut."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import Message, Receive, Scope, Send
 
-from service.middleware import CancelOnDisconnect, InFlightLimit
+from service.middleware import BodySizeLimit, CancelOnDisconnect, InFlightLimit
 
 SCOPE: Scope = {"type": "http", "method": "POST", "path": "/x", "headers": []}
 
@@ -131,3 +132,86 @@ def test_requests_beyond_the_in_flight_limit_get_503_and_a_finished_one_frees_it
         assert (await call())[0]["status"] == 200
 
     asyncio.run(scenario())
+
+
+def test_the_probes_are_never_capped() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    full = InFlightLimit(app, max_requests=0)  # as a saturated replica: every request slot taken
+
+    async def status(path: str) -> int:
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await full({**SCOPE, "method": "GET", "path": path}, receive, send)
+        return int(sent[0]["status"])
+
+    statuses = {path: asyncio.run(status(path)) for path in ("/healthz", "/readyz", "/metrics", "/users/a/history")}
+    assert statuses == {"/healthz": 200, "/readyz": 200, "/metrics": 200, "/users/a/history": 503}
+
+
+def _reading_app(read_after_body: bool) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """Reads the whole body (then, with read_after_body, waits for the disconnect as a stream does), answers."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (message := await receive())["type"] == "http.request" and message.get("more_body", False):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok", "more_body": read_after_body})
+        if read_after_body:
+            assert (await receive())["type"] == "http.disconnect"
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+def test_a_body_that_stalls_past_its_deadline_is_408_and_a_complete_one_is_never_cut() -> None:
+    async def call(app: Callable[[Scope, Receive, Send], Awaitable[None]], stall_s: float) -> list[Message]:
+        sent: list[Message] = []
+        parts: list[Message] = [{"type": "http.request", "body": b"{", "more_body": True}]
+
+        async def receive() -> Message:
+            if parts:
+                return parts.pop(0)
+            await asyncio.sleep(stall_s)  # the rest of the body never comes (or, once it did: the disconnect)
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        limited = BodySizeLimit(app, max_bytes=1024, upload_max_bytes=1024, timeout_s=0.1, upload_timeout_s=0.1)
+        await asyncio.wait_for(limited(SCOPE, receive, send), timeout=5)
+        return sent
+
+    stalled = asyncio.run(call(_reading_app(False), stall_s=30))
+    assert stalled[0]["status"] == 408 and json.loads(stalled[1]["body"])["code"] == "request_timeout"
+
+    async def complete_then_wait() -> list[Message]:
+        sent: list[Message] = []
+        parts: list[Message] = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+        async def receive() -> Message:
+            if parts:
+                return parts.pop(0)
+            await asyncio.sleep(0.3)  # past the body deadline: the client listens to a long stream
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        limited = BodySizeLimit(
+            _reading_app(True), max_bytes=1024, upload_max_bytes=1024, timeout_s=0.1, upload_timeout_s=0.1
+        )
+        await limited(SCOPE, receive, send)
+        return sent
+
+    answered = asyncio.run(complete_then_wait())
+    assert answered[0]["status"] == 200
+    assert answered[-1] == {"type": "http.response.body", "body": b"", "more_body": False}

@@ -151,6 +151,9 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+MAX_ITEM_ID = 2**31 - 1  # history_items.id is a 32-bit integer column: larger is no id (PostgreSQL would refuse it)
+
+
 def _encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"h:{last_id}".encode()).decode().rstrip("=")
 
@@ -161,7 +164,7 @@ def _decode_cursor(cursor: str | None) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         tag, _, value = raw.partition(":")
-        if tag != "h" or not value.isdigit() or len(value) > 18:
+        if tag != "h" or not value.isdigit() or len(value) > 18 or int(value) > MAX_ITEM_ID:
             raise ValueError(raw)
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:

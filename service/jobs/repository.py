@@ -42,14 +42,19 @@ def add_unless_active(session: Session, job: Job) -> Job:
     return job
 
 
+def _may_be_job_id(job_id: str) -> bool:
+    """Job ids are uuid4 text: anything else names no job (and a NUL byte would be refused by PostgreSQL)."""
+    return len(job_id) <= MAX_JOB_ID and "\x00" not in job_id
+
+
 def get(session: Session, job_id: str) -> Job | None:
     """By the job's own id (a random uuid: knowing it is the capability; admin routes only)."""
-    return session.get(Job, job_id, populate_existing=True) if len(job_id) <= MAX_JOB_ID else None
+    return session.get(Job, job_id, populate_existing=True) if _may_be_job_id(job_id) else None
 
 
 def get_owned(session: Session, owner_key: str, job_id: str) -> Job | None:
     """The owner's job by id; another owner's job is None, as no job is (the user route's 404 tells nothing)."""
-    if len(job_id) > MAX_JOB_ID:
+    if not _may_be_job_id(job_id):
         return None
     return session.execute(
         select(Job).where(Job.owner_key == owner_key, Job.id == job_id).execution_options(populate_existing=True)

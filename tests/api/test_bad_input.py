@@ -265,6 +265,8 @@ def _cursor(raw: str) -> str:
         f"cursor={_cursor('h:abc')}",
         f"cursor={_cursor('h:-1')}",
         f"cursor={_cursor('h:' + '9' * 19)}",
+        f"cursor={_cursor('h:' + str(2**31))}",  # past the 32-bit id column (PostgreSQL refused it: 500)
+        f"cursor={_cursor('h:' + '9' * 18)}",
         "cursor=" + "A" * 65,
     ],
 )

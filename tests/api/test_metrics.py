@@ -162,3 +162,32 @@ def test_field_series_read_planted_states(tmp_path: Path, tiny_model_path: Path)
     assert [(s["adapter_name"], s["pinned"]) for s in gpu] == [("user:b", "false")]
     ((info, _),) = after["vllm:lora_requests_info"]
     assert info["running_lora_adapters"] == "" and info["waiting_lora_adapters"] == ""
+
+
+def test_a_request_whose_client_left_before_the_answer_counts_as_499_not_500() -> None:
+    """CancelOnDisconnect cancels the handler (the task running HttpMetrics' inner app)."""
+    import asyncio
+
+    from service.metrics import CLIENT_CLOSED, HttpMetrics, Metrics
+
+    async def handler(scope: Any, receive: Any, send: Any) -> None:
+        raise asyncio.CancelledError  # cancelled while generating, before any byte of the answer
+
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("a bug")
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    metrics = Metrics()
+    for app in (handler, failing):
+        try:
+            asyncio.run(HttpMetrics(app, metrics)({"type": "http", "method": "POST"}, receive, send))
+        except (asyncio.CancelledError, RuntimeError):
+            pass
+    page = samples(generate_latest(metrics.registry).decode())
+    statuses = {labels["status"]: value for labels, value in page["oppu_http_requests_total"]}
+    assert statuses == {str(CLIENT_CLOSED): 1.0, "500": 1.0}

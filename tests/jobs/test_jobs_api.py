@@ -60,6 +60,10 @@ def test_user_key_cannot_retrain_or_read_jobs(client: TestClient) -> None:
     assert client.post("/admin/users/carol/retrain", headers=bearer(key)).status_code == 403
     assert client.get("/admin/jobs/x", headers=bearer(key)).status_code == 403
     assert client.get("/admin/jobs/nope", headers=admin_headers()).status_code == 404
+    for path in ("/admin/jobs/a%00b", "/users/carol/jobs/%00"):  # a NUL byte (PostgreSQL refused it: 500)
+        headers = admin_headers() if path.startswith("/admin") else bearer(key)
+        assert client.get(path, headers=headers).status_code == 404
+    assert client.post("/admin/jobs/%00/cancel", headers=admin_headers()).status_code == 404
 
 
 def test_auto_retrain_after_new_items(tmp_path: object, tiny_model_path: object) -> None:
