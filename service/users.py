@@ -89,6 +89,7 @@ def check_recovery_code(session: Session, user: UserRef, code: str | None) -> No
 
 def revoke_keys(session: Session, user: UserRef, on_revoked: Callable[[list[str]], None] | None = None) -> int:
     """Revoke the user's keys at the commit; after it, `on_revoked` (every replica's notice) ends their streams."""
+    repo.hold_for_key_change(session, user.pk)
     hashes = repo.revoke_keys(session, user.pk, datetime.now(UTC))
     outbox.record_revoked(session, user.storage_key, hashes)  # for replicas that miss the pub/sub notice
     if on_revoked is not None and hashes:

@@ -88,6 +88,13 @@ def hold_for_sealed_write(session: Session, user_pk: int) -> None:
     session.execute(select(User.id).where(User.id == user_pk).with_for_update(key_share=True))
 
 
+def hold_for_key_change(session: Session, user_pk: int) -> None:
+    """Row-lock the user (PostgreSQL; SQLite has one writer at a time anyway) until the transaction ends: the
+    rotations and revocations of one user's keys run one after the other, each revoking the key the one before
+    it made (read committed: a key inserted by a rotation committing during another's revoke was not seen)."""
+    session.execute(select(User.id).where(User.id == user_pk).with_for_update(key_share=True))
+
+
 def existing_storage_keys(session: Session, keys: Iterable[str]) -> set[str]:
     """Which of these storage keys still belong to a user, locked FOR SHARE (PostgreSQL) like lock_owner:
     a shared job publishing knows which of its contributors were erased while it trained."""

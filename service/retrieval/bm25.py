@@ -17,7 +17,7 @@ import itertools
 import math
 import sys
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -277,13 +277,14 @@ class BM25Index:
         return self._norm
 
     def scores(self, query: list[str]) -> Floats:
-        """BM25 score of every kept doc (oldest first) for query terms; a repeated term counts again."""
+        """BM25 score of every kept doc (oldest first) for query terms; a repeated term counts again (scored
+        once, times its count: a prompt of one term repeated 16k times costs one pass, not 16k)."""
         n = self.size
         scores = np.zeros(n)
         if n == 0:
             return scores
         norm = self._norms()
-        for term in query:
+        for term, count in Counter(query).items():
             tid = self._vocab.get(term)
             if tid is None:
                 continue
@@ -294,7 +295,7 @@ class BM25Index:
             tf = (parts[0][1] if len(parts) == 1 else np.concatenate([c for _, c in parts])).astype(np.float64)
             f = len(docs)
             idf = math.log(1.0 + (n - f + 0.5) / (f + 0.5))  # Lucene's: positive even for a term in every doc
-            scores[docs] += idf * tf * (K1 + 1.0) / (tf + norm[docs])
+            scores[docs] += count * idf * tf * (K1 + 1.0) / (tf + norm[docs])
         return scores
 
     def top_k(self, query: str, k: int, *, limit: int | None = None) -> list[Hit]:

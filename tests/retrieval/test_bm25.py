@@ -166,6 +166,9 @@ def test_scores_match_rank_bm25_formula() -> None:
     for _ in range(20):
         query = rng.choices([*vocab, "unknown"], k=rng.randint(1, 6))
         assert np.allclose(idx.scores(query), reference.get_scores(query), rtol=1e-12, atol=1e-12)
+    # A term repeated counts again (scored once per distinct term, times its count).
+    repeated = ["w1"] * 500 + ["w2", "w1", "unknown"] * 7
+    assert np.allclose(idx.scores(repeated), reference.get_scores(repeated), rtol=1e-12, atol=1e-12)
 
 
 # --- the incremental index ---
