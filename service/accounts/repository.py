@@ -85,13 +85,17 @@ def hold_for_sealed_write(session: Session, user_pk: int) -> None:
     rotation's settle time ended and commits late is either seen by the sweep or waits for it, so it never lands
     under a version the rotation is about to destroy. NO KEY UPDATE: the level of the quota UPDATE an append
     makes anyway (nothing to upgrade between two appends), and it still lets rows referencing the user in."""
-    session.execute(select(User.id).where(User.id == user_pk).with_for_update(key_share=True))
+    _hold_user_row(session, user_pk)
 
 
 def hold_for_key_change(session: Session, user_pk: int) -> None:
-    """Row-lock the user (PostgreSQL; SQLite has one writer at a time anyway) until the transaction ends: the
-    rotations and revocations of one user's keys run one after the other, each revoking the key the one before
-    it made (read committed: a key inserted by a rotation committing during another's revoke was not seen)."""
+    """Row-lock the user (as hold_for_sealed_write) until the transaction ends: the rotations and revocations
+    of one user's keys run one after the other, each revoking the key the one before it made (read committed:
+    a key inserted by a rotation committing during another's revoke was not seen)."""
+    _hold_user_row(session, user_pk)
+
+
+def _hold_user_row(session: Session, user_pk: int) -> None:
     session.execute(select(User.id).where(User.id == user_pk).with_for_update(key_share=True))
 
 
