@@ -118,6 +118,14 @@ class GenerationFailed(ServiceError):
         return cls("the model produced non-finite values for this request (is its adapter out of range?)", 422)
 
     @classmethod
+    def nothing_allowed(cls) -> GenerationFailed:
+        return cls("this request's constraints (logit_bias, response format) leave no token to choose", 422)
+
+    @classmethod
+    def grammar(cls, message: str) -> GenerationFailed:
+        return cls(f"the response format could not be followed: {message}", 422)
+
+    @classmethod
     def internal(cls, cause: BaseException) -> GenerationFailed:
         return cls(f"generation failed for this request ({type(cause).__name__}); retry later", 503)
 

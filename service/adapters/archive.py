@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import lzma
 import stat
 import struct
 import tarfile
@@ -183,7 +184,8 @@ def unpack_upload_zip(
             return out
     except ArchiveError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as e:
+    # lzma.LZMAError is no OSError (bz2's and zlib's data errors are, or are listed): a damaged LZMA member
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError, OSError) as e:
         raise ArchiveError(f"not a valid zip archive: {e}") from e
     except (NotImplementedError, RuntimeError) as e:  # unsupported compression / encryption
         raise ArchiveError(f"unsupported zip archive: {e}") from e

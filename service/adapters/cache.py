@@ -164,6 +164,16 @@ class AdapterCache:
     # --- slot tier (batch thread) ---
     def acquire(self, keys: Sequence[Hashable | None]) -> list[int]:
         """Slots for each row's adapter (0 for None), pinned until release(keys)."""
+        with self._lock:
+            missing = [k for k in keys if isinstance(k, AdapterKey) and k not in self._slot_of]
+            for _ in missing:
+                self._event("miss", "slot")
+            if missing and not self._free and all(self._pins[k] > 0 for k in self._slot_of):
+                raise SlotsBusy("every adapter slot is pinned by in-flight requests")  # before any read
+        # Read outside the cache lock, through the per-key single flight: a request thread reading the same
+        # adapter (prefetch) holds the key's load lock and then needs the cache lock to store it, so waiting
+        # for that load lock while holding the cache lock deadlocked the engine thread and that request.
+        read = {key: self.host_weights(key) for key in dict.fromkeys(missing)}
         out: list[int] = []
         with self._lock:
             try:
@@ -174,7 +184,7 @@ class AdapterCache:
                     assert isinstance(key, AdapterKey)
                     slot = self._slot_of.get(key)
                     if slot is None:
-                        slot = self._load_slot(key)
+                        slot = self._load_slot(key, read.get(key))
                     else:
                         self._slot_of.move_to_end(key)
                         self._event("hit", "slot")
@@ -194,14 +204,16 @@ class AdapterCache:
                     if self._pins[key] == 0:
                         del self._pins[key]
 
-    def _load_slot(self, key: AdapterKey) -> int:
-        self._event("miss", "slot")
+    def _load_slot(self, key: AdapterKey, weights: AdapterWeights | None) -> int:
+        """Under the cache lock. `weights`: read before the lock was taken; None only when this same acquire
+        evicted the key since (then from host RAM or straight from disk: never waiting on a load lock here)."""
         if not self._free:
             victim = next((k for k in self._slot_of if self._pins[k] == 0), None)
             if victim is None:
                 raise SlotsBusy("every adapter slot is pinned by in-flight requests")
             self._evict(victim, "slot")
-        weights = self.host_weights(key)
+        if weights is None:
+            weights = self._host_hit(key) or self._load_disk(key)
         slot = self._free.pop()
         start = time.perf_counter()
         try:

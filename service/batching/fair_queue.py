@@ -93,9 +93,14 @@ class FairQueue(Generic[T]):
         removed: list[tuple[Hashable, T]] = []
         with self._cond:
             for tenant in list(self._queues):
-                q = self._queues[tenant]
-                keep = deque(item for item in q if not predicate(item))
-                removed.extend((tenant, item) for item in q if predicate(item))
+                keep: deque[T] = deque()
+                # One verdict per item: the predicate reads state other threads change (a requester cancelling
+                # its row), and asking twice could both keep an item and count it removed.
+                for item in self._queues[tenant]:
+                    if predicate(item):
+                        removed.append((tenant, item))
+                    else:
+                        keep.append(item)
                 if keep:
                     self._queues[tenant] = keep
                 else:

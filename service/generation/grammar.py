@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.errors import BadRequest
+from service.errors import BadRequest, GenerationFailed
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -29,6 +29,8 @@ MAX_SCHEMA_BYTES = 64 * 1024
 # ~0.1-0.4 s here); string lengths compile to a lexer and cost nothing.
 COUNT_KEYWORDS = frozenset({"minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains"})
 MAX_SCHEMA_COUNTS = 4096
+# Masks computed (and a token taken) when a response format is compiled, to refuse grammars that fail at once.
+PROBE_STEPS = 3
 # JSON laid out as json.dumps does: small models otherwise loop on the whitespace the grammar allows.
 JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -69,7 +71,14 @@ class RowMatcher:
 
     def accept(self, token: int) -> None:
         if not self._m.consume_token(token):
-            raise ValueError(f"the grammar rejected token {token}: {self._m.get_error()}")
+            raise GenerationFailed.grammar(f"the grammar rejected token {token}: {self.error()}")
+
+    def error(self) -> str:
+        """The matcher's error, first line only (the rest is its internal state)."""
+        return str(self._m.get_error()).split("\n", 1)[0]
+
+    def failed(self) -> bool:
+        return bool(self._m.is_error())
 
 
 class GrammarCompiler:
@@ -103,9 +112,29 @@ class GrammarCompiler:
         message = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if message:
             raise BadRequest(f"response_format: the JSON schema cannot be used: {message}")
-        return CompiledGrammar(
+        compiled = CompiledGrammar(
             str(kind), schema if kind == "json_schema" else None, styled, grammar, tokenizer, self.vocab_size
         )
+        _probe(compiled)
+        return compiled
+
+
+def _probe(compiled: CompiledGrammar) -> None:
+    """The first PROBE_STEPS masks of a row, here on the request's thread: some grammars that validate fail
+    only when the lexer builds its first states (a pattern like (a{1000}){1000}: 50 bytes of schema, ~0.7 s
+    for the first mask, then "too many expressions constructed"). Refused with 400 here, they never reach
+    the engine's thread, where every row's step would wait for them."""
+    matcher = compiled.matcher()
+    for _ in range(PROBE_STEPS):
+        allowed = np.flatnonzero(matcher.allowed(compiled.vocab_size))
+        if matcher.failed() or not len(allowed):
+            break
+        try:
+            matcher.accept(int(allowed[0]))
+        except GenerationFailed:
+            break
+    if matcher.failed():
+        raise BadRequest(f"response_format: the JSON schema cannot be used: {matcher.error()}")
 
 
 def _schema_of(kind: Any, response_format: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -145,6 +145,16 @@ def test_not_a_zip(junk: bytes) -> None:
         unpack_upload_zip(junk, CAP)
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_a_damaged_compressed_member_is_refused_whatever_the_method(method: int) -> None:
+    """A corrupt LZMA member raised lzma.LZMAError, which is no OSError: the upload answered 500."""
+    data = bytearray(_zip(FILES, method))
+    start = data.find(b"adapter_model.safetensors") + len("adapter_model.safetensors") + 8
+    data[start : start + 40] = bytes(b ^ 0x55 for b in data[start : start + 40])
+    with pytest.raises(ArchiveError):
+        unpack_upload_zip(bytes(data), CAP)
+
+
 def test_too_many_members() -> None:
     with pytest.raises(ArchiveError, match="members"):
         unpack_upload_zip(_zip({f"f{i}": b"x" for i in range(17)}), CAP)

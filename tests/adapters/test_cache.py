@@ -16,7 +16,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.adapters.cache import AdapterCache, AdapterKey
+from service.adapters.cache import AdapterCache, AdapterKey, SlotsBusy
 from service.adapters.peft_format import read_adapter_dir
 from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
@@ -102,12 +102,12 @@ def test_hit_miss_events_and_slot_lru_evicts_before_load(cache: Cache, adapters:
     use(cache, a)  # a hit re-orders: b is now the least recently used
     cache.take_events()
     assert list(cache.cache.slot_keys()) == [b, a]
-    assert use(cache, c) == slot_b  # b's slot, freed by evicting b BEFORE c is loaded
+    assert use(cache, c) == slot_b  # b's slot, freed by evicting b BEFORE c is loaded into it
     assert cache.take_events() == [
         ("miss", "slot"),
-        ("evict", "slot"),
-        ("miss", "host"),
+        ("miss", "host"),  # read before the cache lock is taken (see the deadlock test below)
         ("load", "host"),
+        ("evict", "slot"),
         ("load", "slot"),
     ]
     assert cache.cache.slot_keys() == {a: slot_a, c: slot_b}
@@ -115,7 +115,7 @@ def test_hit_miss_events_and_slot_lru_evicts_before_load(cache: Cache, adapters:
     assert_slot_holds(cache, slot_a, a, adapters.store)
     # b left the slot tier but not host RAM: reloading it is a host hit (a tensor copy, no disk read).
     use(cache, b)
-    assert cache.take_events() == [("miss", "slot"), ("evict", "slot"), ("hit", "host"), ("load", "slot")]
+    assert cache.take_events() == [("miss", "slot"), ("hit", "host"), ("evict", "slot"), ("load", "slot")]
     assert list(cache.cache.slot_keys()) == [c, b]
 
 
@@ -290,3 +290,46 @@ def test_requests_that_miss_the_same_adapter_together_read_it_once(
         list(pool.map(lambda _: cache.cache.prefetch(key), range(6)))
     assert len(reads) == 1
     assert cache.cache.host_keys() == [key]
+
+
+def test_the_engine_taking_a_slot_while_a_request_reads_the_same_adapter_does_not_deadlock(
+    adapters: Adapters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter larger than the host budget is read from disk each time it is not in a slot. A request
+    thread's prefetch held the key's load lock and needed the cache lock to finish; the engine thread's acquire
+    held the cache lock and waited for that load lock: both hung (and with them every request)."""
+    import service.adapters.cache as cache_module
+
+    def slow_read(directory: Path, **kw: Any) -> Any:
+        time.sleep(0.3)  # the engine thread arrives while this read runs
+        return read_adapter_dir(directory, **kw)
+
+    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)
+    slots = LoraSlots(tiny_model(), 2, 8, ALL, device="cpu", dtype=torch.float32)
+    small = AdapterCache(slots, host_budget_bytes=adapters.nbytes // 2)  # nothing fits in host RAM
+    key = adapters.keys["aa"]
+    request = threading.Thread(target=small.prefetch, args=(key,), daemon=True)
+    request.start()
+    time.sleep(0.1)
+    got: list[list[int]] = []
+    engine = threading.Thread(target=lambda: got.append(small.acquire([key])), daemon=True)
+    engine.start()
+    request.join(10)
+    engine.join(10)
+    assert not request.is_alive() and not engine.is_alive(), "deadlock"
+    assert got == [[1]] and small.pinned() == {key: 1}
+
+
+def test_a_row_waiting_for_a_slot_does_not_read_its_adapter_again_each_step(
+    cache: Cache, adapters: Adapters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.adapters.cache as cache_module
+
+    a, b, c = (adapters.keys[o] for o in ("aa", "bb", "cc"))
+    cache.cache.acquire([a, b])  # both slots pinned by running rows
+    reads: list[Path] = []
+    monkeypatch.setattr(cache_module, "read_adapter_dir", lambda d, **kw: reads.append(d))
+    for _ in range(3):
+        with pytest.raises(SlotsBusy):
+            cache.cache.acquire([c])
+    assert reads == []

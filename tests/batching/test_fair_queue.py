@@ -68,3 +68,21 @@ def test_check_room_raises_what_put_would_and_changes_nothing() -> None:
         q.check_room("b", 2)
     assert not isinstance(info.value, TenantQueueFull)  # the server's share: 503, not the user's 429
     assert len(q) == 2
+
+
+def test_remove_if_asks_once_per_item_so_a_cancel_in_between_is_not_counted_twice() -> None:
+    """The reaper's predicate reads flags that requester threads set at any time: an item must be either kept
+    or removed, and the size must stay the real count (a negative size stopped the engine's loop)."""
+    queue: FairQueue[list[bool]] = FairQueue(10, 10)
+    row = [False]
+    queue.put("a", row)
+
+    def cancelled_meanwhile(item: list[bool]) -> bool:
+        verdict = item[0]
+        item[0] = True  # another thread cancels right after this look
+        return verdict
+
+    removed = queue.remove_if(cancelled_meanwhile)
+    assert removed == [] and queue.snapshot() == [row] and len(queue) == 1
+    assert queue.remove_if(lambda item: item[0]) == [("a", row)]
+    assert len(queue) == 0 and queue.get(timeout=0) is None

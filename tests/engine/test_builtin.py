@@ -375,6 +375,14 @@ def test_an_unreadable_adapter_fails_only_its_rows(setup: Setup, tmp_path: Path)
     assert setup.engine.stats().slots_pinned == 0
 
 
+def test_an_unreadable_shared_adapter_is_503_for_its_request_not_a_crash(setup: Setup, tmp_path: Path) -> None:
+    gone = ref_of(tmp_path / "missing", "shared")
+    broken = run(consume(setup.engine, replace(request(prompt(1), 4), shared=gone)))
+    assert isinstance(broken.error, AdapterUnavailable) and broken.error.status == 503
+    ok = run(consume(setup.engine, request(prompt(2), 4)))
+    assert ok.error is None and ok.ids
+
+
 def test_cancel_frees_the_row_its_kv_and_its_slot(setup: Setup) -> None:
     engine = setup.engine
     rows: list[Row] = []
@@ -600,3 +608,27 @@ def test_scoring_requests_that_cannot_fit_are_refused(setup: Setup) -> None:
     too_long = tuple(range(3, 3 + BUDGET))
     out = run(consume(setup.engine, request(prompt(1), 0, continuations=(too_long,))))
     assert isinstance(out.error, PromptTooLong)
+
+
+def test_a_token_its_row_cannot_record_fails_that_row_alone(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row's grammar refusing its token (or any fault while recording it) ended the whole step: rows whose
+    prompt finished in it never got a first token and waited for their deadline (504)."""
+    real = sampler.RowDecoder.observe
+
+    def observe(self: sampler.RowDecoder, token: int) -> None:
+        if self.params.seed == 777:
+            raise ValueError("the grammar rejected token 0")
+        real(self, token)
+
+    monkeypatch.setattr(sampler.RowDecoder, "observe", observe)
+    good = [(prompt(k, 6), 6) for k in range(5)]
+    solo = [run(consume(setup.engine, request(ids, new))).ids for ids, new in good]
+
+    async def main() -> list[Outcome]:
+        reqs = [request(prompt(9), 6, temperature=0.5, seed=777)] + [request(ids, new) for ids, new in good]
+        return list(await asyncio.gather(*(consume(setup.engine, r) for r in reqs)))
+
+    broken, *ok = run(main())
+    assert isinstance(broken.error, GenerationFailed) and broken.error.status == 503
+    assert [o.ids for o in ok] == solo and all(o.error is None for o in ok)
+    assert setup.engine.stats().running == 0 and setup.engine.stats().slots_pinned == 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from service.errors import BadRequest
+from service.errors import BadRequest, GenerationFailed
 from service.generation.grammar import JSON_STYLE, MAX_SCHEMA_BYTES, MAX_SCHEMA_COUNTS, GrammarCompiler
 from tests.models import smollm_tokenizer_dir
 
@@ -105,6 +105,15 @@ def test_bad_or_oversized_schemas_are_400(
     assert says in info.value.message
 
 
+def test_a_pattern_whose_lexer_fails_at_the_first_tokens_is_400_at_compile(compiler: GrammarCompiler) -> None:
+    """50 bytes under every cap, but llguidance's lexer gives up ("too many expressions constructed") once the
+    first token is taken: refused here, on the request's thread, not by the engine after ~0.7 s of its step."""
+    explosive = {"type": "string", "pattern": "^(a{1000}){1000}$"}
+    with pytest.raises(BadRequest, match="too many expressions"):
+        compiler.compile(schema_format(explosive))
+    assert compiler.compile(schema_format({"type": "string", "pattern": "^(a{30}){30}$"})) is not None
+
+
 def test_a_schema_just_under_the_size_limit_compiles(compiler: GrammarCompiler) -> None:
     schema: dict[str, Any] = {"type": "object", "description": ""}
     schema["description"] = "x" * (MAX_SCHEMA_BYTES - len(json.dumps(schema)))
@@ -156,9 +165,10 @@ def test_a_matcher_rejects_json_outside_the_schema_and_the_free_whitespace(
     assert compiled is not None
     for text in ('{"name": "Ada", "age": "old"}', '{ "name": "Ada", "age": 36}', '{"nick": "A"}'):
         matcher = compiled.matcher()
-        with pytest.raises(ValueError, match="rejected"):
+        with pytest.raises(GenerationFailed, match="rejected") as refused:
             for token in tokens(tokenizer, text):
                 matcher.accept(token)
+        assert refused.value.status == 422  # the request's own schema: not a server fault
 
 
 def test_each_row_gets_its_own_matcher(compiler: GrammarCompiler, tokenizer: Any) -> None:

@@ -155,7 +155,11 @@ class BuiltinEngine(EngineFront[Row]):
             return
         weights = None
         if adapter is not None:
-            weights = read_adapter_dir(adapter.directory, max_scale=self._max_scale, seal=adapter.seal)
+            try:
+                weights = read_adapter_dir(adapter.directory, max_scale=self._max_scale, seal=adapter.seal)
+            except Exception as exc:  # files pruned or damaged: this request fails with 503, not 500
+                log.warning("shared adapter v%s could not be loaded: %r", version, exc)
+                raise AdapterUnavailable(exc) from exc
         with self._shared_lock:
             self._pending = (weights, version)
         self._wake.set()
@@ -219,7 +223,13 @@ class BuiltinEngine(EngineFront[Row]):
             for row in {id(r): r for r in self._step_rows(step)}.values():
                 self._end(row, GenerationFailed.internal(exc))
             return True
-        generated = self._advance(step, logits)
+        try:
+            generated = self._advance(step, logits)
+        except Exception as exc:  # a fault after the forward: this step's rows end (none is left half-advanced)
+            log.exception("advancing a step of %d rows failed", len(step.samples))
+            for row in {id(r): r for r in self._step_rows(step)}.values():
+                self._end(row, GenerationFailed.internal(exc))
+            generated = 0
         self._steps += 1
         self._report(step, generated, time.perf_counter() - started)
         return True
@@ -274,8 +284,14 @@ class BuiltinEngine(EngineFront[Row]):
         for sample, choice in zip(step.samples, choices, strict=True):
             if isinstance(choice, BaseException):
                 self._end(sample.row, choice)
-            else:
+                continue
+            try:
                 generated += self._emit(sample.row, choice)
+            except GenerationFailed as exc:  # its grammar refusing the token (its own schema): that row alone ends
+                self._end(sample.row, exc)
+            except Exception as exc:  # any other fault while recording it: that row alone ends
+                log.exception("recording a token failed for one row")
+                self._end(sample.row, GenerationFailed.internal(exc))
         for row, _ in step.prefilled:  # a row asking for no tokens at all ends once its prompt is in
             if row.decoding and not row.scoring and row.request.sampling.max_new_tokens == 0:
                 self._finish(row, "length")

@@ -60,11 +60,17 @@ class RowDecoder:
             ids = torch.tensor(list(self.counts), dtype=torch.long, device=out.device)
             n = torch.tensor(list(self.counts.values()), dtype=out.dtype, device=out.device)
             out[ids] -= p.presence_penalty + p.frequency_penalty * n
-        if self.emitted < p.min_tokens and not p.ignore_eos and p.stop_token_ids:
-            out[list(p.stop_token_ids)] = float("-inf")
+        stops = [t for t in p.stop_token_ids if 0 <= t < out.shape[0]]
+        hold_stop = self.emitted < p.min_tokens and not p.ignore_eos and bool(stops)
         if self.grammar is not None:
-            allowed = torch.from_numpy(self.grammar.allowed(out.shape[-1]))
-            out.masked_fill_(~allowed.to(out.device), float("-inf"))
+            allowed = torch.from_numpy(self.grammar.allowed(out.shape[-1])).to(out.device)
+            if hold_stop and not bool(allowed.index_fill(0, torch.tensor(stops, device=out.device), False).any()):
+                hold_stop = False  # the grammar is complete: only a stop may follow, min_tokens cannot hold it
+            out.masked_fill_(~allowed, float("-inf"))
+        if hold_stop:
+            out[stops] = float("-inf")
+        if not bool(torch.isfinite(out).any()):  # argmax would pick token 0, which nothing allowed
+            raise GenerationFailed.nothing_allowed()
         return out
 
     def pick(self, logits: torch.Tensor) -> int:
@@ -112,6 +118,8 @@ def choose(decoders: list[RowDecoder], logits: torch.Tensor) -> list[Choice | Ge
             k = dec.params.logprobs
             lp, top = _logprobs(logits[i], token, k) if k is not None else (None, ())
             out.append(Choice(token, lp, top))
+        except GenerationFailed as exc:  # the row's own constraints: it alone ends, with its reason
+            out.append(exc)
         except Exception as exc:  # this row's sampling/processing failed: it alone ends
             log.exception("sampling failed for one row")
             out.append(GenerationFailed.internal(exc))
