@@ -127,12 +127,14 @@ class Preparer:
 
     def prepare(self, spec: GenerationSpec) -> PreparedRequest:
         resolved = self._sampling(spec)
+        tenant = spec.user.storage_key if spec.user is not None else BASE_TENANT
+        # Before retrieval and tokenising: a tenant whose queue share is used up costs no BM25 pass per request.
+        self.engine.check_room(tenant, resolved.n)
         with unit_of_work(self.session_factory) as session:
             ctx = self._resolve(session, spec)
         ids = tuple(self._encode(spec, ctx))
         continuations = tuple(tuple(self.codec.encode_continuation(c)) for c in spec.candidates)
         deadline = time.monotonic() + self.settings.request_timeout_s
-        tenant = spec.user.storage_key if spec.user is not None else BASE_TENANT
         rows = tuple(
             EngineRequest(
                 uuid.uuid4().hex, ids, resolved.row(i), ctx.adapter, tenant, deadline, continuations, ctx.shared
@@ -141,7 +143,7 @@ class Preparer:
         )
         # Here too (the engine checks again): a stream's errors must come before its first byte.
         check_fits(rows[0], self.engine.limits)
-        self.engine.check_room(tenant, len(rows))
+        self.engine.check_room(tenant, len(rows))  # again: the queue may have filled while this one read
         shared_version = ctx.shared.version if ctx.shared is not None else None
         retrieved = tuple(Retrieved(h.doc.id, round(h.score, 6)) for h in ctx.retrieved)
         adapter_version = ctx.adapter.version if ctx.adapter is not None else None

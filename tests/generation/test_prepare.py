@@ -20,7 +20,7 @@ from service.config import Settings
 from service.db.models import SHARED_OWNER, Adapter
 from service.db.session import Database, unit_of_work
 from service.engine.base import EngineLimits
-from service.errors import BadRequest, Conflict, PromptTooLong
+from service.errors import BadRequest, Conflict, PromptTooLong, TooManyRequests
 from service.generation.prepare import (
     BASE_TENANT,
     ChatTurn,
@@ -243,3 +243,25 @@ def test_scoring_prefills_only_and_encodes_each_candidate_as_a_continuation(worl
 
 def test_stop_strings_go_to_the_text_cut(world: World) -> None:
     assert world.prepare(world.alice, "x", stop=("\n\n", "END")).stop == ("\n\n", "END")
+
+
+def test_a_tenant_without_queue_room_is_refused_before_its_history_is_searched(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user whose queue share is used up gets 429 before retrieval: a flood of their requests costs no BM25
+    pass over their history each (the queue check used to come after it)."""
+    def full(tenant: str, rows: int) -> None:
+        raise TooManyRequests("your queue share is full")
+
+    searched: list[str] = []
+    real = history.retrieve
+
+    def retrieve(*args: Any, **kwargs: Any) -> Any:
+        searched.append("searched")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(world.engine, "check_room", full)
+    monkeypatch.setattr(history, "retrieve", retrieve)
+    with pytest.raises(TooManyRequests):
+        world.prepare(world.alice, "best pizza", personalization=Personalization(retrieval_k=2))
+    assert searched == []
