@@ -171,12 +171,22 @@ def safe_error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+class OpenAIErrorOut(BaseModel):
+    """OpenAI's error object, on the OpenAI-compatible routes (for_path)."""
+
+    message: str
+    type: str  # invalid_request_error, authentication_error, permission_error, not_found_error, ...
+    param: str | None = None  # the invalid field, where one is known
+    code: str
+
+
 class ErrorOut(BaseModel):
     """The body of every error response (documented in the OpenAPI schema via error_responses)."""
 
     code: str
     message: str
     details: Any = None  # present only where there is more to say (e.g. the validation errors)
+    error: OpenAIErrorOut | None = None  # on /v1/* only: the same code and message as OpenAI clients read them
 
 
 _ERROR_DOCS = {
@@ -215,6 +225,30 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return body
 
 
+OPENAI_PATHS = "/v1/"
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
+def for_path(path: str, status: int, body: dict[str, Any], param: str | None = None) -> dict[str, Any]:
+    """The error body for a path: on the OpenAI-compatible routes it also carries OpenAI's `error` object
+    ({message, type, param, code}), which OpenAI SDKs and clients read; the fields above stay (additive)."""
+    if not path.startswith(OPENAI_PATHS):
+        return body
+    return {**body, "error": openai_error(status, body, param)}
+
+
+def openai_error(status: int, body: dict[str, Any], param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object for one of our error bodies ({code, message})."""
+    kind = "server_error" if status >= 500 else _OPENAI_TYPES.get(status, "invalid_request_error")
+    return {"message": body["message"], "type": kind, "param": param, "code": body["code"]}
+
+
+def _param(details: list[dict[str, Any]]) -> str | None:
+    """The first invalid field's name, dotted (`temperature`, `messages.0.content`), as OpenAI's `param`."""
+    loc = [str(part) for part in details[0]["loc"] if part != "body"] if details else []
+    return ".".join(loc) or None
+
+
 def _clean_validation_errors(errors: Any) -> list[dict[str, Any]]:
     # Only location, message and type: the raw input may be huge or not JSON-serialisable.
     return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")} for e in errors][
@@ -224,19 +258,22 @@ def _clean_validation_errors(errors: Any) -> list[dict[str, Any]]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, exc.details), exc.status, headers=exc.headers)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        body = for_path(request.url.path, exc.status, error_body(exc.code, exc.message, exc.details))
+        return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = _clean_validation_errors(exc.errors())
-        return JSONResponse(error_body("invalid_request", "request validation failed", details), 422)
+        body = error_body("invalid_request", "request validation failed", details)
+        return JSONResponse(for_path(request.url.path, 422, body, _param(details)), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}
         code = {**codes, 413: "payload_too_large"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+        body = for_path(request.url.path, exc.status_code, error_body(code, str(exc.detail)))
+        return JSONResponse(body, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(OSError)
     async def _os_error(_: Request, exc: OSError) -> JSONResponse:

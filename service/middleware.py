@@ -9,7 +9,7 @@ import asyncio
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.errors import error_body, for_path
 
 # Cheap routes that a saturated replica must still answer (liveness and readiness probes, the scrape).
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -32,7 +32,7 @@ class InFlightLimit:
             return
         if self.in_flight >= self.max_requests:
             busy = error_body("unavailable", "the server is at its request limit; retry later")
-            await _answer(send, 503, busy, retry_after=1)
+            await _answer(send, 503, for_path(scope.get("path", ""), 503, busy), retry_after=1)
             return
         self.in_flight += 1
         try:
@@ -84,7 +84,7 @@ class BodySizeLimit:
         complete = False
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
-            await _reject(send)
+            await _reject(send, scope.get("path", ""))
             return
         seen = 0
         started = False
@@ -114,14 +114,15 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _reject(send)
+                await _reject(send, scope.get("path", ""))
         except BodyTimedOut as exc:
             if not started:
-                await _answer(send, 408, error_body("request_timeout", str(exc.detail)))
+                timed_out = error_body("request_timeout", str(exc.detail))
+                await _answer(send, 408, for_path(scope.get("path", ""), 408, timed_out))
 
 
-async def _reject(send: Send) -> None:
-    await _answer(send, 413, error_body("payload_too_large", "request body is too large"))
+async def _reject(send: Send, path: str) -> None:
+    await _answer(send, 413, for_path(path, 413, error_body("payload_too_large", "request body is too large")))
 
 
 async def _answer(send: Send, status: int, error: dict[str, object], retry_after: int | None = None) -> None:

@@ -44,6 +44,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are refused by name by the service
     include_usage: bool = False
 
 

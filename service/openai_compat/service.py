@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.db.session import unit_of_work
-from service.errors import NotFound, UnsupportedParameter
+from service.errors import NotFound, ServiceError, UnsupportedParameter, openai_error
 from service.generation import service as generation
 from service.generation.prepare import ChatTurn, GenerationSpec, Personalization, Preparer
 from service.generation.sampling import SamplingOptions
@@ -85,6 +85,9 @@ def refuse_unsupported(body: CommonParams) -> None:
     """Unknown parameters with a value are refused by name (tools, functions, echo, best_of, ...), in the
     body and in chat messages (tool_calls, ...); the router-added fields at their neutral values pass."""
     extra = sorted(k for k, v in (body.model_extra or {}).items() if v is not None and not _neutral(k, v))
+    if body.stream_options is not None:  # vLLM's continuous_usage_stats, ...: not served, so not dropped either
+        given = (body.stream_options.model_extra or {}).items()
+        extra += sorted(f"stream_options.{k}" for k, v in given if v is not None)
     for m in getattr(body, "messages", ()):
         extra += sorted(f"messages[].{k}" for k, v in (m.model_extra or {}).items() if v is not None and k != "name")
         for part in m.content if isinstance(m.content, list) else ():
@@ -213,7 +216,10 @@ class _Format:
         return {
             "tokens": [text(t.token_id) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{text(x.token_id): x.logprob for x in t.top} for t in tokens],
+            # The chosen token always among them (OpenAI: up to logprobs + 1 entries; vLLM likewise).
+            "top_logprobs": [
+                {**{text(x.token_id): x.logprob for x in t.top}, text(t.token_id): t.logprob} for t in tokens
+            ],
             "text_offset": [base_offset + t.offset for t in tokens],
         }
 
@@ -266,5 +272,6 @@ class _Format:
                 usage = {**self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])}
                 yield f"data: {json.dumps({**usage, 'usage': _usage(done).model_dump()})}\n\n"
         except Exception as exc:  # headers are already sent: report in-band, never a traceback
-            yield f"data: {json.dumps({'error': generation.error_event(exc)})}\n\n"
+            status = exc.status if isinstance(exc, ServiceError) else 500
+            yield f"data: {json.dumps({'error': openai_error(status, generation.error_event(exc))})}\n\n"
         yield "data: [DONE]\n\n"

@@ -64,3 +64,28 @@ def test_openai_tenancy(sqlite_client: TestClient) -> None:
         client_for(sqlite_client, "garbage").models.list()
     with pytest.raises(openai.NotFoundError):  # 'personal' means nothing for the admin
         admin.chat.completions.create(model="personal", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_errors_on_v1_carry_openais_error_object_and_keep_the_own_fields(sqlite_client: TestClient) -> None:
+    """OpenAI SDKs and clients read `error.message`/`error.type`/`error.param`; the body keeps `code`, `message`,
+    `details` (the project's contract) beside it. Other routes are unchanged."""
+    key = create_user(sqlite_client, "oa-err")
+    oa = client_for(sqlite_client, key)
+    with pytest.raises(openai.UnprocessableEntityError) as bad:
+        oa.chat.completions.create(model="personal", messages=[{"role": "user", "content": "x"}], temperature=5)
+    body = bad.value.response.json()
+    assert body["error"] == {
+        "message": "request validation failed",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "invalid_request",
+    }
+    assert body["code"] == "invalid_request" and body["details"][0]["loc"] == ["body", "temperature"]
+    assert bad.value.param == "temperature"  # what the SDK shows the caller
+    with pytest.raises(openai.PermissionDeniedError) as forbidden:
+        oa.chat.completions.create(model="user:someone-else", messages=[{"role": "user", "content": "x"}])
+    assert forbidden.value.response.json()["error"]["type"] == "permission_error"
+    unauthenticated = sqlite_client.get("/v1/models", headers=bearer("wrong"))
+    assert unauthenticated.status_code == 401 and unauthenticated.json()["error"]["type"] == "authentication_error"
+    elsewhere = sqlite_client.get("/users/oa-err/history", headers=bearer("wrong"))
+    assert elsewhere.status_code == 401 and "error" not in elsewhere.json()

@@ -113,7 +113,9 @@ def test_openai_stream_ends_but_other_callers_go_on(server: tuple[str, AppState]
     other.join(60)
     assert took < 2.0, took
     assert rest[-1] == "data: [DONE]"
-    assert json.loads(rest[-2][5:]) == {"error": {"code": "key_revoked", "message": "the API key was revoked"}}
+    revoked: dict[str, str | None] = {"code": "key_revoked", "message": "the API key was revoked"}
+    revoked |= {"type": "authentication_error", "param": None}  # OpenAI's error object
+    assert json.loads(rest[-2][5:]) == {"error": revoked}
     # bob's stream, running alongside, is whole: 150 tokens of text chunks, a finish reason, [DONE]
     assert bob_lines[-1] == "data: [DONE]"
     assert not any('"error"' in line for line in bob_lines)

@@ -121,6 +121,13 @@ def test_legacy_completion_parameters_are_refused() -> None:
     assert "prompt" in info.value.details["accepted"] and "messages" not in info.value.details["accepted"]
 
 
+def test_unknown_stream_options_are_refused_by_name() -> None:
+    body = chat_body(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    with pytest.raises(UnsupportedParameter) as info:
+        refuse_unsupported(body)
+    assert info.value.details["unsupported"] == ["stream_options.continuous_usage_stats"]
+
+
 def test_known_parameters_pass() -> None:
     refuse_unsupported(
         chat_body(temperature=0.5, user="end-user-7", stream=True, stream_options={"include_usage": True})
@@ -440,6 +447,15 @@ def test_text_logprobs_are_parallel_lists_with_offsets() -> None:
     }
 
 
+def test_text_top_logprobs_always_hold_the_chosen_token() -> None:
+    """OpenAI's completions: up to logprobs + 1 entries, the sampled token among them (clients look it up)."""
+    (tid,) = CODEC.ids("z")
+    sampled = TokenOut(tid, 0, -4.0, (TokenLogprob(ord("?"), -0.1),))  # not among the top 1
+    done = Completion("z", [sampled], 2, 3, "stop", prepared(1, 1), 0)
+    (choice,) = fmt(False).response([done])["choices"]
+    assert choice["logprobs"]["top_logprobs"] == [{"?": -0.1, "z": -4.0}]
+
+
 async def parts_of(parts: list[Delta | Completion], error: BaseException | None = None) -> AsyncIterator[Any]:
     for part in parts:
         yield part
@@ -513,13 +529,16 @@ def test_an_error_after_the_first_byte_is_an_in_band_event_then_done() -> None:
     parts: list[Delta | Completion] = [Delta(0, "par", [])]
     out = payloads(events(fmt(True), parts_of(parts, Timeout("the request took too long")), 1, True, False))
     assert out[1]["choices"][0]["delta"] == {"content": "par"}
-    assert out[-1] == {"error": {"code": "timeout", "message": "the request took too long"}}
+    assert out[-1] == {  # OpenAI's error object (type, param) around our code and message
+        "error": {"code": "timeout", "message": "the request took too long", "type": "server_error", "param": None}
+    }
     assert all("usage" not in o for o in out)  # no usage for a failed stream
 
 
 def test_an_unexpected_error_is_reported_without_its_details(caplog: pytest.LogCaptureFixture) -> None:
     out = payloads(events(fmt(False), parts_of([], RuntimeError("secret internals")), 1, False, False))
-    assert out[-1] == {"error": {"code": "generation_failed", "message": "generation failed"}}
+    error = {"code": "generation_failed", "message": "generation failed", "type": "server_error", "param": None}
+    assert out[-1] == {"error": error}
     assert "secret internals" not in json.dumps(out)
     assert "stream failed" in caplog.text  # logged for the operator
 
@@ -585,7 +604,8 @@ def test_a_completion_continues_the_raw_prompt(db: Database, tmp_path: Path) -> 
     (choice,) = out["choices"]
     assert (choice["text"], choice["finish_reason"]) == ("ce u", "length")
     assert choice["logprobs"]["text_offset"] == [0, 1, 2, 3]
-    assert choice["logprobs"]["top_logprobs"] == [{}, {}, {}, {}]
+    lp = choice["logprobs"]
+    assert lp["top_logprobs"] == [{t: x} for t, x in zip(lp["tokens"], lp["token_logprobs"], strict=True)]  # chosen
     assert out["id"].startswith("cmpl-") and out["object"] == "text_completion"
 
 
