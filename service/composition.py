@@ -29,7 +29,7 @@ from service.config import Settings, get_settings
 from service.data_rights import UserErased
 from service.db.models import SHARED_OWNER
 from service.db.session import Database, unit_of_work
-from service.engine.base import Engine
+from service.engine.base import Engine, EngineFront
 from service.engine.builtin.engine import BuiltinEngine
 from service.engine.builtin.packed import can_pack
 from service.generation.grammar import GrammarCompiler
@@ -309,6 +309,8 @@ def core(settings: Settings, metrics: Metrics | None = None) -> Core:
         if settings.engine == "builtin"
         else vllm_engine(settings, loaded, metrics)
     )
+    if metrics is not None and isinstance(engine, EngineFront):
+        engine.on_reject.append(metrics.on_rejected)
     adapters = adapter_context(settings, store, spec)
     codec = PromptCodec(loaded.tokenizer, loaded.model.config)
     grammars = GrammarCompiler(loaded.tokenizer, codec.vocab_size)

@@ -7,6 +7,7 @@ which engine runs, and never puts a storage key or path in a label (adapters are
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +23,8 @@ from service.accounts import repository as account_repo
 from service.adapters import repository as adapter_repo
 from service.engine.types import EngineStats, StepInfo
 from service.jobs import repository as job_repo
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from service.adapters.cache import Resident
@@ -58,6 +62,9 @@ class Metrics:
         self.batch_size.observe(step.running)
         self.tokens.inc(step.generated)
 
+    def on_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
     def on_cache_event(self, event: str, tier: str, seconds: float) -> None:
         self.cache_events.labels(event, tier).inc()
         if event == "load":
@@ -83,12 +90,22 @@ class SqlStateCollector(Collector):
             "oppu_job_duration_seconds_avg", "mean job duration by outcome", labels=["outcome"]
         )
         stale = GaugeMetricFamily("oppu_stale_adapters", "current user adapters trained on another shared LoRA")
-        with self._factory() as session:
-            for status, n in job_repo.count_by_status(session).items():
-                jobs.add_metric([status], n)
-            for outcome, values in job_repo.finished_durations(session).items():
-                durations.add_metric([outcome], sum(values) / len(values))
-            stale.add_metric([], adapter_repo.count_stale_current(session))
+        up = GaugeMetricFamily("oppu_metrics_sql_up", "1 if this scrape could read the SQL-backed series")
+        try:
+            with self._factory() as session:
+                for status, n in job_repo.count_by_status(session).items():
+                    jobs.add_metric([status], n)
+                for outcome, values in job_repo.finished_durations(session).items():
+                    durations.add_metric([outcome], sum(values) / len(values))
+                stale.add_metric([], adapter_repo.count_stale_current(session))
+        except (SQLAlchemyError, OSError) as exc:
+            # The database is down: the other series (engine, HTTP, vLLM's) are what an operator needs most now.
+            log.warning("metrics: SQL-backed series skipped: %r", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
         yield jobs
         yield durations
         yield stale
@@ -121,11 +138,14 @@ class FieldCollector(Collector):
         if unknown:
             if len(self._names) + len(unknown) > NAME_MEMO_MAX:
                 self._names.clear()
-            with self._factory() as session:
-                for key in unknown:
-                    user_id = account_repo.user_id_by_storage_key(session, key)
-                    if user_id is not None:
-                        self._names[key] = USER_MODEL_PREFIX + user_id
+            try:
+                with self._factory() as session:
+                    for key in unknown:
+                        user_id = account_repo.user_id_by_storage_key(session, key)
+                        if user_id is not None:
+                            self._names[key] = USER_MODEL_PREFIX + user_id
+            except (SQLAlchemyError, OSError) as exc:  # database down: the names known so far
+                log.warning("metrics: adapter names not read: %r", exc)
         names = {k: self._names.get(k) for k in owner_keys}  # .get: a concurrent scrape may clear the memo
         return {k: v for k, v in names.items() if v is not None}
 

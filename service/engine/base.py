@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, Callable, Hashable, Iterator
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -170,13 +170,18 @@ Started = Literal["started", "keep", "dropped"]
 
 
 @contextlib.contextmanager
-def _queue_errors() -> Iterator[None]:
-    """The queue's refusals as the HTTP errors every engine answers (submit and check_room: one rule)."""
+def _queue_errors(on_reject: Sequence[Callable[[str], None]] = ()) -> Iterator[None]:
+    """The queue's refusals as the HTTP errors every engine answers (submit and check_room: one rule); each
+    refusal is reported to `on_reject` with its reason (per_user: 429, queue_full: 503)."""
     try:
         yield
     except TenantQueueFull as exc:
+        for hook in on_reject:
+            hook("per_user")
         raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
     except QueueFull as exc:
+        for hook in on_reject:
+            hook("queue_full")
         raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
 
 
@@ -195,6 +200,7 @@ class EngineFront(Generic[R]):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._steps = 0
+        self.on_reject: list[Callable[[str], None]] = []  # the queue refused a request: its reason (metrics)
 
     # --- what each engine supplies ---
     @property
@@ -259,12 +265,12 @@ class EngineFront(Generic[R]):
     def submit(self, row: R) -> None:
         """Queue a row (any thread): 429 when its tenant's queue share is used up, 503 when the server's is."""
         check_fits(row.request, self.limits)
-        with _queue_errors():
+        with _queue_errors(self.on_reject):
             self._waiting.put(row.request.tenant, row)
         self._wake.set()
 
     def check_room(self, tenant: str, rows: int) -> None:
-        with _queue_errors():
+        with _queue_errors(self.on_reject):
             self._waiting.check_room(tenant, rows)
 
     def cancel(self, row: R, error: BaseException | None = None) -> None:

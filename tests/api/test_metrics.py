@@ -42,6 +42,20 @@ def test_metrics_after_traffic(sqlite_client: TestClient) -> None:
         assert name in text, name
 
 
+def test_queue_refusals_are_counted_by_reason(sqlite_client: TestClient) -> None:
+    """oppu_rejected_requests_total was documented and charted but never counted."""
+
+    def per_user() -> float:
+        series = 'oppu_rejected_requests_total{reason="per_user"} '
+        lines = [line for line in sqlite_client.get("/metrics").text.splitlines() if line.startswith(series)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = per_user()
+    for hook in builtin_engine(sqlite_client).on_reject:  # what the queue calls when it refuses (tests/engine)
+        hook("per_user")
+    assert per_user() == before + 1
+
+
 def test_invented_methods_do_not_grow_the_http_series(sqlite_client: TestClient) -> None:
     """2,000 requests with invented HTTP methods: the HTTP family stays under 200 series (methods -> other)."""
     for i in range(2000):
@@ -191,3 +205,23 @@ def test_a_request_whose_client_left_before_the_answer_counts_as_499_not_500() -
     page = samples(generate_latest(metrics.registry).decode())
     statuses = {labels["status"]: value for labels, value in page["oppu_http_requests_total"]}
     assert statuses == {str(CLIENT_CLOSED): 1.0, "500": 1.0}
+
+
+def test_a_scrape_while_the_database_is_down_keeps_the_other_series(tmp_path: Path) -> None:
+    """The SQL-backed families raised out of the scrape: /metrics answered 500 and every series vanished exactly
+    when an operator needs them. Now they are skipped and oppu_metrics_sql_up says so."""
+    from sqlalchemy import create_engine
+
+    from service.adapters.cache import Resident
+    from service.engine.types import AdapterRef
+    from service.metrics import SqlStateCollector
+
+    down = sessionmaker(create_engine(f"sqlite:///{tmp_path / 'missing-dir' / 'db.sqlite3'}"))
+    registry = CollectorRegistry()
+    registry.register(SqlStateCollector(down))
+    stats = EngineStats(waiting=2, running=1, adapter_slots=2, slots_in_use=1, slots_pinned=0)
+    residents = [Resident(AdapterRef("k" * 32, 1, "0" * 64, tmp_path), "slot", False, 8)]  # its name needs SQL
+    registry.register(FieldCollector(lambda: stats, lambda: residents, down))
+    text = generate_latest(registry).decode()
+    assert "oppu_metrics_sql_up 0.0" in text and "oppu_jobs" not in text
+    assert "vllm:num_requests_waiting 2.0" in text

@@ -25,7 +25,14 @@ from service.engine.builtin import sampler
 from service.engine.builtin.engine import SLOT_WAIT_STEPS, BuiltinEngine
 from service.engine.builtin.scheduler import Row
 from service.engine.types import AdapterRef, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
-from service.errors import AdapterUnavailable, GenerationFailed, PromptTooLong, TooManyRequests, Unprocessable
+from service.errors import (
+    AdapterUnavailable,
+    GenerationFailed,
+    PromptTooLong,
+    TooManyRequests,
+    Unavailable,
+    Unprocessable,
+)
 from service.inference.loader import LoadedModel
 from tests.factories import ALL, make_adapter, peft_model
 from tests.models import tiny_model
@@ -447,9 +454,15 @@ def test_tenant_share(setup: Setup) -> None:
                 h.cancel()
             return await first, second
 
+        rejected: list[str] = []
+        engine.on_reject.append(rejected.append)  # what /metrics counts (oppu_rejected_requests_total{reason})
         first, second = run(main())
         assert isinstance(second.error, TooManyRequests)
         assert first.error is None
+        assert rejected == ["per_user"]
+        with pytest.raises(Unavailable):
+            engine.check_room("someone-else", 10**6)  # more rows than the whole queue holds
+        assert rejected == ["per_user", "queue_full"]
     finally:
         engine.stop()
 
