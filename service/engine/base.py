@@ -185,6 +185,11 @@ def _queue_errors(on_reject: Sequence[Callable[[str], None]] = ()) -> Iterator[N
         raise Unavailable("the server is saturated; retry later", headers={"Retry-After": "1"}) from exc
 
 
+# Consecutive failed steps after which an engine reports itself unhealthy, for UNHEALTHY_FOR_S after the last.
+FAILED_STEPS_UNHEALTHY = 5
+UNHEALTHY_FOR_S = 30.0
+
+
 class EngineFront(Generic[R]):
     """The request side of every engine. Subclasses implement `limits`, `_new_row`, `_start`, `_step` and
     `_release`; they may override `_has_room` (default: fewer than `capacity` rows run) and `_tick`."""
@@ -201,6 +206,8 @@ class EngineFront(Generic[R]):
         self._thread: threading.Thread | None = None
         self._steps = 0
         self.on_reject: list[Callable[[str], None]] = []  # the queue refused a request: its reason (metrics)
+        self._failed_steps = 0  # consecutive steps that failed as a whole (see healthy)
+        self._failed_at = 0.0  # time.monotonic() of the last one
 
     # --- what each engine supplies ---
     @property
@@ -311,7 +318,19 @@ class EngineFront(Generic[R]):
 
     @property
     def healthy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The engine thread runs, and its last FAILED_STEPS_UNHEALTHY steps did not all fail within the last
+        UNHEALTHY_FOR_S: a lasting fault (a dead accelerator, a broken model) makes /readyz say so instead of the
+        replica answering every request with 503. After UNHEALTHY_FOR_S it says ready again, so that a balancer
+        that stopped sending traffic sends some again: one good step clears the count (a half-open breaker)."""
+        alive = self._thread is not None and self._thread.is_alive()
+        recent = time.monotonic() - self._failed_at < UNHEALTHY_FOR_S
+        return alive and not (self._failed_steps >= FAILED_STEPS_UNHEALTHY and recent)
+
+    def _step_outcome(self, ok: bool) -> None:
+        """A step ran (ok) or failed as a whole (its forward, or the loop's iteration)."""
+        self._failed_steps = 0 if ok else self._failed_steps + 1
+        if not ok:
+            self._failed_at = time.monotonic()
 
     def _loop(self) -> None:
         busy = False
@@ -327,6 +346,7 @@ class EngineFront(Generic[R]):
                 self._wake.clear()
             except Exception:  # the loop itself must survive anything a step throws
                 log.exception("engine iteration failed")
+                self._step_outcome(False)
 
     def _tick(self) -> bool:
         self._reap()

@@ -645,3 +645,30 @@ def test_a_token_its_row_cannot_record_fails_that_row_alone(setup: Setup, monkey
     assert isinstance(broken.error, GenerationFailed) and broken.error.status == 503
     assert [o.ids for o in ok] == solo and all(o.error is None for o in ok)
     assert setup.engine.stats().running == 0 and setup.engine.stats().slots_pinned == 0
+
+
+def test_an_engine_whose_steps_keep_failing_says_it_is_unhealthy_until_one_succeeds(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a dead thread made the engine unhealthy: with every forward failing (a dead accelerator), /readyz
+    stayed 200 while every request got 503."""
+    from service.engine import base
+
+    engine = make_engine(setup.base, slots=2, rows=4)
+    engine.start()
+    try:
+        real = engine._executor.forward
+        monkeypatch.setattr(engine._executor, "forward", lambda batch: 1 / 0)
+        for k in range(base.FAILED_STEPS_UNHEALTHY - 1):
+            assert isinstance(run(consume(engine, request(prompt(k), 2))).error, GenerationFailed)
+        assert engine.stats().healthy  # a few failures: still serving
+        run(consume(engine, request(prompt(9), 2)))
+        assert not engine.stats().healthy
+        monkeypatch.setattr(base, "UNHEALTHY_FOR_S", 0.0)  # the breaker's pause is over: traffic may come back
+        assert engine.stats().healthy
+        monkeypatch.setattr(base, "UNHEALTHY_FOR_S", 30.0)
+        monkeypatch.setattr(engine._executor, "forward", real)
+        assert run(consume(engine, request(prompt(1), 2))).error is None  # one good step clears the count
+        assert engine.stats().healthy and engine._failed_steps == 0
+    finally:
+        engine.stop()

@@ -220,9 +220,11 @@ class BuiltinEngine(EngineFront[Row]):
             logits = self._executor.forward(step.batch)
         except Exception as exc:  # a model-level fault: the rows of this step fail, the engine goes on
             log.exception("forward failed for a step of %d rows", len(step.samples))
+            self._step_outcome(False)  # before the requesters hear of it
             for row in {id(r): r for r in self._step_rows(step)}.values():
                 self._end(row, GenerationFailed.internal(exc))
             return True
+        self._step_outcome(True)
         try:
             generated = self._advance(step, logits)
         except Exception as exc:  # a fault after the forward: this step's rows end (none is left half-advanced)

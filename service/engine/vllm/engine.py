@@ -207,9 +207,11 @@ class VllmEngine(EngineFront[VllmRow]):
             outputs = self._llm.step()
         except Exception as exc:  # a model-level fault: the admitted rows fail, the engine goes on
             log.exception("vLLM step failed for %d rows", len(self._running))
+            self._step_outcome(False)  # before the requesters hear of it
             for row in list(self._running):
                 self._end(row, GenerationFailed.internal(exc))
             return True
+        self._step_outcome(True)
         generated = sum(self._deliver(out) for out in outputs)
         self._steps += 1
         info = StepInfo(self._steps, 0, 0, 0, generated, len(self._running), time.perf_counter() - started)
