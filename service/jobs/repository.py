@@ -114,6 +114,11 @@ def requeue(session: Session, job_id: str, attempt: int | None, error: str | Non
     return _cas(session, job_id, _owned(attempt), status="queued", error=error, requeued_at=now)
 
 
+def give_back(session: Session, job_id: str, attempt: int, now: datetime) -> bool:
+    """running -> queued with this attempt not counted: a shutdown stopped it, it did not fail."""
+    return _cas(session, job_id, _owned(attempt), status="queued", attempts=Job.attempts - 1, requeued_at=now)
+
+
 def mark_failed(session: Session, job_id: str, attempt: int | None, error: str, now: datetime) -> bool:
     return _cas(session, job_id, _owned(attempt), status="failed", error=error, finished_at=now)
 

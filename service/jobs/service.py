@@ -97,11 +97,13 @@ def request_job(
 
 
 def _same_kind(active: Job, kind: Kind) -> JobOut:
-    if kind == KEY_ROTATION and active.kind != kind:
+    """The active job answers a request for the same kind; a key rotation and a retrain never answer for each
+    other (the caller would poll a job that does not do what it asked): 409 naming the active one."""
+    if active.kind != kind:
         out = to_out(active)
+        asked = "rotate the data key" if kind == KEY_ROTATION else "retrain"
         raise OtherJobActive(
-            f"this user has an active {out.kind} job ({out.job_id}, {out.status}); rotate the data key once it "
-            "has finished",
+            f"this user has an active {out.kind} job ({out.job_id}, {out.status}); {asked} once it has finished",
             details={"active_job": out.model_dump(mode="json")},
         )
     return to_out(active)
@@ -205,13 +207,22 @@ def requeue_lost(session: Session, requeue_after_s: float) -> list[tuple[str, in
     return [(i, a + 1) for i, a in repo.queued_before(session, before) if repo.touch_queued(session, i, before, now)]
 
 
-def requeue_unfinished(session: Session) -> list[tuple[str, int]]:
-    """Embedded start-up: this one process died with these jobs queued or running; all go back to queued."""
-    out = []
+def requeue_unfinished(session: Session, max_attempts: int) -> list[tuple[str, int]]:
+    """Embedded start-up: this one process died with these jobs queued or running; all go back to queued,
+    except a running job on its last attempt: failed, as the reaper fails one (an attempt that kills the
+    process, e.g. out of memory, would otherwise be retried at every start: a crash loop)."""
+    out, now = [], _now()
     for job_id, attempts, status in repo.unfinished(session):
-        if status == "queued" or repo.requeue(session, job_id, attempts, None, _now()):
+        if status == "running" and attempts >= max_attempts:
+            repo.mark_failed(session, job_id, attempts, "the process died during its last attempt", now)
+        elif status == "queued" or repo.requeue(session, job_id, attempts, None, now):
             out.append((job_id, attempts + 1))
     return out
+
+
+def stopped(session: Session, job_id: str, attempt: int) -> bool:
+    """A shutdown stopped this attempt: the job goes back to queued and the attempt is not counted."""
+    return repo.give_back(session, job_id, attempt, _now())
 
 
 def maybe_auto_retrain(session: Session, queue: JobQueue, user_pk: int, owner_key: str, threshold: int) -> bool:

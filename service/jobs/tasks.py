@@ -98,6 +98,7 @@ def run_job(ctx: JobContext, job_id: str) -> None:
         log.info("job %s attempt %d ended: the job was cancelled, taken over or erased", job_id, job.attempt)
     except JobStopped:
         log.info("job %s attempt %d stopped by the shutdown; it runs again at the next start", job_id, job.attempt)
+        _give_back(ctx, job)
     except Exception as exc:
         log.error("job %s failed: %s", job_id, safe_error_text(exc))
         _fail_or_retry(ctx, job, exc)
@@ -368,9 +369,20 @@ def _enqueue_later(queue: JobQueue, job_id: str, attempt: int) -> Callable[[], N
     return lambda: queue.enqueue(job_id, attempt)
 
 
+def _give_back(ctx: JobContext, job: ClaimedJob) -> None:
+    """A stopped attempt does not count against OPPU_JOB_MAX_ATTEMPTS (graceful restarts would use them up);
+    left running if the database cannot be reached now (then the start-up recovery or the reaper counts it)."""
+    try:
+        with unit_of_work(ctx.session_factory) as session:
+            jobs.stopped(session, job.job_id, job.attempt)
+    except Exception as exc:  # shutting down: nothing to retry here
+        log.warning("job %s: its stopped attempt could not be given back: %s", job.job_id, safe_error_text(exc))
+
+
 def recover_in_process(ctx: JobContext) -> int:
-    """Embedded mode (one process): jobs left queued/running by a previous run are re-queued."""
+    """Embedded mode (one process): jobs left queued/running by a previous run are re-queued (those that were
+    on their last attempt fail)."""
     with unit_of_work(ctx.session_factory) as session:
-        again = jobs.requeue_unfinished(session)
+        again = jobs.requeue_unfinished(session, ctx.settings.job_max_attempts)
         _enqueue_after_commit(session, ctx.queue, again)
     return len(again)

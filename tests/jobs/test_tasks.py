@@ -529,3 +529,34 @@ def test_start_up_recovery_requeues_running_jobs_through_the_repository(ctx: Job
     queue.enqueued.clear()
     assert tasks.recover_in_process(ctx) == 1
     assert queue.enqueued == [(job_id, 2)] and job_row(ctx, job_id).status == "queued"
+
+
+def test_start_up_recovery_fails_a_job_that_was_on_its_last_attempt(ctx: JobContext) -> None:
+    """An attempt that kills the process (out of memory) was re-queued at every start, past
+    OPPU_JOB_MAX_ATTEMPTS: a crash loop of the embedded server. It fails, as the reaper fails one."""
+    user = add_user(ctx.session_factory, "wes", qa(3))
+    job_id = request(ctx, user)
+    set_running(ctx, job_id, heartbeat_age_s=0, attempts=ctx.settings.job_max_attempts)
+    queue = fake_queue(ctx)
+    queue.enqueued.clear()
+    assert tasks.recover_in_process(ctx) == 0 and queue.enqueued == []
+    job = job_row(ctx, job_id)
+    assert job.status == "failed" and "last attempt" in (job.error or "")
+
+
+def test_an_attempt_stopped_by_a_shutdown_is_given_back(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graceful restarts mid-training must not use up the job's attempts (nor fail it at the next start)."""
+    user = add_user(ctx.session_factory, "xia", qa(3))
+    job_id = request(ctx, user)
+
+    def stopped(*_: Any, **__: Any) -> Any:
+        raise tasks.JobStopped(job_id)
+
+    monkeypatch.setitem(tasks.BODIES, "user_retrain", stopped)
+    for _ in range(ctx.settings.job_max_attempts + 1):
+        run_job(ctx, job_id)
+        job = job_row(ctx, job_id)
+        assert (job.status, job.attempts) == ("queued", 0)
+    monkeypatch.undo()
+    run_job(ctx, job_id)
+    assert job_row(ctx, job_id).status == "succeeded"

@@ -302,6 +302,10 @@ def test_answers_409_404_403(rot_client: TestClient) -> None:
     add_history(c, "bob", bob, n=2)
     bob_job = _rotate(c, "bob")
     assert _rotate(c, "bob")["job_id"] == bob_job["job_id"]  # a rotation under way is returned as is
+    # ... and never as the answer to a retrain (202 with the rotation's job: the retrain silently never ran)
+    busy = c.post("/admin/users/bob/retrain", headers=admin_headers())
+    assert busy.status_code == 409 and busy.json()["code"] == "job_active", busy.text
+    assert busy.json()["details"]["active_job"]["job_id"] == bob_job["job_id"]
     retrain = c.post("/admin/users/ann/retrain", headers=admin_headers()).json()
     assert retrain["kind"] == "user_retrain" and retrain["status"] == "queued", retrain
     for path, headers in (
