@@ -221,20 +221,22 @@ class BuiltinEngine(EngineFront[Row]):
         except Exception as exc:  # a model-level fault: the rows of this step fail, the engine goes on
             log.exception("forward failed for a step of %d rows", len(step.samples))
             self._step_outcome(False)  # before the requesters hear of it
-            for row in {id(r): r for r in self._step_rows(step)}.values():
-                self._end(row, GenerationFailed.internal(exc))
+            self._fail_step(step, exc)
             return True
         self._step_outcome(True)
         try:
             generated = self._advance(step, logits)
         except Exception as exc:  # a fault after the forward: this step's rows end (none is left half-advanced)
             log.exception("advancing a step of %d rows failed", len(step.samples))
-            for row in {id(r): r for r in self._step_rows(step)}.values():
-                self._end(row, GenerationFailed.internal(exc))
+            self._fail_step(step, exc)
             generated = 0
         self._steps += 1
         self._report(step, generated, time.perf_counter() - started)
         return True
+
+    def _fail_step(self, step: Step, exc: Exception) -> None:
+        for row in {id(r): r for r in self._step_rows(step)}.values():
+            self._end(row, GenerationFailed.internal(exc))
 
     def _on_admission_round(self) -> None:
         self._slot_blocked = False
