@@ -184,35 +184,56 @@ def unpack_upload_zip(
             return out
     except ArchiveError:
         raise
-    # lzma.LZMAError is no OSError (bz2's and zlib's data errors are, or are listed): a damaged LZMA member
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError, OSError) as e:
+    # lzma.LZMAError is no OSError (bz2's and zlib's data errors are, or are listed): a damaged LZMA member;
+    # UnicodeDecodeError: a member name flagged as UTF-8 that is not UTF-8
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError) as e:
         raise ArchiveError(f"not a valid zip archive: {e}") from e
     except (NotImplementedError, RuntimeError) as e:  # unsupported compression / encryption
         raise ArchiveError(f"unsupported zip archive: {e}") from e
 
 
 def _central_directory(f: IO[bytes]) -> tuple[int, int]:
-    """(members, central directory bytes) as the end record (or its zip64 form) declares them, the bytes
-    zipfile will read and parse; ArchiveError where there is no end record."""
+    """(members, central directory bytes) as the end records declare them, the bytes zipfile will read and
+    parse; ArchiveError where there is no end record. A zip64 locator right before the end record makes
+    zipfile use the zip64 record, whatever the classic one says (CPython reads the record just before the
+    locator; the locator's own offset names one too): the largest of what they declare counts."""
     start, end = f.tell(), _size(f)
     tail_len = min(end, 22 + 0xFFFF)  # the end record (22 bytes) and at most a 64 KiB comment after it
     f.seek(end - tail_len)
     tail = f.read(tail_len)
-    f.seek(start)
     at = tail.rfind(_EOCD)
     if at < 0 or len(tail) - at < 22:
+        f.seek(start)
         raise ArchiveError("not a valid zip archive: no end of central directory record")
     entries, size = struct.unpack_from("<HI", tail, at + 10)
-    if entries == 0xFFFF or size == 0xFFFFFFFF:  # zip64: the real values are in the zip64 end record
-        if at < 20 or tail[at - 20 : at - 16] != _EOCD64_LOCATOR:
-            raise ArchiveError("not a valid zip archive: zip64 end record missing")
-        (offset,) = struct.unpack_from("<Q", tail, at - 12)
-        f.seek(offset)
-        record = f.read(56)
+    zip64 = entries == 0xFFFF or size == 0xFFFFFFFF
+    locator = at >= 20 and tail[at - 20 : at - 16] == _EOCD64_LOCATOR
+    if zip64 and not locator:
         f.seek(start)
-        if len(record) < 56 or record[:4] != _EOCD64:
+        raise ArchiveError("not a valid zip archive: zip64 end record missing")
+    if locator:
+        (offset,) = struct.unpack_from("<Q", tail, at - 12)
+        records = [_zip64_record(f, end - tail_len + at - 20 - 56), _zip64_record(f, offset)]
+        found = [r for r in records if r is not None]
+        if zip64 and not found:
+            f.seek(start)
             raise ArchiveError("not a valid zip archive: bad zip64 end record")
-        entries, size = struct.unpack_from("<QQ", record, 32)
+        # the classic record's 0xFFFF / 0xFFFFFFFF are "see zip64" sentinels, not counts
+        entries = max([0 if entries == 0xFFFF else entries, *(r[0] for r in found)])
+        size = max([0 if size == 0xFFFFFFFF else size, *(r[1] for r in found)])
+    f.seek(start)
+    return entries, size
+
+
+def _zip64_record(f: IO[bytes], offset: int) -> tuple[int, int] | None:
+    """(members, central directory bytes) of a zip64 end record at `offset`, None where there is none."""
+    if offset < 0:
+        return None
+    f.seek(offset)
+    record = f.read(56)
+    if len(record) < 56 or record[:4] != _EOCD64:
+        return None
+    entries, size = struct.unpack_from("<QQ", record, 32)
     return entries, size
 
 

@@ -40,6 +40,8 @@ class Resident:
     rank: int
 
 
+DROPS_KEPT = 4096  # owners whose last drop the cache remembers (a read older than a forgotten one is not kept)
+
 # (event, tier, seconds): event in {hit, miss, evict, load}; tier in {slot, host}
 CacheEvent = Callable[[str, str, float], None]
 
@@ -64,6 +66,12 @@ class AdapterCache:
         self._free = list(range(slots.num_slots, 0, -1))  # slot 0 is the base (all zeros)
         self._pins: Counter[AdapterKey] = Counter()
         self._loading: dict[AdapterKey, threading.Lock] = {}  # per-key single flight of disk reads
+        # drop_owner by number: a disk read that started before an owner's drop does not put its weights in
+        # host RAM after it (the latest DROPS_KEPT owners, and the newest number forgotten).
+        self._drops = 0
+        self._dropped_at: OrderedDict[str, int] = OrderedDict()
+        self._forgotten_upto = 0
+        self._doomed: set[AdapterKey] = set()  # dropped while pinned: evicted when the last pin goes
 
     # --- introspection ---
     @property
@@ -130,9 +138,12 @@ class AdapterCache:
                 if weights is not None:
                     return weights
                 self._event("miss", "host")
+                with self._lock:
+                    since = self._drops
                 weights = self._load_disk(key)
                 with self._lock:
-                    if key not in self._host:
+                    dropped = max(self._dropped_at.get(key.owner_key, 0), self._forgotten_upto) > since
+                    if key not in self._host and not dropped:  # dropped meanwhile: used once, not kept
                         self._admit_host(key, weights)
                 return weights
         finally:
@@ -203,6 +214,10 @@ class AdapterCache:
                     self._pins[key] -= 1
                     if self._pins[key] == 0:
                         del self._pins[key]
+                        if key in self._doomed:  # dropped while its rows ran: it goes with the last of them
+                            self._doomed.discard(key)
+                            if key in self._slot_of:
+                                self._evict(key, "slot")
 
     def _load_slot(self, key: AdapterKey, weights: AdapterWeights | None) -> int:
         """Under the cache lock. `weights`: read before the lock was taken; None only when this same acquire
@@ -231,6 +246,7 @@ class AdapterCache:
             if self._pins[key] > 0:
                 raise RuntimeError("refusing to evict a pinned adapter")
             slot = self._slot_of.pop(key)
+            self._doomed.discard(key)
             self._free.append(slot)  # the slot is overwritten (all modules) by the next load
         else:
             weights = self._host.pop(key)
@@ -239,10 +255,17 @@ class AdapterCache:
 
     def drop_owner(self, owner_key: str, *, keep: AdapterKey | None = None) -> None:
         """Forget an owner's entries (deleted adapter/user, or versions older than `keep`).
-        Pinned slot entries stay until their batch ends; their key can no longer be requested."""
+        Pinned slot entries stay until their last row ends, then go; a disk read in flight is not kept."""
         with self._lock:
+            self._drops += 1
+            self._dropped_at.pop(owner_key, None)
+            self._dropped_at[owner_key] = self._drops
+            while len(self._dropped_at) > DROPS_KEPT:
+                self._forgotten_upto = self._dropped_at.popitem(last=False)[1]
             for key in [k for k in self._host if k.owner_key == owner_key and k != keep]:
                 self._evict(key, "host")
             for key in [k for k in self._slot_of if k.owner_key == owner_key and k != keep]:
                 if self._pins[key] == 0:
                     self._evict(key, "slot")
+                else:
+                    self._doomed.add(key)

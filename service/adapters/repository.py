@@ -14,7 +14,9 @@ from service.db.models import SHARED_OWNER, Adapter, AdapterContributor, Adapter
 def head(session: Session, owner_key: str, *, for_update: bool = False) -> AdapterHead | None:
     stmt = select(AdapterHead).where(AdapterHead.owner_key == owner_key)
     if for_update:
-        stmt = stmt.with_for_update()
+        # populate_existing: a row already in the session is re-read, not served from the identity map (a
+        # compare-and-set retry must see the counter another publish committed, or it spins forever)
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     return session.execute(stmt).scalar_one_or_none()
 
 

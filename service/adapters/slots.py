@@ -16,6 +16,7 @@ small matmuls did (a 16-row decode step of the default model in bf16: 25 -> ~9 m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class _StepState:
         self.decode_slots: tuple[int, ...] = ()
         self.decode_version = 0  # bumped when the decode rows' slots change
         self.weights_version = 0  # bumped when a slot's contents change
-        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # of the current decode rows, by rank/dtype
+        self._masks: dict[int, torch.Tensor] = {}  # of the current decode rows, by rank
 
     def set_decode_slots(self, slots: tuple[int, ...], device: torch.device) -> None:
         unique = sorted(set(slots))
@@ -64,16 +65,17 @@ class _StepState:
         self.decode_version += 1
         self._masks.clear()
 
-    def decode_mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """(rows, unique*rank): 1 on each decode row's own slot block, 0 elsewhere (built once per rows/rank)."""
-        key = (rank, dtype)
+    def decode_mask(self, rank: int) -> torch.Tensor:
+        """(rows, unique*rank), True OUTSIDE each decode row's own slot block (built once per rows/rank): the
+        blocks of the other rows' adapters, filled with 0 in that row's product."""
+        key = rank
         mask = self._masks.get(key)
         if mask is None:
             assert self.decode_unique is not None
             width = int(self.decode_unique.numel()) * rank
             cols = torch.arange(width, device=self.decode_unique.device) // rank
             block = torch.tensor(self.decode_block, dtype=torch.long, device=cols.device)
-            mask = (cols[None, :] == block[:, None]).to(dtype)
+            mask = cols[None, :] != block[:, None]
             self._masks[key] = mask
         return mask
 
@@ -151,7 +153,7 @@ class SlotLoraLinear(nn.Module):
             self._gathered = (a.transpose(0, 1).reshape(self.in_features, -1), b.reshape(-1, self.out_features))
             self._gathered_key = key
         a_all, b_all = self._gathered
-        return a_all, b_all, st.decode_mask(r, a_all.dtype)
+        return a_all, b_all, st.decode_mask(r)
 
     def _add_segment(self, y: torch.Tensor, x: torch.Tensor, start: int, end: int, slot: int) -> None:
         r = self.ranks[slot]
@@ -167,9 +169,10 @@ class SlotLoraLinear(nn.Module):
         n = len(plan.decode_slots)
         if n:
             gathered = self._decode_weights(plan.decode_slots)
-            if gathered is not None:  # ((n, d_in) @ (d_in, U*r) * mask) @ (U*r, d_out)
-                a_all, b_all, mask = gathered
-                y2[:n].addmm_(torch.mm(x2[:n], a_all).mul_(mask), b_all)
+            if gathered is not None:  # ((n, d_in) @ (d_in, U*r), foreign blocks 0) @ (U*r, d_out)
+                a_all, b_all, foreign = gathered
+                # Filled, not multiplied by 0: another tenant's block that overflowed to inf would give NaN.
+                y2[:n].addmm_(torch.mm(x2[:n], a_all).masked_fill_(foreign, 0), b_all)
         for start, end, slot in plan.segments:
             self._add_segment(y2, x2, start, x2.shape[0] if end is None else end, slot)
         return y
@@ -228,6 +231,8 @@ class LoraSlots:
                     f"module {path!r}: adapter is {m.a.shape[1]}->{m.b.shape[0]}, "
                     f"model is {layer.in_features}->{layer.out_features}"
                 )
+            if not _fits(m.a, 1.0, layer.A_slots.dtype) or not _fits(m.b, m.scaling, layer.B_slots.dtype):
+                raise ValueError(f"module {path!r}: weights overflow the slot dtype {layer.A_slots.dtype}")
         dst_a, dst_b, src_a, src_b, scales = [], [], [], [], []
         for path, layer in self.layers.items():
             if path not in weights.modules:
@@ -285,6 +290,15 @@ class LoraSlots:
             yield
         finally:
             self.set_plan(previous)
+
+
+def _fits(t: torch.Tensor, scale: float, dtype: torch.dtype) -> bool:
+    """Every element of `t` times `scale` stays finite in `dtype` (an fp16 slot overflows at 65504; bf16 just
+    below fp32's maximum), with a margin for rounding to it."""
+    if t.numel() == 0:
+        return True
+    low, high = (float(v) for v in torch.aminmax(t))
+    return math.isfinite(low) and math.isfinite(high) and max(-low, high) * scale <= torch.finfo(dtype).max * 0.99
 
 
 def _copy_scaled(

@@ -81,16 +81,22 @@ class Database:
     def checkpoint(self) -> bool:
         """SQLite: copy the WAL into the database file and truncate it (after an erase, the old frames still
         hold the erased rows). True when the WAL is empty now; other backends: nothing to do."""
-        if self.engine.dialect.name != "sqlite":
-            return True
-        with self.engine.connect() as conn:
-            busy, _, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
-        if busy:
-            log.warning("WAL checkpoint after an erase was blocked by a reader; the next checkpoint completes it")
-        return not busy
+        return checkpoint_wal(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def checkpoint_wal(engine: Engine) -> bool:
+    """SQLite: the WAL copied into the database file and truncated (deleted rows' old frames gone; secure_delete
+    has zeroed their pages). True when the WAL is empty now; other backends: nothing to do."""
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as conn:
+        busy, _, _ = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+    if busy:
+        log.warning("WAL checkpoint after a delete was blocked by a reader; the next checkpoint completes it")
+    return not busy
 
 
 AFTER_COMMIT = "oppu_after_commit"

@@ -199,6 +199,7 @@ def user_corpus(session: Session, user: UserRef, cache: BM25Cache[UserCorpus]) -
     """The user's BM25 index for their current history (in any replica): cached; after appends, the cached
     index is extended with the new items only; built whole (over the most recent `cache.window_chars`
     characters) only when none is cached or items were removed."""
+    since = cache.token()  # before the history is read: an erase after this keeps what we build out of the cache
     stamp = repo.history_stamp(session, user.pk)
     corpus = cache.get(user.storage_key, stamp)
     if corpus is not None:
@@ -212,7 +213,7 @@ def user_corpus(session: Session, user: UserRef, cache: BM25Cache[UserCorpus]) -
             corpus = base.extended(*_items(session, user, base.stamp[1], stamp))
         else:
             corpus = _build_corpus(session, user, stamp, cache.window_chars)
-        cache.put(user.storage_key, corpus.stamp, corpus, corpus.nbytes)
+        cache.put(user.storage_key, corpus.stamp, corpus, corpus.nbytes, since=since)
     return corpus
 
 

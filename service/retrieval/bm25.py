@@ -324,6 +324,9 @@ def _window_start(cum_chars: Ints, max_chars: int | None) -> int:
     return min(first, n - 1)
 
 
+INVALIDATIONS_KEPT = 4096  # users whose last invalidation a cache remembers (older ones: any build then refused)
+
+
 class BM25Cache(Generic[T]):
     """LRU of per-user entries (an index and the docs it was built from), keyed by the user's internal
     key and valid only for one stamp of the user's history (count, max id), so writes made by another
@@ -340,6 +343,11 @@ class BM25Cache(Generic[T]):
         self._entries: OrderedDict[Hashable, tuple[Hashable, T, int]] = OrderedDict()
         self._bytes = 0
         self._builders: dict[Hashable, tuple[threading.Lock, int]] = {}  # user -> (lock, holders and waiters)
+        # Invalidations by number, so that a build that read the history before one (an erase) does not put
+        # its entry back after it: the latest INVALIDATIONS_KEPT users, and the newest number forgotten.
+        self._invalidations = 0
+        self._invalidated: OrderedDict[Hashable, int] = OrderedDict()
+        self._forgotten_upto = 0
 
     @property
     def nbytes(self) -> int:
@@ -359,19 +367,34 @@ class BM25Cache(Generic[T]):
             entry = self._entries.get(user_key)
             return None if entry is None else (entry[0], entry[1])
 
-    def put(self, user_key: Hashable, stamp: Hashable, value: T, nbytes: int = 0) -> None:
+    def token(self) -> int:
+        """Taken before a build reads the history; `put(..., since=token)` then stores nothing if the user was
+        invalidated meanwhile."""
         with self._lock:
+            return self._invalidations
+
+    def put(self, user_key: Hashable, stamp: Hashable, value: T, nbytes: int = 0, *, since: int | None = None) -> bool:
+        """Stores the entry; False (nothing stored) when `user_key` may have been invalidated after `since`."""
+        with self._lock:
+            if since is not None and max(self._invalidated.get(user_key, 0), self._forgotten_upto) > since:
+                return False
             old = self._entries.pop(user_key, None)
             self._bytes += nbytes - (old[2] if old is not None else 0)
             self._entries[user_key] = (stamp, value, nbytes)
             while len(self._entries) > 1 and (len(self._entries) > self._max or self._bytes > self.max_bytes):
                 self._bytes -= self._entries.popitem(last=False)[1][2]
+            return True
 
     def invalidate(self, user_key: Hashable) -> None:
         with self._lock:
             old = self._entries.pop(user_key, None)
             if old is not None:
                 self._bytes -= old[2]
+            self._invalidations += 1
+            self._invalidated.pop(user_key, None)
+            self._invalidated[user_key] = self._invalidations
+            while len(self._invalidated) > INVALIDATIONS_KEPT:
+                self._forgotten_upto = self._invalidated.popitem(last=False)[1]
 
     @contextmanager
     def building(self, user_key: Hashable) -> Iterator[None]:

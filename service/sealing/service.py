@@ -19,6 +19,7 @@ every ciphertext is bound to (owner, purpose): copied to another user's row or f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import threading
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.session import checkpoint_wal
 from service.errors import ServiceError
 from service.sealing import cipher
 from service.sealing import repository as repo
@@ -145,7 +147,8 @@ class Sealer:
         checked_at = time.monotonic()
         with self._session() as session:
             rows = repo.keys_of(session, owner_key)
-            if not rows and repo.is_shredded(session, owner_key):
+            # The tombstone wins over key rows: a key made by a first write racing the erase is never used.
+            if repo.is_shredded(session, owner_key):
                 self.forget(owner_key)
                 raise UserDataErased("this user's data was erased; what remains of it cannot be opened")
             try:
@@ -205,6 +208,18 @@ class Sealer:
             if repo.is_shredded(session, owner_key):
                 raise UserDataErased("this user's data was erased")
             repo.insert_key(session, owner_key, version, kek, wrapped)  # False: another process made it first
+        with self._session() as session:
+            # An erase that shredded between the check above and the insert found no key to delete: ours goes
+            # now (an erase committing later deletes it itself).
+            if repo.is_shredded(session, owner_key):
+                repo.shred(session, owner_key)
+                erased = True
+            else:
+                erased = False
+        if erased:
+            self.forget(owner_key)
+            self._checkpoint()
+            raise UserDataErased("this user's data was erased")
         self.forget(owner_key)
         return self._load(owner_key)  # the keyring's keys: ours, or theirs if they won the race
 
@@ -223,6 +238,7 @@ class Sealer:
         with self._session() as session:
             repo.delete_versions_below(session, owner_key, version)
         self.forget(owner_key)
+        self._checkpoint()
 
     def tag_key(self, owner_key: str) -> tuple[int, bytes]:
         """(version, the key of keyed hashes) of the owner's current data key."""
@@ -269,6 +285,14 @@ class Sealer:
         with self._session() as session:
             repo.shred(session, owner_key)
         self.forget(owner_key)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """A SQLite keyring's WAL still holds the frames of the keys just deleted (wrapped, but the master key
+        often sits in the same data dir): they go to the zeroed main file now, not at SQLite's next checkpoint."""
+        bind = self._keyring_factory.kw.get("bind") if self._keyring_factory is not None else None
+        if isinstance(bind, Engine):
+            checkpoint_wal(bind)
 
     def is_shredded(self, owner_key: str) -> bool:
         with self._session() as session:
@@ -382,11 +406,9 @@ class UserSeal:
 
     def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = bytearray) -> Any:
         """A sealed file's plaintext, read and opened in one pass into `allocate(n)` (an adapter's cold load)."""
-        try:
-            with open(path, "rb") as fh:
-                version = cipher.file_version(fh.read(cipher.HEADER))
-            key = self.sealer.key(self.owner_key, version)
-            return cipher.open_file(key, path, _ad(self.owner_key, purpose), allocate)
+        try:  # the key of the version in the header of the file opened: one open (a re-seal may replace it)
+            key_of = functools.partial(self.sealer.key, self.owner_key)
+            return cipher.open_file(key_of, path, _ad(self.owner_key, purpose), allocate)
         except SealBroken as exc:
             raise SealedDataUnreadable(f"the stored {purpose} of this user does not open: {exc}") from exc
 

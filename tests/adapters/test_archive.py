@@ -325,3 +325,31 @@ def test_a_zip64_end_record_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     data[locator : locator + 4] = b"XXXX"
     with pytest.raises(ArchiveError, match="zip64 end record missing"):
         unpack_upload_zip(bytes(data), CAP)
+
+
+def test_a_zip64_record_cannot_smuggle_a_larger_central_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # zipfile reads the zip64 record before the locator whenever a locator is there, whatever the classic end
+    # record says: a classic record declaring 1 member in 100 bytes must not let 17 through unchecked.
+    buf = io.BytesIO()
+    with monkeypatch.context() as m:
+        m.setattr(zipfile, "ZIP64_LIMIT", 16)  # a zip64 end record + locator on a small archive
+        with zipfile.ZipFile(buf, "w") as zf:
+            for i in range(17):
+                zf.writestr(f"f{i}", b"x")
+    data = bytearray(buf.getvalue())
+    struct.pack_into("<HHI", data, data.rfind(b"PK\x05\x06") + 8, 1, 1, 100)
+    monkeypatch.setattr(zipfile, "ZipFile", _no_zipfile)
+    with pytest.raises(ArchiveError, match="declares 17 members"):
+        unpack_upload_zip(bytes(data), CAP)
+
+
+@pytest.mark.parametrize("header", ["central", "local"])
+def test_a_member_name_flagged_utf8_that_is_not_is_refused(header: str) -> None:
+    name = b"adapter_config.json"
+    data = bytearray(_zip({name.decode(): b"{}"}))
+    at = data.find(b"PK\x01\x02") if header == "central" else 0
+    flags_at, name_at = (at + 8, at + 46) if header == "central" else (at + 6, at + 30)
+    struct.pack_into("<H", data, flags_at, struct.unpack_from("<H", data, flags_at)[0] | 0x800)
+    data[name_at : name_at + len(name)] = b"\xff" + name[1:]
+    with pytest.raises(ArchiveError):  # was UnicodeDecodeError: a 500 for the upload
+        unpack_upload_zip(bytes(data), CAP, keep={name.decode()})

@@ -179,10 +179,39 @@ def test_drop_owner(cache: Cache, adapters: Adapters) -> None:
     cache.cache.drop_owner("aa")
     assert cache.cache.host_keys() == [b]
     assert cache.cache.slot_keys() == {b: cache.cache.slot_keys()[b], a2: slot}  # still in use: kept
-    cache.cache.release([a2])
-    cache.cache.drop_owner("aa")
+    cache.cache.release([a2])  # its last row ends: the dropped entry goes with it (no second drop needed)
     assert set(cache.cache.slot_keys()) == {b}
     assert cache.cache.pinned() == {}
+
+
+def test_a_disk_read_in_flight_when_its_owner_is_dropped_is_not_kept(
+    cache: Cache, adapters: Adapters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request's prefetch reading the adapter when the erase's notice drops the owner: the weights it read
+    # went into host RAM after the drop and stayed there (nothing asks for that owner again).
+    import service.adapters.cache as cache_module
+
+    a = adapters.keys["aa"]
+    real = read_adapter_dir
+    reading, go = threading.Event(), threading.Event()
+
+    def slow_read(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        reading.set()
+        go.wait(10)
+        return out
+
+    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)  # the name cache.py calls
+    request = threading.Thread(target=cache.cache.prefetch, args=(a,))
+    request.start()
+    assert reading.wait(10)
+    cache.cache.drop_owner("aa")
+    go.set()
+    request.join(10)
+    assert cache.cache.host_keys() == []
+    monkeypatch.setattr(cache_module, "read_adapter_dir", real)
+    cache.cache.prefetch(a)  # a read that starts after the drop is kept as before
+    assert cache.cache.host_keys() == [a]
 
 
 # --- a version change mid-traffic, through HTTP (K=2, host budget of 3 adapters, 4 adapters in use) ---
@@ -284,7 +313,7 @@ def test_requests_that_miss_the_same_adapter_together_read_it_once(
         time.sleep(0.2)  # the others arrive while the first read runs
         return read_adapter_dir(directory, **kw)
 
-    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)
+    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)  # the name cache.py calls
     key = adapters.keys["aa"]
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda _: cache.cache.prefetch(key), range(6)))
@@ -304,7 +333,7 @@ def test_the_engine_taking_a_slot_while_a_request_reads_the_same_adapter_does_no
         time.sleep(0.3)  # the engine thread arrives while this read runs
         return read_adapter_dir(directory, **kw)
 
-    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)
+    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)  # the name cache.py calls
     slots = LoraSlots(tiny_model(), 2, 8, ALL, device="cpu", dtype=torch.float32)
     small = AdapterCache(slots, host_budget_bytes=adapters.nbytes // 2)  # nothing fits in host RAM
     key = adapters.keys["aa"]

@@ -185,3 +185,47 @@ def test_slots_follow_the_model_to_another_dtype(adapters: dict[str, Path]) -> N
         got = logits(model, PROMPT)
     assert slots.layers["model.layers.0.mlp.up_proj"].A_slots.dtype == torch.float64
     torch.testing.assert_close(got, logits(peft_model(base, adapters["x"]), PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def _one_module(a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> Any:
+    from service.adapters.peft_format import AdapterWeights, LoraModuleWeights
+
+    return AdapterWeights(int(a.shape[0]), {"model.layers.0.self_attn.q_proj": LoraModuleWeights(a, b, scaling)})
+
+
+def test_an_overflowing_adapter_cannot_touch_another_tenants_decode_row() -> None:
+    # Finite weights (what upload validation checks) whose x @ A overflows to inf: the decode gather computes
+    # every row against every adapter of the step, and zeroing the foreign blocks by multiplying made inf * 0
+    # = NaN in the OTHER tenant's row.
+    model = copy.deepcopy(tiny_model())
+    slots = LoraSlots(model, 2, 8, ALL, device="cpu", dtype=torch.float32)
+    layer = slots.layers["model.layers.0.self_attn.q_proj"]
+    d_in, d_out = layer.in_features, layer.out_features
+    torch.manual_seed(0)
+    slots.load(1, _one_module(torch.randn(2, d_in) * 0.1, torch.randn(d_out, 2) * 0.1))
+    slots.load(2, _one_module(torch.full((2, d_in), 3e38), torch.full((d_out, 2), 1e-3)))
+    x = torch.ones(2, d_in)
+    with torch.inference_mode():
+        slots.set_plan(TokenPlan(decode_slots=(1,)))
+        alone = layer(x[:1]).clone()
+        slots.set_plan(TokenPlan(decode_slots=(1, 2)))
+        together = layer(x)
+        slots.set_plan(None)
+    torch.testing.assert_close(together[0], alone[0])
+    assert not torch.isfinite(together[1]).all()  # the overflowing adapter's own row: it alone fails
+
+
+def test_weights_that_overflow_the_slot_dtype_are_refused_before_anything_is_written() -> None:
+    model = copy.deepcopy(tiny_model())
+    slots = LoraSlots(model, 1, 8, ALL, device="cpu", dtype=torch.float16)
+    layer = slots.layers["model.layers.0.self_attn.q_proj"]
+    d_in, d_out = layer.in_features, layer.out_features
+    before = layer.B_slots.clone()
+    for bad in (
+        _one_module(torch.full((2, d_in), 1e5), torch.ones(d_out, 2)),
+        _one_module(torch.ones(2, d_in), torch.ones(d_out, 2), scaling=1e5),
+    ):
+        with pytest.raises(ValueError, match="overflow"):
+            slots.load(1, bad)
+    assert torch.equal(layer.B_slots, before)
+    slots.load(1, _one_module(torch.ones(2, d_in), torch.ones(d_out, 2), scaling=2.0))  # in range: loads

@@ -6,7 +6,9 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
 
@@ -141,3 +143,35 @@ def test_no_erased_text_stays_in_the_sqlite_files(tmp_path: Path, tiny_model_pat
         for f in files:
             if f.exists():
                 assert canary.encode() not in f.read_bytes(), f.name
+
+
+def test_an_index_being_built_when_the_erase_commits_is_not_cached_after_it(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request indexing the user's history (seconds on a long one) when their erase commits: the erase's
+    # invalidation ran before the index was stored, which kept every item's plaintext in memory afterwards.
+    import threading
+
+    import service.history.service as history_service
+    from tests.factories import storage_key
+
+    with running_app(tmp_path, tiny_model_path) as client:
+        key = create_user(client, "alice")
+        add_history(client, "alice", key, n=6)
+        owner = storage_key(client, "alice")
+        real = history_service._build_corpus
+        erased: list[int] = []
+
+        def build_then_erase(*args: Any, **kwargs: Any) -> Any:
+            corpus = real(*args, **kwargs)
+            eraser = threading.Thread(
+                target=lambda: erased.append(client.delete("/users/alice", headers=bearer(key)).status_code)
+            )
+            eraser.start()
+            eraser.join(60)
+            return corpus
+
+        monkeypatch.setattr(history_service, "_build_corpus", build_then_erase)
+        client.post("/users/alice/generate", json={"prompt": "zebracorn", "max_new_tokens": 1}, headers=bearer(key))
+        assert erased == [204]
+        assert app_state(client).bm25.peek(owner) is None

@@ -325,3 +325,28 @@ def test_builds_wait_only_for_the_same_user() -> None:
     for t in threads.values():
         t.join(5)
     assert cache._builders == {}  # no lock left behind per user
+
+
+def test_a_build_that_started_before_an_invalidation_is_not_stored() -> None:
+    # An erase invalidates the user while a request is still indexing their history (read before the erase
+    # committed): that index must not go back into the cache afterwards.
+    cache = BM25Cache[str](4)
+    since = cache.token()
+    cache.invalidate("u1")
+    assert not cache.put("u1", (1, 1), "read-before-the-erase", since=since)
+    assert cache.peek("u1") is None
+    assert cache.put("u2", (1, 1), "another user", since=since)  # others are not affected
+    assert cache.put("u1", (1, 1), "read-after", since=cache.token())
+
+
+def test_a_build_older_than_the_invalidations_remembered_is_not_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.retrieval import bm25
+
+    monkeypatch.setattr(bm25, "INVALIDATIONS_KEPT", 2)
+    cache = BM25Cache[str](4)
+    since = cache.token()
+    for user in ("u1", "u2", "u3"):  # u1's invalidation is forgotten: any build older than it is refused
+        cache.invalidate(user)
+    assert not cache.put("u1", (1, 1), "x", since=since)
+    assert not cache.put("u9", (1, 1), "x", since=since)
+    assert cache.put("u9", (1, 1), "x", since=cache.token())

@@ -103,3 +103,82 @@ def test_close_closes_the_keyrings_connections(tmp_path: Path) -> None:
     assert pool.checkedin() > 0  # type: ignore[attr-defined]
     sealer.close()
     assert pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+def test_an_erase_between_a_first_writes_tombstone_check_and_its_insert_leaves_no_live_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.sealing import repository as keyring_repo
+
+    db, keks = keyring(tmp_path), LocalKeyset(inline=os.urandom(32))
+    writer, eraser = Sealer(db.session_factory, keks), Sealer(db.session_factory, keks)  # two processes
+    real_insert = keyring_repo.insert_key
+
+    def insert_after_the_erase(*args: object) -> bool:
+        eraser.shred("alice")  # the erase commits in the gap between the check and the insert
+        return real_insert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(keyring_repo, "insert_key", insert_after_the_erase)
+    with pytest.raises(UserDataErased):
+        writer.user("alice").seal_text("history", "a first item")
+    monkeypatch.setattr(keyring_repo, "insert_key", real_insert)
+    assert writer.live_versions("alice") == []
+    # and a key row that survived such a race anyway (the write's process died) is never used: tombstone wins
+    with db.session_factory() as session:
+        kek, wrapped = keks.wrap(os.urandom(32), b"oppu-data-key|alice|1")
+        real_insert(session, "alice", 1, kek, wrapped)
+        session.commit()
+    with pytest.raises(UserDataErased):
+        Sealer(db.session_factory, keks).user("alice").seal_text("history", "x")
+
+
+def test_shredded_and_dropped_keys_leave_the_keyrings_wal(tmp_path: Path) -> None:
+    # secure_delete zeroes the deleted pages, but until a checkpoint the WAL still held the old frames: with the
+    # master key (by default in the same data dir) a copy of the directory opened the erased user's key.
+    db, keks = keyring(tmp_path), LocalKeyset(inline=os.urandom(32))
+    sealer = Sealer(db.session_factory, keks)
+    sealer.user("alice").seal_text("history", "zebracorn")
+    sealer.rotate_user("bob")
+    sealer.rotate_user("bob")  # bob: versions 1 and 2
+    with db.session_factory() as session:
+        from service.sealing.models import DataKey
+
+        wrapped = {(r.owner_key, r.version): bytes(r.wrapped) for r in session.query(DataKey).all()}
+    sealer.shred("alice")
+    sealer.drop_versions_below("bob", 2)
+    files = [tmp_path / "keyring.sqlite3", tmp_path / "keyring.sqlite3-wal"]
+    on_disk = b"".join(f.read_bytes() for f in files if f.exists())
+    assert wrapped[("alice", 1)] not in on_disk
+    assert wrapped[("bob", 1)] not in on_disk
+    assert wrapped[("bob", 2)] in on_disk  # the live key is still there (the check can see keys at all)
+
+
+def test_a_file_resealed_while_it_is_opened_opens_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A data-key rotation replaces a sealed file with one under the next version while a cold load opens it:
+    # the version came from one open() and the decryption from a second one (the new file): 409 for intact data.
+    from service.adapters.peft_format import WEIGHTS_NAME, file_purpose
+    from tests.factories import make_sealer
+
+    sealer = make_sealer(tmp_path / "keyring")
+    seal = sealer.user("alice")
+    purpose, path = file_purpose(WEIGHTS_NAME), tmp_path / WEIGHTS_NAME
+    path.write_bytes(seal.seal_bytes(purpose, b"weights" * 1000))  # under v1
+    sealer.rotate_user("alice")  # v2; v1 still live until the rotation drops it
+    real_key = sealer.key
+
+    def reseal_then_key(owner_key: str, version: int) -> bytes:
+        monkeypatch.setattr(sealer, "key", real_key)
+        fresh = tmp_path / "fresh"
+        fresh.write_bytes(seal.seal_bytes(purpose, bytes(seal.open_bytes(purpose, path.read_bytes()))))  # v2
+        fresh.replace(path)  # the rotation's os.replace lands while the load holds the version
+        return real_key(owner_key, version)
+
+    monkeypatch.setattr(sealer, "key", reseal_then_key)
+    assert bytes(seal.open_path(purpose, path)) == b"weights" * 1000
+    assert cipher_version(path) == 2  # the file was replaced meanwhile
+
+
+def cipher_version(path: Path) -> int:
+    from service.sealing import cipher
+
+    return cipher.file_version(path.read_bytes()[: cipher.HEADER])
