@@ -5,6 +5,7 @@ cancelled)."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -136,15 +137,19 @@ async def _answer(send: Send, status: int, error: dict[str, object], retry_after
     await send({"type": "http.response.body", "body": body})
 
 
+PUMP_BUFFER_BYTES = 64 * 1024  # body read ahead of a handler that has not asked for it (CancelOnDisconnect)
+
+
 class CancelOnDisconnect:
     """Every HTTP request's handler is cancelled the moment its client disconnects, whatever the route and
     whether it streams or not: awaiting an engine stream then closes it, which cancels its rows (their KV
     lanes, adapter pins and queue share are freed before the next step). One rule for every route, so a new
     generating route cannot forget it (tests/api/test_cancel_on_disconnect.py holds the route matrix).
 
-    It owns the connection's `receive`: a pump reads the server's messages one at a time (the next only once
-    the handler took the last, so a body still streams with back-pressure) and notices the disconnect even
-    when the handler never reads a body; the handler's own receive calls are answered from it."""
+    It owns the connection's `receive`: a pump reads the server's messages ahead of the handler, up to
+    PUMP_BUFFER_BYTES of body (beyond that, only as the handler takes them: a large body still streams with
+    back-pressure), and so notices the disconnect even when the handler never reads a small body, in however
+    many parts it came; the handler's own receive calls are answered from it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -153,25 +158,37 @@ class CancelOnDisconnect:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        inbox: asyncio.Queue[Message] = asyncio.Queue(maxsize=1)
-        gone = asyncio.Event()
+        inbox: deque[Message] = deque()
+        buffered = 0  # body bytes in the inbox
+        arrived, taken, gone = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         async def pump() -> None:
+            nonlocal buffered
             while (message := await receive())["type"] != "http.disconnect":
-                await inbox.put(message)
+                inbox.append(message)
+                buffered += len(message.get("body", b""))
+                arrived.set()
+                while buffered > PUMP_BUFFER_BYTES:  # back-pressure beyond a small body the handler never read
+                    taken.clear()
+                    await taken.wait()
             gone.set()
 
         async def app_receive() -> Message:
-            if not inbox.empty():
-                return inbox.get_nowait()
-            getter = asyncio.ensure_future(inbox.get())
-            left = asyncio.ensure_future(gone.wait())
-            await asyncio.wait({getter, left}, return_when=asyncio.FIRST_COMPLETED)
-            left.cancel()
-            if getter.done():
-                return getter.result()
-            getter.cancel()
-            return {"type": "http.disconnect"}
+            nonlocal buffered
+            while not inbox:
+                if gone.is_set():
+                    return {"type": "http.disconnect"}
+                arrived.clear()
+                waits = [asyncio.ensure_future(arrived.wait()), asyncio.ensure_future(gone.wait())]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also when the caller is cancelled here (Starlette's disconnect listener after a stream)
+                    for waiting in waits:
+                        waiting.cancel()
+            message = inbox.popleft()
+            buffered -= len(message.get("body", b""))
+            taken.set()
+            return message
 
         answered = False  # the whole response was sent: the server then reports a disconnect too
 

@@ -215,3 +215,115 @@ def test_a_body_that_stalls_past_its_deadline_is_408_and_a_complete_one_is_never
     answered = asyncio.run(complete_then_wait())
     assert answered[0]["status"] == 200
     assert answered[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+def test_streamed_responses_leave_no_pending_helper_tasks() -> None:
+    # Starlette cancels its disconnect listener (our receive) when every stream ends: the receive's two helper
+    # tasks were left pending (two per streamed response, "Task was destroyed but it is pending!" at GC).
+    from collections.abc import AsyncIterator
+
+    from starlette.responses import StreamingResponse
+
+    async def body() -> AsyncIterator[str]:
+        for i in range(3):
+            yield f"data: {i}\n\n"
+            await asyncio.sleep(0)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await StreamingResponse(body(), media_type="text/event-stream")(scope, receive, send)
+
+    wrapped = CancelOnDisconnect(app)
+
+    async def one() -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "method": "POST", "path": "/x"}
+        scope["headers"] = []
+        sent: list[Message] = []
+        first, closed = True, asyncio.Event()
+
+        async def receive() -> Message:
+            nonlocal first
+            if first:
+                first = False
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await closed.wait()  # the server: nothing more until the connection closes
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await wrapped(scope, receive, send)
+        assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+    async def main() -> int:
+        before = len(asyncio.all_tasks())
+        for _ in range(20):
+            await one()
+        await asyncio.sleep(0.05)
+        return len(asyncio.all_tasks()) - before
+
+    assert asyncio.run(main()) == 0
+
+
+def test_a_client_that_leaves_is_noticed_when_the_handler_ignores_a_body_in_two_parts() -> None:
+    # The pump held one unread message: a route that never reads its body (POST .../profile/generate) with a
+    # chunked body blocked it on the second part, the disconnect behind it was never read, the row ran on.
+    async def main() -> bool:
+        cancelled = asyncio.Event()
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        messages: list[Message] = [
+            {"type": "http.request", "body": b"{", "more_body": True},
+            {"type": "http.request", "body": b"}", "more_body": False},
+            {"type": "http.disconnect"},
+        ]
+
+        async def receive() -> Message:
+            await asyncio.sleep(0.01)
+            if messages:
+                return messages.pop(0)
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        async def send(message: Message) -> None:
+            pass
+
+        task = asyncio.ensure_future(CancelOnDisconnect(app)({"type": "http"}, receive, send))
+        try:
+            await asyncio.wait_for(cancelled.wait(), 1.0)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            task.cancel()
+
+    assert asyncio.run(main()), "the client left but the handler was not cancelled"
+
+
+def test_a_large_unread_body_is_not_read_ahead_past_the_pump_buffer() -> None:
+    from service.middleware import PUMP_BUFFER_BYTES
+
+    async def main() -> int:
+        calls = 0
+        chunk = b"x" * (PUMP_BUFFER_BYTES // 2)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await asyncio.sleep(0.2)  # never reads its body
+
+        async def receive() -> Message:
+            nonlocal calls
+            calls += 1
+            return {"type": "http.request", "body": chunk, "more_body": True}
+
+        async def send(message: Message) -> None:
+            pass
+
+        await CancelOnDisconnect(app)({"type": "http"}, receive, send)
+        return calls
+
+    assert asyncio.run(main()) <= 3  # two chunks fill the buffer, the third waits for the handler

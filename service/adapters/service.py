@@ -330,5 +330,11 @@ def rollback(session: Session, owner_key: str, version: int) -> AdapterOut:
     if row is None:
         raise NotFound(f"adapter version {version} does not exist (kept versions only)")
     repo.ensure_head(session, owner_key, row.user_pk)
+    # Read again under the head's lock: a delete or a publish that pruned this version may have committed
+    # between the read above and the lock (current would then name a version that is gone).
+    session.expire(row)
+    row = repo.get_version(session, owner_key, version)
+    if row is None:
+        raise NotFound(f"adapter version {version} does not exist (kept versions only)")
     repo.set_current(session, owner_key, version)
     return to_out(row, version)

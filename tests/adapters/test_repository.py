@@ -1,14 +1,21 @@
-"""adapters/repository on the embedded default (SQLite), where FOR UPDATE takes no lock."""
+"""adapters/repository and the version service's locking, on SQLite (where FOR UPDATE takes no lock) and PostgreSQL."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from service.adapters import repository as repo
+from service.adapters import service
 from service.db.migrate import upgrade
+from service.db.models import Adapter
 from service.db.session import make_engine, make_session_factory
+from service.errors import NotFound
+from tests.conftest import _pg_fresh_schema_url
 
 OWNER = "abcd1234"
 
@@ -19,7 +26,8 @@ def test_a_version_allocation_that_lost_its_compare_and_set_rereads_the_counter(
     # while holding SQLite's write lock (every other writer then failed after its busy timeout).
     url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
     upgrade(url)
-    factory = make_session_factory(make_engine(url))
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
     with factory() as s:
         assert repo.allocate_version(s, OWNER, None) == 1
         s.commit()
@@ -40,3 +48,54 @@ def test_a_version_allocation_that_lost_its_compare_and_set_rereads_the_counter(
     thread.join(10)
     assert not thread.is_alive(), "publish B is still spinning on a stale counter"
     assert got["b"] == 3
+    engine.dispose()
+
+
+def _version(version: int) -> Adapter:
+    return Adapter(
+        owner_key=OWNER, user_pk=None, version=version, sha256="0" * 64, rank=4, alpha=8.0,
+        target_modules=["q_proj"], base_model="tiny", base_fingerprint="f" * 64, nbytes=1, source="imported",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from _pg_fresh_schema_url()
+
+
+def test_a_rollback_racing_a_delete_never_points_current_at_a_gone_version(pg_url: str) -> None:
+    # The rollback read its target before it locked the head: a delete committing in between left current
+    # naming a version with no row (the user served the base model, GET /adapter 404, the rollback 200).
+    url = pg_url
+    upgrade(url)
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    with factory() as s:
+        for v in (1, 2):
+            assert repo.allocate_version(s, OWNER, None) == v
+            repo.add(s, _version(v))
+        repo.set_current(s, OWNER, 2)
+        s.commit()
+    deleter = factory()
+    service.delete(deleter, None, OWNER)  # type: ignore[arg-type]  # rows gone, head locked, not committed
+    result: dict[str, object] = {}
+
+    def admin_rollback() -> None:
+        with factory() as s:
+            try:
+                result["out"] = service.rollback(s, OWNER, 1)  # reads v1, then waits for the head's lock
+                s.commit()
+            except NotFound as exc:
+                result["refused"] = exc
+
+    thread = threading.Thread(target=admin_rollback)
+    thread.start()
+    time.sleep(1.0)
+    deleter.commit()
+    deleter.close()
+    thread.join(30)
+    assert "refused" in result, result
+    with factory() as s:
+        head = repo.head(s, OWNER)
+        assert head is not None and head.current_version is None
+    engine.dispose()

@@ -287,6 +287,28 @@ def test_a_dropped_owner_is_never_served_from_the_cache(engines: Engines) -> Non
     assert again.token_ids == expected.token_ids != first.token_ids
 
 
+def test_a_row_resolved_before_an_erase_and_queued_after_it_is_not_served(engines: Engines, tmp_path: Path) -> None:
+    # The erase (store files, then cancel_tenant and drop_owner) lands between a request's _new_row and its
+    # submit: cancel_tenant cannot see the row and its derived folder is kept for it, so _start must check the
+    # stored version too (the builtin engine re-reads the store there).
+    import shutil
+
+    stored = tmp_path / "store" / "v1"
+    shutil.copytree(engines.users[1].directory, stored)
+    ref = AdapterRef("victim", 1, "c" * 64, stored)
+    heard: list[object] = []
+    row = engines.vllm._new_row(req(1, ref), heard.append)  # the request thread, before the erase
+    shutil.rmtree(stored)
+    engines.vllm.cancel_tenant(row.request.tenant, ServiceError("erased"))
+    engines.vllm.drop_owner("victim")
+    engines.vllm.submit(row)  # the request's coroutine resumes
+    deadline = time.monotonic() + 10
+    while not heard:
+        assert time.monotonic() < deadline, "the row got no answer"
+        time.sleep(0.02)
+    assert isinstance(heard[0], AdapterUnavailable), heard
+
+
 def test_an_unreadable_adapter_fails_alone(engines: Engines, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -70,7 +70,7 @@ def test_a_folder_built_across_a_retrains_drop_is_still_served(adapter_dir: Path
     served = folders.resolve(ref, None)
     assert served is not None and served.owner_key == OWNER
     assert (served.path / WEIGHTS_NAME).is_file()
-    assert [d for d in folders._served] == [served.name] and folders._inflight == {}
+    assert list(folders._served.values()) == [served] and folders._inflight == {}
     # The next drop forgets it as usual (the engine then deletes the folder once no row uses it).
     assert folders.drop_owner(OWNER) == [served]
 
@@ -81,3 +81,54 @@ def test_without_a_drop_the_folder_is_registered_once(adapter_dir: Path, tmp_pat
     first, again = folders.resolve(ref, None), folders.resolve(ref, None)
     assert first is not None and first == again
     assert _folders_left(tmp_path / "work") == [first.name]
+
+
+def _folders(tmp_path: Path, keep: int = 8) -> LoraFolders:
+    return LoraFolders(tmp_path / "work", max_rank=64, max_scale=256.0, keep=keep, base_model_name="tiny")
+
+
+def test_a_reregistered_lora_gets_its_own_name_and_folder(adapter_dir: Path, tmp_path: Path) -> None:
+    # The same version resolved again after a drop (a notice applied twice; the same bytes uploaded again)
+    # while a row still runs on the dropped entry: one name for two ids made vLLM fail the whole step, and
+    # one folder for both made the dropped entry's deletion take the live one's files.
+    ref = _ref(adapter_dir, tmp_path)
+    folders = _folders(tmp_path)
+    old = folders.resolve(ref, None)
+    assert old is not None and folders.drop_owner(OWNER) == [old]
+    new = folders.resolve(ref, None)
+    assert new is not None and new.lora_id != old.lora_id
+    assert new.name != old.name and new.path != old.path
+    LoraFolders.delete(old)  # what the engine does once the old entry's last row ends
+    assert (new.path / WEIGHTS_NAME).is_file()
+
+
+def test_the_same_bytes_under_two_owners_or_versions_are_two_loras(adapter_dir: Path, tmp_path: Path) -> None:
+    # Keyed by the weights' hash alone, a second owner got the first's folder (its scale, and an owner_key
+    # that the second owner's drop never matched).
+    ref = _ref(adapter_dir, tmp_path)
+    other = AdapterRef("f" * 32, 1, ref.sha256, ref.directory)
+    newer = AdapterRef(OWNER, 2, ref.sha256, ref.directory)
+    folders = _folders(tmp_path)
+    served = [folders.resolve(r, None) for r in (ref, other, newer)]
+    assert len({s.lora_id for s in served if s is not None}) == 3
+    assert served[1] is not None and served[1].owner_key == "f" * 32
+    assert folders.drop_owner("f" * 32) == [served[1]]
+
+
+def test_a_just_resolved_lora_is_not_evicted_before_its_row_is_queued(
+    adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.engine.vllm import loras
+
+    refs = [AdapterRef(f"{i:032x}", 1, "sha", _ref_copy(adapter_dir, tmp_path, i)) for i in range(3)]
+    folders = _folders(tmp_path, keep=1)
+    served = [folders.resolve(r, None) for r in refs]
+    assert folders.evictable(set()) == []  # resolved just now: their rows may still be on the way to the queue
+    monkeypatch.setattr(loras, "RESOLVE_GRACE_S", 0.0)
+    assert folders.evictable(set()) == served[:2]  # least recently resolved first, down to `keep`
+
+
+def _ref_copy(adapter_dir: Path, tmp_path: Path, i: int) -> Path:
+    stored = tmp_path / "store" / f"owner{i}" / "v1"
+    shutil.copytree(adapter_dir, stored)
+    return stored

@@ -220,7 +220,12 @@ class VllmEngine(EngineFront[VllmRow]):
         return True
 
     def _start(self, row: VllmRow) -> Started:
-        if row.lora is not None and not (row.lora.path / WEIGHTS_NAME).is_file():
+        # Its folder, and the stored versions it was built from: an erase or delete removes those before its
+        # notice, and a row resolved before the notice but queued after cancel_tenant ran was never cancelled.
+        sources = [r for r in (row.request.adapter, row.request.shared) if r is not None]
+        if row.lora is not None and (
+            not (row.lora.path / WEIGHTS_NAME).is_file() or not all(r.directory.is_dir() for r in sources)
+        ):
             row.sink(AdapterUnavailable("the adapter was removed meanwhile"))  # erased/deleted since
             return "dropped"
         try:
