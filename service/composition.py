@@ -271,6 +271,12 @@ def vllm_lora_dir(settings: Settings) -> Path:
     shm = Path("/dev/shm")
     if settings.seal_at_rest and shm.is_dir() and os.access(shm, os.W_OK):
         return Path(tempfile.mkdtemp(prefix="oppu-vllm-loras-", dir=shm))
+    if settings.seal_at_rest:  # said once at start: the operator must know that plaintext weights touch the disk
+        log.warning(
+            "OPPU_SEAL_AT_REST is on but /dev/shm is not writable: the vLLM engine's LoRA folders (plaintext) "
+            "live in %s, on disk; mount a tmpfs at /dev/shm to keep them off it",
+            settings.data_dir / "vllm-loras",
+        )
     return settings.data_dir / "vllm-loras"
 
 

@@ -140,6 +140,43 @@ async def _answer(send: Send, status: int, error: dict[str, object], retry_after
 PUMP_BUFFER_BYTES = 64 * 1024  # body read ahead of a handler that has not asked for it (CancelOnDisconnect)
 
 
+class _ReadAhead:
+    """The connection's messages read ahead of the handler (CancelOnDisconnect's pump), up to PUMP_BUFFER_BYTES
+    of body, and handed to it in order; `gone` once the server reports the disconnect."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._inbox: deque[Message] = deque()
+        self._buffered = 0  # body bytes in the inbox
+        self._arrived, self._taken, self.gone = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def pump(self) -> None:
+        while (message := await self._receive())["type"] != "http.disconnect":
+            self._inbox.append(message)
+            self._buffered += len(message.get("body", b""))
+            self._arrived.set()
+            while self._buffered > PUMP_BUFFER_BYTES:  # back-pressure beyond a small body the handler never read
+                self._taken.clear()
+                await self._taken.wait()
+        self.gone.set()
+
+    async def receive(self) -> Message:
+        while not self._inbox:
+            if self.gone.is_set():
+                return {"type": "http.disconnect"}
+            self._arrived.clear()
+            waits = [asyncio.ensure_future(self._arrived.wait()), asyncio.ensure_future(self.gone.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the caller is cancelled here (Starlette's disconnect listener after a stream)
+                for waiting in waits:
+                    waiting.cancel()
+        message = self._inbox.popleft()
+        self._buffered -= len(message.get("body", b""))
+        self._taken.set()
+        return message
+
+
 class CancelOnDisconnect:
     """Every HTTP request's handler is cancelled the moment its client disconnects, whatever the route and
     whether it streams or not: awaiting an engine stream then closes it, which cancels its rows (their KV
@@ -158,37 +195,7 @@ class CancelOnDisconnect:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        inbox: deque[Message] = deque()
-        buffered = 0  # body bytes in the inbox
-        arrived, taken, gone = asyncio.Event(), asyncio.Event(), asyncio.Event()
-
-        async def pump() -> None:
-            nonlocal buffered
-            while (message := await receive())["type"] != "http.disconnect":
-                inbox.append(message)
-                buffered += len(message.get("body", b""))
-                arrived.set()
-                while buffered > PUMP_BUFFER_BYTES:  # back-pressure beyond a small body the handler never read
-                    taken.clear()
-                    await taken.wait()
-            gone.set()
-
-        async def app_receive() -> Message:
-            nonlocal buffered
-            while not inbox:
-                if gone.is_set():
-                    return {"type": "http.disconnect"}
-                arrived.clear()
-                waits = [asyncio.ensure_future(arrived.wait()), asyncio.ensure_future(gone.wait())]
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:  # also when the caller is cancelled here (Starlette's disconnect listener after a stream)
-                    for waiting in waits:
-                        waiting.cancel()
-            message = inbox.popleft()
-            buffered -= len(message.get("body", b""))
-            taken.set()
-            return message
+        inbox = _ReadAhead(receive)
 
         answered = False  # the whole response was sent: the server then reports a disconnect too
 
@@ -198,8 +205,8 @@ class CancelOnDisconnect:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered = True
 
-        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
-        watcher = asyncio.ensure_future(pump())
+        handler = asyncio.ensure_future(self.app(scope, inbox.receive, app_send))
+        watcher = asyncio.ensure_future(inbox.pump())
         try:
             await asyncio.wait({handler, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not handler.done() and not answered:  # the client left first: nobody will read the answer

@@ -126,3 +126,22 @@ def test_embedded_jobs_whose_failure_could_not_be_recorded_are_retried_without_a
         assert wait_job(client, job["job_id"], timeout=60)["status"] == "succeeded"
         again = client.post("/admin/users/ann/retrain", headers=admin_headers()).json()
         assert again["job_id"] != job["job_id"]
+
+
+def test_plaintext_lora_folders_on_disk_are_said_when_sealing_is_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    from service.config import Settings
+    from service.sealing import tempfiles
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == "/dev/shm" else real_access(p, mode))
+    tempfiles._warn_no_memory_dir.cache_clear()
+    with caplog.at_level("WARNING"):
+        where = composition.vllm_lora_dir(Settings(data_dir=tmp_path, seal_at_rest=True))
+        assert tempfiles.memory_dir() is None
+    assert where == tmp_path / "vllm-loras"
+    assert "on disk" in caplog.text and "system temp dir" in caplog.text
+    tempfiles._warn_no_memory_dir.cache_clear()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.accounts.repository import hold_for_sealed_write
 from service.adapters import repository as adapter_repo
 from service.adapters.store import AdapterStore, VersionNotFoundError
 from service.db.session import unit_of_work
@@ -40,16 +41,24 @@ def seal_existing(factory: sessionmaker[Session], store: AdapterStore, *, batch:
             break
     while True:
         with unit_of_work(factory) as session:
-            rows = adapter_repo.unsealed_versions(session, batch)
-            for row in rows:
+            versions = [(row.owner_key, row.version) for row in adapter_repo.unsealed_versions(session, batch)]
+        for owner_key, version in versions:  # one transaction each: it holds its owner's lock while it seals
+            with unit_of_work(factory) as session:
+                row = adapter_repo.get_version(session, owner_key, version)
+                if row is None or row.sealed:
+                    continue  # deleted or sealed meanwhile
+                if row.user_pk is not None:
+                    # As every sealed write: a data-key rotation's sweep of this user then sees the file
+                    # sealed, or runs first; never a file sealed under a version the rotation destroys.
+                    hold_for_sealed_write(session, row.user_pk)
                 try:
-                    store.reseal_version(row.owner_key, row.version)
+                    store.reseal_version(owner_key, version)
                 except (VersionNotFoundError, FileNotFoundError):
                     pass  # files already gone (pruned): the row is marked so it is not looked at again
                 row.sealed = True
-        total += len(rows)
-        progress(len(rows))
-        if not rows:
+        total += len(versions)
+        progress(len(versions))
+        if not versions:
             break
     return total
 

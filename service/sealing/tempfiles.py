@@ -5,13 +5,17 @@ as sealed files (service.sealing.cipher). Knows nothing of users or what the fil
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from typing import IO, cast
 
 from service.sealing import cipher
+
+log = logging.getLogger(__name__)
 
 _AD = b"oppu-temp-file"
 
@@ -95,4 +99,15 @@ def memory_dir() -> str | None:
     """A memory-backed folder for plaintext that a library insists on writing to files (PEFT's save): /dev/shm
     where it is writable, else None (the system temp dir)."""
     shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    if os.path.isdir(shm) and os.access(shm, os.W_OK):
+        return shm
+    _warn_no_memory_dir()
+    return None
+
+
+@functools.cache
+def _warn_no_memory_dir() -> None:
+    log.warning(
+        "/dev/shm is not writable: plaintext that a library writes to files (a trained LoRA's PEFT save) goes to "
+        "the system temp dir, on disk, for the moment it takes (a crash can leave it there)"
+    )
