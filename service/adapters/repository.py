@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db.models import SHARED_OWNER, Adapter, AdapterContributor, AdapterHead
@@ -23,9 +24,16 @@ def head(session: Session, owner_key: str, *, for_update: bool = False) -> Adapt
 def ensure_head(session: Session, owner_key: str, user_pk: int | None) -> AdapterHead:
     row = head(session, owner_key, for_update=True)
     if row is None:
-        row = AdapterHead(owner_key=owner_key, user_pk=user_pk, current_version=None, last_version=0)
-        session.add(row)
-        session.flush()
+        try:
+            with session.begin_nested():  # an owner's first two publishes at once both insert: one wins
+                session.add(AdapterHead(owner_key=owner_key, user_pk=user_pk, current_version=None, last_version=0))
+        except IntegrityError:
+            row = head(session, owner_key, for_update=True)
+            if row is None:
+                raise  # not a head made meanwhile: the user is gone (their rows were erased)
+            return row
+        row = head(session, owner_key, for_update=True)
+        assert row is not None
     return row
 
 

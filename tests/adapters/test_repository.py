@@ -99,3 +99,31 @@ def test_a_rollback_racing_a_delete_never_points_current_at_a_gone_version(pg_ur
         head = repo.head(s, OWNER)
         assert head is not None and head.current_version is None
     engine.dispose()
+
+
+def test_an_owners_first_two_publishes_at_once_both_get_a_version(pg_url: str) -> None:
+    # Neither saw a head row, both inserted one: the second's IntegrityError was taken for "the user is gone"
+    # (the upload answered 404).
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    factory = make_session_factory(engine)
+    first = factory()
+    assert repo.allocate_version(first, OWNER, None) == 1  # its head insert is not committed yet
+    got: dict[str, object] = {}
+
+    def second_publish() -> None:
+        with factory() as s:
+            try:
+                got["version"] = repo.allocate_version(s, OWNER, None)  # waits on the first's insert
+                s.commit()
+            except Exception as exc:
+                got["error"] = exc
+
+    thread = threading.Thread(target=second_publish)
+    thread.start()
+    time.sleep(1.0)
+    first.commit()
+    first.close()
+    thread.join(30)
+    assert got == {"version": 2}
+    engine.dispose()
