@@ -267,10 +267,13 @@ def history_stamp(session: Session, user_pk: int) -> tuple[int, int]:
     return int(count or 0), int(max_id or 0)
 
 
-def count_items_after(session: Session, user_pk: int, after_id: int) -> int:
-    return int(
-        session.scalar(select(func.count()).where(HistoryItem.user_pk == user_pk, HistoryItem.id > after_id)) or 0
-    )
+def count_items_after(session: Session, user_pk: int, after_id: int, up_to_id: int | None = None) -> int:
+    """Items with after_id < id (<= up_to_id): bounded by a stamp's max id, an append committed since the stamp
+    was read is not counted."""
+    where = [HistoryItem.user_pk == user_pk, HistoryItem.id > after_id]
+    if up_to_id is not None:
+        where.append(HistoryItem.id <= up_to_id)
+    return int(session.scalar(select(func.count()).where(*where)) or 0)
 
 
 # --- sealing an existing plaintext deployment (operator, all users) ---

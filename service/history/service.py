@@ -30,6 +30,7 @@ from service.retrieval.bm25 import BM25Cache, BM25Index, doc_chars
 from service.tenancy import UserRef
 
 _BUILD_PAGE = 2_000  # items read per query when an index is built whole
+EXTEND_MAX_ITEMS = _BUILD_PAGE  # new items an index is extended by at once; more: built whole (paged, windowed)
 _DOC_BYTES = 200  # estimated memory of one cached doc besides its text (snapshot object, list slot)
 
 
@@ -219,12 +220,14 @@ def user_corpus(session: Session, user: UserRef, cache: BM25Cache[UserCorpus]) -
 
 def _appended_only(session: Session, user: UserRef, old: tuple[int, int], new: tuple[int, int]) -> bool:
     """Every item under the `old` stamp is still there and the others came after it: pks are never reused
-    and only an erase removes items, so the count of items past the old max id tells."""
+    and only an erase removes items, so the count of items between the two max ids tells. More than
+    EXTEND_MAX_ITEMS new items: False (a whole build reads them in pages and keeps only its window)."""
     (old_count, old_max), (count, max_id) = old, new
     return (
         count > old_count
         and max_id > old_max
-        and repo.count_items_after(session, user.pk, old_max) == count - old_count
+        and count - old_count <= EXTEND_MAX_ITEMS
+        and repo.count_items_after(session, user.pk, old_max, max_id) == count - old_count
     )
 
 

@@ -1,0 +1,99 @@
+"""history/service's per-user index: extended after appends, built whole (paged, windowed) otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.session import make_engine, make_session_factory, unit_of_work
+from service.history import repository as repo
+from service.history import service
+from service.history.schemas import HistoryAppendIn, HistoryItemIn
+from service.history.service import UserCorpus
+from service.retrieval.bm25 import BM25Cache
+from service.sealing.session import session_info
+from service.tenancy import UserRef
+from service.users import create_user
+from tests.factories import make_sealer
+
+
+@pytest.fixture
+def factory(db_url: str, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(db_url)
+    yield make_session_factory(engine, session_info(make_sealer(tmp_path / "keyring")))
+    engine.dispose()
+
+
+def _body(*outputs: str) -> HistoryAppendIn:
+    return HistoryAppendIn(items=[HistoryItemIn(output=o) for o in outputs])
+
+
+def _cached_user(factory: sessionmaker[Session], cache: BM25Cache[UserCorpus], n: int) -> UserRef:
+    with unit_of_work(factory) as s:
+        alice, _ = create_user(s, "alice")
+    with unit_of_work(factory) as s:
+        service.append(s, alice, _body(*(f"green tea {i}" for i in range(n))))
+    with unit_of_work(factory) as s:
+        service.user_corpus(s, alice, cache)
+    return alice
+
+
+def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    builds: list[object] = []
+    real_build = service._build_corpus
+
+    def counting_build(*args: Any, **kwargs: Any) -> UserCorpus:
+        builds.append(args)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_build_corpus", counting_build)
+    return builds
+
+
+def test_an_append_committed_while_the_stamp_is_read_does_not_force_a_whole_rebuild(
+    factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The appended-only check counted items past the old max id with no upper bound, in a later statement
+    # than the stamp: an append committing in between made the counts differ and the index was rebuilt whole.
+    cache = BM25Cache[UserCorpus](8)
+    alice = _cached_user(factory, cache, 40)
+    with unit_of_work(factory) as s:
+        service.append(s, alice, _body("new item one"))
+    real_stamp = repo.history_stamp
+
+    def stamp_then_concurrent_append(session: Session, user_pk: int) -> tuple[int, int]:
+        stamp = real_stamp(session, user_pk)
+        with unit_of_work(factory) as other:
+            service.append(other, alice, _body("another concurrent item"))
+        return stamp
+
+    monkeypatch.setattr(repo, "history_stamp", stamp_then_concurrent_append)
+    builds = _count_builds(monkeypatch)
+    with unit_of_work(factory) as s:
+        corpus = service.user_corpus(s, alice, cache)
+    assert corpus.stamp[0] == 41 and builds == []
+
+
+def test_many_new_items_are_read_by_a_whole_build_not_one_unbounded_extension(
+    factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Extending read every item appended since the cached stamp in one query (up to a user's whole quota,
+    # ~0.5 GB in one request); a whole build reads pages and keeps only its window.
+    monkeypatch.setattr(service, "EXTEND_MAX_ITEMS", 5)
+    cache = BM25Cache[UserCorpus](8)
+    alice = _cached_user(factory, cache, 3)
+    with unit_of_work(factory) as s:
+        service.append(s, alice, _body("one more", "and another"))
+    builds = _count_builds(monkeypatch)
+    with unit_of_work(factory) as s:
+        assert service.user_corpus(s, alice, cache).stamp[0] == 5
+    assert builds == []  # 2 new: extended
+    with unit_of_work(factory) as s:
+        service.append(s, alice, _body(*(f"black tea {i}" for i in range(6))))
+    with unit_of_work(factory) as s:
+        assert service.user_corpus(s, alice, cache).stamp[0] == 11
+    assert len(builds) == 1  # 6 new: built whole
