@@ -37,13 +37,15 @@ def retrain_shared(_: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
 
 class BulkRetrainOut(BaseModel):
     jobs: list[JobOut]
+    skipped: int = 0  # stale users with another kind of job active (a key rotation) or erased meanwhile
 
 
 @router.post("/adapters/retrain-stale", status_code=202, response_model=BulkRetrainOut)
 def retrain_stale(_: AdminDep, session: SessionDep, queue: QueueDep) -> BulkRetrainOut:
-    """After the shared LoRA changed: one retrain job per user whose adapter is stale."""
-    owners = adapter_service.stale_owners(session)
-    return BulkRetrainOut(jobs=[service.request_job(session, queue, "user_retrain", k, pk)[0] for k, pk in owners])
+    """After the shared LoRA changed: one retrain job per user whose adapter is stale (a user that cannot get
+    one now is skipped and counted: one tenant's key rotation never blocks everyone's retrain)."""
+    jobs, skipped = service.request_retrains(session, queue, adapter_service.stale_owners(session))
+    return BulkRetrainOut(jobs=jobs, skipped=skipped)
 
 
 @router.get("/shared-adapter", response_model=AdapterVersionsOut)

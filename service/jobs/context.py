@@ -65,6 +65,7 @@ class JobContext:
         if shared != self._shared:
             unmerge(loaded.model, self._shared_originals)
             self._shared_originals = {}
+            self._shared = None  # the plain base now: a read or merge below that fails must not leave the old name
             if shared is not None:
                 weights = read_adapter_dir(
                     shared.directory, max_scale=self.settings.adapter_max_scale, seal=shared.seal

@@ -190,12 +190,16 @@ class InProcessJobQueue:
         self._lock = threading.Lock()
         self._listeners: list[Listeners] = []
         self._futures: set[futures.Future[None]] = set()  # queued or running; a cancelled one leaves too
+        self._waiting: set[str] = set()  # job ids queued and not started
 
     def attach(self, runner: Callable[[str], None]) -> None:
         self._runner = runner
 
     def enqueue(self, job_id: str, attempt: int) -> None:
         with self._lock:
+            if job_id in self._waiting:  # the reaper re-enqueues queued jobs: one entry each, as Redis's queue
+                return
+            self._waiting.add(job_id)
             future = self._pool.submit(self._run, job_id)
             self._futures.add(future)
         future.add_done_callback(self._forget)
@@ -205,6 +209,8 @@ class InProcessJobQueue:
             self._futures.discard(future)
 
     def _run(self, job_id: str) -> None:
+        with self._lock:
+            self._waiting.discard(job_id)  # running now: a later enqueue (a requeue) is a new entry
         try:
             if self._runner is None:
                 raise RuntimeError("no job runner attached")

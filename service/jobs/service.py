@@ -4,7 +4,7 @@ Services never commit; enqueueing happens after the commit."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -94,6 +94,20 @@ def request_job(
     job_id = job.id
     after_commit(session, lambda: queue.enqueue(job_id, 1))
     return to_out(job), True
+
+
+def request_retrains(
+    session: Session, queue: JobQueue, owners: Sequence[tuple[str, int | None]]
+) -> tuple[list[JobOut], int]:
+    """A user retrain for each (owner, user pk), or their active one; owners with another kind of job active or
+    erased meanwhile are skipped: (jobs, how many skipped)."""
+    jobs, skipped = [], 0
+    for owner_key, user_pk in owners:
+        try:
+            jobs.append(request_job(session, queue, "user_retrain", owner_key, user_pk)[0])
+        except (OtherJobActive, NotFound):
+            skipped += 1
+    return jobs, skipped
 
 
 def _same_kind(active: Job, kind: Kind) -> JobOut:
@@ -194,7 +208,7 @@ def requeue_stale(session: Session, stale_after_s: float, max_attempts: int) -> 
     now, stale_before, out, failed = _now(), _before(stale_after_s), [], 0
     for job_id, attempts in repo.stale_running(session, stale_before):
         if attempts >= max_attempts:
-            failed += repo.mark_failed(session, job_id, attempts, "worker died too many times", now)
+            failed += repo.fail_stale(session, job_id, attempts, "worker died too many times", stale_before, now)
         elif repo.requeue_stale(session, job_id, attempts, stale_before, now):
             out.append((job_id, attempts + 1))
     return out, failed
@@ -232,5 +246,8 @@ def maybe_auto_retrain(session: Session, queue: JobQueue, user_pk: int, owner_ke
     newer = history_repo.count_items_after(session, user_pk, int(cutoff) if cutoff is not None else 0)
     if newer < threshold or repo.active(session, owner_key) is not None:
         return False
-    request_job(session, queue, "user_retrain", owner_key, user_pk)
+    try:
+        request_job(session, queue, "user_retrain", owner_key, user_pk)
+    except OtherJobActive:  # a key rotation queued meanwhile: the append stands, the next one asks again
+        return False
     return True

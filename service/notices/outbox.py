@@ -61,7 +61,9 @@ def record_keys(session: Session, storage_key: str) -> None:
 
 class _Recent:
     """What the fast path applied lately, by content (a key hash, a storage key, "owner version"): the
-    poller does not apply it a second time."""
+    poller does not apply it a second time. One note answers for one outbox notice: a later notice with the
+    same content (an adapter delete's "owner 0", then that user's erase) is applied even when the fast path
+    missed it."""
 
     def __init__(self, keep_s: float) -> None:
         self._keep_s = keep_s
@@ -76,10 +78,10 @@ class _Recent:
             if len(self._at) > 10_000 or any(now - t > self._keep_s for t in self._at.values()):
                 self._at = {k: t for k, t in self._at.items() if now - t <= self._keep_s}
 
-    def fresh(self, kind: str, keys: Iterable[str]) -> list[str]:
-        """The keys the fast path has NOT applied lately."""
+    def take(self, kind: str, keys: Iterable[str]) -> list[str]:
+        """The keys the fast path has NOT applied lately; the notes of those it has are used up."""
         with self._lock:
-            return [k for k in keys if (kind, k) not in self._at]
+            return [k for k in keys if self._at.pop((kind, k), None) is None]
 
 
 class NoticePoller:
@@ -132,14 +134,14 @@ class NoticePoller:
     def _apply(self, kind: str, payload: str) -> int:
         try:
             if kind == REVOKED:
-                hashes = self._recent.fresh(REVOKED, [h for h in payload.split(",") if h])
+                hashes = self._recent.take(REVOKED, [h for h in payload.split(",") if h])
                 if hashes:
                     self._listeners.revoked(hashes)
                 return int(bool(hashes))
             if kind == KEYS:  # always: a second rotation's notice within the dedupe window must not be skipped
                 self._forget_keys(payload)
                 return 1
-            if not self._recent.fresh(kind, [payload]):
+            if not self._recent.take(kind, [payload]):
                 return 0
             if kind == ERASED and self._listeners.erased is not None:
                 self._listeners.erased(payload)

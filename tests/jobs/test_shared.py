@@ -171,3 +171,47 @@ def test_flag_policy_keeps_serving_the_flagged_version(tmp_path: Path, tiny_mode
         keys = _two_shared_versions(client)
         assert client.delete("/users/dora", headers=bearer(keys["dora"])).status_code == 204
         assert _shared(client) == (2, [(2, True), (1, False)])
+
+
+def test_one_users_key_rotation_does_not_block_the_bulk_retrain_of_the_others(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    # A user's own data-key rotation (any user may queue one) made retrain-stale answer 409 and roll back every
+    # other stale user's job.
+    import uuid
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import Session
+
+    from service.db.models import Adapter, AdapterHead, Job
+
+    def stale_adapter(session: Session, owner_key: str, user_pk: int | None) -> None:
+        session.add(
+            Adapter(
+                owner_key=owner_key, user_pk=user_pk, version=1, sha256="0" * 64, rank=4, alpha=8.0,
+                target_modules=["q_proj"], base_model="x", base_fingerprint="f", nbytes=1, source="trained",
+                shared_version=None,
+            )
+        )  # fmt: skip
+        session.add(AdapterHead(owner_key=owner_key, user_pk=user_pk, current_version=1, last_version=1))
+
+    with running_app(tmp_path, tiny_model_path) as client:
+        for user in ("ann", "ben", "cid"):
+            create_user(client, user)
+        with unit_of_work(app_state(client).session_factory) as session:
+            users = {u: accounts.by_user_id(session, u) for u in ("ann", "ben", "cid")}
+            stale_adapter(session, SHARED_OWNER, None)  # shared v1 current: every user's adapter is stale
+            for ref in users.values():
+                assert ref is not None
+                stale_adapter(session, ref.storage_key, ref.id)
+            ben, now = users["ben"], datetime.now(UTC)
+            assert ben is not None
+            session.add(
+                Job(
+                    id=str(uuid.uuid4()), kind="user_key_rotation", owner_key=ben.storage_key, user_pk=ben.id,
+                    status="queued", progress=0.0, attempts=0, created_at=now, requeued_at=now,
+                )
+            )  # fmt: skip
+        bulk = client.post("/admin/adapters/retrain-stale", headers=admin_headers())
+        assert bulk.status_code == 202, bulk.text
+        assert len(bulk.json()["jobs"]) == 2 and bulk.json()["skipped"] == 1

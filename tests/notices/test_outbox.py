@@ -103,3 +103,28 @@ def test_a_notice_committed_after_a_later_one_is_still_applied(pg_factory: sessi
     slow.close()
     assert poller.poll_once() == 1 and heard.calls[-1] == ("erased", "slow")
     assert poller.poll_once() == 0
+
+
+def test_a_later_notice_with_the_same_content_is_applied_when_only_the_outbox_carries_it(
+    factory: sessionmaker[Session],
+) -> None:
+    # An adapter delete's "u 0" heard on the fast path, then (Redis down) that user's erase with its own "u 0":
+    # deduped by content, the erase's adapter notice was skipped and the replica kept the user's adapters.
+    calls: list[tuple[str, object]] = []
+    listeners = Listeners(
+        lambda owner, version: calls.append(("adapter", (owner, version))),
+        lambda hashes: calls.append(("revoked", hashes)),
+        lambda key: calls.append(("erased", key)),
+    )
+    poller = outbox.NoticePoller(factory, listeners, keep_s=3600)
+    with unit_of_work(factory) as session:
+        outbox.record_adapter(session, "u", None)
+    poller.fast_path.adapter("u", None)
+    poller.poll_once()
+    assert calls == [("adapter", ("u", None))]  # once: the poll did not apply it again
+    with unit_of_work(factory) as session:
+        outbox.record_erased(session, "u")
+        outbox.record_adapter(session, "u", None)
+    calls.clear()
+    poller.poll_once()
+    assert ("erased", "u") in calls and ("adapter", ("u", None)) in calls
