@@ -145,11 +145,26 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._every):
             try:
+                if time.monotonic() > self._deadline:
+                    self._time_out()  # the body may be stuck where it never reports (a read, a lock wait)
+                    return
                 with unit_of_work(self._ctx.session_factory) as session:
                     if not jobs.heartbeat(session, self._job_id, self.progress, attempt=self._attempt):
                         self.lost = True
             except Exception:
                 log.exception("heartbeat of job %s failed", self._job_id)
+
+    def _time_out(self) -> None:
+        """Past OPPU_JOB_TIMEOUT_S: this attempt ends as a reported timeout does (retried up to the attempts
+        allowed, then failed), whatever the body is doing; should it ever get on, it finds the job no longer its
+        own and publishes nothing."""
+        error = f"the job ran past OPPU_JOB_TIMEOUT_S ({self._ctx.settings.job_timeout_s} s)"
+        with unit_of_work(self._ctx.session_factory) as session:
+            max_attempts = self._ctx.settings.job_max_attempts
+            if jobs.fail_or_retry(session, self._job_id, error, max_attempts, attempt=self._attempt):
+                after_commit(session, _enqueue_later(self._ctx.queue, self._job_id, self._attempt + 1))
+        self.lost = True
+        log.error("job %s attempt %d: %s", self._job_id, self._attempt, error)
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()

@@ -560,3 +560,34 @@ def test_an_attempt_stopped_by_a_shutdown_is_given_back(ctx: JobContext, monkeyp
     monkeypatch.undo()
     run_job(ctx, job_id)
     assert job_row(ctx, job_id).status == "succeeded"
+
+
+def test_an_attempt_stuck_where_it_never_reports_still_times_out(
+    ctx: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The timeout was checked only at progress reports: a body stuck before its first one (a read, a lock wait)
+    # kept heart-beating and stayed running forever; the owner could never retrain.
+    ctx.settings = ctx.settings.model_copy(update={"job_timeout_s": 1, "job_max_attempts": 1})
+    monkeypatch.setattr(tasks, "HEARTBEAT_EVERY_S", 0.1)
+    stuck = threading.Event()
+
+    def hang(*_: Any) -> Any:
+        stuck.wait(30)
+        raise RuntimeError("released")
+
+    monkeypatch.setitem(tasks.PLANNERS, "user_retrain", hang)
+    user = add_user(ctx.session_factory, "sue", qa(2))
+    job_id = request(ctx, user)
+    worker = threading.Thread(target=run_job, args=(ctx, job_id), daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while job_row(ctx, job_id).status == "running" or job_row(ctx, job_id).status == "queued":
+            assert time.monotonic() < deadline, "the stuck attempt never timed out"
+            time.sleep(0.05)
+        job = job_row(ctx, job_id)
+        assert job.status == "failed" and job.error is not None and "OPPU_JOB_TIMEOUT_S" in job.error
+        assert request(ctx, user) != job_id  # the owner can ask again
+    finally:
+        stuck.set()
+        worker.join(10)
