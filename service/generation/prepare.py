@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -132,8 +132,9 @@ class Preparer:
         self.engine.check_room(tenant, resolved.n)
         with unit_of_work(self.session_factory) as session:
             ctx = self._resolve(session, spec)
-        ids = tuple(self._encode(spec, ctx))
         continuations = tuple(tuple(self.codec.encode_continuation(c)) for c in spec.candidates)
+        more = resolved.row(0).max_new_tokens + sum(map(len, continuations))
+        ids, ctx = self._encode_within(spec, ctx, self.engine.limits.context_length - more)
         deadline = time.monotonic() + self.settings.request_timeout_s
         rows = tuple(
             EngineRequest(
@@ -157,6 +158,20 @@ class Preparer:
         if user is not None and p.use_adapter:
             adapter = adapters.serving_ref(session, self._store, user.storage_key, self._spec)
         return _Context(hits, profile, adapter, adapters.shared_ref(session, self._store))
+
+    def _encode_within(self, spec: GenerationSpec, ctx: _Context, budget: int) -> tuple[tuple[int, ...], _Context]:
+        """The prompt's tokens with as much of the context the server adds as fits `budget` tokens: the
+        lowest-ranked retrieved items go first, then the profile (they are capped in characters, and a
+        character is up to a token or more in some scripts); what the caller sent is never cut (422 if it
+        alone does not fit). Returns the context actually used (the response lists those items)."""
+        ids = self._encode(spec, ctx)
+        while len(ids) > budget and (ctx.retrieved or ctx.profile is not None):
+            if ctx.retrieved:
+                ctx = replace(ctx, retrieved=ctx.retrieved[:-1])
+            else:
+                ctx = replace(ctx, profile=None)
+            ids = self._encode(spec, ctx)
+        return tuple(ids), ctx
 
     def _encode(self, spec: GenerationSpec, ctx: _Context) -> list[int]:
         s = self.settings

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastapi.testclient import TestClient
+
 from tests.conftest import bearer, create_user, running_app
 
 
@@ -24,3 +26,18 @@ def test_docs_can_be_disabled(tmp_path: Path, tiny_model_path: Path) -> None:
         assert client.get("/docs").status_code == 404
         assert client.get("/openapi.json").status_code == 404
         assert client.get("/healthz").status_code == 200
+
+
+def test_the_context_the_server_adds_is_trimmed_to_the_models_context(sqlite_client: TestClient) -> None:
+    # Retrieved items are capped in characters, and a character can be a token or more (CJK): three ordinary
+    # items of a user's history made every default request (retrieval_k=3) 422 prompt_too_long.
+    cjk = "".join(chr(0x4E00 + (i * 37) % 20000) for i in range(700))
+    key = create_user(sqlite_client, "zh")
+    items = [{"output": f"你好 {cjk}"} for _ in range(3)]
+    assert sqlite_client.post("/users/zh/history", json={"items": items}, headers=bearer(key)).status_code == 201
+    r = sqlite_client.post("/users/zh/generate", json={"prompt": "你好", "max_new_tokens": 1}, headers=bearer(key))
+    assert r.status_code == 200, r.text[:400]
+    assert len(r.json()["retrieved"]) < 3  # the items that fit, and only those, are listed
+    # What the caller sent is never cut: too long alone is still 422.
+    long = {"prompt": "你好" * 3000, "max_new_tokens": 1, "retrieval_k": 0}
+    assert sqlite_client.post("/users/zh/generate", json=long, headers=bearer(key)).status_code == 422
