@@ -166,10 +166,7 @@ class Preparer:
         alone does not fit). Returns the context actually used (the response lists those items)."""
         ids = self._encode(spec, ctx)
         while len(ids) > budget and (ctx.retrieved or ctx.profile is not None):
-            if ctx.retrieved:
-                ctx = replace(ctx, retrieved=ctx.retrieved[:-1])
-            else:
-                ctx = replace(ctx, profile=None)
+            ctx = replace(ctx, retrieved=ctx.retrieved[:-1]) if ctx.retrieved else replace(ctx, profile=None)
             ids = self._encode(spec, ctx)
         return tuple(ids), ctx
 

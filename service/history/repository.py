@@ -213,6 +213,13 @@ def iter_items(session: Session, owner: Owner, *, page: int = 500) -> Iterator[H
         after = rows[-1].id
 
 
+def latest_items(session: Session, owner: Owner, n: int) -> list[HistoryRecord]:
+    """The user's `n` most recent items, in append order (only those are read and opened)."""
+    seal = seal_of(session, owner.storage_key)
+    stmt = select(HistoryItem).where(HistoryItem.user_pk == owner.pk).order_by(HistoryItem.id.desc()).limit(n)
+    return [_record(seal, r) for r in reversed(list(session.scalars(stmt)))]
+
+
 def all_items(session: Session, owner: Owner, *, up_to_id: int | None = None) -> list[HistoryRecord]:
     """The user's items in append order (the order retrieval and training see)."""
     seal = seal_of(session, owner.storage_key)

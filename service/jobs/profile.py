@@ -23,13 +23,22 @@ PROFILE_MAX_NEW_TOKENS = 160
 async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> ProfileOut:
     factory = preparer.session_factory
 
+    max_new_tokens = min(PROFILE_MAX_NEW_TOKENS, preparer.settings.max_new_tokens_cap)
+
     def read() -> tuple[UserRef, str]:
         with unit_of_work(factory) as session:
             user = authorize_user(session, caller, user_id)
-            items = history_repo.all_items(session, user)[-PROFILE_SAMPLE:]
-            if not items:
-                raise Unprocessable("the user has no history to profile")
-            return user, build_profile_prompt([history.snapshot(i) for i in items])
+            items = [history.snapshot(i) for i in history_repo.latest_items(session, user, PROFILE_SAMPLE)]
+        if not items:
+            raise Unprocessable("the user has no history to profile")
+        # The oldest of the sample go until the prompt fits the model's context in tokens (items are clipped in
+        # characters: in some scripts a character is a token or more).
+        budget = preparer.engine.limits.context_length - max_new_tokens
+        prompt = build_profile_prompt(items)
+        while len(items) > 1 and len(preparer.codec.encode_chat([{"role": "user", "content": prompt}])) > budget:
+            items = items[1:]
+            prompt = build_profile_prompt(items)
+        return user, prompt
 
     user, prompt = await run_in_threadpool(read)
     spec = GenerationSpec(
@@ -37,7 +46,7 @@ async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> 
         prompt=(ChatTurn("user", prompt),),
         personalization=Personalization(),  # the base model (+ shared LoRA): no user adapter, no context
         sampling=SamplingOptions(
-            max_new_tokens=min(PROFILE_MAX_NEW_TOKENS, preparer.settings.max_new_tokens_cap), temperature=0.0, seed=0
+            max_new_tokens=max_new_tokens, temperature=0.0, seed=0
         ),
     )
     (done,) = await generation.complete(preparer, spec)

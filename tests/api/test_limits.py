@@ -41,3 +41,17 @@ def test_the_context_the_server_adds_is_trimmed_to_the_models_context(sqlite_cli
     # What the caller sent is never cut: too long alone is still 422.
     long = {"prompt": "你好" * 3000, "max_new_tokens": 1, "retrieval_k": 0}
     assert sqlite_client.post("/users/zh/generate", json=long, headers=bearer(key)).status_code == 422
+
+
+def test_a_generated_profile_samples_the_latest_items_that_fit_the_context(sqlite_client: TestClient) -> None:
+    # 20 items clipped to 300 characters: a CJK history's profile prompt was ~15k tokens against 2048, so such
+    # a user could never get a generated profile (422 every time).
+    from tests.conftest import admin_headers
+
+    cjk = "".join(chr(0x4E00 + (i * 37) % 20000) for i in range(400))
+    key = create_user(sqlite_client, "zhp")
+    items = [{"output": f"{i} {cjk}"} for i in range(20)]
+    assert sqlite_client.post("/users/zhp/history", json={"items": items}, headers=bearer(key)).status_code == 201
+    r = sqlite_client.post("/admin/users/zhp/profile/generate", headers=admin_headers())
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["source"] == "generated"
