@@ -169,8 +169,11 @@ def load_trainer(path: Path) -> Any:
 Trainer = tuple[LoadedModel, Any, Any]  # (model, config, train function)
 
 
-def trainers(dtype: str, models: dict[str, LoadedModel], baseline: Any = None) -> dict[str, Trainer]:
-    """(model, config, train function) of the old, the baseline (if given) and the new trainer for one dtype."""
+def trainers(
+    dtype: str, models: dict[str, LoadedModel], baseline: Any = None, top_layers: int = 0
+) -> dict[str, Trainer]:
+    """(model, config, train function) of the old, the baseline (if given), the new trainer and (top_layers > 0)
+    the new one with LoRA in the last `top_layers` decoder layers only, for one dtype."""
     new = LoraTrainConfig.from_settings(Settings(dtype=dtype), stage="user")
     old = replace(new, share_prefix=False, fast_dropout=False, fast_lora=False)
     served = models["bfloat16"] if dtype == "bfloat16" else models["float32"]
@@ -186,6 +189,8 @@ def trainers(dtype: str, models: dict[str, LoadedModel], baseline: Any = None) -
             baseline.train_lora,
         )
     out["new"] = (served, new, train_lora)
+    if top_layers:
+        out["top"] = (served, replace(new, top_layers=top_layers), train_lora)
     return out
 
 
@@ -204,12 +209,37 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out | {"users": rows}
 
 
+def paired(rows: list[dict[str, Any]], against: list[dict[str, Any]], draws: int = 10_000) -> dict[str, Any]:
+    """Dev MAE of `rows` minus `against`'s, user by user (first round), with a 95% bootstrap interval that
+    resamples users (each user's 8 dev items stay together)."""
+    import random
+
+    mine = {r["user"]: r["dev_mae"] for r in rows if r["round"] == 0 and "dev_mae" in r}
+    theirs = {r["user"]: r["dev_mae"] for r in against if r["round"] == 0 and "dev_mae" in r}
+    diffs = [mine[u] - theirs[u] for u in mine if u in theirs]
+    if not diffs:
+        return {}
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(draws))
+    return {
+        "users": len(diffs),
+        "mean_diff": round(statistics.fmean(diffs), 4),
+        "user_ci95": [round(means[int(0.025 * draws)], 4), round(means[int(0.975 * draws) - 1], 4)],
+        "worse_for_users": sum(d > 0 for d in diffs),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=3)
     parser.add_argument("--items", default="24,100", help="history lengths, comma separated")
     parser.add_argument("--dtypes", default="auto", help="bf16,fp32 (auto: bf16 only where native, and fp32)")
-    parser.add_argument("--trainers", default="old,new", help="old, before (needs --baseline-trainer), new")
+    parser.add_argument(
+        "--trainers", default="old,new", help="old, before (needs --baseline-trainer), new, top (needs --top-layers)"
+    )
+    parser.add_argument(
+        "--top-layers", type=int, default=0, help="the 'top' rows: the new trainer with LoRA in the last N layers only"
+    )
     parser.add_argument("--baseline-trainer", type=Path, default=None, help="an earlier trainer.py: the 'before' rows")
     parser.add_argument("--no-quality", action="store_true", help="skip the dev MAE")
     parser.add_argument("--warmup", action="store_true", help="one untimed training per row before the timed ones")
@@ -255,7 +285,7 @@ def main() -> None:
             if not args.no_quality:
                 mae = [dev_mae(models[dtype], None, s, history(s)) for s in splits]
                 base_mae[f"{items}_{dtype}"] = round(statistics.fmean(mae), 4)
-            options = trainers(dtype, models, baseline)
+            options = trainers(dtype, models, baseline, args.top_layers)
             if args.warmup:  # one untimed run: the trainers below all find a warm process (kernels, allocator)
                 lm, config, train = options["new"]
                 examples = build_user_examples(history(splits[0]), k=1)
@@ -271,12 +301,18 @@ def main() -> None:
                 lm, config, train = options[name]
                 report["results"][f"{items}_items/{dtype}/{name}"] = summary(trained[name])
                 print(json.dumps({k: v for k, v in summary(trained[name]).items() if k != "users"}), flush=True)
+                if not args.no_quality and name != "new" and "new" in trained:
+                    report["results"][f"{items}_items/{dtype}/{name}"]["dev_mae_vs_new"] = paired(
+                        trained[name], trained["new"]
+                    )
                 if args.profile and name == "new":
                     report["results"][f"{items}_items/{dtype}/{name}"]["profile"] = profile_one(
                         lm, splits[0], config, train
                     )
     if base_mae:
         report["dev_mae_base_model_no_adapter"] = base_mae
+    if args.top_layers:
+        report["top_layers"] = args.top_layers
     report["machine_after"] = machine_record(dtype=",".join(dtypes))
     text = json.dumps(report, indent=1)
     if args.out:

@@ -93,6 +93,9 @@ class LoraTrainConfig:
     # the answer positions only, LoRA A matmuls shared) instead of HF's modules: the same loss and gradients.
     # On where it can run: the models it supports, unpacked rows, and dropout off or shared (fast_dropout).
     fused_forward: bool = True
+    # LoRA in the model's last `top_layers` decoder layers only (0: every layer). Below the lowest adapted
+    # layer nothing needs a gradient, so the backward pass stops there.
+    top_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_seq_len < 2 or self.min_steps < 0:
@@ -101,6 +104,8 @@ class LoraTrainConfig:
             raise ValueError("need target modules, 0 <= warmup_ratio < 1 and lr > 0")
         if not 0.0 <= self.dropout < 1.0 or self.alpha <= 0 or self.max_grad_norm <= 0:
             raise ValueError("need 0 <= dropout < 1, alpha > 0 and max_grad_norm > 0")
+        if self.top_layers < 0:
+            raise ValueError("top_layers must be >= 0 (0: every layer)")
 
     def epochs_for(self, examples: int) -> int:
         """Epochs actually run: `epochs`, or more until `min_steps` optimizer steps are reached."""
@@ -129,6 +134,7 @@ class LoraTrainConfig:
             lr=s.train_user_lr,
             epochs=s.train_user_epochs,
             min_steps=s.train_user_min_steps,
+            top_layers=s.train_user_top_layers,
         )
 
     @classmethod
@@ -388,9 +394,11 @@ def _wrap(model: Any, config: LoraTrainConfig, device: torch.device) -> tuple[An
         attn = "eager"
     if attn != "auto" and hasattr(work, "set_attn_implementation"):
         work.set_attn_implementation(attn)
+    n_layers = int(work.config.num_hidden_layers)
+    layers = list(range(max(0, n_layers - config.top_layers), n_layers)) if config.top_layers else None
     lora = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
-        target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+        target_modules=list(config.target_modules), task_type="CAUSAL_LM", layers_to_transform=layers,
     )  # fmt: skip
     peft_model = get_peft_model(work, lora)
     amp = autocast_dtype(config, device) is not None

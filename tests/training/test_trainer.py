@@ -363,6 +363,7 @@ def test_paper_defaults() -> None:
         {"alpha": 0.0},
         {"max_grad_norm": 0.0},
         {"batch_size": 0},
+        {"top_layers": -1},
     ],
 )
 def test_a_config_that_cannot_train_is_refused_when_made(bad: dict[str, Any]) -> None:
@@ -410,3 +411,19 @@ def test_fast_dropout_is_the_default_in_every_dtype_and_can_be_turned_off(lm: Lo
     assert len(_wrap(lm.model, LoraTrainConfig(mixed_precision="bf16"), cpu)[1]) > 0
     assert _wrap(lm.model, LoraTrainConfig(mixed_precision="no", fast_dropout=False), cpu)[1] == []
     assert _wrap(lm.model, LoraTrainConfig(mixed_precision="no", dropout=0.0), cpu)[1] == []
+
+
+def test_top_layers_trains_lora_in_the_last_layers_only_and_it_serves(lm: LoadedModel, fresh: Any) -> None:
+    assert LoraTrainConfig.from_settings(Settings(train_user_top_layers=2), stage="user").top_layers == 2
+    assert LoraTrainConfig.from_settings(Settings(train_user_top_layers=2), stage="shared").top_layers == 0
+    layers = int(lm.model.config.num_hidden_layers)
+    out = train_lora(
+        lm.model, lm.tokenizer, [WORD], replace(MEMORISE, top_layers=1), base_model_name="tiny-base"
+    )
+    weights = read_adapter_files(out.files, max_scale=256.0)
+    assert weights.modules and {p.split(".")[2] for p in weights.modules} == {str(layers - 1)}
+    assert json.loads(out.files["adapter_config.json"])["layers_to_transform"] == [layers - 1]
+    base_answer = _greedy(fresh, lm.tokenizer, WORD.prompt)
+    originals = merge_lora(fresh, weights)
+    assert _greedy(fresh, lm.tokenizer, WORD.prompt) != base_answer  # it trained, and merges where it trained
+    unmerge(fresh, originals)
