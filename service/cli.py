@@ -6,12 +6,15 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from sqlalchemy.engine import make_url
 
 from service.config import Settings, describe_invalid, get_settings
+from service.errors import ServiceError
 
 if TYPE_CHECKING:
     from service.adapters.store import AdapterStore
@@ -131,8 +134,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "model": args.model,
         "split": args.split,
     }
-    overrides = {**parse_settings(args.set), **{k: v for k, v in options.items() if v is not None}}
-    config = preset_config(args.preset, progress=True, **overrides)
+    try:
+        overrides = {**parse_settings(args.set), **{k: v for k, v in options.items() if v is not None}}
+        config = preset_config(args.preset, progress=True, **overrides)
+    except (ValueError, TypeError) as exc:  # an unknown --set field or a value of the wrong kind
+        print(f"oppu eval: {exc}", file=sys.stderr)
+        return 2
+    if args.data is not None and not Path(args.data).is_dir():
+        print(f"oppu eval: --data {args.data} is not a folder (MovieLens latest-small)", file=sys.stderr)
+        return 2
     run_dir = args.out + ".run"  # per-user results land here as they finish; --resume continues from it
     report = run_eval(config, data_dir=args.data, settings=get_settings(), run_dir=run_dir, resume=args.resume)
     write_report(report, args.out)
@@ -249,13 +259,21 @@ def _rotate_master(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oppu", description="Personal LLM server (one PEFT per user)")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--log-level", default="info")
+    levels = ["critical", "error", "warning", "info", "debug", "trace"]  # uvicorn's
+    serve.add_argument("--log-level", default="info", choices=levels)
     serve.add_argument("--migrate", action="store_true", help="run migrations first (always on SQLite)")
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("migrate", help="upgrade the database to the latest schema").set_defaults(func=cmd_migrate)
@@ -302,7 +320,9 @@ def _add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     rotate = keys_sub.add_parser("rotate-master", help="new master key; re-wrap every data key online")
     rotate.add_argument("--resume", action="store_true", help="finish an interrupted rotation (no new key)")
     rotate.add_argument("--retire-old", action="store_true", help="then drop master keys no data key uses")
-    rotate.add_argument("--settle-s", type=float, default=5.0, help="wait, then one more pass (running replicas)")
+    rotate.add_argument(
+        "--settle-s", type=_non_negative, default=5.0, help="wait, then one more pass (running replicas)"
+    )
     keys_sub.add_parser("seal-existing", help="seal a plaintext deployment in place (resumable)")
     rotate_user = keys_sub.add_parser("rotate-user", help="a new data key for one user; re-seal their data")
     rotate_user.add_argument("user_id")
@@ -318,6 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.title != Settings.__name__:  # only the environment's settings are the operator's input here
             raise
         print(describe_invalid(exc), file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # a value the environment source cannot parse (a list not in JSON form)
+        print(f"invalid settings: {exc} (list settings are JSON: '[\"q_proj\", \"v_proj\"]')", file=sys.stderr)
+        return 2
+    except ServiceError as exc:  # the operator's input refused as an API client's would be (a user that exists)
+        print(f"oppu: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     return result
 

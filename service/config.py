@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The shared task LoRA's shape (OPPU stage 1; training/trainer.LoraTrainConfig.shared_default): here so that the
+# settings can check it against the adapter limits every published version must pass.
+SHARED_LORA_TARGETS = ("q_proj", "k_proj", "v_proj")
+SHARED_LORA_RANK = 8
+SHARED_LORA_ALPHA = 8.0
 
 
 class Settings(BaseSettings):
@@ -173,7 +178,33 @@ class Settings(BaseSettings):
             raise ValueError("adapter_slots and batch_max_size must be >= 1")
         if self.max_batch_tokens < self.batch_max_size:
             raise ValueError("max_batch_tokens must be >= batch_max_size (one token per running row)")
+        if self.default_max_new_tokens >= self.max_model_len:
+            raise ValueError("max_model_len must be above default_max_new_tokens (a request needs a prompt token)")
+        self._check_training_fits_adapter_limits()
         return self
+
+    def _check_training_fits_adapter_limits(self) -> None:
+        """What the server trains must pass the limits it publishes under (else every retrain trains in full,
+        is refused at publish and retried)."""
+        problems = []
+        for stage, targets, rank, alpha in (
+            ("train_user", self.train_user_target_modules, self.train_user_rank, self.train_user_alpha),
+            ("the shared task LoRA", SHARED_LORA_TARGETS, SHARED_LORA_RANK, SHARED_LORA_ALPHA),
+        ):
+            outside = sorted(set(targets) - set(self.adapter_target_modules))
+            if outside:
+                problems.append(f"{stage} targets {outside}, not in adapter_target_modules")
+            if rank > self.adapter_max_rank:
+                problems.append(f"{stage} rank {rank} is above adapter_max_rank {self.adapter_max_rank}")
+            if alpha / rank > self.adapter_max_scale:
+                problems.append(f"{stage} scale {alpha / rank:g} is above adapter_max_scale {self.adapter_max_scale:g}")
+        if self.engine == "vllm" and self.train_user_rank + SHARED_LORA_RANK > self.vllm_max_lora_rank:
+            problems.append(
+                f"vllm_max_lora_rank {self.vllm_max_lora_rank} is below train_user_rank + the shared LoRA's rank "
+                f"({self.train_user_rank} + {SHARED_LORA_RANK})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def with_overrides(self, **changes: object) -> Settings:
         """A copy with some fields changed, validated like values from the environment (types coerced,

@@ -18,9 +18,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # than concurrent requests, requests holding the SQLite write lock can starve waiting for one.
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_concurrency + 16
     state = await anyio.to_thread.run_sync(composition.app_state, settings, app.state.metrics)
-    composition.start(state)
-    app.state.oppu = state
-    try:
+    try:  # a start that fails half-way stops what it started (threads, the job runner): the process can exit
+        composition.start(state)
+        app.state.oppu = state
         yield
     finally:
         composition.stop(state)

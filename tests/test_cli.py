@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from tests.models import MODEL_CACHE_DIR
@@ -140,3 +141,29 @@ def test_idle_connections_do_not_lock_out_requests(tmp_path: Path, tiny_model_pa
         finally:
             for sock in idle:
                 sock.close()
+
+
+def test_operator_mistakes_are_one_line_and_exit_2_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+    from service.config import get_settings
+
+    for name in [k for k in os.environ if k.startswith("OPPU_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OPPU_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 0
+        assert main(["create-user", "alice"]) == 0
+        assert main(["create-user", "alice"]) == 2  # exists: was a Conflict traceback
+        assert main(["create-user", "bad/id"]) == 2
+        assert main(["eval", "movielens", "--out", str(tmp_path / "r.json"), "--set", "bogus=1"]) == 2
+        assert main(["eval", "movielens", "--out", str(tmp_path / "r.json"), "--data", str(tmp_path / "no")]) == 2
+        monkeypatch.setenv("OPPU_ADAPTER_TARGET_MODULES", "q_proj,v_proj")  # not JSON: was a SettingsError traceback
+        get_settings.cache_clear()
+        assert main(["create-user", "bob"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "conflict" in err.lower() and "invalid settings" in err
+    finally:
+        get_settings.cache_clear()

@@ -145,3 +145,32 @@ def test_plaintext_lora_folders_on_disk_are_said_when_sealing_is_on(
     assert where == tmp_path / "vllm-loras"
     assert "on disk" in caplog.text and "system temp dir" in caplog.text
     tempfiles._warn_no_memory_dir.cache_clear()
+
+
+def test_a_start_that_fails_half_way_stops_what_it_started(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # start() ran before the lifespan's try/finally: after a failure past the engine's start the engine thread,
+    # the reaper and the job runner kept running, and the process could not exit after "startup failed".
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+    from tests.conftest import make_settings
+
+    def failing_poller(*_: object, **__: object) -> None:
+        raise RuntimeError("database unavailable")
+
+    monkeypatch.setattr(composition, "start_polling", failing_poller)
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    from service.db.migrate import upgrade
+
+    upgrade(db_url)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="database unavailable"), TestClient(
+        create_app(make_settings(tmp_path, db_url, str(tiny_model_path)))
+    ):
+        pass
+    deadline = time.monotonic() + 5
+    while left := [t.name for t in set(threading.enumerate()) - before if t.is_alive() and t.name.startswith("oppu")]:
+        assert time.monotonic() < deadline, left
+        time.sleep(0.05)

@@ -79,3 +79,45 @@ def test_the_command_line_names_the_variable_without_a_traceback_or_the_value(tm
     assert "invalid settings:" in done.stderr and "OPPU_QUEUE_MAX: " in done.stderr
     assert "Traceback" not in done.stderr and "s3cret-looking-value" not in done.stderr + done.stdout
     assert not (tmp_path / "data").exists()  # nothing was started or created
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"train_user_rank": 8, "adapter_max_rank": 4}, "above adapter_max_rank"),
+        ({"adapter_target_modules": ["q_proj", "v_proj"]}, "not in adapter_target_modules"),
+        ({"train_user_alpha": 4096.0}, "above adapter_max_scale"),
+        ({"engine": "vllm", "vllm_max_lora_rank": 8}, "vllm_max_lora_rank"),
+        ({"max_model_len": 48}, "max_model_len must be above default_max_new_tokens"),
+    ],
+)
+def test_settings_that_every_retrain_or_request_would_fail_on_are_refused_at_start(
+    changes: dict[str, object], says: str
+) -> None:
+    # Each was accepted: every retrain then trained in full, was refused at publish and retried; or every
+    # request without max_new_tokens was 422.
+    with pytest.raises(ValidationError, match=says):
+        Settings(**changes)  # type: ignore[arg-type]
+    Settings(train_user_rank=8, adapter_max_rank=8)  # at the limit: fine
+
+
+def test_every_setting_is_in_the_readmes_settings_table() -> None:
+    # Seven were missing (OPPU_TORCH_THREADS, OPPU_TRAIN_BATCH_SIZE, ...): a table row names a variable whole
+    # (`OPPU_X`) or as a suffix of the one before it in the cell (`OPPU_TRAIN_USER_EPOCHS` / `_LR`).
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text[text.index("## Settings") : text.index("## Layout")]
+    documented: set[str] = set()
+    for line in table.splitlines():
+        if not line.startswith("| `OPPU_"):
+            continue
+        stem = ""
+        for token in re.findall(r"`([A-Z0-9_]+)`", line.split("|")[1]):
+            if token.startswith("OPPU_"):
+                stem = token[5:].lower()
+                documented.add(stem)
+                continue
+            parts = stem.split("_")
+            documented |= {"_".join(parts[:i]) + token.lower() for i in range(len(parts), 0, -1)}
+    assert sorted(set(Settings.model_fields) - documented) == []

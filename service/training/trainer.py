@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from service.adapters.peft_format import PEFT_FILES
-from service.config import Settings
+from service.config import SHARED_LORA_ALPHA, SHARED_LORA_RANK, SHARED_LORA_TARGETS, Settings
 from service.inference.cpu import choose_dtype
 from service.inference.threads import release_pool
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
@@ -140,7 +140,7 @@ class LoraTrainConfig:
     @classmethod
     def shared_default(cls) -> LoraTrainConfig:
         """OPPU stage 1 (the task LoRA over all users): q/k/v, 3 epochs."""
-        return cls(target_modules=("q_proj", "k_proj", "v_proj"), epochs=3)
+        return cls(target_modules=SHARED_LORA_TARGETS, rank=SHARED_LORA_RANK, alpha=SHARED_LORA_ALPHA, epochs=3)
 
     @classmethod
     def user_default(cls) -> LoraTrainConfig:
