@@ -123,29 +123,20 @@ def mark_failed(session: Session, job_id: str, attempt: int | None, error: str, 
     return _cas(session, job_id, _owned(attempt), status="failed", error=error, finished_at=now)
 
 
+def _stale(attempt: int, stale_before: datetime) -> ColumnElement[bool]:
+    """Still that attempt and still without a heartbeat since `stale_before` (one that landed: its worker lives)."""
+    return _owned(attempt) & (Job.heartbeat_at < stale_before)
+
+
 def fail_stale(session: Session, job_id: str, attempt: int, error: str, stale_before: datetime, now: datetime) -> bool:
-    """The reaper's end of a job whose worker died on its last attempt: failed, only if still that attempt and
-    still stale (a heartbeat that landed since means its worker lives)."""
-    return _cas(
-        session,
-        job_id,
-        _owned(attempt) & (Job.heartbeat_at < stale_before),
-        status="failed",
-        error=error,
-        finished_at=now,
-    )
+    """The reaper's end of a job whose worker died on its last attempt: failed, only while _stale."""
+    return _cas(session, job_id, _stale(attempt, stale_before), status="failed", error=error, finished_at=now)
 
 
 def requeue_stale(session: Session, job_id: str, attempt: int, stale_before: datetime, now: datetime) -> bool:
     """The reaper's takeover of a running job whose worker died: back to queued (marked, so the next tick
-    does not enqueue it again), only if still that attempt and still stale."""
-    return _cas(
-        session,
-        job_id,
-        _owned(attempt) & (Job.heartbeat_at < stale_before),
-        status="queued",
-        requeued_at=now,
-    )
+    does not enqueue it again), only while _stale."""
+    return _cas(session, job_id, _stale(attempt, stale_before), status="queued", requeued_at=now)
 
 
 def touch_queued(session: Session, job_id: str, requeue_before: datetime, now: datetime) -> bool:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from service.adapters import repository as repo
 from service.adapters import service
@@ -59,71 +60,57 @@ def _version(version: int) -> Adapter:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _pg_fresh_schema_url()
+def pg_factory() -> Iterator[sessionmaker[Session]]:
+    for url in _pg_fresh_schema_url():
+        upgrade(url)
+        engine = make_engine(url)
+        yield make_session_factory(engine)
+        engine.dispose()
 
 
-def test_a_rollback_racing_a_delete_never_points_current_at_a_gone_version(pg_url: str) -> None:
-    # The rollback read its target before it locked the head: a delete committing in between left current
-    # naming a version with no row (the user served the base model, GET /adapter 404, the rollback 200).
-    url = pg_url
-    upgrade(url)
-    engine = make_engine(url)
-    factory = make_session_factory(engine)
-    with factory() as s:
-        for v in (1, 2):
-            assert repo.allocate_version(s, OWNER, None) == v
-            repo.add(s, _version(v))
-        repo.set_current(s, OWNER, 2)
-        s.commit()
-    deleter = factory()
-    service.delete(deleter, None, OWNER)  # type: ignore[arg-type]  # rows gone, head locked, not committed
-    result: dict[str, object] = {}
+def _while_first_holds(factory: sessionmaker[Session], first: Session, second: Callable[[Session], object]) -> object:
+    """`second` in its own session and thread, started while `first` holds its locks, which commits 1 s later:
+    what `second` returned (committed), or the exception it raised."""
+    out: list[object] = []
 
-    def admin_rollback() -> None:
+    def run() -> None:
         with factory() as s:
             try:
-                result["out"] = service.rollback(s, OWNER, 1)  # reads v1, then waits for the head's lock
-                s.commit()
-            except NotFound as exc:
-                result["refused"] = exc
-
-    thread = threading.Thread(target=admin_rollback)
-    thread.start()
-    time.sleep(1.0)
-    deleter.commit()
-    deleter.close()
-    thread.join(30)
-    assert "refused" in result, result
-    with factory() as s:
-        head = repo.head(s, OWNER)
-        assert head is not None and head.current_version is None
-    engine.dispose()
-
-
-def test_an_owners_first_two_publishes_at_once_both_get_a_version(pg_url: str) -> None:
-    # Neither saw a head row, both inserted one: the second's IntegrityError was taken for "the user is gone"
-    # (the upload answered 404).
-    upgrade(pg_url)
-    engine = make_engine(pg_url)
-    factory = make_session_factory(engine)
-    first = factory()
-    assert repo.allocate_version(first, OWNER, None) == 1  # its head insert is not committed yet
-    got: dict[str, object] = {}
-
-    def second_publish() -> None:
-        with factory() as s:
-            try:
-                got["version"] = repo.allocate_version(s, OWNER, None)  # waits on the first's insert
+                out.append(second(s))
                 s.commit()
             except Exception as exc:
-                got["error"] = exc
+                out.append(exc)
 
-    thread = threading.Thread(target=second_publish)
+    thread = threading.Thread(target=run)
     thread.start()
     time.sleep(1.0)
     first.commit()
     first.close()
     thread.join(30)
-    assert got == {"version": 2}
-    engine.dispose()
+    return out[0]
+
+
+def test_a_rollback_racing_a_delete_never_points_current_at_a_gone_version(pg_factory: sessionmaker[Session]) -> None:
+    # The rollback read its target before it locked the head: a delete committing in between left current
+    # naming a version with no row (the user served the base model, GET /adapter 404, the rollback 200).
+    with pg_factory() as s:
+        for v in (1, 2):
+            assert repo.allocate_version(s, OWNER, None) == v
+            repo.add(s, _version(v))
+        repo.set_current(s, OWNER, 2)
+        s.commit()
+    deleter = pg_factory()
+    service.delete(deleter, None, OWNER)  # type: ignore[arg-type]  # rows gone, head locked, not committed
+    # the rollback reads v1, then waits for the head's lock
+    assert isinstance(_while_first_holds(pg_factory, deleter, lambda s: service.rollback(s, OWNER, 1)), NotFound)
+    with pg_factory() as s:
+        head = repo.head(s, OWNER)
+        assert head is not None and head.current_version is None
+
+
+def test_an_owners_first_two_publishes_at_once_both_get_a_version(pg_factory: sessionmaker[Session]) -> None:
+    # Neither saw a head row, both inserted one: the second's IntegrityError was taken for "the user is gone"
+    # (the upload answered 404).
+    first = pg_factory()
+    assert repo.allocate_version(first, OWNER, None) == 1  # its head insert is not committed yet
+    assert _while_first_holds(pg_factory, first, lambda s: repo.allocate_version(s, OWNER, None)) == 2
