@@ -151,7 +151,11 @@ class _ReadAhead:
         self._arrived, self._taken, self.gone = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def pump(self) -> None:
+        complete = False  # the body's last part arrived: the server's next message is the disconnect
         while (message := await self._receive())["type"] != "http.disconnect":
+            if complete:  # more after the last part (a test double repeating it): not read ahead, parked
+                await asyncio.Event().wait()
+            complete = not message.get("more_body", False)
             self._inbox.append(message)
             self._buffered += len(message.get("body", b""))
             self._arrived.set()

@@ -327,3 +327,27 @@ def test_a_large_unread_body_is_not_read_ahead_past_the_pump_buffer() -> None:
         return calls
 
     assert asyncio.run(main()) <= 3  # two chunks fill the buffer, the third waits for the handler
+
+
+def test_a_server_that_repeats_the_last_body_part_is_not_read_ahead_without_end() -> None:
+    # A receive that answers the request again and again (some ASGI test doubles) filled the read-ahead
+    # without bound (empty bodies count 0 bytes): 19 GB in one test before the OOM killer.
+    async def main() -> int:
+        calls = 0
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            assert (await receive())["type"] == "http.request"
+            await asyncio.sleep(0.1)
+
+        async def receive() -> Message:
+            nonlocal calls
+            calls += 1
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            pass
+
+        await CancelOnDisconnect(app)({"type": "http"}, receive, send)
+        return calls
+
+    assert asyncio.run(main()) <= 2

@@ -582,7 +582,7 @@ def test_an_attempt_stuck_where_it_never_reports_still_times_out(
     worker.start()
     try:
         deadline = time.monotonic() + 10
-        while job_row(ctx, job_id).status == "running" or job_row(ctx, job_id).status == "queued":
+        while job_row(ctx, job_id).status in ("queued", "running"):
             assert time.monotonic() < deadline, "the stuck attempt never timed out"
             time.sleep(0.05)
         job = job_row(ctx, job_id)
