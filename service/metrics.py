@@ -95,8 +95,8 @@ class SqlStateCollector(Collector):
             with self._factory() as session:
                 for status, n in job_repo.count_by_status(session).items():
                     jobs.add_metric([status], n)
-                for outcome, values in job_repo.finished_durations(session).items():
-                    durations.add_metric([outcome], sum(values) / len(values))
+                for outcome, mean in job_repo.mean_durations(session).items():
+                    durations.add_metric([outcome], mean)
                 stale.add_metric([], adapter_repo.count_stale_current(session))
         except (SQLAlchemyError, OSError) as exc:
             # The database is down: the other series (engine, HTTP, vLLM's) are what an operator needs most now.

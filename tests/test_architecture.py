@@ -106,7 +106,7 @@ GLOBAL_QUERIES = {
         "queued_before": "the reaper re-enqueues queued jobs whose message may be lost (all owners)",
         "unfinished": "embedded start-up recovery of this process's jobs",
         "count_by_status": "/metrics",
-        "finished_durations": "/metrics",
+        "mean_durations": "/metrics",
     },
     "notices/repository.py": {
         "after": "every replica applies every owner's notices (the outbox poller)",
