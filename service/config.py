@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -169,6 +169,20 @@ class Settings(BaseSettings):
     # besides the Redis pub/sub fast path: a notice sent while Redis is down still arrives within this time.
     notice_poll_s: float = Field(2.0, gt=0)  # 0 would poll in a tight loop
     notice_keep_s: float = Field(3600.0, ge=0)  # older notices are deleted (a replica down longer resyncs at start)
+
+    @field_validator("master_key")
+    @classmethod
+    def _master_key_parses(cls, value: SecretStr | None) -> SecretStr | None:
+        """Checked here, not when the keyring is opened (a traceback after the keyring file was made); the
+        message never quotes the value."""
+        from service.sealing.kek import Keyset  # the format's one owner
+
+        if value is not None and value.get_secret_value():
+            try:
+                Keyset.parse(value.get_secret_value())
+            except Exception:
+                raise ValueError("not a master key (base64 of 32 random bytes, or a keyset file's JSON)") from None
+        return value
 
     @model_validator(mode="after")
     def _bounds(self) -> Settings:

@@ -121,3 +121,13 @@ def test_every_setting_is_in_the_readmes_settings_table() -> None:
             parts = stem.split("_")
             documented |= {"_".join(parts[:i]) + token.lower() for i in range(len(parts), 0, -1)}
     assert sorted(set(Settings.model_fields) - documented) == []
+
+
+def test_a_malformed_inline_master_key_is_refused_at_start_without_quoting_it() -> None:
+    import base64
+
+    for bad in ("not-base64!!", base64.b64encode(b"short").decode()):
+        with pytest.raises(ValidationError) as info:
+            Settings(master_key=bad)
+        assert "not a master key" in describe_invalid(info.value) and bad not in describe_invalid(info.value)
+    Settings(master_key=base64.b64encode(os.urandom(32)).decode())
