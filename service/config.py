@@ -16,6 +16,9 @@ ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 SHARED_LORA_TARGETS = ("q_proj", "k_proj", "v_proj")
 SHARED_LORA_RANK = 8
 SHARED_LORA_ALPHA = 8.0
+# The longest gap between a notice's insert and its transaction's commit that the outbox poll covers
+# (notices/outbox.COMMIT_LAG_S): notices must be kept at least that long after a poll could have read them.
+NOTICE_COMMIT_LAG_S = 60.0
 
 
 class Settings(BaseSettings):
@@ -195,6 +198,11 @@ class Settings(BaseSettings):
         if self.default_max_new_tokens >= self.max_model_len:
             raise ValueError("max_model_len must be above default_max_new_tokens (a request needs a prompt token)")
         self._check_training_fits_adapter_limits()
+        if self.notice_keep_s < self.notice_poll_s + NOTICE_COMMIT_LAG_S:
+            raise ValueError(
+                f"notice_keep_s must be >= notice_poll_s + {NOTICE_COMMIT_LAG_S:g} s: notices pruned sooner can be "
+                "gone before another replica polls them (while Redis pub/sub is down)"
+            )
         return self
 
     def _check_training_fits_adapter_limits(self) -> None:

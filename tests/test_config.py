@@ -89,6 +89,7 @@ def test_the_command_line_names_the_variable_without_a_traceback_or_the_value(tm
         ({"train_user_alpha": 4096.0}, "above adapter_max_scale"),
         ({"engine": "vllm", "vllm_max_lora_rank": 8}, "vllm_max_lora_rank"),
         ({"max_model_len": 48}, "max_model_len must be above default_max_new_tokens"),
+        ({"notice_keep_s": 30.0}, "notice_keep_s must be >= notice_poll_s"),
     ],
 )
 def test_settings_that_every_retrain_or_request_would_fail_on_are_refused_at_start(

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.config import NOTICE_COMMIT_LAG_S
 from service.db.session import unit_of_work
 from service.jobs.queue import Listeners
 from service.notices import repository as repo
@@ -27,7 +28,7 @@ from service.sealing.session import sealer_of_factory
 
 log = logging.getLogger(__name__)
 ADAPTER, REVOKED, ERASED, KEYS = "adapter", "revoked", "erased", "keys"
-COMMIT_LAG_S = 60.0  # longest gap between a notice's insert and its transaction's commit that is covered
+COMMIT_LAG_S = NOTICE_COMMIT_LAG_S  # longest gap between a notice's insert and its transaction's commit covered
 PRUNE_EVERY_S = 60.0
 
 
