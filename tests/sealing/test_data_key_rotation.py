@@ -207,7 +207,9 @@ def _two_replicas(
     """Replica 1 runs the jobs; replica 2 shares the database, adapter store and keyring, and never hears the
     rotation's notice (its outbox poll is an hour away, and the in-process queue has no pub/sub)."""
     first = create_app(_settings(tmp_path, db_url, model))
-    second = create_app(_settings(tmp_path, db_url, model, key_recheck_s=second_recheck_s, notice_poll_s=3600.0))
+    second = create_app(
+        _settings(tmp_path, db_url, model, key_recheck_s=second_recheck_s, notice_poll_s=3600.0, notice_keep_s=7200.0)
+    )
     with (
         TestClient(first, raise_server_exceptions=False) as c1,
         TestClient(second, raise_server_exceptions=False) as c2,
