@@ -19,6 +19,7 @@ from service.adapters.peft_format import AdapterWeights, read_adapter_dir
 from service.adapters.slots import LoraSlots
 from service.engine.types import AdapterRef
 from service.errors import AdapterUnavailable
+from service.forgetting import InvalidationLog
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,8 @@ class AdapterCache:
         self._free = list(range(slots.num_slots, 0, -1))  # slot 0 is the base (all zeros)
         self._pins: Counter[AdapterKey] = Counter()
         self._loading: dict[AdapterKey, threading.Lock] = {}  # per-key single flight of disk reads
-        # drop_owner by number: a disk read that started before an owner's drop does not put its weights in
-        # host RAM after it (the latest DROPS_KEPT owners, and the newest number forgotten).
-        self._drops = 0
-        self._dropped_at: OrderedDict[str, int] = OrderedDict()
-        self._forgotten_upto = 0
+        # A disk read that started before an owner's drop does not put its weights in host RAM after it.
+        self._dropped = InvalidationLog(DROPS_KEPT)
         self._doomed: set[AdapterKey] = set()  # dropped while pinned: evicted when the last pin goes
 
     # --- introspection ---
@@ -139,11 +137,11 @@ class AdapterCache:
                     return weights
                 self._event("miss", "host")
                 with self._lock:
-                    since = self._drops
+                    since = self._dropped.token()
                 weights = self._load_disk(key)
                 with self._lock:
-                    dropped = max(self._dropped_at.get(key.owner_key, 0), self._forgotten_upto) > since
-                    if key not in self._host and not dropped:  # dropped meanwhile: used once, not kept
+                    # dropped meanwhile: used for this read once, not kept
+                    if key not in self._host and not self._dropped.since(key.owner_key, since):
                         self._admit_host(key, weights)
                 return weights
         finally:
@@ -257,11 +255,7 @@ class AdapterCache:
         """Forget an owner's entries (deleted adapter/user, or versions older than `keep`).
         Pinned slot entries stay until their last row ends, then go; a disk read in flight is not kept."""
         with self._lock:
-            self._drops += 1
-            self._dropped_at.pop(owner_key, None)
-            self._dropped_at[owner_key] = self._drops
-            while len(self._dropped_at) > DROPS_KEPT:
-                self._forgotten_upto = self._dropped_at.popitem(last=False)[1]
+            self._dropped.note(owner_key)
             for key in [k for k in self._host if k.owner_key == owner_key and k != keep]:
                 self._evict(key, "host")
             for key in [k for k in self._slot_of if k.owner_key == owner_key and k != keep]:

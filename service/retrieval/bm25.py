@@ -26,6 +26,7 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from service.forgetting import InvalidationLog
 from service.retrieval.tokenize import terms
 
 T = TypeVar("T")
@@ -343,11 +344,8 @@ class BM25Cache(Generic[T]):
         self._entries: OrderedDict[Hashable, tuple[Hashable, T, int]] = OrderedDict()
         self._bytes = 0
         self._builders: dict[Hashable, tuple[threading.Lock, int]] = {}  # user -> (lock, holders and waiters)
-        # Invalidations by number, so that a build that read the history before one (an erase) does not put
-        # its entry back after it: the latest INVALIDATIONS_KEPT users, and the newest number forgotten.
-        self._invalidations = 0
-        self._invalidated: OrderedDict[Hashable, int] = OrderedDict()
-        self._forgotten_upto = 0
+        # A build that read the history before an invalidation (an erase) does not put its entry back after it.
+        self._invalidated = InvalidationLog(INVALIDATIONS_KEPT)
 
     @property
     def nbytes(self) -> int:
@@ -371,12 +369,12 @@ class BM25Cache(Generic[T]):
         """Taken before a build reads the history; `put(..., since=token)` then stores nothing if the user was
         invalidated meanwhile."""
         with self._lock:
-            return self._invalidations
+            return self._invalidated.token()
 
     def put(self, user_key: Hashable, stamp: Hashable, value: T, nbytes: int = 0, *, since: int | None = None) -> bool:
         """Stores the entry; False (nothing stored) when `user_key` may have been invalidated after `since`."""
         with self._lock:
-            if since is not None and max(self._invalidated.get(user_key, 0), self._forgotten_upto) > since:
+            if since is not None and self._invalidated.since(user_key, since):
                 return False
             old = self._entries.pop(user_key, None)
             self._bytes += nbytes - (old[2] if old is not None else 0)
@@ -390,11 +388,7 @@ class BM25Cache(Generic[T]):
             old = self._entries.pop(user_key, None)
             if old is not None:
                 self._bytes -= old[2]
-            self._invalidations += 1
-            self._invalidated.pop(user_key, None)
-            self._invalidated[user_key] = self._invalidations
-            while len(self._invalidated) > INVALIDATIONS_KEPT:
-                self._forgotten_upto = self._invalidated.popitem(last=False)[1]
+            self._invalidated.note(user_key)
 
     @contextmanager
     def building(self, user_key: Hashable) -> Iterator[None]:
