@@ -13,7 +13,7 @@ import shutil
 import socket
 import tarfile
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -105,6 +105,7 @@ class FakeEngine:
         self._finish: FinishReason = finish
         self.calls: list[str] = []
         self.requests: list[EngineRequest] = []
+        self.on_reject: list[Callable[[str], None]] = []
 
     @property
     def model_name(self) -> str:

@@ -62,6 +62,11 @@ class Engine(Protocol):
         (`stream` still decides: a queue that fills a moment later is reported in-band)."""
         ...
 
+    @property
+    def on_reject(self) -> list[Callable[[str], None]]:
+        """Hooks told the reason of each refusal (`queue_errors`): metrics."""
+        ...
+
     def cancel_tenant(self, tenant: str, error: BaseException) -> int:
         """End every queued and running row of a tenant (its user was erased): each requester hears `error`.
         Returns how many rows were cancelled."""
@@ -170,9 +175,10 @@ Started = Literal["started", "keep", "dropped"]
 
 
 @contextlib.contextmanager
-def _queue_errors(on_reject: Sequence[Callable[[str], None]] = ()) -> Iterator[None]:
-    """The queue's refusals as the HTTP errors every engine answers (submit and check_room: one rule); each
-    refusal is reported to `on_reject` with its reason (per_user: 429, queue_full: 503)."""
+def queue_errors(on_reject: Sequence[Callable[[str], None]] = ()) -> Iterator[None]:
+    """The queue's refusals as the HTTP errors every engine answers (submit, check_room and the preparation
+    step's gate: one rule); each refusal is reported to `on_reject` with its reason (per_user: 429,
+    queue_full: 503)."""
     try:
         yield
     except TenantQueueFull as exc:
@@ -272,12 +278,12 @@ class EngineFront(Generic[R]):
     def submit(self, row: R) -> None:
         """Queue a row (any thread): 429 when its tenant's queue share is used up, 503 when the server's is."""
         check_fits(row.request, self.limits)
-        with _queue_errors(self.on_reject):
+        with queue_errors(self.on_reject):
             self._waiting.put(row.request.tenant, row)
         self._wake.set()
 
     def check_room(self, tenant: str, rows: int) -> None:
-        with _queue_errors(self.on_reject):
+        with queue_errors(self.on_reject):
             self._waiting.check_room(tenant, rows)
 
     def cancel(self, row: R, error: BaseException | None = None) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.adapters import service as adapters
 from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec
+from service.batching.prepare_gate import PrepareGate
 from service.config import Settings
 from service.db.session import unit_of_work
 from service.engine.base import Engine, check_fits
@@ -119,6 +120,8 @@ class Preparer:
         self.codec = codec
         self.engine = engine
         self.grammars = grammars
+        # A request being prepared holds a worker thread and a DB connection: one user's burst may not take them.
+        self.gate = PrepareGate(settings.prepare_per_user_max, settings.queue_per_user_max)
 
     def _sampling(self, spec: GenerationSpec) -> Resolved:
         if spec.candidates:  # scoring: prefill only
@@ -127,7 +130,7 @@ class Preparer:
 
     def prepare(self, spec: GenerationSpec) -> PreparedRequest:
         resolved = self._sampling(spec)
-        tenant = spec.user.storage_key if spec.user is not None else BASE_TENANT
+        tenant = tenant_of(spec)
         # Before retrieval and tokenising: a tenant whose queue share is used up costs no BM25 pass per request.
         self.engine.check_room(tenant, resolved.n)
         with unit_of_work(self.session_factory) as session:
@@ -185,6 +188,11 @@ class Preparer:
             return self.codec.encode_chat(_with_request(spec.prompt, request))
         except ChatTemplateRefused as exc:
             raise BadRequest(str(exc)) from exc
+
+
+def tenant_of(spec: GenerationSpec) -> str:
+    """The fair-queue tenant of a request: its user, whatever the route."""
+    return spec.user.storage_key if spec.user is not None else BASE_TENANT
 
 
 def _with_request(turns: Sequence[ChatTurn], request: str) -> list[dict[str, str]]:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from service.engine.base import collect
+from service.engine.base import collect, queue_errors
 from service.engine.types import Finished
 from service.errors import ServiceError
-from service.generation.prepare import GenerationSpec, PreparedRequest, Preparer
+from service.generation.prepare import GenerationSpec, PreparedRequest, Preparer, tenant_of
 from service.generation.schemas import (
     CandidateOut,
     GenerateIn,
@@ -62,8 +62,11 @@ Part = Delta | Completion
 
 
 async def prepare(preparer: Preparer, spec: GenerationSpec) -> PreparedRequest:
-    """SQL, retrieval and tokenizing happen off the event loop."""
-    return await run_in_threadpool(preparer.prepare, spec)
+    """SQL, retrieval and tokenizing happen off the event loop, at most `OPPU_PREPARE_PER_USER_MAX` of a
+    user's requests at once (the rest wait here, holding no thread or connection; 429 past the user's share)."""
+    with queue_errors(preparer.engine.on_reject):  # the gate's refusal; the step's own errors are ServiceErrors
+        async with preparer.gate.admit(tenant_of(spec)):
+            return await run_in_threadpool(preparer.prepare, spec)
 
 
 async def _row(preparer: Preparer, prepared: PreparedRequest, index: int) -> AsyncIterator[Part]:

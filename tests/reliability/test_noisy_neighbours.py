@@ -21,12 +21,18 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from transformers import LlamaForCausalLM
 
 from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from service.db.migrate import upgrade
+from service.db.models import User
+from service.db.session import unit_of_work
+from service.history import service as history_service
 from service.main import create_app
 from service.state import AppState
+from service.tenancy import UserRef
 from tests.conftest import ADMIN_KEY, live_server, make_settings
 from tests.factories import make_adapter
 
@@ -217,6 +223,61 @@ def test_h4_huge_chat_body_does_not_stall_the_server(env: Env) -> None:
     assert result["seconds"] < 5.0, result["seconds"]
 
 
+def test_h5_a_burst_of_stalled_preparations_holds_only_its_users_share(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 requests of one user whose preparation stalls holding a DB connection (as on their cold history
+    index being built): at most OPPU_PREPARE_PER_USER_MAX (4) are prepared at once, the rest wait holding no
+    connection, and the neighbours are served meanwhile (they waited for a pooled connection, then got 503
+    `database_busy`, while the burst held the whole pool)."""
+    key = new_user(env.base, "h5")
+    h5 = storage_key(env, "h5")
+    release = threading.Event()
+    stalled, most_stalled = [0], [0]
+    lock = threading.Lock()
+    real_retrieve = history_service.retrieve
+
+    def stalling_retrieve(session: Session, user: UserRef, *args: Any) -> list[Any]:
+        found = real_retrieve(session, user, *args)
+        if user.storage_key != h5:
+            return found
+        session.execute(select(1))  # holds a pooled connection from here, as a real build does
+        with lock:
+            stalled[0] += 1
+            most_stalled[0] = max(most_stalled[0], stalled[0])
+        try:
+            assert release.wait(120)
+        finally:
+            with lock:
+                stalled[0] -= 1
+        return found
+
+    monkeypatch.setattr(history_service, "retrieve", stalling_retrieve)
+    statuses: list[int] = []
+
+    def burst_request(i: int) -> None:
+        body = {"prompt": f"burst {i}", "max_new_tokens": 2, "retrieval_k": 2}
+        r = httpx.post(f"{env.base}/users/h5/generate", json=body, headers=auth(key), timeout=120)
+        statuses.append(r.status_code)
+
+    burst = [threading.Thread(target=burst_request, args=(i,)) for i in range(20)]
+    for t in burst:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while stalled[0] < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stalled[0] == 4, stalled
+        with neighbours(env):
+            time.sleep(0.5)
+        assert most_stalled[0] == 4, most_stalled  # never more than the user's share of preparations
+    finally:
+        release.set()
+        for t in burst:
+            t.join(120)
+    assert statuses == [200] * 20, statuses
+
+
 def test_broken_uploads_and_missing_versions_under_load(env: Env) -> None:
     """vLLM's pattern: 25 uploads of broken adapters and 25 requests for versions whose files are gone, while
     8 good tenants generate: every good request succeeds; the attacker only ever gets 4xx/503 JSON."""
@@ -245,11 +306,6 @@ def test_broken_uploads_and_missing_versions_under_load(env: Env) -> None:
 
 
 def storage_key(env: Env, user: str) -> str:
-    from sqlalchemy import select
-
-    from service.db.models import User
-    from service.db.session import unit_of_work
-
     with unit_of_work(env.state.session_factory) as session:
         found = session.scalar(select(User.storage_key).where(User.user_id == user))
     assert found is not None

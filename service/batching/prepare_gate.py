@@ -1,0 +1,58 @@
+"""Per-tenant admission to the preparation step (SQL, retrieval, tokenizing in a worker thread).
+
+Each request being prepared holds a worker thread and a pooled database connection, and a user's requests can
+all wait on one thing of theirs (a cold history index being built): a burst of one user would take the pool and
+the threads, and every other user's request would wait for a connection (or get 503 `database_busy`). Here at
+most `active` requests of a tenant are prepared at once; more wait their turn on the event loop, holding
+neither, and a tenant with `most` requests at the gate already is refused at once (`TenantQueueFull`: the
+same 429 as a full queue share, since every request here is about to be queued).
+
+Runs on one event loop (the process's); knows no users, SQL or HTTP: tenants are plain keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from service.batching.fair_queue import TenantQueueFull
+
+
+@dataclass
+class _Tenant:
+    turns: asyncio.Semaphore
+    at_gate: int = field(default=0)  # being prepared + waiting their turn
+
+
+class PrepareGate:
+    def __init__(self, active: int, most: int) -> None:
+        if active < 1:
+            raise ValueError("active must be at least 1")
+        self.active = active
+        self.most = most
+        self._tenants: dict[Hashable, _Tenant] = {}
+
+    def at_gate(self, tenant: Hashable) -> int:
+        entry = self._tenants.get(tenant)
+        return entry.at_gate if entry is not None else 0
+
+    @asynccontextmanager
+    async def admit(self, tenant: Hashable) -> AsyncIterator[None]:
+        """The body runs as one of the tenant's `active` preparations; raises `TenantQueueFull` (before
+        waiting) when the tenant already has `most` requests here. Entries go with their last request, so
+        the gate holds nothing for tenants that are not being served."""
+        entry = self._tenants.get(tenant)
+        if entry is None:
+            entry = self._tenants[tenant] = _Tenant(asyncio.Semaphore(self.active))
+        if entry.at_gate >= self.most:
+            raise TenantQueueFull("too many requests of this user are being prepared")
+        entry.at_gate += 1
+        try:
+            async with entry.turns:
+                yield
+        finally:
+            entry.at_gate -= 1
+            if entry.at_gate == 0:
+                del self._tenants[tenant]
