@@ -11,6 +11,9 @@ from service.db.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata
+# PostgreSQL: replicas starting together on a fresh database each ran the migrations and all but one failed on
+# the tables another created. One migrates under this transaction lock; the others then find the head.
+MIGRATION_LOCK_KEY = 0x4F505055  # "OPPU"
 
 
 def run_migrations_offline() -> None:
@@ -46,6 +49,8 @@ def _run(connection: Connection) -> None:
     try:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
             context.run_migrations()
             if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
                 raise RuntimeError("the migration left rows whose parent is missing (PRAGMA foreign_key_check)")

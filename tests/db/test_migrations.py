@@ -3,6 +3,10 @@ schema equals the ORM metadata (no autogenerate diff)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from service.db import models  # noqa: F401  (registers every table on the metad
 from service.db.base import Base
 from service.db.migrate import alembic_config, downgrade, upgrade
 from service.db.session import make_engine
+from tests.conftest import _pg_fresh_schema_url
 
 
 def _compare_type(ctx: Any, inspected: Any, metadata: Any, inspected_type: Any, metadata_type: Any) -> bool | None:
@@ -99,3 +104,37 @@ def test_each_step_round_trips(db_url: str) -> None:
     assert current_revision(db_url) is None
     upgrade(db_url)
     assert schema_diff(db_url) == []
+
+
+MIGRATE_WHEN_GO = """
+import sys, time
+from pathlib import Path
+from service.db.migrate import upgrade
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+upgrade(sys.argv[1])
+"""
+
+
+def test_replicas_migrating_one_fresh_postgres_database_at_once_all_succeed(tmp_path: Path) -> None:
+    # Every API container runs `oppu migrate` before serving: on a fresh database two of them at once failed on
+    # `pg_type_typname_nsp_index` (both creating the same tables), and compose's first `up` stopped there.
+    for round_ in range(2):
+        for url in _pg_fresh_schema_url():
+            go = tmp_path / f"go{round_}"
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", MIGRATE_WHEN_GO, url, str(go)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+                )
+                for _ in range(3)
+            ]
+            time.sleep(3)  # every process is past its imports, polling for the start
+            go.touch()
+            outputs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
+            failed = [out[-800:] for p, out in zip(procs, outputs, strict=True) if p.returncode != 0]
+            assert not failed, failed
+            assert schema_diff(url) == []
