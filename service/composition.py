@@ -43,7 +43,7 @@ from service.jobs.queue import InProcessJobQueue, JobQueue, Listeners, make_queu
 from service.jobs.service import shared_retrainer
 from service.jobs.tasks import JobContext, recover_in_process, run_job
 from service.jobs.worker import run_reaper
-from service.metrics import FieldCollector, Metrics, SqlStateCollector
+from service.metrics import FieldCollector, JobQueueCollector, Metrics, SqlStateCollector
 from service.notices.outbox import start_polling
 from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
@@ -353,6 +353,7 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
     adapters = adapter_context(settings, served.store, served.adapters.spec, queue)  # changes reach every replica
     jobs = job_context(settings, queue, served.db, served.store)
     metrics.registry.register(SqlStateCollector(served.db.session_factory))
+    metrics.registry.register(JobQueueCollector(queue.depth))
     residency = served.engine.cache.residency if isinstance(served.engine, BuiltinEngine) else None  # vLLM: none
     metrics.registry.register(FieldCollector(served.engine.stats, residency, served.db.session_factory))
     return AppState(

@@ -55,7 +55,6 @@ class Metrics:
         self.slots_in_use = Gauge("oppu_adapter_slots_in_use", "device slots holding an adapter", registry=r)
         self.pinned = Gauge("oppu_adapter_slots_pinned", "slots pinned by in-flight batches", registry=r)
         self.queue_depth = Gauge("oppu_generate_queue_depth", "generate requests waiting", registry=r)
-        self.job_queue_depth = Gauge("oppu_job_queue_depth", "training jobs waiting in the queue", registry=r)
         self.rejected = Counter("oppu_rejected_requests", "requests refused by backpressure", ["reason"], registry=r)
 
     def on_step(self, step: StepInfo) -> None:
@@ -70,12 +69,27 @@ class Metrics:
         if event == "load":
             self.swap_seconds.labels(tier).observe(seconds)
 
-    def render(self, engine: EngineStats, job_queue_depth: int) -> bytes:
+    def render(self, engine: EngineStats) -> bytes:
         self.slots_in_use.set(engine.slots_in_use)
         self.pinned.set(engine.slots_pinned)
         self.queue_depth.set(engine.waiting)
-        self.job_queue_depth.set(job_queue_depth)
         return generate_latest(self.registry)
+
+
+class JobQueueCollector(Collector):
+    """The job queue's depth at scrape time, and whether its broker answered: with Redis down the scrape
+    still serves every other series (it was a 500, and the router lost the vLLM series it scores on)."""
+
+    def __init__(self, depth: Callable[[], int | None]) -> None:
+        self._depth = depth
+
+    def collect(self) -> Iterator[Metric]:
+        depth = self._depth()
+        up = GaugeMetricFamily("oppu_job_queue_up", "1 if this scrape could read the job queue's depth")
+        up.add_metric([], 0 if depth is None else 1)
+        yield up
+        if depth is not None:
+            yield GaugeMetricFamily("oppu_job_queue_depth", "training jobs waiting in the queue", value=depth)
 
 
 class SqlStateCollector(Collector):

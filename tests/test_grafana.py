@@ -90,3 +90,21 @@ def test_every_query_names_an_exposed_metric(sqlite_client: TestClient) -> None:
 )
 def test_the_dashboard_covers(needed: str) -> None:
     assert any(needed in metric_names(expr) for _, expr in queries()), needed
+
+
+# Read from the shared database or the shared job queue: every replica exports the same cluster-wide value.
+CLUSTER_WIDE = frozenset({"oppu_jobs", "oppu_job_queue_depth", "oppu_stale_adapters", "oppu_job_duration_seconds_avg"})
+
+
+def test_cluster_wide_series_are_not_summed_over_replicas() -> None:
+    """`sum(oppu_job_queue_depth)` showed twice the queue with two API replicas."""
+    for title, expr in queries():
+        for name in CLUSTER_WIDE & metric_names(expr):
+            assert re.search(rf"\b(max|min|avg)(\s+by\s*\([^)]*\))?\s*\(\s*{name}\b", expr), (title, expr)
+
+
+def test_rate_windows_follow_the_scrape_interval() -> None:
+    """A fixed [1m] window is empty at Prometheus's default 1 m scrape interval."""
+    for title, expr in queries():
+        for window in re.findall(r"\[([^\]]+)\]", expr):
+            assert window == "$__rate_interval" or (window.endswith("m") and int(window[:-1]) >= 5), (title, expr)

@@ -21,4 +21,4 @@ def metrics(request: Request, state: StateDep) -> Response:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
             raise Unauthorized("the metrics token is required", headers={"WWW-Authenticate": "Bearer"})
-    return Response(state.metrics.render(state.engine.stats(), state.queue.depth()), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.render(state.engine.stats()), media_type=CONTENT_TYPE_LATEST)

@@ -55,7 +55,7 @@ class Listeners:
 
 class JobQueue(Protocol):
     def enqueue(self, job_id: str, attempt: int) -> None: ...
-    def depth(self) -> int: ...
+    def depth(self) -> int | None: ...  # None: the broker did not answer
     def publish_adapter(self, owner_key: str, version: int | None) -> None: ...
     def publish_revoked(self, key_hashes: list[str]) -> None: ...
     def subscribe(self, listeners: Listeners, stop: threading.Event) -> None: ...
@@ -105,8 +105,14 @@ class RedisJobQueue:
             return False
         return job.get_status(refresh=False) in PENDING_RQ_STATES  # RQ's JobStatus is a str enum
 
-    def depth(self) -> int:
-        return int(self.queue.count)
+    def depth(self) -> int | None:
+        from redis.exceptions import RedisError
+
+        try:
+            return int(self.queue.count)
+        except (RedisError, OSError) as exc:
+            log.warning("job queue depth unknown: %r", exc)
+            return None
 
     def ping(self) -> bool:
         try:
@@ -218,7 +224,7 @@ class InProcessJobQueue:
         except Exception:
             log.exception("job %s failed", job_id)
 
-    def depth(self) -> int:
+    def depth(self) -> int | None:
         with self._lock:
             return len(self._futures)
 
@@ -307,7 +313,7 @@ class NoQueue:
 
     def enqueue(self, job_id: str, attempt: int) -> None: ...
 
-    def depth(self) -> int:
+    def depth(self) -> int | None:
         return 0
 
     def publish_adapter(self, owner_key: str, version: int | None) -> None: ...

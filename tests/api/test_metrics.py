@@ -225,3 +225,21 @@ def test_a_scrape_while_the_database_is_down_keeps_the_other_series(tmp_path: Pa
     text = generate_latest(registry).decode()
     assert "oppu_metrics_sql_up 0.0" in text and "oppu_jobs" not in text
     assert "vllm:num_requests_waiting 2.0" in text
+
+
+def test_a_scrape_while_redis_is_down_keeps_the_other_series(tmp_path: Path, tiny_model_path: Path) -> None:
+    """The job queue's depth came from Redis inside the route: with Redis down /metrics was a 500 (and the
+    router lost the vLLM series it scores on) while /readyz said ready. Now it is skipped and
+    oppu_job_queue_up says so."""
+    with running_app(tmp_path, tiny_model_path, redis_url="redis://127.0.0.1:1/0") as client:
+        assert client.get("/readyz").status_code == 200  # Redis is optional for serving
+        r = client.get("/metrics")
+        assert r.status_code == 200, r.text[:300]
+        page = samples(r.text)
+        assert page["oppu_job_queue_up"] == [({}, 0.0)] and "oppu_job_queue_depth" not in page
+        assert "oppu_generate_queue_depth" in page and "vllm:num_requests_waiting" in page
+
+
+def test_the_job_queue_depth_is_read_at_scrape_time(sqlite_client: TestClient) -> None:
+    page = samples(sqlite_client.get("/metrics").text)
+    assert page["oppu_job_queue_up"] == [({}, 1.0)] and page["oppu_job_queue_depth"] == [({}, 0.0)]
