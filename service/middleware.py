@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import error_body, for_path
 
 # Cheap routes that a saturated replica must still answer (liveness and readiness probes, the scrape).
-PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics"})  # /health: vllm-router's probe
 
 
 class InFlightLimit:

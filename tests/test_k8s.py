@@ -119,6 +119,27 @@ def test_inference_pool_and_router_point_at_each_other() -> None:
     assert not [p for p in routed if p.startswith(("/metrics", "/docs", "/openapi"))]
 
 
+def test_the_router_may_read_its_pool_and_the_pods() -> None:
+    """The picker watches its InferencePool and the pool's pods: under the namespace's default account (no
+    rules) it got Forbidden and /v1/ had no endpoint picker."""
+    docs = _docs()
+    spec = docs[("Deployment", "oppu-router")]["spec"]["template"]["spec"]
+    account = spec["serviceAccountName"]
+    assert ("ServiceAccount", account) in docs
+    (binding,) = [d for (kind, _), d in docs.items() if kind == "RoleBinding" and d["subjects"][0]["name"] == account]
+    rules = docs[("Role", binding["roleRef"]["name"])]["rules"]
+    pool_group = docs[("InferencePool", "oppu")]["apiVersion"].split("/")[0]
+
+    def allowed(group: str, resource: str) -> bool:
+        return any(
+            group in r["apiGroups"] and resource in r["resources"] and {"get", "watch", "list"} <= set(r["verbs"])
+            for r in rules
+        )
+
+    assert allowed(pool_group, "inferencepools") and allowed("", "pods")
+    assert not [r for r in rules if set(r["verbs"]) - {"get", "watch", "list"}]  # read-only
+
+
 def _router_config() -> Doc:
     config = _docs()[("ConfigMap", "oppu-router-config")]["data"]["config.yaml"]
     return cast(Doc, yaml.safe_load(config))

@@ -153,8 +153,10 @@ def test_the_probes_are_never_capped() -> None:
         await full({**SCOPE, "method": "GET", "path": path}, receive, send)
         return int(sent[0]["status"])
 
-    statuses = {path: asyncio.run(status(path)) for path in ("/healthz", "/readyz", "/metrics", "/users/a/history")}
-    assert statuses == {"/healthz": 200, "/readyz": 200, "/metrics": 200, "/users/a/history": 503}
+    statuses = {
+        path: asyncio.run(status(path)) for path in ("/healthz", "/readyz", "/health", "/metrics", "/users/a/history")
+    }
+    assert statuses == {"/healthz": 200, "/readyz": 200, "/health": 200, "/metrics": 200, "/users/a/history": 503}
 
 
 def _reading_app(read_after_body: bool) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
