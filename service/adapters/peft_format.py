@@ -318,10 +318,15 @@ def merge_lora(model: nn.Module, weights: AdapterWeights) -> dict[str, torch.Ten
     """THE merge: W += scaling * B @ A for every module, in place (the Parameter objects stay the same
     tensors). Returns copies of the touched weights as they were, to undo it exactly (`unmerge`)."""
     originals: dict[str, torch.Tensor] = {}
-    for path, m in weights.modules.items():
-        weight = base_linear(model, path).weight
-        originals[path] = weight.detach().clone()
-        weight.add_(m.delta().to(device=weight.device, dtype=weight.dtype))
+    try:
+        for path, m in weights.modules.items():
+            weight = base_linear(model, path).weight
+            original = weight.detach().clone()
+            weight.add_(m.delta().to(device=weight.device, dtype=weight.dtype))
+            originals[path] = original
+    except BaseException:
+        unmerge(model, originals)  # half merged is worse than not at all: the model is shared by every training
+        raise
     return originals
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from service.adapters.archive import pack_zip
-from service.adapters.peft_format import merge_lora, read_adapter_files, unmerge
+from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_files, unmerge
 from service.config import ALL_TARGET_MODULES, Settings
 from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
@@ -308,6 +308,19 @@ def test_merge_changes_outputs_in_place_and_unmerge_restores(
     assert not torch.equal(fresh.get_parameter(name), params[name])
     assert _greedy(fresh, lm.tokenizer, WORD.prompt).startswith("zebracorn")
     unmerge(fresh, originals)
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, params[n]), n
+
+
+def test_a_merge_failing_half_way_leaves_the_model_as_it_was(memorised: TrainOutput, fresh: Any) -> None:
+    """The training model is shared by every training of the process: a merge that failed on its last module
+    left the earlier ones merged, with no originals to undo them."""
+    params = {name: p.detach().clone() for name, p in fresh.named_parameters()}
+    weights = read_adapter_files(memorised.files, max_scale=256.0)
+    last = next(iter(weights.modules.values()))
+    broken = AdapterWeights(weights.rank, {**weights.modules, "model.layers.0.self_attn.no_such_proj": last})
+    with pytest.raises(Exception):  # noqa: B017  (whatever the lookup raises: the model is what is checked)
+        merge_lora(fresh, broken)
     for n, p in fresh.named_parameters():
         assert torch.equal(p, params[n]), n
 
