@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     # lost: Redis was down at the enqueue or restarted empty); an attempt still in the queue is not doubled.
     job_requeue_after_s: float = Field(60.0, gt=0)
     job_timeout_s: int = Field(3600, ge=1)
+    # Finished jobs (succeeded, failed, cancelled) are deleted this long after they finished (the reaper): their
+    # status and the user's export show only those kept; the /metrics mean durations cover them.
+    job_keep_s: float = Field(30 * 24 * 3600.0, gt=0)
     # Stage 2 (a user's LoRA) and stage 1 (the shared task LoRA). Chosen for the default model on dev data
     # only (docs/eval/defaults.md): the paper's 1e-4 barely moves a 135M model in a few dozen steps.
     train_user_epochs: int = Field(1, ge=1)

@@ -104,6 +104,7 @@ GLOBAL_QUERIES = {
         "add_unless_active": "the job row carries its owner",
         "stale_running": "the reaper (worker) scans all jobs",
         "queued_before": "the reaper re-enqueues queued jobs whose message may be lost (all owners)",
+        "delete_finished_before": "the reaper prunes finished jobs past OPPU_JOB_KEEP_S (all owners)",
         "unfinished": "embedded start-up recovery of this process's jobs",
         "count_by_status": "/metrics",
         "mean_durations": "/metrics",

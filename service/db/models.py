@@ -173,6 +173,7 @@ class Job(Base):
             sqlite_where=text("status IN ('queued', 'running')"),
             postgresql_where=text("status IN ('queued', 'running')"),
         ),
+        Index("ix_jobs_status_finished_at", "status", "finished_at"),  # the reaper's scans and pruning
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

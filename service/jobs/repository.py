@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, true, update
+from sqlalchemy import ColumnElement, delete, func, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -168,6 +168,17 @@ def unfinished(session: Session) -> list[tuple[str, int, str]]:
     """(id, attempts, status) of every queued or running job (embedded start-up recovery: this process's)."""
     rows = session.execute(select(Job.id, Job.attempts, Job.status).where(Job.status.in_(ACTIVE_JOB_STATES)))
     return [(job_id, attempts, status) for job_id, attempts, status in rows]
+
+
+def delete_finished_before(session: Session, before: datetime, limit: int) -> int:
+    """Deletes up to `limit` finished jobs (all owners: the reaper) that finished before `before`, oldest first;
+    returns how many. Bounded, so one pass holds its locks briefly however many have piled up."""
+    finished = Job.status.not_in(ACTIVE_JOB_STATES) & (Job.finished_at < before)
+    ids = list(session.scalars(select(Job.id).where(finished).order_by(Job.finished_at).limit(limit)))
+    if not ids:
+        return 0
+    session.execute(delete(Job).where(Job.id.in_(ids), finished))
+    return len(ids)
 
 
 def count_by_status(session: Session) -> dict[str, int]:

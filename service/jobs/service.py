@@ -221,6 +221,15 @@ def requeue_lost(session: Session, requeue_after_s: float) -> list[tuple[str, in
     return [(i, a + 1) for i, a in repo.queued_before(session, before) if repo.touch_queued(session, i, before, now)]
 
 
+PRUNE_BATCH = 500  # finished jobs deleted per reaper pass
+
+
+def prune_finished(session: Session, keep_s: float) -> int:
+    """Finished jobs older than `keep_s` (OPPU_JOB_KEEP_S) go: the table, the reaper's scans and the metrics'
+    aggregates stay bounded (a job row was kept until its owner was erased; shared-LoRA jobs for ever)."""
+    return repo.delete_finished_before(session, _before(keep_s), PRUNE_BATCH)
+
+
 def requeue_unfinished(session: Session, max_attempts: int) -> list[tuple[str, int]]:
     """Embedded start-up: this one process died with these jobs queued or running; all go back to queued,
     except a running job on its last attempt: failed, as the reaper fails one (an attempt that kills the

@@ -375,6 +375,12 @@ def reap(ctx: JobContext) -> int:
     return reap_stale(ctx) + reap_lost(ctx)
 
 
+def prune(ctx: JobContext) -> int:
+    """Finished jobs past OPPU_JOB_KEEP_S are deleted (a bounded batch per call); returns how many."""
+    with unit_of_work(ctx.session_factory) as session:
+        return jobs.prune_finished(session, ctx.settings.job_keep_s)
+
+
 def _enqueue_after_commit(session: Session, queue: JobQueue, jobs_: list[tuple[str, int]]) -> None:
     for job_id, attempt in jobs_:
         after_commit(session, _enqueue_later(queue, job_id, attempt))

@@ -12,7 +12,7 @@ import time
 from service.config import Settings
 from service.jobs.context import JobContext
 from service.jobs.queue import QUEUE_NAME, RedisJobQueue
-from service.jobs.tasks import reap
+from service.jobs.tasks import prune, reap
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ def run_reaper(settings: Settings, ctx: JobContext, stop: threading.Event) -> No
         try:
             if n := reap(ctx):
                 log.warning("re-enqueued or failed %d job(s)", n)
+            if n := prune(ctx):
+                log.info("deleted %d finished job(s) past OPPU_JOB_KEEP_S", n)
         except Exception as exc:
             log.warning("reaper tick failed: %s", type(exc).__name__)
         stop.wait(reaper_every_s(settings))

@@ -6,10 +6,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from service.db.models import Job
 from service.db.session import make_engine, make_session_factory
 from service.jobs import repository as repo
+from service.jobs import service
 
 
 def test_mean_durations_are_computed_in_sql_by_outcome(db_url: str) -> None:
@@ -30,3 +32,30 @@ def test_mean_durations_are_computed_in_sql_by_outcome(db_url: str) -> None:
     engine.dispose()
     assert means.keys() == {"succeeded", "failed"}
     assert means["succeeded"] == pytest.approx(20.0, abs=1e-3) and means["failed"] == pytest.approx(4.5, abs=1e-3)
+
+
+def test_finished_jobs_past_the_keep_time_are_deleted_in_bounded_batches(db_url: str) -> None:
+    engine = make_engine(db_url)
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(days=40), now - timedelta(days=1)
+
+    def job(status: str, finished: datetime | None) -> Job:
+        return Job(
+            id=str(uuid.uuid4()), kind="user_retrain", owner_key=uuid.uuid4().hex, status=status, created_at=old,
+            started_at=old, finished_at=finished,
+        )  # fmt: skip
+
+    with make_session_factory(engine)() as session:
+        doomed = [job(s, old) for s in ("succeeded", "failed", "cancelled", "succeeded", "failed")]
+        kept = [job("succeeded", recent), job("queued", None), job("running", None)]
+        session.add_all(doomed + kept)
+        session.commit()
+        assert service.prune_finished(session, keep_s=30 * 86400) == 5  # below one batch
+        session.commit()
+        left = set(session.scalars(select(Job.id)))
+        assert left == {j.id for j in kept}
+        assert repo.delete_finished_before(session, now, limit=0) == 0
+        assert repo.delete_finished_before(session, now, limit=1) == 1  # the batch bounds one pass
+        session.commit()
+        assert set(session.scalars(select(Job.id))) == {kept[1].id, kept[2].id}  # never an active job
+    engine.dispose()

@@ -311,6 +311,31 @@ def test_reap_stale_requeues_stale_running_jobs_only(ctx: JobContext) -> None:
     assert (job.status, job.attempts, job.adapter_version) == ("succeeded", 2, 1)
 
 
+def test_the_reaper_prunes_finished_jobs_past_the_keep_time(ctx: JobContext) -> None:
+    from service.jobs.worker import run_reaper
+
+    user = add_user(ctx.session_factory, "ivy", qa(2))
+    job_id = request(ctx, user)
+    run_job(ctx, job_id)
+    long_ago = datetime.now(UTC) - timedelta(seconds=ctx.settings.job_keep_s + 60)
+    with unit_of_work(ctx.session_factory) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(finished_at=long_ago))
+    stop = threading.Event()
+    reaper = threading.Thread(target=run_reaper, args=(ctx.settings, ctx, stop))
+    reaper.start()
+    deadline = time.monotonic() + 10
+    while job_exists(ctx, job_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    reaper.join(10)
+    assert not job_exists(ctx, job_id)
+
+
+def job_exists(ctx: JobContext, job_id: str) -> bool:
+    with unit_of_work(ctx.session_factory) as session:
+        return session.get(Job, job_id) is not None
+
+
 # --- what training sees ---
 
 
