@@ -1,10 +1,11 @@
 """Re-read committed MovieLens reports with the current statistics (user-level paired bootstrap, readouts
 chosen on dev, within/between-user correlations) and the recommender baselines (user median, user mean +
-shrunk item bias), without retraining: the splits are rebuilt from each report's config and checked item by
-item, the baselines are recomputed from the data.
+shrunk item bias; each continuous or rounded to the rating grid, chosen on dev), without retraining: the splits
+are rebuilt from each report's config and checked item by item, the baselines are recomputed from the data.
 
 Usage: .venv/bin/python bench/personalization_reread.py REPORT.json [--dev DEV.json] [--out FILE.json] [--data DIR]
-Prints the Markdown tables; --out writes the analysis as JSON. Several REPORTs share one --dev.
+Prints the Markdown tables; --out writes the analysis as JSON. Several REPORTs share one --dev, which must be a
+dev run of the same users and items as each REPORT's dev split (a test report is refused).
 A REPORT (or DEV) may be a run folder (OUT.run/) of an unfinished run: it is read as an INTERIM report of the
 users finished so far (labelled so in the output), with baselines and dev choices on those users only.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,14 @@ def _read(path: Path) -> dict[str, Any]:
         return interim_report(path)
     report: dict[str, Any] = json.loads(path.read_text())
     return report
+
+
+def readouts_chosen_on(report: Mapping[str, Any], path: Path, dev: Path | None) -> str:
+    """Where the LLM readouts of `report` were chosen: a dev report reads its own; a test report the --dev
+    report (checked by `reread` to be a dev run of the same users), else none: they were set a priori."""
+    if int(report["config"].get("holdout", 0)) > 0:
+        return str(path)
+    return str(dev) if dev is not None else "not chosen (no --dev report): a priori"
 
 
 def main() -> None:
@@ -52,7 +62,7 @@ def main() -> None:
         rows = analysis.Rows.from_report(report["predictions"])
         rows.preds.update(result["baseline_predictions"])
         result["post_hoc"] = analysis.compare(rows, pairs, resamples=args.resamples, seed=0)
-        result["readouts_chosen_on"] = str(args.dev) if args.dev and report["config"]["holdout"] == 0 else str(path)
+        result["readouts_chosen_on"] = readouts_chosen_on(report, path, args.dev)
         out[path.name] = result
         interim = report.get("interim")
         label = f" (INTERIM: {interim['users_finished']} of {interim['users_planned']} users)" if interim else ""

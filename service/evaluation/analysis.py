@@ -1,5 +1,6 @@
 """The honest reading of one split's per-item predictions: every method's MAE/RMSE and within/between-user
-correlations; each LLM method at the readout chosen ON DEV; the strongest baseline chosen ON DEV; and every
+correlations; each LLM method and each baseline at the readout chosen ON DEV; the strongest baseline chosen ON
+DEV; and every
 comparison with its user-level paired bootstrap CI (the primary one) and the item-level CI beside it.
 
 Works on prediction rows (a run's own, or the rows of a committed report, for re-reading without a rerun);
@@ -70,11 +71,9 @@ def method_table(rows: Rows) -> dict[str, dict[str, Any]]:
     return out
 
 
-def choose(
-    llm_methods: Sequence[str], rows: Rows, dev_mae: Mapping[str, float] | None, *, dev_is_this_split: bool = False
-) -> dict[str, Any]:
-    """The readout of each LLM method and the strongest baseline, chosen on dev numbers only."""
-    source = "this split (dev)" if dev_is_this_split else "dev split"
+def _readouts(
+    llm_methods: Sequence[str], rows: Rows, dev_mae: Mapping[str, float] | None, source: str
+) -> dict[str, dict[str, Any]]:
     readouts: dict[str, dict[str, Any]] = {}
     for m in llm_methods:
         offered = {r: readout_key(m, r) for r in stats.READOUTS if readout_key(m, r) in rows.preds}
@@ -83,14 +82,42 @@ def choose(
             readouts[m] = {"readout": stats.choose_readout(dev), "chosen_on": source, "dev_mae": dev}
         else:
             readouts[m] = {"readout": FALLBACK_READOUT, "chosen_on": "not chosen (no dev numbers): a priori"}
-    offered_b = [b for b in baselines.NAMES if b in rows.preds]
-    dev_b = {b: dev_mae[b] for b in offered_b if dev_mae is not None and b in dev_mae}
+    return readouts
+
+
+def _baseline_readouts(rows: Rows, dev_mae: Mapping[str, float] | None, source: str) -> dict[str, dict[str, Any]]:
+    """Each baseline's readout (continuous, or rounded to the rating grid), chosen on dev as the LLM ones are."""
+    out: dict[str, dict[str, Any]] = {}
+    for b in baselines.NAMES:
+        offered = {r: baselines.readout_key(b, r) for r in baselines.READOUTS}
+        offered = {r: k for r, k in offered.items() if k in rows.preds}
+        dev = {r: dev_mae[k] for r, k in offered.items() if dev_mae is not None and k in dev_mae}
+        if dev:
+            out[b] = {"readout": baselines.choose_readout(dev), "chosen_on": source, "dev_mae": dev}
+        elif offered:
+            out[b] = {"readout": "continuous", "chosen_on": "not chosen (no dev numbers): a priori"}
+    return out
+
+
+def choose(
+    llm_methods: Sequence[str], rows: Rows, dev_mae: Mapping[str, float] | None, *, dev_is_this_split: bool = False
+) -> dict[str, Any]:
+    """The readout of each LLM method and of each baseline, and the strongest baseline (at its readout),
+    chosen on dev numbers only."""
+    source = "this split (dev)" if dev_is_this_split else "dev split"
+    base = _baseline_readouts(rows, dev_mae, source)
+    at = {b: baselines.readout_key(b, c["readout"]) for b, c in base.items()}
+    dev_b = {k: dev_mae[k] for k in at.values() if dev_mae is not None and k in dev_mae}
     if dev_b:
         strongest = {"name": baselines.strongest(dev_b), "chosen_on": source, "dev_mae": dev_b}
     else:
-        name = FALLBACK_BASELINE if FALLBACK_BASELINE in rows.preds else offered_b[-1]
+        name = FALLBACK_BASELINE if FALLBACK_BASELINE in rows.preds else list(at.values())[-1]
         strongest = {"name": name, "chosen_on": "not chosen (no dev numbers): a priori"}
-    return {"readouts": readouts, "strongest_baseline": strongest}
+    return {
+        "readouts": _readouts(llm_methods, rows, dev_mae, source),
+        "baseline_readouts": base,
+        "strongest_baseline": strongest,
+    }
 
 
 def compare(
@@ -138,18 +165,19 @@ def analyse(
     chosen readout) vs the strongest baseline; the reference vs every other LLM method and every baseline."""
     chosen = choose(llm_methods, rows, dev_mae, dev_is_this_split=dev_is_this_split)
     at = {m: readout_key(m, chosen["readouts"][m]["readout"]) for m in llm_methods}
+    base_at = [baselines.readout_key(b, c["readout"]) for b, c in chosen["baseline_readouts"].items()]
     target = chosen["strongest_baseline"]["name"]
     pairs = [(at[m], target) for m in llm_methods]
     if reference in at:
         pairs += [(at[reference], at[m]) for m in llm_methods if m != reference]
-        pairs += [(at[reference], b) for b in baselines.NAMES if b in rows.preds and b != target]
+        pairs += [(at[reference], b) for b in base_at if b != target]
     table = method_table(rows)
     comparisons = compare(rows, list(dict.fromkeys(pairs)), resamples=resamples, seed=seed)
     return {
         "methods": table,
         **chosen,
         "comparisons": comparisons,
-        "markdown": markdown(table, comparisons, at, target),
+        "markdown": markdown(table, comparisons, [*at.values(), *base_at], target),
     }
 
 
@@ -160,7 +188,7 @@ def _corr(value: float | None) -> str:
 def markdown(
     table: Mapping[str, Mapping[str, Any]],
     comparisons: Sequence[Mapping[str, Any]],
-    chosen: Mapping[str, str],
+    chosen: Sequence[str],
     target: str,
 ) -> str:
     lines = [
@@ -168,7 +196,7 @@ def markdown(
         "within-user r (items only) | between-user r |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    marks = set(chosen.values()) | {target}
+    marks = set(chosen) | {target}  # bold: each method's and baseline's chosen readout
     for name, r in table.items():
         label = f"**{name}**" if name in marks else name
         lines.append(

@@ -1,6 +1,7 @@
 """The baselines a recommender would use, on the same split as the LLM methods and with no test leakage:
 the user's history mean and median, a per-user genre model, the user's mean plus a shrunk item bias, and the
-global mean.
+global mean. Each is offered at two readouts, like the LLM methods: its continuous value and that value rounded
+to the nearest step of the 0.5 rating grid (`_round`); the readout is chosen on the dev split.
 
 The item bias of a user's test item reads ONLY other users' ratings made strictly before that user's first
 scored rating (the cutoff), so nothing from the scored period, and nothing of the user's own, is used;
@@ -10,6 +11,7 @@ the shrinkage is chosen on the dev split. Pure data code over `movielens` record
 from __future__ import annotations
 
 import bisect
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,10 @@ from service.evaluation.metrics import MAX_RATING, MIN_RATING
 SHRINKAGE_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0)
 NAMES = ("global_mean", "user_mean", "user_median", "user_mean_genre", "user_mean_item_bias")
 GENRE_SHRINKAGE = 5.0  # fixed a priori (not tuned): a genre seen in 5 history items moves halfway
+# A baseline's readouts -> key suffix, in tie-break order (a tie keeps the baseline's own, continuous value).
+READOUTS = {"continuous": "", "rounded": "_round"}
+RATING_STEP = 0.5  # MovieLens ratings are 0.5..5.0 in steps of 0.5
+KEYS = tuple(n + suffix for n in NAMES for suffix in READOUTS.values())  # every baseline prediction key
 
 
 def user_median(split: ml.UserSplit, *, fallback: float) -> float:
@@ -140,21 +146,50 @@ def choose_shrinkage(dev_task: ml.RatingTask, index: RatingIndex, grid: Sequence
     return min(grid, key=lambda lam: (mae(lam), -lam))
 
 
+def to_rating_grid(value: float) -> float:
+    """The nearest rating on the 0.5 grid (a value halfway between two ratings goes up), within the scale."""
+    return _clip(math.floor(value / RATING_STEP + 0.5) * RATING_STEP)
+
+
+def readout_key(name: str, readout: str) -> str:
+    return name + READOUTS[readout]
+
+
+def with_readouts(preds: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """Each baseline's continuous predictions and, beside them, the same rounded to the rating grid."""
+    out = {n: list(p) for n, p in preds.items()}
+    for name in NAMES:
+        if name in preds:
+            out[readout_key(name, "rounded")] = [to_rating_grid(p) for p in preds[name]]
+    return out
+
+
+def choose_readout(dev_mae: Mapping[str, float]) -> str:
+    """A baseline's readout with the lowest MAE ON THE DEV SPLIT (readout -> dev MAE; ties: continuous)."""
+    known = [r for r in READOUTS if r in dev_mae]
+    if not known:
+        raise ValueError(f"no known baseline readout among {sorted(dev_mae)}")
+    order = list(READOUTS)
+    return min(known, key=lambda r: (dev_mae[r], order.index(r)))
+
+
 def predictions(task: ml.RatingTask, index: RatingIndex, *, shrinkage: float) -> dict[str, list[float]]:
-    """Every baseline's prediction per scored item, in task order (users, then their items)."""
+    """Every baseline's prediction per scored item, in task order (users, then their items), at each readout
+    (the key of the rounded readout carries the `_round` suffix)."""
     gmean = ml.global_mean(task)  # history ratings only
-    return {
+    return with_readouts({
         "global_mean": [gmean for split in task.users for _ in split.test],
         "user_mean": [ml.user_mean(split, fallback=gmean) for split in task.users for _ in split.test],
         "user_median": [user_median(split, fallback=gmean) for split in task.users for _ in split.test],
         "user_mean_genre": [p for split in task.users for p in genre_predictions(split, fallback=gmean)],
         "user_mean_item_bias": bias_predictions(task, index, shrinkage),
-    }
+    })
 
 
 def strongest(dev_mae: Mapping[str, float]) -> str:
-    """The baseline every LLM method is compared with: the lowest MAE on the DEV split."""
-    known = [n for n in NAMES if n in dev_mae]
+    """The baseline every LLM method is compared with: the lowest MAE on the DEV split among the given
+    prediction keys (each baseline at its dev-chosen readout; ties: the earlier of NAMES, then of READOUTS)."""
+    known = [k for k in KEYS if k in dev_mae]
     if not known:
         raise ValueError("no baseline scored")
-    return min(known, key=lambda n: (dev_mae[n], NAMES.index(n)))
+    return min(known, key=lambda k: (dev_mae[k], KEYS.index(k)))

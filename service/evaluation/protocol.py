@@ -253,6 +253,28 @@ def config_of(report_config: Mapping[str, Any]) -> EvalConfig:
     return EvalConfig(**values, split=split)
 
 
+def scored_rows(task: ml.RatingTask) -> list[tuple[str, str, float]]:
+    """(user, item, gold) of every scored item of `task`, in task order: what a report's prediction rows hold."""
+    return [(s.user_id, t.item_id, t.rating) for s in task.users for t in s.test]
+
+
+def report_rows(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, float]]:
+    return [(str(r["user"]), str(r["item"]), float(r["gold"])) for r in rows]
+
+
+def check_dev_report(dev: Mapping[str, Any], dev_task: ml.RatingTask, *, name: str = "the dev report") -> None:
+    """The one rule for a dev report that a test run or a re-read chooses readouts on (raise ValueError): a dev
+    run (holdout > 0; a test-split report never is one) that scored exactly the dev split of the run being
+    read: the same users and, item by item, the same ratings (so the same seed, test_items and holdout)."""
+    if int(dev.get("config", {}).get("holdout", 0)) <= 0:
+        raise ValueError(f"{name}: a test-split report (holdout 0), not a dev report; nothing is chosen on test")
+    users = sorted({str(r["user"]) for r in dev["predictions"]})
+    if users != sorted(s.user_id for s in dev_task.users):
+        raise ValueError(f"{name}: not a dev report of this run's users")
+    if report_rows(dev["predictions"]) != scored_rows(dev_task):
+        raise ValueError(f"{name}: its scored items are not this run's dev split (another seed, test_items?)")
+
+
 # --- leakage checks (raise AssertionError) ---
 
 

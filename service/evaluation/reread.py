@@ -1,6 +1,7 @@
 """Re-reading a committed MovieLens report with the current statistics and baselines, without a rerun:
 the split is rebuilt from the report's own config (and checked item by item against its prediction rows),
-the baselines are recomputed from the data, and everything the statistics choose is chosen on dev.
+the baselines are recomputed from the data, and everything the statistics choose is chosen on dev: the dev
+report the LLM readouts are chosen on must be a dev run of the same users and items (`protocol.check_dev_report`).
 
 Pure data code over report dicts and `movielens` records; no models, no server.
 """
@@ -33,7 +34,8 @@ def _only(task: ml.RatingTask, users: set[str]) -> ml.RatingTask:
 def baseline_block(
     data: ml.MovieLens, task: ml.RatingTask, dev_task: ml.RatingTask, index: baselines.RatingIndex | None = None
 ) -> tuple[dict[str, list[float]], dict[str, float], float]:
-    """(baseline predictions on `task`, every baseline's MAE on `dev_task`, the shrinkage chosen on dev)."""
+    """(baseline predictions on `task` at every readout, every baseline's MAE on `dev_task` at every readout,
+    the shrinkage chosen on dev)."""
     index = index or baselines.RatingIndex(data)
     shrinkage = baselines.choose_shrinkage(dev_task, index)
     dev_golds = [t.rating for s in dev_task.users for t in s.test]
@@ -43,14 +45,19 @@ def baseline_block(
 
 
 def check_rows(task: ml.RatingTask, rows: list[Mapping[str, Any]]) -> None:
-    expected = [(s.user_id, t.item_id, t.rating) for s in task.users for t in s.test]
-    got = [(str(r["user"]), str(r["item"]), float(r["gold"])) for r in rows]
-    if expected != got:
+    if protocol.report_rows(rows) != protocol.scored_rows(task):
         raise ValueError("the report's prediction rows are not the split rebuilt from its config")
 
 
 def llm_methods(report: Mapping[str, Any]) -> list[str]:
     return [str(m) for m in report["config"]["methods"]]
+
+
+def _check_dev(dev_report: Mapping[str, Any], dev_task: ml.RatingTask) -> None:
+    """A dev report, checked against the whole rebuilt dev split (an interim one: against its finished users)."""
+    if dev_report.get("interim"):
+        dev_task = _only(dev_task, {str(r["user"]) for r in dev_report["predictions"]})
+    protocol.check_dev_report(dev_report, dev_task)
 
 
 def reread(
@@ -62,9 +69,12 @@ def reread(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The analysis of `report` (a test or dev run), with LLM readouts chosen on `dev_report` (None: on the
-    report itself when it is a dev run, else a priori) and baselines chosen on the rebuilt dev split."""
+    report itself when it is a dev run, else a priori) and baselines chosen on the rebuilt dev split. A
+    `dev_report` that is not a dev run of the same users and items raises ValueError."""
     config = report["config"]
     task, dev_task = tasks_of(data, config)
+    if dev_report is not None:
+        _check_dev(dev_report, dev_task)
     if report.get("interim"):  # a run folder read before its last user: the users finished so far
         done = {str(r["user"]) for r in report["predictions"]}
         task, dev_task = _only(task, done), _only(dev_task, done)
@@ -78,7 +88,7 @@ def reread(
     source = report if is_dev else dev_report
     if source is not None:
         dev_rows = analysis.Rows.from_report(source["predictions"])
-        choice_mae.update({k: v for k, v in dev_rows.maes().items() if k not in baselines.NAMES})
+        choice_mae.update({k: v for k, v in dev_rows.maes().items() if k not in baselines.KEYS})
     out = analysis.analyse(
         rows,
         llm_methods(report),

@@ -424,9 +424,7 @@ def run_eval(
 def _read_dev_report(config: EvalConfig, dev_task: ml.RatingTask) -> dict[str, Any]:
     assert config.dev_report is not None
     dev = json.loads(Path(config.dev_report).read_text(encoding="utf-8"))
-    users = sorted({str(r["user"]) for r in dev["predictions"]})
-    if int(dev["config"].get("holdout", 0)) == 0 or users != sorted(s.user_id for s in dev_task.users):
-        raise ValueError(f"{config.dev_report}: not a dev report of this run's users")
+    protocol.check_dev_report(dev, dev_task, name=config.dev_report)
     return dict(dev)
 
 
@@ -745,10 +743,10 @@ def _report(
     llm = [m.name for m in c.methods()]
     dev_mae: dict[str, float] = dict(base_dev_mae)
     if c.split == "dev":
-        dev_mae.update({k: v for k, v in rows.maes().items() if k not in baselines.NAMES})
+        dev_mae.update({k: v for k, v in rows.maes().items() if k not in baselines.KEYS})
     elif dev_report is not None:
         dev_rows = analysis.Rows.from_report(dev_report["predictions"])
-        dev_mae.update({k: v for k, v in dev_rows.maes().items() if k not in baselines.NAMES})
+        dev_mae.update({k: v for k, v in dev_rows.maes().items() if k not in baselines.KEYS})
     result = analysis.analyse(
         rows,
         llm,
@@ -764,6 +762,7 @@ def _report(
     return {
         "methods": result["methods"],
         "readouts": result["readouts"],
+        "baseline_readouts": result["baseline_readouts"],
         "strongest_baseline": result["strongest_baseline"],
         "comparisons": result["comparisons"],
         "config": config,

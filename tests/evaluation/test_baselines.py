@@ -74,3 +74,18 @@ def test_hand_computed_genre_baseline() -> None:
     assert baselines.genre_predictions(ml.UserSplit("ml_1", history, tests[:1]), fallback=0.0, shrinkage=0.0) == [
         pytest.approx(3.5)
     ]
+
+
+def test_rounded_readout_and_its_choice_on_dev() -> None:
+    assert [baselines.to_rating_grid(v) for v in (3.24, 3.25, 3.74, 3.76, 0.1, 5.3)] == [3.0, 3.5, 3.5, 4.0, 0.5, 5.0]
+    preds = baselines.with_readouts({"user_mean": [3.2, 3.8], "m": [3.2]})
+    assert preds == {"user_mean": [3.2, 3.8], "user_mean_round": [3.0, 4.0], "m": [3.2]}  # only baselines
+    assert baselines.choose_readout({"continuous": 0.70, "rounded": 0.69}) == "rounded"
+    assert baselines.choose_readout({"continuous": 0.70, "rounded": 0.70}) == "continuous"  # tie: as defined
+    # the strongest among baselines at their readouts: a rounded key can win, ties go to the earlier name
+    assert baselines.strongest({"user_mean_round": 0.69, "user_mean_item_bias": 0.70}) == "user_mean_round"
+    assert baselines.strongest({"user_mean_item_bias_round": 0.7, "user_mean": 0.7}) == "user_mean"
+    data = _data()
+    both = baselines.predictions(_task(data), baselines.RatingIndex(data), shrinkage=3.0)
+    assert set(both) == set(baselines.KEYS) and both["user_mean_item_bias_round"] == [3.0]  # 3.0 stays 3.0
+    assert both["global_mean_round"] == [2.5]  # 7.5 / 3 = 2.5

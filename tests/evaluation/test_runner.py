@@ -25,7 +25,8 @@ from tests.models import tiny_model_dir
 ML_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "movielens-latest-small"
 LLM = {"non_personalized", "rag_k1", "rag_k4", "pag", "oppu", "oppu_rag", "oppu_pag"}
 BASELINES = {"global_mean", "user_mean", "user_median", "user_mean_genre", "user_mean_item_bias"}
-METHODS = BASELINES | LLM | {m + "_ev" for m in LLM} | {m + "_median" for m in LLM}
+BASELINE_KEYS = BASELINES | {b + "_round" for b in BASELINES}  # each baseline continuous and rounded
+METHODS = BASELINE_KEYS | LLM | {m + "_ev" for m in LLM} | {m + "_median" for m in LLM}
 
 
 def _item(item_id: str, rating: float, ts: int) -> ml.RatingItem:
@@ -55,9 +56,13 @@ def test_small_preset_end_to_end(tmp_path: Path) -> None:
         assert report["methods"][m + "_ev"]["parse_failure_rate"] == 0.0
     # each LLM method (at its readout) vs the strongest baseline; oppu_rag vs the other LLM methods and baselines
     chosen = {m: m + {"greedy": "", "ev": "_ev", "median": "_median"}[report["readouts"][m]["readout"]] for m in LLM}
-    target = report["strongest_baseline"]["name"]
-    assert target in BASELINES and report["strongest_baseline"]["chosen_on"] == "dev split"
     pairs = {(c["a"], c["b"]) for c in report["comparisons"]}
+    target = report["strongest_baseline"]["name"]
+    assert target in BASELINE_KEYS and report["strongest_baseline"]["chosen_on"] == "dev split"
+    base = report["baseline_readouts"]
+    assert set(base) == BASELINES and all(b["chosen_on"] == "dev split" for b in base.values())
+    at = {b + {"continuous": "", "rounded": "_round"}[c["readout"]] for b, c in base.items()}
+    assert target in at and {(chosen[REFERENCE], b) for b in at - {target}} <= pairs
     assert {(chosen[m], target) for m in LLM} <= pairs
     assert {(chosen[REFERENCE], chosen[m]) for m in LLM - {REFERENCE}} <= pairs
     for c in report["comparisons"]:

@@ -80,6 +80,36 @@ def test_readout_rule_uses_dev_only() -> None:
     assert none["readouts"]["m"]["readout"] == "greedy" and "a priori" in none["readouts"]["m"]["chosen_on"]
 
 
+def test_baseline_readout_and_strongest_baseline_use_dev_only() -> None:
+    # On TEST the rounded bias baseline is exact; on DEV its continuous value and the user's mean are better.
+    test = analysis.Rows(
+        users=["u1", "u1", "u2", "u2"],
+        golds=[4.0, 2.0, 3.0, 5.0],
+        preds={
+            "user_mean": [3.0, 3.0, 4.0, 4.0],
+            "user_mean_round": [3.0, 3.0, 4.0, 4.0],
+            "user_mean_item_bias": [3.8, 2.2, 3.2, 4.8],
+            "user_mean_item_bias_round": [4.0, 2.0, 3.0, 5.0],
+            "m": [3.0, 3.0, 3.0, 3.0],
+        },
+    )
+    dev_mae = {"m": 0.9, "user_mean": 0.75, "user_mean_round": 0.7, "user_mean_item_bias": 0.71}
+    dev_mae["user_mean_item_bias_round"] = 0.72
+    out = analysis.analyse(test, ["m"], reference="m", dev_mae=dev_mae, resamples=50)
+    assert out["baseline_readouts"]["user_mean_item_bias"]["readout"] == "continuous"
+    assert out["baseline_readouts"]["user_mean"] == {
+        "readout": "rounded",
+        "chosen_on": "dev split",
+        "dev_mae": {"continuous": 0.75, "rounded": 0.7},
+    }
+    assert out["strongest_baseline"]["name"] == "user_mean_round"
+    pairs = [(c["a"], c["b"]) for c in out["comparisons"]]
+    assert pairs == [("m", "user_mean_round"), ("m", "user_mean_item_bias")]  # each baseline at its dev readout
+    none = analysis.analyse(test, ["m"], reference="m", dev_mae=None, resamples=50)
+    assert none["strongest_baseline"]["name"] == "user_mean_item_bias"
+    assert none["baseline_readouts"]["user_mean"]["readout"] == "continuous"
+
+
 def test_within_and_between_user_correlations() -> None:
     users = ["a", "a", "b", "b"]
     golds = [5.0, 3.0, 2.0, 1.0]
