@@ -99,7 +99,8 @@ def _check_options(options: SamplingOptions, max_new_tokens: int, vocab_size: in
     if options.logprobs is not None and not 0 <= options.logprobs <= MAX_LOGPROBS:
         raise Unprocessable(f"logprobs / top_logprobs must be in 0..{MAX_LOGPROBS}")
     if not 0 <= options.min_tokens <= max_new_tokens:
-        raise Unprocessable("min_tokens must be in 0..max_tokens")
+        given = "" if options.max_new_tokens is not None else " (the default; none was given)"
+        raise Unprocessable(f"min_tokens must be in 0..{max_new_tokens}, the new-token limit{given}")
     if len(options.logit_bias) > MAX_LOGIT_BIAS:
         raise Unprocessable(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens")
     for token, bias in options.logit_bias.items():

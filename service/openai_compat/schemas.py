@@ -85,6 +85,12 @@ class ChatCompletionIn(CommonParams):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
     @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionIn:
+        if self.top_logprobs is not None and not self.logprobs:  # as OpenAI and vLLM: not silently ignored
+            raise ValueError("top_logprobs is only allowed when logprobs is true")
+        return self
+
+    @model_validator(mode="after")
     def _total_chars(self) -> ChatCompletionIn:
         total = sum(len(m.text()) for m in self.messages)
         if total > MAX_CHAT_CHARS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -277,3 +278,27 @@ def test_generate_route_takes_stop_logprobs_and_response_format(env: tuple[TestC
     broken = {"type": "json_schema", "json_schema": {"schema": 3}}
     bad = client.post("/users/gen-opts/generate", json={**body, "response_format": broken}, headers=bearer(key))
     assert bad.status_code == 400
+
+
+def test_top_logprobs_without_logprobs_is_refused_not_ignored(env: tuple[TestClient, Any, Any]) -> None:
+    """It answered 200 with `logprobs: null` (OpenAI and vLLM refuse it); a validation error here, as every other."""
+    client, _, _ = env
+    key = create_user(client, "toplp")
+    body = {"model": "personal", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "top_logprobs": 3}
+    r = client.post("/v1/chat/completions", json=body, headers=bearer(key))
+    assert r.status_code == 422 and "top_logprobs is only allowed when logprobs is true" in r.text, r.text
+    r = client.post("/v1/chat/completions", json={**body, "logprobs": True}, headers=bearer(key))
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 3
+
+
+def test_an_expensive_schema_for_eight_rows_is_refused_at_once(env: tuple[TestClient, Any, Any]) -> None:
+    """41 bytes of schema: its lexer cost 61 s and 2.6 GB, paid again for each of the n rows, while the other
+    users' rows waited for the threads that built them (an 8-token request of another user took 56 s)."""
+    client, _, _ = env
+    key = create_user(client, "bomb")
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 4_999_999}}}
+    body = {"model": "personal", "messages": [{"role": "user", "content": "hi"}], "n": 8, "response_format": fmt}
+    started = time.monotonic()
+    r = client.post("/v1/chat/completions", json=body, headers=bearer(key))
+    assert r.status_code == 400 and "multipleOf" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - started < 5

@@ -6,6 +6,7 @@ layout both engines compile, and a row matcher's masks."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,17 @@ import pytest
 from transformers import AutoTokenizer
 
 from service.errors import BadRequest, GenerationFailed
-from service.generation.grammar import JSON_STYLE, MAX_SCHEMA_BYTES, MAX_SCHEMA_COUNTS, GrammarCompiler
+from service.generation.grammar import (
+    JSON_STYLE,
+    MASK_GRACE_S,
+    MASK_PER_TOKEN_S,
+    MAX_INTEGER_MULTIPLE_OF,
+    MAX_PATTERN_PROPERTIES,
+    MAX_SCHEMA_BYTES,
+    MAX_SCHEMA_COUNTS,
+    GrammarCompiler,
+    RowMatcher,
+)
 from tests.models import smollm_tokenizer_dir
 
 SCHEMA = {
@@ -109,7 +120,7 @@ def test_a_pattern_whose_lexer_fails_at_the_first_tokens_is_400_at_compile(compi
     """50 bytes under every cap, but llguidance's lexer gives up ("too many expressions constructed") once the
     first token is taken: refused here, on the request's thread, not by the engine after ~0.7 s of its step."""
     explosive = {"type": "string", "pattern": "^(a{1000}){1000}$"}
-    with pytest.raises(BadRequest, match="too many expressions"):
+    with pytest.raises(BadRequest, match=r"too many expressions|too slow"):
         compiler.compile(schema_format(explosive))
     assert compiler.compile(schema_format({"type": "string", "pattern": "^(a{30}){30}$"})) is not None
 
@@ -180,3 +191,90 @@ def test_each_row_gets_its_own_matcher(compiler: GrammarCompiler, tokenizer: Any
     (brace,) = tokens(tokenizer, "{")
     assert second.allowed(compiler.vocab_size)[brace]  # untouched by the first row
     assert not first.allowed(compiler.vocab_size)[brace]
+    fresh = compiled.matcher()  # a copy of the pristine matcher: rows never advance it
+    assert fresh.allowed(compiler.vocab_size)[brace]
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        # 41 bytes: a lexer of ~N states (N = 5 * 10**6: 61 s and 2.6 GB per matcher, paid again for each row).
+        ({"type": "integer", "multipleOf": 4_999_999}, "multipleOf above"),
+        ({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 99_991}}}, "multipleOf above"),
+        # ~K**3 to compile (K = 1500, under the size cap: minutes).
+        (
+            {"type": "object", "patternProperties": {f"^k{i}x": {"type": "integer"} for i in range(65)}},
+            "patternProperties",
+        ),
+        # Compiles in 0.1 s, then ~30 ms of the engine's step thread per token of every such row.
+        ({"type": "string", "pattern": "^(a{300}){300}$"}, "too slow"),
+    ],
+)
+def test_schemas_whose_automata_or_masks_are_expensive_are_400(
+    compiler: GrammarCompiler, schema: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(BadRequest) as info:
+        compiler.compile(schema_format(schema))
+    assert says in info.value.message
+
+
+def test_the_same_bounds_compile(compiler: GrammarCompiler) -> None:
+    assert compiler.compile(schema_format({"type": "integer", "multipleOf": MAX_INTEGER_MULTIPLE_OF}))
+    patterns = {f"^k{i}x": {"type": "integer"} for i in range(MAX_PATTERN_PROPERTIES)}
+    assert compiler.compile(schema_format({"type": "object", "patternProperties": patterns}))
+    assert compiler.compile(schema_format({"type": "number", "multipleOf": 0.001}))
+
+
+def test_a_schema_is_compiled_once_for_every_row_and_every_request(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building an llguidance matcher costs what the compile costs: it was built again for each of a request's
+    n rows (and for the probe), so one request paid an expensive schema n + 2 times."""
+    import llguidance
+
+    built: list[int] = []
+    real = llguidance.LLMatcher
+
+    class Counting:  # the class's static helpers, and a count of matchers built
+        grammar_from_json_schema = staticmethod(real.grammar_from_json_schema)
+        validate_grammar = staticmethod(real.validate_grammar)
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            built.append(1)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", Counting)
+    compiler = GrammarCompiler(tokenizer, 49152)
+    fmt = schema_format({"type": "integer", "multipleOf": 9973})
+    compiled = compiler.compile(fmt)
+    assert compiled is not None
+    rows = [compiled.matcher() for _ in range(8)]
+    assert compiler.compile(fmt) is compiled  # the same schema again: from the cache
+    assert len(built) == 1 and len({id(r) for r in rows}) == 8
+
+
+class _SlowMasks:
+    """An llguidance matcher stand-in whose masks each burn `seconds` of CPU."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def compute_bitmask(self) -> bytes:
+        end = time.thread_time() + self.seconds
+        while time.thread_time() < end:
+            pass
+        return b"\xff" * 8
+
+
+def test_a_row_whose_masks_take_too_much_cpu_fails_alone() -> None:
+    """Masks run on the engine's step thread, one row after another: a row whose masks are slow held up every
+    row of every step (a step of 8 such rows: 10 -> 174 ms for everyone)."""
+    slow = RowMatcher(_SlowMasks(MASK_PER_TOKEN_S * 3), 64)
+    with pytest.raises(GenerationFailed) as info:
+        for _ in range(1000):
+            slow.allowed(64)
+    assert info.value.status == 422 and "too slow" in info.value.message
+    assert slow.masks * MASK_PER_TOKEN_S * 3 <= MASK_GRACE_S * 1.5 + MASK_PER_TOKEN_S * slow.masks * 3 / 2
+    fast = RowMatcher(_SlowMasks(0.0), 64)
+    for _ in range(1000):
+        assert fast.allowed(64)[:64].all()

@@ -135,6 +135,10 @@ def test_penalties_bias_min_tokens_and_ignore_eos_are_passed_on() -> None:
 def test_min_tokens_above_max_new_tokens_is_422() -> None:
     assert resolve(max_new_tokens=5, min_tokens=5).params.min_tokens == 5
     assert "min_tokens" in refused(max_new_tokens=5, min_tokens=6).message
+    # Without max_tokens the limit is the server's default: the message says so (it named max_tokens, unsent).
+    default = SETTINGS.default_max_new_tokens
+    message = refused(min_tokens=default + 1).message
+    assert f"0..{default}" in message and "default" in message
 
 
 @pytest.mark.parametrize("token", [-1, VOCAB])

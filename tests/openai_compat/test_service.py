@@ -583,10 +583,16 @@ def test_chat_prefers_max_completion_tokens_maps_top_logprobs_and_cuts_at_a_stop
     assert out["id"].startswith("chatcmpl-") and out["model"] == PERSONAL
 
 
-def test_chat_top_logprobs_without_logprobs_asks_for_none(db: Database, tmp_path: Path) -> None:
+def test_chat_top_logprobs_without_logprobs_is_refused_and_no_logprobs_asks_for_none(
+    db: Database, tmp_path: Path
+) -> None:
+    # top_logprobs alone was ignored (200, logprobs null); OpenAI and vLLM refuse it, and so does the schema now.
+    for logprobs in (None, False):
+        with pytest.raises(ValidationError, match="top_logprobs is only allowed when logprobs is true"):
+            chat_body(max_tokens=9, top_logprobs=3, logprobs=logprobs)
     _, key = new_user(db, "alice")
     p = preparer(db, tmp_path, "Hi", finish="length")
-    out = asyncio.run(chat(p, StreamRegistry(), caller_of(db, key), chat_body(max_tokens=9, top_logprobs=3)))
+    out = asyncio.run(chat(p, StreamRegistry(), caller_of(db, key), chat_body(max_tokens=9)))
     (request,) = engine_of(p).requests
     assert (request.sampling.max_new_tokens, request.sampling.logprobs) == (9, None)
     assert out["choices"][0]["logprobs"] is None
