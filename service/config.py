@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     queue_max: int = Field(256, ge=0)  # queued generate requests in all (full -> 503)
     queue_per_user_max: int = Field(32, ge=0)  # queued per user (full -> 429): one user cannot take the whole queue
     # A user's requests being prepared at once (SQL, retrieval, tokenizing: each holds a worker thread and a DB
-    # connection); more wait their turn holding neither, counted in the user's queue share (past it: 429).
+    # connection); more wait their turn holding neither, up to queue_per_user_max of them (past it: 429).
     prepare_per_user_max: int = Field(4, ge=1)
     # While other users wait or run, a user at its share of the running rows (rows / active users) lets the
     # next user's row go first; it still fills rows nobody else can use, and running rows are never preempted.

@@ -5,7 +5,8 @@ all wait on one thing of theirs (a cold history index being built): a burst of o
 the threads, and every other user's request would wait for a connection (or get 503 `database_busy`). Here at
 most `active` requests of a tenant are prepared at once; more wait their turn on the event loop, holding
 neither, and a tenant with `most` requests at the gate already is refused at once (`TenantQueueFull`: the
-same 429 as a full queue share, since every request here is about to be queued).
+same 429 as a full queue share, since every request here is about to be queued; the gate counts its own, not
+the queue's rows). The caller holds its place until its work has really ended (a thread cannot be cancelled).
 
 Runs on one event loop (the process's); knows no users, SQL or HTTP: tenants are plain keys.
 """

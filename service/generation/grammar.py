@@ -35,6 +35,9 @@ MAX_SCHEMA_COUNTS = 4096
 # lexer of ~N states (N = 10**5: 0.6 s and ~35 MB per matcher; 5 * 10**6: 61 s and 2.6 GB, 41 bytes of schema),
 # patternProperties of K disjoint patterns ~K**3 (K = 200: 0.7 s; 1500: minutes).
 MAX_INTEGER_MULTIPLE_OF = 10_000
+# allOf merges integer multipleOf values into one lexer for their common multiple (997 and 991: 2.5 s and
+# 190 MB; 9973 and 9967: over a minute): their product over the schema is capped too (10**5: ~0.6 s).
+MAX_MULTIPLE_OF_PRODUCT = 100_000
 MAX_PATTERN_PROPERTIES = 64
 # Masks computed (and a token taken) when a response format is compiled, to refuse grammars that fail at once.
 PROBE_STEPS = 3
@@ -135,7 +138,7 @@ class GrammarCompiler:
         if kind == "text":
             return None
         schema = _schema_of(kind, response_format)
-        key = json.dumps([kind, schema], sort_keys=True)
+        key = json.dumps([kind, schema])  # keys in their order: the grammar writes properties in it
         with self._lock:
             cached = self._compiled.get(key)
             if cached is not None:
@@ -209,23 +212,33 @@ def _schema_of(kind: Any, response_format: Mapping[str, Any]) -> Mapping[str, An
 
 
 def _check_automata_sizes(schema: Mapping[str, Any]) -> None:
-    """400 for an integer multipleOf above MAX_INTEGER_MULTIPLE_OF, or more than MAX_PATTERN_PROPERTIES
-    patternProperties in one object (iterative: any nesting depth; inside const/enum values too)."""
+    """400 for a multipleOf that is not positive or above MAX_INTEGER_MULTIPLE_OF, multipleOf values whose product
+    is above MAX_MULTIPLE_OF_PRODUCT (allOf merges them into one lexer for their common multiple), or more than
+    MAX_PATTERN_PROPERTIES patternProperties in the whole schema (allOf merges objects). Iterative: any nesting
+    depth; conservative: inside const/enum values too."""
+    product, patterns = 1.0, 0
     stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, Mapping):
             step = node.get("multipleOf")
-            if isinstance(step, (int, float)) and not isinstance(step, bool) and step > MAX_INTEGER_MULTIPLE_OF:
-                raise BadRequest(f"response_format: multipleOf above {MAX_INTEGER_MULTIPLE_OF} is not supported")
-            patterns = node.get("patternProperties")
-            if isinstance(patterns, Mapping) and len(patterns) > MAX_PATTERN_PROPERTIES:
-                raise BadRequest(
-                    f"response_format: at most {MAX_PATTERN_PROPERTIES} patternProperties in one object"
-                )
+            if isinstance(step, (int, float)) and not isinstance(step, bool):
+                if not step > 0:
+                    raise BadRequest("response_format: multipleOf must be greater than 0")
+                if step > MAX_INTEGER_MULTIPLE_OF:
+                    raise BadRequest(f"response_format: multipleOf above {MAX_INTEGER_MULTIPLE_OF} is not supported")
+                product *= max(1.0, float(step))
+            if isinstance(node.get("patternProperties"), Mapping):
+                patterns += len(node["patternProperties"])
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+    if product > MAX_MULTIPLE_OF_PRODUCT:
+        raise BadRequest(
+            f"response_format: multipleOf values whose product is above {MAX_MULTIPLE_OF_PRODUCT} are not supported"
+        )
+    if patterns > MAX_PATTERN_PROPERTIES:
+        raise BadRequest(f"response_format: at most {MAX_PATTERN_PROPERTIES} patternProperties in one schema")
 
 
 def _counts(schema: Mapping[str, Any]) -> float:

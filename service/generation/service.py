@@ -63,10 +63,30 @@ Part = Delta | Completion
 
 async def prepare(preparer: Preparer, spec: GenerationSpec) -> PreparedRequest:
     """SQL, retrieval and tokenizing happen off the event loop, at most `OPPU_PREPARE_PER_USER_MAX` of a
-    user's requests at once (the rest wait here, holding no thread or connection; 429 past the user's share)."""
+    user's requests at once (the rest wait here, holding no thread or connection; past
+    `OPPU_QUEUE_PER_USER_MAX` of them at the gate: 429)."""
     with queue_errors(preparer.engine.on_reject):  # the gate's refusal; the step's own errors are ServiceErrors
         async with preparer.gate.admit(tenant_of(spec)):
-            return await run_in_threadpool(preparer.prepare, spec)
+            return await _in_thread_to_its_end(preparer, spec)
+
+
+async def _in_thread_to_its_end(preparer: Preparer, spec: GenerationSpec) -> PreparedRequest:
+    """`preparer.prepare` in a worker thread. A caller cancelled meanwhile (its client left) still waits for
+    the thread to end before it goes: a thread cannot be stopped, and while it runs it holds a worker thread
+    and a pooled connection, so the user's gate place must stay taken (it was handed to the next request at
+    once, and connect-and-drop traffic ran any number of one user's preparations)."""
+    work = asyncio.ensure_future(run_in_threadpool(preparer.prepare, spec))
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.wait({work})  # never cancels `work`
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not work.cancelled():
+            work.exception()  # retrieved: nobody is left to read it
+        raise asyncio.CancelledError
+    return work.result()
 
 
 async def _row(preparer: Preparer, prepared: PreparedRequest, index: int) -> AsyncIterator[Part]:

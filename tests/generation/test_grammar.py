@@ -19,6 +19,7 @@ from service.generation.grammar import (
     MASK_GRACE_S,
     MASK_PER_TOKEN_S,
     MAX_INTEGER_MULTIPLE_OF,
+    MAX_MULTIPLE_OF_PRODUCT,
     MAX_PATTERN_PROPERTIES,
     MAX_SCHEMA_BYTES,
     MAX_SCHEMA_COUNTS,
@@ -208,6 +209,21 @@ def test_each_row_gets_its_own_matcher(compiler: GrammarCompiler, tokenizer: Any
         ),
         # Compiles in 0.1 s, then ~30 ms of the engine's step thread per token of every such row.
         ({"type": "string", "pattern": "^(a{300}){300}$"}, "too slow"),
+        # llguidance takes a negative step as its absolute value (-999999: 8.4 s and 420 MB).
+        ({"type": "integer", "multipleOf": -999_999}, "greater than 0"),
+        ({"type": "integer", "multipleOf": 0}, "greater than 0"),
+        # Each under the cap, but allOf makes one lexer of their common multiple (9973 and 9967: over a minute).
+        ({"allOf": [{"type": "integer", "multipleOf": 9973}, {"type": "integer", "multipleOf": 9967}]}, "product"),
+        # allOf merges the objects: 8 x 64 patterns took 53 s.
+        (
+            {
+                "allOf": [
+                    {"type": "object", "patternProperties": {f"^b{b}k{i}x": {"type": "integer"} for i in range(40)}}
+                    for b in range(2)
+                ]
+            },
+            "patternProperties",
+        ),
     ],
 )
 def test_schemas_whose_automata_or_masks_are_expensive_are_400(
@@ -218,11 +234,28 @@ def test_schemas_whose_automata_or_masks_are_expensive_are_400(
     assert says in info.value.message
 
 
+def test_schemas_differing_only_in_key_order_are_not_one_cache_entry(
+    compiler: GrammarCompiler, tokenizer: Any
+) -> None:
+    """The grammar writes properties in the schema's order: a cache keyed on sorted keys gave one tenant's
+    schema another tenant's order."""
+    ba = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}}}
+    ab = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    first, second = compiler.compile(schema_format(ba)), compiler.compile(schema_format(ab))
+    assert first is not None and second is not None and first is not second
+    matcher = second.matcher()
+    for token in tokens(tokenizer, '{"a": 1, "b": 2}'):
+        matcher.accept(token)
+    assert not matcher.failed()
+
+
 def test_the_same_bounds_compile(compiler: GrammarCompiler) -> None:
     assert compiler.compile(schema_format({"type": "integer", "multipleOf": MAX_INTEGER_MULTIPLE_OF}))
     patterns = {f"^k{i}x": {"type": "integer"} for i in range(MAX_PATTERN_PROPERTIES)}
     assert compiler.compile(schema_format({"type": "object", "patternProperties": patterns}))
     assert compiler.compile(schema_format({"type": "number", "multipleOf": 0.001}))
+    two = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 100}, "m": {"multipleOf": 1000}}}
+    assert MAX_MULTIPLE_OF_PRODUCT == 100 * 1000 and compiler.compile(schema_format(two))  # at the bound
 
 
 def test_a_schema_is_compiled_once_for_every_row_and_every_request(
