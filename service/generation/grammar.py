@@ -13,9 +13,9 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -214,25 +214,19 @@ def _schema_of(kind: Any, response_format: Mapping[str, Any]) -> Mapping[str, An
 def _check_automata_sizes(schema: Mapping[str, Any]) -> None:
     """400 for a multipleOf that is not positive or above MAX_INTEGER_MULTIPLE_OF, multipleOf values whose product
     is above MAX_MULTIPLE_OF_PRODUCT (allOf merges them into one lexer for their common multiple), or more than
-    MAX_PATTERN_PROPERTIES patternProperties in the whole schema (allOf merges objects). Iterative: any nesting
-    depth; conservative: inside const/enum values too."""
+    MAX_PATTERN_PROPERTIES patternProperties in the whole schema (allOf merges objects). Conservative: inside
+    const/enum values too."""
     product, patterns = 1.0, 0
-    stack: list[Any] = [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Mapping):
-            step = node.get("multipleOf")
-            if isinstance(step, (int, float)) and not isinstance(step, bool):
-                if not step > 0:
-                    raise BadRequest("response_format: multipleOf must be greater than 0")
-                if step > MAX_INTEGER_MULTIPLE_OF:
-                    raise BadRequest(f"response_format: multipleOf above {MAX_INTEGER_MULTIPLE_OF} is not supported")
-                product *= max(1.0, float(step))
-            if isinstance(node.get("patternProperties"), Mapping):
-                patterns += len(node["patternProperties"])
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+    for node in _objects(schema):
+        step = node.get("multipleOf")
+        if _is_number(step):
+            if not step > 0:
+                raise BadRequest("response_format: multipleOf must be greater than 0")
+            if step > MAX_INTEGER_MULTIPLE_OF:
+                raise BadRequest(f"response_format: multipleOf above {MAX_INTEGER_MULTIPLE_OF} is not supported")
+            product *= max(1.0, float(step))
+        if isinstance(node.get("patternProperties"), Mapping):
+            patterns += len(node["patternProperties"])
     if product > MAX_MULTIPLE_OF_PRODUCT:
         raise BadRequest(
             f"response_format: multipleOf values whose product is above {MAX_MULTIPLE_OF_PRODUCT} are not supported"
@@ -242,18 +236,23 @@ def _check_automata_sizes(schema: Mapping[str, Any]) -> None:
 
 
 def _counts(schema: Mapping[str, Any]) -> float:
-    """The sum of every numeric COUNT_KEYWORDS value anywhere in the schema (iterative: any nesting depth).
-    Conservative: the same key inside a const/enum value counts too."""
-    total: float = 0
+    """The sum of every numeric COUNT_KEYWORDS value anywhere in the schema. Conservative: the same key inside a
+    const/enum value counts too."""
+    values = (v for node in _objects(schema) for k, v in node.items() if k in COUNT_KEYWORDS)
+    return float(sum(abs(v) for v in values if _is_number(v)))
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _objects(schema: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """Every JSON object in the schema, at any nesting depth (iterative: no recursion limit), values included."""
     stack: list[Any] = [schema]
     while stack:
         node = stack.pop()
         if isinstance(node, Mapping):
-            for key, value in node.items():
-                if key in COUNT_KEYWORDS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    total += abs(value)
-                else:
-                    stack.append(value)
+            yield node
+            stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-    return total
