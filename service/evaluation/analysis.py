@@ -9,7 +9,7 @@ knows nothing about models, the server or MovieLens files.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,32 +71,37 @@ def method_table(rows: Rows) -> dict[str, dict[str, Any]]:
     return out
 
 
+A_PRIORI = "not chosen (no dev numbers): a priori"
+
+
+def _chosen(
+    offered: Mapping[str, str],
+    dev_mae: Mapping[str, float] | None,
+    source: str,
+    rule: Callable[[Mapping[str, float]], str],
+    fallback: str,
+) -> dict[str, Any]:
+    """One method's readout (readout -> prediction key offered): chosen by `rule` on its dev MAEs, else a priori."""
+    dev = {r: dev_mae[k] for r, k in offered.items() if dev_mae is not None and k in dev_mae}
+    if dev:
+        return {"readout": rule(dev), "chosen_on": source, "dev_mae": dev}
+    return {"readout": fallback, "chosen_on": A_PRIORI}
+
+
 def _readouts(
     llm_methods: Sequence[str], rows: Rows, dev_mae: Mapping[str, float] | None, source: str
 ) -> dict[str, dict[str, Any]]:
-    readouts: dict[str, dict[str, Any]] = {}
-    for m in llm_methods:
-        offered = {r: readout_key(m, r) for r in stats.READOUTS if readout_key(m, r) in rows.preds}
-        dev = {r: dev_mae[k] for r, k in offered.items() if dev_mae is not None and k in dev_mae}
-        if dev:
-            readouts[m] = {"readout": stats.choose_readout(dev), "chosen_on": source, "dev_mae": dev}
-        else:
-            readouts[m] = {"readout": FALLBACK_READOUT, "chosen_on": "not chosen (no dev numbers): a priori"}
-    return readouts
+    offered = {
+        m: {r: readout_key(m, r) for r in stats.READOUTS if readout_key(m, r) in rows.preds} for m in llm_methods
+    }
+    return {m: _chosen(offered[m], dev_mae, source, stats.choose_readout, FALLBACK_READOUT) for m in llm_methods}
 
 
 def _baseline_readouts(rows: Rows, dev_mae: Mapping[str, float] | None, source: str) -> dict[str, dict[str, Any]]:
     """Each baseline's readout (continuous, or rounded to the rating grid), chosen on dev as the LLM ones are."""
-    out: dict[str, dict[str, Any]] = {}
-    for b in baselines.NAMES:
-        offered = {r: baselines.readout_key(b, r) for r in baselines.READOUTS}
-        offered = {r: k for r, k in offered.items() if k in rows.preds}
-        dev = {r: dev_mae[k] for r, k in offered.items() if dev_mae is not None and k in dev_mae}
-        if dev:
-            out[b] = {"readout": baselines.choose_readout(dev), "chosen_on": source, "dev_mae": dev}
-        elif offered:
-            out[b] = {"readout": "continuous", "chosen_on": "not chosen (no dev numbers): a priori"}
-    return out
+    keys = {b: {r: baselines.readout_key(b, r) for r in baselines.READOUTS} for b in baselines.NAMES}
+    offered = {b: {r: k for r, k in ks.items() if k in rows.preds} for b, ks in keys.items()}
+    return {b: _chosen(o, dev_mae, source, baselines.choose_readout, "continuous") for b, o in offered.items() if o}
 
 
 def choose(
@@ -112,7 +117,7 @@ def choose(
         strongest = {"name": baselines.strongest(dev_b), "chosen_on": source, "dev_mae": dev_b}
     else:
         name = FALLBACK_BASELINE if FALLBACK_BASELINE in rows.preds else list(at.values())[-1]
-        strongest = {"name": name, "chosen_on": "not chosen (no dev numbers): a priori"}
+        strongest = {"name": name, "chosen_on": A_PRIORI}
     return {
         "readouts": _readouts(llm_methods, rows, dev_mae, source),
         "baseline_readouts": base,

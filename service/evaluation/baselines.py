@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from service.evaluation import movielens as ml
+from service.evaluation import stats
 from service.evaluation.metrics import MAX_RATING, MIN_RATING
 
 SHRINKAGE_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0)
@@ -165,12 +166,9 @@ def with_readouts(preds: Mapping[str, Sequence[float]]) -> dict[str, list[float]
 
 
 def choose_readout(dev_mae: Mapping[str, float]) -> str:
-    """A baseline's readout with the lowest MAE ON THE DEV SPLIT (readout -> dev MAE; ties: continuous)."""
-    known = [r for r in READOUTS if r in dev_mae]
-    if not known:
-        raise ValueError(f"no known baseline readout among {sorted(dev_mae)}")
-    order = list(READOUTS)
-    return min(known, key=lambda r: (dev_mae[r], order.index(r)))
+    """A baseline's readout with the lowest MAE ON THE DEV SPLIT (readout -> dev MAE; ties: continuous): the
+    LLM methods' rule (`stats.choose_readout`) over the baselines' readouts."""
+    return stats.choose_readout(dev_mae, order=tuple(READOUTS))
 
 
 def predictions(task: ml.RatingTask, index: RatingIndex, *, shrinkage: float) -> dict[str, list[float]]:

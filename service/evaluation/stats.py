@@ -123,13 +123,14 @@ def median_value(values: Sequence[float], probs: Sequence[float]) -> float:
     return values[-1]
 
 
-def choose_readout(dev_mae: Mapping[str, float]) -> str:
-    """The readout with the lowest MAE ON THE DEV SPLIT (ties: the earlier of READOUTS). The caller passes
-    dev numbers only; the test split then uses the returned readout, whatever test would have preferred."""
-    known = [r for r in READOUTS if r in dev_mae]
+def choose_readout(dev_mae: Mapping[str, float], order: Sequence[str] = READOUTS) -> str:
+    """The readout with the lowest MAE ON THE DEV SPLIT (ties: the earlier of `order`: the LLM methods' READOUTS,
+    or a baseline's). The caller passes dev numbers only; the test split then uses the returned readout,
+    whatever test would have preferred."""
+    known = [r for r in order if r in dev_mae]
     if not known:
         raise ValueError(f"no known readout among {sorted(dev_mae)}")
-    return min(known, key=lambda r: (dev_mae[r], READOUTS.index(r)))
+    return min(known, key=lambda r: (dev_mae[r], list(order).index(r)))
 
 
 # --- correlations ---
