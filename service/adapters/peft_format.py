@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
 
@@ -184,13 +184,24 @@ def read_adapter_dir(directory: Path, *, max_scale: float, seal: FileOpener | No
     """Reads the PEFT pair (never a pickle) from a folder; sealed files (service.sealing) through `seal`, the
     owner's, plaintext ones as they are."""
     config = _config_object(_file_bytes(directory, CONFIG_NAME, seal).decode("utf-8"))
-    weights_path = directory / WEIGHTS_NAME
-    with open(weights_path, "rb") as fh:
-        sealed = is_sealed_file(fh.read(len(MAGIC)))
-    if not sealed:
-        return parse_peft(config, load_safetensors_file(str(weights_path)), max_scale=max_scale)
-    memory = _opener(seal, WEIGHTS_NAME).open_path(file_purpose(WEIGHTS_NAME), weights_path, _tensor_memory)
+    # One open file for the look at its first bytes and the read: a `seal-existing` that replaces the plaintext
+    # file meanwhile leaves this load on the file it looked at.
+    with open(directory / WEIGHTS_NAME, "rb") as fh:
+        if is_sealed_file(fh.read(len(MAGIC))):
+            memory = _opener(seal, WEIGHTS_NAME).open_path(file_purpose(WEIGHTS_NAME), fh, _tensor_memory)
+        else:
+            memory = _mapped(fh)
     return parse_peft(config, tensors_in(torch.from_numpy(memory)), max_scale=max_scale)
+
+
+def _mapped(fh: Any) -> Any:
+    """A plaintext file's bytes as a private writable mapping of its pages (copy on write; nothing is written):
+    the tensors are views of the page cache, as safetensors' own load_file makes them."""
+    size = os.fstat(fh.fileno()).st_size
+    if size == 0:
+        raise AdapterFormatError("weights file too short")
+    memory = mmap.mmap(fh.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return torch.frombuffer(memory, dtype=torch.uint8).numpy()  # the view keeps the mapping alive
 
 
 _FRESH_MEMORY = 32 * 1024 * 1024  # glibc's largest mmap threshold: smaller blocks are reused from its heap
@@ -227,6 +238,8 @@ def tensors_in(buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         header = json.loads(buffer[8 : 8 + header_len].numpy().tobytes())
     except ValueError as exc:
         raise AdapterFormatError(f"weights header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise AdapterFormatError("weights header is not a JSON object")
     base, out = 8 + header_len, {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -234,9 +247,12 @@ def tensors_in(buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         dtype = _DTYPES.get(str(info.get("dtype"))) if isinstance(info, dict) else None
         if dtype is None:
             raise AdapterFormatError(f"tensor {name!r}: unsupported dtype")
-        shape, (start, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+        try:
+            shape, (start, end) = [int(d) for d in info["shape"]], [int(o) for o in info["data_offsets"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AdapterFormatError(f"tensor {name!r}: shape or data_offsets malformed") from exc
         numel = math.prod(shape)
-        if not 0 <= start <= end <= size - base or end - start != numel * dtype.itemsize:
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= size - base or end - start != numel * dtype.itemsize:
             raise AdapterFormatError(f"tensor {name!r}: offsets out of bounds")
         raw = buffer[base + start : base + end]
         if (base + start) % dtype.itemsize:
@@ -246,12 +262,11 @@ def tensors_in(buffer: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _file_bytes(directory: Path, name: str, seal: FileOpener | None) -> bytes:
-    path = directory / name
-    with open(path, "rb") as fh:
-        sealed = is_sealed_file(fh.read(len(MAGIC)))
-    if not sealed:
-        return path.read_bytes()
-    return bytes(_opener(seal, name).open_path(file_purpose(name), path))
+    with open(directory / name, "rb") as fh:  # one open file (see read_adapter_dir)
+        if is_sealed_file(fh.read(len(MAGIC))):
+            return bytes(_opener(seal, name).open_path(file_purpose(name), fh))
+        fh.seek(0)
+        return fh.read()
 
 
 def _opener(seal: FileOpener | None, name: str) -> FileOpener:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class AdapterRef:
 class FileOpener(Protocol):
     """Opens an owner's sealed file (service.sealing.service.UserSeal; read by adapters/peft_format.py)."""
 
-    def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = ...) -> Any: ...
+    def open_path(self, purpose: str, path: Path | IO[bytes], allocate: Callable[[int], Any] = ...) -> Any: ...
 
 
 class GrammarMatcher(Protocol):

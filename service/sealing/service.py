@@ -404,8 +404,9 @@ class UserSeal:
         except SealBroken as exc:
             raise SealedDataUnreadable(f"the stored {purpose} of this user does not open: {exc}") from exc
 
-    def open_path(self, purpose: str, path: Path, allocate: Callable[[int], Any] = bytearray) -> Any:
-        """A sealed file's plaintext, read and opened in one pass into `allocate(n)` (an adapter's cold load)."""
+    def open_path(self, purpose: str, path: Path | IO[bytes], allocate: Callable[[int], Any] = bytearray) -> Any:
+        """A sealed file's plaintext, read and opened in one pass into `allocate(n)` (an adapter's cold load);
+        `path` may be the file already open (cipher.open_file)."""
         try:  # the key of the version in the header of the file opened: one open (a re-seal may replace it)
             key_of = functools.partial(self.sealer.key, self.owner_key)
             return cipher.open_file(key_of, path, _ad(self.owner_key, purpose), allocate)
