@@ -204,6 +204,14 @@ class Settings(BaseSettings):
         if self.default_max_new_tokens >= self.max_model_len:
             raise ValueError("max_model_len must be above default_max_new_tokens (a request needs a prompt token)")
         self._check_training_fits_adapter_limits()
+        from service.db.session import pool_capacity  # the pool's one owner
+
+        connections = pool_capacity(self.resolved_database_url)
+        if self.prepare_per_user_max > connections // 2:
+            raise ValueError(
+                f"prepare_per_user_max must be <= {connections // 2}: each request being prepared holds a database "
+                f"connection, and one user may not hold more than half of a process's {connections}"
+            )
         if self.notice_keep_s < self.notice_poll_s + NOTICE_COMMIT_LAG_S:
             raise ValueError(
                 f"notice_keep_s must be >= notice_poll_s + {NOTICE_COMMIT_LAG_S:g} s: notices pruned sooner can be "

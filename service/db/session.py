@@ -34,7 +34,12 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
             # Owner-only: the folder and the file (SQLite gives its -wal and -shm files the file's mode).
             Path(parsed.database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(parsed.database, os.O_CREAT | os.O_RDWR, 0o600))
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            hide_parameters=True,
+            **_pool_arguments(url),
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -49,7 +54,28 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = str(parsed.set(drivername="postgresql+psycopg"))
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True, **_pool_arguments(url))
+
+
+# A process's database connections (the pool, and what it opens beyond it under load): Settings checks the
+# per-user preparation cap against it, so one user's requests cannot hold most of them.
+POOL_SIZES = {"sqlite": (5, 10), "postgresql": (10, 20)}
+
+
+def pool_capacity(url: str) -> int:
+    """The most connections a process opens to the database at `url` (pool + overflow)."""
+    return sum(_pool_sizes(url))
+
+
+def _pool_sizes(url: str) -> tuple[int, int]:
+    return POOL_SIZES.get(make_url(url).get_backend_name(), POOL_SIZES["postgresql"])
+
+
+def _pool_arguments(url: str) -> dict[str, int]:
+    if make_url(url).get_backend_name() == "sqlite" and make_url(url).database in (None, "", ":memory:"):
+        return {}  # one connection per thread (SingletonThreadPool): no pool sizes to set
+    size, overflow = _pool_sizes(url)
+    return {"pool_size": size, "max_overflow": overflow}
 
 
 def make_session_factory(engine: Engine, info: dict[str, Any] | None = None) -> sessionmaker[Session]:
