@@ -242,7 +242,26 @@ def private_op_violations(path: str, source: str) -> list[str]:
     ]
 
 
+THREADS_OWNER = "threads.py"
+THREAD_CALLS = ("run_in_threadpool", "to_thread")
+THREADS_ALLOWED = {"lifespan.py"}  # the start-up's composition, before any request
+
+
+def thread_violations(path: str, source: str) -> list[str]:
+    """Request work goes to worker threads only through service/threads.py: a plain `run_in_threadpool` (or
+    asyncio's/anyio's to_thread) returns at once when the request is cancelled (its client left) while the
+    thread runs on with the request's session, gate place or file."""
+    if path == THREADS_OWNER or path in THREADS_ALLOWED:
+        return []
+    return [
+        f"{path}:{n} calls a worker thread directly: use service.threads.run_to_its_end"
+        for n, line in enumerate(source.splitlines(), 1)
+        if any(call in line for call in THREAD_CALLS)
+    ]
+
+
 CHECKS = (
+    thread_violations,
     private_op_violations,
     import_violations,
     scope_violations,
@@ -273,6 +292,38 @@ def test_the_tree_keeps_every_contract() -> None:
 )
 def test_a_forbidden_import_is_caught(path: str, source: str, fragment: str) -> None:
     assert any(fragment in p for p in import_violations(path, source))
+
+
+def test_a_direct_worker_thread_call_is_caught() -> None:
+    assert thread_violations("api/adapters.py", "return await run_in_threadpool(service.upload, session)\n")
+    assert thread_violations("engine/base.py", "row = await asyncio.to_thread(self._prepared_row, request)\n")
+    assert not thread_violations(THREADS_OWNER, "work = run_in_threadpool(fn)\n")
+
+
+def test_every_route_endpoint_is_a_coroutine(tmp_path: Path) -> None:
+    """FastAPI runs a plain `def` endpoint with its own threadpool call, which a cancelled request abandons;
+    api/routing.WholeThreadRoute wraps each one in service.threads. A router without it is caught here."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from service.api.routing import WholeThreadRoute
+    from service.config import Settings
+    from service.main import create_app
+
+    def api_routes(routes: Iterable[object]) -> Iterable[APIRoute]:
+        for route in routes:
+            if isinstance(route, APIRoute):
+                yield route
+            inner = getattr(route, "original_router", None)  # an included router
+            if inner is not None:
+                yield from api_routes(inner.routes)
+
+    routes = list(api_routes(create_app(Settings(data_dir=tmp_path, admin_key="a" * 32)).routes))
+    assert len(routes) > 20
+    plain = [r.path for r in routes if not inspect.iscoroutinefunction(r.dependant.call)]
+    assert not plain, f"endpoints FastAPI would run in an abandonable thread: {plain}"
+    assert all(isinstance(r, WholeThreadRoute) for r in routes)
 
 
 def test_an_unscoped_repository_function_is_caught() -> None:

@@ -22,13 +22,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import IO
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.errors import ClientDisconnected, InsufficientStorage, RequestTimeout, TooManyRequests, is_storage_full
 from service.sealing.tempfiles import SealedTempFile
+from service.threads import run_to_its_end
 
 CHUNK = 256 * 1024  # what a streamed file holds in memory at a time (per download)
 
@@ -168,6 +168,6 @@ def gated_file(
 
 
 async def _chunks(file: IO[bytes]) -> AsyncIterator[bytes]:
-    await run_in_threadpool(file.seek, 0)
-    while chunk := await run_in_threadpool(file.read, CHUNK):
+    await run_to_its_end(file.seek, 0)
+    while chunk := await run_to_its_end(file.read, CHUNK):
         yield chunk

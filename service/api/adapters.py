@@ -5,15 +5,16 @@ from __future__ import annotations
 from typing import IO, Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from service.adapters import service
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut, RollbackIn
 from service.adapters.uploads import gated_file, spool
+from service.api.routing import WholeThreadRoute
 from service.deps import AdaptersDep, AdminUserDep, SessionDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, error_responses
+from service.threads import run_to_its_end
 
-router = APIRouter(tags=["adapters"], responses=error_responses(*AUTH_ERRORS))
+router = APIRouter(route_class=WholeThreadRoute, tags=["adapters"], responses=error_responses(*AUTH_ERRORS))
 
 
 @router.get("/users/{user_id}/adapter", response_model=AdapterOut)
@@ -72,7 +73,7 @@ async def upload_adapter(
     with state.uploads.receiving(user.storage_key):
         body = await spool(request.stream(), state.settings.upload_body_timeout_s)
     with body, state.uploads.slot(user.storage_key):  # 429 while this user's (or the server's) uploads are busy
-        return await run_in_threadpool(service.upload, session, adapters, user.storage_key, user.pk, body)
+        return await run_to_its_end(service.upload, session, adapters, user.storage_key, user.pk, body)
 
 
 @router.delete("/users/{user_id}/adapter", status_code=204)

@@ -6,12 +6,15 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import data_rights, users
+from service.api.routing import WholeThreadRoute
 from service.api.users import EraseHooksDep
 from service.deps import AdaptersDep, AdminDep, AdminUserDep, SessionDep
 from service.errors import AUTH_ERRORS, error_responses
 from service.tenancy import USER_ID_MAX, USER_ID_PATTERN
 
-router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(*AUTH_ERRORS))
+router = APIRouter(
+    route_class=WholeThreadRoute, prefix="/admin", tags=["admin"], responses=error_responses(*AUTH_ERRORS)
+)
 
 
 class CreateUserIn(BaseModel):

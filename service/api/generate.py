@@ -8,13 +8,17 @@ from typing import Any, TypeVar
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
+from service.api.routing import WholeThreadRoute
 from service.deps import CallerDep, PreparerDep, StreamsDep, UserDep
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.generation import service
 from service.generation.schemas import GenerateIn, GenerateOut, ScoreIn, ScoreOut
 
 router = APIRouter(
-    prefix="/users/{user_id}", tags=["generate"], responses=error_responses(*AUTH_ERRORS, *SERVING_ERRORS)
+    route_class=WholeThreadRoute,
+    prefix="/users/{user_id}",
+    tags=["generate"],
+    responses=error_responses(*AUTH_ERRORS, *SERVING_ERRORS),
 )
 T = TypeVar("T")
 

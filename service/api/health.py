@@ -8,11 +8,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from service.api.routing import WholeThreadRoute
 from service.deps import StateDep
 from service.inference.loader import serving_dtype
 from service.jobs.queue import queue_checks
 
-router = APIRouter(tags=["health"])
+router = APIRouter(route_class=WholeThreadRoute, tags=["health"])
 
 
 class ReadyOut(BaseModel):

@@ -6,13 +6,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from service.api.routing import WholeThreadRoute
 from service.deps import SessionDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, error_responses
 from service.history import service
 from service.history.schemas import HistoryAppendIn, HistoryAppendOut, HistoryPage, ProfileIn, ProfileOut
 from service.jobs import service as jobs
 
-router = APIRouter(prefix="/users/{user_id}", tags=["history"], responses=error_responses(*AUTH_ERRORS))
+router = APIRouter(
+    route_class=WholeThreadRoute, prefix="/users/{user_id}", tags=["history"], responses=error_responses(*AUTH_ERRORS)
+)
 
 
 @router.post("/history", status_code=201, response_model=HistoryAppendOut)

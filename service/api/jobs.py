@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from service.adapters import service as adapter_service
 from service.adapters.schemas import AdapterVersionsOut
+from service.api.routing import WholeThreadRoute
 from service.db.models import SHARED_OWNER
 from service.deps import AdminDep, AdminUserDep, PreparerDep, QueueDep, SessionDep, UserIdPath
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
@@ -18,14 +19,14 @@ from service.jobs import service
 from service.jobs.profile import generate_profile
 from service.jobs.schemas import JobOut
 
-router = APIRouter(prefix="/admin", tags=["training"], responses=error_responses(*AUTH_ERRORS))
+router = APIRouter(
+    route_class=WholeThreadRoute, prefix="/admin", tags=["training"], responses=error_responses(*AUTH_ERRORS)
+)
 
 
 @router.post("/users/{user_id}/retrain", status_code=202, response_model=JobOut, responses=error_responses(409))
 def retrain_user(user: AdminUserDep, session: SessionDep, queue: QueueDep) -> JobOut:
-    job, _created = service.request_job(
-        session, queue, "user_retrain", user.storage_key, user.pk, require_history=True
-    )
+    job, _created = service.request_job(session, queue, "user_retrain", user.storage_key, user.pk, require_history=True)
     return job
 
 

@@ -7,10 +7,11 @@ import hmac
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.api.routing import WholeThreadRoute
 from service.deps import StateDep
 from service.errors import Unauthorized
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(route_class=WholeThreadRoute, tags=["metrics"])
 
 
 @router.get("/metrics", response_class=Response)

@@ -7,12 +7,13 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
+from service.api.routing import WholeThreadRoute
 from service.deps import CallerDep, PreparerDep, StateDep, StreamsDep
 from service.errors import AUTH_ERRORS, SERVING_ERRORS, error_responses
 from service.openai_compat import service
 from service.openai_compat.schemas import ChatCompletionIn, CompletionIn, ModelList
 
-router = APIRouter(prefix="/v1", tags=["openai"], responses=error_responses(*AUTH_ERRORS))
+router = APIRouter(route_class=WholeThreadRoute, prefix="/v1", tags=["openai"], responses=error_responses(*AUTH_ERRORS))
 SERVING = {
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"},
     **error_responses(*SERVING_ERRORS),

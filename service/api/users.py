@@ -11,13 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import data_rights, users
 from service.adapters.uploads import gated_file
+from service.api.routing import WholeThreadRoute
 from service.deps import AdaptersDep, AdminUserDep, CallerDep, QueueDep, SessionDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, error_responses
 from service.jobs import service as jobs
 from service.jobs.queue import erased_notice
 from service.jobs.schemas import JobOut
 
-router = APIRouter(tags=["users"], responses=error_responses(*AUTH_ERRORS))
+router = APIRouter(route_class=WholeThreadRoute, tags=["users"], responses=error_responses(*AUTH_ERRORS))
 
 
 class KeyOut(BaseModel):

@@ -29,6 +29,7 @@ from service.batching.fair_queue import FairQueue, QueueFull, TenantQueueFull
 from service.engine.types import AdapterRef, EngineEvent, EngineRequest, EngineStats, Finished, TokenEvent
 from service.errors import PromptTooLong, Timeout, TooManyRequests, Unavailable, Unprocessable
 from service.inference.threads import release_pool
+from service.threads import run_to_its_end
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class EngineFront(Generic[R]):
         check_fits(request, self.limits)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[object] = asyncio.Queue()
-        row = await asyncio.to_thread(self._prepared_row, request, event_sink(loop, events))
+        row = await run_to_its_end(self._prepared_row, request, event_sink(loop, events))
         self.submit(row)
         ended = False
         try:

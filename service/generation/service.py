@@ -10,8 +10,6 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from starlette.concurrency import run_in_threadpool
-
 from service.engine.base import collect, queue_errors
 from service.engine.types import Finished
 from service.errors import ServiceError
@@ -32,6 +30,7 @@ from service.generation.text import RowText, TokenOut
 from service.inference.tokens import PromptCodec
 from service.streams import StreamRegistry
 from service.tenancy import UserRef
+from service.threads import run_to_its_end
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +66,7 @@ async def prepare(preparer: Preparer, spec: GenerationSpec) -> PreparedRequest:
     `OPPU_QUEUE_PER_USER_MAX` of them at the gate: 429)."""
     with queue_errors(preparer.engine.on_reject):  # the gate's refusal; the step's own errors are ServiceErrors
         async with preparer.gate.admit(tenant_of(spec)):
-            return await _in_thread_to_its_end(preparer, spec)
-
-
-async def _in_thread_to_its_end(preparer: Preparer, spec: GenerationSpec) -> PreparedRequest:
-    """`preparer.prepare` in a worker thread. A caller cancelled meanwhile (its client left) still waits for
-    the thread to end before it goes: a thread cannot be stopped, and while it runs it holds a worker thread
-    and a pooled connection, so the user's gate place must stay taken (it was handed to the next request at
-    once, and connect-and-drop traffic ran any number of one user's preparations)."""
-    work = asyncio.ensure_future(run_in_threadpool(preparer.prepare, spec))
-    cancelled = False
-    while not work.done():
-        try:
-            await asyncio.wait({work})  # never cancels `work`
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if not work.cancelled():
-            work.exception()  # retrieved: nobody is left to read it
-        raise asyncio.CancelledError
-    return work.result()
+            return await run_to_its_end(preparer.prepare, spec)  # the gate's place is held until it ends
 
 
 async def _row(preparer: Preparer, prepared: PreparedRequest, index: int) -> AsyncIterator[Part]:

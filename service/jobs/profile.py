@@ -3,8 +3,6 @@ route that waits for the answer; it goes through the one request path like every
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
-
 from service.db.session import unit_of_work
 from service.errors import Unprocessable
 from service.generation import service as generation
@@ -15,6 +13,7 @@ from service.history import service as history
 from service.history.schemas import ProfileOut
 from service.prompts import build_profile_prompt
 from service.tenancy import Caller, UserRef, authorize_user
+from service.threads import run_to_its_end
 
 PROFILE_SAMPLE = 20  # most recent items shown to the model
 PROFILE_MAX_NEW_TOKENS = 160
@@ -40,7 +39,7 @@ async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> 
             prompt = build_profile_prompt(items)
         return user, prompt
 
-    user, prompt = await run_in_threadpool(read)
+    user, prompt = await run_to_its_end(read)
     spec = GenerationSpec(
         user=user,
         prompt=(ChatTurn("user", prompt),),
@@ -55,4 +54,4 @@ async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> 
         with unit_of_work(factory) as session:
             return history.set_profile(session, user, done.text.strip() or "(empty)", source="generated")
 
-    return await run_in_threadpool(write)
+    return await run_to_its_end(write)

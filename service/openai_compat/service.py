@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from service.db.session import unit_of_work
 from service.errors import NotFound, ServiceError, UnsupportedParameter, openai_error
@@ -27,6 +26,7 @@ from service.inference.tokens import PromptCodec
 from service.openai_compat.schemas import ChatCompletionIn, CommonParams, CompletionIn, ModelCard, ModelList, Usage
 from service.streams import StreamRegistry
 from service.tenancy import Caller, UserRef, authorize_user
+from service.threads import run_to_its_end
 
 PERSONAL = "personal"
 DEFAULT_CHAT_RETRIEVAL_K = 3  # chat with the personal model: the user's history grounds the answer
@@ -141,7 +141,7 @@ def _spec(
 
 
 async def _target(preparer: Preparer, caller: Caller, model: str) -> Target:
-    return await run_in_threadpool(resolve_target, preparer.session_factory, preparer.engine.model_name, caller, model)
+    return await run_to_its_end(resolve_target, preparer.session_factory, preparer.engine.model_name, caller, model)
 
 
 async def chat(preparer: Preparer, streams: StreamRegistry, caller: Caller, body: ChatCompletionIn) -> Any:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,15 @@ import httpx
 import pytest
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from sqlalchemy.orm import Session
 
+from service import deps
 from service.db.migrate import upgrade
+from service.db.session import unit_of_work
 from service.deps import get_preparer
 from service.engine.builtin.engine import BuiltinEngine
 from service.engine.builtin.scheduler import Row
+from service.history import service as history_service
 from service.main import create_app
 from service.state import AppState
 from tests.conftest import ADMIN_KEY, live_server, make_settings
@@ -223,3 +229,58 @@ def test_abandoned_requests_do_not_hold_other_users(server: tuple[str, AppState,
     finally:
         undo()
     assert after < idle + 2.0, (kind, idle, after)
+
+
+def test_leaving_a_plain_route_keeps_its_session_until_the_route_has_ended(
+    server: tuple[str, AppState, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `def` route runs in a worker thread. When its client left, the cancelled request used to go on at
+    once, tearing its unit of work down (rollback, close) from another thread while the route still used the
+    session: a SQLite connection closed mid-insert, and other users' appends waited 30 s on its write lock or
+    got 500. The request now waits the thread out (api/routing.WholeThreadRoute)."""
+    base, _state, key = server
+    events: dict[str, float] = {}
+    closed: dict[int, float] = {}  # the request's own unit of work (auth runs units of its own)
+    route_session: list[int] = []
+    started = threading.Event()
+    real_append, real_unit = history_service.append, unit_of_work
+
+    def slow_append(session: Session, *args: Any, **kwargs: Any) -> Any:
+        route_session.append(id(session))
+        started.set()
+        time.sleep(0.6)  # the client leaves meanwhile
+        try:
+            return real_append(session, *args, **kwargs)
+        finally:
+            events["route_ended"] = time.monotonic()
+
+    @contextmanager
+    def timed_unit(factory: Any) -> Iterator[Session]:
+        session = None
+        try:
+            with real_unit(factory) as session:
+                yield session
+        finally:
+            closed[id(session)] = time.monotonic()
+
+    monkeypatch.setattr(history_service, "append", slow_append)
+    monkeypatch.setattr(deps, "unit_of_work", timed_unit)
+    url = urlsplit(base)
+    body = json.dumps({"items": [{"id": "left-1", "output": "x"}]}).encode()
+    head = (
+        f"POST /users/{USER}/history HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=10) as sock:
+        sock.sendall(head + body)
+        assert started.wait(10)
+    deadline = time.monotonic() + 5
+    while not ("route_ended" in events and route_session[0] in closed):
+        assert time.monotonic() < deadline, (events, closed)
+        time.sleep(0.02)
+    assert closed[route_session[0]] >= events["route_ended"], (closed, events)
+    monkeypatch.undo()
+    r = httpx.post(
+        f"{base}/users/{USER}/history", json={"items": [{"id": "after", "output": "y"}]}, headers=_bearer(key)
+    )
+    assert r.status_code == 201, r.text
