@@ -25,6 +25,7 @@ from service.adapters.slots import LoraSlots
 from service.adapters.store import AdapterStore
 from service.adapters.uploads import UploadGate
 from service.adapters.validation import BaseModelSpec, ValidationLimits
+from service.batching.tenant_gate import TenantGate
 from service.config import Settings, get_settings
 from service.data_rights import UserErased
 from service.db.models import SHARED_OWNER
@@ -372,6 +373,9 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
         uploads=UploadGate(settings.upload_concurrency, settings.upload_concurrency_per_user),
         downloads=UploadGate(settings.download_concurrency, settings.download_concurrency_per_user, "download"),
         streams=StreamRegistry(),
+        history_writes=TenantGate(
+            settings.history_writes_per_user_max, settings.queue_per_user_max, "history writes of this user at once"
+        ),
         stopping=jobs.stopping,  # one shutdown signal: listeners end, the running job stops at its next step
     )
 

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # A user's requests being prepared at once (SQL, retrieval, tokenizing: each holds a worker thread and a DB
     # connection); more wait their turn holding neither, up to queue_per_user_max of them (past it: 429).
     prepare_per_user_max: int = Field(4, ge=1)
+    # A user's history writes (appends, profile) at once: each holds a connection and, on SQLite, the one write
+    # lock; more wait their turn holding neither, up to queue_per_user_max of them (past it: 429).
+    history_writes_per_user_max: int = Field(1, ge=1)
     # While other users wait or run, a user at its share of the running rows (rows / active users) lets the
     # next user's row go first; it still fills rows nobody else can use, and running rows are never preempted.
     fair_share: bool = True
@@ -207,10 +210,11 @@ class Settings(BaseSettings):
         from service.db.session import pool_capacity  # the pool's one owner
 
         connections = pool_capacity(self.resolved_database_url)
-        if self.prepare_per_user_max > connections // 2:
+        if self.prepare_per_user_max + self.history_writes_per_user_max > connections // 2:
             raise ValueError(
-                f"prepare_per_user_max must be <= {connections // 2}: each request being prepared holds a database "
-                f"connection, and one user may not hold more than half of a process's {connections}"
+                f"prepare_per_user_max + history_writes_per_user_max must be <= {connections // 2}: each request "
+                "being prepared and each history write holds a database connection, and one user may not hold more "
+                f"than half of a process's {connections}"
             )
         if self.notice_keep_s < self.notice_poll_s + NOTICE_COMMIT_LAG_S:
             raise ValueError(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from service.adapters.service import AdapterContext
+from service.batching.fair_queue import TenantQueueFull
 from service.db.session import unit_of_work
 from service.errors import TooManyRequests, Unauthorized
 from service.generation.prepare import Preparer
@@ -90,6 +91,19 @@ def get_admin_user(user_id: UserIdPath, caller: AdminDep, state: StateDep) -> Us
 
 
 AdminUserDep = Annotated[UserRef, Depends(get_admin_user)]
+
+
+async def history_write_turn(user: UserDep, state: StateDep) -> AsyncIterator[None]:
+    """The user's turn to write history (`state.history_writes`): declared before SessionDep, so the request's
+    unit of work commits before the turn goes to the user's next write."""
+    try:
+        async with state.history_writes.admit(user.storage_key):
+            yield
+    except TenantQueueFull as exc:
+        raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
+
+
+HistoryWriteTurn = Annotated[None, Depends(history_write_turn, scope="function")]
 
 
 def get_adapters(state: StateDep) -> AdapterContext:

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.adapters.service import AdapterContext
 from service.adapters.store import AdapterStore
 from service.adapters.uploads import UploadGate
+from service.batching.tenant_gate import TenantGate
 from service.config import Settings
 from service.db.session import Database
 from service.engine.base import Engine
@@ -41,6 +42,7 @@ class AppState:
     uploads: UploadGate
     downloads: UploadGate  # adapter downloads and exports (the same gate class, its own counts)
     streams: StreamRegistry  # streams in flight per key: revoking a key ends them
+    history_writes: TenantGate  # a user's history writes at once (OPPU_HISTORY_WRITES_PER_USER_MAX)
     stopping: threading.Event  # set at shutdown: background listeners end
     notices: NoticePoller | None = None  # the outbox poller (started with the state)
     reaper: threading.Thread | None = None  # embedded default: the job reaper (service/jobs/worker.run_reaper)

@@ -90,8 +90,8 @@ def test_the_command_line_names_the_variable_without_a_traceback_or_the_value(tm
         ({"engine": "vllm", "vllm_max_lora_rank": 8}, "vllm_max_lora_rank"),
         ({"max_model_len": 48}, "max_model_len must be above default_max_new_tokens"),
         ({"notice_keep_s": 30.0}, "notice_keep_s must be >= notice_poll_s"),
-        ({"prepare_per_user_max": 8}, "prepare_per_user_max must be <= 7"),  # SQLite: 15 connections
-        ({"prepare_per_user_max": 16, "database_url": "postgresql://h/db"}, "prepare_per_user_max must be <= 15"),
+        ({"prepare_per_user_max": 7}, r"prepare_per_user_max \+ history_writes_per_user_max must be <= 7"),  # SQLite
+        ({"prepare_per_user_max": 15, "database_url": "postgresql://h/db"}, "_per_user_max must be <= 15"),
     ],
 )
 def test_settings_that_every_retrain_or_request_would_fail_on_are_refused_at_start(
@@ -102,8 +102,8 @@ def test_settings_that_every_retrain_or_request_would_fail_on_are_refused_at_sta
     with pytest.raises(ValidationError, match=says):
         Settings(**changes)  # type: ignore[arg-type]
     Settings(train_user_rank=8, adapter_max_rank=8)  # at the limit: fine
-    Settings(prepare_per_user_max=7)
-    Settings(prepare_per_user_max=15, database_url="postgresql://h/db")
+    Settings(prepare_per_user_max=6)
+    Settings(prepare_per_user_max=14, database_url="postgresql://h/db")
 
 
 def test_every_setting_is_in_the_readmes_settings_table() -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service.api.routing import WholeThreadRoute
-from service.deps import SessionDep, StateDep, UserDep
+from service.deps import HistoryWriteTurn, SessionDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, error_responses
 from service.history import service
 from service.history.schemas import HistoryAppendIn, HistoryAppendOut, HistoryPage, ProfileIn, ProfileOut
@@ -19,7 +19,9 @@ router = APIRouter(
 
 
 @router.post("/history", status_code=201, response_model=HistoryAppendOut)
-def append_history(body: HistoryAppendIn, user: UserDep, session: SessionDep, state: StateDep) -> HistoryAppendOut:
+def append_history(
+    body: HistoryAppendIn, user: UserDep, _turn: HistoryWriteTurn, session: SessionDep, state: StateDep
+) -> HistoryAppendOut:
     out = service.append(session, user, body, service.HistoryQuota.from_settings(state.settings))
     threshold = state.settings.retrain_after_new_items
     if threshold and out.added:  # behaviour shift -> retrain (after commit)
@@ -38,7 +40,7 @@ def list_history(
 
 
 @router.put("/profile", response_model=ProfileOut)
-def put_profile(body: ProfileIn, user: UserDep, session: SessionDep) -> ProfileOut:
+def put_profile(body: ProfileIn, user: UserDep, _turn: HistoryWriteTurn, session: SessionDep) -> ProfileOut:
     return service.set_profile(session, user, body.text)
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.adapters import service as adapters
 from service.adapters.store import AdapterStore
 from service.adapters.validation import BaseModelSpec
-from service.batching.prepare_gate import PrepareGate
+from service.batching.tenant_gate import TenantGate
 from service.config import Settings
 from service.db.session import unit_of_work
 from service.engine.base import Engine, check_fits
@@ -121,7 +121,7 @@ class Preparer:
         self.engine = engine
         self.grammars = grammars
         # A request being prepared holds a worker thread and a DB connection: one user's burst may not take them.
-        self.gate = PrepareGate(settings.prepare_per_user_max, settings.queue_per_user_max)
+        self.gate = TenantGate(settings.prepare_per_user_max, settings.queue_per_user_max)
 
     def _sampling(self, spec: GenerationSpec) -> Resolved:
         if spec.candidates:  # scoring: prefill only

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import pytest
 
-from service.batching.prepare_gate import PrepareGate
+from service.batching.tenant_gate import TenantGate
 from service.errors import TooManyRequests
 from service.generation import service
 from service.generation.prepare import GenerationSpec, Personalization, PreparedRequest, Preparer
@@ -26,7 +26,7 @@ class _StallingPreparer:
     """Preparations that run in their worker thread until `release` is set (as one waiting on a cold index)."""
 
     def __init__(self, active: int, most: int) -> None:
-        self.gate = PrepareGate(active, most)
+        self.gate = TenantGate(active, most)
         self.engine = _Engine()
         self.release = threading.Event()
         self.running = 0

@@ -278,6 +278,63 @@ def test_h5_a_burst_of_stalled_preparations_holds_only_its_users_share(
     assert statuses == [200] * 20, statuses
 
 
+def test_h6_a_flood_of_one_users_history_writes_runs_one_at_a_time(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """34 appends of one user at once, each holding a connection (and on SQLite the one write lock): one runs at
+    a time (OPPU_HISTORY_WRITES_PER_USER_MAX 1), the next 31 wait holding neither, the 2 beyond the user's 32 at
+    the gate get 429, and another user's append is served meanwhile. Measured before (16 clients sending
+    1,000-item appends): the neighbours' appends took 1.1 s at the median and up to 8 s, against 0.03 s."""
+    key, other = new_user(env.base, "h6"), new_user(env.base, "h6n")
+    h6 = storage_key(env, "h6")
+    release = threading.Event()
+    inside, most_inside = [0], [0]
+    lock = threading.Lock()
+    real_append = history_service.append
+
+    def stalling_append(session: Session, user: UserRef, *args: Any) -> Any:
+        if user.storage_key != h6:
+            return real_append(session, user, *args)
+        session.execute(select(1))  # holds a pooled connection from here, as a large insert does
+        with lock:
+            inside[0] += 1
+            most_inside[0] = max(most_inside[0], inside[0])
+        try:
+            assert release.wait(120)
+            return real_append(session, user, *args)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(history_service, "append", stalling_append)
+    statuses: list[int] = []
+
+    def append(i: int) -> None:
+        body = {"items": [{"id": f"flood-{i}", "output": "x"}]}
+        r = httpx.post(f"{env.base}/users/h6/history", json=body, headers=auth(key), timeout=120)
+        statuses.append(r.status_code)
+
+    flood = [threading.Thread(target=append, args=(i,)) for i in range(34)]
+    for t in flood:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (len(statuses) < 2 or env.state.history_writes.at_gate(h6) < 32) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(statuses) == [429, 429] and env.state.history_writes.at_gate(h6) == 32, statuses
+        started = time.monotonic()
+        body = {"items": [{"id": "neighbour", "output": "y"}]}
+        r = httpx.post(f"{env.base}/users/h6n/history", json=body, headers=auth(other), timeout=30)
+        assert r.status_code == 201 and time.monotonic() - started < 5, r.text
+        assert most_inside[0] == 1, most_inside
+    finally:
+        release.set()
+        for t in flood:
+            t.join(120)
+    assert sorted(statuses) == [201] * 32 + [429] * 2, statuses
+    assert most_inside[0] == 1, most_inside
+
+
 def test_broken_uploads_and_missing_versions_under_load(env: Env) -> None:
     """vLLM's pattern: 25 uploads of broken adapters and 25 requests for versions whose files are gone, while
     8 good tenants generate: every good request succeeds; the attacker only ever gets 4xx/503 JSON."""

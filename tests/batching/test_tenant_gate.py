@@ -1,4 +1,4 @@
-"""prepare_gate: a tenant's preparations at once, its requests at the gate, and nothing kept after them."""
+"""tenant_gate: a tenant's preparations at once, its requests at the gate, and nothing kept after them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from service.batching.fair_queue import TenantQueueFull
-from service.batching.prepare_gate import PrepareGate
+from service.batching.tenant_gate import TenantGate
 
 
-async def _hold(gate: PrepareGate, tenant: str, inside: list[str], release: asyncio.Event) -> None:
+async def _hold(gate: TenantGate, tenant: str, inside: list[str], release: asyncio.Event) -> None:
     async with gate.admit(tenant):
         inside.append(tenant)
         try:
@@ -21,7 +21,7 @@ async def _hold(gate: PrepareGate, tenant: str, inside: list[str], release: asyn
 
 def test_a_tenant_runs_at_most_active_at_once_and_others_are_not_held_up() -> None:
     async def main() -> None:
-        gate = PrepareGate(active=2, most=5)
+        gate = TenantGate(active=2, most=5)
         release = asyncio.Event()
         inside: list[str] = []
         burst = [asyncio.create_task(_hold(gate, "a", inside, release)) for _ in range(5)]
@@ -40,7 +40,7 @@ def test_a_tenant_runs_at_most_active_at_once_and_others_are_not_held_up() -> No
 
 def test_past_most_at_the_gate_the_tenant_is_refused_at_once() -> None:
     async def main() -> None:
-        gate = PrepareGate(active=1, most=3)
+        gate = TenantGate(active=1, most=3)
         release = asyncio.Event()
         inside: list[str] = []
         held = [asyncio.create_task(_hold(gate, "a", inside, release)) for _ in range(3)]
@@ -60,7 +60,7 @@ def test_past_most_at_the_gate_the_tenant_is_refused_at_once() -> None:
 
 def test_a_request_cancelled_while_waiting_gives_its_place_back() -> None:
     async def main() -> None:
-        gate = PrepareGate(active=1, most=2)
+        gate = TenantGate(active=1, most=2)
         release = asyncio.Event()
         inside: list[str] = []
         first = asyncio.create_task(_hold(gate, "a", inside, release))
@@ -79,7 +79,7 @@ def test_a_request_cancelled_while_waiting_gives_its_place_back() -> None:
 
 def test_an_error_inside_frees_the_turn() -> None:
     async def main() -> None:
-        gate = PrepareGate(active=1, most=4)
+        gate = TenantGate(active=1, most=4)
         with pytest.raises(ValueError):
             async with gate.admit("a"):
                 raise ValueError("the preparation failed")
@@ -91,12 +91,12 @@ def test_an_error_inside_frees_the_turn() -> None:
 def test_most_zero_refuses_everyone_and_active_must_be_positive() -> None:
     async def main() -> None:
         with pytest.raises(TenantQueueFull):
-            async with PrepareGate(active=1, most=0).admit("a"):
+            async with TenantGate(active=1, most=0).admit("a"):
                 pass
 
     asyncio.run(main())
     with pytest.raises(ValueError):
-        PrepareGate(active=0, most=4)
+        TenantGate(active=0, most=4)
 
 
 def _set(event: asyncio.Event) -> asyncio.Event:

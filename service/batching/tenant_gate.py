@@ -1,12 +1,12 @@
-"""Per-tenant admission to the preparation step (SQL, retrieval, tokenizing in a worker thread).
+"""Per-tenant admission to work that holds a worker thread and a pooled database connection: the preparation
+step of generating requests (SQL, retrieval, tokenizing) and history writes.
 
-Each request being prepared holds a worker thread and a pooled database connection, and a user's requests can
-all wait on one thing of theirs (a cold history index being built): a burst of one user would take the pool and
-the threads, and every other user's request would wait for a connection (or get 503 `database_busy`). Here at
-most `active` requests of a tenant are prepared at once; more wait their turn on the event loop, holding
-neither, and a tenant with `most` requests at the gate already is refused at once (`TenantQueueFull`: the
-same 429 as a full queue share, since every request here is about to be queued; the gate counts its own, not
-the queue's rows). The caller holds its place until its work has really ended (a thread cannot be cancelled).
+A user's requests can all wait on one thing of theirs (a cold history index being built, the database's write
+lock): a burst of one user would take the pool and the threads, and every other user's request would wait for
+a connection (or get 503 `database_busy`). Here at most `active` requests of a tenant are inside at once; more
+wait their turn on the event loop, holding neither, and a tenant with `most` requests at the gate already is
+refused at once (`TenantQueueFull`: 429). The caller holds its place until its work has really ended (a thread
+cannot be cancelled: service.threads).
 
 Runs on one event loop (the process's); knows no users, SQL or HTTP: tenants are plain keys.
 """
@@ -27,12 +27,13 @@ class _Tenant:
     at_gate: int = field(default=0)  # being prepared + waiting their turn
 
 
-class PrepareGate:
-    def __init__(self, active: int, most: int) -> None:
+class TenantGate:
+    def __init__(self, active: int, most: int, what: str = "requests of this user are being prepared") -> None:
         if active < 1:
             raise ValueError("active must be at least 1")
         self.active = active
         self.most = most
+        self.what = what  # the refusal says "too many <what>"
         self._tenants: dict[Hashable, _Tenant] = {}
 
     def at_gate(self, tenant: Hashable) -> int:
@@ -48,7 +49,7 @@ class PrepareGate:
         if entry is None:
             entry = self._tenants[tenant] = _Tenant(asyncio.Semaphore(self.active))
         if entry.at_gate >= self.most:
-            raise TenantQueueFull("too many requests of this user are being prepared")
+            raise TenantQueueFull(f"too many {self.what}")
         entry.at_gate += 1
         try:
             async with entry.turns:
