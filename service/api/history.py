@@ -18,7 +18,7 @@ router = APIRouter(
 )
 
 
-@router.post("/history", status_code=201, response_model=HistoryAppendOut)
+@router.post("/history", status_code=201, response_model=HistoryAppendOut, responses=error_responses(429))
 def append_history(
     body: HistoryAppendIn, user: UserDep, _turn: HistoryWriteTurn, session: SessionDep, state: StateDep
 ) -> HistoryAppendOut:
@@ -39,7 +39,7 @@ def list_history(
     return service.page(session, user, limit=limit, cursor=cursor)
 
 
-@router.put("/profile", response_model=ProfileOut)
+@router.put("/profile", response_model=ProfileOut, responses=error_responses(429))
 def put_profile(body: ProfileIn, user: UserDep, _turn: HistoryWriteTurn, session: SessionDep) -> ProfileOut:
     return service.set_profile(session, user, body.text)
 
