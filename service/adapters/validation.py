@@ -132,9 +132,14 @@ class _Lora:
 
 
 def _positive(v: object) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+    """A finite number > 0 as a float, else None (never OverflowError: JSON ints have no size limit)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return float(v)
+    try:
+        number = float(v)
+    except OverflowError:  # an integer beyond float's range, such as 10**400
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def _rank(v: object, max_rank: int) -> int | None:

@@ -11,7 +11,7 @@ import tarfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -381,3 +381,25 @@ def test_a_version_published_while_a_delete_removes_files_keeps_its_files(
     assert client.get("/users/delia/adapter/download", headers=auth).status_code == 200
     r = client.post("/users/delia/generate", json={"prompt": "hi", "max_new_tokens": 2}, headers=auth)
     assert r.status_code == 200, r.text
+
+
+# --- uploads that used to cost a server dearly, answer 500, or be accepted and never served ---
+HOSTILE_UPLOADS: dict[str, tuple[Callable[[Path, Path], bytes], str]] = {
+    # were 500s (OverflowError)
+    "lora_alpha beyond float": (lambda good, _: _with_config(good, lora_alpha=10**400), "must be a number > 0"),
+    "alpha_pattern beyond float": (lambda good, _: _with_config(good, alpha_pattern={"q_proj": 10**400}), "alpha > 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_UPLOADS))
+def test_hostile_uploads_are_short_422s(client: TestClient, loras: dict[str, Path], tmp_path: Path, case: str) -> None:
+    make, fragment = HOSTILE_UPLOADS[case]
+    user = f"hostile-{list(HOSTILE_UPLOADS).index(case)}"
+    key = create_user(client, user)
+    r = upload(client, user, key, make(loras["a"], tmp_path))
+    assert r.status_code == 422, r.text[:2000]
+    err = r.json()
+    assert err["code"] == "invalid_request" and fragment in err["message"], err["message"][:2000]
+    assert len(r.content) < 16_000 and len(err["details"]) <= 21, len(r.content)
+    assert client.get(f"/users/{user}/adapter", headers=bearer(key)).status_code == 404
+

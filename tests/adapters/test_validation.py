@@ -308,3 +308,17 @@ def test_deeply_nested_json_is_a_problem_not_a_crash(spec: BaseModelSpec, good: 
     raw += b" " * (-len(raw) % 8)
     patched = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
     assert "nested" in problems_of({**good, WEIGHTS_NAME: patched}, spec)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"lora_alpha": 10**400}, {"alpha_pattern": {"q_proj": 10**400}}, {"lora_alpha": -(10**400)}],
+    ids=["lora_alpha", "alpha_pattern", "negative"],
+)
+def test_an_integer_beyond_floats_range_is_a_problem_not_a_crash(
+    spec: BaseModelSpec, good: Files, changes: dict[str, Any]
+) -> None:
+    # JSON integers have no size limit: float(10**400) raised OverflowError (a 500 on upload).
+    msg = problems_of(edit_config(good, **changes), spec)
+    assert "must be a number > 0" in msg or "invalid: want an alpha > 0" in msg
+
