@@ -34,7 +34,15 @@ from service.adapters.peft_format import (
 from service.config import Settings
 
 MAX_CONFIG_BYTES = 1024 * 1024
-MAX_HEADER_BYTES = 16 * 1024 * 1024
+# The safetensors header's cap, from the tensors an adapter may have. A real LoRA's header is one ~130-byte entry
+# per tensor ("base_model.model.model.layers.29.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [8, 576],
+# "data_offsets": [0, 18432]}) and PEFT's {"format": "pt"}: ~55 KB for the default model's 420 tensors. 512 B a
+# tensor leaves room for tensor names of 400 characters, 64 KiB for a tool's metadata. json builds what the header
+# holds before anything can look at it: a 16 MiB header of `{},` (a ~98 KB zip) was 5 M dicts, ~13 s of CPU and
+# 1.1 GB before its 422; at the default 4096 tensors (2.1 MiB) the worst is ~50 MB and under a second.
+HEADER_BYTES_PER_TENSOR = 512
+HEADER_METADATA_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # whatever OPPU_ADAPTER_MAX_TENSORS says
 MAX_JSON_DEPTH = 16  # a PEFT config nests 3 levels, a safetensors header 3: deeper is never a real adapter
 _DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 _LAYER_RE = re.compile(r"(^|\.)layers\.\d+\.")
@@ -93,6 +101,11 @@ class ValidationLimits:
             allowed_target_modules=tuple(settings.adapter_target_modules),
             max_scale=settings.adapter_max_scale,
         )
+
+    @property
+    def header_cap(self) -> int:
+        """The largest safetensors header accepted (see HEADER_BYTES_PER_TENSOR)."""
+        return min(MAX_HEADER_BYTES, self.max_tensors * HEADER_BYTES_PER_TENSOR + HEADER_METADATA_BYTES)
 
 
 @dataclass(frozen=True)
@@ -159,27 +172,36 @@ def _is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or bool(re.match(r"[A-Za-z]:[\\/]", name))
 
 
-def _depth(value: object) -> int:
-    """Nesting depth of parsed JSON, walked without recursion (a recursive walk is what must not happen)."""
-    deepest, todo = 0, [(value, 1)]
+_TOO_DEEP = f"nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _too_deep(value: object) -> bool:
+    """Whether parsed JSON nests deeper than MAX_JSON_DEPTH: walked without recursion (a recursive walk is what
+    must not happen), containers only, stopping at the first one too deep."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
     while todo:
         item, level = todo.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            if level <= MAX_JSON_DEPTH:
-                todo.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+        if level > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        todo.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _parse_json(text: str, **kwargs: Any) -> Any:
+    """json.loads that refuses deep nesting with a ValueError: json raises RecursionError (a 500) at about
+    1000 levels."""
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
 
 
 def _loads(text: str, **kwargs: Any) -> Any:
-    """json.loads that refuses deep nesting with a ValueError: json raises RecursionError (a 500) at about
-    1000 levels, and later code may walk what it returned."""
-    try:
-        value = json.loads(text, **kwargs)
-    except RecursionError:
-        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    """_parse_json, and deep but parseable nesting refused too (later code may walk what it returned)."""
+    value = _parse_json(text, **kwargs)
+    if isinstance(value, dict | list) and _too_deep(value):
+        raise ValueError(_TOO_DEEP)
     return value
 
 
@@ -272,30 +294,63 @@ def _check_config(cfg: Mapping[str, Any], spec: BaseModelSpec, limits: Validatio
 
 
 def _check_header(data: bytes, limits: ValidationLimits, problems: list[str]) -> bool:
-    """Parse the safetensors header by hand, so pickles/truncations fail clearly before any loader."""
+    """Parse the safetensors header by hand, so pickles/truncations fail clearly before any loader. Its size is
+    capped before it is parsed, its layout checked before anything walks it."""
     hint = " (looks like a zip/torch.save file)" if data[:4] == b"PK\x03\x04" else ""
     hint = " (looks like a pickle)" if data[:1] == b"\x80" else hint
     if len(data) < 8:
         problems.append(f"{WEIGHTS_NAME} is truncated ({len(data)} bytes)")
         return False
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+    if 8 + n > len(data):
         problems.append(f"{WEIGHTS_NAME} is not a safetensors file: header length {n} too big{hint}")
         return False
-    try:
-        header = _loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        why = str(e) if "nested" in str(e) else "is not JSON"
-        problems.append(f"{WEIGHTS_NAME} is not a valid safetensors file: header {why}{hint}")
+    if n > limits.header_cap:
+        problems.append(
+            f"{WEIGHTS_NAME}: safetensors header of {n} bytes is above the cap of {limits.header_cap} "
+            f"({HEADER_BYTES_PER_TENSOR} bytes per tensor, at most {limits.max_tensors} tensors)"
+        )
         return False
-    if not isinstance(header, dict):
-        problems.append(f"{WEIGHTS_NAME}: safetensors header must be a JSON object")
+    header = _parse_header(data[8 : 8 + n], hint, problems)
+    if header is None:
         return False
     header.pop("__metadata__", None)
     if len(header) > limits.max_tensors:
         problems.append(f"{WEIGHTS_NAME} has {len(header)} tensors (max {limits.max_tensors})")
         return False
     return _check_entries(header, len(data) - 8 - n, problems)
+
+
+def _parse_header(raw: bytes, hint: str, problems: list[str]) -> dict[str, Any] | None:
+    try:
+        header = _parse_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        why = str(e) if str(e) == _TOO_DEEP else "is not JSON"
+        problems.append(f"{WEIGHTS_NAME} is not a valid safetensors file: header {why}{hint}")
+        return None
+    layout = _header_layout_problem(header)
+    if layout is not None:
+        problems.append(f"{WEIGHTS_NAME}: safetensors header {layout}")
+        return None
+    if _too_deep(header):  # an entry's keys beyond dtype, shape and data_offsets
+        problems.append(f"{WEIGHTS_NAME} is not a valid safetensors file: header {_TOO_DEEP}")
+        return None
+    assert isinstance(header, dict)
+    return header
+
+
+def _header_layout_problem(header: object) -> str | None:
+    """The cheap check before any walk: an object of tensor entries, each an object, and an optional
+    __metadata__ object of strings. Stops at the first entry that is not."""
+    if not isinstance(header, dict):
+        return "must be a JSON object (tensor name -> entry)"
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                return "__metadata__ must be an object of strings"
+        elif not isinstance(entry, dict):
+            return f"entry {name!r} must be an object (dtype, shape, data_offsets)"
+    return None
 
 
 def _span(shape: object, offs: object, itemsize: int, body: int) -> tuple[int, int] | None:

@@ -3,10 +3,13 @@ delete, tenancy, and malicious uploads refused while other users' traffic keeps 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
+import os
 import pickle
+import struct
 import tarfile
 import threading
 import time
@@ -384,6 +387,31 @@ def test_a_version_published_while_a_delete_removes_files_keeps_its_files(
 
 
 # --- uploads that used to cost a server dearly, answer 500, or be accepted and never served ---
+def _hostile_header_zip(adapter_dir: Path, size: int) -> bytes:
+    """The reproduced upload: a safetensors file whose header is {"__metadata__": ["<noise>", {}, {}, ...]} of
+    `size` bytes, zipped (~98 KB for 16 MiB: the noise keeps it under the compression-ratio cap)."""
+    noise = json.dumps(base64.b64encode(os.urandom(75_000)).decode())
+    header = f'{{"__metadata__": [{noise}{",{}" * ((size - len(noise) - 24) // 3)}]}}'.encode()
+    header += b" " * (-len(header) % 8)
+    return _with_weights(adapter_dir, struct.pack("<Q", len(header)) + header)
+
+
+def test_a_16_mib_header_of_empty_objects_is_refused_on_its_length(
+    loras: dict[str, Path], tiny_model_path: Path, tmp_path: Path
+) -> None:
+    # ~13 s of CPU and 1.1 GB (json's 5 M dicts, then a walk over them) before its 422, holding one of the
+    # server's upload slots; refused now on the header's length, before it is parsed.
+    body = _hostile_header_zip(loras["a"], 16 * 1024 * 1024)
+    assert len(body) < 200_000
+    with running_app(tmp_path, tiny_model_path) as app:  # the default upload caps (256 MiB a file)
+        key = create_user(app, "mallory")
+        r = upload(app, "mallory", key, body)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["code"] == "invalid_request"
+    assert f"{WEIGHTS_NAME}: safetensors header of 16777216 bytes is above the cap of 2162688" in err["message"]
+
+
 HOSTILE_UPLOADS: dict[str, tuple[Callable[[Path, Path], bytes], str]] = {
     # were 500s (OverflowError)
     "lora_alpha beyond float": (lambda good, _: _with_config(good, lora_alpha=10**400), "must be a number > 0"),

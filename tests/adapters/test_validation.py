@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
+import os
 import pickle
 import struct
 from collections.abc import Callable
@@ -297,17 +299,63 @@ def test_make_peft_config_round_trip(spec: BaseModelSpec, good: Files, tmp_path:
 @pytest.mark.parametrize("depth", [100_000, 40])
 def test_deeply_nested_json_is_a_problem_not_a_crash(spec: BaseModelSpec, good: Files, depth: int) -> None:
     """Issue 23 N8: json.loads raises RecursionError (a 500) on deep nesting; deep but parseable nesting is
-    refused too, before any later code walks it."""
+    refused too, before any later code walks it (in the header: inside a tensor entry, whose layout passes)."""
     nested = "[" * depth + "]" * depth
     cfg = json.loads(good[CONFIG_NAME])
     config = json.dumps(cfg)[:-1].encode() + f', "x": {nested}}}'.encode()
     assert "nested" in problems_of({**good, CONFIG_NAME: config}, spec)
     data = good[WEIGHTS_NAME]
     (n,) = struct.unpack("<Q", data[:8])
-    raw = data[8 : 8 + n].rstrip()[:-1] + f', "x": {nested}}}'.encode()
-    raw += b" " * (-len(raw) % 8)
-    patched = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
-    assert "nested" in problems_of({**good, WEIGHTS_NAME: patched}, spec)
+    entry = f'{{"dtype": "F32", "shape": [0], "data_offsets": [0, 0], "x": {nested}}}'
+    raw = data[8 : 8 + n].rstrip()[:-1] + f', "x": {entry}}}'.encode()
+    assert "nested" in problems_of({**good, WEIGHTS_NAME: with_header(raw, data[8 + n :])}, spec)
+
+
+def with_header(header: bytes, body: bytes = b"") -> bytes:
+    """A safetensors file of this header (padded to 8 bytes, as safetensors writes it) and tensor data."""
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + body
+
+
+def hostile_header(size: int) -> bytes:
+    """The reproduced upload's header: {"__metadata__": ["<~100 KB of noise>", {}, {}, ...]}, `size` bytes. Zipped
+    ~98 KB (the noise keeps the member under the archive's compression-ratio cap); parsed, millions of dicts."""
+    noise = json.dumps(base64.b64encode(os.urandom(75_000)).decode())
+    count = (size - len(noise) - 24) // 3
+    return f'{{"__metadata__": [{noise}{",{}" * count}]}}'.encode()
+
+
+def test_a_header_above_its_cap_is_refused_before_it_is_parsed(spec: BaseModelSpec, good: Files) -> None:
+    # 16 MB of `{},` parsed into 5 M dicts and walked: ~13 s of CPU and 1.1 GB before its 422 (an upload slot
+    # held all along). The cap comes from the tensors an adapter may have: 512 bytes each + 64 KiB.
+    msg = problems_of({**good, WEIGHTS_NAME: with_header(hostile_header(16 * 1024 * 1024))}, spec)
+    assert "safetensors header of 16777216 bytes is above the cap of 2162688" in msg
+    assert "could not be read" not in msg  # refused on its length: never parsed, never given to safetensors
+    small = ValidationLimits(64 * 1024 * 1024, 28, 64, ALL_TARGET_MODULES)
+    assert small.header_cap == 28 * 512 + 64 * 1024
+    validate_peft_files(good, spec, small)  # a real adapter's header is far below it
+    assert "above the cap" in problems_of({**good, WEIGHTS_NAME: with_header(hostile_header(100_000))}, spec, small)
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        (hostile_header(1024 * 1024), "__metadata__ must be an object of strings"),
+        (b'{"__metadata__": {"format": 1}}', "__metadata__ must be an object of strings"),
+        (b'{"__metadata__": {"format": ' + b"[" * 40 + b"]" * 40 + b"}}", "__metadata__ must be an object of strings"),
+        (b'{"t": [1, 2]}', "entry 't' must be an object"),
+        (b'{"t": ' + b"[" * 40 + b"]" * 40 + b"}", "entry 't' must be an object"),
+        (b"[{}, {}]", "must be a JSON object"),
+    ],
+)
+def test_a_header_not_laid_out_as_safetensors_is_refused_before_any_walk(
+    spec: BaseModelSpec, good: Files, header: bytes, why: str
+) -> None:
+    """An object of tensor entries (objects) and an optional __metadata__ object of strings: anything else is
+    refused by that check, before the nesting walk or safetensors' own parser sees it."""
+    msg = problems_of({**good, WEIGHTS_NAME: with_header(header)}, spec)
+    assert f"{WEIGHTS_NAME}: safetensors header {why}" in msg
+    assert "nested" not in msg and "could not be read" not in msg
 
 
 @pytest.mark.parametrize(
