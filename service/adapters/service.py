@@ -114,8 +114,8 @@ def publish(
     SQL write, so the database's write lock (SQLite) is held only for a rename and a few rows."""
     try:
         checked = validate_peft_files(files, ctx.spec, ctx.limits)
-    except AdapterValidationError as exc:
-        raise Unprocessable("invalid adapter: " + "; ".join(exc.problems), details=exc.problems) from exc
+    except AdapterValidationError as exc:  # the first problems, each cut short: never a body of megabytes
+        raise Unprocessable(str(exc), details=exc.shown) from exc
     version = _write_version(session, ctx, owner_key, user_pk, files)
     row = repo.add(
         session,

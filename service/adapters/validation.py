@@ -44,17 +44,38 @@ HEADER_BYTES_PER_TENSOR = 512
 HEADER_METADATA_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # whatever OPPU_ADAPTER_MAX_TENSORS says
 MAX_JSON_DEPTH = 16  # a PEFT config nests 3 levels, a safetensors header 3: deeper is never a real adapter
+# What a 422 lists: the first problems, then how many more (4096 bad tensor names made a 32 MB answer); a name
+# or value from the upload is shown up to MAX_SHOWN_CHARS, any one problem up to MAX_PROBLEM_CHARS.
+MAX_PROBLEMS_SHOWN = 20
+MAX_SHOWN_CHARS = 200
+MAX_PROBLEM_CHARS = 1000
 _DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 _LAYER_RE = re.compile(r"(^|\.)layers\.\d+\.")
 _PLAIN_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(value: object) -> str:
+    """A name or value from the upload, as a message shows it: its repr, cut to MAX_SHOWN_CHARS."""
+    return _clip(repr(value), MAX_SHOWN_CHARS)
+
+
 class AdapterValidationError(ValueError):
-    """Every problem found in one adapter, listed together."""
+    """Every problem found in one adapter (each cut to MAX_PROBLEM_CHARS); the message lists the first
+    MAX_PROBLEMS_SHOWN (`shown`)."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("invalid adapter: " + "; ".join(self.problems))
+        self.problems = [_clip(p, MAX_PROBLEM_CHARS) for p in problems]
+        super().__init__("invalid adapter: " + "; ".join(self.shown))
+
+    @property
+    def shown(self) -> list[str]:
+        """The problems an answer lists: at most MAX_PROBLEMS_SHOWN, then "and N more"."""
+        more = len(self.problems) - MAX_PROBLEMS_SHOWN
+        return self.problems if more <= 0 else [*self.problems[:MAX_PROBLEMS_SHOWN], f"and {more} more"]
 
 
 @dataclass(frozen=True)
@@ -229,7 +250,7 @@ def _parse_config(data: bytes | None, problems: list[str]) -> dict[str, Any] | N
 def _check_targets(raw: object, limits: ValidationLimits, problems: list[str]) -> tuple[str, ...]:
     if isinstance(raw, str):
         if not _PLAIN_NAME_RE.fullmatch(raw):
-            problems.append(f"target_modules regex {raw!r} is not allowed; list module names")
+            problems.append(f"target_modules regex {_shown(raw)} is not allowed; list module names")
             return ()
         raw = [raw]
     if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
@@ -237,7 +258,7 @@ def _check_targets(raw: object, limits: ValidationLimits, problems: list[str]) -
         return ()
     bad = sorted({t for t in raw if t not in limits.allowed_target_modules})
     if bad:
-        problems.append(f"target_modules {bad} not allowed (allowed: {list(limits.allowed_target_modules)})")
+        problems.append(f"target_modules {_shown(bad)} not allowed (allowed: {list(limits.allowed_target_modules)})")
     return tuple(sorted({t for t in raw if t in limits.allowed_target_modules}))
 
 
@@ -256,7 +277,7 @@ def _check_pattern(
     out: dict[str, Any] = {}
     for k, v in pattern.items():
         if (value := parse(v)) is None:
-            problems.append(f"{key}[{k!r}] = {v!r} invalid: want {want}")
+            problems.append(f"{key}[{_shown(k)}] = {_shown(v)} invalid: want {want}")
         else:
             out[k] = value
     try:
@@ -271,13 +292,13 @@ def _check_config(cfg: Mapping[str, Any], spec: BaseModelSpec, limits: Validatio
     lora = _Lora()
     problems.extend(check_features(cfg))
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
-        problems.append(f"task_type must be 'CAUSAL_LM', got {cfg.get('task_type')!r}")
+        problems.append(f"task_type must be 'CAUSAL_LM', got {_shown(cfg.get('task_type'))}")
     lora.r = _rank(cfg.get("r"), limits.max_rank)
     if lora.r is None:
-        problems.append(f"rank r={cfg.get('r')!r} must be an integer in 1..{limits.max_rank}")
+        problems.append(f"rank r={_shown(cfg.get('r'))} must be an integer in 1..{limits.max_rank}")
     lora.alpha = _positive(cfg.get("lora_alpha"))
     if lora.alpha is None:
-        problems.append(f"lora_alpha={cfg.get('lora_alpha')!r} must be a number > 0")
+        problems.append(f"lora_alpha={_shown(cfg.get('lora_alpha'))} must be a number > 0")
     lora.targets = _check_targets(cfg.get("target_modules"), limits, problems)
     cap = _pattern_cap(spec, limits)
     ranks = _check_pattern(
@@ -289,7 +310,7 @@ def _check_config(cfg: Mapping[str, Any], spec: BaseModelSpec, limits: Validatio
     if name is not None and not isinstance(name, str):
         problems.append("base_model_name_or_path must be a string or null")
     elif name and not _is_local_path(name) and not _name_matches(name, spec.base_model_name):
-        problems.append(f"adapter was trained for {name!r}, this server serves {spec.base_model_name!r}")
+        problems.append(f"adapter was trained for {_shown(name)}, this server serves {spec.base_model_name!r}")
     return lora
 
 
@@ -349,7 +370,7 @@ def _header_layout_problem(header: object) -> str | None:
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 return "__metadata__ must be an object of strings"
         elif not isinstance(entry, dict):
-            return f"entry {name!r} must be an object (dtype, shape, data_offsets)"
+            return f"entry {_shown(name)} must be an object (dtype, shape, data_offsets)"
     return None
 
 
@@ -371,12 +392,12 @@ def _check_entries(header: Mapping[str, Any], body: int, problems: list[str]) ->
         shape, offs = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
         dtype = e.get("dtype") if isinstance(e, dict) else None
         if dtype not in _DTYPE_SIZES:
-            problems.append(f"tensor {name!r}: dtype {dtype!r} not allowed (F32, F16, BF16)")
+            problems.append(f"tensor {_shown(name)}: dtype {_shown(dtype)} not allowed (F32, F16, BF16)")
             ok = False
             continue
         span = _span(shape, offs, _DTYPE_SIZES[dtype], body)
         if span is None:
-            problems.append(f"tensor {name!r}: shape/data_offsets inconsistent or outside the file")
+            problems.append(f"tensor {_shown(name)}: shape/data_offsets inconsistent or outside the file")
             ok = False
             continue
         spans.append(span)
@@ -411,12 +432,12 @@ def _group_tensors(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> 
     for key, t in tensors.items():
         m = TENSOR_KEY.fullmatch(key)
         if m is None:
-            problems.append(f"unexpected tensor {key!r} (want base_model.model.<module>.lora_A/B.weight)")
+            problems.append(f"unexpected tensor {_shown(key)} (want base_model.model.<module>.lora_A/B.weight)")
             continue
         names.add(m["name"])
         modules.setdefault(m["path"], {})[m["ab"]] = t
     if len(names) > 1:
-        problems.append(f"tensors mix several adapter names: {sorted(str(n) for n in names)}")
+        problems.append(f"tensors mix several adapter names: {_shown(sorted(str(n) for n in names))}")
     return modules
 
 
@@ -425,20 +446,20 @@ def _check_module(
 ) -> int | None:
     shape = spec.linear_shapes.get(path)
     if shape is None:
-        problems.append(f"module {path!r} is not a Linear layer of {spec.base_model_name}")
+        problems.append(f"module {_shown(path)} is not a Linear layer of {spec.base_model_name}")
         return None
     leaf = path.rsplit(".", 1)[-1]
     if leaf not in lora.targets:
-        problems.append(f"module {path!r}: {leaf!r} is not an allowed target module of this adapter")
+        problems.append(f"module {_shown(path)}: {_shown(leaf)} is not an allowed target module of this adapter")
     if "A" not in ab or "B" not in ab:
-        problems.append(f"module {path!r}: lora_A and lora_B must both be present")
+        problems.append(f"module {_shown(path)}: lora_A and lora_B must both be present")
         return None
     a, b = ab["A"], ab["B"]
     d_in, d_out = shape
     r = lora.rank_for(path) or (a.shape[0] if a.dim() == 2 else -1)
     if tuple(a.shape) != (r, d_in) or tuple(b.shape) != (d_out, r):
         problems.append(
-            f"module {path!r}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the base model "
+            f"module {_shown(path)}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the base model "
             f"(want A({r}, {d_in}) B({d_out}, {r})); wrong architecture or rank?"
         )
         return None

@@ -22,6 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from service.adapters.archive import pack_zip
@@ -412,10 +413,21 @@ def test_a_16_mib_header_of_empty_objects_is_refused_on_its_length(
     assert f"{WEIGHTS_NAME}: safetensors header of 16777216 bytes is above the cap of 2162688" in err["message"]
 
 
+def _many_bad_names(adapter_dir: Path) -> bytes:
+    """1500 tensors named by 1200 random characters each: 1500 problems, each naming its tensor."""
+    rng = torch.Generator().manual_seed(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789_"
+    picks = torch.randint(0, len(alphabet), (1500, 1200), generator=rng).tolist()
+    tensors = {"".join(alphabet[i] for i in row): torch.zeros(1) for row in picks}
+    return _with_weights(adapter_dir, st_save(tensors))
+
+
 HOSTILE_UPLOADS: dict[str, tuple[Callable[[Path, Path], bytes], str]] = {
     # were 500s (OverflowError)
     "lora_alpha beyond float": (lambda good, _: _with_config(good, lora_alpha=10**400), "must be a number > 0"),
     "alpha_pattern beyond float": (lambda good, _: _with_config(good, alpha_pattern={"q_proj": 10**400}), "alpha > 0"),
+    # was a 3.8 MB answer: every problem, every name in full
+    "1500 bad tensor names": (lambda good, _: _many_bad_names(good), "and 1480 more"),
 }
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError, make_peft_config, parse_peft
 from service.adapters.validation import (
+    MAX_PROBLEMS_SHOWN,
+    MAX_SHOWN_CHARS,
     AdapterValidationError,
     BaseModelSpec,
     ValidationLimits,
@@ -68,7 +71,7 @@ def edit_tensors(files: Files, fn: Callable[[dict[str, torch.Tensor]], dict[str,
 def problems_of(files: Files, spec: BaseModelSpec, limits: ValidationLimits = LIMITS) -> str:
     with pytest.raises(AdapterValidationError) as exc:
         validate_peft_files(files, spec, limits)
-    assert exc.value.problems and all(p in str(exc.value) for p in exc.value.problems)
+    assert exc.value.problems and all(p in str(exc.value) for p in exc.value.shown)
     return str(exc.value)
 
 
@@ -369,4 +372,23 @@ def test_an_integer_beyond_floats_range_is_a_problem_not_a_crash(
     # JSON integers have no size limit: float(10**400) raised OverflowError (a 500 on upload).
     msg = problems_of(edit_config(good, **changes), spec)
     assert "must be a number > 0" in msg or "invalid: want an alpha > 0" in msg
+
+
+def test_a_thousand_problems_are_listed_as_twenty_with_names_cut_short(spec: BaseModelSpec, good: Files) -> None:
+    # 4096 tensor names of ~3.9 KB each made a 32 MB 422 (message + details): every problem, every name in full.
+    names = [f"n{i}_" + "x" * 1200 for i in range(1000)]
+    tensors = {name: torch.zeros(1) for name in names}
+    with pytest.raises(AdapterValidationError) as exc:
+        validate_peft_files({**good, WEIGHTS_NAME: st_save(tensors)}, spec, LIMITS)
+    err = exc.value
+    assert len(err.problems) == 1000  # all found (a caller may count them), each cut short
+    assert len(err.shown) == MAX_PROBLEMS_SHOWN + 1 and err.shown[-1] == f"and {1000 - MAX_PROBLEMS_SHOWN} more"
+    cut = re.fullmatch(r"unexpected tensor ('n\d+_x+)\.\.\. \(120\d characters\) \(want .*\)", err.shown[0])
+    assert cut is not None and len(cut[1]) == MAX_SHOWN_CHARS
+    assert all(len(p) < MAX_SHOWN_CHARS + 100 for p in err.problems)
+    assert str(err) == "invalid adapter: " + "; ".join(err.shown) and len(str(err)) < 8000
+    # a long value from the config is cut the same way
+    msg = problems_of(edit_config(good, lora_alpha=10**400, task_type="T" * 5000), spec)
+    assert "lora_alpha=1000" in msg and "... (401 characters) must be a number > 0" in msg
+    assert "(5002 characters)" in msg and "T" * 300 not in msg
 
