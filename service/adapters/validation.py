@@ -13,7 +13,7 @@ import math
 import re
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -31,7 +31,8 @@ from service.adapters.peft_format import (
     check_features,
     parse_peft,
 )
-from service.config import Settings
+from service.adapters.slots import fits_slot
+from service.config import SHARED_LORA_RANK, Settings
 
 MAX_CONFIG_BYTES = 1024 * 1024
 # The safetensors header's cap, from the tensors an adapter may have. A real LoRA's header is one ~130-byte entry
@@ -80,12 +81,14 @@ class AdapterValidationError(ValueError):
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """What an adapter must fit: the served base model's Linear shapes in its decoder layers."""
+    """What an adapter must fit: the served base model's Linear shapes in its decoder layers, and the dtype its
+    weights are served in (a LoRA's scaled weights must stay finite in it: slots.fits_slot)."""
 
     model_type: str
     base_model_name: str
     fingerprint: str
     linear_shapes: Mapping[str, tuple[int, int]] = field(hash=False, repr=False)
+    dtype: torch.dtype = torch.float32
 
     @staticmethod
     def compute_fingerprint(model_type: str, linear_shapes: Mapping[str, tuple[int, int]]) -> str:
@@ -97,12 +100,16 @@ class BaseModelSpec:
         """Build from an HF causal LM, BEFORE any LoRA layers are injected into it."""
         model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "unknown")
         shapes: dict[str, tuple[int, int]] = {}
+        dtypes: set[torch.dtype] = set()
         for path, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and _LAYER_RE.search(path):
                 path = path.removesuffix(".base_layer")  # tolerate an already-wrapped PEFT model
                 shapes[path] = (int(module.in_features), int(module.out_features))
+                dtypes.add(module.weight.dtype)
         fingerprint = cls.compute_fingerprint(model_type, shapes)
-        return cls(model_type, name, fingerprint, MappingProxyType(dict(sorted(shapes.items()))))
+        # the slots are made in the model's dtype (composition.builtin_engine; vLLM's LoRAs too)
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        return cls(model_type, name, fingerprint, MappingProxyType(dict(sorted(shapes.items()))), dtype)
 
 
 @dataclass(frozen=True)
@@ -112,16 +119,26 @@ class ValidationLimits:
     max_rank: int
     allowed_target_modules: tuple[str, ...]
     max_scale: float = 256.0  # per-module LoRA scale (alpha / r): larger only overflows to inf
+    # A user's adapter's largest rank, where lower than max_rank: vLLM serves it and the shared task LoRA as ONE
+    # LoRA of their summed rank, at most OPPU_VLLM_MAX_LORA_RANK (engine/vllm/loras.py); a user adapter of a
+    # higher rank would pass here and never be served. None: max_rank (the builtin engine adds them apart).
+    max_user_rank: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ValidationLimits:
+        shared_room = settings.vllm_max_lora_rank - SHARED_LORA_RANK  # >= train_user_rank: Settings checks it
         return cls(
             max_file_bytes=settings.adapter_max_file_bytes,
             max_tensors=settings.adapter_max_tensors,
             max_rank=settings.adapter_max_rank,
             allowed_target_modules=tuple(settings.adapter_target_modules),
             max_scale=settings.adapter_max_scale,
+            max_user_rank=min(settings.adapter_max_rank, shared_room) if settings.engine == "vllm" else None,
         )
+
+    def for_user(self) -> ValidationLimits:
+        """The limits a user's adapter must pass (the shared task LoRA's: `self`)."""
+        return self if self.max_user_rank is None else replace(self, max_rank=self.max_user_rank)
 
     @property
     def header_cap(self) -> int:
@@ -471,12 +488,24 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, lor
         _check_module(path, ab, spec, lora, problems)
 
 
-def _parsed(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], limits: ValidationLimits) -> AdapterWeights:
-    """The weights as serving will hold them: numeric rules (scale cap, finite once scaled) are checked here."""
+def _parsed(
+    cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, limits: ValidationLimits
+) -> AdapterWeights:
+    """The weights as serving will hold them: numeric rules (scale cap, finite once scaled) are checked here,
+    and the slots' own rule (finite in the dtype served, with its margin): one that fails it would be accepted
+    and then refused by every load (503 adapter_unavailable on every request)."""
     try:
-        return parse_peft(cfg, tensors, max_scale=limits.max_scale)
+        weights = parse_peft(cfg, tensors, max_scale=limits.max_scale)
     except AdapterFormatError as exc:
         raise AdapterValidationError([str(exc)]) from exc
+    problems = [
+        f"module {_shown(path)}: weights scaled by {m.scaling:g} overflow {spec.dtype}, the dtype this server serves in"
+        for path, m in weights.modules.items()
+        if not fits_slot(m, spec.dtype)
+    ]
+    if problems:
+        raise AdapterValidationError(problems)
+    return weights
 
 
 def validate_peft_files(files: Mapping[str, bytes], spec: BaseModelSpec, limits: ValidationLimits) -> ValidatedAdapter:
@@ -501,5 +530,5 @@ def validate_peft_files(files: Mapping[str, bytes], spec: BaseModelSpec, limits:
         sha256=hashlib.sha256(data).hexdigest(),
         n_tensors=len(tensors),
         nbytes=len(data),
-        weights=_parsed(cfg, tensors, limits),
+        weights=_parsed(cfg, tensors, spec, limits),
     )

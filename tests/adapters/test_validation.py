@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError, make_peft_config, parse_peft
+from service.adapters.slots import LoraSlots
 from service.adapters.validation import (
     MAX_PROBLEMS_SHOWN,
     MAX_SHOWN_CHARS,
@@ -392,3 +394,57 @@ def test_a_thousand_problems_are_listed_as_twenty_with_names_cut_short(spec: Bas
     assert "lora_alpha=1000" in msg and "... (401 characters) must be a number > 0" in msg
     assert "(5002 characters)" in msg and "T" * 300 not in msg
 
+
+def _with_b_value(files: Files, value: float) -> Files:
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+    def poke(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t[key] = t[key].clone()
+        t[key][0, 0] = value
+        return t
+
+    return edit_tensors(files, poke)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scaled", "fits"),
+    [
+        (torch.float32, 3.3e38, True),
+        (torch.float32, 3.4e38, False),  # finite in fp32 (what peft_format checks), in the slots' 1% margin
+        (torch.bfloat16, 3.3e38, True),
+        (torch.bfloat16, 3.38e38, False),
+        (torch.float16, 6.0e4, True),
+        (torch.float16, 7.0e4, False),  # an ordinary fp32 number, inf in an fp16 slot
+    ],
+)
+def test_weights_must_fit_the_dtype_they_are_served_in(
+    spec: BaseModelSpec, good: Files, dtype: torch.dtype, scaled: float, fits: bool
+) -> None:
+    """One rule with the slots (slots.fits_slot): what validation accepts, a slot of the served dtype loads; what
+    a slot would refuse (every request then 503 adapter_unavailable, forever) is refused at upload (422)."""
+    served = dataclasses.replace(spec, dtype=dtype)
+    files = _with_b_value(good, scaled / 2.0)  # the good adapter's scale: alpha 16 / r 8
+    slots = LoraSlots(tiny_llama(), 1, 8, ALL_TARGET_MODULES, device="cpu", dtype=dtype)
+    if fits:
+        slots.load(1, validate_peft_files(files, served, LIMITS).weights)
+    else:
+        msg = problems_of(files, served, LIMITS)
+        assert f"'model.layers.0.self_attn.q_proj': weights scaled by 2 overflow {dtype}" in msg
+        with pytest.raises(ValueError, match="overflow the slot dtype"):
+            slots.load(1, parse_peft(json.loads(files[CONFIG_NAME]), st_load(files[WEIGHTS_NAME]), max_scale=256))
+
+
+def test_the_served_dtype_is_the_models() -> None:
+    assert BaseModelSpec.from_model(tiny_llama(), BASE_NAME).dtype == torch.float32
+    assert BaseModelSpec.from_model(tiny_llama().to(torch.bfloat16), BASE_NAME).dtype == torch.bfloat16
+
+
+def test_on_vllm_a_users_rank_leaves_room_for_the_shared_lora() -> None:
+    # vLLM serves user + shared as ONE LoRA of their summed rank, at most OPPU_VLLM_MAX_LORA_RANK: a user
+    # adapter of a higher rank than it leaves was accepted and never served.
+    vllm = ValidationLimits.from_settings(Settings(engine="vllm", vllm_max_lora_rank=16))
+    assert (vllm.max_rank, vllm.for_user().max_rank) == (64, 16 - 8)
+    small = ValidationLimits.from_settings(Settings(engine="vllm", vllm_max_lora_rank=12, train_user_rank=4))
+    assert (small.max_rank, small.for_user().max_rank) == (64, 4)  # the shared LoRA (rank 8) still fits its own
+    builtin = ValidationLimits.from_settings(Settings(vllm_max_lora_rank=12))
+    assert builtin.for_user() == builtin and builtin.max_rank == 64
