@@ -67,7 +67,7 @@ class AdapterCache:
         self._free = list(range(slots.num_slots, 0, -1))  # slot 0 is the base (all zeros)
         self._pins: Counter[AdapterKey] = Counter()
         self._loading: dict[AdapterKey, threading.Lock] = {}  # per-key single flight of disk reads
-        # A disk read that started before an owner's drop does not put its weights in host RAM after it.
+        # Weights read before an owner's drop are not kept after it, in host RAM or in a slot (`_kept`).
         self._dropped = InvalidationLog(DROPS_KEPT)
         self._doomed: set[AdapterKey] = set()  # dropped while pinned: evicted when the last pin goes
 
@@ -102,6 +102,12 @@ class AdapterCache:
     @property
     def host_bytes(self) -> int:
         return self._host_bytes
+
+    def _kept(self, key: AdapterKey, since: int) -> bool:
+        """THE rule of both tiers, under the cache lock: weights read since `since` (the drop log's token, taken
+        before the read) may be kept unless the key's owner was dropped meanwhile; if it was, they serve the
+        read that asked for them once and go (an erased user's weights must not stay resident until LRU)."""
+        return not self._dropped.since(key.owner_key, since)
 
     def _event(self, event: str, tier: str, seconds: float = 0.0) -> None:
         if self._on_event is not None:
@@ -141,7 +147,7 @@ class AdapterCache:
                 weights = self._load_disk(key)
                 with self._lock:
                     # dropped meanwhile: used for this read once, not kept
-                    if key not in self._host and not self._dropped.since(key.owner_key, since):
+                    if key not in self._host and self._kept(key, since):
                         self._admit_host(key, weights)
                 return weights
         finally:
@@ -174,6 +180,7 @@ class AdapterCache:
     def acquire(self, keys: Sequence[Hashable | None]) -> list[int]:
         """Slots for each row's adapter (0 for None), pinned until release(keys)."""
         with self._lock:
+            since = self._dropped.token()  # before any read below (host RAM or disk)
             missing = [k for k in keys if isinstance(k, AdapterKey) and k not in self._slot_of]
             for _ in missing:
                 self._event("miss", "slot")
@@ -194,6 +201,8 @@ class AdapterCache:
                     slot = self._slot_of.get(key)
                     if slot is None:
                         slot = self._load_slot(key, read.get(key))
+                        if not self._kept(key, since):  # this batch uses it; its last release evicts it
+                            self._doomed.add(key)
                     else:
                         self._slot_of.move_to_end(key)
                         self._event("hit", "slot")

@@ -92,7 +92,13 @@ def delete_versions(session: Session, owner_key: str, versions: list[int]) -> No
 
 def delete_all(session: Session, owner_key: str) -> list[int]:
     """Every version row of the owner deleted (the head, with its never-reused counter, stays); returns the
-    versions this statement deleted: their files, and no others, are the caller's to remove."""
+    versions this statement deleted: their files, and no others, are the caller's to remove.
+
+    The head is locked first, as every publish locks it before it adds its version: a publish in flight commits
+    before the delete reads the versions (and its version goes too), or starts after the delete's commit. The
+    delete used to lock the head only when it cleared `current`: a version committed between its DELETE and that
+    update was kept without being current (the upload answered 201 current, then GET /adapter 404)."""
+    head(session, owner_key, for_update=True)
     deleted = session.scalars(delete(Adapter).where(Adapter.owner_key == owner_key).returning(Adapter.version))
     versions = sorted(deleted.all())
     set_current(session, owner_key, None)

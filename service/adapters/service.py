@@ -112,10 +112,11 @@ def publish(
     """Validate, write the files, then record them as the current version (the SQL commit is the commit
     point: until then no reader sees the new version). The files are written and fsynced BEFORE the first
     SQL write, so the database's write lock (SQLite) is held only for a rename and a few rows."""
+    limits = ctx.limits if owner_key == SHARED_OWNER else ctx.limits.for_user()
     try:
-        checked = validate_peft_files(files, ctx.spec, ctx.limits)
-    except AdapterValidationError as exc:
-        raise Unprocessable("invalid adapter: " + "; ".join(exc.problems), details=exc.problems) from exc
+        checked = validate_peft_files(files, ctx.spec, limits)
+    except AdapterValidationError as exc:  # the first problems, each cut short: never a body of megabytes
+        raise Unprocessable(str(exc), details=exc.shown) from exc
     version = _write_version(session, ctx, owner_key, user_pk, files)
     row = repo.add(
         session,

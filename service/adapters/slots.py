@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.adapters.peft_format import AdapterWeights
+from service.adapters.peft_format import AdapterWeights, LoraModuleWeights
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class LoraSlots:
                     f"module {path!r}: adapter is {m.a.shape[1]}->{m.b.shape[0]}, "
                     f"model is {layer.in_features}->{layer.out_features}"
                 )
-            if not _fits(m.a, 1.0, layer.A_slots.dtype) or not _fits(m.b, m.scaling, layer.B_slots.dtype):
+            if not fits_slot(m, layer.A_slots.dtype):  # A and B slots share one dtype
                 raise ValueError(f"module {path!r}: weights overflow the slot dtype {layer.A_slots.dtype}")
         dst_a, dst_b, src_a, src_b, scales = [], [], [], [], []
         for path, layer in self.layers.items():
@@ -290,6 +290,12 @@ class LoraSlots:
             yield
         finally:
             self.set_plan(previous)
+
+
+def fits_slot(m: LoraModuleWeights, dtype: torch.dtype) -> bool:
+    """THE rule for what a slot of `dtype` can hold: lora_A as it is and lora_B times its scale stay finite in
+    it. Upload validation applies it with the served dtype (adapters/validation.py): an adapter accepted loads."""
+    return _fits(m.a, 1.0, dtype) and _fits(m.b, m.scaling, dtype)
 
 
 def _fits(t: torch.Tensor, scale: float, dtype: torch.dtype) -> bool:

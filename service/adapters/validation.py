@@ -13,7 +13,7 @@ import math
 import re
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -31,32 +31,64 @@ from service.adapters.peft_format import (
     check_features,
     parse_peft,
 )
-from service.config import Settings
+from service.adapters.slots import fits_slot
+from service.config import SHARED_LORA_RANK, Settings
 
 MAX_CONFIG_BYTES = 1024 * 1024
-MAX_HEADER_BYTES = 16 * 1024 * 1024
+# The safetensors header's cap, from the tensors an adapter may have. A real LoRA's header is one ~130-byte entry
+# per tensor ("base_model.model.model.layers.29.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [8, 576],
+# "data_offsets": [0, 18432]}) and PEFT's {"format": "pt"}: ~55 KB for the default model's 420 tensors. 512 B a
+# tensor leaves room for tensor names of 400 characters, 64 KiB for a tool's metadata. json builds what the header
+# holds before anything can look at it: a 16 MiB header of `{},` (a ~98 KB zip) was 5 M dicts, ~13 s of CPU and
+# 1.1 GB before its 422; at the default 4096 tensors (2.1 MiB) the worst is ~50 MB and under a second.
+HEADER_BYTES_PER_TENSOR = 512
+HEADER_METADATA_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # whatever OPPU_ADAPTER_MAX_TENSORS says
 MAX_JSON_DEPTH = 16  # a PEFT config nests 3 levels, a safetensors header 3: deeper is never a real adapter
+# What a 422 lists: the first problems, then how many more (4096 bad tensor names made a 32 MB answer); a name
+# or value from the upload is shown up to MAX_SHOWN_CHARS, any one problem up to MAX_PROBLEM_CHARS.
+MAX_PROBLEMS_SHOWN = 20
+MAX_SHOWN_CHARS = 200
+MAX_PROBLEM_CHARS = 1000
 _DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
 _LAYER_RE = re.compile(r"(^|\.)layers\.\d+\.")
 _PLAIN_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(value: object) -> str:
+    """A name or value from the upload, as a message shows it: its repr, cut to MAX_SHOWN_CHARS."""
+    return _clip(repr(value), MAX_SHOWN_CHARS)
+
+
 class AdapterValidationError(ValueError):
-    """Every problem found in one adapter, listed together."""
+    """Every problem found in one adapter (each cut to MAX_PROBLEM_CHARS); the message lists the first
+    MAX_PROBLEMS_SHOWN (`shown`)."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("invalid adapter: " + "; ".join(self.problems))
+        self.problems = [_clip(p, MAX_PROBLEM_CHARS) for p in problems]
+        super().__init__("invalid adapter: " + "; ".join(self.shown))
+
+    @property
+    def shown(self) -> list[str]:
+        """The problems an answer lists: at most MAX_PROBLEMS_SHOWN, then "and N more"."""
+        more = len(self.problems) - MAX_PROBLEMS_SHOWN
+        return self.problems if more <= 0 else [*self.problems[:MAX_PROBLEMS_SHOWN], f"and {more} more"]
 
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """What an adapter must fit: the served base model's Linear shapes in its decoder layers."""
+    """What an adapter must fit: the served base model's Linear shapes in its decoder layers, and the dtype its
+    weights are served in (a LoRA's scaled weights must stay finite in it: slots.fits_slot)."""
 
     model_type: str
     base_model_name: str
     fingerprint: str
     linear_shapes: Mapping[str, tuple[int, int]] = field(hash=False, repr=False)
+    dtype: torch.dtype = torch.float32
 
     @staticmethod
     def compute_fingerprint(model_type: str, linear_shapes: Mapping[str, tuple[int, int]]) -> str:
@@ -68,12 +100,16 @@ class BaseModelSpec:
         """Build from an HF causal LM, BEFORE any LoRA layers are injected into it."""
         model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "unknown")
         shapes: dict[str, tuple[int, int]] = {}
+        dtypes: set[torch.dtype] = set()
         for path, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and _LAYER_RE.search(path):
                 path = path.removesuffix(".base_layer")  # tolerate an already-wrapped PEFT model
                 shapes[path] = (int(module.in_features), int(module.out_features))
+                dtypes.add(module.weight.dtype)
         fingerprint = cls.compute_fingerprint(model_type, shapes)
-        return cls(model_type, name, fingerprint, MappingProxyType(dict(sorted(shapes.items()))))
+        # the slots are made in the model's dtype (composition.builtin_engine; vLLM's LoRAs too)
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        return cls(model_type, name, fingerprint, MappingProxyType(dict(sorted(shapes.items()))), dtype)
 
 
 @dataclass(frozen=True)
@@ -83,16 +119,31 @@ class ValidationLimits:
     max_rank: int
     allowed_target_modules: tuple[str, ...]
     max_scale: float = 256.0  # per-module LoRA scale (alpha / r): larger only overflows to inf
+    # A user's adapter's largest rank, where lower than max_rank: vLLM serves it and the shared task LoRA as ONE
+    # LoRA of their summed rank, at most OPPU_VLLM_MAX_LORA_RANK (engine/vllm/loras.py); a user adapter of a
+    # higher rank would pass here and never be served. None: max_rank (the builtin engine adds them apart).
+    max_user_rank: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ValidationLimits:
+        shared_room = settings.vllm_max_lora_rank - SHARED_LORA_RANK  # >= train_user_rank: Settings checks it
         return cls(
             max_file_bytes=settings.adapter_max_file_bytes,
             max_tensors=settings.adapter_max_tensors,
             max_rank=settings.adapter_max_rank,
             allowed_target_modules=tuple(settings.adapter_target_modules),
             max_scale=settings.adapter_max_scale,
+            max_user_rank=min(settings.adapter_max_rank, shared_room) if settings.engine == "vllm" else None,
         )
+
+    def for_user(self) -> ValidationLimits:
+        """The limits a user's adapter must pass (the shared task LoRA's: `self`)."""
+        return self if self.max_user_rank is None else replace(self, max_rank=self.max_user_rank)
+
+    @property
+    def header_cap(self) -> int:
+        """The largest safetensors header accepted (see HEADER_BYTES_PER_TENSOR)."""
+        return min(MAX_HEADER_BYTES, self.max_tensors * HEADER_BYTES_PER_TENSOR + HEADER_METADATA_BYTES)
 
 
 @dataclass(frozen=True)
@@ -132,9 +183,14 @@ class _Lora:
 
 
 def _positive(v: object) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+    """A finite number > 0 as a float, else None (never OverflowError: JSON ints have no size limit)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    return float(v)
+    try:
+        number = float(v)
+    except OverflowError:  # an integer beyond float's range, such as 10**400
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def _rank(v: object, max_rank: int) -> int | None:
@@ -154,27 +210,36 @@ def _is_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or bool(re.match(r"[A-Za-z]:[\\/]", name))
 
 
-def _depth(value: object) -> int:
-    """Nesting depth of parsed JSON, walked without recursion (a recursive walk is what must not happen)."""
-    deepest, todo = 0, [(value, 1)]
+_TOO_DEEP = f"nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _too_deep(value: object) -> bool:
+    """Whether parsed JSON nests deeper than MAX_JSON_DEPTH: walked without recursion (a recursive walk is what
+    must not happen), containers only, stopping at the first one too deep."""
+    todo: list[tuple[Any, int]] = [(value, 1)]
     while todo:
         item, level = todo.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            if level <= MAX_JSON_DEPTH:
-                todo.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+        if level > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        todo.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _parse_json(text: str, **kwargs: Any) -> Any:
+    """json.loads that refuses deep nesting with a ValueError: json raises RecursionError (a 500) at about
+    1000 levels."""
+    try:
+        return json.loads(text, **kwargs)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
 
 
 def _loads(text: str, **kwargs: Any) -> Any:
-    """json.loads that refuses deep nesting with a ValueError: json raises RecursionError (a 500) at about
-    1000 levels, and later code may walk what it returned."""
-    try:
-        value = json.loads(text, **kwargs)
-    except RecursionError:
-        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    """_parse_json, and deep but parseable nesting refused too (later code may walk what it returned)."""
+    value = _parse_json(text, **kwargs)
+    if isinstance(value, dict | list) and _too_deep(value):
+        raise ValueError(_TOO_DEEP)
     return value
 
 
@@ -202,7 +267,7 @@ def _parse_config(data: bytes | None, problems: list[str]) -> dict[str, Any] | N
 def _check_targets(raw: object, limits: ValidationLimits, problems: list[str]) -> tuple[str, ...]:
     if isinstance(raw, str):
         if not _PLAIN_NAME_RE.fullmatch(raw):
-            problems.append(f"target_modules regex {raw!r} is not allowed; list module names")
+            problems.append(f"target_modules regex {_shown(raw)} is not allowed; list module names")
             return ()
         raw = [raw]
     if not isinstance(raw, list) or not raw or not all(isinstance(t, str) for t in raw):
@@ -210,7 +275,7 @@ def _check_targets(raw: object, limits: ValidationLimits, problems: list[str]) -
         return ()
     bad = sorted({t for t in raw if t not in limits.allowed_target_modules})
     if bad:
-        problems.append(f"target_modules {bad} not allowed (allowed: {list(limits.allowed_target_modules)})")
+        problems.append(f"target_modules {_shown(bad)} not allowed (allowed: {list(limits.allowed_target_modules)})")
     return tuple(sorted({t for t in raw if t in limits.allowed_target_modules}))
 
 
@@ -229,7 +294,7 @@ def _check_pattern(
     out: dict[str, Any] = {}
     for k, v in pattern.items():
         if (value := parse(v)) is None:
-            problems.append(f"{key}[{k!r}] = {v!r} invalid: want {want}")
+            problems.append(f"{key}[{_shown(k)}] = {_shown(v)} invalid: want {want}")
         else:
             out[k] = value
     try:
@@ -244,13 +309,13 @@ def _check_config(cfg: Mapping[str, Any], spec: BaseModelSpec, limits: Validatio
     lora = _Lora()
     problems.extend(check_features(cfg))
     if cfg.get("task_type") not in (None, "CAUSAL_LM"):
-        problems.append(f"task_type must be 'CAUSAL_LM', got {cfg.get('task_type')!r}")
+        problems.append(f"task_type must be 'CAUSAL_LM', got {_shown(cfg.get('task_type'))}")
     lora.r = _rank(cfg.get("r"), limits.max_rank)
     if lora.r is None:
-        problems.append(f"rank r={cfg.get('r')!r} must be an integer in 1..{limits.max_rank}")
+        problems.append(f"rank r={_shown(cfg.get('r'))} must be an integer in 1..{limits.max_rank}")
     lora.alpha = _positive(cfg.get("lora_alpha"))
     if lora.alpha is None:
-        problems.append(f"lora_alpha={cfg.get('lora_alpha')!r} must be a number > 0")
+        problems.append(f"lora_alpha={_shown(cfg.get('lora_alpha'))} must be a number > 0")
     lora.targets = _check_targets(cfg.get("target_modules"), limits, problems)
     cap = _pattern_cap(spec, limits)
     ranks = _check_pattern(
@@ -262,35 +327,68 @@ def _check_config(cfg: Mapping[str, Any], spec: BaseModelSpec, limits: Validatio
     if name is not None and not isinstance(name, str):
         problems.append("base_model_name_or_path must be a string or null")
     elif name and not _is_local_path(name) and not _name_matches(name, spec.base_model_name):
-        problems.append(f"adapter was trained for {name!r}, this server serves {spec.base_model_name!r}")
+        problems.append(f"adapter was trained for {_shown(name)}, this server serves {spec.base_model_name!r}")
     return lora
 
 
 def _check_header(data: bytes, limits: ValidationLimits, problems: list[str]) -> bool:
-    """Parse the safetensors header by hand, so pickles/truncations fail clearly before any loader."""
+    """Parse the safetensors header by hand, so pickles/truncations fail clearly before any loader. Its size is
+    capped before it is parsed, its layout checked before anything walks it."""
     hint = " (looks like a zip/torch.save file)" if data[:4] == b"PK\x03\x04" else ""
     hint = " (looks like a pickle)" if data[:1] == b"\x80" else hint
     if len(data) < 8:
         problems.append(f"{WEIGHTS_NAME} is truncated ({len(data)} bytes)")
         return False
     (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+    if 8 + n > len(data):
         problems.append(f"{WEIGHTS_NAME} is not a safetensors file: header length {n} too big{hint}")
         return False
-    try:
-        header = _loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        why = str(e) if "nested" in str(e) else "is not JSON"
-        problems.append(f"{WEIGHTS_NAME} is not a valid safetensors file: header {why}{hint}")
+    if n > limits.header_cap:
+        problems.append(
+            f"{WEIGHTS_NAME}: safetensors header of {n} bytes is above the cap of {limits.header_cap} "
+            f"({HEADER_BYTES_PER_TENSOR} bytes per tensor, at most {limits.max_tensors} tensors)"
+        )
         return False
-    if not isinstance(header, dict):
-        problems.append(f"{WEIGHTS_NAME}: safetensors header must be a JSON object")
+    header = _parse_header(data[8 : 8 + n], hint, problems)
+    if header is None:
         return False
     header.pop("__metadata__", None)
     if len(header) > limits.max_tensors:
         problems.append(f"{WEIGHTS_NAME} has {len(header)} tensors (max {limits.max_tensors})")
         return False
     return _check_entries(header, len(data) - 8 - n, problems)
+
+
+def _parse_header(raw: bytes, hint: str, problems: list[str]) -> dict[str, Any] | None:
+    try:
+        header = _parse_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        why = str(e) if str(e) == _TOO_DEEP else "is not JSON"
+        problems.append(f"{WEIGHTS_NAME} is not a valid safetensors file: header {why}{hint}")
+        return None
+    layout = _header_layout_problem(header)
+    if layout is not None:
+        problems.append(f"{WEIGHTS_NAME}: safetensors header {layout}")
+        return None
+    if _too_deep(header):  # an entry's keys beyond dtype, shape and data_offsets
+        problems.append(f"{WEIGHTS_NAME} is not a valid safetensors file: header {_TOO_DEEP}")
+        return None
+    assert isinstance(header, dict)
+    return header
+
+
+def _header_layout_problem(header: object) -> str | None:
+    """The cheap check before any walk: an object of tensor entries, each an object, and an optional
+    __metadata__ object of strings. Stops at the first entry that is not."""
+    if not isinstance(header, dict):
+        return "must be a JSON object (tensor name -> entry)"
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                return "__metadata__ must be an object of strings"
+        elif not isinstance(entry, dict):
+            return f"entry {_shown(name)} must be an object (dtype, shape, data_offsets)"
+    return None
 
 
 def _span(shape: object, offs: object, itemsize: int, body: int) -> tuple[int, int] | None:
@@ -311,12 +409,12 @@ def _check_entries(header: Mapping[str, Any], body: int, problems: list[str]) ->
         shape, offs = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
         dtype = e.get("dtype") if isinstance(e, dict) else None
         if dtype not in _DTYPE_SIZES:
-            problems.append(f"tensor {name!r}: dtype {dtype!r} not allowed (F32, F16, BF16)")
+            problems.append(f"tensor {_shown(name)}: dtype {_shown(dtype)} not allowed (F32, F16, BF16)")
             ok = False
             continue
         span = _span(shape, offs, _DTYPE_SIZES[dtype], body)
         if span is None:
-            problems.append(f"tensor {name!r}: shape/data_offsets inconsistent or outside the file")
+            problems.append(f"tensor {_shown(name)}: shape/data_offsets inconsistent or outside the file")
             ok = False
             continue
         spans.append(span)
@@ -351,12 +449,12 @@ def _group_tensors(tensors: Mapping[str, torch.Tensor], problems: list[str]) -> 
     for key, t in tensors.items():
         m = TENSOR_KEY.fullmatch(key)
         if m is None:
-            problems.append(f"unexpected tensor {key!r} (want base_model.model.<module>.lora_A/B.weight)")
+            problems.append(f"unexpected tensor {_shown(key)} (want base_model.model.<module>.lora_A/B.weight)")
             continue
         names.add(m["name"])
         modules.setdefault(m["path"], {})[m["ab"]] = t
     if len(names) > 1:
-        problems.append(f"tensors mix several adapter names: {sorted(str(n) for n in names)}")
+        problems.append(f"tensors mix several adapter names: {_shown(sorted(str(n) for n in names))}")
     return modules
 
 
@@ -365,20 +463,20 @@ def _check_module(
 ) -> int | None:
     shape = spec.linear_shapes.get(path)
     if shape is None:
-        problems.append(f"module {path!r} is not a Linear layer of {spec.base_model_name}")
+        problems.append(f"module {_shown(path)} is not a Linear layer of {spec.base_model_name}")
         return None
     leaf = path.rsplit(".", 1)[-1]
     if leaf not in lora.targets:
-        problems.append(f"module {path!r}: {leaf!r} is not an allowed target module of this adapter")
+        problems.append(f"module {_shown(path)}: {_shown(leaf)} is not an allowed target module of this adapter")
     if "A" not in ab or "B" not in ab:
-        problems.append(f"module {path!r}: lora_A and lora_B must both be present")
+        problems.append(f"module {_shown(path)}: lora_A and lora_B must both be present")
         return None
     a, b = ab["A"], ab["B"]
     d_in, d_out = shape
     r = lora.rank_for(path) or (a.shape[0] if a.dim() == 2 else -1)
     if tuple(a.shape) != (r, d_in) or tuple(b.shape) != (d_out, r):
         problems.append(
-            f"module {path!r}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the base model "
+            f"module {_shown(path)}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the base model "
             f"(want A({r}, {d_in}) B({d_out}, {r})); wrong architecture or rank?"
         )
         return None
@@ -390,12 +488,24 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, lor
         _check_module(path, ab, spec, lora, problems)
 
 
-def _parsed(cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], limits: ValidationLimits) -> AdapterWeights:
-    """The weights as serving will hold them: numeric rules (scale cap, finite once scaled) are checked here."""
+def _parsed(
+    cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], spec: BaseModelSpec, limits: ValidationLimits
+) -> AdapterWeights:
+    """The weights as serving will hold them: numeric rules (scale cap, finite once scaled) are checked here,
+    and the slots' own rule (finite in the dtype served, with its margin): one that fails it would be accepted
+    and then refused by every load (503 adapter_unavailable on every request)."""
     try:
-        return parse_peft(cfg, tensors, max_scale=limits.max_scale)
+        weights = parse_peft(cfg, tensors, max_scale=limits.max_scale)
     except AdapterFormatError as exc:
         raise AdapterValidationError([str(exc)]) from exc
+    problems = [
+        f"module {_shown(path)}: weights scaled by {m.scaling:g} overflow {spec.dtype}, the dtype this server serves in"
+        for path, m in weights.modules.items()
+        if not fits_slot(m, spec.dtype)
+    ]
+    if problems:
+        raise AdapterValidationError(problems)
+    return weights
 
 
 def validate_peft_files(files: Mapping[str, bytes], spec: BaseModelSpec, limits: ValidationLimits) -> ValidatedAdapter:
@@ -420,5 +530,5 @@ def validate_peft_files(files: Mapping[str, bytes], spec: BaseModelSpec, limits:
         sha256=hashlib.sha256(data).hexdigest(),
         n_tensors=len(tensors),
         nbytes=len(data),
-        weights=_parsed(cfg, tensors, limits),
+        weights=_parsed(cfg, tensors, spec, limits),
     )

@@ -3,15 +3,18 @@ delete, tenancy, and malicious uploads refused while other users' traffic keeps 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
+import os
 import pickle
+import struct
 import tarfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,21 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from service import composition
+from service.adapters import service as adapter_service
 from service.adapters.archive import pack_zip
 from service.adapters.peft_format import CONFIG_NAME, PEFT_FILES, WEIGHTS_NAME
-from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user, running_app
-from tests.factories import ALL, greedy, lora_zip, make_lora, peft_model, storage_key, upload
+from service.adapters.store import AdapterStore
+from service.adapters.validation import BaseModelSpec
+from service.db.migrate import upgrade
+from service.db.models import SHARED_OWNER
+from service.db.session import unit_of_work
+from service.errors import Unprocessable
+from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user, make_settings, running_app
+from tests.factories import ALL, greedy, lora_zip, make_lora, new_user, peft_files, peft_model, storage_key, upload
 from tests.models import load_base, reference_text, tiny_llama_config
 
 # --- fixtures of this module ---
@@ -381,3 +393,95 @@ def test_a_version_published_while_a_delete_removes_files_keeps_its_files(
     assert client.get("/users/delia/adapter/download", headers=auth).status_code == 200
     r = client.post("/users/delia/generate", json={"prompt": "hi", "max_new_tokens": 2}, headers=auth)
     assert r.status_code == 200, r.text
+
+
+# --- uploads that used to cost a server dearly, answer 500, or be accepted and never served ---
+def _hostile_header_zip(adapter_dir: Path, size: int) -> bytes:
+    """The reproduced upload: a safetensors file whose header is {"__metadata__": ["<noise>", {}, {}, ...]} of
+    `size` bytes, zipped (~98 KB for 16 MiB: the noise keeps it under the compression-ratio cap)."""
+    noise = json.dumps(base64.b64encode(os.urandom(75_000)).decode())
+    header = f'{{"__metadata__": [{noise}{",{}" * ((size - len(noise) - 24) // 3)}]}}'.encode()
+    header += b" " * (-len(header) % 8)
+    return _with_weights(adapter_dir, struct.pack("<Q", len(header)) + header)
+
+
+def test_a_16_mib_header_of_empty_objects_is_refused_on_its_length(
+    loras: dict[str, Path], tiny_model_path: Path, tmp_path: Path
+) -> None:
+    # ~13 s of CPU and 1.1 GB (json's 5 M dicts, then a walk over them) before its 422, holding one of the
+    # server's upload slots; refused now on the header's length, before it is parsed.
+    body = _hostile_header_zip(loras["a"], 16 * 1024 * 1024)
+    assert len(body) < 200_000
+    with running_app(tmp_path, tiny_model_path) as app:  # the default upload caps (256 MiB a file)
+        key = create_user(app, "mallory")
+        r = upload(app, "mallory", key, body)
+    assert r.status_code == 422, r.text
+    err = r.json()
+    assert err["code"] == "invalid_request"
+    assert f"{WEIGHTS_NAME}: safetensors header of 16777216 bytes is above the cap of 2162688" in err["message"]
+
+
+def _many_bad_names(adapter_dir: Path) -> bytes:
+    """1500 tensors named by 1200 random characters each: 1500 problems, each naming its tensor."""
+    rng = torch.Generator().manual_seed(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789_"
+    picks = torch.randint(0, len(alphabet), (1500, 1200), generator=rng).tolist()
+    tensors = {"".join(alphabet[i] for i in row): torch.zeros(1) for row in picks}
+    return _with_weights(adapter_dir, st_save(tensors))
+
+
+def _b_overflowing_fp32_slots(adapter_dir: Path, tmp_path: Path) -> bytes:
+    """One lora_B value that is finite in fp32 once scaled (3.4e38 < 3.4028e38) but inside the slots' margin."""
+    tensors = load_file(str(adapter_dir / WEIGHTS_NAME))
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = 3.4e38 / 2.0  # the adapter's scale: lora_alpha 2r / r
+    save_file(tensors, str(tmp_path / "overflow.safetensors"))
+    return _with_weights(adapter_dir, (tmp_path / "overflow.safetensors").read_bytes())
+
+
+HOSTILE_UPLOADS: dict[str, tuple[Callable[[Path, Path], bytes], str]] = {
+    # were 500s (OverflowError)
+    "lora_alpha beyond float": (lambda good, _: _with_config(good, lora_alpha=10**400), "must be a number > 0"),
+    "alpha_pattern beyond float": (lambda good, _: _with_config(good, alpha_pattern={"q_proj": 10**400}), "alpha > 0"),
+    # was a 3.8 MB answer: every problem, every name in full
+    "1500 bad tensor names": (lambda good, _: _many_bad_names(good), "and 1480 more"),
+    # was 201, then every generate 503 adapter_unavailable (the slot refused it at every load)
+    "overflows the served dtype": (_b_overflowing_fp32_slots, "overflow torch.float32"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_UPLOADS))
+def test_hostile_uploads_are_short_422s(client: TestClient, loras: dict[str, Path], tmp_path: Path, case: str) -> None:
+    make, fragment = HOSTILE_UPLOADS[case]
+    user = f"hostile-{list(HOSTILE_UPLOADS).index(case)}"
+    key = create_user(client, user)
+    r = upload(client, user, key, make(loras["a"], tmp_path))
+    assert r.status_code == 422, r.text[:2000]
+    err = r.json()
+    assert err["code"] == "invalid_request" and fragment in err["message"], err["message"][:2000]
+    assert len(r.content) < 16_000 and len(err["details"]) <= 21, len(r.content)
+    assert client.get(f"/users/{user}/adapter", headers=bearer(key)).status_code == 404
+
+
+def test_on_vllm_an_upload_above_the_rank_the_shared_lora_leaves_is_422(
+    base: Any, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    # vLLM serves a user's adapter and the shared task LoRA (rank 8) as ONE LoRA of at most
+    # OPPU_VLLM_MAX_LORA_RANK: a rank-16 upload under the default 16 was accepted (201) and never served.
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade(url)
+    settings = make_settings(tmp_path, url, str(tiny_model_path), engine="vllm")
+    db = composition.database(settings)
+    store = AdapterStore(settings.adapters_dir, composition.sealer_of(db))
+    ctx = composition.adapter_context(settings, store, BaseModelSpec.from_model(base, tiny_model_path.name))
+    user, _ = new_user(db, "vic")
+    r16, r8 = (make_lora(base, tmp_path / f"r{r}", seed=r, r=r, targets=("q_proj", "v_proj")) for r in (16, 8))
+    refused = pytest.raises(Unprocessable, match=r"rank r=16 must be an integer in 1\.\.8")
+    with refused, unit_of_work(db.session_factory) as session:
+        adapter_service.upload(session, ctx, user.storage_key, user.pk, lora_zip(r16))
+    with unit_of_work(db.session_factory) as session:
+        assert adapter_service.upload(session, ctx, user.storage_key, user.pk, lora_zip(r8)).version == 1
+        # the shared task LoRA is held to its own limit (it is the other part of the sum)
+        adapter_service.publish(session, ctx, SHARED_OWNER, None, peft_files(r8), source="trained")
+    db.dispose()

@@ -214,6 +214,41 @@ def test_a_disk_read_in_flight_when_its_owner_is_dropped_is_not_kept(
     assert cache.cache.host_keys() == [a]
 
 
+def test_a_slot_load_whose_read_overlapped_its_owners_drop_is_not_kept(
+    cache: Cache, adapters: Adapters, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine thread reading an adapter for a batch when the erase's notice drops the owner: host RAM did not
+    # keep the weights, but the slot did, after the batch released it (an erased user's weights resident until
+    # LRU evicted them).
+    import service.adapters.cache as cache_module
+
+    a, b = adapters.keys["aa"], adapters.keys["bb"]
+    real = read_adapter_dir
+    reading, go = threading.Event(), threading.Event()
+
+    def slow_read(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        reading.set()
+        go.wait(10)
+        return out
+
+    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)  # the name cache.py calls
+    slots: list[int] = []
+    batch = threading.Thread(target=lambda: slots.extend(cache.cache.acquire([a])))
+    batch.start()
+    assert reading.wait(10)
+    cache.cache.drop_owner("aa")
+    go.set()
+    batch.join(10)
+    assert slots and slots[0] != 0 and cache.cache.pinned() == {a: 1}  # the batch still runs on what it read
+    cache.cache.release([a])
+    assert cache.cache.slot_keys() == {} and cache.cache.host_keys() == []
+    monkeypatch.setattr(cache_module, "read_adapter_dir", real)
+    use(cache, b)  # other owners and later reads are kept as before
+    use(cache, a)
+    assert set(cache.cache.slot_keys()) == {a, b}
+
+
 # --- a version change mid-traffic, through HTTP (K=2, host budget of 3 adapters, 4 adapters in use) ---
 @dataclass
 class Answer:

@@ -114,3 +114,26 @@ def test_an_owners_first_two_publishes_at_once_both_get_a_version(pg_factory: se
     first = pg_factory()
     assert repo.allocate_version(first, OWNER, None) == 1  # its head insert is not committed yet
     assert _while_first_holds(pg_factory, first, lambda s: repo.allocate_version(s, OWNER, None)) == 2
+
+
+def test_a_delete_racing_a_publish_never_leaves_a_version_that_is_not_current(
+    pg_factory: sessionmaker[Session],
+) -> None:
+    # A publish of v2 holds the head's lock, uncommitted; the delete deleted the rows it saw (v1 only), waited
+    # for the head only to clear `current`, and cleared it after v2 committed: v2 stayed without being current
+    # (its upload had answered 201 current:true; GET /adapter then 404, and nothing would ever serve it).
+    with pg_factory() as s:
+        assert repo.allocate_version(s, OWNER, None) == 1
+        repo.add(s, _version(1))
+        repo.set_current(s, OWNER, 1)
+        s.commit()
+    publisher = pg_factory()
+    assert repo.allocate_version(publisher, OWNER, None) == 2  # the head locked until the publish commits
+    repo.add(publisher, _version(2))
+    repo.set_current(publisher, OWNER, 2)
+    deleted = _while_first_holds(pg_factory, publisher, lambda s: repo.delete_all(s, OWNER))
+    assert deleted == [1, 2]  # the delete came after the publish: both versions (and their files) go
+    with pg_factory() as s:
+        head = repo.head(s, OWNER)
+        assert head is not None and head.current_version is None and head.last_version == 2
+        assert repo.list_versions(s, OWNER) == []

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import io
 import json
+import os
 import pickle
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +22,10 @@ from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError, make_peft_config, parse_peft
+from service.adapters.slots import LoraSlots
 from service.adapters.validation import (
+    MAX_PROBLEMS_SHOWN,
+    MAX_SHOWN_CHARS,
     AdapterValidationError,
     BaseModelSpec,
     ValidationLimits,
@@ -66,7 +73,7 @@ def edit_tensors(files: Files, fn: Callable[[dict[str, torch.Tensor]], dict[str,
 def problems_of(files: Files, spec: BaseModelSpec, limits: ValidationLimits = LIMITS) -> str:
     with pytest.raises(AdapterValidationError) as exc:
         validate_peft_files(files, spec, limits)
-    assert exc.value.problems and all(p in str(exc.value) for p in exc.value.problems)
+    assert exc.value.problems and all(p in str(exc.value) for p in exc.value.shown)
     return str(exc.value)
 
 
@@ -297,14 +304,147 @@ def test_make_peft_config_round_trip(spec: BaseModelSpec, good: Files, tmp_path:
 @pytest.mark.parametrize("depth", [100_000, 40])
 def test_deeply_nested_json_is_a_problem_not_a_crash(spec: BaseModelSpec, good: Files, depth: int) -> None:
     """Issue 23 N8: json.loads raises RecursionError (a 500) on deep nesting; deep but parseable nesting is
-    refused too, before any later code walks it."""
+    refused too, before any later code walks it (in the header: inside a tensor entry, whose layout passes)."""
     nested = "[" * depth + "]" * depth
     cfg = json.loads(good[CONFIG_NAME])
     config = json.dumps(cfg)[:-1].encode() + f', "x": {nested}}}'.encode()
     assert "nested" in problems_of({**good, CONFIG_NAME: config}, spec)
     data = good[WEIGHTS_NAME]
     (n,) = struct.unpack("<Q", data[:8])
-    raw = data[8 : 8 + n].rstrip()[:-1] + f', "x": {nested}}}'.encode()
-    raw += b" " * (-len(raw) % 8)
-    patched = struct.pack("<Q", len(raw)) + raw + data[8 + n :]
-    assert "nested" in problems_of({**good, WEIGHTS_NAME: patched}, spec)
+    entry = f'{{"dtype": "F32", "shape": [0], "data_offsets": [0, 0], "x": {nested}}}'
+    raw = data[8 : 8 + n].rstrip()[:-1] + f', "x": {entry}}}'.encode()
+    assert "nested" in problems_of({**good, WEIGHTS_NAME: with_header(raw, data[8 + n :])}, spec)
+
+
+def with_header(header: bytes, body: bytes = b"") -> bytes:
+    """A safetensors file of this header (padded to 8 bytes, as safetensors writes it) and tensor data."""
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + body
+
+
+def hostile_header(size: int) -> bytes:
+    """The reproduced upload's header: {"__metadata__": ["<~100 KB of noise>", {}, {}, ...]}, `size` bytes. Zipped
+    ~98 KB (the noise keeps the member under the archive's compression-ratio cap); parsed, millions of dicts."""
+    noise = json.dumps(base64.b64encode(os.urandom(75_000)).decode())
+    count = (size - len(noise) - 24) // 3
+    return f'{{"__metadata__": [{noise}{",{}" * count}]}}'.encode()
+
+
+def test_a_header_above_its_cap_is_refused_before_it_is_parsed(spec: BaseModelSpec, good: Files) -> None:
+    # 16 MB of `{},` parsed into 5 M dicts and walked: ~13 s of CPU and 1.1 GB before its 422 (an upload slot
+    # held all along). The cap comes from the tensors an adapter may have: 512 bytes each + 64 KiB.
+    msg = problems_of({**good, WEIGHTS_NAME: with_header(hostile_header(16 * 1024 * 1024))}, spec)
+    assert "safetensors header of 16777216 bytes is above the cap of 2162688" in msg
+    assert "could not be read" not in msg  # refused on its length: never parsed, never given to safetensors
+    small = ValidationLimits(64 * 1024 * 1024, 28, 64, ALL_TARGET_MODULES)
+    assert small.header_cap == 28 * 512 + 64 * 1024
+    validate_peft_files(good, spec, small)  # a real adapter's header is far below it
+    assert "above the cap" in problems_of({**good, WEIGHTS_NAME: with_header(hostile_header(100_000))}, spec, small)
+
+
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        (hostile_header(1024 * 1024), "__metadata__ must be an object of strings"),
+        (b'{"__metadata__": {"format": 1}}', "__metadata__ must be an object of strings"),
+        (b'{"__metadata__": {"format": ' + b"[" * 40 + b"]" * 40 + b"}}", "__metadata__ must be an object of strings"),
+        (b'{"t": [1, 2]}', "entry 't' must be an object"),
+        (b'{"t": ' + b"[" * 40 + b"]" * 40 + b"}", "entry 't' must be an object"),
+        (b"[{}, {}]", "must be a JSON object"),
+    ],
+)
+def test_a_header_not_laid_out_as_safetensors_is_refused_before_any_walk(
+    spec: BaseModelSpec, good: Files, header: bytes, why: str
+) -> None:
+    """An object of tensor entries (objects) and an optional __metadata__ object of strings: anything else is
+    refused by that check, before the nesting walk or safetensors' own parser sees it."""
+    msg = problems_of({**good, WEIGHTS_NAME: with_header(header)}, spec)
+    assert f"{WEIGHTS_NAME}: safetensors header {why}" in msg
+    assert "nested" not in msg and "could not be read" not in msg
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"lora_alpha": 10**400}, {"alpha_pattern": {"q_proj": 10**400}}, {"lora_alpha": -(10**400)}],
+    ids=["lora_alpha", "alpha_pattern", "negative"],
+)
+def test_an_integer_beyond_floats_range_is_a_problem_not_a_crash(
+    spec: BaseModelSpec, good: Files, changes: dict[str, Any]
+) -> None:
+    # JSON integers have no size limit: float(10**400) raised OverflowError (a 500 on upload).
+    msg = problems_of(edit_config(good, **changes), spec)
+    assert "must be a number > 0" in msg or "invalid: want an alpha > 0" in msg
+
+
+def test_a_thousand_problems_are_listed_as_twenty_with_names_cut_short(spec: BaseModelSpec, good: Files) -> None:
+    # 4096 tensor names of ~3.9 KB each made a 32 MB 422 (message + details): every problem, every name in full.
+    names = [f"n{i}_" + "x" * 1200 for i in range(1000)]
+    tensors = {name: torch.zeros(1) for name in names}
+    with pytest.raises(AdapterValidationError) as exc:
+        validate_peft_files({**good, WEIGHTS_NAME: st_save(tensors)}, spec, LIMITS)
+    err = exc.value
+    assert len(err.problems) == 1000  # all found (a caller may count them), each cut short
+    assert len(err.shown) == MAX_PROBLEMS_SHOWN + 1 and err.shown[-1] == f"and {1000 - MAX_PROBLEMS_SHOWN} more"
+    cut = re.fullmatch(r"unexpected tensor ('n\d+_x+)\.\.\. \(120\d characters\) \(want .*\)", err.shown[0])
+    assert cut is not None and len(cut[1]) == MAX_SHOWN_CHARS
+    assert all(len(p) < MAX_SHOWN_CHARS + 100 for p in err.problems)
+    assert str(err) == "invalid adapter: " + "; ".join(err.shown) and len(str(err)) < 8000
+    # a long value from the config is cut the same way
+    msg = problems_of(edit_config(good, lora_alpha=10**400, task_type="T" * 5000), spec)
+    assert "lora_alpha=1000" in msg and "... (401 characters) must be a number > 0" in msg
+    assert "(5002 characters)" in msg and "T" * 300 not in msg
+
+
+def _with_b_value(files: Files, value: float) -> Files:
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+    def poke(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t[key] = t[key].clone()
+        t[key][0, 0] = value
+        return t
+
+    return edit_tensors(files, poke)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scaled", "fits"),
+    [
+        (torch.float32, 3.3e38, True),
+        (torch.float32, 3.4e38, False),  # finite in fp32 (what peft_format checks), in the slots' 1% margin
+        (torch.bfloat16, 3.3e38, True),
+        (torch.bfloat16, 3.38e38, False),
+        (torch.float16, 6.0e4, True),
+        (torch.float16, 7.0e4, False),  # an ordinary fp32 number, inf in an fp16 slot
+    ],
+)
+def test_weights_must_fit_the_dtype_they_are_served_in(
+    spec: BaseModelSpec, good: Files, dtype: torch.dtype, scaled: float, fits: bool
+) -> None:
+    """One rule with the slots (slots.fits_slot): what validation accepts, a slot of the served dtype loads; what
+    a slot would refuse (every request then 503 adapter_unavailable, forever) is refused at upload (422)."""
+    served = dataclasses.replace(spec, dtype=dtype)
+    files = _with_b_value(good, scaled / 2.0)  # the good adapter's scale: alpha 16 / r 8
+    slots = LoraSlots(tiny_llama(), 1, 8, ALL_TARGET_MODULES, device="cpu", dtype=dtype)
+    if fits:
+        slots.load(1, validate_peft_files(files, served, LIMITS).weights)
+    else:
+        msg = problems_of(files, served, LIMITS)
+        assert f"'model.layers.0.self_attn.q_proj': weights scaled by 2 overflow {dtype}" in msg
+        with pytest.raises(ValueError, match="overflow the slot dtype"):
+            slots.load(1, parse_peft(json.loads(files[CONFIG_NAME]), st_load(files[WEIGHTS_NAME]), max_scale=256))
+
+
+def test_the_served_dtype_is_the_models() -> None:
+    assert BaseModelSpec.from_model(tiny_llama(), BASE_NAME).dtype == torch.float32
+    assert BaseModelSpec.from_model(tiny_llama().to(torch.bfloat16), BASE_NAME).dtype == torch.bfloat16
+
+
+def test_on_vllm_a_users_rank_leaves_room_for_the_shared_lora() -> None:
+    # vLLM serves user + shared as ONE LoRA of their summed rank, at most OPPU_VLLM_MAX_LORA_RANK: a user
+    # adapter of a higher rank than it leaves was accepted and never served.
+    vllm = ValidationLimits.from_settings(Settings(engine="vllm", vllm_max_lora_rank=16))
+    assert (vllm.max_rank, vllm.for_user().max_rank) == (64, 16 - 8)
+    small = ValidationLimits.from_settings(Settings(engine="vllm", vllm_max_lora_rank=12, train_user_rank=4))
+    assert (small.max_rank, small.for_user().max_rank) == (64, 4)  # the shared LoRA (rank 8) still fits its own
+    builtin = ValidationLimits.from_settings(Settings(vllm_max_lora_rank=12))
+    assert builtin.for_user() == builtin and builtin.max_rank == 64
