@@ -22,13 +22,16 @@ def by_user_id(session: Session, user_id: str) -> User | None:
 
 
 def insert_user(session: Session, user_id: str) -> User:
-    """DuplicateUser if the id is taken (also when a concurrent create wins the race)."""
+    """DuplicateUser if the id is taken (also when a concurrent create wins the race: the insert fails, and the
+    caller's unit of work must roll back, which the request's 409 does). No SAVEPOINT: on SQLite (pysqlite begins
+    a transaction only before DML) it would be the transaction's first statement, and releasing it would commit
+    the user at once, without the key added after it."""
     if by_user_id(session, user_id) is not None:
         raise DuplicateUser(user_id)
     user = User(user_id=user_id)
+    session.add(user)
     try:
-        with session.begin_nested():
-            session.add(user)
+        session.flush()
     except IntegrityError as exc:
         raise DuplicateUser(user_id) from exc
     return user
