@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import sys
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from service.tenancy import UserRef
 
 _BUILD_PAGE = 2_000  # items read per query when an index is built whole
 EXTEND_MAX_ITEMS = _BUILD_PAGE  # new items an index is extended by at once; more: built whole (paged, windowed)
-_DOC_BYTES = 200  # estimated memory of one cached doc besides its text (snapshot object, list slot)
+_DOC_BYTES = 200  # estimated memory of one cached doc besides its strings (snapshot object, list slot)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ class UserCorpus:
 
 
 def _docs_bytes(docs: list[DocSnapshot]) -> int:
-    return sum(_DOC_BYTES + doc_chars(d) for d in docs)
+    """Estimated memory of the docs: their strings' real sizes (CPython keeps a str at 1, 2 or 4 bytes a
+    character, by its widest one: counting characters undercounted emoji text ~4x) plus _DOC_BYTES each."""
+    return sum(_DOC_BYTES + sum(sys.getsizeof(s) for s in (d.id, d.input, d.output, d.kind) if s) for d in docs)
 
 
 @dataclass(frozen=True)

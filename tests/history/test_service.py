@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from service.history import repository as repo
 from service.history import service
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
 from service.history.service import UserCorpus
-from service.retrieval.bm25 import BM25Cache
+from service.retrieval.bm25 import BM25Cache, BM25Index
 from service.sealing.session import session_info
 from service.tenancy import UserRef
 from service.users import create_user
@@ -97,3 +98,15 @@ def test_many_new_items_are_read_by_a_whole_build_not_one_unbounded_extension(
     with unit_of_work(factory) as s:
         assert service.user_corpus(s, alice, cache).stamp[0] == 11
     assert len(builds) == 1  # 6 new: built whole
+
+
+def test_a_corpus_counts_the_memory_of_its_text_not_its_characters() -> None:
+    # CPython keeps text beyond Latin-1 at 2 or 4 bytes a character: counting characters undercounted emoji text
+    # 3.9x, so the cache's byte budget held ~4x what it was set to.
+    emoji = [service.DocSnapshot(id=f"e{i}", input="🙂" * 5_000, output="🎉" * 5_000, kind=None) for i in range(4)]
+    corpus = UserCorpus(emoji, BM25Index(emoji))
+    held = sum(sys.getsizeof(s) for d in emoji for s in (d.id, d.input, d.output))
+    assert corpus.text_bytes >= held >= 4 * 40_000
+    ascii_docs = [service.DocSnapshot(id=f"a{i}", input=None, output="tea " * 2_500, kind="k") for i in range(4)]
+    extended = UserCorpus(ascii_docs, BM25Index(ascii_docs)).extended(emoji, 99)
+    assert extended.text_bytes == UserCorpus(extended.docs, extended.index).text_bytes >= held
