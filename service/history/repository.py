@@ -204,6 +204,18 @@ def list_items(session: Session, owner: Owner, *, after_id: int, limit: int) -> 
     return [_record(seal, r) for r in rows]
 
 
+def newest_items(session: Session, owner: Owner, *, up_to_id: int, limit: int) -> list[HistoryRecord]:
+    """Up to `limit` of the user's items with id <= up_to_id, newest first (only those are read and opened)."""
+    seal = seal_of(session, owner.storage_key)
+    rows = session.scalars(
+        select(HistoryItem)
+        .where(HistoryItem.user_pk == owner.pk, HistoryItem.id <= up_to_id)
+        .order_by(HistoryItem.id.desc())
+        .limit(limit)
+    )
+    return [_record(seal, r) for r in rows]
+
+
 def iter_items(session: Session, owner: Owner, *, page: int = 500) -> Iterator[HistoryRecord]:
     """The user's items in append order, read and opened a page at a time (an export of 100k items with
     metadata held ~3.8 GB when read whole)."""

@@ -10,7 +10,6 @@ import binascii
 import json
 import sys
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -30,7 +29,8 @@ from service.history.schemas import (
 from service.retrieval.bm25 import BM25Cache, BM25Index, doc_chars
 from service.tenancy import UserRef
 
-_BUILD_PAGE = 2_000  # items read per query when an index is built whole
+_BUILD_PAGE = 2_000  # items read per query when an index is built whole (at most)
+_FIRST_BATCH = 128  # a whole build's first query (newest first); each next one reads twice as many
 EXTEND_MAX_ITEMS = _BUILD_PAGE  # new items an index is extended by at once; more: built whole (paged, windowed)
 _DOC_BYTES = 200  # estimated memory of one cached doc besides its strings (snapshot object, list slot)
 
@@ -257,23 +257,27 @@ def _items(session: Session, user: UserRef, after_id: int, stamp: tuple[int, int
 
 
 def _build_corpus(session: Session, user: UserRef, stamp: tuple[int, int], window_chars: int | None) -> UserCorpus:
-    """The index over the user's most recent `window_chars` characters, read in pages so that the older
-    items never all sit in memory. Its stamp says what it really holds (count and max id read)."""
-    kept: deque[DocSnapshot] = deque()
-    chars, count, after, done = 0, 0, 0, stamp[1] == 0
-    while not done and (page := repo.list_items(session, user, after_id=after, limit=_BUILD_PAGE)):
-        for item in page:
-            if item.id > stamp[1]:  # committed since the stamp was read: left for the next stamp
-                done = True
+    """The index over the user's most recent `window_chars` characters of the history under `stamp`, read newest
+    first in batches that grow from _FIRST_BATCH, until the window is full: at most about twice the kept items
+    are read and opened (reading oldest first opened the whole history: 100k items, 13.5 s). The longest run of
+    newest items that fits, at least the newest one: the corpus an oldest-first pass kept. Its stamp: `stamp`'s
+    count (an item committed late under its max id may be in the docs and not counted: the next stamp differs,
+    and the index is built again) and the max id read."""
+    newest: list[DocSnapshot] = []
+    chars, up_to, batch, max_id, full = 0, stamp[1], _FIRST_BATCH, 0, stamp[1] == 0
+    while not full and (rows := repo.newest_items(session, user, up_to_id=up_to, limit=batch)):
+        max_id = max_id or rows[0].id
+        for item in rows:
+            doc = snapshot(item)
+            chars += doc_chars(doc)
+            if newest and window_chars is not None and chars > window_chars:
+                full = True
                 break
-            after, count = item.id, count + 1
-            kept.append(snapshot(item))
-            chars += doc_chars(kept[-1])
-            while window_chars is not None and len(kept) > 1 and chars > window_chars:
-                chars -= doc_chars(kept.popleft())
-        done = done or after >= stamp[1]
-    docs = list(kept)
-    return UserCorpus(docs, BM25Index(docs, max_chars=window_chars), (count, after))
+            newest.append(doc)
+        full = full or len(rows) < batch
+        up_to, batch = rows[-1].id - 1, min(2 * batch, _BUILD_PAGE)
+    docs = newest[::-1]
+    return UserCorpus(docs, BM25Index(docs, max_chars=window_chars), (stamp[0], max_id) if docs else (0, 0))
 
 
 def retrieve(session: Session, user: UserRef, query: str, k: int, cache: BM25Cache[UserCorpus]) -> list[RetrievedDoc]:

@@ -110,3 +110,52 @@ def test_a_corpus_counts_the_memory_of_its_text_not_its_characters() -> None:
     ascii_docs = [service.DocSnapshot(id=f"a{i}", input=None, output="tea " * 2_500, kind="k") for i in range(4)]
     extended = UserCorpus(ascii_docs, BM25Index(ascii_docs)).extended(emoji, 99)
     assert extended.text_bytes == UserCorpus(extended.docs, extended.index).text_bytes >= held
+
+
+def _window_of(docs: list[service.DocSnapshot], window_chars: int) -> list[service.DocSnapshot]:
+    """The reference: the longest run of newest docs whose characters fit the window (at least the newest one)."""
+    kept: list[service.DocSnapshot] = []
+    chars = 0
+    for doc in reversed(docs):
+        chars += len(doc.input or "") + len(doc.output)
+        if kept and chars > window_chars:
+            break
+        kept.append(doc)
+    return kept[::-1]
+
+
+def test_a_cold_build_reads_only_the_newest_window(
+    factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cold build read and decrypted the user's whole history (100k items: 13.5 s) to keep its newest
+    # window_chars; it reads newest first now, until the window is full, and builds the same corpus.
+    with unit_of_work(factory) as s:
+        alice, _ = create_user(s, "alice")
+    texts = [f"{'green' if i % 3 else 'black'} tea number {i} " + "x" * (i % 17) for i in range(3_000)]
+    for start in range(0, len(texts), 1_000):
+        with unit_of_work(factory) as s:
+            service.append(s, alice, _body(*texts[start : start + 1_000]))
+    with unit_of_work(factory) as s:
+        every = [service.snapshot(i) for i in repo.all_items(s, alice)]
+        stamp = repo.history_stamp(s, alice.pk)
+    opened: list[int] = []
+    real_record = repo._record
+
+    def counting_record(seal: Any, item: Any) -> repo.HistoryRecord:
+        opened.append(item.id)
+        return real_record(seal, item)
+
+    monkeypatch.setattr(repo, "_record", counting_record)
+    for window in (1_000, 25_000):
+        opened.clear()
+        cache = BM25Cache[UserCorpus](8, window_chars=window)
+        with unit_of_work(factory) as s:
+            corpus = service.user_corpus(s, alice, cache)
+        expected = _window_of(every, window)
+        assert corpus.docs == expected and corpus.stamp == stamp
+        reference = UserCorpus(expected, BM25Index(expected, max_chars=window))
+        assert corpus.index.top_k("black tea 2999", 5) == reference.index.top_k("black tea 2999", 5)
+        assert corpus.text_bytes == reference.text_bytes
+        assert len(expected) < len(opened) <= 2 * len(expected) + 128, (len(expected), len(opened))
+    with unit_of_work(factory) as s:  # no window: every item
+        assert service.user_corpus(s, alice, BM25Cache[UserCorpus](8)).docs == every
