@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -16,12 +17,13 @@ from typing import Any, Protocol
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.accounts.repository import hold_for_sealed_write
 from service.db.models import HistoryItem, Profile, User
 from service.sealing.cipher import token_version
-from service.sealing.service import SealedDataUnreadable, UserSeal
+from service.sealing.service import SealedDataUnreadable, UserDataErased, UserSeal
 from service.sealing.session import seal_of
 
 _ITEMS, _PROFILE = "history_items", "profiles"  # purposes the sealed values are bound to
@@ -169,7 +171,8 @@ def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequenc
     # Executemany form: SQLAlchemy batches it as multi-row INSERTs ("insertmanyvalues") with a cached
     # compiled statement (4-15x faster than .values(list), which compiles 8 binds per row every call).
     # RETURNING tells what was really inserted (rowcount is -1 on some drivers for multi-row inserts).
-    return {client_id_of[c] for c in session.scalars(stmt.returning(HistoryItem.client_id), values).all()}
+    with _owner_erased_is_410():
+        return {client_id_of[c] for c in session.scalars(stmt.returning(HistoryItem.client_id), values).all()}
 
 
 def charge_quota(session: Session, user_pk: int, items: int, nbytes: int, max_items: int, max_bytes: int) -> bool:
@@ -274,8 +277,26 @@ def upsert_profile(session: Session, owner: Owner, text: str, source: str) -> Pr
         session.add(profile)
     else:
         profile.text, profile.source, profile.updated_at, profile.sealed = stored, source, now, sealed
-    session.flush()
+    with _owner_erased_is_410():
+        session.flush()
     return ProfileRecord(text, source, profile.updated_at)
+
+
+@contextmanager
+def _owner_erased_is_410() -> Iterator[None]:
+    """A row inserted for a user whose erase committed after the request resolved them (sealing off: nothing
+    looked their data key up) breaks its foreign key: the erased user's 410, not a 500. Other integrity errors
+    stay what they are."""
+    try:
+        yield
+    except IntegrityError as exc:
+        orig = exc.orig
+        if getattr(orig, "sqlstate", None) == "23503" or getattr(orig, "sqlite_errorname", None) == _SQLITE_FK:
+            raise UserDataErased("this user was erased; nothing was stored") from exc
+        raise
+
+
+_SQLITE_FK = "SQLITE_CONSTRAINT_FOREIGNKEY"  # PostgreSQL: SQLSTATE 23503 foreign_key_violation
 
 
 def history_stamp(session: Session, user_pk: int) -> tuple[int, int]:

@@ -16,9 +16,10 @@ from service.history import service
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
 from service.history.service import UserCorpus
 from service.retrieval.bm25 import BM25Cache, BM25Index
+from service.sealing.service import UserDataErased
 from service.sealing.session import session_info
 from service.tenancy import UserRef
-from service.users import create_user
+from service.users import create_user, delete_user_rows
 from tests.factories import make_sealer
 
 
@@ -159,3 +160,28 @@ def test_a_cold_build_reads_only_the_newest_window(
         assert len(expected) < len(opened) <= 2 * len(expected) + 128, (len(expected), len(opened))
     with unit_of_work(factory) as s:  # no window: every item
         assert service.user_corpus(s, alice, BM25Cache[UserCorpus](8)).docs == every
+
+
+@pytest.fixture
+def plaintext_factory(db_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions that do not seal (OPPU_SEAL_AT_REST=false)."""
+    engine = make_engine(db_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def test_a_write_after_an_erase_committed_is_410_not_a_500(plaintext_factory: sessionmaker[Session]) -> None:
+    # Not sealing, an append or a profile PUT whose user was resolved before an erase committed inserted a row
+    # referencing the deleted user: an IntegrityError (foreign key) and a 500, on both databases.
+    with unit_of_work(plaintext_factory) as s:
+        alice, _ = create_user(s, "alice")
+    with unit_of_work(plaintext_factory) as s:
+        delete_user_rows(s, alice)  # the erase commits after the request resolved alice
+    writes = (
+        lambda s: service.append(s, alice, _body("after the erase")),
+        lambda s: service.set_profile(s, alice, "after the erase"),
+    )
+    for write in writes:
+        with pytest.raises(UserDataErased) as info, unit_of_work(plaintext_factory) as s:
+            write(s)
+        assert info.value.status == 410 and info.value.code == "user_data_erased"
