@@ -271,6 +271,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if (details := _unparsable_json(exc)) is not None:
+            body = error_body("invalid_request", "request validation failed", details)
+            return JSONResponse(for_path(request.url.path, 422, body), 422)
         codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout"}
         code = {**codes, 413: "payload_too_large"}.get(exc.status_code, "http_error")
         body = for_path(request.url.path, exc.status_code, error_body(code, str(exc.detail)))
@@ -294,6 +297,23 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return _internal(exc)
+
+
+def _unparsable_json(exc: StarletteHTTPException) -> list[dict[str, Any]] | None:
+    """FastAPI answers a body that json.loads refuses with anything but JSONDecodeError with a bare 400 ("There
+    was an error parsing the body"): valid JSON beyond Python's parser (an integer over 4,300 digits: ValueError;
+    nesting past the recursion limit: RecursionError). That is bad input: 422 with these details, as FastAPI's
+    invalid JSON (json_invalid), in every JSON route. A body that is not UTF-8 stays 400 (_ERROR_DOCS)."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or isinstance(cause, UnicodeDecodeError):
+        return None
+    if isinstance(cause, RecursionError):
+        why = "JSON nested too deeply to parse"
+    elif isinstance(cause, ValueError):
+        why = "a JSON value this server cannot parse (an integer over 4,300 digits)"
+    else:
+        return None
+    return [{"loc": ["body"], "msg": why, "type": "json_invalid"}]
 
 
 def _storage_full_or_internal(exc: Exception) -> JSONResponse:

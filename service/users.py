@@ -69,22 +69,32 @@ def rotate_key(
 ) -> NewKey:
     """A new key and recovery code; every older key stops working at the commit (and its streams end). The
     owner (not `by_admin`) must give the current recovery code: ReauthRequired otherwise, nothing changes."""
-    if not by_admin:
-        check_recovery_code(session, user, recovery_code)
+    code = new_recovery_code()
+    if by_admin:
+        repo.set_recovery_hash(session, user.pk, hash_key(code))
+    else:
+        replace_recovery_code(session, user, recovery_code, hash_key(code))
     revoke_keys(session, user, on_revoked)
     key = new_api_key()
     repo.add_key(session, user.pk, hash_key(key), key[:12])
-    return NewKey(key, issue_recovery_code(session, user))
+    return NewKey(key, code)
 
 
-def check_recovery_code(session: Session, user: UserRef, code: str | None) -> None:
-    # Locked: two rotations with the same code cannot both pass (the first one replaces it).
-    stored = repo.recovery_hash(session, user.pk, for_update=True)
-    if not recovery_code_matches(stored, code):
-        raise ReauthRequired(
-            "rotating your own key needs your recovery code (`recovery_code` in the body: from the user's creation "
-            "or the last rotation); without it, the admin can rotate the key for you"
-        )
+def replace_recovery_code(session: Session, user: UserRef, given: str | None, new_hash: str) -> None:
+    """The owner's code checked (constant time) and replaced by `new_hash` in one compare-and-set on the stored
+    hash: of concurrent rotations with the same code exactly one passes, the others are ReauthRequired (on
+    SQLite too, where a row lock is no lock)."""
+    stored = repo.recovery_hash(session, user.pk)
+    if stored is None or not recovery_code_matches(stored, given):
+        raise ReauthRequired(REAUTH_MESSAGE)
+    if not repo.replace_recovery_hash(session, user.pk, stored, new_hash):
+        raise ReauthRequired(f"{REAUTH_MESSAGE} (the code was used by another rotation meanwhile)")
+
+
+REAUTH_MESSAGE = (
+    "rotating your own key needs your recovery code (`recovery_code` in the body: from the user's creation "
+    "or the last rotation); without it, the admin can rotate the key for you"
+)
 
 
 def revoke_keys(session: Session, user: UserRef, on_revoked: Callable[[list[str]], None] | None = None) -> int:

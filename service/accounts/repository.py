@@ -22,13 +22,16 @@ def by_user_id(session: Session, user_id: str) -> User | None:
 
 
 def insert_user(session: Session, user_id: str) -> User:
-    """DuplicateUser if the id is taken (also when a concurrent create wins the race)."""
+    """DuplicateUser if the id is taken (also when a concurrent create wins the race: the insert fails, and the
+    caller's unit of work must roll back, which the request's 409 does). No SAVEPOINT: on SQLite (pysqlite begins
+    a transaction only before DML) it would be the transaction's first statement, and releasing it would commit
+    the user at once, without the key added after it."""
     if by_user_id(session, user_id) is not None:
         raise DuplicateUser(user_id)
     user = User(user_id=user_id)
+    session.add(user)
     try:
-        with session.begin_nested():
-            session.add(user)
+        session.flush()
     except IntegrityError as exc:
         raise DuplicateUser(user_id) from exc
     return user
@@ -57,18 +60,29 @@ def revoke_keys(session: Session, user_pk: int, now: datetime) -> list[str]:
     return hashes
 
 
-def recovery_hash(session: Session, user_pk: int, *, for_update: bool = False) -> str | None:
-    """The hash of the user's recovery code (None: none issued); locked for the rotation that checks it."""
-    stmt = select(User.recovery_hash).where(User.id == user_pk)
-    if for_update:
-        stmt = stmt.with_for_update()
-    return session.execute(stmt).scalar_one_or_none()
+def recovery_hash(session: Session, user_pk: int) -> str | None:
+    """The hash of the user's recovery code (None: none issued)."""
+    return session.execute(select(User.recovery_hash).where(User.id == user_pk)).scalar_one_or_none()
 
 
 def set_recovery_hash(session: Session, user_pk: int, digest: str) -> None:
     session.execute(
         update(User).where(User.id == user_pk).values(recovery_hash=digest).execution_options(synchronize_session=False)
     )
+
+
+def replace_recovery_hash(session: Session, user_pk: int, expected: str, digest: str) -> bool:
+    """Compare-and-set: the user's recovery hash becomes `digest` only if it is still `expected` (one UPDATE, so
+    on every database two rotations presenting the same code cannot both pass: SQLite ignores FOR UPDATE, and the
+    second UPDATE runs after the first commits, PostgreSQL re-checks the row the first one changed). False:
+    replaced meanwhile, nothing changed."""
+    result = session.execute(
+        update(User)
+        .where(User.id == user_pk, User.recovery_hash == expected)
+        .values(recovery_hash=digest)
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(result, "rowcount", 0) == 1
 
 
 def lock_owner(session: Session, user_pk: int, owner_key: str) -> bool:

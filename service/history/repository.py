@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -16,12 +17,13 @@ from typing import Any, Protocol
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.accounts.repository import hold_for_sealed_write
 from service.db.models import HistoryItem, Profile, User
 from service.sealing.cipher import token_version
-from service.sealing.service import SealedDataUnreadable, UserSeal
+from service.sealing.service import SealedDataUnreadable, UserDataErased, UserSeal
 from service.sealing.session import seal_of
 
 _ITEMS, _PROFILE = "history_items", "profiles"  # purposes the sealed values are bound to
@@ -87,11 +89,31 @@ def _sealed_row(seal: UserSeal, row: dict[str, Any], tag: str) -> dict[str, Any]
     return {**row, "client_id": tag, "input": None, "output": "", "kind": None, "meta": None, "sealed": token}
 
 
+def _sealed_under_one_version(seal: UserSeal, row: dict[str, Any]) -> dict[str, Any]:
+    """The row as stored (_sealed_row), its token and its client id's keyed hash under ONE data-key version: each
+    asks the sealer for the current version, and a rotation seen between the two (a replica's cached keys
+    re-read) is redone, at most twice more; a row still split is remade by the rotation's sweep (`reseal`)."""
+    for _ in range(3):
+        tag = seal.tag(row["client_id"])
+        sealed = _sealed_row(seal, row, tag)
+        if token_version(sealed["sealed"]) == _tag_version(tag):
+            break
+    return sealed
+
+
+def _tag_version(stored_client_id: str) -> int | None:
+    """The data-key version a sealed row's client_id hash was made under (sealing's `t<version>.<hmac>`,
+    UserSeal.tag); None for anything else (a plaintext row's own id)."""
+    head, dot, _ = stored_client_id.partition(".")
+    digits = head[1:]
+    return int(digits) if dot and head[:1] == "t" and digits.isascii() and digits.isdigit() else None
+
+
 def _seal_in_place(seal: UserSeal, item: HistoryItem) -> None:
     """Seal a stored row under the owner's current key, whatever it holds now (plaintext, or an older key)."""
     r = _record(seal, item)
     row = {"client_id": r.client_id, "input": r.input, "output": r.output, "kind": r.kind, "meta": r.meta}
-    sealed = _sealed_row(seal, row, seal.tag(r.client_id))
+    sealed = _sealed_under_one_version(seal, row)
     for column in _SEALED_COLUMNS:
         setattr(item, column, sealed[column])
 
@@ -99,11 +121,6 @@ def _seal_in_place(seal: UserSeal, item: HistoryItem) -> None:
 def _seal_profile_in_place(seal: UserSeal, profile: Profile) -> None:
     text = profile.text if profile.sealed is None else seal.open_text(_PROFILE, profile.sealed)
     profile.sealed, profile.text = seal.seal_text(_PROFILE, text), ""
-
-
-def _tags(seal: UserSeal, client_ids: Sequence[str]) -> dict[str, str]:
-    """The client_id column's value for each client id: its keyed hash when sealing, else the id itself."""
-    return {c: seal.tag(c) if seal.enabled else c for c in client_ids}
 
 
 def _lookup(seal: UserSeal, client_ids: Sequence[str]) -> dict[str, str]:
@@ -142,20 +159,25 @@ def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequenc
     hold_for_sealed_write(session, owner.pk)
     seal = seal_of(session, owner.storage_key)
     user_pk = owner.pk
-    tags = _tags(seal, [r["client_id"] for r in rows])
     if seal.enabled:
-        # Rows of the plaintext era or hashed under an older key version: the unique index cannot see them.
+        # Rows of the plaintext era or hashed under an older key version: the unique index cannot see them. The
+        # lookup comes first: it re-reads the owner's key versions from the keyring, so a replica whose cached
+        # keys predate a rotation hashes and seals under the new version (hashing first, from its cache, then
+        # sealing after the refresh split a row between two versions: after the old one was destroyed, a retry
+        # with the same client id was stored twice).
         known = _existing(session, user_pk, _lookup(seal, [r["client_id"] for r in rows]))
-        values = [
-            {**_sealed_row(seal, r, tags[r["client_id"]]), "user_pk": user_pk}
-            for r in rows
-            if r["client_id"] not in known
-        ]
+        first_of: dict[str, dict[str, Any]] = {}
+        for r in rows:  # an id twice in one call: the first row (sealed once, so hashed once)
+            if r["client_id"] not in known:
+                first_of.setdefault(r["client_id"], r)
+        stored = {c: _sealed_under_one_version(seal, r) for c, r in first_of.items()}
+        client_id_of = {v["client_id"]: c for c, v in stored.items()}
+        values = [{**v, "user_pk": user_pk} for v in stored.values()]
     else:
+        client_id_of = {r["client_id"]: r["client_id"] for r in rows}
         values = [{**row, "user_pk": user_pk} for row in rows]
     if not values:
         return set()
-    client_id_of = {t: c for c, t in tags.items()}
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         stmt: Any = pg_insert(HistoryItem).on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
@@ -169,7 +191,8 @@ def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequenc
     # Executemany form: SQLAlchemy batches it as multi-row INSERTs ("insertmanyvalues") with a cached
     # compiled statement (4-15x faster than .values(list), which compiles 8 binds per row every call).
     # RETURNING tells what was really inserted (rowcount is -1 on some drivers for multi-row inserts).
-    return {client_id_of[c] for c in session.scalars(stmt.returning(HistoryItem.client_id), values).all()}
+    with _owner_erased_is_410():
+        return {client_id_of[c] for c in session.scalars(stmt.returning(HistoryItem.client_id), values).all()}
 
 
 def charge_quota(session: Session, user_pk: int, items: int, nbytes: int, max_items: int, max_bytes: int) -> bool:
@@ -199,6 +222,18 @@ def list_items(session: Session, owner: Owner, *, after_id: int, limit: int) -> 
         select(HistoryItem)
         .where(HistoryItem.user_pk == owner.pk, HistoryItem.id > after_id)
         .order_by(HistoryItem.id)
+        .limit(limit)
+    )
+    return [_record(seal, r) for r in rows]
+
+
+def newest_items(session: Session, owner: Owner, *, up_to_id: int, limit: int) -> list[HistoryRecord]:
+    """Up to `limit` of the user's items with id <= up_to_id, newest first (only those are read and opened)."""
+    seal = seal_of(session, owner.storage_key)
+    rows = session.scalars(
+        select(HistoryItem)
+        .where(HistoryItem.user_pk == owner.pk, HistoryItem.id <= up_to_id)
+        .order_by(HistoryItem.id.desc())
         .limit(limit)
     )
     return [_record(seal, r) for r in rows]
@@ -262,8 +297,26 @@ def upsert_profile(session: Session, owner: Owner, text: str, source: str) -> Pr
         session.add(profile)
     else:
         profile.text, profile.source, profile.updated_at, profile.sealed = stored, source, now, sealed
-    session.flush()
+    with _owner_erased_is_410():
+        session.flush()
     return ProfileRecord(text, source, profile.updated_at)
+
+
+@contextmanager
+def _owner_erased_is_410() -> Iterator[None]:
+    """A row inserted for a user whose erase committed after the request resolved them (sealing off: nothing
+    looked their data key up) breaks its foreign key: the erased user's 410, not a 500. Other integrity errors
+    stay what they are."""
+    try:
+        yield
+    except IntegrityError as exc:
+        orig = exc.orig
+        if getattr(orig, "sqlstate", None) == "23503" or getattr(orig, "sqlite_errorname", None) == _SQLITE_FK:
+            raise UserDataErased("this user was erased; nothing was stored") from exc
+        raise
+
+
+_SQLITE_FK = "SQLITE_CONSTRAINT_FOREIGNKEY"  # PostgreSQL: SQLSTATE 23503 foreign_key_violation
 
 
 def history_stamp(session: Session, user_pk: int) -> tuple[int, int]:
@@ -328,7 +381,9 @@ def reseal(session: Session, owner: Owner) -> int:
     current = seal.version()
     done = 0
     for item in session.scalars(select(HistoryItem).where(HistoryItem.user_pk == owner.pk)):
-        if item.sealed is not None and token_version(item.sealed) == current:
+        # Current means the token AND the client id's hash: a row hashed under an old version would match no
+        # retried append once that version is destroyed.
+        if item.sealed is not None and token_version(item.sealed) == current == _tag_version(item.client_id):
             continue
         _seal_in_place(seal, item)
         done += 1

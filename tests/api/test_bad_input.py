@@ -436,3 +436,32 @@ def test_metadata_nesting_is_capped_and_what_is_stored_can_be_listed(app_client:
     assert ok.status_code == 201, ok.text
     page = app_client.get("/users/deep/history", headers=bearer(key))
     assert page.status_code == 200 and page.json()["items"][0]["metadata"] == _nested(32)
+
+
+UNPARSABLE_JSON: list[tuple[str, bytes]] = [
+    # Valid JSON that Python's parser refuses: an integer over its 4,300 digits, nesting past its recursion limit.
+    ("5000-digit integer", b'{"items": [{"output": "x", "metadata": {"n": ' + b"7" * 5_000 + b"}}]}"),
+    ("3000 nesting levels", b'{"items": [{"output": "x", "metadata": {"a": ' + b"[" * 3_000 + b"]" * 3_000 + b"}}]}"),
+]
+JSON_ROUTES = [
+    ("POST", "/users/u1/history"),
+    ("PUT", "/users/u1/profile"),
+    ("POST", "/users/u1/generate"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/admin/users"),
+]
+
+
+@pytest.mark.parametrize(("label", "raw"), UNPARSABLE_JSON, ids=[b[0] for b in UNPARSABLE_JSON])
+@pytest.mark.parametrize(("method", "path"), JSON_ROUTES, ids=[r[1] for r in JSON_ROUTES])
+def test_json_the_parser_refuses_is_422_like_invalid_json(
+    app_client: TestClient, key: str, label: str, raw: bytes, method: str, path: str
+) -> None:
+    # These were 400 "There was an error parsing the body" (FastAPI's answer to any parse error but
+    # JSONDecodeError); bad input is 422 here, as invalid JSON already was (json_invalid).
+    caller = admin_headers() if path.startswith("/admin/") else bearer(key)
+    r = app_client.request(method, path, content=raw, headers={**caller, "Content-Type": "application/json"})
+    body = assert_error(r, 422)
+    assert body["code"] == "invalid_request" and body["details"][0]["type"] == "json_invalid", body
+    if path.startswith("/v1/"):
+        assert body["error"]["code"] == "invalid_request" and body["error"]["type"] == "invalid_request_error"

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from service.db.migrate import upgrade
+from service.history import service
 from service.main import create_app
 from tests.conftest import _pg_fresh_schema_url, admin_headers, bearer, create_user, make_settings, running_app
 
@@ -340,3 +341,35 @@ def test_metadata_counts_against_the_character_quota(tmp_path: Path, tiny_model_
             client.post("/users/meta/history", json={"items": [{"output": "z"}]}, headers=bearer(key)).status_code
             == 409
         )
+
+
+def test_a_page_stops_at_its_byte_budget_and_the_cursor_goes_on(client: TestClient) -> None:
+    # 60 items of 20,000 emoji input and output (within every cap and the quota) made one ~9.6 MB page at
+    # limit=1000 (1,000 such items: ~150 MiB of JSON in one response). A page now stops at 8 MiB of items.
+    key = create_user(client, "emma")
+    big = "😀" * 20_000
+    headers = {**bearer(key), "Content-Type": "application/json"}
+    for batch in range(4):
+        items = [{"id": f"e{batch * 15 + i:02d}", "input": big, "output": big} for i in range(15)]
+        body = json.dumps({"items": items}, ensure_ascii=False).encode()  # 2.4 MB: under the 4 MiB body cap
+        assert client.post("/users/emma/history", content=body, headers=headers).status_code == 201
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(10):
+        params: dict[str, Any] = {"limit": 1000} | ({"cursor": cursor} if cursor else {})
+        r = client.get("/users/emma/history", params=params, headers=bearer(key))
+        assert r.status_code == 200 and len(r.content) <= service.PAGE_MAX_BYTES + 1024, len(r.content)
+        seen += [i["id"] for i in r.json()["items"]]
+        if (cursor := r.json()["next_cursor"]) is None:
+            break
+    assert seen == [f"e{i:02d}" for i in range(60)]
+
+
+def test_an_item_larger_than_the_page_budget_is_a_page_of_its_own(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = create_user(client, "finn")
+    append(client, "finn", key, [{"id": f"f{i}", "output": f"item {i}"} for i in range(5)])
+    monkeypatch.setattr(service, "PAGE_MAX_BYTES", 1)
+    items, pages = all_pages(client, "finn", key, 1000)
+    assert [i["id"] for i in items] == [f"f{i}" for i in range(5)] and pages == 5

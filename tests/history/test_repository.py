@@ -3,21 +3,30 @@ ordering, profile upsert, and the BM25 cache keyed by user and invalidated by th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.session import make_engine, make_session_factory, unit_of_work
+from service.adapters.store import AdapterStore
+from service.db.models import HistoryItem
+from service.db.session import Database, make_engine, make_session_factory, unit_of_work
 from service.history import repository as repo
 from service.history import service
 from service.history.schemas import HistoryAppendIn, HistoryItemIn
 from service.history.service import UserCorpus
 from service.retrieval.bm25 import BM25Cache
 from service.retrieval.tokenize import terms
-from service.sealing.session import session_info
+from service.sealing.cipher import token_version
+from service.sealing.kek import LocalKeyset
+from service.sealing.models import KeyringBase
+from service.sealing.operations import rotate_user
+from service.sealing.service import Sealer
+from service.sealing.session import seal_of, session_info
 from service.tenancy import UserRef
 from service.users import create_user, delete_user_rows
 from tests.factories import make_sealer
@@ -274,3 +283,74 @@ def test_the_index_keeps_the_most_recent_window_chars(factory: sessionmaker[Sess
         assert [h.doc.id for h in service.retrieve(s, alice, "two five", 5, cache)] == ["e"]
         cold = service.user_corpus(s, alice, BM25Cache[UserCorpus](8, window_chars=30))
         assert cold.docs == corpus.docs and cold.stamp == corpus.stamp
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, db_url: str) -> Iterator[tuple[Sealer, sessionmaker[Session], sessionmaker[Session]]]:
+    """Replicas a and b: two Sealers over one keyring (b caches its keys for an hour and never hears a notice),
+    each with its sessions on the one database; (a's sealer, a's sessions, b's sessions)."""
+    keyring = Database.open(f"sqlite:///{tmp_path / 'keyring.sqlite3'}")
+    KeyringBase.metadata.create_all(keyring.engine)
+    keks = LocalKeyset(inline=os.urandom(32))
+    a, b = (Sealer(keyring.session_factory, keks, recheck_s=3600.0) for _ in range(2))
+    engine = make_engine(db_url)
+    yield a, make_session_factory(engine, session_info(a)), make_session_factory(engine, session_info(b))
+    engine.dispose()
+    keyring.dispose()
+
+
+def test_an_append_on_a_replica_that_missed_a_rotation_stays_one_row_after_it(
+    tmp_path: Path, replicas: tuple[Sealer, sessionmaker[Session], sessionmaker[Session]]
+) -> None:
+    # The sealing review's reproduction: replica b cached version 1; the rotation made version 2; b's append
+    # hashed the client id under its cached version 1 BEFORE its lookup refreshed the keyring, then sealed the
+    # row under version 2. The sweep skipped the row (its token is current), version 1 was destroyed, and a
+    # retry of the same id no longer matched the row: stored twice.
+    sealer_a, factory_a, factory_b = replicas
+    alice = new_user(factory_a, "alice")
+    with unit_of_work(factory_b) as s:
+        assert repo.insert_items_ignore_duplicates(s, alice, rows("before")) == {"before"}  # b caches version 1
+
+    def append_through_b(_fraction: float) -> None:
+        if _fraction == 0.05:  # once: after the new version and its notice (which b never hears)
+            with unit_of_work(factory_b) as s:
+                assert repo.insert_items_ignore_duplicates(s, alice, rows("mid")) == {"mid"}
+            with unit_of_work(factory_b) as s:  # before any sweep: token and hash under the new version alike
+                newest = s.scalars(
+                    select(HistoryItem).where(HistoryItem.user_pk == alice.pk).order_by(HistoryItem.id.desc()).limit(1)
+                ).one()
+                assert newest.sealed is not None
+                assert (token_version(newest.sealed), repo._tag_version(newest.client_id)) == (2, 2)
+
+    owner = repo.OwnerRef(alice.pk, alice.storage_key)
+    rotate_user(
+        factory_a, AdapterStore(tmp_path / "adapters"), sealer_a, owner, settle_s=0.0, progress=append_through_b
+    )
+    assert sealer_a.live_versions(alice.storage_key) == [2]
+    for factory in (factory_a, factory_b):  # the retry, on either replica, finds the row
+        with unit_of_work(factory) as s:
+            assert repo.insert_items_ignore_duplicates(s, alice, rows("mid", "before")) == set()
+    with unit_of_work(factory_a) as s:
+        assert [i.client_id for i in repo.all_items(s, alice)] == ["before", "mid"]
+
+
+def test_the_reseal_sweep_remakes_a_row_whose_client_id_hash_is_under_an_old_version(
+    factory: sessionmaker[Session],
+) -> None:
+    # A row sealed under the current version but its client id hashed under an older one (written that way
+    # before the fix above) was skipped by the sweep; once the old version was destroyed its id matched nothing.
+    alice = new_user(factory, "alice")
+    with unit_of_work(factory) as s:
+        repo.insert_items_ignore_duplicates(s, alice, rows("c1"))
+        seal = seal_of(s, alice.storage_key)
+        old_tag = seal.tag("c1")
+        seal.sealer.rotate_user(alice.storage_key)
+        item = s.scalars(select(HistoryItem).where(HistoryItem.user_pk == alice.pk)).one()
+        repo._seal_in_place(seal, item)  # token and hash under version 2 ...
+        item.client_id = old_tag  # ... but the hash as version 1 made it
+    with unit_of_work(factory) as s:
+        assert repo.reseal(s, alice) == 1
+    seal.sealer.drop_versions_below(alice.storage_key, 2)
+    with unit_of_work(factory) as s:
+        assert repo.insert_items_ignore_duplicates(s, alice, rows("c1")) == set()
+        assert [i.client_id for i in repo.all_items(s, alice)] == ["c1"]
