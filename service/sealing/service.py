@@ -194,10 +194,13 @@ class Sealer:
             self.forget(owner_key)
             keys = self._load(owner_key)
         if version not in keys:
+            # Erased only with a tombstone: an owner with no key yet handed another owner's value was never erased
+            # (README: data copied from another user is 409).
             with self._session() as session:
-                shredded = repo.is_shredded(session, owner_key)
-            if shredded or not keys:
-                raise UserDataErased("this user's data was erased; what remains of it cannot be opened")
+                if repo.is_shredded(session, owner_key):
+                    raise UserDataErased("this user's data was erased; what remains of it cannot be opened")
+            if not keys:
+                raise SealedDataUnreadable("this user has no data key: the value is not theirs (copied?)")
             raise SealedDataUnreadable(f"this user's data key version {version} is gone")
         return keys[version]
 

@@ -167,6 +167,26 @@ def test_a_ciphertext_moved_to_another_user_fails_cleanly(client: TestClient, db
     assert r.status_code == 409 and r.json()["code"] == "sealed_data_unreadable", r.text
 
 
+def test_a_ciphertext_copied_to_a_user_without_a_key_is_unreadable_not_erased(client: TestClient, db_url: str) -> None:
+    # carol never wrote anything (no data key, no tombstone): alice's sealed profile copied into her row answered
+    # 410 user_data_erased, though carol was never erased; it is 409 sealed_data_unreadable, as for any copy.
+    seed_user(client, "alice")
+    carol = create_user(client, "carol")
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO profiles (user_pk, text, source, sealed, updated_at) "
+                "SELECT (SELECT id FROM users WHERE user_id = 'carol'), '', 'user', p.sealed, p.updated_at "
+                "FROM profiles p JOIN users u ON u.id = p.user_pk WHERE u.user_id = 'alice'"
+            )
+        )
+    engine.dispose()
+    r = client.get("/users/carol/profile", headers=bearer(carol))
+    assert r.status_code == 409 and r.json()["code"] == "sealed_data_unreadable", r.text
+    assert CANARY not in r.text
+
+
 def composition_key(client: TestClient, user_id: str) -> str:
     from tests.factories import storage_key
 
