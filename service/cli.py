@@ -219,39 +219,66 @@ def _seal_existing(_: argparse.Namespace, db: Database, store: AdapterStore, _se
 
 
 def _rotate_user(args: argparse.Namespace, db: Database, store: AdapterStore, seals: Sealer) -> int:
-    """The same body as the background job (`user_key_rotation`), run here in the foreground."""
+    """The background rotation (`user_key_rotation`), run here in the foreground as a job of its own: it takes the
+    owner's one-active-job guard, so it never runs beside a rotation or retrain of the user under way elsewhere
+    (the two fought: one re-sealed what the other had just re-sealed, until RotationStalled), and a replica asked
+    for a rotation meanwhile answers with this job."""
     from service.accounts import repository as accounts
+    from service.composition import job_context
     from service.db.session import unit_of_work
-    from service.history.repository import OwnerRef
-    from service.jobs.queue import keys_notice, make_queue
-    from service.notices import outbox
+    from service.jobs import service as jobs
+    from service.jobs.queue import NoQueue, make_queue
+    from service.jobs.tasks import run_job
     from service.sealing import operations
 
-    with unit_of_work(db.session_factory) as session:
-        user = accounts.by_user_id(session, args.user_id)
-        owner = OwnerRef(user.id, user.storage_key) if user is not None else None
-    if owner is None:
-        print(f"no such user: {args.user_id}", file=sys.stderr)
-        return 2
     if not seals.enabled:
         print("sealing is off (OPPU_SEAL_AT_REST=false): no data key to rotate", file=sys.stderr)
         return 2
-    queue = make_queue(get_settings())
-    publish = keys_notice(queue)
-
-    def notify(storage_key: str) -> None:  # running replicas forget the user's cached keys
-        with unit_of_work(db.session_factory) as session:
-            outbox.record_keys(session, storage_key)
-        publish(storage_key)
-
-    settle_s = operations.settle_seconds(get_settings().key_recheck_s)
-    print(f"{args.user_id}: new data key; waiting {settle_s:.1f} s for every process to seal under it")
+    with unit_of_work(db.session_factory) as session:
+        user = accounts.by_user_id(session, args.user_id)
+        if user is None:
+            print(f"no such user: {args.user_id}", file=sys.stderr)
+            return 2
+        # Not enqueued (NoQueue): this process claims it next. Another kind of job active: OtherJobActive (409).
+        job, created = jobs.request_job(session, NoQueue(), jobs.KEY_ROTATION, user.storage_key, user.id)
+    if not created:
+        print(
+            f"oppu: a data-key rotation of {args.user_id} is already under way (job {job.job_id}, {job.status}); "
+            f"not started again: follow it at GET /admin/jobs/{job.job_id}",
+            file=sys.stderr,
+        )
+        return 2
+    settings = get_settings()
+    queue = make_queue(settings) if settings.redis_url else NoQueue()  # replicas' notices; a retry for a worker
+    settle_s = operations.settle_seconds(settings.key_recheck_s)
+    print(f"{args.user_id}: new data key (job {job.job_id}); waiting {settle_s:.1f} s for every process to use it")
     try:
-        done = operations.rotate_user(db.session_factory, store, seals, owner, settle_s=settle_s, notify=notify)
+        run_job(job_context(settings, queue, db, store), job.job_id)
     finally:
         queue.close()
-    print(f"{args.user_id}: {done} rows and files re-sealed; the old key is destroyed")
-    return 0
+    return _rotation_outcome(args.user_id, db, job.job_id)
+
+
+def _rotation_outcome(user_id: str, db: Database, job_id: str) -> int:
+    from service.db.session import unit_of_work
+    from service.errors import NotFound
+    from service.jobs import service as jobs
+
+    with unit_of_work(db.session_factory) as session:
+        try:
+            out = jobs.get(session, job_id)
+        except NotFound:  # the job's row went with its owner
+            print(f"oppu: {user_id} was erased meanwhile: no data key left to rotate", file=sys.stderr)
+            return 1
+    if out.status == "succeeded":
+        print(f"{user_id}: rows and files re-sealed under the new data key; the old key is destroyed")
+        return 0
+    again = " (queued again: the server's job runner or a worker retries it)" if out.status == "queued" else ""
+    print(
+        f"oppu: the rotation of {user_id} did not finish: job {job_id} is {out.status}{again}: {out.error or ''}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _rotate_master(args: argparse.Namespace) -> int:

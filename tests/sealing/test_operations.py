@@ -19,8 +19,8 @@ from service.config import Settings, get_settings
 from service.main import create_app
 from service.sealing import cipher
 from service.sealing.kek import Keyset, write_keyset
-from tests.conftest import app_state, bearer, create_user, make_settings
-from tests.factories import add_history, random_lora_zip, storage_key, upload
+from tests.conftest import admin_headers, app_state, bearer, create_user, make_settings
+from tests.factories import add_history, random_lora_zip, storage_key, upload, wait_job
 
 
 @pytest.fixture
@@ -144,3 +144,42 @@ def test_seal_existing_says_so_when_a_reader_keeps_the_plaintext_on_disk(
         assert cli.main(["keys", "seal-existing"]) == 0  # run again once the reader is done: checkpointed
         assert "sealed 0 rows and adapter versions; nothing is left in plaintext" in capsys.readouterr().out
         assert b"zebracorn" not in on_disk()
+
+
+def test_rotate_user_is_refused_while_a_background_rotation_of_the_user_runs(
+    deployment: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `oppu keys rotate-user` skipped the one-active-job-per-owner guard: run beside the background rotation, each
+    # re-sealed the adapter files the other had just re-sealed (under its own new version) until RotationStalled
+    # failed an attempt. It is a job of its own now: refused while another is active, and the job it ran is seen.
+    monkeypatch.setenv("OPPU_KEY_RECHECK_S", "0.05")  # the CLI's own rotation below: a short settle
+    get_settings.cache_clear()
+    with TestClient(create_app(deployment)) as client:  # the server's rotation settles OPPU_KEY_RECHECK_S 5 + 1 s
+        key = create_user(client, "ann")
+        add_history(client, "ann", key, n=3)
+        shapes = app_state(client).adapters.spec.linear_shapes
+        assert upload(client, "ann", key, random_lora_zip(shapes, None, seed=1)).status_code in (200, 201)
+        owner = storage_key(client, "ann")
+        r = client.post("/admin/users/ann/keys/rotate-data-key", headers=admin_headers())
+        assert r.status_code == 202, r.text
+        background = r.json()["job_id"]
+        capsys.readouterr()
+        assert cli.main(["keys", "rotate-user", "ann"]) == 2
+        err = capsys.readouterr().err
+        assert f"already under way (job {background}" in err and "Traceback" not in err, err
+        job = wait_job(client, background)
+        assert (job["status"], job["attempts"], job["error"]) == ("succeeded", 1, None), job
+        seals = sealer_of(app_state(client).db)
+        assert seals.live_versions(owner) == [2]
+        retrain = client.post("/admin/users/ann/retrain", headers=admin_headers()).json()["job_id"]
+        assert cli.main(["keys", "rotate-user", "ann"]) == 2  # a retrain is the owner's one active job too
+        err = capsys.readouterr().err
+        assert "job_active" in err and retrain in err and "Traceback" not in err, err
+        assert wait_job(client, retrain)["status"] == "succeeded"
+        assert cli.main(["keys", "rotate-user", "ann"]) == 0  # nothing else active: it runs, as a job of its own
+        out = capsys.readouterr().out
+        assert "the old key is destroyed" in out, out
+        mine = out.split("(job ", 1)[1].split(")", 1)[0]
+        assert client.get(f"/admin/jobs/{mine}", headers=admin_headers()).json()["status"] == "succeeded"
+        assert seals.live_versions(owner) == [3]
+        assert "zebracorn" in client.get("/users/ann/history", headers=bearer(key)).text
