@@ -19,6 +19,7 @@ from service.errors import ServiceError
 if TYPE_CHECKING:
     from service.adapters.store import AdapterStore
     from service.db.session import Database
+    from service.sealing.operations import OldBytes
     from service.sealing.service import Sealer
 
 
@@ -157,14 +158,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from service.adapters.store import AdapterStore
     from service.composition import database, sealer
 
+    if args.keys_command == "rotate-master":
+        return _rotate_master(args)
     settings = get_settings()
     seals = sealer(settings)
     db = database(settings, seals)
-    store = AdapterStore(settings.adapters_dir, seals)
-    if args.keys_command == "rotate-master":
-        return _rotate_master(args)
-    commands = {"status": _keys_status, "seal-existing": _seal_existing, "rotate-user": _rotate_user}
-    return commands[args.keys_command](args, db, store, seals)
+    try:
+        store = AdapterStore(settings.adapters_dir, seals)
+        commands = {"status": _keys_status, "seal-existing": _seal_existing, "rotate-user": _rotate_user}
+        return commands[args.keys_command](args, db, store, seals)
+    finally:  # no connection left to the garbage collector
+        db.dispose()
+        seals.close()
+
+
+# Exit status of `oppu keys seal-existing` / `rotate-master` when the work is done but a SQLite checkpoint was
+# blocked by another connection reading: the database's files may still hold the old bytes (README).
+OLD_BYTES_LEFT = 3
 
 
 def _keys_status(_: argparse.Namespace, db: Database, _store: AdapterStore, seals: Sealer) -> int:
@@ -189,49 +199,92 @@ def _seal_existing(_: argparse.Namespace, db: Database, store: AdapterStore, _se
         todo = sum(operations.plaintext_counts(session).values())
     with tqdm(total=todo, unit="row", desc="sealing") as bar:
         done = operations.seal_existing(db.session_factory, store, progress=bar.update)
-    print(f"sealed {done} rows and adapter versions; nothing is left in plaintext")
-    return 0
+    said = f"sealed {done.count} rows and adapter versions"
+    if done.old_bytes == "gone":
+        print(f"{said}; nothing is left in plaintext")
+        return 0
+    if done.old_bytes == "until_vacuum":
+        print(
+            f"{said}; no live row holds plaintext, but PostgreSQL keeps the old row versions in its files until "
+            "VACUUM reclaims them: run `VACUUM FULL history_items, profiles;` on the database (README)"
+        )
+        return 0
+    print(
+        f"oppu keys seal-existing: {said}, but the database's files may still hold their plaintext: its SQLite "
+        "checkpoint was blocked by another connection reading (a running server?); run `oppu keys seal-existing` "
+        f"again when it is idle (exit status {OLD_BYTES_LEFT})",
+        file=sys.stderr,
+    )
+    return OLD_BYTES_LEFT
 
 
 def _rotate_user(args: argparse.Namespace, db: Database, store: AdapterStore, seals: Sealer) -> int:
-    """The same body as the background job (`user_key_rotation`), run here in the foreground."""
+    """The background rotation (`user_key_rotation`), run here in the foreground as a job of its own: it takes the
+    owner's one-active-job guard, so it never runs beside a rotation or retrain of the user under way elsewhere
+    (the two fought: one re-sealed what the other had just re-sealed, until RotationStalled), and a replica asked
+    for a rotation meanwhile answers with this job."""
     from service.accounts import repository as accounts
+    from service.composition import job_context
     from service.db.session import unit_of_work
-    from service.history.repository import OwnerRef
-    from service.jobs.queue import keys_notice, make_queue
-    from service.notices import outbox
+    from service.jobs import service as jobs
+    from service.jobs.queue import NoQueue, make_queue
+    from service.jobs.tasks import run_job
     from service.sealing import operations
 
-    with unit_of_work(db.session_factory) as session:
-        user = accounts.by_user_id(session, args.user_id)
-        owner = OwnerRef(user.id, user.storage_key) if user is not None else None
-    if owner is None:
-        print(f"no such user: {args.user_id}", file=sys.stderr)
-        return 2
     if not seals.enabled:
         print("sealing is off (OPPU_SEAL_AT_REST=false): no data key to rotate", file=sys.stderr)
         return 2
-    queue = make_queue(get_settings())
-    publish = keys_notice(queue)
-
-    def notify(storage_key: str) -> None:  # running replicas forget the user's cached keys
-        with unit_of_work(db.session_factory) as session:
-            outbox.record_keys(session, storage_key)
-        publish(storage_key)
-
-    settle_s = operations.settle_seconds(get_settings().key_recheck_s)
-    print(f"{args.user_id}: new data key; waiting {settle_s:.1f} s for every process to seal under it")
+    with unit_of_work(db.session_factory) as session:
+        user = accounts.by_user_id(session, args.user_id)
+        if user is None:
+            print(f"no such user: {args.user_id}", file=sys.stderr)
+            return 2
+        # Not enqueued (NoQueue): this process claims it next. Another kind of job active: OtherJobActive (409).
+        job, created = jobs.request_job(session, NoQueue(), jobs.KEY_ROTATION, user.storage_key, user.id)
+    if not created:
+        print(
+            f"oppu: a data-key rotation of {args.user_id} is already under way (job {job.job_id}, {job.status}); "
+            f"not started again: follow it at GET /admin/jobs/{job.job_id}",
+            file=sys.stderr,
+        )
+        return 2
+    settings = get_settings()
+    queue = make_queue(settings) if settings.redis_url else NoQueue()  # replicas' notices; a retry for a worker
+    settle_s = operations.settle_seconds(settings.key_recheck_s)
+    print(f"{args.user_id}: new data key (job {job.job_id}); waiting {settle_s:.1f} s for every process to use it")
     try:
-        done = operations.rotate_user(db.session_factory, store, seals, owner, settle_s=settle_s, notify=notify)
+        run_job(job_context(settings, queue, db, store), job.job_id)
     finally:
         queue.close()
-    print(f"{args.user_id}: {done} rows and files re-sealed; the old key is destroyed")
-    return 0
+    return _rotation_outcome(args.user_id, db, job.job_id)
+
+
+def _rotation_outcome(user_id: str, db: Database, job_id: str) -> int:
+    from service.db.session import unit_of_work
+    from service.errors import NotFound
+    from service.jobs import service as jobs
+
+    with unit_of_work(db.session_factory) as session:
+        try:
+            out = jobs.get(session, job_id)
+        except NotFound:  # the job's row went with its owner
+            print(f"oppu: {user_id} was erased meanwhile: no data key left to rotate", file=sys.stderr)
+            return 1
+    if out.status == "succeeded":
+        print(f"{user_id}: rows and files re-sealed under the new data key; the old key is destroyed")
+        return 0
+    again = " (queued again: the server's job runner or a worker retries it)" if out.status == "queued" else ""
+    print(
+        f"oppu: the rotation of {user_id} did not finish: job {job_id} is {out.status}{again}: {out.error or ''}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _rotate_master(args: argparse.Namespace) -> int:
-    """A new primary KEK in the keyset file (old ones kept), every data key re-wrapped under it, then
-    (--retire-old) the keys no data key uses leave the file. Running replicas re-read the file when it changes."""
+    """A new primary KEK in the keyset file (old ones kept), every data key re-wrapped under it, the keyring
+    checkpointed, then (--retire-old) the keys no data key uses leave the file. Running replicas re-read the file
+    when it changes."""
     from tqdm import tqdm
 
     from service.composition import sealer
@@ -244,18 +297,44 @@ def _rotate_master(args: argparse.Namespace) -> int:
         return 2
     path = settings.resolved_master_key_file
     keyset = LocalKeyset(path=path).keyset()
-    if not args.resume and set(sealer(settings).kek_counts()) <= {keyset.primary}:
+    before = sealer(settings)
+    try:
+        in_use = set(before.kek_counts())
+    finally:
+        before.close()
+    if not args.resume and in_use <= {keyset.primary}:
         keyset = keyset.with_new_primary()
         write_keyset(path, keyset)
         print(f"new primary master key {keyset.primary} written to {path}; old keys kept until --retire-old")
     seals = sealer(settings)  # reads the file again: wraps under the new primary
-    with tqdm(unit="key", desc="re-wrapping") as bar:
-        done = operations.rotate_master(seals, progress=bar.update, settle_s=args.settle_s)
-    print(f"re-wrapped {done} data keys under {keyset.primary}")
-    if args.retire_old:
-        retired = set(keyset.keys) - set(seals.kek_counts()) - {keyset.primary}
-        write_keyset(path, keyset.without(retired))
-        print(f"retired master keys: {sorted(retired) or 'none'}")
+    try:
+        with tqdm(unit="key", desc="re-wrapping") as bar:
+            done = operations.rotate_master(seals, progress=bar.update, settle_s=args.settle_s)
+        print(f"re-wrapped {done.count} data keys under {keyset.primary}")
+        if args.retire_old:
+            retired = set(keyset.keys) - set(seals.kek_counts()) - {keyset.primary}
+            write_keyset(path, keyset.without(retired))
+            print(f"retired master keys: {sorted(retired) or 'none'}")
+    finally:
+        seals.close()
+    return _old_wrappings(done.old_bytes, "--resume --retire-old" if args.retire_old else "--resume")
+
+
+def _old_wrappings(old_bytes: OldBytes, again: str) -> int:
+    """What rotate-master says of the data keys' old wrappings left in the keyring's files."""
+    if old_bytes == "until_vacuum":
+        print(
+            "the keyring is PostgreSQL: the data keys' old wrappings stay in its files as dead row versions until "
+            "VACUUM reclaims them: run `VACUUM FULL data_keys;` on the keyring database (README)"
+        )
+    elif old_bytes == "until_checkpoint":
+        print(
+            "oppu keys rotate-master: the keyring's files may still hold data keys wrapped under the old master "
+            "key(s): its SQLite checkpoint was blocked by another connection reading (a running server?); run "
+            f"`oppu keys rotate-master {again}` again when it is idle (exit status {OLD_BYTES_LEFT})",
+            file=sys.stderr,
+        )
+        return OLD_BYTES_LEFT
     return 0
 
 
@@ -340,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe_invalid(exc), file=sys.stderr)
         return 2
     except SettingsError as exc:  # a value the environment source cannot parse (a list not in JSON form)
-        print(f"invalid settings: {exc} (list settings are JSON: '[\"q_proj\", \"v_proj\"]')", file=sys.stderr)
+        print(f'invalid settings: {exc} (list settings are JSON: \'["q_proj", "v_proj"]\')', file=sys.stderr)
         return 2
     except ServiceError as exc:  # the operator's input refused as an API client's would be (a user that exists)
         print(f"oppu: {exc.code}: {exc.message}", file=sys.stderr)

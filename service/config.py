@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 ALL_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -216,6 +217,12 @@ class Settings(BaseSettings):
                 "being prepared and each history write holds a database connection, and one user may not hold more "
                 f"than half of a process's {connections}"
             )
+        if same_database(self.resolved_keyring_url, self.resolved_database_url):
+            raise ValueError(
+                "OPPU_KEYRING_URL names the database of OPPU_DATABASE_URL: the wrapped data keys would be in every "
+                "backup of the data, and an erase would not reach those backups; give the keyring a database of its "
+                "own (default: keyring.sqlite3 in OPPU_DATA_DIR)"
+            )
         if self.notice_keep_s < self.notice_poll_s + NOTICE_COMMIT_LAG_S:
             raise ValueError(
                 f"notice_keep_s must be >= notice_poll_s + {NOTICE_COMMIT_LAG_S:g} s: notices pruned sooner can be "
@@ -271,6 +278,35 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache_dir(self) -> Path:
         return self.model_cache_dir if self.model_cache_dir is not None else self.data_dir / "models"
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "")
+
+
+def same_database(a: str, b: str) -> bool:
+    """Whether two database URLs name one database: SQLite, one file (paths resolved against the working
+    directory, symlinks followed); a server (PostgreSQL, any driver), one host, port and database name, whatever
+    the user or schema (every schema is in the database's dumps). In-memory SQLite is its own database."""
+    first, second = _database_identity(a), _database_identity(b)
+    return first is not None and first == second
+
+
+def _database_identity(url: str) -> tuple[str, ...] | None:
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL: the engine reports it where it is opened
+        return None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        path = (parsed.database or "").removeprefix("file:")
+        if path in ("", ":memory:") or parsed.query.get("mode") == "memory":
+            return None
+        return (backend, str(Path(path).expanduser().resolve()))
+    host = (parsed.host or str(parsed.query.get("host", ""))).lower()
+    if host in LOOPBACK_HOSTS or host.startswith("/"):  # this machine's server (TCP or its Unix socket)
+        host = "localhost"
+    port = parsed.port or str(parsed.query.get("port", "")) or {"postgresql": 5432}.get(backend, "")
+    return (backend, host, str(port), parsed.database or parsed.username or "")
 
 
 def describe_invalid(exc: ValidationError) -> str:

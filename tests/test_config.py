@@ -136,3 +136,42 @@ def test_a_malformed_inline_master_key_is_refused_at_start_without_quoting_it() 
             Settings(master_key=bad)
         assert "not a master key" in describe_invalid(info.value) and bad not in describe_invalid(info.value)
     Settings(master_key=base64.b64encode(os.urandom(32)).decode())
+
+
+def test_a_keyring_inside_the_database_is_refused_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # OPPU_KEYRING_URL equal to OPPU_DATABASE_URL was accepted: the data keys then sit in every backup of the
+    # database, and an erase no longer reaches those backups (crypto-shredding needs the keyring apart).
+    db = tmp_path / "db.sqlite3"
+    same_database = [
+        {"database_url": f"sqlite:///{db}", "keyring_url": f"sqlite:///{db}"},
+        {"database_url": f"sqlite:///{db}", "keyring_url": f"sqlite:///{tmp_path}/data/../db.sqlite3?timeout=5"},
+        # the database's default file in OPPU_DATA_DIR, named through the data dir and a symlink to it
+        {"data_dir": tmp_path / "data", "keyring_url": f"sqlite:///{tmp_path / 'data' / 'oppu.sqlite3'}"},
+        {"data_dir": tmp_path / "data", "keyring_url": f"sqlite:///{tmp_path / 'link' / 'oppu.sqlite3'}"},
+        # PostgreSQL: one host, port and database (another schema or user is still inside its dumps)
+        {"database_url": "postgresql://app@db.example/oppu", "keyring_url": "postgresql://app@db.example/oppu"},
+        {
+            "database_url": "postgresql+psycopg://app:pw@DB.example:5432/oppu",
+            "keyring_url": "postgresql://keys:hunter2@db.example/oppu?options=-csearch_path%3Dkeyring",
+        },
+    ]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    for values in same_database:
+        with pytest.raises(ValidationError) as info:
+            Settings(**values)  # type: ignore[arg-type]
+        said = describe_invalid(info.value)
+        assert "OPPU_KEYRING_URL" in said and "hunter2" not in said and "db.example" not in said, said
+    monkeypatch.chdir(tmp_path)  # relative paths: the working directory
+    with pytest.raises(ValidationError, match="OPPU_KEYRING_URL"):
+        Settings(data_dir=Path("data"), keyring_url="sqlite:///data/oppu.sqlite3")
+    apart = [
+        {"database_url": f"sqlite:///{db}", "keyring_url": f"sqlite:///{tmp_path / 'keyring.sqlite3'}"},
+        {"data_dir": tmp_path / "data"},  # the defaults: two files in the data dir
+        {"database_url": "postgresql://app@db.example/oppu", "keyring_url": "postgresql://app@db.example/keyring"},
+        {"database_url": "postgresql://app@db.example/oppu", "keyring_url": "postgresql://app@db.example:5433/oppu"},
+        {"database_url": "postgresql://app@db.example/oppu", "keyring_url": "postgresql://app@keys.example/oppu"},
+        {"database_url": "postgresql://app@db.example/oppu", "keyring_url": f"sqlite:///{tmp_path / 'k.sqlite3'}"},
+    ]
+    for values in apart:
+        Settings(**values)  # type: ignore[arg-type]

@@ -62,7 +62,8 @@ def token_version(token: str) -> int:
     if not token.startswith(TOKEN_PREFIX):
         raise SealBroken("not a sealed value")
     version, dot, _ = token[len(TOKEN_PREFIX) :].partition(".")
-    if not dot or not version.isdigit() or len(version) > 9:
+    # ASCII digits only: str.isdigit() also accepts "\u00b2" (int() raises ValueError) and "\u0663" (int() reads 3).
+    if not dot or not (version.isascii() and version.isdigit()) or len(version) > 9:
         raise SealBroken("not a sealed value")
     return int(version)
 

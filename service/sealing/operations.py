@@ -1,24 +1,53 @@
 """The operator's side of sealing (`oppu keys ...`): how much is still plaintext, sealing an existing deployment
 in place (resumable batches, each its own transaction), the master-key rotation's loop, and THE body of a
 per-user data-key rotation (`rotate_user`: the background job `user_key_rotation` and `oppu keys rotate-user`).
+Sealing in place and the master-key rotation rewrite stored rows: each ends by saying where the rows' old bytes
+may still be on disk (`OldBytes`: a SQLite database is checkpointed so they leave its files).
 The SQL is in the repositories; this module only sequences them."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.accounts.repository import hold_for_sealed_write
 from service.adapters import repository as adapter_repo
 from service.adapters.store import AdapterStore, VersionNotFoundError
-from service.db.session import unit_of_work
+from service.db.session import checkpoint_wal, unit_of_work
 from service.history import repository as history_repo
 from service.history.repository import OwnerRef
 from service.sealing.service import Sealer
 
 Progress = Callable[[int], None]
+# Where the old bytes of rewritten rows (plaintext, data keys wrapped under a retired master key) may still be:
+# "gone" (SQLite, checkpointed), "until_checkpoint" (SQLite, the checkpoint was blocked by another connection
+# reading: run the command again), "until_vacuum" (PostgreSQL: dead row versions until VACUUM reclaims them).
+OldBytes = Literal["gone", "until_checkpoint", "until_vacuum"]
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """What an operation that rewrote stored rows did: how many rows, keys or files, and where the old bytes are."""
+
+    count: int
+    old_bytes: OldBytes
+
+
+def old_bytes_after_rewrite(engine: Engine | None) -> OldBytes:
+    """Once rewritten rows committed: a SQLite database's WAL is copied into its file (whose freed space
+    secure_delete zeroes) and truncated, so neither file holds the old bytes; a connection that keeps reading
+    past the busy timeout (a serving replica's long read) blocks that: "until_checkpoint". PostgreSQL keeps the
+    old row versions as dead tuples until VACUUM: "until_vacuum" (README: Encryption at rest)."""
+    if engine is None:
+        return "gone"  # no database: nothing was rewritten
+    if engine.dialect.name != "sqlite":
+        return "until_vacuum"
+    return "gone" if checkpoint_wal(engine) else "until_checkpoint"
 
 
 def plaintext_counts(session: Session) -> dict[str, int]:
@@ -26,9 +55,12 @@ def plaintext_counts(session: Session) -> dict[str, int]:
     return {"history_items": items, "profiles": profiles, "adapter_versions": adapter_repo.count_unsealed(session)}
 
 
-def seal_existing(factory: sessionmaker[Session], store: AdapterStore, *, batch: int = 500, progress: Progress) -> int:
+def seal_existing(
+    factory: sessionmaker[Session], store: AdapterStore, *, batch: int = 500, progress: Progress
+) -> Rewritten:
     """Seal every plaintext row and adapter file, batch by batch (an interrupted run resumes where it stopped:
-    what is sealed stays sealed and is not touched again). Returns how many rows and versions were sealed."""
+    what is sealed stays sealed and is not touched again), then checkpoint the database (the plaintext leaves its
+    files). Returns how many rows and versions were sealed, and where the old plaintext may still be."""
     if not store.sealing:
         raise ValueError("sealing is off (OPPU_SEAL_AT_REST=false or no master key): nothing to seal with")
     total = 0
@@ -60,12 +92,15 @@ def seal_existing(factory: sessionmaker[Session], store: AdapterStore, *, batch:
         progress(len(versions))
         if not versions:
             break
-    return total
+    bind = factory.kw.get("bind")
+    return Rewritten(total, old_bytes_after_rewrite(bind if isinstance(bind, Engine) else None))
 
 
-def rotate_master(sealer: Sealer, *, batch: int = 500, progress: Progress, settle_s: float = 0.0) -> int:
+def rotate_master(sealer: Sealer, *, batch: int = 500, progress: Progress, settle_s: float = 0.0) -> Rewritten:
     """Re-wrap every data key under the primary master key. Loops until none is left under another key (a
-    replica that had not yet seen the new keyset may wrap a new user's key under the old one meanwhile)."""
+    replica that had not yet seen the new keyset may wrap a new user's key under the old one meanwhile), then
+    checkpoints the keyring (the old wrappings leave its files). Returns how many keys were re-wrapped, and
+    where the old wrappings may still be."""
     total = 0
     while True:
         done = sealer.rewrap_batch(batch)
@@ -73,7 +108,7 @@ def rotate_master(sealer: Sealer, *, batch: int = 500, progress: Progress, settl
         progress(done)
         if done == 0:
             if settle_s <= 0:
-                return total
+                return Rewritten(total, old_bytes_after_rewrite(sealer.keyring_engine))
             time.sleep(settle_s)  # one more pass after replicas have re-read the keyset
             settle_s = 0.0
 

@@ -102,10 +102,8 @@ class Sealer:
 
     def close(self) -> None:
         """Shutdown: the keyring's connections are closed (its database is its own pool)."""
-        if self._keyring_factory is not None:
-            bind = self._keyring_factory.kw.get("bind")
-            if isinstance(bind, Engine):
-                bind.dispose()
+        if self.keyring_engine is not None:
+            self.keyring_engine.dispose()
 
     def user(self, owner_key: str) -> UserSeal:
         """The handle for one owner (cheap: keys are read when a value is sealed or opened)."""
@@ -194,10 +192,13 @@ class Sealer:
             self.forget(owner_key)
             keys = self._load(owner_key)
         if version not in keys:
+            # Erased only with a tombstone: an owner with no key yet handed another owner's value was never erased
+            # (README: data copied from another user is 409).
             with self._session() as session:
-                shredded = repo.is_shredded(session, owner_key)
-            if shredded or not keys:
-                raise UserDataErased("this user's data was erased; what remains of it cannot be opened")
+                if repo.is_shredded(session, owner_key):
+                    raise UserDataErased("this user's data was erased; what remains of it cannot be opened")
+            if not keys:
+                raise SealedDataUnreadable("this user has no data key: the value is not theirs (copied?)")
             raise SealedDataUnreadable(f"this user's data key version {version} is gone")
         return keys[version]
 
@@ -287,12 +288,17 @@ class Sealer:
         self.forget(owner_key)
         self._checkpoint()
 
+    @property
+    def keyring_engine(self) -> Engine | None:
+        """The keyring database's engine (None: no keyring configured)."""
+        bind = self._keyring_factory.kw.get("bind") if self._keyring_factory is not None else None
+        return bind if isinstance(bind, Engine) else None
+
     def _checkpoint(self) -> None:
         """A SQLite keyring's WAL still holds the frames of the keys just deleted (wrapped, but the master key
         often sits in the same data dir): they go to the zeroed main file now, not at SQLite's next checkpoint."""
-        bind = self._keyring_factory.kw.get("bind") if self._keyring_factory is not None else None
-        if isinstance(bind, Engine):
-            checkpoint_wal(bind)
+        if self.keyring_engine is not None:
+            checkpoint_wal(self.keyring_engine)
 
     def is_shredded(self, owner_key: str) -> bool:
         with self._session() as session:

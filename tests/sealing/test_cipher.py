@@ -99,3 +99,15 @@ def test_a_temp_file_holds_no_plaintext_on_disk_and_reads_back_as_written() -> N
         assert zf.read("history.jsonl") == b"canary-zebracorn " * 50_000
     assert temp.tell() <= size
     temp.close()
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "1\u00b2", "\u0663", "\uff13", "\U0001d7d5"])
+def test_a_token_whose_version_is_a_non_ascii_digit_is_no_token(version: str) -> None:
+    # str.isdigit() accepts these: "s1.².…" made int() raise ValueError (a profile read answered 500, a rotation
+    # job failed every attempt), and "s1.٣.…" was read as version 3. Only ASCII digits name a version.
+    token = cipher.seal_token(KEY, 3, b"zebracorn", b"alice|history")
+    forged = f"s1.{version}." + token.rsplit(".", 1)[1]
+    with pytest.raises(SealBroken):
+        cipher.token_version(forged)
+    with pytest.raises(SealBroken):
+        cipher.open_token(KEY, forged, b"alice|history")

@@ -5,7 +5,9 @@ re-sealed, the old key destroyed, idempotency kept; the background job's body, r
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,8 @@ from service.config import Settings, get_settings
 from service.main import create_app
 from service.sealing import cipher
 from service.sealing.kek import Keyset, write_keyset
-from tests.conftest import app_state, bearer, create_user, make_settings
-from tests.factories import add_history, random_lora_zip, storage_key, upload
+from tests.conftest import admin_headers, app_state, bearer, create_user, make_settings
+from tests.factories import add_history, random_lora_zip, storage_key, upload, wait_job
 
 
 @pytest.fixture
@@ -92,3 +94,92 @@ def test_rotate_user_reseals_rows_and_files_and_destroys_the_old_key(
         seals = sealer_of(app_state(client).db)
         assert len(after) == len(before)
         assert set(seals._load(owner)) == {2}  # version 1 is destroyed
+
+
+def test_rotate_master_with_a_replica_open_leaves_no_old_wrapping_in_the_keyring_files(
+    deployment: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With a serving replica holding the keyring open, nothing checkpointed its WAL: after `--retire-old` the
+    # keyring's main file still held every data key wrapped under the retired master key.
+    keyring = deployment.data_dir / "keyring.sqlite3"
+    with TestClient(create_app(deployment)) as client:
+        keys = {u: create_user(client, u) for u in ("ann", "ben")}
+        for user, key in keys.items():
+            add_history(client, user, key, n=2)
+    with closing(sqlite3.connect(keyring)) as conn:
+        old = [bytes(row[0]) for row in conn.execute("SELECT wrapped FROM data_keys")]
+    assert len(old) == 2 and all(w in keyring.read_bytes() for w in old)
+    with TestClient(create_app(deployment)) as client:  # a replica serving meanwhile: the keyring stays open
+        assert cli.main(["keys", "rotate-master", "--settle-s", "0", "--retire-old"]) == 0
+        on_disk = b"".join(p.read_bytes() for p in keyring.parent.glob("keyring.sqlite3*"))
+        assert not [w for w in old if w in on_disk]
+        assert "retired master keys: ['" in capsys.readouterr().out
+        for user, key in keys.items():
+            assert "zebracorn" in client.get(f"/users/{user}/history", headers=bearer(key)).text
+
+
+def test_seal_existing_says_so_when_a_reader_keeps_the_plaintext_on_disk(
+    deployment: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It printed "nothing is left in plaintext" whatever the files held. A connection that keeps reading blocks
+    # the checkpoint (SQLite's busy timeout, 30 s, is waited out first): the command says so and exits 3.
+    with TestClient(create_app(deployment.with_overrides(seal_at_rest=False))) as client:
+        add_history(client, "ann", create_user(client, "ann"), n=3)
+    database = Path(str(deployment.database_url).removeprefix("sqlite:///"))
+
+    def on_disk() -> bytes:
+        return b"".join(p.read_bytes() for p in database.parent.glob(f"{database.name}*"))
+
+    assert b"zebracorn" in on_disk()
+    with closing(sqlite3.connect(database, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM history_items").fetchone() == (3,)  # a read under way
+        capsys.readouterr()
+        assert cli.main(["keys", "seal-existing"]) == 3  # cli.OLD_BYTES_LEFT
+        said = capsys.readouterr()
+        assert "nothing is left" not in said.out + said.err, said
+        assert "sealed 3 rows" in said.err and "blocked by another connection" in said.err, said.err
+        assert b"zebracorn" in on_disk()  # what it warned of
+        reader.execute("COMMIT")
+        assert cli.main(["keys", "seal-existing"]) == 0  # run again once the reader is done: checkpointed
+        assert "sealed 0 rows and adapter versions; nothing is left in plaintext" in capsys.readouterr().out
+        assert b"zebracorn" not in on_disk()
+
+
+def test_rotate_user_is_refused_while_a_background_rotation_of_the_user_runs(
+    deployment: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `oppu keys rotate-user` skipped the one-active-job-per-owner guard: run beside the background rotation, each
+    # re-sealed the adapter files the other had just re-sealed (under its own new version) until RotationStalled
+    # failed an attempt. It is a job of its own now: refused while another is active, and the job it ran is seen.
+    monkeypatch.setenv("OPPU_KEY_RECHECK_S", "0.05")  # the CLI's own rotation below: a short settle
+    get_settings.cache_clear()
+    with TestClient(create_app(deployment)) as client:  # the server's rotation settles OPPU_KEY_RECHECK_S 5 + 1 s
+        key = create_user(client, "ann")
+        add_history(client, "ann", key, n=3)
+        shapes = app_state(client).adapters.spec.linear_shapes
+        assert upload(client, "ann", key, random_lora_zip(shapes, None, seed=1)).status_code in (200, 201)
+        owner = storage_key(client, "ann")
+        r = client.post("/admin/users/ann/keys/rotate-data-key", headers=admin_headers())
+        assert r.status_code == 202, r.text
+        background = r.json()["job_id"]
+        capsys.readouterr()
+        assert cli.main(["keys", "rotate-user", "ann"]) == 2
+        err = capsys.readouterr().err
+        assert f"already under way (job {background}" in err and "Traceback" not in err, err
+        job = wait_job(client, background)
+        assert (job["status"], job["attempts"], job["error"]) == ("succeeded", 1, None), job
+        seals = sealer_of(app_state(client).db)
+        assert seals.live_versions(owner) == [2]
+        retrain = client.post("/admin/users/ann/retrain", headers=admin_headers()).json()["job_id"]
+        assert cli.main(["keys", "rotate-user", "ann"]) == 2  # a retrain is the owner's one active job too
+        err = capsys.readouterr().err
+        assert "job_active" in err and retrain in err and "Traceback" not in err, err
+        assert wait_job(client, retrain)["status"] == "succeeded"
+        assert cli.main(["keys", "rotate-user", "ann"]) == 0  # nothing else active: it runs, as a job of its own
+        out = capsys.readouterr().out
+        assert "the old key is destroyed" in out, out
+        mine = out.split("(job ", 1)[1].split(")", 1)[0]
+        assert client.get(f"/admin/jobs/{mine}", headers=admin_headers()).json()["status"] == "succeeded"
+        assert seals.live_versions(owner) == [3]
+        assert "zebracorn" in client.get("/users/ann/history", headers=bearer(key)).text

@@ -56,6 +56,24 @@ def test_shredding_closes_every_copy_and_no_new_key_is_made(tmp_path: Path) -> N
         sealer.user("bob").open_text("history", token)
 
 
+def test_another_owners_value_is_unreadable_not_erased_for_an_owner_with_no_key_yet(tmp_path: Path) -> None:
+    # 410 user_data_erased was answered for an owner who never had a key (no tombstone) handed another owner's
+    # ciphertext: the erase is claimed only with a tombstone; anything else is data that does not open (409).
+    db, keks = keyring(tmp_path), LocalKeyset(inline=os.urandom(32))
+    sealer = Sealer(db.session_factory, keks)
+    token = sealer.user("alice").seal_text("history", "zebracorn")
+    assert sealer.live_versions("carol") == []
+    with pytest.raises(SealedDataUnreadable):
+        sealer.user("carol").open_text("history", token)
+    blob = sealer.user("alice").seal_bytes("weights", b"zebracorn")
+    with pytest.raises(SealedDataUnreadable):
+        sealer.user("carol").open_bytes("weights", blob)
+    assert sealer.live_versions("carol") == []  # opening made no key
+    sealer.shred("carol")
+    with pytest.raises(UserDataErased):  # with the tombstone: erased
+        sealer.user("carol").open_text("history", token)
+
+
 def test_a_new_key_version_opens_old_values_until_the_old_version_is_dropped(tmp_path: Path) -> None:
     db = keyring(tmp_path)
     sealer = Sealer(db.session_factory, LocalKeyset(inline=os.urandom(32)))
