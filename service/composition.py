@@ -303,8 +303,21 @@ class Core:
 
 def core(settings: Settings, metrics: Metrics | None = None) -> Core:
     seals = sealer(settings)
-    seals.check_keks()  # a wrong or missing master key stops the start here, before anything is written
-    db = database(settings, seals)
+    try:
+        seals.check_keks()  # a wrong or missing master key stops the start here, before anything is written
+        db = database(settings, seals)
+    except BaseException:
+        seals.close()
+        raise
+    try:
+        return _core_on(settings, metrics, seals, db)
+    except BaseException:  # a refused start (half-sealed data, a model that does not load) leaves no pool open
+        db.dispose()
+        seals.close()
+        raise
+
+
+def _core_on(settings: Settings, metrics: Metrics | None, seals: Sealer, db: Database) -> Core:
     check_sealed(settings, db)
     store = AdapterStore(settings.adapters_dir, seals)
     window = settings.retrieval_max_chars or None

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from service.accounts.repository import hold_for_sealed_write
 from service.db.models import HistoryItem, Profile, User
 from service.sealing.cipher import token_version
-from service.sealing.service import SealedDataUnreadable, UserDataErased, UserSeal
+from service.sealing.service import SealedDataUnreadable, UserDataErased, UserSeal, tag_version
 from service.sealing.session import seal_of
 
 _ITEMS, _PROFILE = "history_items", "profiles"  # purposes the sealed values are bound to
@@ -96,17 +96,9 @@ def _sealed_under_one_version(seal: UserSeal, row: dict[str, Any]) -> dict[str, 
     for _ in range(3):
         tag = seal.tag(row["client_id"])
         sealed = _sealed_row(seal, row, tag)
-        if token_version(sealed["sealed"]) == _tag_version(tag):
+        if token_version(sealed["sealed"]) == tag_version(tag):
             break
     return sealed
-
-
-def _tag_version(stored_client_id: str) -> int | None:
-    """The data-key version a sealed row's client_id hash was made under (sealing's `t<version>.<hmac>`,
-    UserSeal.tag); None for anything else (a plaintext row's own id)."""
-    head, dot, _ = stored_client_id.partition(".")
-    digits = head[1:]
-    return int(digits) if dot and head[:1] == "t" and digits.isascii() and digits.isdigit() else None
 
 
 def _seal_in_place(seal: UserSeal, item: HistoryItem) -> None:
@@ -383,7 +375,7 @@ def reseal(session: Session, owner: Owner) -> int:
     for item in session.scalars(select(HistoryItem).where(HistoryItem.user_pk == owner.pk)):
         # Current means the token AND the client id's hash: a row hashed under an old version would match no
         # retried append once that version is destroyed.
-        if item.sealed is not None and token_version(item.sealed) == current == _tag_version(item.client_id):
+        if item.sealed is not None and token_version(item.sealed) == current == tag_version(item.client_id):
             continue
         _seal_in_place(seal, item)
         done += 1

@@ -72,6 +72,14 @@ def _tag(version: int, tag_key: bytes, value: str) -> str:
     return f"t{version}." + hmac.new(tag_key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
+def tag_version(stored: str) -> int | None:
+    """The data-key version a keyed hash (`UserSeal.tag`: `t<version>.<hmac>`) was made under; None for anything
+    else (e.g. a plaintext row's own client id)."""
+    head, dot, _ = stored.partition(".")
+    digits = head[1:]
+    return int(digits) if dot and head[:1] == "t" and digits.isascii() and digits.isdigit() else None
+
+
 def _tag_key(data_key: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"oppu-tag-v1").derive(data_key)
 

@@ -373,9 +373,8 @@ def test_an_existing_plaintext_deployment_is_sealed_in_place(
     database_files = list(tmp_path.glob("db.sqlite3*"))
     if db_url.startswith("sqlite"):
         assert any(CANARY.encode() in p.read_bytes() for p in database_files)
-    if db_url.startswith("sqlite"):  # (on PostgreSQL the refused start leaves a connection open: composition.core)
-        with pytest.raises(MasterKeyError, match="seal-existing"), TestClient(create_app(sealed)):
-            pass  # half-sealed data is not served unless told to
+    with pytest.raises(MasterKeyError, match="seal-existing"), TestClient(create_app(sealed)):
+        pass  # half-sealed data is not served unless told to (and the refused start closes its pools)
     cli_env(sealed)
     replica = sealed.with_overrides(seal_allow_plaintext=True)
     with TestClient(create_app(replica)) as client:  # a replica serving meanwhile: the database stays open
