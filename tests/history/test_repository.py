@@ -25,7 +25,7 @@ from service.sealing.cipher import token_version
 from service.sealing.kek import LocalKeyset
 from service.sealing.models import KeyringBase
 from service.sealing.operations import rotate_user
-from service.sealing.service import Sealer
+from service.sealing.service import Sealer, tag_version
 from service.sealing.session import seal_of, session_info
 from service.tenancy import UserRef
 from service.users import create_user, delete_user_rows
@@ -320,7 +320,7 @@ def test_an_append_on_a_replica_that_missed_a_rotation_stays_one_row_after_it(
                     select(HistoryItem).where(HistoryItem.user_pk == alice.pk).order_by(HistoryItem.id.desc()).limit(1)
                 ).one()
                 assert newest.sealed is not None
-                assert (token_version(newest.sealed), repo._tag_version(newest.client_id)) == (2, 2)
+                assert (token_version(newest.sealed), tag_version(newest.client_id)) == (2, 2)
 
     owner = repo.OwnerRef(alice.pk, alice.storage_key)
     rotate_user(
