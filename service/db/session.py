@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 
 SQLITE_SYNCHRONOUS = ("FULL", "NORMAL")
+SQLITE_BUSY_TIMEOUT_S = 30.0  # a writer (or a checkpoint) waits this long for the lock before "database is locked"
 
 
 def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
@@ -36,7 +37,7 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
             os.close(os.open(parsed.database, os.O_CREAT | os.O_RDWR, 0o600))
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
             hide_parameters=True,
             **_pool_arguments(url),
         )
@@ -45,7 +46,7 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA synchronous={sqlite_synchronous}")
             cur.execute("PRAGMA secure_delete=ON")  # an erase zeroes the rows' bytes (pages and WAL frames)

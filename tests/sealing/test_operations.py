@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from service import cli
 from service.composition import sealer_of
 from service.config import Settings, get_settings
+from service.db import session as db_session
 from service.main import create_app
 from service.sealing import cipher
 from service.sealing.kek import Keyset, write_keyset
@@ -119,10 +120,11 @@ def test_rotate_master_with_a_replica_open_leaves_no_old_wrapping_in_the_keyring
 
 
 def test_seal_existing_says_so_when_a_reader_keeps_the_plaintext_on_disk(
-    deployment: Settings, capsys: pytest.CaptureFixture[str]
+    deployment: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # It printed "nothing is left in plaintext" whatever the files held. A connection that keeps reading blocks
-    # the checkpoint (SQLite's busy timeout, 30 s, is waited out first): the command says so and exits 3.
+    # the checkpoint (SQLite's busy timeout, 30 s, is waited out first: 2 s here): the command says so, exits 3.
+    monkeypatch.setattr(db_session, "SQLITE_BUSY_TIMEOUT_S", 2.0)
     with TestClient(create_app(deployment.with_overrides(seal_at_rest=False))) as client:
         add_history(client, "ann", create_user(client, "ann"), n=3)
     database = Path(str(deployment.database_url).removeprefix("sqlite:///"))
