@@ -47,7 +47,7 @@ serve-vllm: setup-vllm
 test: setup setup-vllm
 	$(BIN)/ruff check service tests bench
 	$(BIN)/mypy
-	$(BIN)/pytest -m "not vllm"
+	$(BIN)/pytest -m "not vllm" --durations=25
 	$(VLLM_PY) -m pytest -m vllm
 
 print-vllm-py:
