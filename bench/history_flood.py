@@ -1,10 +1,10 @@
 """Bench: other users' history appends while one user floods the server with large appends (SQLite, the
 embedded default), at OPPU_HISTORY_WRITES_PER_USER_MAX 1 (the default) and at a higher cap, in ONE run.
 
-One uvicorn server per setting in this process (a tiny random model: appends never reach it), each on its own
-SQLite file. 4 neighbours append one 200-character item, then pause 50 ms, in a loop; the flooding user runs
-`--clients` connections, each sending 1,000-item appends (~0.5 MB) back to back until its quota is used up
-(409) or the time is over. Settings alternate across rounds, so drift of a shared box hits both alike.
+One uvicorn server per setting in this process (the tests' live_server; a tiny random model: appends never reach
+it), each on its own SQLite file. 4 neighbours append one 200-character item, then pause 50 ms, in a loop; the
+flooding user runs `--clients` connections, each sending 1,000-item appends (~0.5 MB) back to back until its
+quota is used up (409) or the time is over. Settings alternate across rounds, so drift of a shared box hits both alike.
 
 Prints ONE JSON object (and writes it with --out): per setting and round, the neighbours' append latency
 (p50/p90/max, count, statuses) and the flood's statuses; and the machine record.
@@ -16,51 +16,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
-import uvicorn
-from fastapi import FastAPI
 
 from bench.machine import machine_record
 from service.config import Settings
 from service.db.migrate import upgrade
 from service.main import create_app
+from tests.conftest import live_server
 from tests.models import MODEL_CACHE_DIR, tiny_model_dir
 
 ADMIN_KEY = "bench-admin-key-" + "x" * 24
 NEIGHBOURS = 4
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise SystemExit("the server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def settings(work: Path, writes: int) -> Settings:
@@ -144,7 +121,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {f"writes_per_user_{v}": [] for v in values}
     for r in range(args.rounds):
         for v in values if r % 2 == 0 else values[::-1]:
-            with tempfile.TemporaryDirectory() as work, serving(create_app(settings(Path(work), v))) as base:
+            with tempfile.TemporaryDirectory() as work, live_server(create_app(settings(Path(work), v))) as base:
                 results[f"writes_per_user_{v}"].append({"round": r, **flood_round(base, args.clients, args.seconds)})
     report = {
         "bench": "history.appends_under_a_flood",
