@@ -143,17 +143,23 @@ def _recording(engine: BuiltinEngine) -> tuple[list[Row], Callable[[], None]]:
     return rows, undo
 
 
-def _send_then_leave(base: str, call: Call, key: str, engine: BuiltinEngine) -> None:
-    """Send the request on a raw socket, wait until its row runs, then close the connection."""
+@contextmanager
+def _posted(base: str, path: str, body: dict[str, Any], token: str) -> Iterator[None]:
+    """A POST sent whole on a raw socket; the connection closes (the client leaves) when the block ends."""
     url = urlsplit(base)
-    body = json.dumps(call.body).encode()
-    auth = ADMIN_KEY if call.admin else key
+    data = json.dumps(body).encode()
     head = (
-        f"POST {call.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {auth}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     ).encode()
     with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=10) as sock:
-        sock.sendall(head + body)
+        sock.sendall(head + data)
+        yield
+
+
+def _send_then_leave(base: str, call: Call, key: str, engine: BuiltinEngine) -> None:
+    """Send the request on a raw socket, wait until its row runs, then close the connection."""
+    with _posted(base, call.path, call.body, ADMIN_KEY if call.admin else key):
         deadline = time.monotonic() + 20
         while not engine.stats().running:
             assert time.monotonic() < deadline, "the request never reached the engine"
@@ -265,14 +271,7 @@ def test_leaving_a_plain_route_keeps_its_session_until_the_route_has_ended(
 
     monkeypatch.setattr(history_service, "append", slow_append)
     monkeypatch.setattr(deps, "unit_of_work", timed_unit)
-    url = urlsplit(base)
-    body = json.dumps({"items": [{"id": "left-1", "output": "x"}]}).encode()
-    head = (
-        f"POST /users/{USER}/history HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=10) as sock:
-        sock.sendall(head + body)
+    with _posted(base, f"/users/{USER}/history", {"items": [{"id": "left-1", "output": "x"}]}, key):
         assert started.wait(10)
     deadline = time.monotonic() + 5
     while not ("route_ended" in events and route_session[0] in closed):
