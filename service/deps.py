@@ -9,8 +9,8 @@ from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from service.adapters.service import AdapterContext
-from service.batching.fair_queue import TenantQueueFull
 from service.db.session import unit_of_work
+from service.engine.base import queue_errors
 from service.errors import TooManyRequests, Unauthorized
 from service.generation.prepare import Preparer
 from service.jobs.queue import JobQueue
@@ -96,11 +96,9 @@ AdminUserDep = Annotated[UserRef, Depends(get_admin_user)]
 async def history_write_turn(user: UserDep, state: StateDep) -> AsyncIterator[None]:
     """The user's turn to write history (`state.history_writes`): declared before SessionDep, so the request's
     unit of work commits before the turn goes to the user's next write."""
-    try:
+    with queue_errors():  # a user with too many writes at the gate: the queues' 429, by the one rule
         async with state.history_writes.admit(user.storage_key):
             yield
-    except TenantQueueFull as exc:
-        raise TooManyRequests(str(exc), headers={"Retry-After": "1"}) from exc
 
 
 HistoryWriteTurn = Annotated[None, Depends(history_write_turn, scope="function")]
