@@ -81,6 +81,22 @@ def use(c: Cache, key: AdapterKey) -> int:
     return slot
 
 
+def stall_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """cache.py's disk reads stall after reading: `reading` is set then, and each waits for `go`."""
+    import service.adapters.cache as cache_module
+
+    reading, go = threading.Event(), threading.Event()
+
+    def slow_read(*args: Any, **kwargs: Any) -> Any:
+        out = read_adapter_dir(*args, **kwargs)
+        reading.set()
+        go.wait(10)
+        return out
+
+    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)  # the name cache.py calls
+    return reading, go
+
+
 def assert_slot_holds(c: Cache, slot: int, key: AdapterKey, store: AdapterStore) -> None:
     weights = read_adapter_dir(max_scale=MAX_SCALE, directory=store.version_dir(key.owner_key, key.version))
     for path, m in weights.modules.items():
@@ -192,16 +208,7 @@ def test_a_disk_read_in_flight_when_its_owner_is_dropped_is_not_kept(
     import service.adapters.cache as cache_module
 
     a = adapters.keys["aa"]
-    real = read_adapter_dir
-    reading, go = threading.Event(), threading.Event()
-
-    def slow_read(*args: Any, **kwargs: Any) -> Any:
-        out = real(*args, **kwargs)
-        reading.set()
-        go.wait(10)
-        return out
-
-    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)  # the name cache.py calls
+    reading, go = stall_reads(monkeypatch)
     request = threading.Thread(target=cache.cache.prefetch, args=(a,))
     request.start()
     assert reading.wait(10)
@@ -209,7 +216,7 @@ def test_a_disk_read_in_flight_when_its_owner_is_dropped_is_not_kept(
     go.set()
     request.join(10)
     assert cache.cache.host_keys() == []
-    monkeypatch.setattr(cache_module, "read_adapter_dir", real)
+    monkeypatch.setattr(cache_module, "read_adapter_dir", read_adapter_dir)
     cache.cache.prefetch(a)  # a read that starts after the drop is kept as before
     assert cache.cache.host_keys() == [a]
 
@@ -223,16 +230,7 @@ def test_a_slot_load_whose_read_overlapped_its_owners_drop_is_not_kept(
     import service.adapters.cache as cache_module
 
     a, b = adapters.keys["aa"], adapters.keys["bb"]
-    real = read_adapter_dir
-    reading, go = threading.Event(), threading.Event()
-
-    def slow_read(*args: Any, **kwargs: Any) -> Any:
-        out = real(*args, **kwargs)
-        reading.set()
-        go.wait(10)
-        return out
-
-    monkeypatch.setattr(cache_module, "read_adapter_dir", slow_read)  # the name cache.py calls
+    reading, go = stall_reads(monkeypatch)
     slots: list[int] = []
     batch = threading.Thread(target=lambda: slots.extend(cache.cache.acquire([a])))
     batch.start()
@@ -243,7 +241,7 @@ def test_a_slot_load_whose_read_overlapped_its_owners_drop_is_not_kept(
     assert slots and slots[0] != 0 and cache.cache.pinned() == {a: 1}  # the batch still runs on what it read
     cache.cache.release([a])
     assert cache.cache.slot_keys() == {} and cache.cache.host_keys() == []
-    monkeypatch.setattr(cache_module, "read_adapter_dir", real)
+    monkeypatch.setattr(cache_module, "read_adapter_dir", read_adapter_dir)
     use(cache, b)  # other owners and later reads are kept as before
     use(cache, a)
     assert set(cache.cache.slot_keys()) == {a, b}
