@@ -6,9 +6,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import ColumnElement, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.db.insert import insert_or_nothing
 from service.db.models import SHARED_OWNER, Adapter, AdapterContributor, AdapterHead
 
 
@@ -22,18 +22,15 @@ def head(session: Session, owner_key: str, *, for_update: bool = False) -> Adapt
 
 
 def ensure_head(session: Session, owner_key: str, user_pk: int | None) -> AdapterHead:
+    """The owner's head row, locked; made if missing. IntegrityError: the owner's user is gone (rows erased)."""
     row = head(session, owner_key, for_update=True)
-    if row is None:
-        try:
-            with session.begin_nested():  # an owner's first two publishes at once both insert: one wins
-                session.add(AdapterHead(owner_key=owner_key, user_pk=user_pk, current_version=None, last_version=0))
-        except IntegrityError:
-            row = head(session, owner_key, for_update=True)
-            if row is None:
-                raise  # not a head made meanwhile: the user is gone (their rows were erased)
-            return row
+    while row is None:
+        # An owner's first two publishes at once both insert: the second skips (no SAVEPOINT: on SQLite it
+        # could commit the empty head outside the caller's unit of work). Still none after a skip: the winner's
+        # user was erased meanwhile, and inserting again fails on the foreign key.
+        stmt = insert_or_nothing(session, AdapterHead, ["owner_key"])
+        session.execute(stmt, {"owner_key": owner_key, "user_pk": user_pk, "current_version": None, "last_version": 0})
         row = head(session, owner_key, for_update=True)
-        assert row is not None
     return row
 
 

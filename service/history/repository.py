@@ -15,12 +15,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.accounts.repository import hold_for_sealed_write
+from service.db.insert import insert_or_nothing
 from service.db.models import HistoryItem, Profile, User
 from service.sealing.cipher import token_version
 from service.sealing.service import SealedDataUnreadable, UserDataErased, UserSeal, tag_version
@@ -170,16 +169,7 @@ def insert_items_ignore_duplicates(session: Session, owner: Owner, rows: Sequenc
         values = [{**row, "user_pk": user_pk} for row in rows]
     if not values:
         return set()
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        stmt: Any = pg_insert(HistoryItem).on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
-    elif dialect == "sqlite":
-        stmt = sqlite_insert(HistoryItem).on_conflict_do_nothing(index_elements=["user_pk", "client_id"])
-    else:  # pragma: no cover - other databases: fall back to check-then-insert
-        fresh = [HistoryItem(**v) for v in values]
-        session.add_all(fresh)
-        session.flush()
-        return {client_id_of[item.client_id] for item in fresh}
+    stmt = insert_or_nothing(session, HistoryItem, ["user_pk", "client_id"])
     # Executemany form: SQLAlchemy batches it as multi-row INSERTs ("insertmanyvalues") with a cached
     # compiled statement (4-15x faster than .values(list), which compiles 8 binds per row every call).
     # RETURNING tells what was really inserted (rowcount is -1 on some drivers for multi-row inserts).

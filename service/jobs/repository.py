@@ -11,13 +11,14 @@ queued | running -> cancelled.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, select, true, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import ColumnElement, delete, func, inspect, select, true, update
 from sqlalchemy.orm import Session
 
+from service.db.insert import insert_or_nothing
 from service.db.models import ACTIVE_JOB_STATES, Job
 
 MAX_JOB_ID = 36
@@ -30,16 +31,20 @@ def active(session: Session, owner_key: str) -> Job | None:
 
 
 def add_unless_active(session: Session, job: Job) -> Job:
-    """Insert the job, or return the owner's active one when a concurrent request won the race."""
-    try:
-        with session.begin_nested():
-            session.add(job)
-    except IntegrityError:
-        existing = active(session, job.owner_key)
-        if existing is None:
-            raise
-        return existing
-    return job
+    """Insert the (transient) job and return it as stored, or return the owner's active job when another request
+    holds the one-active-job index. IntegrityError: the owner's user row is gone. The insert skips a taken key
+    instead of failing, so SQLite needs no SAVEPOINT (which could commit the job outside the caller's unit of
+    work); PostgreSQL keeps one so that a gone user leaves the caller's transaction usable (a bulk retrain goes
+    on with the other owners)."""
+    values = {a.key: getattr(job, a.key) for a in inspect(Job).column_attrs if getattr(job, a.key) is not None}
+    stmt = insert_or_nothing(session, Job, ["owner_key"], Job.status.in_(ACTIVE_JOB_STATES))
+    while True:
+        with session.begin_nested() if session.get_bind().dialect.name == "postgresql" else nullcontext():
+            inserted = session.execute(stmt.returning(Job.id), values).scalar_one_or_none() is not None
+        stored = get(session, job.id) if inserted else active(session, job.owner_key)
+        if stored is not None:
+            return stored
+        # The active job that took the index ended between the insert and the read: try again.
 
 
 def _may_be_job_id(job_id: str) -> bool:

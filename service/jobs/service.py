@@ -89,11 +89,11 @@ def request_job(
         if user_pk is None:
             raise
         raise NotFound("this user no longer exists") from exc  # erased after the caller was resolved
-    if stored is not job:
+    if stored.id != job.id:
         return _same_kind(stored, kind), False
     job_id = job.id
     after_commit(session, lambda: queue.enqueue(job_id, 1))
-    return to_out(job), True
+    return to_out(stored), True
 
 
 def request_retrains(

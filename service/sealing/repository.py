@@ -4,9 +4,9 @@ the operator's counts and the master-key rotation's batches; nothing commits."""
 from __future__ import annotations
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.db.insert import insert_or_nothing
 from service.sealing.models import DataKey, ShreddedOwner
 
 
@@ -16,12 +16,9 @@ def keys_of(session: Session, owner_key: str) -> list[DataKey]:
 
 def insert_key(session: Session, owner_key: str, version: int, kek_id: str, wrapped: bytes) -> bool:
     """False if this (owner, version) exists already (a concurrent writer won: read theirs)."""
-    try:
-        with session.begin_nested():
-            session.add(DataKey(owner_key=owner_key, version=version, kek_id=kek_id, wrapped=wrapped))
-    except IntegrityError:
-        return False
-    return True
+    stmt = insert_or_nothing(session, DataKey, ["owner_key", "version"]).returning(DataKey.version)
+    row = {"owner_key": owner_key, "version": version, "kek_id": kek_id, "wrapped": wrapped}
+    return session.execute(stmt, row).scalar_one_or_none() is not None
 
 
 def is_shredded(session: Session, owner_key: str) -> bool:

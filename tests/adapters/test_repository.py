@@ -137,3 +137,21 @@ def test_a_delete_racing_a_publish_never_leaves_a_version_that_is_not_current(
         head = repo.head(s, OWNER)
         assert head is not None and head.current_version is None and head.last_version == 2
         assert repo.list_versions(s, OWNER) == []
+
+
+def test_a_rolled_back_first_publish_leaves_no_head(db_url: str) -> None:
+    # SQLite: the head's insert sat in a SAVEPOINT that was the transaction's first statement (pysqlite begins
+    # only before DML), so releasing it committed the head at once: a failed first upload left an empty head.
+    engine = make_engine(db_url)
+    factory = make_session_factory(engine)
+    with factory() as s:
+        assert repo.allocate_version(s, OWNER, None) == 1
+        s.rollback()
+    with factory() as s:
+        assert repo.head(s, OWNER) is None
+        assert repo.allocate_version(s, OWNER, None) == 1
+        s.commit()
+    with factory() as s:
+        head = repo.head(s, OWNER)
+        assert head is not None and head.last_version == 1
+    engine.dispose()
