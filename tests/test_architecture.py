@@ -260,7 +260,26 @@ def thread_violations(path: str, source: str) -> list[str]:
     ]
 
 
+# The one SAVEPOINT left: PostgreSQL only (its transactions begin explicitly), so that a bulk retrain goes on past
+# a user erased meanwhile.
+SAVEPOINT_ALLOWED = {"jobs/repository.py"}
+
+
+def savepoint_violations(path: str, source: str) -> list[str]:
+    """An insert that may meet a taken key uses db/insert.insert_or_nothing, never a SAVEPOINT: on SQLite
+    (pysqlite begins a transaction only before DML) a SAVEPOINT can be the transaction's first statement, and
+    releasing it commits what it holds at once, outside the caller's unit of work."""
+    if path in SAVEPOINT_ALLOWED:
+        return []
+    return [
+        f"{path}:{n} opens a SAVEPOINT: use service.db.insert.insert_or_nothing"
+        for n, line in enumerate(source.splitlines(), 1)
+        if "begin_nested" in line
+    ]
+
+
 CHECKS = (
+    savepoint_violations,
     thread_violations,
     private_op_violations,
     import_violations,
@@ -298,6 +317,11 @@ def test_a_direct_worker_thread_call_is_caught() -> None:
     assert thread_violations("api/adapters.py", "return await run_in_threadpool(service.upload, session)\n")
     assert thread_violations("engine/base.py", "row = await asyncio.to_thread(self._prepared_row, request)\n")
     assert not thread_violations(THREADS_OWNER, "work = run_in_threadpool(fn)\n")
+
+
+def test_a_savepoint_outside_its_one_owner_is_caught() -> None:
+    assert savepoint_violations("accounts/repository.py", "    with session.begin_nested():\n")
+    assert not savepoint_violations("jobs/repository.py", "    with session.begin_nested():\n")
 
 
 def test_every_route_endpoint_is_a_coroutine(tmp_path: Path) -> None:
