@@ -230,15 +230,19 @@ def prune_finished(session: Session, keep_s: float) -> int:
     return repo.delete_finished_before(session, _before(keep_s), PRUNE_BATCH)
 
 
-def requeue_unfinished(session: Session, max_attempts: int) -> list[tuple[str, int]]:
-    """Embedded start-up: this one process died with these jobs queued or running; all go back to queued,
-    except a running job on its last attempt: failed, as the reaper fails one (an attempt that kills the
-    process, e.g. out of memory, would otherwise be retried at every start: a crash loop)."""
-    out, now = [], _now()
+def requeue_unfinished(session: Session, stale_after_s: float, max_attempts: int) -> list[tuple[str, int]]:
+    """Embedded start-up: queued jobs are enqueued again (the in-process queue died with the last run); a running
+    job whose heartbeat went stale is taken over as the reaper does, except on its last attempt: failed (an attempt
+    that kills the process, e.g. out of memory, would otherwise be retried at every start: a crash loop). A running
+    job that still beats is another live process's (`oppu keys rotate-user`, `oppu train`, a second replica
+    without Redis): left to it, and to the reaper if that process stops."""
+    now, stale_before, out = _now(), _before(stale_after_s), []
     for job_id, attempts, status in repo.unfinished(session):
-        if status == "running" and attempts >= max_attempts:
-            repo.mark_failed(session, job_id, attempts, "the process died during its last attempt", now)
-        elif status == "queued" or repo.requeue(session, job_id, attempts, None, now):
+        if status == "queued":
+            out.append((job_id, attempts + 1))
+        elif attempts >= max_attempts:
+            repo.fail_stale(session, job_id, attempts, "the process died during its last attempt", stale_before, now)
+        elif repo.requeue_stale(session, job_id, attempts, stale_before, now):
             out.append((job_id, attempts + 1))
     return out
 

@@ -401,9 +401,9 @@ def _give_back(ctx: JobContext, job: ClaimedJob) -> None:
 
 
 def recover_in_process(ctx: JobContext) -> int:
-    """Embedded mode (one process): jobs left queued/running by a previous run are re-queued (those that were
-    on their last attempt fail)."""
+    """Embedded mode: jobs left queued, or running without a heartbeat, by a previous run are re-queued (those
+    that were on their last attempt fail); a job another live process runs is left to it."""
     with unit_of_work(ctx.session_factory) as session:
-        again = jobs.requeue_unfinished(session, ctx.settings.job_max_attempts)
+        again = jobs.requeue_unfinished(session, ctx.settings.job_stale_after_s, ctx.settings.job_max_attempts)
         _enqueue_after_commit(session, ctx.queue, again)
     return len(again)

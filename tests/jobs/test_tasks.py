@@ -549,11 +549,29 @@ def test_a_queued_job_whose_message_was_lost_is_enqueued_again_once_per_period(c
 def test_start_up_recovery_requeues_running_jobs_through_the_repository(ctx: JobContext) -> None:
     user = add_user(ctx.session_factory, "vic", qa(3))
     job_id = request(ctx, user)
-    set_running(ctx, job_id, heartbeat_age_s=0, attempts=1)
+    set_running(ctx, job_id, heartbeat_age_s=3600, attempts=1)
     queue = fake_queue(ctx)
     queue.enqueued.clear()
     assert tasks.recover_in_process(ctx) == 1
     assert queue.enqueued == [(job_id, 2)] and job_row(ctx, job_id).status == "queued"
+
+
+def test_start_up_recovery_leaves_a_job_that_another_live_process_runs(ctx: JobContext) -> None:
+    """`oppu keys rotate-user` (or a second replica without Redis) runs the job and beats: an embedded start
+    re-queued it anyway, so it ran twice at once and the CLI's attempt ended as JobGone (exit 1)."""
+    user = add_user(ctx.session_factory, "vic", qa(3))
+    job_id = request(ctx, user)
+    with unit_of_work(ctx.session_factory) as session:
+        claimed = jobs.claim(session, job_id, ctx.settings.job_stale_after_s)
+        assert claimed is not None
+        attempt = claimed.attempts
+    with unit_of_work(ctx.session_factory) as session:
+        assert jobs.heartbeat(session, job_id, 0.3, attempt=attempt)
+    queue = fake_queue(ctx)
+    queue.enqueued.clear()
+    assert tasks.recover_in_process(ctx) == 0 and queue.enqueued == []
+    with unit_of_work(ctx.session_factory) as session:  # the live attempt still owns its job
+        assert jobs.heartbeat(session, job_id, 0.4, attempt=attempt)
 
 
 def test_start_up_recovery_fails_a_job_that_was_on_its_last_attempt(ctx: JobContext) -> None:
@@ -561,7 +579,7 @@ def test_start_up_recovery_fails_a_job_that_was_on_its_last_attempt(ctx: JobCont
     OPPU_JOB_MAX_ATTEMPTS: a crash loop of the embedded server. It fails, as the reaper fails one."""
     user = add_user(ctx.session_factory, "wes", qa(3))
     job_id = request(ctx, user)
-    set_running(ctx, job_id, heartbeat_age_s=0, attempts=ctx.settings.job_max_attempts)
+    set_running(ctx, job_id, heartbeat_age_s=3600, attempts=ctx.settings.job_max_attempts)
     queue = fake_queue(ctx)
     queue.enqueued.clear()
     assert tasks.recover_in_process(ctx) == 0 and queue.enqueued == []
