@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.generation.prepare import ChatTurn, GenerationSpec, Personalization
 from service.generation.sampling import SamplingOptions
@@ -23,6 +23,13 @@ class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Annotated[str, Field(pattern="^(text|json_object|json_schema)$")]
     json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_only_with_its_type(self) -> ResponseFormat:
+        # A schema beside another type would be dropped without a word (the text is not held to it).
+        if self.json_schema is not None and self.type != "json_schema":
+            raise ValueError(f"json_schema is given with type {self.type!r}: use type 'json_schema'")
+        return self
 
 
 MAX_CANDIDATES = 32

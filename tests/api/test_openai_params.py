@@ -280,6 +280,20 @@ def test_generate_route_takes_stop_logprobs_and_response_format(env: tuple[TestC
     assert bad.status_code == 400
 
 
+def test_a_json_schema_beside_another_type_is_refused_not_dropped(env: tuple[TestClient, Any, Any]) -> None:
+    """{"type": "json_object", "json_schema": {...}} answered 200 with text not held to the schema."""
+    client, _, _ = env
+    key = create_user(client, "fmt-mix")
+    schema = {"name": "p", "schema": SCHEMA}
+    for kind in ("json_object", "text"):
+        fmt = {"type": kind, "json_schema": schema}
+        body = {"model": "personal", "messages": [{"role": "user", "content": "hi"}], "response_format": fmt}
+        r = client.post("/v1/chat/completions", json={**body, "max_tokens": 2}, headers=bearer(key))
+        assert r.status_code == 422 and "use type 'json_schema'" in r.text, r.text
+        gen = {"prompt": "hi", "max_new_tokens": 2, "response_format": fmt}
+        assert client.post("/users/fmt-mix/generate", json=gen, headers=bearer(key)).status_code == 422
+
+
 def test_top_logprobs_without_logprobs_is_refused_not_ignored(env: tuple[TestClient, Any, Any]) -> None:
     """It answered 200 with `logprobs: null` (OpenAI and vLLM refuse it); a validation error here, as every other."""
     client, _, _ = env
