@@ -20,6 +20,7 @@ SHARED_LORA_ALPHA = 8.0
 # The longest gap between a notice's insert and its transaction's commit that the outbox poll covers
 # (notices/outbox.COMMIT_LAG_S): notices must be kept at least that long after a poll could have read them.
 NOTICE_COMMIT_LAG_S = 60.0
+MAX_N = 8  # the most rows (OpenAI's `n`) one generate request may ask for; a user's queue share must hold them
 
 
 class Settings(BaseSettings):
@@ -205,6 +206,11 @@ class Settings(BaseSettings):
             raise ValueError("adapter_slots and batch_max_size must be >= 1")
         if self.max_batch_tokens < self.batch_max_size:
             raise ValueError("max_batch_tokens must be >= batch_max_size (one token per running row)")
+        if self.queue_per_user_max < MAX_N or self.queue_max < self.queue_per_user_max:
+            raise ValueError(
+                f"need {MAX_N} <= queue_per_user_max <= queue_max: a request's n (up to {MAX_N}) rows are queued at "
+                "once, and one that can never fit is a 429/503 for ever (clients retry it)"
+            )
         if self.default_max_new_tokens >= self.max_model_len:
             raise ValueError("max_model_len must be above default_max_new_tokens (a request needs a prompt token)")
         self._check_training_fits_adapter_limits()

@@ -13,7 +13,7 @@ import annotated_types
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings, describe_invalid
+from service.config import MAX_N, Settings, describe_invalid
 
 # Numbers whose every value is meaningful (a seed).
 UNBOUNDED = {"train_seed"}
@@ -61,6 +61,19 @@ def test_a_value_out_of_bounds_is_named_by_its_variable(
     with pytest.raises(ValidationError) as exc:
         Settings()
     assert f"  {variable}: " in describe_invalid(exc.value)
+
+
+@pytest.mark.parametrize(("per_user", "total"), [(MAX_N - 1, 256), (32, 31)])
+def test_a_queue_that_can_never_hold_a_request_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, per_user: int, total: int
+) -> None:
+    """A per-user share below n (up to MAX_N rows, queued at once) answered such requests 429 with Retry-After:
+    1 for ever, and SDKs retried them."""
+    monkeypatch.setenv("OPPU_QUEUE_PER_USER_MAX", str(per_user))
+    monkeypatch.setenv("OPPU_QUEUE_MAX", str(total))
+    with pytest.raises(ValidationError) as exc:
+        Settings()
+    assert f"need {MAX_N} <= queue_per_user_max <= queue_max" in describe_invalid(exc.value)
 
 
 def test_a_rule_between_settings_is_described_without_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:

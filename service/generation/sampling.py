@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from service.config import Settings
+from service.config import MAX_N, Settings
 from service.engine.types import SamplingParams
 from service.errors import BadRequest, Unprocessable
 from service.generation.grammar import GrammarCompiler
@@ -20,7 +20,6 @@ MIN_TOP_P = 1e-6
 MAX_STOPS = 4
 MAX_STOP_CHARS = 200
 MAX_LOGPROBS = 20
-MAX_N = 8
 MAX_LOGIT_BIAS = 300
 
 

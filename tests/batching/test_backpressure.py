@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import app_state, bearer, create_user, running_app
+from tests.conftest import app_state, bearer, builtin_engine, create_user, running_app
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +99,14 @@ def test_cancelled_streams_free_rows_and_pins(small_queue_app: TestClient) -> No
     assert engine.stats().waiting == 0 and engine.stats().slots_pinned == 0
 
 
-@pytest.mark.parametrize(("limits", "status"), [({"queue_max": 0}, 503), ({"queue_per_user_max": 0}, 429)])
+@pytest.mark.parametrize(("full", "status"), [("max_total", 503), ("max_per_tenant", 429)])
 def test_a_streamed_request_that_cannot_be_queued_is_a_plain_json_error_with_retry_after(
-    tmp_path: Path, tiny_model_path: Path, limits: dict[str, int], status: int
+    tmp_path: Path, tiny_model_path: Path, full: str, status: int
 ) -> None:
     """As a non-streamed one: the status a client or router can act on (not a 200 then an error event)."""
-    with running_app(tmp_path, tiny_model_path, **limits) as client:  # type: ignore[arg-type]
+    with running_app(tmp_path, tiny_model_path) as client:
+        # The queue as if full (settings cannot make it hold less than a request's n rows).
+        setattr(builtin_engine(client)._waiting, full, 0)
         key = create_user(client, "sia")
         own = {"prompt": "hi", "max_new_tokens": 2, "stream": True}
         openai = {"model": "personal", "prompt": "hi", "max_tokens": 2, "stream": True}

@@ -8,14 +8,13 @@ from typing import Any
 
 import pytest
 
-from service.config import Settings
+from service.config import MAX_N, Settings
 from service.errors import BadRequest, ServiceError, Unprocessable
 from service.generation.grammar import CompiledGrammar, GrammarCompiler
 from service.generation.sampling import (
     GREEDY_BELOW_TEMPERATURE,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
-    MAX_N,
     MAX_STOP_CHARS,
     MAX_STOPS,
     MIN_TOP_P,
