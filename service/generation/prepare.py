@@ -166,12 +166,24 @@ class Preparer:
         """The prompt's tokens with as much of the context the server adds as fits `budget` tokens: the
         lowest-ranked retrieved items go first, then the profile (they are capped in characters, and a
         character is up to a token or more in some scripts); what the caller sent is never cut (422 if it
-        alone does not fit). Returns the context actually used (the response lists those items)."""
-        ids = self._encode(spec, ctx)
-        while len(ids) > budget and (ctx.retrieved or ctx.profile is not None):
-            ctx = replace(ctx, retrieved=ctx.retrieved[:-1]) if ctx.retrieved else replace(ctx, profile=None)
-            ids = self._encode(spec, ctx)
-        return tuple(ids), ctx
+        alone does not fit). Returns the context actually used (the response lists those items).
+        A long prompt is encoded a few times, not once per item: the caller's text alone first (a prompt that
+        can never fit is refused after two encodes), then a binary search over how much context to keep."""
+        ids, levels = self._encode(spec, ctx), _context_levels(ctx)  # the most context first, none last
+        if len(ids) <= budget or len(levels) == 1:
+            return tuple(ids), ctx
+        ids = self._encode(spec, levels[-1])
+        lo, hi, best = 1, len(levels) - 1, (ids, levels[-1])
+        if len(ids) > budget:
+            return tuple(ids), levels[-1]
+        while lo < hi:  # levels[hi] fits; levels[lo - 1] does not
+            mid = (lo + hi) // 2
+            ids = self._encode(spec, levels[mid])
+            if len(ids) <= budget:
+                hi, best = mid, (ids, levels[mid])
+            else:
+                lo = mid + 1
+        return tuple(best[0]), best[1]
 
     def _encode(self, spec: GenerationSpec, ctx: _Context) -> list[int]:
         s = self.settings
@@ -188,6 +200,13 @@ class Preparer:
             return self.codec.encode_chat(_with_request(spec.prompt, request))
         except ChatTemplateRefused as exc:
             raise BadRequest(str(exc)) from exc
+
+
+def _context_levels(ctx: _Context) -> list[_Context]:
+    """`ctx` with less and less of the server's context: retrieved items dropped from the lowest-ranked, then
+    the profile."""
+    with_profile = [replace(ctx, retrieved=ctx.retrieved[:n]) for n in range(len(ctx.retrieved), -1, -1)]
+    return with_profile + ([replace(ctx, retrieved=[], profile=None)] if ctx.profile is not None else [])
 
 
 def tenant_of(spec: GenerationSpec) -> str:

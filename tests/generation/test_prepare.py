@@ -203,9 +203,7 @@ def test_retrieved_items_and_the_profile_frame_the_last_user_turn_of_a_chat(worl
         "This user's profile: Alice likes Italian food and mountains.\n\n"
         "Now answer as this user would.\nany pizza tips?\n"
     )
-    assert text == (
-        "<system>Be brief.\n<user>first question\n<assistant>first answer\n" + last_turn + "<assistant>"
-    )
+    assert text == ("<system>Be brief.\n<user>first question\n<assistant>first answer\n" + last_turn + "<assistant>")
 
 
 def test_a_chat_the_models_template_refuses_is_400_not_a_server_error(world: World) -> None:
@@ -229,6 +227,43 @@ def test_a_prompt_too_long_is_422_before_any_engine_call(world: World) -> None:
     assert world.engine.calls == []
 
 
+def test_context_that_does_not_fit_goes_lowest_ranked_first_in_a_few_encodes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt over the budget was encoded again after each dropped item (12 encodes of a 32k-character prompt
+    before its 422): now the caller's text alone, then a binary search over how much context to keep."""
+    query = "pizza weekend reviews"  # all three of alice's items match
+    full = Personalization(retrieval_k=3, use_profile=True)
+    ranked = world.prepare(world.alice, query, personalization=full, max_new_tokens=8).retrieved
+    assert len(ranked) == 3
+
+    def length(personalization: Personalization) -> int:
+        return len(
+            world.prepare(world.alice, query, personalization=personalization, max_new_tokens=8).request.prompt_ids
+        )
+
+    with_profile = {n: length(Personalization(retrieval_k=n, use_profile=True)) for n in range(4)}
+    bare = length(Personalization(retrieval_k=0, use_profile=False))
+    encodes: list[str] = []
+    real_encode = world.codec.encode_text
+
+    def counted(text: str) -> list[int]:
+        encodes.append(text)
+        return real_encode(text)
+
+    monkeypatch.setattr(world.codec, "encode_text", counted)
+    for kept, budget in [*((n, with_profile[n]) for n in range(4)), (None, bare)]:
+        encodes.clear()
+        prepared = world.prepare(world.alice, query, personalization=full, max_new_tokens=CONTEXT - budget)
+        text = world.codec.decode(list(prepared.request.prompt_ids))
+        assert prepared.retrieved == ranked[: kept or 0] and ("profile" in text) == (kept is not None)
+        assert len(prepared.request.prompt_ids) == budget and len(encodes) <= 4  # full, bare, then log2(5) at most
+    encodes.clear()
+    with pytest.raises(PromptTooLong):
+        world.prepare(world.alice, query, personalization=full, max_new_tokens=CONTEXT - bare + 1)
+    assert len(encodes) == 2  # the caller's text alone does not fit: refused at once
+
+
 def test_scoring_prefills_only_and_encodes_each_candidate_as_a_continuation(world: World) -> None:
     prepared = world.prepare(world.alice, "Rate it:", candidates=("4", "4.5"))
     row = prepared.request
@@ -250,6 +285,7 @@ def test_a_tenant_without_queue_room_is_refused_before_its_history_is_searched(
 ) -> None:
     """A user whose queue share is used up gets 429 before retrieval: a flood of their requests costs no BM25
     pass over their history each (the queue check used to come after it)."""
+
     def full(tenant: str, rows: int) -> None:
         raise TooManyRequests("your queue share is full")
 
