@@ -14,6 +14,7 @@ from pydantic_settings import SettingsError
 from sqlalchemy.engine import make_url
 
 from service.config import Settings, describe_invalid, get_settings
+from service.db.migrate import NotMigrated
 from service.errors import ServiceError
 
 if TYPE_CHECKING:
@@ -105,7 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             if user is None:
                 print(f"no such user: {args.user}", file=sys.stderr)
                 return 2
-            out, _ = jobs.request_job(session, ctx.queue, "user_retrain", user.storage_key, user.id)
+            out, _ = jobs.request_job(
+                session, ctx.queue, "user_retrain", user.storage_key, user.id, require_history=True
+            )
     job_id = out.job_id
     print(f"job {job_id}: training in the foreground")
     with tqdm(total=100, unit="%", desc="training") as bar:
@@ -423,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ServiceError as exc:  # the operator's input refused as an API client's would be (a user that exists)
         print(f"oppu: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except NotMigrated as exc:
+        print(f"oppu: {exc}", file=sys.stderr)
         return 2
     return result
 

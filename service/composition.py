@@ -28,6 +28,7 @@ from service.adapters.validation import BaseModelSpec, ValidationLimits
 from service.batching.tenant_gate import TenantGate
 from service.config import Settings, get_settings
 from service.data_rights import UserErased
+from service.db.migrate import check_migrated
 from service.db.models import SHARED_OWNER
 from service.db.session import Database, unit_of_work
 from service.engine.base import Engine, EngineFront
@@ -100,9 +101,15 @@ def ensure_admin_key(settings: Settings) -> Settings:
 def database(settings: Settings, seals: Sealer | None = None) -> Database:
     """The main database; every session carries the sealer (its repositories seal and open user data)."""
     seals = seals if seals is not None else sealer(settings)
-    return Database.open(
+    db = Database.open(
         settings.resolved_database_url, sqlite_synchronous=settings.sqlite_synchronous, info=session_info(seals)
     )
+    try:
+        check_migrated(db.engine)
+    except BaseException:
+        db.dispose()
+        raise
+    return db
 
 
 def sealer_of(db: Database) -> Sealer:

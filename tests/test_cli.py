@@ -154,8 +154,14 @@ def test_operator_mistakes_are_one_line_and_exit_2_not_a_traceback(
     monkeypatch.setenv("OPPU_DATA_DIR", str(tmp_path / "data"))
     get_settings.cache_clear()
     try:
+        # Never migrated: each command that reads the database was an OperationalError traceback (no such table)
+        for command in (["create-user", "alice"], ["keys", "status"], ["train", "--user", "alice"]):
+            assert main(command) == 2
+            assert "run `oppu migrate`" in capsys.readouterr().err
         assert main(["migrate"]) == 0
         assert main(["create-user", "alice"]) == 0
+        assert main(["train", "--user", "alice"]) == 2  # no history: refused as the API refuses it (409)
+        assert "no_history" in capsys.readouterr().err
         assert main(["create-user", "alice"]) == 2  # exists: was a Conflict traceback
         assert main(["create-user", "bad/id"]) == 2
         assert main(["eval", "movielens", "--out", str(tmp_path / "r.json"), "--set", "bogus=1"]) == 2

@@ -10,14 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Double, Float, inspect
+from sqlalchemy import Double, Float, inspect, text
 
 from service.db import models  # noqa: F401  (registers every table on the metadata)
 from service.db.base import Base
-from service.db.migrate import alembic_config, downgrade, upgrade
+from service.db.migrate import NotMigrated, alembic_config, check_migrated, downgrade, upgrade
 from service.db.session import make_engine
 from tests.conftest import _pg_fresh_schema_url
 
@@ -138,3 +139,19 @@ def test_replicas_migrating_one_fresh_postgres_database_at_once_all_succeed(tmp_
             failed = [out[-800:] for p, out in zip(procs, outputs, strict=True) if p.returncode != 0]
             assert not failed, failed
             assert schema_diff(url) == []
+
+
+def test_only_a_database_at_the_head_or_past_it_is_used(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    engine = make_engine(url)
+    with pytest.raises(NotMigrated, match=r"no schema.*run `oppu migrate`"):
+        check_migrated(engine)
+    upgrade(url, "0007")
+    with pytest.raises(NotMigrated, match=r"0007.*run `oppu migrate`"):
+        check_migrated(engine)
+    upgrade(url)
+    check_migrated(engine)
+    with engine.begin() as conn:  # a newer release migrated it (a rolling upgrade): used, with a warning
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_from_the_future'"))
+    check_migrated(engine)
+    engine.dispose()
