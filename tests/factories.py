@@ -57,7 +57,7 @@ class FakeCodec(PromptCodec):
     (so one non-ASCII character spans several tokens, as with the real byte-level BPE), EOS ends a turn (the
     only stop token), BOS starts every encoded prompt. Decoding replaces an incomplete UTF-8 sequence with
     U+FFFD, as Hugging Face tokenizers do. Implements what the request path uses: encode_text, encode_chat,
-    encode_continuation, decode, token_text, stop_ids and vocab_size."""
+    encode_continuation, decode, token_bytes (token_text follows), stop_ids, vocab_size."""
 
     EOS = 256
     BOS = 257
@@ -85,12 +85,12 @@ class FakeCodec(PromptCodec):
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
 
-    def token_text(self, token_id: int) -> str:
+    def token_bytes(self, token_id: int) -> bytes:
         if token_id == self.EOS:
-            return "<eos>"
+            return b"<eos>"
         if token_id == self.BOS:
-            return "<bos>"
-        return self.decode([token_id])
+            return b"<bos>"
+        return bytes([token_id]) if token_id < 256 else b""
 
 
 class FakeEngine:

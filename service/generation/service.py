@@ -54,7 +54,8 @@ class Completion:
 class Delta:
     index: int  # the row, when n > 1
     text: str
-    tokens: list[TokenOut]  # the tokens whose text starts in this delta (for streamed logprobs)
+    tokens: list[TokenOut]  # the tokens whose text starts in this delta (for streamed logprobs); the last
+    # delta of a row may have no text and only tokens (those that decode to nothing, e.g. special tokens)
 
 
 Part = Delta | Completion
@@ -88,8 +89,9 @@ async def _row(preparer: Preparer, prepared: PreparedRequest, index: int) -> Asy
                 break
     finally:
         await events.aclose()
-    if tail := text.finish():
-        yield Delta(index, tail, text.take_tokens())
+    tail = text.finish()
+    if (held := text.take_tokens()) or tail:  # text-less tokens too: streamed logprobs hold every token
+        yield Delta(index, tail, held)
     yield Completion(text.text, text.tokens, generated, prompt_tokens, reason, prepared, index)
 
 
@@ -176,7 +178,7 @@ async def generate_sse(
                     if out["logprobs"] is None:
                         del out["logprobs"]
                     yield f"event: done\ndata: {json.dumps(out)}\n\n"
-                else:
+                elif part.text:  # a text-less delta only carries streamed logprobs, which come with `done` here
                     yield f"data: {json.dumps({'text': part.text})}\n\n"
         except Exception as exc:  # headers are already sent: report in-band, never a traceback
             yield f"event: error\ndata: {json.dumps(error_event(exc))}\n\n"

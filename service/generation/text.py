@@ -27,7 +27,9 @@ class RowText:
         self._sent = 0
         self._cut: int | None = None
         self._taken = 0
-        self.tokens: list[TokenOut] = []
+        self._finished = False
+        self._events: list[TokenEvent] = []
+        self.tokens: list[TokenOut] = []  # those whose text is decoded (a stop string's are cut)
 
     @property
     def stopped(self) -> bool:
@@ -40,14 +42,25 @@ class RowText:
 
     def push(self, event: TokenEvent) -> str:
         """Records a token; returns the text that can be sent now (never part of a possible stop string)."""
-        self.tokens.append(TokenOut(event.token_id, len(self._stream.text), event.logprob, event.top))
+        self._events.append(event)
         self._stream.push(event.token_id)
+        self._place_tokens()
         return self._advance(final=False)
 
     def finish(self) -> str:
-        """The row ended: the rest of the text (a trailing partial character, held-back characters)."""
+        """The row ended: the rest of the text (a trailing partial character, held-back characters); every
+        token left is then given by `take_tokens`, text-less ones too."""
         self._stream.flush()
+        self._place_tokens()
+        self._finished = True
         return self._advance(final=True)
+
+    def _place_tokens(self) -> None:
+        """Tokens whose text is out of the stream (so their offsets are known) join `tokens`."""
+        offsets = self._stream.offsets
+        while self._cut is None and len(self.tokens) < len(offsets):
+            event = self._events[len(self.tokens)]
+            self.tokens.append(TokenOut(event.token_id, offsets[len(self.tokens)], event.logprob, event.top))
 
     def _advance(self, *, final: bool) -> str:
         if self._cut is not None:
@@ -64,8 +77,9 @@ class RowText:
         return delta
 
     def take_tokens(self) -> list[TokenOut]:
-        """The tokens whose text starts in what has been sent, not yet taken (streamed logprobs)."""
-        end = self._taken
+        """The tokens whose text starts in what has been sent, not yet taken (streamed logprobs); after `finish`,
+        all the rest (so that streamed logprobs hold every token, those with no text too)."""
+        end = len(self.tokens) if self._finished else self._taken
         while end < len(self.tokens) and self.tokens[end].offset < self._sent:
             end += 1
         taken, self._taken = self.tokens[self._taken : end], end

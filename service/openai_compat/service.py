@@ -201,12 +201,13 @@ class _Format:
         return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     def logprobs(self, tokens: list[TokenOut], base_offset: int = 0) -> dict[str, Any]:
+        """A token shows as its own bytes: `bytes` exactly, `token` as text with bytes that are not UTF-8 on their
+        own (part of a character) as `\\xNN` escapes, as OpenAI shows them."""
         text = self.codec.token_text
         if self.chat:
 
             def entry(token_id: int, lp: float) -> dict[str, Any]:
-                piece = text(token_id)
-                return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+                return {"token": text(token_id), "logprob": lp, "bytes": list(self.codec.token_bytes(token_id))}
 
             content = [
                 {**entry(t.token_id, t.logprob or 0.0), "top_logprobs": [entry(x.token_id, x.logprob) for x in t.top]}
@@ -265,7 +266,7 @@ class _Format:
                 if isinstance(part, Completion):
                     done.append(part)
                     yield self._chunk(part.index, None, _finish(part.finish_reason), None)
-                else:
+                elif part.text or logprobs:  # a text-less delta only carries its tokens' logprobs
                     lp = self.logprobs(part.tokens) if logprobs else None  # token offsets are row-absolute
                     yield self._chunk(part.index, part.text, None, lp)
             if include_usage and done:

@@ -423,18 +423,23 @@ def test_a_token_without_a_logprob_shows_zero() -> None:
     assert (entry["logprob"], entry["top_logprobs"]) == (0.0, [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: `bytes` is the UTF-8 of the token's decoded text, so a token holding part of a character "
-    "shows U+FFFD's bytes instead of its own (the codec offers no token bytes); OpenAI clients join `bytes` to "
-    "rebuild such characters",
-)
 def test_chat_logprob_bytes_of_a_token_holding_part_of_a_character_are_its_own() -> None:
     first, second = CODEC.ids("é")
     tokens = [TokenOut(first, 0, -0.1, ()), TokenOut(second, 0, -0.1, ())]
     done = Completion("é", tokens, 2, 3, "stop", prepared(1, 0), 0)
     content = fmt(True).response([done])["choices"][0]["logprobs"]["content"]
-    assert [e["bytes"] for e in content] == [[first], [second]]
+    assert [e["bytes"] for e in content] == [[first], [second]]  # OpenAI clients join them to rebuild "é"
+    assert [e["token"] for e in content] == ["\\xc3", "\\xa9"]  # as OpenAI shows such tokens, never U+FFFD
+
+
+def test_text_top_logprobs_keep_different_partial_character_tokens_apart() -> None:
+    first, second = CODEC.ids("é")
+    top = (TokenLogprob(first, -0.1), TokenLogprob(CODEC.ids("€")[0], -0.2))  # both read U+FFFD decoded alone
+    tokens = [TokenOut(first, 0, -0.1, top), TokenOut(second, 0, -0.3, ())]
+    done = Completion("é", tokens, 2, 3, "stop", prepared(1, 2), 0)
+    lp = fmt(False).response([done])["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["\\xc3", "\\xa9"]
+    assert lp["top_logprobs"][0] == {"\\xc3": -0.1, "\\xe2": -0.2}
 
 
 def test_text_logprobs_are_parallel_lists_with_offsets() -> None:
@@ -523,6 +528,20 @@ def test_streamed_logprobs_carry_row_absolute_offsets() -> None:
     assert out[2]["choices"][0]["logprobs"]["tokens"] == ["c"]
     chat = payloads(events(fmt(True), parts_of(parts[:1]), 1, False, True))
     assert [e["token"] for e in chat[1]["choices"][0]["logprobs"]["content"]] == ["a", "b"]
+
+
+def test_a_text_less_delta_is_a_chunk_only_for_its_logprobs() -> None:
+    eos = TokenOut(FakeCodec.EOS, 2, -0.5, ())
+    parts: list[Delta | Completion] = [Delta(0, "ok", [token("o", 0), token("k", 1)]), Delta(0, "", [eos])]
+    out = payloads(events(fmt(False), parts_of(parts), 1, False, True))
+    assert out[2]["choices"][0]["text"] == ""
+    assert out[2]["choices"][0]["logprobs"]["tokens"] == ["<eos>"]
+    assert out[2]["choices"][0]["logprobs"]["text_offset"] == [2]
+    chat = payloads(events(fmt(True), parts_of(parts), 1, False, True))
+    assert chat[2]["choices"][0]["delta"] == {}
+    assert [e["token"] for e in chat[2]["choices"][0]["logprobs"]["content"]] == ["<eos>"]
+    without = payloads(events(fmt(True), parts_of(parts), 1, False, False))
+    assert len(without) == 2  # the opening chunk and "ok": nothing to send for the text-less delta
 
 
 def test_an_error_after_the_first_byte_is_an_in_band_event_then_done() -> None:
