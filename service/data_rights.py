@@ -32,22 +32,28 @@ def _iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
-def _write_keys_and_jobs(session: Session, user: UserRef, zf: zipfile.ZipFile) -> tuple[list[object], list[object]]:
-    """keys.json (metadata only: the key is never stored, its hash stays with us) and jobs.json."""
+JOB_FIELDS = ("job_id", "kind", "status", "adapter_version", "error", "created_at", "finished_at")
+
+
+def _write_keys_and_jobs(session: Session, user: UserRef, zf: zipfile.ZipFile) -> tuple[int, int]:
+    """keys.json (metadata only: the key is never stored, its hash stays with us) and jobs.json, a JSON array
+    written a row at a time (an owner may have many); returns how many of each."""
     keys: list[object] = [
         {"prefix": k.prefix, "created_at": _iso(k.created_at), "revoked_at": _iso(k.revoked_at)}
         for k in account_repo.keys_of(session, user.pk)
     ]
     zf.writestr("keys.json", json.dumps(keys, indent=2))
-    jobs: list[object] = [
-        {
-            "job_id": j.id, "kind": j.kind, "status": j.status, "adapter_version": j.adapter_version,
-            "error": j.error, "created_at": _iso(j.created_at), "finished_at": _iso(j.finished_at),
-        }
-        for j in job_repo.of_owner(session, user.storage_key)
-    ]  # fmt: skip
-    zf.writestr("jobs.json", json.dumps(jobs, indent=2))
-    return keys, jobs
+    jobs = 0
+    with zf.open("jobs.json", "w") as fh:
+        fh.write(b"[")
+        for row in job_repo.iter_of_owner(session, user.storage_key):
+            values = [_iso(v) if isinstance(v, datetime) else v for v in row]
+            fh.write(
+                (",\n " if jobs else "\n ").encode() + json.dumps(dict(zip(JOB_FIELDS, values, strict=True))).encode()
+            )
+            jobs += 1
+        fh.write(b"\n]\n")
+    return len(keys), jobs
 
 
 def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO[bytes]) -> None:
@@ -93,8 +99,8 @@ def export_archive(session: Session, ctx: AdapterContext, user: UserRef, out: IO
             "history_items": lines,
             "has_profile": profile is not None,
             "adapter_versions": versions,
-            "api_keys": len(keys),
-            "training_jobs": len(jobs),
+            "api_keys": keys,
+            "training_jobs": jobs,
         }
         zf.writestr("manifest.json", json.dumps(manifest, indent=2))
 

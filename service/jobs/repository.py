@@ -11,6 +11,7 @@ queued | running -> cancelled.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
@@ -205,6 +206,11 @@ def mean_durations(session: Session) -> dict[str, float]:
     return {status: float(mean) for status, mean in rows if mean is not None}
 
 
-def of_owner(session: Session, owner_key: str) -> list[Job]:
-    """Every training job of one owner, oldest first (the user's export)."""
-    return list(session.scalars(select(Job).where(Job.owner_key == owner_key).order_by(Job.created_at)))
+def iter_of_owner(session: Session, owner_key: str, *, page: int = 500) -> Iterator[tuple[Any, ...]]:
+    """Every job of one owner, oldest first, as (id, kind, status, adapter_version, error, created_at,
+    finished_at) rows read a page at a time (the user's export: finished jobs are kept for OPPU_JOB_KEEP_S, and
+    an owner rotating their data key in a loop makes ~10k a day)."""
+    columns = (Job.id, Job.kind, Job.status, Job.adapter_version, Job.error, Job.created_at, Job.finished_at)
+    stmt = select(*columns).where(Job.owner_key == owner_key).order_by(Job.created_at, Job.id)
+    for row in session.execute(stmt.execution_options(yield_per=page)):
+        yield tuple(row)

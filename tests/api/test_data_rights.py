@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, insert, select
 
 from service.db.models import Adapter, AdapterHead, ApiKey, HistoryItem, Job, Profile, User
 from tests.conftest import admin_headers, app_state, bearer, builtin_engine, create_user, running_app
@@ -75,6 +76,31 @@ def _create(client: TestClient, user_id: str) -> tuple[str, str]:
     r = client.post("/admin/users", json={"user_id": user_id}, headers=admin_headers())
     assert r.status_code == 201, r.text
     return r.json()["api_key"], r.json()["recovery_code"]
+
+
+def test_an_export_writes_every_job_of_the_owner_a_page_at_a_time(client: TestClient, db_url: str) -> None:
+    """jobs.json was one list of every kept job row, dumped at once (200k rows: +224 MiB in the process)."""
+    key = create_user(client, "jobby")
+    create_user(client, "other")
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        owners = dict(conn.execute(select(User.user_id, User.storage_key)).all())
+        start = datetime(2026, 1, 1, tzinfo=UTC)
+        rows = [
+            {
+                "id": f"0000000{k}-0000-4000-8000-{i:012d}", "kind": "key_rotation", "owner_key": owners[user],
+                "status": "succeeded", "created_at": start + timedelta(seconds=i), "finished_at": start,
+                "progress": 1.0, "attempts": 1,
+            }
+            for k, (user, n) in enumerate((("jobby", 1_234), ("other", 7))) for i in range(n)
+        ]  # fmt: skip
+        conn.execute(insert(Job), rows)
+    engine.dispose()
+    zf = zipfile.ZipFile(io.BytesIO(client.get("/users/jobby/export", headers=bearer(key)).content))
+    jobs = json.loads(zf.read("jobs.json"))
+    assert [j["job_id"] for j in jobs] == [r["id"] for r in rows[:1_234]]  # the owner's only, oldest first
+    assert jobs[0]["created_at"] == start.isoformat() and jobs[0]["error"] is None
+    assert json.loads(zf.read("manifest.json"))["training_jobs"] == 1_234
 
 
 def test_rotate_and_revoke(client: TestClient) -> None:
