@@ -173,10 +173,7 @@ def choose(decoders: list[RowDecoder], logits: torch.Tensor) -> list[Choice | Ge
             out.append(GenerationFailed.non_finite())
             continue
         try:
-            if dec.plain and dec.generator is None:
-                token = argmax[i]
-            else:  # a plain row has nothing to process: skip process()'s copy of its logits
-                token = dec.pick(logits[i] if dec.plain else dec.process(logits[i]))
+            token = argmax[i] if dec.plain and dec.generator is None else dec.pick(dec.process(logits[i]))
             k = dec.params.logprobs
             lp, top = _logprobs(logits[i], token, k) if k is not None else (None, ())
             out.append(Choice(token, lp, top))
