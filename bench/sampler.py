@@ -2,13 +2,14 @@
 thread (the engine thread's share). `--old PATH` also times another sampler.py (e.g. `git show
 HEAD~1:service/engine/builtin/sampler.py > /tmp/old_sampler.py`), alternating with this one in one process.
 
-    python -m bench.sampler [--old /tmp/old_sampler.py] [--repeats 5] [--steps 20]
+    python -m bench.sampler [--old /tmp/old_sampler.py] [--repeats 5] [--steps 20] [--out results/sampler.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bench.machine import machine_record
 from service.engine.builtin import sampler
 from service.engine.types import SamplingParams
 
@@ -66,10 +68,12 @@ def main() -> None:
     parser.add_argument("--old")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", help="write the medians as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     modules = {"new": sampler} | ({"old": load(args.old)} if args.old else {})
     gen = torch.Generator().manual_seed(0)
+    results: list[dict[str, Any]] = []
     # scale 4: a model-like peak (top_p 0.9 keeps ~120 tokens); scale 2: flat (~11k, past top_p's topk).
     for scale in (4.0, 2.0):
         logits = torch.randn(ROWS, VOCAB, generator=gen) * scale
@@ -80,6 +84,19 @@ def main() -> None:
                     times[name].append(per_step_ms(module, options, logits, args.steps))
             cells = "  ".join(f"{name} {statistics.median(t):7.2f} ms" for name, t in times.items())
             print(f"scale {scale:.0f}  {mix:42s} {cells}", flush=True)
+            medians = {f"{name}_ms_per_step": round(statistics.median(t), 3) for name, t in times.items()}
+            results.append({"logit_scale": scale, "mix": mix, **medians})
+    if args.out:
+        record = {
+            "bench": "sampler choose(), 8 rows x 49,152 vocab, 1 thread, median of repeats",
+            "machine": machine_record("float32"),
+            "old": args.old,
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "results": results,
+        }
+        with open(args.out, "w") as fh:
+            json.dump(record, fh, indent=2)
 
 
 if __name__ == "__main__":
