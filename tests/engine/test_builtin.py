@@ -21,8 +21,9 @@ from service.adapters.slots import LoraSlots
 from service.engine import base as engine_base
 from service.engine.base import Started
 from service.engine.builtin import engine as builtin_engine
-from service.engine.builtin import sampler
+from service.engine.builtin import executor, sampler
 from service.engine.builtin.engine import SLOT_WAIT_STEPS, BuiltinEngine
+from service.engine.builtin.executor import decode_groups
 from service.engine.builtin.scheduler import Row
 from service.engine.types import AdapterRef, EngineRequest, Finished, SamplingParams, StepInfo, TokenEvent
 from service.errors import (
@@ -168,7 +169,10 @@ def check_against(model: Any, ids: list[int], new: int, got: Outcome) -> None:
 
 def _mixed_rows_equal_peft(s: Setup, engine: BuiltinEngine) -> None:
     rows = [(prompt(k, 3 + 7 * k), 4 + 3 * k, s.refs[k % 6] if k % 7 else None) for k in range(14)]
+    _rows_equal_peft(s, engine, rows)
 
+
+def _rows_equal_peft(s: Setup, engine: BuiltinEngine, rows: list[tuple[list[int], int, AdapterRef | None]]) -> None:
     async def main() -> list[Outcome]:
         tasks = []
         for k, (ids, new, ref) in enumerate(rows):
@@ -189,6 +193,35 @@ def test_mixed_rows_joining_and_leaving_equal_peft_row_by_row(setup: Setup) -> N
     _mixed_rows_equal_peft(setup, setup.engine)
     assert any(s.decode_rows and s.prefill_tokens for s in setup.steps), "prefill was never interleaved with decode"
     assert max(s.tokens for s in setup.steps) <= BUDGET
+
+
+def test_decode_rows_of_very_different_lengths_equal_peft_row_by_row(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Contexts of 4..240 tokens decoding side by side, joining and leaving, mixed adapters: the decode rows are
+    attended in several calls (one per group of similar length) and each row's tokens are still its solo ones."""
+    monkeypatch.setattr(executor, "DECODE_CALL_COST", 8)  # contexts this short would otherwise share one call
+    monkeypatch.setattr(executor, "DECODE_LANE_COST", 0)
+    groups: list[int] = []
+
+    def spy(lanes: list[int], lengths: list[int]) -> list[list[int]]:
+        out = decode_groups(lanes, lengths)
+        groups.append(len(out))
+        return out
+
+    monkeypatch.setattr(executor, "decode_groups", spy)
+    lengths = [(200, 30), (3, 40), (150, 20), (6, 36), (230, 8), (12, 28), (90, 24), (4, 12), (170, 40), (25, 16)]
+    rows = [(prompt(k, n), new, setup.refs[k % 6] if k % 4 else None) for k, (n, new) in enumerate(lengths)]
+    _rows_equal_peft(setup, setup.engine, rows)
+    assert max(groups) > 1, "the decode rows were never split"
+
+
+def test_decode_groups_split_a_long_row_off_and_keep_similar_rows_together() -> None:
+    assert decode_groups([0, 1, 2, 3], [120, 130, 125, 128]) == [[0, 1, 2, 3]]
+    assert decode_groups([0, 1, 2, 3], [120, 1900, 125, 128]) == [[0, 2, 3], [1]]
+    # the long rows' lane range would pad the lane between them at 2000 keys: each gets a call of its own
+    assert decode_groups([0, 1, 2, 3], [64, 2000, 64, 2000]) == [[0, 2], [1], [3]]
+    assert decode_groups([], []) == []
 
 
 def test_on_packed_weights_mixed_rows_equal_peft_row_by_row(setup: Setup) -> None:

@@ -2,7 +2,7 @@
 
 A running row owns one lane from admission to its end, so its KV memory is reserved up front and bounded:
 lanes x capacity x bytes_per_token in all (`bytes`). Lanes are allocated lowest-first, so busy lanes stay
-packed at the front and a decode step attends over one slice of lanes without copying. Memory comes from
+packed at the front and a decode attention call reads one slice of lanes without copying. Memory comes from
 torch.empty (the OS commits pages only when written); the region each attention reads beyond a row's own
 length is zeroed first, and a released lane is zeroed where its row wrote, so a hostile row's NaN can never
 reach the next occupant or a neighbour's masked-out positions.
@@ -53,9 +53,9 @@ class KVLanes:
         self._free.append(lane)
         self._free.sort(reverse=True)
 
-    def ensure_clean(self, lanes: int, length: int) -> None:
-        """Lanes [0, lanes) hold finite values up to `length` (a decode step reads that far in each)."""
-        for lane in range(lanes):
+    def ensure_clean(self, lo: int, hi: int, length: int) -> None:
+        """Lanes [lo, hi) hold finite values up to `length` (a decode attention call reads that far in each)."""
+        for lane in range(lo, hi):
             start = self._clean_to[lane]
             if start < length:
                 for k, v in zip(self.k, self.v, strict=True):
