@@ -11,7 +11,7 @@ its own, as the server's engine thread), or `worker-idle-pool` (the same while t
 OpenMP pool, as a thread that loaded the model did before service/inference/threads.py). JSON to stdout (and
 --out). Usage:
   .venv/bin/python bench/engine_step.py [--dtype bfloat16|float32] [--rows 12] [--thread main] [--packed auto|off]
-      [--out FILE]
+      [--long-row 1900] [--out FILE]
 """
 
 from __future__ import annotations
@@ -75,16 +75,18 @@ def linear_us(dtype: torch.dtype, out_f: int, rows: int = 16, weights: int = 60)
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def decode_batch(rows: int, context: int) -> StepBatch:
+def decode_batch(rows: int, context: int, long_row: int = 0) -> StepBatch:
     positions = [context + i for i in range(rows)]
+    if long_row:  # one row of another tenant with a long context beside the others
+        positions[-1] = long_row
     return StepBatch(
         [100 + i for i in range(rows)], positions, list(range(rows)), positions, list(range(1, rows + 1)), [],
         list(range(rows)),
     )  # fmt: skip
 
 
-def mixed_batch(rows: int, context: int, chunk: int) -> StepBatch:
-    d = decode_batch(rows, context)
+def mixed_batch(rows: int, context: int, chunk: int, long_row: int = 0) -> StepBatch:
+    d = decode_batch(rows, context, long_row)
     lane = rows
     c = Chunk(start=rows, length=chunk, lane=lane, pos=0, slot=SLOTS)
     return StepBatch(
@@ -101,6 +103,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--thread", default="main", choices=["main", "worker", "worker-idle-pool"])
     parser.add_argument("--packed", default="auto", choices=["auto", "off"], help="OPPU_PACKED_WEIGHTS")
+    parser.add_argument("--long-row", type=int, default=0, help="the last decode row's context (0: like the rest)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.thread == "main":
@@ -141,13 +144,13 @@ def measure(args: argparse.Namespace) -> None:
     cfg = model.config
     kv = KVLanes(
         layers=int(cfg.num_hidden_layers), lanes=SLOTS + 1, kv_heads=int(cfg.num_key_value_heads),
-        head_dim=head_dim(cfg), capacity=1024, device=loaded.device, dtype=dtype,
+        head_dim=head_dim(cfg), capacity=max(1024, args.long_row + 300), device=loaded.device, dtype=dtype,
     )  # fmt: skip
     ex = Executor(model, kv, slots)
     packed = args.packed == "auto" and can_pack(loaded.device, dtype)
     if packed:  # as BuiltinEngine does: after the slots wrapped their Linears
         PackedLinears(model)
-    decode, mixed = decode_batch(args.rows, 200), mixed_batch(args.rows, 200, 256)
+    decode, mixed = decode_batch(args.rows, 200, args.long_row), mixed_batch(args.rows, 200, 256, args.long_row)
     decode_s = timed(lambda: ex.forward(decode), args.repeat)
     mixed_s = timed(lambda: ex.forward(mixed), max(5, args.repeat // 4))
     peak_small, peak_large = matmul_peak(dtype, 16), matmul_peak(dtype, 512)
@@ -160,6 +163,7 @@ def measure(args: argparse.Namespace) -> None:
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     report: dict[str, Any] = {
         "bench": "engine_step", "model": loaded.name, "params_in_matmuls": params, "rows": args.rows,
+        "long_row_context": args.long_row,
         "thread": args.thread, "packed_weights": packed,
         "machine": machine_record(args.dtype), "date": time.strftime("%Y-%m-%d %H:%M"),
         "matmul_peak_gflops": {"m16": round(peak_small, 1), "m512": round(peak_large, 1)},
