@@ -169,8 +169,9 @@ class Preparer:
         alone does not fit). Returns the context actually used (the response lists those items).
         A long prompt is encoded a few times, not once per item: the caller's text alone first (a prompt that
         can never fit is refused after two encodes), then a binary search over how much context to keep."""
-        ids, levels = self._encode(spec, ctx), _context_levels(ctx)  # the most context first, none last
-        if len(ids) <= budget or len(levels) == 1:
+        ids = self._encode(spec, ctx)
+        levels = _context_levels(ctx) if len(ids) > budget else []  # the most context first, none last
+        if len(levels) <= 1:  # it fits, or there is no context to drop
             return tuple(ids), ctx
         ids = self._encode(spec, levels[-1])
         lo, hi, best = 1, len(levels) - 1, (ids, levels[-1])

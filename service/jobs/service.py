@@ -202,13 +202,15 @@ def cancel(session: Session, job_id: str) -> JobOut:
     return get(session, job_id)
 
 
-def requeue_stale(session: Session, stale_after_s: float, max_attempts: int) -> tuple[list[tuple[str, int]], int]:
+def requeue_stale(
+    session: Session, stale_after_s: float, max_attempts: int, error: str = "worker died too many times"
+) -> tuple[list[tuple[str, int]], int]:
     """Running jobs whose worker stopped heart-beating: back to queued (marked; the caller enqueues each
-    (id, attempt) returned after the commit), or failed past max attempts (counted)."""
+    (id, attempt) returned after the commit), or failed with `error` past max attempts (counted)."""
     now, stale_before, out, failed = _now(), _before(stale_after_s), [], 0
     for job_id, attempts in repo.stale_running(session, stale_before):
         if attempts >= max_attempts:
-            failed += repo.fail_stale(session, job_id, attempts, "worker died too many times", stale_before, now)
+            failed += repo.fail_stale(session, job_id, attempts, error, stale_before, now)
         elif repo.requeue_stale(session, job_id, attempts, stale_before, now):
             out.append((job_id, attempts + 1))
     return out, failed
@@ -236,15 +238,9 @@ def requeue_unfinished(session: Session, stale_after_s: float, max_attempts: int
     that kills the process, e.g. out of memory, would otherwise be retried at every start: a crash loop). A running
     job that still beats is another live process's (`oppu keys rotate-user`, `oppu train`, a second replica
     without Redis): left to it, and to the reaper if that process stops."""
-    now, stale_before, out = _now(), _before(stale_after_s), []
-    for job_id, attempts, status in repo.unfinished(session):
-        if status == "queued":
-            out.append((job_id, attempts + 1))
-        elif attempts >= max_attempts:
-            repo.fail_stale(session, job_id, attempts, "the process died during its last attempt", stale_before, now)
-        elif repo.requeue_stale(session, job_id, attempts, stale_before, now):
-            out.append((job_id, attempts + 1))
-    return out
+    queued = [(job_id, attempts + 1) for job_id, attempts, status in repo.unfinished(session) if status == "queued"]
+    taken_over, _ = requeue_stale(session, stale_after_s, max_attempts, "the process died during its last attempt")
+    return queued + taken_over
 
 
 def stopped(session: Session, job_id: str, attempt: int) -> bool:
