@@ -10,7 +10,7 @@ from service.adapters import service
 from service.adapters.schemas import AdapterOut, AdapterVersionsOut, RollbackIn
 from service.adapters.uploads import gated_file, spool
 from service.api.routing import WholeThreadRoute
-from service.deps import AdaptersDep, AdminUserDep, SessionDep, StateDep, UserDep
+from service.deps import AdaptersDep, AdminUserDep, CallerDep, SessionDep, StateDep, UserDep
 from service.errors import AUTH_ERRORS, error_responses
 from service.threads import run_to_its_end
 
@@ -37,6 +37,7 @@ def list_adapter_versions(user: UserDep, session: SessionDep) -> AdapterVersions
 )
 def download_adapter(
     user: UserDep,
+    caller: CallerDep,
     session: SessionDep,
     adapters: AdaptersDep,
     state: StateDep,
@@ -46,8 +47,9 @@ def download_adapter(
         number = service.download(session, adapters, user.storage_key, version, out)
         return f"adapter-{user.user_id}-v{number}.zip"
 
-    # 429 while this user's (or the server's) downloads are busy; streamed from a temp file on disk
-    return gated_file(state.downloads, user.storage_key, write)
+    # 429 while this user's (or the server's) downloads are busy; streamed from a temp file on disk; a revoked
+    # key (rotation, erase) ends it
+    return gated_file(state.downloads, user.storage_key, write, ends=state.streams.watch(caller.key_hash))
 
 
 @router.put(

@@ -56,14 +56,16 @@ class RevokedOut(BaseModel):
         **error_responses(507),
     },
 )
-def export_user(user: UserDep, session: SessionDep, adapters: AdaptersDep, state: StateDep) -> Response:
+def export_user(
+    user: UserDep, caller: CallerDep, session: SessionDep, adapters: AdaptersDep, state: StateDep
+) -> Response:
     def write(out: IO[bytes]) -> str:
         data_rights.export_archive(session, adapters, user, out)
         return f"oppu-export-{user.user_id}.zip"
 
     # Behind the download gate (429 while this user's, or the server's, downloads are busy); written to a temp
-    # file and streamed from it: an export never sits in memory whole.
-    return gated_file(state.downloads, user.storage_key, write)
+    # file and streamed from it: an export never sits in memory whole; a revoked key (rotation, erase) ends it.
+    return gated_file(state.downloads, user.storage_key, write, ends=state.streams.watch(caller.key_hash))
 
 
 def get_erase_hooks(state: StateDep) -> data_rights.EraseHooks:

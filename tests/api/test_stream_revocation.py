@@ -5,21 +5,31 @@ go on. A real uvicorn server: the test client would buffer the whole stream."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
+from types import ModuleType
+from typing import IO, Any
 
 import httpx
 import pytest
 
+from service import data_rights
+from service.adapters import service as adapters_service
+from service.adapters import uploads
 from service.db.migrate import upgrade
 from service.engine.builtin.engine import BuiltinEngine
 from service.main import create_app
 from service.state import AppState
 from service.streams import StreamRegistry
-from tests.conftest import ADMIN_KEY, live_server, make_settings
+from service.tenancy import hash_key
+from tests.conftest import ADMIN_KEY, app_state, bearer, create_user, live_server, make_settings, running_app
+from tests.factories import random_lora_zip, upload
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 SLOW_TICK_S = 0.03  # each engine step takes >= 30 ms: a 500-token stream lasts >= 15 s
@@ -212,3 +222,74 @@ def test_erase_ends_the_users_non_streaming_request_with_its_error(server: tuple
     took = time.monotonic() - erased_at
     assert took < 1.0, took
     assert answer[0].status_code == 401 and answer[0].json()["code"] == "user_erased", answer[0].text
+
+
+# --- downloads and exports end too: a revoked key (rotation, erase) gets no more of the file ---
+
+
+@pytest.mark.parametrize("spec", ["2.3", "2.4"])  # uvicorn's is 2.3: Starlette listens for a disconnect beside
+def test_a_file_being_sent_stops_once_its_event_is_set_and_frees_its_slot(spec: str) -> None:
+    """Past the headers, the rest of the file is not sent: the response returns before its last body message
+    (the server closes the connection: the client sees a short body), the slot is free, the file closed."""
+    size = 8 * uploads.CHUNK
+    file = io.BytesIO(os.urandom(size))
+    gate = uploads.UploadGate(total=2, per_user=1, what="download")
+    ended = threading.Event()
+    response = uploads.gated_file(gate, "u1", lambda out: _copy(file, out), ends=nullcontext(ended))
+    assert gate.in_use() == 1
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            ended.set()  # revoked after the first chunk went out
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "asgi": {"spec_version": spec}}
+    asyncio.run(response(scope, receive, send))  # type: ignore[arg-type]
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert sum(len(m.get("body", b"")) for m in bodies) == uploads.CHUNK < size
+    assert all(m.get("more_body") for m in bodies)  # never a last body message: not a whole response
+    assert gate.in_use() == 0
+    assert response._done.alive is False  # its temp file closed, its watch left
+
+
+def _copy(src: io.BytesIO, out: IO[bytes]) -> str:
+    out.write(src.getvalue())
+    return "f.zip"
+
+
+@pytest.mark.parametrize("route", ["export", "adapter"])
+def test_a_key_revoked_while_its_download_is_written_gets_401(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """The export and the adapter download watch the caller's key from before the file is written: revoked
+    meanwhile (the admin's revoke, an erase), the answer is 401 key_revoked, not the file."""
+    with running_app(tmp_path, tiny_model_path) as client:
+        key = create_user(client, "alice")
+        state = app_state(client)
+        streams = state.streams
+        target: ModuleType
+        if route == "adapter":
+            r = upload(client, "alice", key, random_lora_zip(state.adapters.spec.linear_shapes, None, seed=1))
+            assert r.status_code == 201, r.text
+            target, path = adapters_service, "/users/alice/adapter/download"
+            name = "download"
+        else:
+            target, path, name = data_rights, "/users/alice/export", "export_archive"
+        original = getattr(target, name)
+
+        def write_then_revoke(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            assert streams.revoke([hash_key(key)]) == 1  # the route watches the caller's key
+            return result
+
+        monkeypatch.setattr(target, name, write_then_revoke)
+        r = client.get(path, headers=bearer(key))
+        assert r.status_code == 401 and r.json()["code"] == "key_revoked", r.text
+        assert state.downloads.in_use() == 0
+        monkeypatch.setattr(target, name, original)
+        assert client.get(path, headers=bearer(key)).status_code == 200  # only a revoke ends it: the key still works
