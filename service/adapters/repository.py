@@ -182,9 +182,10 @@ def _current_stale() -> Any:
     return select(Adapter).join(AdapterHead, _is_current()).where(_is_stale())
 
 
-def stale_current(session: Session) -> list[Adapter]:
-    """Every user whose CURRENT adapter is stale (admin: all owners)."""
-    return list(session.scalars(_current_stale()))
+def stale_current(session: Session, after_user_pk: int, limit: int) -> list[Adapter]:
+    """Users whose CURRENT adapter is stale (admin: all owners), a page of them by user pk past `after_user_pk`."""
+    page = _current_stale().where(Adapter.user_pk > after_user_pk).order_by(Adapter.user_pk).limit(limit)
+    return list(session.scalars(page))
 
 
 def count_stale_current(session: Session) -> int:

@@ -221,9 +221,11 @@ def current(session: Session, owner_key: str) -> AdapterOut:
     return out
 
 
-def stale_owners(session: Session) -> list[tuple[str, int]]:
-    """(owner key, user pk) of every user whose current adapter is stale."""
-    return [(row.owner_key, row.user_pk) for row in repo.stale_current(session) if row.user_pk is not None]
+def stale_owners(session: Session, after_user_pk: int, limit: int) -> list[tuple[str, int]]:
+    """(owner key, user pk) of users whose current adapter is stale: up to `limit`, by user pk past
+    `after_user_pk` (a page: one request never makes a job per user of a whole deployment)."""
+    rows = repo.stale_current(session, after_user_pk, limit)
+    return [(row.owner_key, row.user_pk) for row in rows if row.user_pk is not None]
 
 
 def versions(session: Session, owner_key: str) -> AdapterVersionsOut:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
@@ -18,6 +18,8 @@ from service.history.schemas import ProfileOut
 from service.jobs import service
 from service.jobs.profile import generate_profile
 from service.jobs.schemas import JobOut
+
+STALE_PAGE_MAX = 500  # stale users a retrain-stale request makes jobs for (one transaction)
 
 router = APIRouter(
     route_class=WholeThreadRoute, prefix="/admin", tags=["training"], responses=error_responses(*AUTH_ERRORS)
@@ -39,14 +41,25 @@ def retrain_shared(_: AdminDep, session: SessionDep, queue: QueueDep) -> JobOut:
 class BulkRetrainOut(BaseModel):
     jobs: list[JobOut]
     skipped: int = 0  # stale users with another kind of job active (a key rotation) or erased meanwhile
+    next_after: int | None = None  # more stale users may follow: POST again with ?after=next_after; None: done
 
 
 @router.post("/adapters/retrain-stale", status_code=202, response_model=BulkRetrainOut)
-def retrain_stale(_: AdminDep, session: SessionDep, queue: QueueDep) -> BulkRetrainOut:
-    """After the shared LoRA changed: one retrain job per user whose adapter is stale (a user that cannot get
-    one now is skipped and counted: one tenant's key rotation never blocks everyone's retrain)."""
-    jobs, skipped = service.request_retrains(session, queue, adapter_service.stale_owners(session))
-    return BulkRetrainOut(jobs=jobs, skipped=skipped)
+def retrain_stale(
+    _: AdminDep,
+    session: SessionDep,
+    queue: QueueDep,
+    limit: Annotated[int, Query(ge=1, le=STALE_PAGE_MAX)] = STALE_PAGE_MAX,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+) -> BulkRetrainOut:
+    """After the shared LoRA changed: one retrain job per user whose adapter is stale, or their active one (a
+    user that cannot get one now is skipped and counted: one tenant's key rotation never blocks everyone's
+    retrain). A page of at most `limit` users per request, in one short transaction (a whole deployment's jobs in
+    one would hold SQLite's writer from every tenant): `next_after` names where the next page starts."""
+    owners = adapter_service.stale_owners(session, after, limit)
+    jobs, skipped = service.request_retrains(session, queue, owners)
+    next_after = owners[-1][1] if len(owners) == limit else None
+    return BulkRetrainOut(jobs=jobs, skipped=skipped, next_after=next_after)
 
 
 @router.get("/shared-adapter", response_model=AdapterVersionsOut)

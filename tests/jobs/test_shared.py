@@ -215,3 +215,15 @@ def test_one_users_key_rotation_does_not_block_the_bulk_retrain_of_the_others(
         bulk = client.post("/admin/adapters/retrain-stale", headers=admin_headers())
         assert bulk.status_code == 202, bulk.text
         assert len(bulk.json()["jobs"]) == 2 and bulk.json()["skipped"] == 1
+        assert bulk.json()["next_after"] is None  # 3 stale users, a page of 500: done
+        # A page at a time (?limit, ?after=next_after), by user pk: each user once, the active jobs answered again.
+        pages, after = [], 0
+        while after is not None:
+            r = client.post(f"/admin/adapters/retrain-stale?limit=1&after={after}", headers=admin_headers())
+            assert r.status_code == 202, r.text
+            pages.append((len(r.json()["jobs"]), r.json()["skipped"]))
+            after = r.json()["next_after"]
+        assert pages == [(1, 0), (0, 1), (1, 0), (0, 0)]
+        for bad in ("limit=0", "limit=501", "after=-1", "limit=x"):
+            r = client.post(f"/admin/adapters/retrain-stale?{bad}", headers=admin_headers())
+            assert r.status_code == 422, (bad, r.text)
