@@ -30,14 +30,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (health, admin, users, history, generate, adapters, jobs, metrics, openai):
         app.include_router(module.router)
-    app.add_middleware(
+    app.add_middleware(InFlightLimit, max_requests=settings.max_concurrency)  # 503 beyond OPPU_MAX_CONCURRENCY
+    app.add_middleware(  # outside InFlightLimit: a body still arriving holds no request place
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.adapter_max_file_bytes + (1 << 20),
         timeout_s=settings.body_timeout_s,
         upload_timeout_s=settings.upload_body_timeout_s,
+        max_receiving=4 * settings.max_concurrency,
+        max_receiving_per_client=max(1, settings.max_concurrency // 4),
     )
-    app.add_middleware(InFlightLimit, max_requests=settings.max_concurrency)  # 503 beyond OPPU_MAX_CONCURRENCY
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)  # counts 413s and 503s too
     app.add_middleware(CancelOnDisconnect)  # every route: a client that leaves ends its engine rows
     if settings.forwarded_allow_ips:  # outermost: every layer sees the real client address

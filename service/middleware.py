@@ -1,11 +1,11 @@
 """ASGI middleware: the cap on requests in flight (503 beyond), the request body's size cap (413 before the body
-is parsed) and deadline (408), and the end of every request whose client went away (its engine rows are
-cancelled)."""
+is parsed) and deadline (408), read whole before its request counts in flight, and the end of every request
+whose client went away (its engine rows are cancelled)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -62,16 +62,31 @@ class BodyTimedOut(HTTPException):
 class BodySizeLimit:
     """Caps every request body at max_bytes within timeout_s, except adapter uploads (PUT .../adapter), capped
     at upload_max_bytes within upload_timeout_s. The deadline runs from the request's start until its body is
-    complete; reads after that (a stream listening for the disconnect) wait as long as they like."""
+    complete; reads after that (a stream listening for the disconnect) wait as long as they like.
+
+    Placed outside InFlightLimit, it reads every body but an upload's whole before the app sees the request: a
+    body still arriving holds no request place (before, 256 clients with no key, each sending `{` and waiting,
+    made a replica answer 503 to every tenant for the body deadline). Bodies arriving at once are capped per
+    client address (`max_receiving_per_client`, 429) and in all (`max_receiving`, 503). An upload streams into
+    its route, which authenticates first and caps its owner's bodies arriving (`adapters/uploads.py`)."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, upload_max_bytes: int, timeout_s: float, upload_timeout_s: float
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        upload_max_bytes: int,
+        timeout_s: float,
+        upload_timeout_s: float,
+        max_receiving: int = 1024,
+        max_receiving_per_client: int = 64,
     ) -> None:
         self.app = app
         self.default_max = max_bytes
         self.upload_max = upload_max_bytes
         self.timeout_s = timeout_s
         self.upload_timeout_s = upload_timeout_s
+        self.max_receiving, self.max_receiving_per_client = max_receiving, max_receiving_per_client
+        self.receiving: Counter[str] = Counter()  # bodies being read whole, per client address (one event loop)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,30 +95,13 @@ class BodySizeLimit:
         is_upload = scope.get("method") == "PUT" and str(scope.get("path", "")).endswith("/adapter")
         max_bytes = self.upload_max if is_upload else self.default_max
         timeout_s = self.upload_timeout_s if is_upload else self.timeout_s
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        complete = False
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
             await _reject(send, scope.get("path", ""))
             return
-        seen = 0
+        body = _CappedBody(receive, max_bytes, timeout_s)
         started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen, complete
-            if complete:
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise BodyTimedOut(timeout_s) from None
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > max_bytes:
-                    raise BodyTooLarge()
-            complete = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -111,8 +109,12 @@ class BodySizeLimit:
                 started = True
             await send(message)
 
+        has_body = (declared is not None and declared != b"0") or b"transfer-encoding" in headers
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            if has_body and not is_upload:
+                await self._whole_body_first(scope, body, tracking_send)
+            else:
+                await self.app(scope, body.receive, tracking_send)
         except BodyTooLarge:
             if not started:
                 await _reject(send, scope.get("path", ""))
@@ -120,6 +122,72 @@ class BodySizeLimit:
             if not started:
                 timed_out = error_body("request_timeout", str(exc.detail))
                 await _answer(send, 408, for_path(scope.get("path", ""), 408, timed_out))
+
+    async def _whole_body_first(self, scope: Scope, body: _CappedBody, send: Send) -> None:
+        client = str((scope.get("client") or ("",))[0])
+        path = str(scope.get("path", ""))
+        if self.receiving[client] >= self.max_receiving_per_client:
+            busy = error_body("too_many_requests", "too many request bodies arriving from this client; retry later")
+            await _answer(send, 429, for_path(path, 429, busy), retry_after=1)
+            return
+        if self.receiving.total() >= self.max_receiving:
+            busy = error_body("unavailable", "the server is receiving too many request bodies; retry later")
+            await _answer(send, 503, for_path(path, 503, busy), retry_after=1)
+            return
+        self.receiving[client] += 1
+        try:
+            first = await body.read_whole()
+        finally:
+            self.receiving[client] -= 1
+            if not self.receiving[client]:
+                del self.receiving[client]
+        if first["type"] == "http.disconnect":
+            return  # the client left mid-body: nobody to answer
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await body.receive()
+            replayed = True
+            return first
+
+        await self.app(scope, replay, send)
+
+
+class _CappedBody:
+    """A request's body under its size cap and deadline: `receive` as the app would call it, or `read_whole`."""
+
+    def __init__(self, receive: Receive, max_bytes: int, timeout_s: float) -> None:
+        self._receive, self.max_bytes, self.timeout_s = receive, max_bytes, timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + timeout_s
+        self._seen, self._complete = 0, False
+
+    async def receive(self) -> Message:
+        if self._complete:
+            return await self._receive()
+        try:
+            message = await asyncio.wait_for(self._receive(), max(0.0, self._deadline - self._loop.time()))
+        except TimeoutError:
+            raise BodyTimedOut(self.timeout_s) from None
+        if message["type"] == "http.request":
+            self._seen += len(message.get("body", b""))
+            if self._seen > self.max_bytes:
+                raise BodyTooLarge()
+        self._complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    async def read_whole(self) -> Message:
+        """The whole body as one message (or the disconnect that came before its end)."""
+        parts: list[bytes] = []
+        while True:
+            message = await self.receive()
+            if message["type"] != "http.request":
+                return message
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
 
 
 async def _reject(send: Send, path: str) -> None:

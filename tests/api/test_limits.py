@@ -1,12 +1,17 @@
-"""Per-request deadline (504) and the docs switch."""
+"""Per-request deadline (504), the docs switch, the context trimmed to fit, request bodies that never arrive."""
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 
-from tests.conftest import bearer, create_user, running_app
+from service.db.migrate import upgrade
+from service.main import create_app
+from tests.conftest import admin_headers, bearer, create_user, live_server, make_settings, running_app
 
 
 def test_deadline_gives_504_and_frees_the_row(tmp_path: Path, tiny_model_path: Path) -> None:
@@ -55,3 +60,38 @@ def test_a_generated_profile_samples_the_latest_items_that_fit_the_context(sqlit
     r = sqlite_client.post("/admin/users/zhp/profile/generate", headers=admin_headers())
     assert r.status_code == 200, r.text[:300]
     assert r.json()["source"] == "generated"
+
+
+def _slow_body(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A client with no key that declares a 100-byte JSON body, sends `{`, and waits."""
+    conn = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+    head = b"POST /admin/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    conn.sendall(head + b"{")
+    return conn
+
+
+def test_bodies_that_never_arrive_hold_no_request_place(tmp_path: Path, tiny_model_path: Path) -> None:
+    """Clients with no key sending a body slowly (`{`, then nothing) each held one of OPPU_MAX_CONCURRENCY
+    places until the body deadline (FastAPI reads the body before the route authenticates): 4 of them made a
+    replica with 4 places answer 503 to every tenant. A body is now read whole before the request counts; a
+    client has at most max_concurrency / 4 bodies arriving at once (429 beyond), the slow ones end in 408."""
+    db = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade(db)
+    app = create_app(make_settings(tmp_path, db, str(tiny_model_path), max_concurrency=4, body_timeout_s=3.0))
+    with live_server(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        r = httpx.post(f"{base}/admin/users", json={"user_id": "alice"}, headers=admin_headers(), timeout=30)
+        key = r.json()["api_key"]
+        slow = [_slow_body(port, "127.0.0.2") for _ in range(6)]  # one address: 1 body arriving (4 // 4)
+        time.sleep(0.5)
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.1"), timeout=30)
+        assert other.get(f"{base}/users/alice/history", headers=bearer(key)).status_code == 200
+        append = {"items": [{"input": "a", "output": "b"}]}
+        for _ in range(6):  # more requests with bodies than places, from another address: none refused
+            r = other.post(f"{base}/users/alice/history", json=append, headers=bearer(key))
+            assert r.status_code == 201, r.text
+        answers = [conn.recv(200).split(b"\r\n", 1)[0] for conn in slow]
+        assert sorted(answers) == [b"HTTP/1.1 408 Request Timeout"] + [b"HTTP/1.1 429 Too Many Requests"] * 5
+        for conn in slow:
+            conn.close()
+        other.close()
