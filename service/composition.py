@@ -392,7 +392,7 @@ def app_state(settings: Settings, metrics: Metrics) -> AppState:
         auth_limiter=FailedAuthLimiter(settings.auth_max_failures, settings.auth_failure_window_s),
         uploads=UploadGate(settings.upload_concurrency, settings.upload_concurrency_per_user),
         downloads=UploadGate(settings.download_concurrency, settings.download_concurrency_per_user, "download"),
-        streams=StreamRegistry(),
+        streams=StreamRegistry(remember_s=settings.request_timeout_s + 60.0),
         history_writes=TenantGate(
             settings.history_writes_per_user_max, settings.queue_per_user_max, "history writes of this user at once"
         ),

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -23,20 +24,33 @@ class KeyRevoked(Unauthorized):
     code = "key_revoked"
 
 
+REMEMBERED_REVOKED_MAX = 65_536  # revoked key hashes kept for late watchers (oldest dropped first)
+
+
 class StreamRegistry:
-    def __init__(self) -> None:
+    """`remember_s`: how long a revoked key is remembered, so that a stream whose request was authenticated
+    before the revocation but starts watching after it (it waited at the preparation gate, or prepared) ends at
+    once instead of running to its end on a dead key: at least the longest a request lives (its deadline)."""
+
+    def __init__(self, remember_s: float = 600.0) -> None:
         self._lock = threading.Lock()
         self._live: defaultdict[str, set[threading.Event]] = defaultdict(set)
+        self._remember_s = remember_s
+        self._revoked: OrderedDict[str, float] = OrderedDict()  # key hash -> when revoked (monotonic), oldest first
 
     @contextmanager
     def watch(self, key_hash: str | None) -> Iterator[threading.Event]:
-        """An event set when `key_hash` is revoked, for as long as the stream lives (admin streams: never)."""
+        """An event set when `key_hash` is revoked, for as long as the stream lives (admin streams: never); set
+        at once if it was revoked already."""
         revoked = threading.Event()
         if key_hash is None:
             yield revoked
             return
         with self._lock:
             self._live[key_hash].add(revoked)
+            self._forget_old(time.monotonic())
+            if key_hash in self._revoked:
+                revoked.set()
         try:
             yield revoked
         finally:
@@ -46,12 +60,25 @@ class StreamRegistry:
                     del self._live[key_hash]
 
     def revoke(self, key_hashes: Iterable[str]) -> int:
-        """End the streams of these keys; returns how many were live here."""
+        """End the streams of these keys (and of those that start watching them later); returns how many were
+        live here."""
+        hashes = list(key_hashes)
+        now = time.monotonic()
         with self._lock:
-            events = [e for h in key_hashes for e in self._live.get(h, ())]
+            for key_hash in hashes:
+                self._revoked[key_hash] = now
+                self._revoked.move_to_end(key_hash)
+            self._forget_old(now)
+            events = [e for h in hashes for e in self._live.get(h, ())]
         for event in events:
             event.set()
         return len(events)
+
+    def _forget_old(self, now: float) -> None:
+        while self._revoked and (
+            len(self._revoked) > REMEMBERED_REVOKED_MAX or next(iter(self._revoked.values())) < now - self._remember_s
+        ):
+            self._revoked.popitem(last=False)
 
     async def guard(self, key_hash: str | None, parts: AsyncIterator[T]) -> AsyncIterator[T]:
         """The items of one stream until its key is revoked, then KeyRevoked (each SSE format reports it

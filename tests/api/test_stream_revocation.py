@@ -293,3 +293,47 @@ def test_a_key_revoked_while_its_download_is_written_gets_401(
         assert state.downloads.in_use() == 0
         monkeypatch.setattr(target, name, original)
         assert client.get(path, headers=bearer(key)).status_code == 200  # only a revoke ends it: the key still works
+
+
+# --- a key revoked between its request's authentication and its stream's start ---
+
+
+def test_a_stream_that_starts_after_its_keys_revocation_ends_at_once() -> None:
+    streams = StreamRegistry(remember_s=0.2)
+    assert streams.revoke(["h1"]) == 0  # nothing live yet
+    with streams.watch("h1") as late, streams.watch("h2") as other:
+        assert late.is_set() and not other.is_set()
+    time.sleep(0.3)
+    with streams.watch("h1") as much_later:  # forgotten after remember_s (a request's longest life)
+        assert not much_later.is_set()
+
+
+def test_a_key_revoked_while_its_request_is_prepared_gets_no_stream(
+    server: tuple[str, AppState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request was authenticated, then waited (the preparation gate, retrieval) while its key was revoked:
+    its stream ran to its end on the dead key; now it ends with key_revoked at its first event."""
+    base, state = server
+    key = new_user(base, "alice")
+    prepare = state.preparer.prepare
+    preparing = threading.Event()
+
+    def slow_prepare(*args: Any, **kwargs: Any) -> Any:
+        preparing.set()
+        time.sleep(1.0)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(state.preparer, "prepare", slow_prepare)
+    revoker = threading.Thread(
+        target=lambda: preparing.wait(10)
+        and httpx.post(f"{base}/admin/users/alice/keys/revoke", headers=ADMIN, timeout=30)
+    )
+    revoker.start()
+    body = {"prompt": "hi", "stream": True, **LONG}
+    with httpx.stream("POST", f"{base}/users/alice/generate", json=body, headers=_bearer(key), timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    revoker.join(10)
+    errors = [json.loads(lines[i + 1][5:]) for i, line in enumerate(lines) if line == "event: error"]
+    assert errors == [{"code": "key_revoked", "message": "the API key was revoked"}], lines[-4:]
+    assert len([line for line in lines if line.startswith("data:")]) < 20
+    _until(lambda: state.engine.stats().running == 0)
