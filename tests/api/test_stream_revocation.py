@@ -292,7 +292,12 @@ def test_a_key_revoked_while_its_download_is_written_gets_401(
         assert r.status_code == 401 and r.json()["code"] == "key_revoked", r.text
         assert state.downloads.in_use() == 0
         monkeypatch.setattr(target, name, original)
-        assert client.get(path, headers=bearer(key)).status_code == 200  # only a revoke ends it: the key still works
+        other = create_user(client, "bob")  # only the revoked key's transfers end
+        other_path = path.replace("alice", "bob")
+        if route == "adapter":
+            r = upload(client, "bob", other, random_lora_zip(state.adapters.spec.linear_shapes, None, seed=2))
+            assert r.status_code == 201, r.text
+        assert client.get(other_path, headers=bearer(other)).status_code == 200
 
 
 # --- a key revoked between its request's authentication and its stream's start ---
