@@ -57,3 +57,65 @@ def test_limiter_window_and_bound() -> None:
     for client in "cdefg":
         limiter.record_failure(client)
     assert len(limiter._failures) <= 3
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_blocked_client_keeps_only_max_failures_timestamps() -> None:
+    """Every failure was kept, even from a client already blocked: 200,000 failures held ~6.4 MB for one
+    address. Only the newest max_failures decide the block, so only they are kept."""
+    clock = FakeClock()
+    limiter = FailedAuthLimiter(max_failures=3, window_s=60, clock=clock)
+    for _ in range(10_000):
+        limiter.record_failure("203.0.113.7")
+    assert sum(len(times) for times in limiter._failures.values()) == 3
+    assert limiter.retry_after("203.0.113.7") is not None
+
+
+def test_retry_after_is_when_the_block_lifts() -> None:
+    """Failures at 0, 30 and 40 with 2 allowed per 60 s: the block lifts when the one at 30 leaves the
+    window (after t=90), so at t=40 Retry-After is 51, not the 21 that the failure at 0 would say."""
+    clock = FakeClock()
+    limiter = FailedAuthLimiter(max_failures=2, window_s=60, clock=clock)
+    for clock.now in (0.0, 30.0, 40.0):
+        limiter.record_failure("a")
+    assert limiter.retry_after("a") == 51
+    clock.now = 61.0
+    assert limiter.retry_after("a") == 30
+    clock.now = 90.5
+    assert limiter.retry_after("a") is None
+
+
+def test_ipv6_clients_are_limited_per_64_prefix() -> None:
+    """A client with a /64 has 2^64 addresses: one bucket per address gave it a fresh limit per guess.
+    IPv4-mapped IPv6 is its IPv4 address; IPv4 is limited per address; an unparseable name is its own bucket."""
+    limiter = FailedAuthLimiter(max_failures=2, window_s=60)
+    limiter.record_failure("2001:db8:1:2::1")
+    limiter.record_failure("2001:db8:1:2:ffff:ffff:ffff:ffff")
+    assert limiter.retry_after("2001:db8:1:2::abcd") is not None
+    assert limiter.retry_after("2001:db8:1:3::1") is None  # the next /64 is someone else
+    limiter.record_failure("::ffff:198.51.100.9")
+    limiter.record_failure("198.51.100.9")
+    assert limiter.retry_after("::ffff:198.51.100.9") is not None
+    assert limiter.retry_after("198.51.100.10") is None
+    limiter.record_failure("testclient")
+    limiter.record_failure("testclient")
+    assert limiter.retry_after("testclient") is not None and limiter.retry_after("testclient2") is None
+
+
+def test_forwarded_ipv6_clients_of_one_64_share_a_limit(tmp_path: Path, tiny_model_path: Path) -> None:
+    with running_app(
+        tmp_path, tiny_model_path, raise_server_exceptions=True, auth_max_failures=3, forwarded_allow_ips="testclient"
+    ) as client:
+        create_user(client, "ivy")
+        for i in range(3):
+            spoofed = {"X-Forwarded-For": f"2001:db8:7:7::{i + 1:x}", **bearer("oppu_wrong")}
+            assert client.get("/users/ivy/history", headers=spoofed).status_code == 401
+        fresh_address = {"X-Forwarded-For": "2001:db8:7:7:abcd::1", **bearer("oppu_wrong")}
+        assert client.get("/users/ivy/history", headers=fresh_address).status_code == 429

@@ -74,6 +74,23 @@ def test_metrics_token(tmp_path: Path, tiny_model_path: Path) -> None:
         assert client.get("/metrics", headers=bearer("wrong")).status_code == 401
         r = client.get("/metrics", headers=bearer("s3cret-metrics"))
         assert r.status_code == 200 and "oppu_http_requests_total" in r.text
+        for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 7235), as for API keys
+            assert client.get("/metrics", headers={"Authorization": f"{scheme} s3cret-metrics"}).status_code == 200
+
+
+def test_wrong_metrics_tokens_are_rate_limited(tmp_path: Path, tiny_model_path: Path) -> None:
+    """Guesses at the metrics token were never limited: every wrong one got 401. They are failed auths for the
+    client address, like bad API keys; once blocked, even the right token gets 429 (it is not compared, so a
+    blocked guesser learns nothing), until the window slides."""
+    with running_app(tmp_path, tiny_model_path, metrics_token="s3cret-metrics", auth_max_failures=3) as client:
+        assert client.get("/metrics").status_code == 401  # no token at all is a failure too
+        for _ in range(2):
+            assert client.get("/metrics", headers=bearer("wrong")).status_code == 401
+        for token in ("wrong", "s3cret-metrics"):
+            r = client.get("/metrics", headers=bearer(token))
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1, token
+            assert r.json()["code"] == "too_many_requests"
+        assert client.get("/users/x/history", headers=bearer("oppu_wrong")).status_code == 429  # one limiter
 
 
 def one(page: Samples, name: str) -> float:
