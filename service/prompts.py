@@ -7,6 +7,7 @@ shape it is served with.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -57,6 +58,36 @@ def build_prompt(
         return request
     parts.append(f"Now answer as this user would.\n{request}")
     return "\n\n".join(parts)
+
+
+def context_levels(n_retrieved: int, has_profile: bool) -> list[tuple[int, bool]]:
+    """THE rule for a prompt over its token budget (serving and training): how much of the context the server
+    adds it keeps, most first: (retrieved items kept, profile kept). The lowest-ranked retrieved items go first,
+    then the profile; what the user asked is never dropped."""
+    levels = [(kept, has_profile) for kept in range(n_retrieved, -1, -1)]
+    return levels + ([(0, False)] if has_profile else [])
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """What one prompt is built from (a training example keeps it, to be rebuilt with less context)."""
+
+    request: str
+    retrieved: tuple[PromptItem, ...] = ()
+    profile: str | None = None
+    item_chars: int = 600
+    profile_chars: int = 4000
+
+    def build(self, kept: int | None = None, with_profile: bool = True) -> str:
+        retrieved = self.retrieved if kept is None else self.retrieved[:kept]
+        profile = self.profile if with_profile else None
+        return build_prompt(
+            self.request, retrieved, profile, item_chars=self.item_chars, profile_chars=self.profile_chars
+        )
+
+    def levels(self) -> list[str]:
+        """The prompt with less and less context (`context_levels`), the whole prompt first."""
+        return [self.build(kept, p) for kept, p in context_levels(len(self.retrieved), self.profile is not None)]
 
 
 def training_request(item: PromptItem) -> str:

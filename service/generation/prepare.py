@@ -30,7 +30,7 @@ from service.generation.sampling import Resolved, SamplingOptions, resolve_sampl
 from service.history import service as history
 from service.history.service import UserCorpus
 from service.inference.tokens import ChatTemplateRefused, PromptCodec
-from service.prompts import build_prompt
+from service.prompts import build_prompt, context_levels
 from service.retrieval.bm25 import BM25Cache
 from service.tenancy import UserRef
 
@@ -206,8 +206,8 @@ class Preparer:
 def _context_levels(ctx: _Context) -> list[_Context]:
     """`ctx` with less and less of the server's context: retrieved items dropped from the lowest-ranked, then
     the profile."""
-    with_profile = [replace(ctx, retrieved=ctx.retrieved[:n]) for n in range(len(ctx.retrieved), -1, -1)]
-    return with_profile + ([replace(ctx, retrieved=[], profile=None)] if ctx.profile is not None else [])
+    levels = context_levels(len(ctx.retrieved), ctx.profile is not None)  # the rule training follows too
+    return [replace(ctx, retrieved=ctx.retrieved[:n], profile=ctx.profile if p else None) for n, p in levels]
 
 
 def tenant_of(spec: GenerationSpec) -> str:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from service.prompts import PromptItem, build_prompt, training_request
+from service.prompts import PromptItem, PromptParts, training_request
 from service.retrieval.bm25 import BM25Index, Doc
 
 
@@ -23,6 +23,9 @@ class TrainExample:
     item_id: str
     prompt: str  # the user turn, exactly as serving would build it
     target: str  # the assistant answer the loss is taken on
+    # What `prompt` was built from: a prompt over the token budget is rebuilt with less context, by serving's
+    # rule (`prompts.context_levels`), not cut from the left (which dropped the chat template and the best item).
+    parts: PromptParts | None = field(default=None, compare=False)  # derived: equal examples, equal prompts
 
 
 def retrieval_plan(
@@ -55,11 +58,9 @@ def _examples(
     out: list[TrainExample] = []
     for i in positions:
         item = items[i]
-        retrieved = [items[j] for j in plan[i]]
-        prompt = build_prompt(
-            training_request(item), retrieved, profile, item_chars=item_chars, profile_chars=profile_chars
-        )
-        out.append(TrainExample(item_id=item.id, prompt=prompt, target=item.output))
+        retrieved = tuple(items[j] for j in plan[i])
+        parts = PromptParts(training_request(item), retrieved, profile, item_chars, profile_chars)
+        out.append(TrainExample(item_id=item.id, prompt=parts.build(), target=item.output, parts=parts))
     return out
 
 

@@ -167,13 +167,33 @@ def encode_example(
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels): the served prompt then the target; the loss is on the target tokens only.
 
-    Too long: the prompt loses tokens from the LEFT (oldest context), the target is kept whole unless it
-    alone does not fit, then it keeps its start and one prompt token remains to predict it from.
+    Too long: the target keeps what the prompt leaves, but at least half of `max_seq_len` (its start); the
+    prompt is fitted to the rest as serving fits one (`_fit_prompt`), never by cutting its template off.
     """
     prompt = encode_prompt(tokenizer, example.prompt)
-    target = encode_target(tokenizer, example.target, stop_ids)[: max_seq_len - 1]
-    prompt = prompt[max(0, len(prompt) + len(target) - max_seq_len) :]
+    room = min(max_seq_len - 1, max(max_seq_len // 2, max_seq_len - len(prompt)))
+    target = encode_target(tokenizer, example.target, stop_ids)[:room]
+    if len(prompt) + len(target) > max_seq_len:
+        prompt = _fit_prompt(tokenizer, example, max_seq_len - len(target))
     return [*prompt, *target], [IGNORE] * len(prompt) + target
+
+
+def _fit_prompt(tokenizer: Any, example: TrainExample, budget: int) -> list[int]:
+    """The example's prompt within `budget` tokens: with less context, by serving's rule (the lowest-ranked
+    retrieved items, then the profile); if the request alone is still too long, its start is cut inside the
+    user turn (the chat template around it is kept, and its newest words)."""
+    parts = example.parts
+    for text in parts.levels()[1:] if parts is not None else []:
+        ids = encode_prompt(tokenizer, text)
+        if len(ids) <= budget:
+            return ids
+    request = parts.request if parts is not None else example.prompt
+    words = tokenizer.encode(request, add_special_tokens=False)
+    ids, kept = encode_prompt(tokenizer, request), len(words)
+    while len(ids) > budget and kept > 0:
+        kept = max(0, kept - (len(ids) - budget))
+        ids = encode_prompt(tokenizer, tokenizer.decode(words[len(words) - kept :]))
+    return ids[len(ids) - budget :] if len(ids) > budget else ids  # a template longer than the budget itself
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -138,3 +138,12 @@ def test_max_examples_keeps_the_most_recent_items_with_retrieval_over_all_earlie
     assert build_user_examples(items, k=3, max_examples=5) == every[-5:]
     assert build_user_examples(items, k=3, max_examples=50) == every
     assert build_user_examples(items, k=3, max_examples=0) == []
+
+
+def test_examples_keep_what_their_prompt_was_built_from() -> None:
+    # The trainer rebuilds an over-long prompt with less context (serving's rule) from these parts.
+    items = _history("u", 5)
+    for ex in build_user_examples(items, k=2, profile="likes pizza", item_chars=80):
+        assert ex.parts is not None and ex.parts.build() == ex.prompt
+        assert ex.parts.levels()[0] == ex.prompt and ex.parts.levels()[-1] == ex.parts.request
+        assert ex.parts.profile == "likes pizza" and ex.parts.item_chars == 80

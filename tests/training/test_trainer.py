@@ -14,6 +14,7 @@ from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapte
 from service.config import ALL_TARGET_MODULES, Settings
 from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
+from service.prompts import PromptParts
 from service.training.examples import TrainExample
 from service.training.llama_forward import IGNORE
 from service.training.trainer import (
@@ -30,6 +31,7 @@ from service.training.trainer import (
 )
 from tests.conftest import bearer, create_user, running_app
 from tests.models import tiny_model_dir
+from tests.training.test_examples import Item
 
 WORD = TrainExample("1", "Say the word", "zebracorn")
 # A random tiny model needs every projection and a high lr to memorise one answer in 30 steps.
@@ -81,13 +83,39 @@ def test_loss_only_on_target_tokens(lm: LoadedModel) -> None:
     assert (batch["labels"] != IGNORE).sum() == len(target) + len(encode_target(lm.tokenizer, "y", stop))
 
 
-def test_truncates_prompt_from_the_left_and_keeps_target(lm: LoadedModel) -> None:
+def test_a_request_too_long_alone_loses_its_start_inside_the_template(lm: LoadedModel) -> None:
+    # The whole templated prompt was cut from the left: the system prompt and `<|im_start|>user` went first, so
+    # the adapter learned from prompts that serving never sends.
     stop = stop_token_ids(lm.tokenizer, lm.model.config)
     long = TrainExample("3", "old context " * 100 + "newest words", "the answer")
     target = encode_target(lm.tokenizer, long.target, stop)
-    ids, labels = encode_example(lm.tokenizer, long, stop, 32)
-    assert len(ids) == 32 and ids[-len(target) :] == target and labels[-len(target) :] == target
-    assert ids[: -len(target)] == encode_prompt(lm.tokenizer, long.prompt)[-(32 - len(target)) :]
+    ids, labels = encode_example(lm.tokenizer, long, stop, 48)
+    assert len(ids) <= 48 and ids[-len(target) :] == target and labels[-len(target) :] == target
+    template = encode_prompt(lm.tokenizer, "")  # the chat template around an empty user turn
+    head = next(i for i, (a, b) in enumerate(zip(template, encode_prompt(lm.tokenizer, "x"), strict=False)) if a != b)
+    prompt = ids[: -len(target)]
+    assert prompt[:head] == template[:head] and prompt[-(len(template) - head) :] == template[head:]
+    assert lm.tokenizer.decode(prompt).count("newest words") == 1 and len(prompt) >= 48 - len(target) - 2
+
+
+def test_a_prompt_over_budget_drops_context_by_the_serving_rule(lm: LoadedModel) -> None:
+    """Retrieved items from the lowest-ranked, then the profile; the target keeps at least half the length."""
+    items = [Item(f"i{n}", None, f"item {n} " + "words " * 30) for n in range(3)]
+    parts = PromptParts("the request", tuple(items), "a profile " * 40)
+    example = TrainExample("9", parts.build(), "the answer", parts=parts)
+    stop = stop_token_ids(lm.tokenizer, lm.model.config)
+    target = encode_target(lm.tokenizer, example.target, stop)
+    full = encode_prompt(lm.tokenizer, example.prompt)
+    levels = [encode_prompt(lm.tokenizer, text) for text in parts.levels()]
+    assert [len(x) for x in levels] == sorted((len(x) for x in levels), reverse=True) and levels[0] == full
+    for n, expected in enumerate(levels[1:], start=1):  # each budget keeps the most context that fits
+        budget = len(expected) + len(target)
+        ids, _ = encode_example(lm.tokenizer, example, stop, budget)
+        assert ids == expected + target, n
+    long_target = replace(example, target="answer " * 200)
+    ids, labels = encode_example(lm.tokenizer, long_target, stop, 128)
+    assert len(ids) <= 128 and sum(label != IGNORE for label in labels) == 64  # half: its start, no stop token
+    assert ids[: len(ids) - 64] == next(x for x in levels if len(x) <= 64)
 
 
 def test_memorises_target_and_files_load_with_peft(
