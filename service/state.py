@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +22,7 @@ from service.metrics import Metrics
 from service.notices.outbox import NoticePoller
 from service.ratelimit import FailedAuthLimiter
 from service.retrieval.bm25 import BM25Cache
+from service.single_flight import SingleFlight
 from service.streams import StreamRegistry
 
 
@@ -46,6 +47,9 @@ class AppState:
     stopping: threading.Event  # set at shutdown: background listeners end
     notices: NoticePoller | None = None  # the outbox poller (started with the state)
     reaper: threading.Thread | None = None  # embedded default: the job reaper (service/jobs/worker.run_reaper)
+    # The probe routes' work, one run at a time however many callers (they are outside every request cap).
+    readiness: SingleFlight[tuple[dict[str, object], int]] = field(default_factory=SingleFlight)
+    scrape: SingleFlight[bytes] = field(default_factory=SingleFlight)
 
     @property
     def session_factory(self) -> sessionmaker[Session]:

@@ -12,6 +12,7 @@ from service.api.routing import WholeThreadRoute
 from service.deps import StateDep
 from service.inference.loader import serving_dtype
 from service.jobs.queue import queue_checks
+from service.state import AppState
 
 router = APIRouter(route_class=WholeThreadRoute, tags=["health"])
 
@@ -33,11 +34,17 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut, "description": "Not ready"}})
-def readyz(state: StateDep) -> JSONResponse:
+async def readyz(state: StateDep) -> JSONResponse:
+    # One check at a time, shared by the callers meanwhile: a flood of probes holds one thread and connection.
+    body, status = await state.readiness.run(lambda: _readiness(state))
+    return JSONResponse(body, status)
+
+
+def _readiness(state: AppState) -> tuple[dict[str, object], int]:
     checks = {"model": state.engine.stats().healthy, "database": state.db.ping()}
     ok = all(checks.values())
     dtype = serving_dtype(state.settings)  # the loader's rule on the same settings and machine
     status = "ready" if ok else "not_ready"
-    body = {"status": status, "checks": checks, "dtype": dtype.name, "dtype_reason": dtype.reason}
+    body: dict[str, object] = {"status": status, "checks": checks, "dtype": dtype.name, "dtype_reason": dtype.reason}
     body["optional"] = queue_checks(state.queue)
-    return JSONResponse(body, 200 if ok else 503)
+    return body, 200 if ok else 503

@@ -34,9 +34,11 @@ def require_metrics_token(request: Request, token: str, limiter: FailedAuthLimit
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(request: Request, state: StateDep) -> Response:
+async def metrics(request: Request, state: StateDep) -> Response:
     """Prometheus text format; with OPPU_METRICS_TOKEN set, only for "Authorization: Bearer <token>"."""
     token = state.settings.metrics_token
     if token is not None and token.get_secret_value():
-        require_metrics_token(request, token.get_secret_value(), state.auth_limiter)
-    return Response(state.metrics.render(state.engine.stats()), media_type=CONTENT_TYPE_LATEST)
+        require_metrics_token(request, token.get_secret_value(), state.auth_limiter)  # in memory: no thread
+    # One scrape at a time (its SQL counts), shared by the callers meanwhile: a flood holds one thread.
+    body = await state.scrape.run(lambda: state.metrics.render(state.engine.stats()))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

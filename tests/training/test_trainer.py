@@ -2,7 +2,7 @@ import copy
 import functools
 import json
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,17 @@ from service.training.trainer import (
 )
 from tests.conftest import bearer, create_user, running_app
 from tests.models import tiny_model_dir
-from tests.training.test_examples import Item
 
 WORD = TrainExample("1", "Say the word", "zebracorn")
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    input: str | None
+    output: str
+    kind: str | None = None
+
 # A random tiny model needs every projection and a high lr to memorise one answer in 30 steps.
 MEMORISE = LoraTrainConfig(
     target_modules=ALL_TARGET_MODULES, lr=5e-3, epochs=30, batch_size=1, warmup_ratio=0.0, dropout=0.0
