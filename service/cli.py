@@ -13,9 +13,11 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 from sqlalchemy.engine import make_url
 
-from service.config import Settings, describe_invalid, get_settings
+from service.config import LOOPBACK_HOSTS, Settings, describe_invalid, get_settings
 from service.db.migrate import NotMigrated
 from service.errors import ServiceError
+
+log = logging.getLogger("oppu")
 
 if TYPE_CHECKING:
     from service.adapters.store import AdapterStore
@@ -47,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if _is_sqlite(settings.resolved_database_url) or args.migrate:
         upgrade(settings.resolved_database_url)  # embedded default: one command gives a working server
     settings = ensure_admin_key(settings)
+    _warn_if_metrics_open(settings, args.host)
     uvicorn.run(
         create_app(settings),
         host=args.host,
@@ -59,6 +62,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proxy_headers=False,  # the app applies OPPU_FORWARDED_ALLOW_IPS itself (create_app), once
     )
     return 0
+
+
+def _warn_if_metrics_open(settings: Settings, host: str) -> None:
+    """`/metrics` names users (the vllm:lora_* series a field router reads): on a port others can reach, say
+    so when no token guards it (deploy/ keeps it behind nginx or a token; a bare `--host 0.0.0.0` does not)."""
+    token = settings.metrics_token
+    if host.lower().strip("[]") not in LOOPBACK_HOSTS and (token is None or not token.get_secret_value()):
+        log.warning(
+            "GET /metrics is open to anyone reaching %s: its series name users (user:<id>); set OPPU_METRICS_TOKEN",
+            host,
+        )
 
 
 def cmd_create_user(args: argparse.Namespace) -> int:

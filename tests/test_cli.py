@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from service.config import Settings
 from tests.models import MODEL_CACHE_DIR
 
 
@@ -173,3 +175,19 @@ def test_operator_mistakes_are_one_line_and_exit_2_not_a_traceback(
         assert "Traceback" not in err and "conflict" in err.lower() and "invalid settings" in err
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "warned"),
+    [("0.0.0.0", None, True), ("::", "", True), ("0.0.0.0", "s3cret", False), ("127.0.0.1", None, False),
+     ("localhost", None, False), ("[::1]", None, False)],
+)  # fmt: skip
+def test_serve_warns_when_metrics_naming_users_are_open_beyond_loopback(
+    tmp_path: Path, host: str, token: str | None, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.cli import _warn_if_metrics_open
+
+    settings = Settings(data_dir=tmp_path, metrics_token=token)
+    with caplog.at_level(logging.WARNING, logger="oppu"):
+        _warn_if_metrics_open(settings, host)
+    assert any("OPPU_METRICS_TOKEN" in r.message for r in caplog.records) is warned, caplog.text
