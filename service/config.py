@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     # Finished jobs (succeeded, failed, cancelled) are deleted this long after they finished (the reaper): their
     # status and the user's export show only those kept; the /metrics mean durations cover them.
     job_keep_s: float = Field(30 * 24 * 3600.0, gt=0)
+    # An owner's own data-key rotations (POST /users/{id}/keys/rotate-data-key) at most this often, counted from
+    # the last that succeeded (429 with Retry-After before); the admin route is the recovery path, not limited.
+    data_key_rotation_interval_s: float = Field(3600.0, ge=0)
     # Stage 2 (a user's LoRA) and stage 1 (the shared task LoRA). Chosen for the default model on dev data
     # only (docs/eval/defaults.md): the paper's 1e-4 barely moves a 135M model in a few dozen steps.
     train_user_epochs: int = Field(1, ge=1)

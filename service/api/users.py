@@ -103,7 +103,8 @@ DATA_KEY_RULE = """A new data key for the user (encryption at rest), in the back
 The job makes the new key, waits until every replica seals new values under it (OPPU_KEY_RECHECK_S plus a margin),
 re-seals the user's history, profile and adapter files, then destroys the old key. The user's data stays readable
 throughout. 409 `job_active` (naming the job) while another job of the user (a retrain) is active; 409 `sealing_off`
-when the server does not seal; a rotation already under way is returned as is."""
+when the server does not seal; a rotation already under way is returned as is. On the owner's route, a new rotation
+comes at most once per OPPU_DATA_KEY_ROTATION_INTERVAL_S after the last that succeeded (429 with Retry-After)."""
 
 
 DATA_KEY_ERRORS = error_responses(404, 409)
@@ -125,10 +126,11 @@ def rotate_data_key(user: AdminUserDep, session: SessionDep, queue: QueueDep) ->
     status_code=202,
     response_model=JobOut,
     description=DATA_KEY_RULE,
-    responses=DATA_KEY_ERRORS,
+    responses=error_responses(404, 409, 429),
 )
-def rotate_own_data_key(user: UserDep, session: SessionDep, queue: QueueDep) -> JobOut:
-    return jobs.request_key_rotation(session, queue, user.storage_key, user.pk)
+def rotate_own_data_key(user: UserDep, session: SessionDep, queue: QueueDep, state: StateDep) -> JobOut:
+    interval = state.settings.data_key_rotation_interval_s  # the owner's own: at most this often (429)
+    return jobs.request_key_rotation(session, queue, user.storage_key, user.pk, min_interval_s=interval)
 
 
 @router.get("/users/{user_id}/jobs/{job_id}", response_model=JobOut, responses=error_responses(404))

@@ -48,6 +48,14 @@ def add_unless_active(session: Session, job: Job) -> Job:
         # The active job that took the index ended between the insert and the read: try again.
 
 
+def last_succeeded_at(session: Session, owner_key: str, kind: str) -> datetime | None:
+    """When the owner's latest job of this kind that succeeded finished (None: none kept)."""
+    stmt = select(func.max(Job.finished_at)).where(
+        Job.owner_key == owner_key, Job.kind == kind, Job.status == "succeeded"
+    )
+    return session.scalar(stmt)
+
+
 def _may_be_job_id(job_id: str) -> bool:
     """Job ids are uuid4 text: anything else names no job (and a NUL byte would be refused by PostgreSQL)."""
     return len(job_id) <= MAX_JOB_ID and "\x00" not in job_id

@@ -3,6 +3,7 @@ Services never commit; enqueueing happens after the commit."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from service.adapters import repository as adapter_repo
 from service.db.models import SHARED_OWNER, Job
 from service.db.session import after_commit
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, NotFound, TooManyRequests
 from service.history import repository as history_repo
 from service.jobs import repository as repo
 from service.jobs.queue import JobQueue
@@ -123,13 +124,29 @@ def _same_kind(active: Job, kind: Kind) -> JobOut:
     return to_out(active)
 
 
-def request_key_rotation(session: Session, queue: JobQueue, owner_key: str, user_pk: int) -> JobOut:
+def request_key_rotation(
+    session: Session, queue: JobQueue, owner_key: str, user_pk: int, *, min_interval_s: float = 0.0
+) -> JobOut:
     """A background rotation of the user's data key (job kind `user_key_rotation`; its body is
-    `sealing.operations.rotate_user`); the active one if one is under way."""
+    `sealing.operations.rotate_user`); the active one if one is under way. `min_interval_s` (the owner's own
+    route): a new one only that long after the last that succeeded, else 429 with Retry-After (each rotation
+    re-seals all of the user's data on a shared worker, and its job row is kept OPPU_JOB_KEEP_S)."""
     if not sealer_of(session).enabled:
         raise SealingOff("this server does not seal data at rest (OPPU_SEAL_AT_REST=false): no data key to rotate")
+    if min_interval_s > 0 and repo.active(session, owner_key) is None:
+        last = repo.last_succeeded_at(session, owner_key, KEY_ROTATION)
+        wait = min_interval_s - (_now() - _utc(last)).total_seconds() if last is not None else 0.0
+        if wait > 0:
+            raise TooManyRequests(
+                f"this user's data key was rotated less than {min_interval_s:g} s ago; retry later",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
     job, _created = request_job(session, queue, KEY_ROTATION, owner_key, user_pk)
     return job
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value  # SQLite keeps no offset: UTC
 
 
 def shared_retrainer(queue: JobQueue) -> Callable[[Session], object]:

@@ -35,7 +35,9 @@ SETTLE_S = 0.6  # >= RECHECK_S plus a margin, as the job's default (OPPU_KEY_REC
 
 
 def _settings(tmp_path: Path, db_url: str, model: Path, **overrides: object) -> Settings:
-    return make_settings(tmp_path, db_url, str(model), **{"key_recheck_s": RECHECK_S, **overrides})
+    # Rotations back to back here: the owner's interval (its own test below) is off.
+    values = {"key_recheck_s": RECHECK_S, "data_key_rotation_interval_s": 0.0, **overrides}
+    return make_settings(tmp_path, db_url, str(model), **values)
 
 
 @pytest.fixture
@@ -357,3 +359,28 @@ def test_a_user_erased_mid_rotation_ends_the_job_cleanly(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     assert not [r for r in caplog.records if r.exc_info], "no traceback"
     assert any(job_id in r.getMessage() for r in caplog.records)  # the one log line
+
+
+def test_an_owner_rotates_their_data_key_at_most_once_per_interval(
+    tmp_path: Path, db_url: str, tiny_model_path: Path
+) -> None:
+    """Each rotation re-seals the user's whole history on a shared worker and keeps a job row for 30 days: an
+    owner looping on their own route made ~10k a day. After one succeeded, the owner's route is 429 with
+    Retry-After for the interval; a rotation under way is still answered; the admin's route is not limited."""
+    settings = _settings(tmp_path, db_url, tiny_model_path, data_key_rotation_interval_s=3600.0)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        app_state(c).jobs.key_settle_s = SETTLE_S
+        key = create_user(c, "ann")
+        add_history(c, "ann", key, n=2)
+        first = c.post("/users/ann/keys/rotate-data-key", headers=bearer(key))
+        assert first.status_code == 202, first.text
+        again = c.post("/users/ann/keys/rotate-data-key", headers=bearer(key))  # under way: the same job
+        assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"]
+        assert wait_job(c, first.json()["job_id"])["status"] == "succeeded"
+        r = c.post("/users/ann/keys/rotate-data-key", headers=bearer(key))
+        assert r.status_code == 429 and r.json()["code"] == "too_many_requests", r.text
+        assert 3500 < int(r.headers["Retry-After"]) <= 3600
+        admin = c.post("/admin/users/ann/keys/rotate-data-key", headers=admin_headers())
+        assert admin.status_code == 202, admin.text  # the recovery path
+        bob = create_user(c, "bob")  # another owner is not limited by ann's rotations
+        assert c.post("/users/bob/keys/rotate-data-key", headers=bearer(bob)).status_code == 202
