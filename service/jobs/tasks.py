@@ -228,12 +228,17 @@ class _Histories(Mapping[str, list[DocSnapshot]]):
 def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPlan:
     """Stage 1: a sample of every user's history, on the plain base model."""
     s = ctx.settings
-    users = account_repo.all_user_keys(session)
+    # Users without history add no example: they neither take a share of the cap nor are read.
+    everyone = account_repo.all_user_keys(session)
+    users = [(pk, key) for pk, key in everyone if history_repo.max_item_id(session, pk) is not None]
     histories = _Histories(session, users)
+    # OPPU_TRAIN_SHARED_MAX_EXAMPLES is shared among them: the examples (memory, training time) no longer grow
+    # with the number of users; in all at most max(cap, users).
+    per_user = min(s.train_shared_max_per_user, max(1, s.train_shared_max_examples // max(1, len(users))))
     examples = build_shared_examples(
         histories,  # a user without history adds no example and draws nothing from the sampling RNG
         k=s.train_retrieval_k,
-        max_per_user=s.train_shared_max_per_user,
+        max_per_user=per_user,
         seed=s.train_seed,
         item_chars=s.retrieval_item_chars,
         profile_chars=s.profile_max_chars,
