@@ -225,8 +225,31 @@ class _Histories(Mapping[str, list[DocSnapshot]]):
         return len(self._owners)
 
 
+class _Profiles(Mapping[str, str | None]):
+    """Each user's profile text, read when build_shared_examples asks for it (once per user, after their history)
+    and not kept, as stage 2 reads one; none for a user erased meanwhile."""
+
+    def __init__(self, session: Session, users: list[tuple[int, str]]) -> None:
+        self._session = session
+        self._owners = {key: OwnerRef(pk, key) for pk, key in users}
+
+    def __getitem__(self, key: str) -> str | None:
+        try:
+            profile = history_repo.get_profile(self._session, self._owners[key])
+        except UserDataErased:
+            return None
+        return profile.text if profile is not None else None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owners)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+
 def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPlan:
-    """Stage 1: a sample of every user's history, on the plain base model."""
+    """Stage 1: a sample of every user's history (with their profile, as stage 2 and serving see it), on the
+    plain base model."""
     s = ctx.settings
     # Users without history add no example: they neither take a share of the cap nor are read.
     everyone = account_repo.all_user_keys(session)
@@ -240,6 +263,7 @@ def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> Training
         k=s.train_retrieval_k,
         max_per_user=per_user,
         seed=s.train_seed,
+        profiles=_Profiles(session, users) if s.train_use_profile else None,
         item_chars=s.retrieval_item_chars,
         profile_chars=s.profile_max_chars,
     )
