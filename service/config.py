@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     train_shared_lr: float = Field(1e-3, gt=0)
     train_shared_min_steps: int = Field(16, ge=0)
     train_shared_max_per_user: int = Field(200, ge=1)
+    # Stage 1 learns from at most about this many examples in all, shared among the users with history: the
+    # per-user sample alone grew with the number of users (60 x 200 examples ran past the job's timeout).
+    train_shared_max_examples: int = Field(4000, ge=1)
     train_retrieval_k: int = Field(1, ge=0)
     # A user's retrain learns from their most recent N items (retrieval still sees every earlier one): without a
     # cap one user's 100k-item history held the job runner for hours (12.5k steps), ahead of everyone's jobs.

@@ -3,6 +3,8 @@ route that waits for the answer; it goes through the one request path like every
 
 from __future__ import annotations
 
+import re
+
 from service.db.session import unit_of_work
 from service.errors import Unprocessable
 from service.generation import service as generation
@@ -17,6 +19,14 @@ from service.threads import run_to_its_end
 
 PROFILE_SAMPLE = 20  # most recent items shown to the model
 PROFILE_MAX_NEW_TOKENS = 160
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _storable_text(generated: str) -> str:
+    """Model output made storable as user text must be (history.schemas refuses it from users): NULs dropped
+    (PostgreSQL text cannot hold U+0000; SmolLM2's token 190 decodes to it), lone surrogates (no UTF-8 for them,
+    sealed or not) replaced by U+FFFD. The same on every database."""
+    return _LONE_SURROGATE.sub("\ufffd", generated.replace("\x00", "")).strip() or "(empty)"
 
 
 async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> ProfileOut:
@@ -44,14 +54,12 @@ async def generate_profile(preparer: Preparer, caller: Caller, user_id: str) -> 
         user=user,
         prompt=(ChatTurn("user", prompt),),
         personalization=Personalization(),  # the base model (+ shared LoRA): no user adapter, no context
-        sampling=SamplingOptions(
-            max_new_tokens=max_new_tokens, temperature=0.0, seed=0
-        ),
+        sampling=SamplingOptions(max_new_tokens=max_new_tokens, temperature=0.0, seed=0),
     )
     (done,) = await generation.complete(preparer, spec)
 
     def write() -> ProfileOut:
         with unit_of_work(factory) as session:
-            return history.set_profile(session, user, done.text.strip() or "(empty)", source="generated")
+            return history.set_profile(session, user, _storable_text(done.text), source="generated")
 
     return await run_to_its_end(write)

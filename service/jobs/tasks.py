@@ -225,16 +225,45 @@ class _Histories(Mapping[str, list[DocSnapshot]]):
         return len(self._owners)
 
 
+class _Profiles(Mapping[str, str | None]):
+    """Each user's profile text, read when build_shared_examples asks for it (once per user, after their history)
+    and not kept, as stage 2 reads one; none for a user erased meanwhile."""
+
+    def __init__(self, session: Session, users: list[tuple[int, str]]) -> None:
+        self._session = session
+        self._owners = {key: OwnerRef(pk, key) for pk, key in users}
+
+    def __getitem__(self, key: str) -> str | None:
+        try:
+            profile = history_repo.get_profile(self._session, self._owners[key])
+        except UserDataErased:
+            return None
+        return profile.text if profile is not None else None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._owners)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+
 def _shared_plan(ctx: JobContext, session: Session, job: ClaimedJob) -> TrainingPlan:
-    """Stage 1: a sample of every user's history, on the plain base model."""
+    """Stage 1: a sample of every user's history (with their profile, as stage 2 and serving see it), on the
+    plain base model."""
     s = ctx.settings
-    users = account_repo.all_user_keys(session)
+    # Users without history add no example: they neither take a share of the cap nor are read.
+    everyone = account_repo.all_user_keys(session)
+    users = [(pk, key) for pk, key in everyone if history_repo.max_item_id(session, pk) is not None]
     histories = _Histories(session, users)
+    # OPPU_TRAIN_SHARED_MAX_EXAMPLES is shared among them: the examples (memory, training time) no longer grow
+    # with the number of users; in all at most max(cap, users).
+    per_user = min(s.train_shared_max_per_user, max(1, s.train_shared_max_examples // max(1, len(users))))
     examples = build_shared_examples(
         histories,  # a user without history adds no example and draws nothing from the sampling RNG
         k=s.train_retrieval_k,
-        max_per_user=s.train_shared_max_per_user,
+        max_per_user=per_user,
         seed=s.train_seed,
+        profiles=_Profiles(session, users) if s.train_use_profile else None,
         item_chars=s.retrieval_item_chars,
         profile_chars=s.profile_max_chars,
     )

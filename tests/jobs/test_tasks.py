@@ -391,6 +391,57 @@ def test_a_retrain_learns_from_the_most_recent_train_max_examples_items(
     assert all("beta" in ex.prompt for ex in captured)  # each still retrieves from the earlier, uncapped items
 
 
+# --- stage 1 (the shared task LoRA): bounded as a whole, trained with the profiles that serving uses ---
+
+
+def shared_plan(ctx: JobContext) -> tasks.TrainingPlan:
+    """What a shared retrain would train on now (its planner, without training)."""
+    job = tasks.ClaimedJob("plan-only", "shared_retrain", SHARED_OWNER, None, None, 1)
+    with unit_of_work(ctx.session_factory) as session:
+        return tasks.PLANNERS["shared_retrain"](ctx, session, job)
+
+
+@pytest.mark.parametrize(
+    ("with_history", "without_history", "cap", "per_user"),
+    [
+        (2, 4, 4, 2),  # the cap is shared among the users WITH history only (4 // 2, not 4 // 6)
+        (5, 0, 3, 1),  # more users than the cap: one example each (the total is at most max(cap, users))
+    ],
+)
+def test_a_shared_retrain_takes_at_most_train_shared_max_examples_in_all(
+    ctx: JobContext, with_history: int, without_history: int, cap: int, per_user: int
+) -> None:
+    # 60 users x 200 items (the per-user sample) made 12,000 examples: the job ran past its timeout and retried.
+    ctx.settings = ctx.settings.with_overrides(train_shared_max_examples=cap, train_shared_max_per_user=200)
+    for n in range(with_history):
+        add_user(ctx.session_factory, f"hist{n}", qa(4, f"tag{n}x"))
+    for n in range(without_history):
+        with unit_of_work(ctx.session_factory) as session:
+            create_user(session, f"empty{n}")
+    plan = shared_plan(ctx)
+    assert len(plan.examples) == with_history * per_user
+    for n in range(with_history):
+        assert sum(f"tag{n}x" in ex.target for ex in plan.examples) == per_user
+    assert len(plan.contributors) == with_history
+
+
+@pytest.mark.parametrize("use_profile", [True, False])
+def test_a_shared_retrain_trains_with_each_users_own_profile(ctx: JobContext, use_profile: bool) -> None:
+    # Stage 2 and serving put the profile in the prompt: stage 1 trained without it.
+    ctx.settings = ctx.settings.with_overrides(train_use_profile=use_profile)
+    users = {tag: add_user(ctx.session_factory, f"user-{tag}", qa(3, tag)) for tag in ("alpha", "beta")}
+    add_user(ctx.session_factory, "no-profile", qa(3, "gamma"))
+    with unit_of_work(ctx.session_factory) as session:
+        for tag, user in users.items():
+            history.set_profile(session, user, f"PROFILE-{tag}-likes-{tag}")
+    plan = shared_plan(ctx)
+    assert len(plan.examples) == 9
+    for ex in plan.examples:
+        (tag,) = [t for t in ("alpha", "beta", "gamma") if t in ex.target]
+        profiles = [t for t in ("alpha", "beta", "gamma") if f"PROFILE-{t}" in ex.prompt]
+        assert profiles == ([tag] if use_profile and tag != "gamma" else [])
+
+
 # --- a retrain racing an erase (issue 23 N3) ---
 
 
