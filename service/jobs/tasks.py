@@ -97,7 +97,7 @@ def run_job(ctx: JobContext, job_id: str) -> None:
     except JobGone:
         log.info("job %s attempt %d ended: the job was cancelled, taken over or erased", job_id, job.attempt)
     except JobStopped:
-        log.info("job %s attempt %d stopped by the shutdown; it runs again at the next start", job_id, job.attempt)
+        log.info("job %s attempt %d stopped by a shutdown: queued again, not counted", job_id, job.attempt)
         _give_back(ctx, job)
     except Exception as exc:
         log.error("job %s failed: %s", job_id, safe_error_text(exc))

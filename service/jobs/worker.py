@@ -6,10 +6,15 @@ composition root installed before this starts."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
+from types import FrameType
+from typing import Any
 
 from service.config import Settings
+from service.jobs import entry
 from service.jobs.context import JobContext
 from service.jobs.queue import QUEUE_NAME, RedisJobQueue
 from service.jobs.tasks import prune, reap
@@ -34,9 +39,37 @@ def run_reaper(settings: Settings, ctx: JobContext, stop: threading.Event) -> No
         stop.wait(reaper_every_s(settings))
 
 
-def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> None:
+# Sent by the worker to its work horse on a warm shutdown (SIGTERM/SIGINT): the horse runs in its own process
+# group, so the stop signal of a container reaches the worker only.
+STOP_JOB_SIGNAL = signal.SIGUSR1
+
+
+def graceful_worker_class() -> type[Any]:
+    """RQ's Worker, whose warm shutdown also stops the running job at its next progress check: the job gives
+    its attempt back (queued again, not counted) instead of running on until the container is killed (that
+    counted an attempt: three deploys mid-training failed a job)."""
     from rq import Worker
+
+    class GracefulWorker(Worker):  # type: ignore[misc]
+        def request_stop(self, signum: int, frame: FrameType | None) -> None:
+            if self.horse_pid:
+                try:
+                    os.kill(self.horse_pid, STOP_JOB_SIGNAL)
+                except ProcessLookupError:
+                    pass  # the horse has just ended
+            super().request_stop(signum, frame)
+
+        def setup_work_horse_signals(self) -> None:
+            super().setup_work_horse_signals()
+            signal.signal(STOP_JOB_SIGNAL, lambda _signum, _frame: entry.stop_running_job())
+
+    return GracefulWorker
+
+
+def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> None:
     from rq.serializers import JSONSerializer
+
+    worker_class = graceful_worker_class()
 
     queue = ctx.queue
     if not isinstance(queue, RedisJobQueue):
@@ -54,7 +87,7 @@ def run_worker(settings: Settings, ctx: JobContext, *, burst: bool = False) -> N
                 log.warning("Redis is unreachable; the worker starts once it is back")
                 time.sleep(1.0)
             try:
-                worker = Worker([QUEUE_NAME], connection=queue.worker_connection(), serializer=JSONSerializer)
+                worker = worker_class([QUEUE_NAME], connection=queue.worker_connection(), serializer=JSONSerializer)
                 worker.work(burst=burst, with_scheduler=False)
                 return  # asked to stop, or a burst is done
             except Exception as exc:

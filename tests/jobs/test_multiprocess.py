@@ -464,3 +464,33 @@ def test_rotation_by_the_worker_while_another_api_writes(cluster: Cluster, pg_sc
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_worker_asked_to_stop_gives_its_running_job_back(cluster: Cluster) -> None:
+    """SIGTERM to `oppu worker` (what a container stop sends, to the worker only: its work horse has its own
+    process group): RQ's warm shutdown waited for the job, so a training ran on until the container was killed
+    and the attempt counted (three deploys mid-training failed the job). Now the job stops at its next step,
+    goes back to queued with the attempt not counted, the worker exits, and a later worker runs it."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cluster.start("api1", "serve", "--port", str(port), "--log-level", "warning")
+    worker = cluster.start("worker1", "worker")
+    wait_ready(cluster, [base])
+    r = httpx.post(f"{base}/admin/users", json={"user_id": "u1"}, headers=ADMIN, timeout=10)
+    key = r.json()["api_key"]
+    items = [{"id": f"i{n}", "input": f"question {n}", "output": f"answer {n}"} for n in range(6)]
+    r = httpx.post(f"{base}/users/u1/history", json={"items": items}, headers=bearer(key), timeout=10)
+    assert r.status_code == 201, r.text
+    job_id = httpx.post(f"{base}/admin/users/u1/retrain", headers=ADMIN, timeout=10).json()["job_id"]
+    deadline = time.monotonic() + 60
+    while not ((job := get_job(base, job_id))["status"] == "running" and job["progress"] > 0):
+        assert job["status"] in ("queued", "running") and time.monotonic() < deadline, (job, cluster.logs())
+        time.sleep(0.05)
+    os.kill(worker.popen.pid, signal.SIGTERM)
+    worker.popen.wait(timeout=30)
+    job = get_job(base, job_id)
+    assert (job["status"], job["attempts"], job["adapter_version"]) == ("queued", 0, None), (job, cluster.logs())
+    cluster.env["OPPU_JOB_REQUEUE_AFTER_S"] = "1"  # the reaper of the next worker enqueues it again
+    cluster.start("worker2", "worker")
+    job = wait_job(cluster, base, job_id, until=("succeeded", "failed"), timeout=90)
+    assert (job["status"], job["attempts"], job["adapter_version"]) == ("succeeded", 1, 1), (job, cluster.logs())
