@@ -128,8 +128,11 @@ def rotate_data_key(user: AdminUserDep, session: SessionDep, queue: QueueDep) ->
     description=DATA_KEY_RULE,
     responses=error_responses(404, 409, 429),
 )
-def rotate_own_data_key(user: UserDep, session: SessionDep, queue: QueueDep, state: StateDep) -> JobOut:
-    interval = state.settings.data_key_rotation_interval_s  # the owner's own: at most this often (429)
+def rotate_own_data_key(
+    user: UserDep, caller: CallerDep, session: SessionDep, queue: QueueDep, state: StateDep
+) -> JobOut:
+    # The owner's own: at most this often (429); the admin, on either route, is the recovery path.
+    interval = 0.0 if caller.is_admin else state.settings.data_key_rotation_interval_s
     return jobs.request_key_rotation(session, queue, user.storage_key, user.pk, min_interval_s=interval)
 
 
