@@ -14,6 +14,7 @@ import socket
 import tarfile
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -50,6 +51,16 @@ from tests.conftest import REDIS_URL, admin_headers, app_state, bearer
 
 if TYPE_CHECKING:  # as in starlette.testclient: at run time it falls back to httpx when httpx2 is missing
     import httpx2
+
+
+@dataclass(frozen=True)
+class Item:
+    """A history item as retrieval and the prompt builder see it (training examples, prompts)."""
+
+    id: str
+    input: str | None
+    output: str
+    kind: str | None = None
 
 
 class FakeCodec(PromptCodec):

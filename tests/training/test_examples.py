@@ -1,5 +1,4 @@
 import random
-from dataclasses import dataclass
 
 from service.prompts import CONTINUATION_PROMPT, build_prompt, training_request
 from service.retrieval.bm25 import BM25Index
@@ -9,14 +8,7 @@ from service.training.examples import (
     build_user_examples,
     retrieval_plan,
 )
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    input: str | None
-    output: str
-    kind: str | None = None
+from tests.factories import Item
 
 
 def _history(user: str, n: int = 8) -> list[Item]:

@@ -2,7 +2,7 @@ import copy
 import functools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,12 @@ from service.training.trainer import (
     train_lora,
 )
 from tests.conftest import bearer, create_user, running_app
+from tests.factories import Item
 from tests.models import tiny_model_dir
 
 WORD = TrainExample("1", "Say the word", "zebracorn")
 
 
-@dataclass(frozen=True)
-class Item:
-    id: str
-    input: str | None
-    output: str
-    kind: str | None = None
 
 # A random tiny model needs every projection and a high lr to memorise one answer in 30 steps.
 MEMORISE = LoraTrainConfig(
