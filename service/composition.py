@@ -449,7 +449,8 @@ def on_adapter_change(state: AppState, owner_key: str, _version: int | None) -> 
         # Read and apply as one step: notices arrive on several threads (the request that committed, pub/sub,
         # the outbox poll), and a read made before an erase retired a version must not land after it.
         with _SHARED_APPLY, unit_of_work(state.session_factory) as session:
-            state.engine.use_shared(adapter_service.shared_ref(session, state.store))
+            read_at = time.monotonic()  # before the read: requests read earlier never switch the engine back
+            state.engine.use_shared(adapter_service.shared_ref(session, state.store), read_at)
         release_pool()  # the read ran on this notice's thread
     else:
         # The BM25 index stays: it depends on the history only (its stamp), not on the adapter. Dropping it on

@@ -155,7 +155,7 @@ class FakeEngine:
         self.calls.append("cancel_tenant")
         return 0
 
-    def use_shared(self, adapter: AdapterRef | None) -> None:
+    def use_shared(self, adapter: AdapterRef | None, read_at: float | None = None) -> None:
         self.calls.append("use_shared")
 
     def drop_owner(self, owner_key: str) -> None:

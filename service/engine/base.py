@@ -73,9 +73,11 @@ class Engine(Protocol):
         Returns how many rows were cancelled."""
         ...
 
-    def use_shared(self, adapter: AdapterRef | None) -> None:
+    def use_shared(self, adapter: AdapterRef | None, read_at: float | None = None) -> None:
         """Warm the current shared task LoRA ahead of requests (start-up, a new version announced); rows run
-        on the version their request names (`EngineRequest.shared`)."""
+        on the version their request names (`EngineRequest.shared`), or are refused (503) when another version
+        is current by then. `read_at`: when the caller read `adapter` (time.monotonic(), before the read; None:
+        now): an older read than the engine's newest changes nothing."""
         ...
 
     def drop_owner(self, owner_key: str) -> None:

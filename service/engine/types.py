@@ -120,6 +120,9 @@ class EngineRequest:
     continuations: tuple[tuple[int, ...], ...] = ()
     # The shared task LoRA current when the request was prepared: the engine applies it before the row runs.
     shared: AdapterRef | None = None
+    # When `shared` was read from SQL (time.monotonic(), before the read; None: unknown, taken as now): a read
+    # older than the engine's newest never switches it back (a request prepared before a new version's notice).
+    shared_read_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ class _Context:
     profile: str | None
     adapter: AdapterRef | None
     shared: AdapterRef | None
+    shared_read_at: float | None = None  # time.monotonic() before `shared` was read (the engine's newest read wins)
 
 
 class Preparer:
@@ -141,7 +142,15 @@ class Preparer:
         deadline = time.monotonic() + self.settings.request_timeout_s
         rows = tuple(
             EngineRequest(
-                uuid.uuid4().hex, ids, resolved.row(i), ctx.adapter, tenant, deadline, continuations, ctx.shared
+                uuid.uuid4().hex,
+                ids,
+                resolved.row(i),
+                ctx.adapter,
+                tenant,
+                deadline,
+                continuations,
+                ctx.shared,
+                ctx.shared_read_at,
             )
             for i in range(resolved.n)
         )
@@ -160,7 +169,8 @@ class Preparer:
         adapter = None
         if user is not None and p.use_adapter:
             adapter = adapters.serving_ref(session, self._store, user.storage_key, self._spec)
-        return _Context(hits, profile, adapter, adapters.shared_ref(session, self._store))
+        read_at = time.monotonic()
+        return _Context(hits, profile, adapter, adapters.shared_ref(session, self._store), read_at)
 
     def _encode_within(self, spec: GenerationSpec, ctx: _Context, budget: int) -> tuple[tuple[int, ...], _Context]:
         """The prompt's tokens with as much of the context the server adds as fits `budget` tokens: the

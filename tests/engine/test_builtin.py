@@ -255,6 +255,33 @@ def test_on_packed_weights_the_merged_shared_lora_is_served(setup: Setup) -> Non
         engine.stop()
 
 
+def test_a_request_read_before_a_new_shared_version_never_switches_the_engine_back(setup: Setup) -> None:
+    """A request prepared (its shared version read) before a new version's notice reached its row after the
+    notice: it set the engine back to the old version, so the rows that named the new one ran on the old one
+    (and their answers reported the new one). The newest read wins; the stale row is refused (503, retry)."""
+    engine = make_engine(setup.base, slots=2, rows=2)
+    merged = copy.deepcopy(setup.base)
+    merge_lora(merged, read_adapter_dir(setup.refs[3].directory, max_scale=256.0))
+    ids = prompt(3, 12)
+    old, new = None, replace(setup.refs[3], version=2)
+    engine.start()
+    try:
+        engine.use_shared(new, read_at=20.0)  # the notice: v2, read at t=20
+        stale = replace(request(ids, 8), shared=old, shared_read_at=15.0)  # prepared at t=15, before it
+        got = run(consume(engine, stale))
+        assert isinstance(got.error, AdapterUnavailable), got
+        assert engine.shared_version == 2 and engine.applied_shared[0] == 2
+        fresh = replace(request(ids, 8), shared=new, shared_read_at=25.0)
+        got = run(consume(engine, fresh))
+        assert got.error is None and got.ids == reference(merged, ids, 8)[0]  # on v2, as it names
+        engine.use_shared(old, read_at=30.0)  # a newer read (v2 retired): it moves, as it must
+        got = run(consume(engine, replace(request(ids, 8), shared=old, shared_read_at=31.0)))
+        assert got.error is None and got.ids == reference(setup.base, ids, 8)[0]
+        assert engine.applied_shared == (None, {})
+    finally:
+        engine.stop()
+
+
 def test_the_engine_and_request_threads_give_back_their_openmp_pools(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:

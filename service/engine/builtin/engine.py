@@ -90,6 +90,7 @@ class BuiltinEngine(EngineFront[Row]):
         self._shared_originals: dict[str, torch.Tensor] = {}
         self._pending: tuple[AdapterWeights | None, int | None] | None = None
         self._shared_lock = threading.Lock()
+        self._shared_read_at = float("-inf")  # when the newest shared version the engine follows was read
         self._slot_blocked = False  # this admission round: a row waits too long for a slot
 
     # --- identity and capacity ---
@@ -147,12 +148,19 @@ class BuiltinEngine(EngineFront[Row]):
         """The shared version merged into the weights now, and the originals of the weights it changed."""
         return self._shared_version, self._shared_originals
 
-    def use_shared(self, adapter: AdapterRef | None) -> None:
-        """The current shared task LoRA (None: none). Applied before any row queued after this call runs;
-        rows already running finish on the weights they started with."""
+    def use_shared(self, adapter: AdapterRef | None, read_at: float | None = None) -> None:
+        """The current shared task LoRA (None: none), read from SQL at `read_at` (None: now). Applied before any
+        row queued after this call runs; rows already running finish on the weights they started with. The
+        newest read wins: a request prepared before a new version's notice does not switch the engine back
+        (its row is refused at its start instead: `_start`)."""
         version = adapter.version if adapter is not None else None
-        if version == self.shared_version:
-            return
+        read_at = time.monotonic() if read_at is None else read_at
+        with self._shared_lock:
+            if read_at < self._shared_read_at:
+                return
+            self._shared_read_at = read_at
+            if version == (self._pending[1] if self._pending is not None else self._shared_version):
+                return
         weights = None
         if adapter is not None:
             try:
@@ -161,6 +169,8 @@ class BuiltinEngine(EngineFront[Row]):
                 log.warning("shared adapter v%s could not be loaded: %r", version, exc)
                 raise AdapterUnavailable(exc) from exc
         with self._shared_lock:
+            if read_at < self._shared_read_at:  # a newer read came while these weights were read
+                return
             self._pending = (weights, version)
         self._wake.set()
 
@@ -188,7 +198,7 @@ class BuiltinEngine(EngineFront[Row]):
     def _new_row(self, request: EngineRequest, sink: Callable[[object], None]) -> Row:
         if request.adapter is not None:
             self._cache.prefetch(request.adapter)  # disk -> host here, not on the engine's thread (503 if unreadable)
-        self.use_shared(request.shared)  # applied before this row runs
+        self.use_shared(request.shared, request.shared_read_at)  # applied before this row runs, if the newest
         return Row(request, sink, RowDecoder.for_params(request.sampling, self._loaded.device))
 
     def submit(self, row: Row) -> None:
@@ -253,6 +263,10 @@ class BuiltinEngine(EngineFront[Row]):
         slot may overtake it (they batch at no cost), but only for SLOT_WAIT_STEPS steps: after that rows
         needing an adapter wait behind it, so that a steady stream of rows for the resident adapters cannot
         keep every slot pinned forever. Rows without an adapter pin nothing and always join."""
+        named = row.request.shared.version if row.request.shared is not None else None
+        if named != self._shared_version:  # rows join only once no change is pending: this is the current one
+            row.sink(AdapterUnavailable("the shared task adapter changed while this request waited"))
+            return "dropped"
         if self._slot_blocked and row.request.adapter is not None:
             return "keep"
         try:

@@ -177,7 +177,8 @@ class VllmEngine(EngineFront[VllmRow]):
         shutil.rmtree(self.config.work_dir, ignore_errors=True)  # the LoRA folders are plaintext: gone with us
 
     # --- adapters ---
-    def use_shared(self, adapter: AdapterRef | None) -> None:
+    def use_shared(self, adapter: AdapterRef | None, read_at: float | None = None) -> None:
+        # Each row carries its own shared LoRA (rank-concatenated with the user's): no version to switch.
         if adapter is not None:
             self._folders.resolve(None, adapter)  # the shared-alone folder, written ahead of its first row
 
