@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from service.adapters.peft_format import AdapterWeights, read_adapter_dir
 from service.adapters.slots import LoraSlots
 from service.engine.types import AdapterRef
-from service.errors import AdapterUnavailable
+from service.errors import AdapterUnavailable, ServiceError
 from service.forgetting import InvalidationLog
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ class AdapterCache:
                 return
         try:
             self.host_weights(key)
+        except ServiceError:  # already the request's answer (the owner erased meanwhile: 410 user_data_erased)
+            raise
         except Exception as exc:  # files missing (pruned) or damaged: OSError, SafetensorError, ValueError...
             log.warning("adapter %s v%d could not be loaded: %r", key.owner_key, key.version, exc)
             raise AdapterUnavailable(exc) from exc

@@ -332,7 +332,10 @@ def rollback(session: Session, owner_key: str, version: int) -> AdapterOut:
     row = repo.get_version(session, owner_key, version)
     if row is None:
         raise NotFound(f"adapter version {version} does not exist (kept versions only)")
-    repo.ensure_head(session, owner_key, row.user_pk)
+    try:
+        repo.ensure_head(session, owner_key, row.user_pk)
+    except IntegrityError as exc:  # the user was erased after the read above (the head's insert meets no user)
+        raise NotFound("this user no longer exists") from exc
     # Read again under the head's lock: a delete or a publish that pruned this version may have committed
     # between the read above and the lock (current would then name a version that is gone).
     session.expire(row)

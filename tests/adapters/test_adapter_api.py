@@ -485,3 +485,31 @@ def test_on_vllm_an_upload_above_the_rank_the_shared_lora_leaves_is_422(
         # the shared task LoRA is held to its own limit (it is the other part of the sum)
         adapter_service.publish(session, ctx, SHARED_OWNER, None, peft_files(r8), source="trained")
     db.dispose()
+
+
+def test_a_rollback_racing_the_users_erase_is_404_not_500(
+    tmp_path: Path, db_url: str, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The erase commits between the rollback's read of the version and its head lock: the head's insert met no
+    user (IntegrityError, a 500 `internal_error`); the user is gone, as an upload racing an erase answers."""
+    from sqlalchemy import delete
+
+    from service.adapters import repository as adapter_repo
+    from service.db.models import User
+    from tests.factories import random_lora_zip
+
+    with running_app(tmp_path, tiny_model_path, db_url) as client:
+        state = app_state(client)
+        key = create_user(client, "ann")
+        r = upload(client, "ann", key, random_lora_zip(state.adapters.spec.linear_shapes, None, seed=1))
+        assert r.status_code == 201, r.text
+        real_ensure_head = adapter_repo.ensure_head
+
+        def erase_first(*args: Any, **kwargs: Any) -> Any:
+            with unit_of_work(state.session_factory) as other:  # another request's erase, committed now
+                other.execute(delete(User).where(User.user_id == "ann"))
+            return real_ensure_head(*args, **kwargs)
+
+        monkeypatch.setattr(adapter_repo, "ensure_head", erase_first)
+        r = client.post("/admin/users/ann/adapter/rollback", json={"version": 1}, headers=admin_headers())
+        assert r.status_code == 404 and r.json()["code"] == "not_found", r.text

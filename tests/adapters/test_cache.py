@@ -395,3 +395,22 @@ def test_a_row_waiting_for_a_slot_does_not_read_its_adapter_again_each_step(
         with pytest.raises(SlotsBusy):
             cache.cache.acquire([c])
     assert reads == []
+
+
+@pytest.mark.parametrize("failure", ["erased", "damaged"])
+def test_a_prefetch_keeps_a_service_error_and_wraps_the_rest(
+    cache: Cache, adapters: Adapters, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """The owner erased while a request read their adapter (their data key destroyed): 410 user_data_erased as
+    the README says, not 503 "retry later" (a retry can never succeed); damaged files stay 503."""
+    import service.adapters.cache as cache_module
+    from service.errors import AdapterUnavailable
+    from service.sealing.service import UserDataErased
+
+    def failing_read(*args: Any, **kwargs: Any) -> Any:
+        raise UserDataErased("gone") if failure == "erased" else ValueError("bad header")
+
+    monkeypatch.setattr(cache_module, "read_adapter_dir", failing_read)
+    expected = UserDataErased if failure == "erased" else AdapterUnavailable
+    with pytest.raises(expected):
+        cache.cache.prefetch(adapters.keys["aa"])
