@@ -18,6 +18,7 @@ import torch
 from service.adapters.cache import AdapterCache
 from service.adapters.peft_format import AdapterWeights, LoraModuleWeights, merge_lora, read_adapter_dir
 from service.adapters.slots import LoraSlots, fits_slot
+from service.data_rights import UserErased
 from service.engine import base as engine_base
 from service.engine.base import Started
 from service.engine.builtin import engine as builtin_engine
@@ -569,6 +570,52 @@ def test_cancel_frees_the_row_its_kv_and_its_slot(setup: Setup) -> None:
     assert row.kv_len >= 30 + 4
     for k, v in zip(engine.kv.k, engine.kv.v, strict=True):  # zeroed where it wrote: nothing leaks to the next row
         assert float(k[row.lane, :, : row.kv_len].abs().sum() + v[row.lane, :, : row.kv_len].abs().sum()) == 0.0
+
+
+def test_an_erased_users_row_the_engine_is_starting_meanwhile_is_cancelled(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reviewed finding: cancel_tenant looked at the queue and the running rows only, so a row the engine
+    thread held between them (here: in _start, its adapter being read from disk) was missed and ran to its end
+    for a user already erased. It ends with the cancel error, holding nothing; a row queued after the cancel
+    runs, and the cancel is forgotten once no older row of the user is left."""
+    engine = make_engine(setup.base, slots=2, rows=2)
+    reading, go = threading.Event(), threading.Event()
+    acquire = engine.cache.acquire
+
+    def slow_acquire(keys: Any) -> list[int]:
+        if threading.current_thread() is engine._thread:  # a slow disk, a large sealed adapter
+            reading.set()
+            go.wait(10)
+        return acquire(keys)
+
+    monkeypatch.setattr(engine.cache, "acquire", slow_acquire)
+    erased = UserErased("the user was erased")
+    engine.start()
+    try:
+
+        async def main() -> tuple[Outcome, int]:
+            row = asyncio.ensure_future(consume(engine, request(prompt(1, 6), 8, setup.refs[1], tenant="gone")))
+            while not reading.is_set():  # noqa: ASYNC110 - polls the engine thread
+                await asyncio.sleep(0.002)
+            seen = engine.cancel_tenant("gone", erased)
+            go.set()
+            return await row, seen
+
+        out, seen = run(main())
+        assert seen == 0  # in neither the queue nor the running rows: the window of the finding
+        assert out.error is erased and out.ids == [] and out.finished is None, out
+        stats = engine.stats()
+        assert stats.running == 0 and stats.slots_pinned == 0 and stats.extra["kv_lanes_free"] == 2
+        later = run(consume(engine, request(prompt(2, 6), 4, setup.refs[1], tenant="gone")))
+        assert later.error is None and len(later.ids) == 4
+        deadline = time.monotonic() + 5
+        while engine._tenant_cancels:
+            assert time.monotonic() < deadline, "the cancel is kept with no row it could apply to"
+            time.sleep(0.01)
+    finally:
+        go.set()
+        engine.stop()
 
 
 def test_sampling_is_seeded_per_row_and_stops_are_not_emitted(setup: Setup) -> None:
