@@ -69,8 +69,9 @@ class Engine(Protocol):
         ...
 
     def cancel_tenant(self, tenant: str, error: BaseException) -> int:
-        """End every queued and running row of a tenant (its user was erased): each requester hears `error`.
-        Returns how many rows were cancelled."""
+        """End every queued and running row of a tenant (its user was erased), and any row of it queued before
+        this call that the engine is starting meanwhile: each requester hears `error`. Returns how many rows were
+        cancelled at once (those seen in the queue or running)."""
         ...
 
     def use_shared(self, adapter: AdapterRef | None, read_at: float | None = None) -> None:
@@ -158,12 +159,14 @@ def event_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[object]) -
 @dataclass(eq=False)
 class EngineRow:
     """What every engine's row has: its request, the sink to its requester, and the cancel flag with the
-    error its requester hears (None: nobody is listening any more)."""
+    error its requester hears (None: nobody is listening any more); `cancels_seen`: how many tenant cancels
+    the engine had seen when the row was queued (a later cancel of its tenant ends it)."""
 
     request: EngineRequest
     sink: Callable[[object], None]
     cancelled: threading.Event = field(default_factory=threading.Event, kw_only=True)
     cancel_error: BaseException | None = field(default=None, kw_only=True)
+    cancels_seen: int = field(default=0, kw_only=True)
 
     def cancel(self, error: BaseException | None = None) -> None:
         if error is not None:
@@ -217,6 +220,12 @@ class EngineFront(Generic[R]):
         self.on_reject: list[Callable[[str], None]] = []  # the queue refused a request: its reason (metrics)
         self._failed_steps = 0  # consecutive steps that failed as a whole (see healthy)
         self._failed_at = 0.0  # time.monotonic() of the last one
+        # cancel_tenant sees the queue and the running rows, not a row the engine thread holds between them (taken
+        # for admission, inside _start): each cancel is numbered and kept per tenant, and the engine thread ends a
+        # row queued before its tenant's latest cancel wherever it meets it. An entry goes once no such row is left.
+        self._cancel_lock = threading.Lock()  # a row's number and its place in the queue, taken together
+        self._cancels_seen = 0
+        self._tenant_cancels: dict[str, tuple[int, BaseException]] = {}
 
     # --- what each engine supplies ---
     @property
@@ -281,7 +290,8 @@ class EngineFront(Generic[R]):
     def submit(self, row: R) -> None:
         """Queue a row (any thread): 429 when its tenant's queue share is used up, 503 when the server's is."""
         check_fits(row.request, self.limits)
-        with queue_errors(self.on_reject):
+        with self._cancel_lock, queue_errors(self.on_reject):
+            row.cancels_seen = self._cancels_seen
             self._waiting.put(row.request.tenant, row)
         self._wake.set()
 
@@ -295,6 +305,9 @@ class EngineFront(Generic[R]):
         self._wake.set()
 
     def cancel_tenant(self, tenant: str, error: BaseException) -> int:
+        with self._cancel_lock:  # first: a row this scan cannot see is ended by the engine thread (_cancelled)
+            self._cancels_seen += 1
+            self._tenant_cancels[tenant] = (self._cancels_seen, error)
         rows = [r for r in self._waiting.snapshot() + list(self._running) if r.request.tenant == tenant]
         for row in rows:
             row.cancel(error)
@@ -373,14 +386,32 @@ class EngineFront(Generic[R]):
         now = time.monotonic()
         expired = Timeout("generation passed its deadline")
         for row in list(self._running):
-            if row.cancelled.is_set():
+            if self._cancelled(row):
                 self._end(row, row.cancel_error)
             elif now > row.request.deadline:
                 self._end(row, expired)
-        for _, row in self._waiting.remove_if(lambda r: r.cancelled.is_set() or now > r.request.deadline):
+        for _, row in self._waiting.remove_if(lambda r: self._cancelled(r) or now > r.request.deadline):
             error = row.cancel_error if row.cancelled.is_set() else expired
             if error is not None:
                 row.sink(error)
+        if self._tenant_cancels:
+            self._forget_cancels()
+
+    def _cancelled(self, row: R) -> bool:
+        """The row's cancel flag, set now if its tenant was cancelled after the row was queued."""
+        latest = self._tenant_cancels.get(row.request.tenant)
+        if latest is not None and latest[0] > row.cancels_seen:
+            row.cancel(latest[1])
+        return row.cancelled.is_set()
+
+    def _forget_cancels(self) -> None:
+        """Drop the tenant cancels no row is older than. On the engine thread between admission rounds, so that
+        every row queued so far is in the queue, running or gone; under the lock, so none is being queued."""
+        with self._cancel_lock:
+            rows = self._waiting.snapshot() + list(self._running)
+            oldest = min((r.cancels_seen for r in rows), default=self._cancels_seen)
+            for tenant in [t for t, (n, _) in self._tenant_cancels.items() if n <= oldest]:
+                del self._tenant_cancels[tenant]
 
     def _share(self, running: Counter[str], waiting: set[str]) -> int:
         """Each active tenant's fair share of the running rows (a lone tenant gets every row)."""
@@ -421,12 +452,15 @@ class EngineFront(Generic[R]):
     def _offer(self, got: tuple[Hashable, R], running: Counter[str]) -> bool:
         """Try to start a taken row; True when it must go back to the queue."""
         row = got[1]
-        if row.cancelled.is_set():
+        if self._cancelled(row):
             if row.cancel_error is not None:
                 row.sink(row.cancel_error)
             return False
         verdict = self._start(row)
         if verdict == "started":
             self._running.append(row)
+            if self._cancelled(row):  # while it started (an adapter read from disk): cancel_tenant missed it
+                self._end(row, row.cancel_error)
+                return False
             running[row.request.tenant] += 1
         return verdict == "keep"

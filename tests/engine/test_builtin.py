@@ -10,14 +10,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 
 from service.adapters.cache import AdapterCache
-from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_dir
-from service.adapters.slots import LoraSlots
+from service.adapters.peft_format import AdapterWeights, LoraModuleWeights, merge_lora, read_adapter_dir
+from service.adapters.slots import LoraSlots, fits_slot
+from service.data_rights import UserErased
 from service.engine import base as engine_base
 from service.engine.base import Started
 from service.engine.builtin import engine as builtin_engine
@@ -409,6 +410,99 @@ def test_a_poisoned_adapter_fails_its_row_alone(setup: Setup) -> None:
     setup.engine.drop_owner("poison")
 
 
+def overflowing_adapter(base: Any) -> tuple[AdapterWeights, int, list[int]]:
+    """A rank-1 adapter on layer 0's v_proj that an upload accepts (finite, fits a float32 slot) whose B of ~1e38
+    overflows the values of one token to inf: (its weights, that token, tokens it leaves finite)."""
+    path, layer = "model.layers.0.self_attn.v_proj", base.model.layers[0]
+    u = torch.randn(base.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    u /= u.norm()
+    with torch.inference_mode():  # layer 0's v_proj input depends on the token alone
+        ids = torch.arange(3, 512)
+        proj = layer.input_layernorm(base.model.embed_tokens(ids)) @ u
+    order = proj.abs().argsort()
+    b = torch.full((layer.self_attn.v_proj.out_features, 1), 3.4e38 / (0.9 * float(proj.abs().max())))
+    weights = AdapterWeights(1, {path: LoraModuleWeights(u[None, :].clone(), b, 1.0)})
+    assert fits_slot(weights.modules[path], torch.float32)
+    return weights, int(ids[order[-1]]), [int(ids[i]) for i in order[: len(order) // 2]]
+
+
+def decode_beside(engine: BuiltinEngine, short: EngineRequest) -> Outcome:
+    """`short` on the lowest free lane, decoding in one attention call beside a longer row on the next lane (so
+    it reads its own lane up to the longer row's length, its positions past its own masked out)."""
+    both = threading.Event()
+    admit = engine._admit
+
+    async def main() -> Outcome:
+        first = asyncio.ensure_future(consume(engine, short))
+        while not len(engine._waiting):  # noqa: ASYNC110 - polls the engine thread
+            await asyncio.sleep(0.002)
+        longer = asyncio.ensure_future(consume(engine, request(prompt(2, 40), 12, tenant="other", ignore_eos=True)))
+        while len(engine._waiting) < 2:  # noqa: ASYNC110 - polls the engine thread
+            await asyncio.sleep(0.002)
+        both.set()
+        assert (await longer).error is None
+        return await first
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(executor, "DECODE_CALL_COST", 1 << 20)  # one call for every decode row
+        m.setattr(engine, "_admit", lambda: (both.wait(10), admit()))  # both rows queued, in this order
+        return cast(Outcome, run(main()))
+
+
+def test_a_scoring_row_with_an_overflowing_continuation_leaves_no_nan_for_the_next_row_on_its_lane(
+    setup: Setup,
+) -> None:
+    """The reviewed finding: an uploaded adapter overflows one token's values to inf. Scored as a continuation,
+    its non-finite logits end the row before its continuation was counted in its length, so its lane was zeroed
+    over the prompt only; the next row on that lane, decoding beside a longer row, read the NaN through its
+    masked positions and failed (generation_failed), and so did every later one."""
+    engine = make_engine(setup.base, slots=2, rows=2)
+    weights, bad, safe = overflowing_adapter(setup.base)
+    attacker = AdapterRef("attacker", 1, "a" * 64, Path("/nonexistent"))
+    engine.cache._admit_host(attacker, weights)  # as if uploaded: it passed the upload's checks
+    engine.start()
+    try:
+        victim = request(prompt(1, 3), 12, tenant="victim", ignore_eos=True)
+        solo = run(consume(engine, victim))
+        assert solo.error is None and len(solo.ids) == 12
+        score = request(safe[:10], 0, attacker, tenant="attacker", continuations=((bad, safe[0]),))
+        scored = run(consume(engine, score))
+        assert isinstance(scored.error, GenerationFailed), scored  # the overflow happened, on lane 0
+        for _ in range(2):  # nor does the victim's own release leave any
+            after = decode_beside(engine, victim)
+            assert after.error is None and after.ids == solo.ids
+        stats = engine.stats()
+        assert stats.running == 0 and stats.slots_pinned == 0 and stats.extra["kv_lanes_free"] == 2
+    finally:
+        engine.stop()
+
+
+def test_a_step_whose_forward_raised_leaves_its_lanes_zero(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward that raised after writing K/V (here NaN) at its rows' positions: those rows end having counted
+    none of it, below what an earlier, longer row had cleaned; the lane is still zero for the next row."""
+    engine = make_engine(setup.base, slots=2, rows=2)
+    engine.start()
+    try:
+        victim = request(prompt(1, 3), 12, tenant="victim", ignore_eos=True)
+        solo = run(consume(engine, victim))
+        assert run(consume(engine, request(prompt(3, 40), 2))).error is None  # lane 0 clean to 42
+        real = engine._executor.forward
+
+        def fails(batch: executor.StepBatch) -> torch.Tensor:
+            lanes, stores = torch.tensor(batch.lanes), torch.tensor(batch.stores)
+            for k, v in zip(engine.kv.k, engine.kv.v, strict=True):
+                k[lanes, :, stores] = v[lanes, :, stores] = float("nan")
+            raise RuntimeError("the accelerator failed mid-step")
+
+        monkeypatch.setattr(engine._executor, "forward", fails)
+        assert isinstance(run(consume(engine, request(prompt(4, 12), 4))).error, GenerationFailed)
+        monkeypatch.setattr(engine._executor, "forward", real)
+        after = decode_beside(engine, victim)
+        assert after.error is None and after.ids == solo.ids
+    finally:
+        engine.stop()
+
+
 def test_a_sampling_error_fails_its_row_alone(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     real = sampler.RowDecoder.process
 
@@ -476,6 +570,52 @@ def test_cancel_frees_the_row_its_kv_and_its_slot(setup: Setup) -> None:
     assert row.kv_len >= 30 + 4
     for k, v in zip(engine.kv.k, engine.kv.v, strict=True):  # zeroed where it wrote: nothing leaks to the next row
         assert float(k[row.lane, :, : row.kv_len].abs().sum() + v[row.lane, :, : row.kv_len].abs().sum()) == 0.0
+
+
+def test_an_erased_users_row_the_engine_is_starting_meanwhile_is_cancelled(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reviewed finding: cancel_tenant looked at the queue and the running rows only, so a row the engine
+    thread held between them (here: in _start, its adapter being read from disk) was missed and ran to its end
+    for a user already erased. It ends with the cancel error, holding nothing; a row queued after the cancel
+    runs, and the cancel is forgotten once no older row of the user is left."""
+    engine = make_engine(setup.base, slots=2, rows=2)
+    reading, go = threading.Event(), threading.Event()
+    acquire = engine.cache.acquire
+
+    def slow_acquire(keys: Any) -> list[int]:
+        if threading.current_thread() is engine._thread:  # a slow disk, a large sealed adapter
+            reading.set()
+            go.wait(10)
+        return acquire(keys)
+
+    monkeypatch.setattr(engine.cache, "acquire", slow_acquire)
+    erased = UserErased("the user was erased")
+    engine.start()
+    try:
+
+        async def main() -> tuple[Outcome, int]:
+            row = asyncio.ensure_future(consume(engine, request(prompt(1, 6), 8, setup.refs[1], tenant="gone")))
+            while not reading.is_set():  # noqa: ASYNC110 - polls the engine thread
+                await asyncio.sleep(0.002)
+            seen = engine.cancel_tenant("gone", erased)
+            go.set()
+            return await row, seen
+
+        out, seen = run(main())
+        assert seen == 0  # in neither the queue nor the running rows: the window of the finding
+        assert out.error is erased and out.ids == [] and out.finished is None, out
+        stats = engine.stats()
+        assert stats.running == 0 and stats.slots_pinned == 0 and stats.extra["kv_lanes_free"] == 2
+        later = run(consume(engine, request(prompt(2, 6), 4, setup.refs[1], tenant="gone")))
+        assert later.error is None and len(later.ids) == 4
+        deadline = time.monotonic() + 5
+        while engine._tenant_cancels:
+            assert time.monotonic() < deadline, "the cancel is kept with no row it could apply to"
+            time.sleep(0.01)
+    finally:
+        go.set()
+        engine.stop()
 
 
 def test_sampling_is_seeded_per_row_and_stops_are_not_emitted(setup: Setup) -> None:

@@ -245,6 +245,12 @@ class BuiltinEngine(EngineFront[Row]):
         return True
 
     def _fail_step(self, step: Step, exc: Exception) -> None:
+        # A forward that raised may have written K/V in some layers first: its lanes zero those positions too
+        # when their rows end below (lanes whose rows already left in this step were zeroed then).
+        running = {r.lane for r in self._running}
+        for lane, store in zip(step.batch.lanes, step.batch.stores, strict=True):
+            if lane in running:
+                self.kv.mark_written(lane, store + 1)
         for row in {id(r): r for r in self._step_rows(step)}.values():
             self._end(row, GenerationFailed.internal(exc))
 
@@ -290,11 +296,12 @@ class BuiltinEngine(EngineFront[Row]):
         for sample in step.samples:
             if sample.row.decoding and sample.row.output:
                 sample.row.kv_len += 1  # its previous token was written this step
-        self._score(step, logits)
-        for row, n in step.continued:
+        for row, n in step.continued:  # counted before scoring, which may end the row (its lane zeroed to kv_len)
             conts = row.request.continuations[row.next_continuation : row.next_continuation + n]
             row.next_continuation += n
             row.kv_len += sum(len(c) for c in conts)
+        self._score(step, logits)
+        for row, _ in step.continued:
             if row.scored and row in self._running:
                 self._finish(row, "length")
         choices = choose([s.row.decoder for s in step.samples], logits[[s.index for s in step.samples]])

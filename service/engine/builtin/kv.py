@@ -4,8 +4,9 @@ A running row owns one lane from admission to its end, so its KV memory is reser
 lanes x capacity x bytes_per_token in all (`bytes`). Lanes are allocated lowest-first, so busy lanes stay
 packed at the front and a decode attention call reads one slice of lanes without copying. Memory comes from
 torch.empty (the OS commits pages only when written); the region each attention reads beyond a row's own
-length is zeroed first, and a released lane is zeroed where its row wrote, so a hostile row's NaN can never
-reach the next occupant or a neighbour's masked-out positions.
+length is zeroed first, and a released lane is zeroed up to the highest position written since it was last
+zeroed (whatever its row's bookkeeping says), so a hostile row's NaN can never reach the next occupant's
+masked-out positions.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class KVLanes:
         self.bytes = 2 * layers * lanes * kv_heads * capacity * head_dim * self.k[0].element_size()
         self._free = list(range(lanes - 1, -1, -1))  # pop() gives the lowest lane
         self._clean_to = [0] * lanes  # positions [0, clean_to) of the lane hold finite values
+        # Positions [0, written_to) may hold what rows wrote since the lane was last zeroed. Kept by the lanes, not
+        # the rows: a row's own length can miss positions it wrote (a step that failed half-way, a row ended
+        # while its step's tokens were still being counted), and ensure_clean never zeroes below clean_to.
+        self._written_to = [0] * lanes
 
     @property
     def free(self) -> int:
@@ -43,13 +48,16 @@ class KVLanes:
             return None
         return self._free.pop()
 
-    def release(self, lane: int, written: int) -> None:
-        """The row that owned the lane wrote positions [0, written): zero them, then free the lane."""
-        if written:
+    def release(self, lane: int, written: int = 0) -> None:
+        """Zero every position written since the lane was last zeroed (at least [0, written): what its row says it
+        wrote), then free the lane."""
+        end = max(written, self._written_to[lane])
+        if end:
             for k, v in zip(self.k, self.v, strict=True):
-                k[lane, :, :written].zero_()
-                v[lane, :, :written].zero_()
-            self._clean_to[lane] = max(self._clean_to[lane], written)
+                k[lane, :, :end].zero_()
+                v[lane, :, :end].zero_()
+            self._clean_to[lane] = max(self._clean_to[lane], end)
+        self._written_to[lane] = 0
         self._free.append(lane)
         self._free.sort(reverse=True)
 
@@ -69,4 +77,8 @@ class KVLanes:
         self.v[layer][lanes, :, positions] = v
 
     def mark_written(self, lane: int, end: int) -> None:
-        self._clean_to[lane] = max(self._clean_to[lane], end)
+        """Positions up to `end` of the lane were written (or are about to be: a step that may fail half-way)."""
+        if end > self._written_to[lane]:
+            self._written_to[lane] = end
+            if end > self._clean_to[lane]:
+                self._clean_to[lane] = end
