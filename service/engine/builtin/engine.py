@@ -34,7 +34,7 @@ from service.engine.types import (
     StepInfo,
     TokenEvent,
 )
-from service.errors import AdapterUnavailable, GenerationFailed
+from service.errors import AdapterUnavailable, GenerationFailed, ServiceError
 from service.inference.loader import LoadedModel
 from service.inference.threads import release_pool
 
@@ -282,7 +282,8 @@ class BuiltinEngine(EngineFront[Row]):
             return "keep"
         except Exception as exc:
             log.warning("adapter %s could not be loaded: %r", row.request.adapter, exc)
-            row.sink(AdapterUnavailable(exc))
+            # The owner erased meanwhile (410) stays itself; a read that failed otherwise is 503, retry.
+            row.sink(exc if isinstance(exc, ServiceError) else AdapterUnavailable(exc))
             return "dropped"
         lane = self.kv.acquire()
         assert lane is not None
