@@ -130,6 +130,50 @@ def _die_with_parent() -> None:
         pass
 
 
+def become_subreaper() -> None:
+    """Orphans below this process (a work horse whose worker died) are re-parented to it, not to init, so the
+    stop still finds them among its descendants (Linux prctl PR_SET_CHILD_SUBREAPER)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)
+    except OSError:
+        pass
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of a process, None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[19])
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """Every process below `pid`, whatever its process group (pid -> start time)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(stat[0], []).append((int(entry.name), stat[1]))
+    found: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        for child, started in children.get(todo.pop(), []):
+            if child not in found:
+                found[child] = started
+                todo.append(child)
+    return found
+
+
+def kill_all(processes: dict[int, int]) -> None:
+    for pid, started in processes.items():
+        stat = _proc_stat(pid)
+        if stat is not None and stat[1] == started:  # that process still, not a reused pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @dataclass
 class Child:
     name: str
@@ -138,13 +182,16 @@ class Child:
     def stop(self, grace: float) -> None:
         if self.popen.poll() is not None:
             return
+        # The process alone: it stops its own children (nginx its workers; `oppu worker` asks its work horse to
+        # stop the job at its next step, then exits: RQ's warm shutdown).
+        self.popen.send_signal(signal.SIGTERM)
         try:
-            os.killpg(self.popen.pid, signal.SIGTERM)  # the whole group: RQ's work horse too
             self.popen.wait(timeout=grace)
-        except ProcessLookupError:
-            return
         except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
+            # Below it first: RQ's work horse runs in a process group of its own (setpgrp), so killing the
+            # worker's group left the horse running (ppid 1), free to publish a version after the stop.
+            kill_all(descendants(self.popen.pid))
+            self.popen.kill()
             self.popen.wait(timeout=10)
 
 
@@ -175,6 +222,15 @@ class Cluster:
     def stop_all(self) -> None:
         for child in reversed(self.children):  # nginx first, then the worker, then the replicas
             child.stop(grace=20 if child.name == "worker" else 10)
+        # What is left was orphaned below a child (a horse whose worker died first): re-parented to this
+        # process (become_subreaper), killed and reaped here.
+        left = descendants(os.getpid())
+        kill_all(left)
+        for pid in left:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # not this process's child: its own parent reaps it
 
 
 def wait_ready(cluster: Cluster, urls: Sequence[str], timeout: float) -> None:
@@ -237,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     subprocess.run([str(OPPU), "migrate"], env=env, check=True)
 
+    become_subreaper()
     cluster = Cluster(run_dir, env)
     stopping = []
 

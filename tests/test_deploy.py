@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import yaml
 
 from service.config import Settings
+from service.db.migrate import upgrade
+from service.main import create_app
+from service.state import AppState
+from tests.conftest import ADMIN_KEY, live_server, make_settings
+from tests.factories import free_port, random_lora_zip
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_SERVICES = ("api1", "api2", "worker")
@@ -116,6 +130,27 @@ def test_api_trusts_only_nginx_for_forwarded_headers() -> None:
     for name, service in _services().items():
         nets = service.get("networks")
         assert (nets is None and network_name == "default") or network_name in (nets or {}), name
+
+
+def _duration_s(value: str) -> float:
+    """A compose duration: "150s", "2m30s", "1h"."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?", str(value))
+    assert match is not None and any(match.groups()), value
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def test_compose_services_stop_within_their_grace() -> None:
+    """Docker's default 10 s before SIGKILL cut open streams (uvicorn waits for them, up to
+    OPPU_REQUEST_TIMEOUT_S) and the app's shutdown, and a worker's job mid-step (the attempt counted)."""
+    services = _services()
+    default_timeout_s = Settings.model_fields["request_timeout_s"].default
+    for name in ("api1", "api2"):
+        timeout_s = float(_env(services[name]).get("OPPU_REQUEST_TIMEOUT_S", default_timeout_s))
+        assert _duration_s(services[name]["stop_grace_period"]) >= timeout_s + 10, name
+    # nginx (SIGQUIT: graceful) finishes the streams it carries too.
+    assert _duration_s(services["nginx"]["stop_grace_period"]) >= timeout_s
+    assert _duration_s(services["worker"]["stop_grace_period"]) >= 60  # one training step
 
 
 def test_env_example_documents_every_compose_variable() -> None:
@@ -344,6 +379,30 @@ def test_nginx_body_limits_per_path() -> None:
         assert _location_for(server, uri) is not upload, uri
 
 
+def _seconds(value: str) -> float:
+    units = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600}
+    match = re.fullmatch(r"(\d+)(ms|[smh]?)", value)
+    assert match is not None, value
+    return int(match[1]) * units[match[2]]
+
+
+def test_nginx_streams_uploads_and_cuts_stalled_bodies() -> None:
+    """Buffered (nginx's default), an upload body went whole onto nginx's disk before the app saw the request:
+    no key check first, no per-user upload cap, no body deadline; 3 connections without a key left 119 MiB
+    there, trickling 1 byte per 50 s (nginx's default client_body_timeout is 60 s)."""
+    server = _server()
+    upload = _location_for(server, "/users/u1/adapter")
+    assert upload.get("proxy_request_buffering") == [["off"]]
+    # A request body is streamed upstream only over HTTP/1.1 (chunked bodies need it).
+    assert (upload.get("proxy_http_version") or server.get("proxy_http_version")) == [["1.1"]]
+    for loc in server.blocks("location"):
+        if loc.get("proxy_pass") and loc is not upload:
+            # Buffered, so at most the app's own body limit per connection (test_nginx_body_limits_per_path).
+            assert (loc.get("proxy_request_buffering") or [["on"]]) == [["on"]], loc.args
+        ((timeout,),) = loc.get("client_body_timeout") or server.get("client_body_timeout")
+        assert _seconds(timeout) <= 10, loc.args  # a stalled sender is cut within 10 s of silence
+
+
 @pytest.mark.parametrize(
     "uri", ["/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/metrics", "/metrics/", "/docs/"]
 )
@@ -489,3 +548,183 @@ def test_make_cluster_says_what_is_missing(tmp_path: Path) -> None:
     assert re.search(r"^cluster: setup\n(\t.*\n)*\t.*apt-get install -y nginx", makefile, re.M)
     run = r"^\t\$\(BIN\)/python scripts/cluster.py --port \$\(CLUSTER_PORT\) --replicas \$\(REPLICAS\)"
     assert re.search(run, makefile, re.M)
+
+
+# A stand-in for `oppu worker` with a job running: it forks a "work horse" that moves to its own process group
+# (RQ's setpgrp), writes the horse's pid to argv[1], and then either waits on (ignores SIGTERM: a step that
+# does not end) or exits at once (the worker died, the horse orphaned).
+FAKE_WORKER = """
+import os, signal, sys, time
+horse = os.fork()
+if horse == 0:
+    os.setpgrp()
+    while True:
+        time.sleep(1)
+open(sys.argv[1], "w").write(str(horse))
+if sys.argv[2] == "exit":
+    sys.exit(0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True:
+    time.sleep(1)
+"""
+STOP_CLUSTER = """
+import os, sys, time
+from pathlib import Path
+from scripts.cluster import Cluster, become_subreaper
+run = Path(sys.argv[1])
+become_subreaper()
+cluster = Cluster(run, dict(os.environ))
+stuck = cluster.start("worker", [sys.executable, "-c", sys.argv[2], str(run / "stuck"), "wait"])
+cluster.start("worker2", [sys.executable, "-c", sys.argv[2], str(run / "orphan"), "exit"])
+while not ((run / "stuck").exists() and (run / "orphan").exists()):
+    time.sleep(0.05)
+time.sleep(0.2)
+stuck.stop(grace=1)  # what stop_all does, with a shorter grace
+cluster.stop_all()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_cluster_stop_leaves_no_work_horse(tmp_path: Path) -> None:
+    """RQ's work horse leaves its worker's process group: killing the group left it running (ppid 1) after
+    "cluster stopped", free to publish a version later."""
+    run = tmp_path / "run"
+    run.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-c", STOP_CLUSTER, str(run), FAKE_WORKER], cwd=ROOT, capture_output=True, timeout=60
+    )
+    horses = {name: int((run / name).read_text()) for name in ("stuck", "orphan")}
+    try:
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        assert not {name for name, pid in horses.items() if _alive(pid)}, horses
+    finally:
+        for pid in horses.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# --- the real nginx in front of the real app ----------------------------------------------------------------
+
+
+@dataclass
+class Front:
+    url: str
+    run_dir: Path
+    state: AppState
+    nginx_pid: int
+
+    def stored_bodies(self) -> list[str]:
+        """Request bodies on nginx's disk: its temp files (scripts/cluster.py puts them under run_dir/tmp), which
+        nginx unlinks at once and keeps open, so they are found among its workers' open files, and the warning
+        it logs for each."""
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == self.nginx_pid]
+        temp = str(self.run_dir / "tmp")
+        open_files = []
+        for pid in workers:
+            for fd in Path(f"/proc/{pid}/fd").glob("*"):
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue  # closed meanwhile
+                if target.startswith(temp):
+                    open_files.append(target)
+        log = (self.run_dir / "nginx-error.log").read_text(errors="replace")
+        return open_files + re.findall(r".*buffered to a temporary file.*", log)
+
+
+def _ppid(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None  # exited meanwhile
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def front(tmp_path: Path, tiny_model_path: Path) -> Iterator[Front]:
+    """nginx rendered from docker/nginx.conf (as `make cluster` does) in front of one app on SQLite."""
+    db = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    upgrade(db)
+    app = create_app(make_settings(tmp_path, db, str(tiny_model_path)))
+    # Not under tmp_path: pytest's base dir is 0700, and nginx's workers (nobody, when run as root) must be able
+    # to write their temp files, or a buffered body would fail instead of being stored.
+    run_dir = Path(tempfile.mkdtemp(prefix="oppu-nginx-"))
+    from scripts.cluster import write_config
+
+    with live_server(app) as upstream:
+        port = free_port()
+        config = write_config(run_dir, port, [int(urlsplit(upstream).port or 0)])
+        with open(run_dir / "nginx.out", "wb") as log:
+            nginx = subprocess.Popen(
+                [_nginx(), "-c", str(config), "-p", str(run_dir)], stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            deadline = time.monotonic() + 10
+            while not _accepts(port):
+                assert nginx.poll() is None, (run_dir / "nginx-error.log").read_text()
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+            yield Front(f"http://127.0.0.1:{port}", run_dir, app.state.oppu, nginx.pid)
+        finally:
+            nginx.terminate()
+            nginx.wait(timeout=10)
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_nginx_passes_an_unauthenticated_upload_to_the_app_before_its_body(front: Front) -> None:
+    """No key, 200 MiB announced, 256 KiB sent: the app's 401 comes back at once (it checks the key before it
+    reads a body) and nginx stored nothing. Buffered, nginx waited for all 200 MiB, on its disk."""
+    url = urlsplit(front.url)
+    head = (
+        b"PUT /users/u1/adapter HTTP/1.1\r\nHost: oppu\r\nContent-Type: application/zip\r\n"
+        + b"Content-Length: %d\r\n\r\n" % (200 << 20)
+    )
+    with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=5) as sock:
+        sock.sendall(head + bytes(256 << 10))
+        time.sleep(0.3)  # nginx has read what was sent
+        assert not front.stored_bodies()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError(f"no answer before the body was sent: {answer!r}") from None
+            assert chunk, answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+    assert not front.stored_bodies()
+
+
+def test_nginx_streams_an_upload_through(front: Front) -> None:
+    """A real upload still arrives whole, announced or chunked (HTTP/1.1 upstream), and nothing is stored."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = httpx.post(f"{front.url}/admin/users", json={"user_id": "u1"}, headers=admin, timeout=30)
+    assert r.status_code == 201, r.text
+    headers = {"Authorization": f"Bearer {r.json()['api_key']}", "Content-Type": "application/zip"}
+    shapes = front.state.adapters.spec.linear_shapes
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    archive = random_lora_zip(shapes, None, seed=1, rank=64, targets=targets)
+    assert len(archive) > 64 << 10  # above nginx's in-memory body buffer: buffered, it would go to disk
+    r = httpx.put(f"{front.url}/users/u1/adapter", content=archive, headers=headers, timeout=60)
+    assert r.status_code == 201, r.text
+    archive = random_lora_zip(shapes, None, seed=2, rank=64, targets=targets)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(archive), 16 << 10):
+            yield archive[i : i + (16 << 10)]
+
+    r = httpx.put(f"{front.url}/users/u1/adapter", content=chunks(), headers=headers, timeout=60)
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 2, r.json()
+    assert not front.stored_bodies()

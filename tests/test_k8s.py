@@ -3,6 +3,8 @@ ports, probes, env against Settings, and the router's metric names against what 
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any, cast
@@ -10,6 +12,7 @@ from typing import Any, cast
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service.config import Settings
 
@@ -163,3 +166,66 @@ def test_router_reads_metrics_the_app_exposes(sqlite_client: TestClient) -> None
     text = sqlite_client.get("/metrics").text
     exposed = {line.split("{")[0].split()[0] for line in text.splitlines() if line and not line.startswith("#")}
     assert wanted <= exposed, wanted - exposed
+
+
+def _setting(name: str, field: str) -> str:
+    """A Deployment's value of an OPPU_* setting: its env or ConfigMap, else the Settings default."""
+    docs = _docs()
+    env = _env_names(_container(docs[("Deployment", name)]), docs)
+    var = f"OPPU_{field.upper()}"
+    if var in env:
+        return str(env[var]["value"])
+    return str(Settings.model_fields[field].default)
+
+
+def _client_seen(trusted: str, peer: str, forwarded_for: str) -> str:
+    """The client address the app sees (its ProxyHeadersMiddleware, as create_app adds it) for a request from
+    `peer` carrying this X-Forwarded-For."""
+    seen: list[str] = []
+
+    async def app(scope: Any, _receive: Any, _send: Any) -> None:
+        seen.append(scope["client"][0])
+
+    scope = {"type": "http", "client": (peer, 40000), "headers": [(b"x-forwarded-for", forwarded_for.encode())]}
+    asyncio.run(ProxyHeadersMiddleware(app, trusted_hosts=trusted)(scope, None, None))  # type: ignore[arg-type]
+    return seen[0]
+
+
+def test_api_takes_client_addresses_from_the_gateway() -> None:
+    """Unset, every pod saw the Gateway's address for everyone: the per-client caps (failed-auth limiter, request
+    bodies arriving at once) acted per Gateway, i.e. on all users together."""
+    trusted = _setting("oppu-api", "forwarded_allow_ips")
+    assert trusted, "OPPU_FORWARDED_ALLOW_IPS unset: the Gateway is the one client behind everyone"
+    Settings(forwarded_allow_ips=trusted)
+    entries = [e.strip() for e in trusted.split(",")]
+    assert entries and "*" not in entries
+    networks = [ipaddress.ip_network(e) for e in entries]  # strict: a CIDR as written, no stray host bits
+    for net in networks:
+        assert net.is_private and net.prefixlen >= 8, net  # a cluster's own range, never the internet
+    gateway = str(next(networks[0].hosts()))
+    assert _client_seen(trusted, gateway, "203.0.113.7") == "203.0.113.7"
+    # The Gateway appends the peer it saw; what the client wrote itself (left of it) is skipped.
+    assert _client_seen(trusted, gateway, "198.51.100.1, 203.0.113.7") == "203.0.113.7"
+    assert _client_seen(trusted, "203.0.113.9", "198.51.100.1") == "203.0.113.9"  # from outside: not believed
+    readme = (K8S / "README.md").read_text()
+    assert "OPPU_FORWARDED_ALLOW_IPS" in readme and "pod CIDR" in readme
+    if not [kind for kind, _ in _docs() if kind == "NetworkPolicy"]:
+        assert "No NetworkPolicy ships here" in readme  # only the Gateway may reach the pods: say who must
+
+
+def test_pods_stop_within_their_grace() -> None:
+    """uvicorn waits for open streams (up to OPPU_REQUEST_TIMEOUT_S) before the app's shutdown: a 60 s grace cut
+    them and skipped the shutdown. A preStop sleep keeps the pod serving while it leaves the endpoints."""
+    docs = _docs()
+    api = docs[("Deployment", "oppu-api")]["spec"]["template"]["spec"]
+    command = _container(docs[("Deployment", "oppu-api")])["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    pre_stop_s = float(command[1])
+    assert 1 <= pre_stop_s <= 15
+    # `sleep` must exist in the image: Debian's python slim has coreutils (distroless would not).
+    base = re.search(r"^FROM (\S+)", (ROOT / "docker" / "Dockerfile").read_text(), re.M)
+    assert base is not None and re.fullmatch(r"python:[\d.]+-slim(-\w+)?", base[1]), base
+    timeout_s = float(_setting("oppu-api", "request_timeout_s"))
+    assert api["terminationGracePeriodSeconds"] >= pre_stop_s + timeout_s + 10  # the grace counts from preStop
+    worker = docs[("Deployment", "oppu-worker")]["spec"]["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] >= 60  # the running job stops at its next training step
