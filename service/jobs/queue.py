@@ -21,6 +21,7 @@ from service.config import Settings
 
 if TYPE_CHECKING:
     from redis import Redis
+    from redis.client import PubSub
 
 log = logging.getLogger(__name__)
 QUEUE_NAME = "oppu-training"
@@ -167,16 +168,20 @@ class RedisJobQueue:
 
     def _listen(self, listeners: Listeners, stop: threading.Event) -> None:
         while not stop.is_set():
+            pubsub = None
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(ADAPTER_CHANNEL, REVOKED_CHANNEL, ERASED_CHANNEL, KEYS_CHANNEL)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and isinstance(message.get("data"), bytes):
-                        _dispatch(listeners, message["channel"], message["data"].decode())
+                        _deliver(listeners, message["channel"], message["data"])
             except Exception as exc:  # Redis down: retry every second, quietly (readyz reports it)
                 log.warning("pub/sub listener lost Redis (%s); reconnecting", type(exc).__name__)
                 stop.wait(1.0)
+            finally:
+                if pubsub is not None:
+                    _close_quietly(pubsub)
 
     def close(self) -> None:
         """After the subscription's `stop` is set: the listener threads end within a get_message timeout; a
@@ -285,6 +290,22 @@ def keys_notice(queue: JobQueue) -> Callable[[str], None]:
 def queue_checks(queue: JobQueue) -> dict[str, bool]:
     """What readiness reports about the queue: Redis reachable (only when Redis is used)."""
     return {"redis": queue.ping()} if isinstance(queue, RedisJobQueue) else {}
+
+
+def _deliver(listeners: Listeners, channel: bytes | str, data: bytes) -> None:
+    """One notice to this replica's listeners. A listener that fails (e.g. a database blip in its SQL read) is
+    logged, and the subscription is kept with the notices buffered on it: only a Redis error re-subscribes."""
+    try:
+        _dispatch(listeners, channel, data.decode())
+    except Exception:
+        log.exception("a notice listener failed on %r", channel)
+
+
+def _close_quietly(pubsub: PubSub) -> None:
+    try:
+        pubsub.close()
+    except Exception as exc:  # its connection may be gone with Redis
+        log.debug("pub/sub close failed: %s", type(exc).__name__)
 
 
 def _dispatch(listeners: Listeners, channel: bytes | str, data: str) -> None:
