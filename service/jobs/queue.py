@@ -10,6 +10,7 @@ publish is logged): a revoked key's streams end here even while Redis is unreach
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -21,6 +22,7 @@ from service.config import Settings
 
 if TYPE_CHECKING:
     from redis import Redis
+    from redis.client import PubSub
 
 log = logging.getLogger(__name__)
 QUEUE_NAME = "oppu-training"
@@ -28,6 +30,18 @@ ENTRY_POINT = "service.jobs.entry.run_job_in_worker"  # what every queue message
 PENDING_RQ_STATES = ("queued", "started", "deferred", "scheduled")
 REDIS_CONNECT_TIMEOUT_S = 2.0  # a request that publishes or enqueues never hangs on an unreachable Redis
 REDIS_SOCKET_TIMEOUT_S = 5.0
+# The RQ worker's blocking dequeue waits this long for a job (RQ's default: 405 s), then loops (heartbeat, stop
+# check). Its connection's socket timeout is RQ's margin above it: a network path gone silent (no reset) ends
+# in a timeout and a reconnect within 40 s (RQ's own would be 415 s; without one, never).
+WORKER_DEQUEUE_TIMEOUT_S = 30
+WORKER_SOCKET_MARGIN_S = 10  # RQ raises any socket timeout below dequeue timeout + 10 to that
+WORKER_HEALTH_CHECK_S = 30  # a connection idle this long is PINGed before its next command
+# Linux defaults probe an idle connection after 2 h; these find a dead peer in about a minute.
+_KEEPALIVE = {
+    option: value
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if (option := getattr(socket, name, None)) is not None
+}
 ADAPTER_CHANNEL = "oppu:adapters"  # pub/sub: "<owner_key> <version>" after every publish or delete
 REVOKED_CHANNEL = "oppu:revoked"  # pub/sub: "<key hash>,<key hash>..." after keys are revoked or rotated
 ERASED_CHANNEL = "oppu:erased"  # pub/sub: "<storage key>" after a user is erased (their engine rows end)
@@ -120,11 +134,20 @@ class RedisJobQueue:
         except Exception:
             return False
 
-    def worker_connection(self) -> Redis:
-        """A connection for the RQ worker: no socket timeout (its blocking dequeue waits longer than one)."""
+    def worker_connection(self, dequeue_timeout_s: int = WORKER_DEQUEUE_TIMEOUT_S) -> Redis:
+        """A connection for an RQ worker whose blocking dequeue waits `dequeue_timeout_s`: its socket timeout is
+        above that, with TCP keepalive and a health check, so a dead or silent path ends in an error (the worker
+        reconnects) rather than a wait forever."""
         from redis import Redis
 
-        return Redis.from_url(self.url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
+        return Redis.from_url(
+            self.url,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=dequeue_timeout_s + WORKER_SOCKET_MARGIN_S,
+            socket_keepalive=True,
+            socket_keepalive_options=_KEEPALIVE,
+            health_check_interval=WORKER_HEALTH_CHECK_S,
+        )
 
     def publish_adapter(self, owner_key: str, version: int | None) -> None:
         for listeners in list(self._local):
@@ -167,16 +190,20 @@ class RedisJobQueue:
 
     def _listen(self, listeners: Listeners, stop: threading.Event) -> None:
         while not stop.is_set():
+            pubsub = None
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(ADAPTER_CHANNEL, REVOKED_CHANNEL, ERASED_CHANNEL, KEYS_CHANNEL)
                 while not stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and isinstance(message.get("data"), bytes):
-                        _dispatch(listeners, message["channel"], message["data"].decode())
+                        _deliver(listeners, message["channel"], message["data"])
             except Exception as exc:  # Redis down: retry every second, quietly (readyz reports it)
                 log.warning("pub/sub listener lost Redis (%s); reconnecting", type(exc).__name__)
                 stop.wait(1.0)
+            finally:
+                if pubsub is not None:
+                    _close_quietly(pubsub)
 
     def close(self) -> None:
         """After the subscription's `stop` is set: the listener threads end within a get_message timeout; a
@@ -285,6 +312,22 @@ def keys_notice(queue: JobQueue) -> Callable[[str], None]:
 def queue_checks(queue: JobQueue) -> dict[str, bool]:
     """What readiness reports about the queue: Redis reachable (only when Redis is used)."""
     return {"redis": queue.ping()} if isinstance(queue, RedisJobQueue) else {}
+
+
+def _deliver(listeners: Listeners, channel: bytes | str, data: bytes) -> None:
+    """One notice to this replica's listeners. A listener that fails (e.g. a database blip in its SQL read) is
+    logged, and the subscription is kept with the notices buffered on it: only a Redis error re-subscribes."""
+    try:
+        _dispatch(listeners, channel, data.decode())
+    except Exception:
+        log.exception("a notice listener failed on %r", channel)
+
+
+def _close_quietly(pubsub: PubSub) -> None:
+    try:
+        pubsub.close()
+    except Exception as exc:  # its connection may be gone with Redis
+        log.debug("pub/sub close failed: %s", type(exc).__name__)
 
 
 def _dispatch(listeners: Listeners, channel: bytes | str, data: str) -> None:
