@@ -26,10 +26,10 @@ from service.jobs.queue import WORKER_DEQUEUE_TIMEOUT_S, RedisJobQueue
 from service.jobs.worker import STOP_JOB_SIGNAL, WorkerLoop, rq_workers
 from tests.conftest import REDIS_URL
 from tests.factories import redis_url
-from tests.jobs.worker_harness import HOLD
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_DB = 11  # flushed before and after: the test owns this database number
+HOLD = "tests.jobs.worker_harness.hold"  # the RQ job the harness's workers run (by path: run in its process)
 
 
 def until(check: Callable[[], object], timeout: float, what: str) -> None:
