@@ -1,9 +1,13 @@
 """Iteration-level scheduling: which rows run in the next step and how much of each.
 
 Every step, each decoding row contributes one token; the rest of the step's token budget goes to prompt
-chunks of rows still in prefill, first-admitted first (so a long prompt is spread over steps instead of
-freezing the running streams). A scoring row, once its prompt is in, runs its continuations (each whole,
-as many as fit) stored side by side after the prompt. Pure bookkeeping: no torch, no threads, no I/O.
+chunks of rows still in prefill (so a long prompt is spread over steps instead of freezing the running
+streams), shared fairly across tenants: each tenant with prompt work pending gets an equal share, a share it
+does not use goes to the others (a lone tenant gets all of it), and within a tenant its rows are served
+first-admitted first, at most one chunk per row. A scoring row, once its prompt is in, runs its continuations
+(each whole, as many as fit its tenant's share) stored side by side after the prompt. The oldest row with
+such work always gets its next piece (a continuation may exceed its tenant's share), so every row progresses.
+Pure bookkeeping: no torch, no threads, no I/O.
 """
 
 from __future__ import annotations
@@ -90,11 +94,10 @@ class _Builder:
 
 
 def plan_step(running: list[Row], budget: int) -> Step | None:
-    """Decode tokens of every decoding row, then prompt chunks in admission order, within `budget` tokens."""
+    """Decode tokens of every decoding row, then prompt work shared across tenants, within `budget` tokens."""
     b = _Builder()
     samples: list[Sample] = []
     scores: list[Score] = []
-    prefilled: list[tuple[Row, int]] = []
     for row in sorted((r for r in running if r.decoding and r.output), key=lambda r: r.lane):
         samples.append(Sample(row, b.logit_row(len(b.ids))))
         b.ids.append(row.output[-1])
@@ -102,27 +105,74 @@ def plan_step(running: list[Row], budget: int) -> Step | None:
         b.stores.append(row.kv_len)
         b.lanes.append(row.lane)
         b.decode_slots.append(row.slot)
-    left = budget - len(b.ids)
-    continued: list[tuple[Row, int]] = []
-    for row in running:
-        if left <= 0:
-            break
-        if not row.decoding:
-            n = min(row.prompt_len - row.prefilled, left)
-            _add_chunk(b, row, n, samples, scores)
-            prefilled.append((row, n))
-            left -= n
-        if row.decoding and row.scoring and row.prompt_end_logprobs is not None:
-            done = _add_continuations(b, row, left, scores)
-            if done:
-                continued.append((row, done))
-                left -= sum(
-                    len(c) for c in row.request.continuations[row.next_continuation : row.next_continuation + done]
-                )
+    work = _Work(b, samples, scores)
+    _share_prompt_work(work, running, budget - len(b.ids))
     if not b.ids:
         return None
     batch = StepBatch(b.ids, b.positions, b.lanes, b.stores, b.decode_slots, b.chunks, b.logit_rows)
-    return Step(batch, samples, scores, prefilled, continued)
+    return Step(batch, samples, scores, work.prefilled, work.continued)
+
+
+@dataclass
+class _Work:
+    """The prompt side of a step being built."""
+
+    b: _Builder
+    samples: list[Sample]
+    scores: list[Score]
+    prefilled: list[tuple[Row, int]] = field(default_factory=list)
+    continued: list[tuple[Row, int]] = field(default_factory=list)
+
+
+def _pending(row: Row) -> int:
+    """Prompt-side tokens the row has yet to run: the rest of its prompt, or (scoring, prompt in) of its
+    continuations."""
+    if not row.decoding:
+        return row.prompt_len - row.prefilled
+    if row.scoring and row.prompt_end_logprobs is not None:
+        return sum(len(c) for c in row.request.continuations[row.next_continuation :])
+    return 0
+
+
+def _share_prompt_work(work: _Work, running: list[Row], left: int) -> None:
+    """`left` tokens of prompt work, max-min fair across tenants: tenants in order of pending work, smallest
+    first, each taking up to an equal share of what is still left, so what a small one leaves goes to the
+    larger ones. The oldest row's tenant gets at least that row's next piece, kept aside until its turn."""
+    tenants: dict[str, list[Row]] = {}  # in order of each tenant's oldest pending row
+    for row in running:
+        if _pending(row):
+            tenants.setdefault(row.request.tenant, []).append(row)
+    if not tenants or left <= 0:
+        return
+    oldest = next(iter(tenants.values()))[0]
+    # a prompt progresses by any token; a continuation runs whole or not at all
+    floor = 1 if not oldest.decoding else len(oldest.request.continuations[oldest.next_continuation])
+    floor = floor if floor <= left else 0
+    rest = left - floor
+    order = sorted(tenants, key=lambda t: sum(map(_pending, tenants[t])))
+    for i, tenant in enumerate(order):
+        reserved = floor if tenant == oldest.request.tenant else 0
+        share = max(-(-(rest + reserved) // (len(order) - i)), reserved)  # rounded up: odd tokens to the smaller
+        rest += reserved - _serve(work, tenants[tenant], share)
+
+
+def _serve(work: _Work, rows: list[Row], share: int) -> int:
+    """A tenant's share to its rows, first-admitted first: a prompt chunk of each row in prefill, whole
+    continuations of each scoring row. Returns the tokens used."""
+    used = 0
+    for row in rows:
+        if used >= share:
+            break
+        if not row.decoding:
+            n = min(row.prompt_len - row.prefilled, share - used)
+            _add_chunk(work.b, row, n, work.samples, work.scores)
+            work.prefilled.append((row, n))
+            used += n
+        elif done := _add_continuations(work.b, row, share - used, work.scores):
+            work.continued.append((row, done))
+            conts = row.request.continuations[row.next_continuation : row.next_continuation + done]
+            used += sum(len(c) for c in conts)
+    return used
 
 
 def _add_tokens(b: _Builder, chunk: Chunk, ids: tuple[int, ...]) -> None:
