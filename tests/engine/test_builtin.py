@@ -283,6 +283,36 @@ def test_a_request_read_before_a_new_shared_version_never_switches_the_engine_ba
         engine.stop()
 
 
+def test_a_use_shared_call_returns_only_once_its_version_is_the_target(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests naming the new version at once: the older read returned at once (the newer one was still
+    reading the weights, the target unset), its row was queued and refused at its start (503) for a version
+    about to be the current one. A call returns once its version, or a newer read's, is the target."""
+    engine = make_engine(setup.base, slots=2, rows=2)
+    reading, go = threading.Event(), threading.Event()
+    real_read = read_adapter_dir
+
+    def slow_read(*args: Any, **kwargs: Any) -> Any:
+        reading.set()
+        go.wait(10)
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(builtin_engine, "read_adapter_dir", slow_read)
+    v1 = replace(setup.refs[3], version=1)
+    newer = threading.Thread(target=engine.use_shared, args=(v1, 11.0))
+    newer.start()
+    assert reading.wait(10)
+    older = threading.Thread(target=engine.use_shared, args=(v1, 10.0))
+    older.start()
+    older.join(0.3)
+    assert older.is_alive()  # it waits for the newer call, not returning with no target set
+    go.set()
+    older.join(10)
+    newer.join(10)
+    assert engine.shared_version == 1
+
+
 def test_the_engine_and_request_threads_give_back_their_openmp_pools(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -697,7 +727,8 @@ def test_fair_share_one_user_with_3x_the_rows_delays_another_by_at_most_one_turn
 
         async def main() -> list[Outcome]:
             def a_row(i: int) -> EngineRequest:  # staggered lengths: rows end one at a time
-                req = request(prompt(i, 4), 8 + 6 * i, ignore_eos=True, tenant="A")
+                # the first ends after 32 steps: B's two rows (prepared in worker threads) are queued by then
+                req = request(prompt(i, 4), 32 + 6 * i, ignore_eos=True, tenant="A")
                 return replace(req, request_id=f"A{i}")
 
             a = [asyncio.ensure_future(consume(engine, a_row(i))) for i in range(12)]

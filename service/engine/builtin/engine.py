@@ -90,6 +90,7 @@ class BuiltinEngine(EngineFront[Row]):
         self._shared_originals: dict[str, torch.Tensor] = {}
         self._pending: tuple[AdapterWeights | None, int | None] | None = None
         self._shared_lock = threading.Lock()
+        self._shared_switch = threading.Lock()  # use_shared's calls, one at a time (never held by the engine thread)
         self._shared_read_at = float("-inf")  # when the newest shared version the engine follows was read
         self._slot_blocked = False  # this admission round: a row waits too long for a slot
 
@@ -155,23 +156,24 @@ class BuiltinEngine(EngineFront[Row]):
         (its row is refused at its start instead: `_start`)."""
         version = adapter.version if adapter is not None else None
         read_at = time.monotonic() if read_at is None else read_at
-        with self._shared_lock:
-            if read_at < self._shared_read_at:
-                return
-            self._shared_read_at = read_at
-            if version == (self._pending[1] if self._pending is not None else self._shared_version):
-                return
-        weights = None
-        if adapter is not None:
-            try:
-                weights = read_adapter_dir(adapter.directory, max_scale=self._max_scale, seal=adapter.seal)
-            except Exception as exc:  # files pruned or damaged: this request fails with 503, not 500
-                log.warning("shared adapter v%s could not be loaded: %r", version, exc)
-                raise AdapterUnavailable(exc) from exc
-        with self._shared_lock:
-            if read_at < self._shared_read_at:  # a newer read came while these weights were read
-                return
-            self._pending = (weights, version)
+        # One switch at a time, its weights read inside: once a call returns, the target is its version or a newer
+        # read's (a row queued after it never meets a target still unset while another call reads the weights).
+        with self._shared_switch:
+            with self._shared_lock:
+                if read_at < self._shared_read_at:
+                    return
+                self._shared_read_at = read_at
+                if version == (self._pending[1] if self._pending is not None else self._shared_version):
+                    return
+            weights = None
+            if adapter is not None:
+                try:
+                    weights = read_adapter_dir(adapter.directory, max_scale=self._max_scale, seal=adapter.seal)
+                except Exception as exc:  # files pruned or damaged: this request fails with 503, not 500
+                    log.warning("shared adapter v%s could not be loaded: %r", version, exc)
+                    raise AdapterUnavailable(exc) from exc
+            with self._shared_lock:
+                self._pending = (weights, version)
         self._wake.set()
 
     def _apply_shared(self) -> None:
