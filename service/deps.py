@@ -45,12 +45,17 @@ def get_session(state: StateDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
+def client_address(request: Request) -> str:
+    """Whom failed authentications are counted against (the proxy's X-Forwarded-For when it is trusted)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 # Auth uses its own short unit of work so that long requests (generate) hold no connection.
 def get_caller(request: Request, state: StateDep) -> Caller:
     """A valid key is always served; failures are counted per client address (the proxy's X-Forwarded-For
     when it is trusted, see OPPU_FORWARDED_ALLOW_IPS), and an address past its limit gets 429 for bad keys
     only: the failures of others behind the same address can never lock a valid key out."""
-    client = request.client.host if request.client is not None else "unknown"
+    client = client_address(request)
     try:
         token = parse_bearer(request.headers.get("authorization"))
         with unit_of_work(state.session_factory) as session:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.routing import WholeThreadRoute
-from service.deps import StateDep
+from service.deps import StateDep, client_address
 from service.errors import TooManyRequests, Unauthorized
 from service.ratelimit import FailedAuthLimiter
 from service.tenancy import parse_bearer
@@ -20,7 +20,7 @@ def require_metrics_token(request: Request, token: str, limiter: FailedAuthLimit
     """A missing or wrong token is a failed auth for the client address, as a bad API key is (OPPU_AUTH_*).
     A blocked address gets 429 before its token is compared: an operator's token may be guessable, and a
     200 among the 429s would let a blocked guesser go on at full speed."""
-    client = request.client.host if request.client is not None else "unknown"
+    client = client_address(request)
     wait = limiter.retry_after(client)
     if wait is not None:
         raise TooManyRequests("too many failed authentications", headers={"Retry-After": str(wait)})

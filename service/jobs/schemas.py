@@ -10,12 +10,12 @@ from pydantic import AfterValidator, BaseModel
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
-def _utc(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     # SQLite keeps no offset: stored values are UTC, so a naive one is UTC (an RFC 3339 date-time needs one).
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class JobOut(BaseModel):

@@ -19,7 +19,7 @@ from service.errors import Conflict, NotFound, TooManyRequests
 from service.history import repository as history_repo
 from service.jobs import repository as repo
 from service.jobs.queue import JobQueue
-from service.jobs.schemas import JobOut
+from service.jobs.schemas import JobOut, as_utc
 from service.sealing.session import sealer_of
 
 Kind = Literal["user_retrain", "shared_retrain", "user_key_rotation"]
@@ -135,7 +135,7 @@ def request_key_rotation(
         raise SealingOff("this server does not seal data at rest (OPPU_SEAL_AT_REST=false): no data key to rotate")
     if min_interval_s > 0 and repo.active(session, owner_key) is None:
         last = repo.last_succeeded_at(session, owner_key, KEY_ROTATION)
-        wait = min_interval_s - (_now() - _utc(last)).total_seconds() if last is not None else 0.0
+        wait = min_interval_s - (_now() - as_utc(last)).total_seconds() if last is not None else 0.0
         if wait > 0:
             raise TooManyRequests(
                 f"this user's data key was rotated less than {min_interval_s:g} s ago; retry later",
@@ -144,9 +144,6 @@ def request_key_rotation(
     job, _created = request_job(session, queue, KEY_ROTATION, owner_key, user_pk)
     return job
 
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value  # SQLite keeps no offset: UTC
 
 
 def shared_retrainer(queue: JobQueue) -> Callable[[Session], object]:
