@@ -10,10 +10,8 @@ preset's (service/evaluation/movielens.py: 20 users with >= 216 ratings, seed 0,
   in the bf16 rows the old trainer runs on fp32 weights under bf16 autocast (the previous default here:
   OPPU_DTYPE=auto meant fp32 weights on every CPU), the new one on bf16 weights (what auto now serves).
 - new: the defaults: the common prompt start once per step, cheap shared dropout masks, the fused LoRA
-  forward, base weights shared with the caller's model, fused AdamW, freed memory kept while it trains.
-- heap-default: new, but with glibc's heap policy (what a step frees goes back to the system at once; the
-  thresholds as glibc's adaptive rule leaves them in a long-running process). Each row records its page faults
-  and system seconds.
+  forward, base weights shared with the caller's model, fused AdamW.
+Each training row records its CPU and system seconds and the pages it faulted in.
 - before (with --baseline-trainer FILE, e.g. `git show REV:service/training/trainer.py > FILE`): that
   trainer module's own defaults, run in the same process on the same models: a before/after in one run.
 
@@ -127,7 +125,8 @@ def train_one(
         "seconds": round(out.seconds, 2),
         # CPU time of this process: ~threads x seconds on an idle box; far below that = shared cores.
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
-        # The kernel's part of it, and the pages faulted in (memory given back and taken again: heap-default).
+        # The kernel's part of it, and the pages faulted in (a step's ~1 GB of activations, when the heap had
+        # returned them to the system: glibc does at times).
         "system_seconds": round(used.ru_stime - usage.ru_stime, 2),
         "page_faults": used.ru_minflt - usage.ru_minflt,
         "steps": out.steps,
@@ -180,9 +179,8 @@ Trainer = tuple[LoadedModel, Any, Any]  # (model, config, train function)
 def trainers(
     dtype: str, models: dict[str, LoadedModel], baseline: Any = None, top_layers: int = 0
 ) -> dict[str, Trainer]:
-    """(model, config, train function) of the old, the baseline (if given), the new trainer, the new one with
-    glibc's heap policy (freed memory returned at once: heap-default) and (top_layers > 0) the new one with LoRA
-    in the last `top_layers` decoder layers only, for one dtype."""
+    """(model, config, train function) of the old, the baseline (if given), the new trainer and (top_layers > 0)
+    the new one with LoRA in the last `top_layers` decoder layers only, for one dtype."""
     new = LoraTrainConfig.from_settings(Settings(dtype=dtype), stage="user")
     old = replace(new, share_prefix=False, fast_dropout=False, fast_lora=False)
     served = models["bfloat16"] if dtype == "bfloat16" else models["float32"]
@@ -198,7 +196,6 @@ def trainers(
             baseline.train_lora,
         )
     out["new"] = (served, new, train_lora)
-    out["heap-default"] = (served, replace(new, keep_freed_memory=False), train_lora)
     if top_layers:
         out["top"] = (served, replace(new, top_layers=top_layers), train_lora)
     return out
@@ -247,7 +244,7 @@ def main() -> None:
     parser.add_argument(
         "--trainers",
         default="old,new",
-        help="old, before (needs --baseline-trainer), new, heap-default, top (needs --top-layers)",
+        help="old, before (needs --baseline-trainer), new, top (needs --top-layers)",
     )
     parser.add_argument(
         "--top-layers", type=int, default=0, help="the 'top' rows: the new trainer with LoRA in the last N layers only"

@@ -64,11 +64,7 @@ CONTRACTS = (
     ),
     Contract("vllm", ("engine/vllm/",), "vLLM is one engine behind the boundary"),
     Contract("rank_bm25", (), "BM25 is our own incremental index (retrieval/bm25.py); rank_bm25 is a test reference"),
-    Contract(
-        "ctypes",
-        ("inference/threads.py", "inference/heap.py"),
-        "the C runtimes are reached in two places: the OpenMP pool rule and the heap policy while training",
-    ),
+    Contract("ctypes", ("inference/threads.py",), "the OpenMP runtime is reached in one place: the pool rule"),
 )
 # Names that build or run SQL: only repositories and db/ may import them.
 SQL_NAMES = frozenset(

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from service.adapters.peft_format import PEFT_FILES
 from service.config import SHARED_LORA_ALPHA, SHARED_LORA_RANK, SHARED_LORA_TARGETS, Settings
 from service.inference.cpu import choose_dtype
-from service.inference.heap import keep_freed_memory
 from service.inference.threads import release_pool
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
 from service.sealing.tempfiles import memory_dir
@@ -97,11 +96,6 @@ class LoraTrainConfig:
     # LoRA in the model's last `top_layers` decoder layers only (0: every layer). Below the lowest adapted
     # layer nothing needs a gradient, so the backward pass stops there.
     top_layers: int = 0
-    # Memory a step frees stays in the process for the next step (inference/heap.keep_freed_memory) instead of
-    # going back to the system and being faulted in again: on a 2-vCPU AVX2-only EPYC (fp32, 100 MovieLens
-    # items) ~410k page faults and 1.8 s of system time a user with glibc's policy, ~10k and 0.3 s kept; 27.5 s a
-    # user against 28.4-32.4 (bench/training.py --trainers new,heap-default). False: glibc's policy.
-    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.max_seq_len < 2 or self.min_steps < 0:
@@ -486,8 +480,7 @@ def train_lora(
     config = replace(config, epochs=config.epochs_for(len(rows)))
     total = math.ceil(len(rows) / config.batch_size) * config.epochs
     fork_devices = [device] if device.type == "cuda" else []
-    heap = keep_freed_memory() if config.keep_freed_memory else contextlib.nullcontext()
-    with torch.random.fork_rng(devices=fork_devices), heap:
+    with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
         peft_model, dropouts = _wrap(model, config, device)
         try:

@@ -12,7 +12,6 @@ import torch
 from service.adapters.archive import pack_zip
 from service.adapters.peft_format import AdapterWeights, merge_lora, read_adapter_files, unmerge
 from service.config import ALL_TARGET_MODULES, Settings
-from service.inference import heap
 from service.inference.loader import LoadedModel, load_model
 from service.inference.tokens import encode_prompt, encode_target, stop_token_ids
 from service.prompts import PromptParts
@@ -378,20 +377,6 @@ def test_should_stop_cancels_between_steps_and_progress_reports(lm: LoadedModel)
     assert seen == [1 / 6, 2 / 6]
     out = train_lora(lm.model, lm.tokenizer, _examples(), QUICK, base_model_name="t", progress=seen.append)
     assert seen[-1] == 1.0 and out.steps == 6
-
-
-def test_training_keeps_freed_memory_while_it_runs_and_only_then(lm: LoadedModel) -> None:
-    held: list[int] = []
-
-    def record(_: float) -> None:
-        held.append(heap.holders())
-
-    train_lora(lm.model, lm.tokenizer, _examples(), QUICK, base_model_name="t", progress=record)
-    assert held and set(held) == {1} and heap.holders() == 0
-    held.clear()
-    off = replace(QUICK, keep_freed_memory=False)
-    train_lora(lm.model, lm.tokenizer, _examples(), off, base_model_name="t", progress=record)
-    assert held and set(held) == {0}
 
 
 def test_paper_defaults() -> None:
