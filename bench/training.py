@@ -11,9 +11,9 @@ preset's (service/evaluation/movielens.py: 20 users with >= 216 ratings, seed 0,
   OPPU_DTYPE=auto meant fp32 weights on every CPU), the new one on bf16 weights (what auto now serves).
 - new: the defaults: the common prompt start once per step, cheap shared dropout masks, the fused LoRA
   forward, base weights shared with the caller's model, fused AdamW.
-Each training row records its CPU and system seconds and the pages it faulted in.
 - before (with --baseline-trainer FILE, e.g. `git show REV:service/training/trainer.py > FILE`): that
   trainer module's own defaults, run in the same process on the same models: a before/after in one run.
+Each training row records its CPU and system seconds and the pages it faulted in.
 
 Dev quality (cheap proxy of `oppu eval`'s oppu_ev readout): with the user's adapter merged into the base
 (no shared LoRA, so absolute values are not the eval's), each dev item's prompt (its title | genres, k=1
@@ -242,9 +242,7 @@ def main() -> None:
     parser.add_argument("--items", default="24,100", help="history lengths, comma separated")
     parser.add_argument("--dtypes", default="auto", help="bf16,fp32 (auto: bf16 only where native, and fp32)")
     parser.add_argument(
-        "--trainers",
-        default="old,new",
-        help="old, before (needs --baseline-trainer), new, top (needs --top-layers)",
+        "--trainers", default="old,new", help="old, before (needs --baseline-trainer), new, top (needs --top-layers)"
     )
     parser.add_argument(
         "--top-layers", type=int, default=0, help="the 'top' rows: the new trainer with LoRA in the last N layers only"
