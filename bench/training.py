@@ -13,6 +13,8 @@ preset's (service/evaluation/movielens.py: 20 users with >= 216 ratings, seed 0,
   forward, base weights shared with the caller's model, fused AdamW.
 - before (with --baseline-trainer FILE, e.g. `git show REV:service/training/trainer.py > FILE`): that
   trainer module's own defaults, run in the same process on the same models: a before/after in one run.
+- variant (with --variant FIELD=VALUE,...): the new trainer with those LoraTrainConfig fields replaced (e.g.
+  dropout=0), paired with new by user on the dev MAE.
 Each training row records its CPU and system seconds and the pages it faulted in.
 
 Dev quality (cheap proxy of `oppu eval`'s oppu_ev readout): with the user's adapter merged into the base
@@ -177,10 +179,15 @@ Trainer = tuple[LoadedModel, Any, Any]  # (model, config, train function)
 
 
 def trainers(
-    dtype: str, models: dict[str, LoadedModel], baseline: Any = None, top_layers: int = 0
+    dtype: str,
+    models: dict[str, LoadedModel],
+    baseline: Any = None,
+    top_layers: int = 0,
+    variant: dict[str, Any] | None = None,
 ) -> dict[str, Trainer]:
-    """(model, config, train function) of the old, the baseline (if given), the new trainer and (top_layers > 0)
-    the new one with LoRA in the last `top_layers` decoder layers only, for one dtype."""
+    """(model, config, train function) of the old, the baseline (if given), the new trainer, (top_layers > 0)
+    the new one with LoRA in the last `top_layers` decoder layers only and (variant) the new one with these
+    config fields replaced, for one dtype."""
     new = LoraTrainConfig.from_settings(Settings(dtype=dtype), stage="user")
     old = replace(new, share_prefix=False, fast_dropout=False, fast_lora=False)
     served = models["bfloat16"] if dtype == "bfloat16" else models["float32"]
@@ -198,6 +205,23 @@ def trainers(
     out["new"] = (served, new, train_lora)
     if top_layers:
         out["top"] = (served, replace(new, top_layers=top_layers), train_lora)
+    if variant:
+        out["variant"] = (served, replace(new, **variant), train_lora)
+    return out
+
+
+def parse_variant(text: str | None) -> dict[str, Any]:
+    """`dropout=0,lr=0.004` -> the LoraTrainConfig fields to replace, each parsed as its default's type."""
+    if not text:
+        return {}
+    defaults = LoraTrainConfig()
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        current = getattr(defaults, name.strip())  # AttributeError: not a field
+        if not isinstance(current, bool | int | float | str):
+            raise SystemExit(f"--variant: {name} is not a number, flag or word")
+        out[name.strip()] = value == "true" if isinstance(current, bool) else type(current)(value)
     return out
 
 
@@ -242,7 +266,12 @@ def main() -> None:
     parser.add_argument("--items", default="24,100", help="history lengths, comma separated")
     parser.add_argument("--dtypes", default="auto", help="bf16,fp32 (auto: bf16 only where native, and fp32)")
     parser.add_argument(
-        "--trainers", default="old,new", help="old, before (needs --baseline-trainer), new, top (needs --top-layers)"
+        "--trainers",
+        default="old,new",
+        help="old, before (needs --baseline-trainer), new, top (needs --top-layers), variant (needs --variant)",
+    )
+    parser.add_argument(
+        "--variant", default=None, help="the 'variant' rows: the new trainer with these fields, e.g. dropout=0"
     )
     parser.add_argument(
         "--top-layers", type=int, default=0, help="the 'top' rows: the new trainer with LoRA in the last N layers only"
@@ -292,7 +321,7 @@ def main() -> None:
             if not args.no_quality:
                 mae = [dev_mae(models[dtype], None, s, history(s)) for s in splits]
                 base_mae[f"{items}_{dtype}"] = round(statistics.fmean(mae), 4)
-            options = trainers(dtype, models, baseline, args.top_layers)
+            options = trainers(dtype, models, baseline, args.top_layers, parse_variant(args.variant))
             if args.warmup:  # one untimed run: the trainers below all find a warm process (kernels, allocator)
                 lm, config, train = options["new"]
                 examples = build_user_examples(history(splits[0]), k=1)
@@ -320,6 +349,8 @@ def main() -> None:
         report["dev_mae_base_model_no_adapter"] = base_mae
     if args.top_layers:
         report["top_layers"] = args.top_layers
+    if args.variant:
+        report["variant"] = parse_variant(args.variant)
     report["machine_after"] = machine_record(dtype=",".join(dtypes))
     text = json.dumps(report, indent=1)
     if args.out:
