@@ -218,8 +218,8 @@ def parse_variant(text: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        current = getattr(defaults, name.strip())  # AttributeError: not a field
-        if not isinstance(current, bool | int | float | str):
+        current = getattr(defaults, name.strip(), None)
+        if current is None or not isinstance(current, bool | int | float | str):
             raise SystemExit(f"--variant: {name} is not a number, flag or word")
         out[name.strip()] = value == "true" if isinstance(current, bool) else type(current)(value)
     return out
@@ -310,6 +310,7 @@ def main() -> None:
         "results": {},
     }
     baseline = load_trainer(args.baseline_trainer) if args.baseline_trainer else None
+    variant = parse_variant(args.variant)
     if baseline is not None:
         report["baseline_trainer"] = str(args.baseline_trainer)
     if args.earlier and args.earlier.is_file():  # the figures this run replaces, kept beside it, labelled
@@ -321,7 +322,7 @@ def main() -> None:
             if not args.no_quality:
                 mae = [dev_mae(models[dtype], None, s, history(s)) for s in splits]
                 base_mae[f"{items}_{dtype}"] = round(statistics.fmean(mae), 4)
-            options = trainers(dtype, models, baseline, args.top_layers, parse_variant(args.variant))
+            options = trainers(dtype, models, baseline, args.top_layers, variant)
             if args.warmup:  # one untimed run: the trainers below all find a warm process (kernels, allocator)
                 lm, config, train = options["new"]
                 examples = build_user_examples(history(splits[0]), k=1)
@@ -349,8 +350,8 @@ def main() -> None:
         report["dev_mae_base_model_no_adapter"] = base_mae
     if args.top_layers:
         report["top_layers"] = args.top_layers
-    if args.variant:
-        report["variant"] = parse_variant(args.variant)
+    if variant:
+        report["variant"] = variant
     report["machine_after"] = machine_record(dtype=",".join(dtypes))
     text = json.dumps(report, indent=1)
     if args.out:
