@@ -291,6 +291,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--earlier", type=Path, default=None, help="an earlier JSON of this bench, kept as earlier_run")
     args = parser.parse_args()
+    variant = parse_variant(args.variant)  # before the models load: a wrong field fails at once
     names = {"bf16": "bfloat16", "fp32": "float32"}
     wanted = ["bf16", "fp32"] if args.dtypes == "auto" and cpu_info().native_bf16 else ["fp32"]
     dtypes = [names[d] for d in (args.dtypes.split(",") if args.dtypes != "auto" else wanted)]
@@ -310,7 +311,6 @@ def main() -> None:
         "results": {},
     }
     baseline = load_trainer(args.baseline_trainer) if args.baseline_trainer else None
-    variant = parse_variant(args.variant)
     if baseline is not None:
         report["baseline_trainer"] = str(args.baseline_trainer)
     if args.earlier and args.earlier.is_file():  # the figures this run replaces, kept beside it, labelled
